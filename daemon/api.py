@@ -1,0 +1,312 @@
+"""The control API: HTTP/1.1 + JSON on the daemon's Unix socket (raw ASGI, served by uvicorn).
+
+Routes (all under ``/v1``; every response carries ``x-modeld-version``):
+
+    GET    /v1/daemon                       version, pid, home, counts, problems
+    POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
+    GET    /v1/services                     find; filters as query parameters:
+                                            running, service_uuid, pipeline_name, pipeline_run_id,
+                                            pipeline_step_name, model_name, model_uri, model_type
+    POST   /v1/services                     deploy: {"config": {...}, "replace": bool, "timeout": s, "uuid": opt}
+    GET    /v1/services/{uuid}              one service
+    POST   /v1/services/{uuid}/start        ?timeout=s
+    POST   /v1/services/{uuid}/stop         ?timeout=s&force=bool
+    DELETE /v1/services/{uuid}              ?timeout=s&force=bool
+    GET    /v1/services/{uuid}/logs         ?tail=N&follow=bool; text/plain, streamed
+
+A service is the JSON of ``BaseService`` (secret env values masked); find
+answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
+with a 4xx or 5xx status; ``type`` names a class of ``daemon.exceptions``.
+Request bodies are capped at ``MAX_BODY`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._version import __version__
+from .exceptions import InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
+from .manager import FIND_FILTERS, Manager, tail_lines
+from .models import BaseService, ServiceConfig
+
+log = logging.getLogger("modeld.api")
+
+MAX_BODY = 1024 * 1024
+DEFAULT_TIMEOUT = 300.0
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class DeployRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: ServiceConfig
+    replace: bool = False
+    timeout: float = Field(DEFAULT_TIMEOUT, gt=0)
+    uuid: UUID | None = None
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    receive: Receive
+    send: Send
+
+    async def body(self) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidRequest("client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def params(self, **types: type) -> dict[str, Any]:
+        """The query parameters, checked against the names and types a route accepts."""
+        unknown = sorted(set(self.query) - set(types))
+        if unknown:
+            allowed = ", ".join(sorted(types)) or "none"
+            raise InvalidRequest(f"unknown query parameter {unknown[0]!r}; allowed: {allowed}")
+        return {name: _convert(name, self.query[name], kind) for name, kind in types.items() if name in self.query}
+
+
+def _convert(name: str, value: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is UUID:
+            return UUID(value)
+        converted = kind(value)
+        if kind in (int, float) and converted < 0:
+            raise ValueError
+        return converted
+    except ValueError:
+        what = {bool: "true or false", UUID: "a uuid", int: "a whole number >= 0", float: "a number >= 0"}.get(kind, kind.__name__)
+        raise InvalidRequest(f"query parameter {name!r} must be {what}, not {value!r}") from None
+
+
+def _uuid(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidRequest(f"{value!r} is not a service uuid") from None
+
+
+def service_json(svc: BaseService) -> dict[str, Any]:
+    return svc.public().model_dump(mode="json")
+
+
+class Api:
+    """The ASGI application of the daemon."""
+
+    def __init__(self, manager: Manager, request_shutdown: Callable[[bool], None]):
+        self.manager = manager
+        self.request_shutdown = request_shutdown
+        self.closing = asyncio.Event()
+        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = [
+            ("GET", re.compile(r"/v1/daemon"), self.daemon_info),
+            ("POST", re.compile(r"/v1/daemon/shutdown"), self.shutdown),
+            ("GET", re.compile(r"/v1/services"), self.find),
+            ("POST", re.compile(r"/v1/services"), self.deploy),
+            ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)"), self.get),
+            ("DELETE", re.compile(r"/v1/services/(?P<uuid>[^/]+)"), self.delete),
+            ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/start"), self.start),
+            ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/stop"), self.stop),
+            ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
+        ]
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()}
+            request = Request(scope["method"], scope["path"], query, receive, send)
+            handler, params = self._route(request)
+            result = await handler(request, **params)
+            if result is not None:
+                status, payload = result
+                await self._send_json(send, status, payload)
+        except ModeldError as exc:
+            await self._send_json(send, exc.status_code, {"error": exc.to_dict()})
+        except ValidationError as exc:
+            await self._send_json(send, 400, {"error": InvalidRequest(validation_message(exc)).to_dict()})
+        except Exception as exc:  # the daemon answers, logs and keeps running, whatever broke
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            await self._send_json(send, 500, {"error": {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}})
+
+    def _route(self, request: Request) -> tuple[Callable[..., Awaitable[Any]], dict[str, Any]]:
+        path_known = False
+        for method, pattern, handler in self.routes:
+            match = pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            path_known = True
+            if method == request.method:
+                params = {k: _uuid(v) for k, v in match.groupdict().items()}
+                return handler, params
+        if path_known:
+            raise _MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        raise _NotFound(f"no route {request.path!r}; see GET /v1/services")
+
+    @staticmethod
+    async def _send_json(send: Send, status: int, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-modeld-version", __version__.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    # ----------------------------------------------------------------- routes
+
+    async def daemon_info(self, request: Request) -> tuple[int, Any]:
+        request.params()
+        return 200, {
+            "version": __version__,
+            "pid": os.getpid(),
+            "home": str(self.manager.paths.home),
+            "socket": str(self.manager.paths.socket),
+            "started_at": self.manager.started_at,
+            **self.manager.describe(),
+        }
+
+    async def shutdown(self, request: Request) -> tuple[int, Any]:
+        stop_services = request.params(stop_services=bool).get("stop_services", False)
+        self.request_shutdown(stop_services)
+        return 202, {"shutting_down": True, "stop_services": stop_services}
+
+    async def find(self, request: Request) -> tuple[int, Any]:
+        types: dict[str, type] = {"running": bool, "service_uuid": UUID, **{name: str for name in FIND_FILTERS}}
+        found = self.manager.find(**request.params(**types))
+        return 200, {"services": [service_json(s) for s in found]}
+
+    async def deploy(self, request: Request) -> tuple[int, Any]:
+        request.params()
+        body = await request.body()
+        if not body.strip():
+            raise InvalidRequest('deploy needs a JSON body: {"config": {...}, "replace": false, "timeout": 300}')
+        deploy = DeployRequest.model_validate_json(body)
+        svc = await self.manager.deploy(deploy.config, deploy.replace, deploy.timeout, deploy.uuid)
+        return 200, service_json(svc)
+
+    async def get(self, request: Request, uuid: UUID) -> tuple[int, Any]:
+        request.params()
+        return 200, service_json(self.manager.get(uuid).svc)
+
+    async def start(self, request: Request, uuid: UUID) -> tuple[int, Any]:
+        params = request.params(timeout=float)
+        return 200, service_json(await self.manager.start(uuid, params.get("timeout", DEFAULT_TIMEOUT)))
+
+    async def stop(self, request: Request, uuid: UUID) -> tuple[int, Any]:
+        params = request.params(timeout=float, force=bool)
+        svc = await self.manager.stop(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
+        return 200, service_json(svc)
+
+    async def delete(self, request: Request, uuid: UUID) -> tuple[int, Any]:
+        params = request.params(timeout=float, force=bool)
+        await self.manager.delete(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
+        return 200, {"deleted": str(uuid)}
+
+    async def logs(self, request: Request, uuid: UUID) -> None:
+        params = request.params(tail=int, follow=bool)
+        self.manager.get(uuid)
+        path = self.manager.paths.service_log(uuid)
+        send = request.send
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"x-modeld-version", __version__.encode())],
+            }
+        )
+        if "tail" in params:
+            text = tail_lines(path, params["tail"], max_bytes=max(65536, params["tail"] * 512)) if params["tail"] else ""
+            data = (text + "\n").encode() if text else b""
+            position = path.stat().st_size if path.exists() else 0
+        else:
+            data, position = _read_from(path, 0)
+        await send({"type": "http.response.body", "body": data, "more_body": bool(params.get("follow"))})
+        if params.get("follow"):
+            await self._follow(request, uuid, path, position)
+
+    async def _follow(self, request: Request, uuid: UUID, path: Any, position: int) -> None:
+        disconnected = asyncio.ensure_future(request.receive())
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            while uuid in self.manager.services:
+                done, _ = await asyncio.wait({disconnected, closing}, timeout=0.2)
+                if done:
+                    break
+                data, position = _read_from(path, position)
+                if data:
+                    await request.send({"type": "http.response.body", "body": data, "more_body": True})
+            await request.send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            disconnected.cancel()
+            closing.cancel()
+
+
+def _read_from(path: Any, position: int) -> tuple[bytes, int]:
+    """New bytes of a log file since ``position``; starts over if it was truncated (rotated)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < position:
+                position = 0
+            f.seek(position)
+            data = f.read(size - position)
+    except FileNotFoundError:
+        return b"", 0
+    return data, position + len(data)
+
+
+class _NotFound(ServiceNotFound):
+    @property
+    def type(self) -> str:
+        return "NotFound"
+
+
+class _MethodNotAllowed(InvalidRequest):
+    status_code = 405
+
+    @property
+    def type(self) -> str:
+        return "MethodNotAllowed"

@@ -1,0 +1,94 @@
+"""Every Linux-only call modeld makes, in one place (a macOS fallback goes here).
+
+- process identity from ``/proc/<pid>/stat`` (start time in clock ticks, which
+  unlike psutil's ``create_time`` does not move with the wall clock) and the
+  boot id, so a reused pid or one from before a reboot is never trusted;
+- ``pidfd_open`` to learn of an exit at once, for adopted processes too, and
+  ``waitid(P_PIDFD)`` to reap our own children;
+- ``SO_PEERCRED`` to know who is on the other end of a Unix socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    with open(_BOOT_ID_PATH) as f:
+        return f.read().strip()
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm may hold spaces and parentheses: the fields start after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # a zombie is dead
+        return None
+    return int(fields[19])
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """What proves a pid still names the process we started."""
+
+    pid: int
+    start_ticks: int
+    boot_id: str
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        ticks = start_ticks(pid)
+        return None if ticks is None else cls(pid, ticks, boot_id())
+
+    def is_alive(self) -> bool:
+        return self.boot_id == boot_id() and start_ticks(self.pid) == self.start_ticks
+
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def reap(pidfd: int) -> int | None:
+    """Reap our exited child behind ``pidfd``; its exit code, -N for signal N.
+
+    None when it is not our child (an adopted process): its status is lost.
+    """
+    try:
+        result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if result is None:
+        return None
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
+
+
+def send_group_signal(ident: ProcessIdentity, sig: int) -> bool:
+    """Signal the process group led by ``ident`` if that process is still itself.
+
+    Returns False (and signals nothing) when the pid no longer names it.
+    """
+    if not ident.is_alive():
+        return False
+    try:
+        os.killpg(ident.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid

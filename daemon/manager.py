@@ -1,0 +1,596 @@
+"""The engine: every service in memory, the operations on them, and their supervision.
+
+One :class:`Managed` per service holds what only the running daemon knows:
+the process handle (pidfd), the listening socket it holds for built-in
+servers, and the supervision task. All of it runs on one asyncio loop;
+operations on a service are serialised by its ``asyncio.Lock`` and cancel
+its supervision task first, so the two never act on a process at once.
+
+Supervision of one service is a loop with few, explicit steps: wait until
+the process is healthy (probing every few ms, backing off), then wait for
+its exit on the pidfd while probing health at a calm pace; on exit, apply
+the restart policy with exponential backoff; a crash loop ends in ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from .exceptions import Conflict, DeployError, ServiceNotFound
+from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
+from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
+from .paths import Paths
+from .process import ProcessHandle, spawn
+from .store import PidRecord, Problem, Store
+
+log = logging.getLogger("modeld.manager")
+
+SERVE_PY = str(Path(__file__).with_name("runtime") / "serve.py")
+BUILTIN_TYPES = ("python", "pickle")
+HEALTH_INTERVAL = 5.0  # seconds between probes of a healthy server
+UNHEALTHY_AFTER = 3  # failed probes in a row before an active server is reported in error
+LOG_MAX_BYTES = int(os.environ.get("MODELD_LOG_MAX_BYTES", 10 * 1024 * 1024))
+FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
+
+
+def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 16384) -> str:
+    """The last ``n`` lines of a log file, for error messages."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(line for line in lines[-n:] if not line.startswith("--- modeld: starting"))
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (its exit code is unknown: it was adopted from an earlier daemon)"
+    if code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def is_builtin(config: ServiceConfig) -> bool:
+    return config.model_type in BUILTIN_TYPES
+
+
+class Managed:
+    """A service and what the daemon holds for it while it lives."""
+
+    def __init__(self, svc: BaseService):
+        self.svc = svc
+        self.lock = asyncio.Lock()
+        self.proc: ProcessHandle | None = None
+        self.listener: socket.socket | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.failures = 0  # exits in a row without a healthy run long enough to count
+
+    @property
+    def uuid(self) -> UUID:
+        return self.svc.uuid
+
+    def close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+
+class Manager:
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self.store = Store(paths)
+        self.services: dict[UUID, Managed] = {}
+        self.problems: list[Problem] = []
+        self.started_at = time.time()
+        self._create_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, uuid: UUID) -> Managed:
+        try:
+            return self.services[uuid]
+        except KeyError:
+            raise ServiceNotFound(f"no service with uuid {uuid}") from None
+
+    def find(self, running: bool = False, service_uuid: UUID | None = None, **filters: str | None) -> list[BaseService]:
+        wanted = {k: v for k, v in filters.items() if v is not None}
+        found = []
+        for m in self.services.values():
+            svc = m.svc
+            if service_uuid is not None and svc.uuid != service_uuid:
+                continue
+            if running and svc.status.state != ServiceState.ACTIVE:
+                continue
+            if any(getattr(svc.config, k) != v for k, v in wanted.items()):
+                continue
+            found.append(svc)
+        return sorted(found, key=lambda s: s.created_at)
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in ServiceState}
+        for m in self.services.values():
+            counts[m.svc.status.state.value] += 1
+        counts["total"] = len(self.services)
+        return counts
+
+    # --------------------------------------------------------------- operations
+
+    async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
+        async with self._create_lock:
+            target = self._replace_target(config, replace, uuid)
+            if target is None:
+                svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
+                svc.service_path = str(self.paths.service_dir(svc.uuid))
+                svc.endpoint = self._endpoint(config, config.port)
+                target = Managed(svc)
+                await target.lock.acquire()
+                self.services[svc.uuid] = target
+                fresh = True
+            else:
+                await target.lock.acquire()
+                fresh = False
+        try:
+            if fresh:
+                log.info("deploying %s (%s %s)", target.uuid, config.model_type, config.model_uri or config.command)
+                await self._start_locked(target, timeout, failing_state=DesiredState.STOPPED)
+            else:
+                log.info("replacing %s in place", target.uuid)
+                await self._replace_locked(target, config, timeout)
+            return target.svc
+        finally:
+            target.lock.release()
+
+    async def start(self, uuid: UUID, timeout: float) -> BaseService:
+        m = self.get(uuid)
+        async with m.lock:
+            m.failures = 0
+            await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
+            return m.svc
+
+    async def stop(self, uuid: UUID, timeout: float, force: bool = False) -> BaseService:
+        m = self.get(uuid)
+        async with m.lock:
+            await self._stop_locked(m, timeout, force)
+            return m.svc
+
+    async def delete(self, uuid: UUID, timeout: float, force: bool = False) -> None:
+        m = self.get(uuid)
+        async with m.lock:
+            await self._stop_locked(m, timeout, force)
+            self.store.delete(uuid)
+            self.services.pop(uuid, None)
+            log.info("deleted %s", uuid)
+
+    # ------------------------------------------------------------ daemon life
+
+    async def rebuild(self) -> None:
+        """Load every service from disk, re-adopt live servers, start those that should run."""
+        services, self.problems = self.store.load_all()
+        await asyncio.gather(*(self._restore(svc) for svc in services))
+        log.info("rebuilt %d services (%s)", len(self.services), self.counts())
+
+    async def shutdown(self, stop_services: bool) -> None:
+        for m in self.services.values():
+            await self._cancel_supervision(m)
+        if stop_services:
+            await asyncio.gather(*(self._halt(m) for m in self.services.values()))
+        for m in self.services.values():
+            if m.proc is not None:
+                m.proc.close()
+            m.close_listener()
+
+    async def _halt(self, m: Managed) -> None:
+        """Stop the process for ``daemon stop --all``; the desired state stays, so it comes back with the daemon."""
+        if m.proc is not None and m.proc.alive:
+            await m.proc.terminate(m.svc.config.stop_timeout)
+            self._forget_process(m, m.proc)
+            m.svc.status.moved_to(ServiceState.INACTIVE)
+            m.svc.status.pid = None
+            self.store.save(m.svc)
+
+    async def _restore(self, svc: BaseService) -> None:
+        m = Managed(svc)
+        self.services[svc.uuid] = m
+        record = self.store.read_pid(svc.uuid)
+        proc = ProcessHandle.adopt(record.ident, record.extra) if record else None
+        if record and proc is None:
+            self.store.clear_pid(svc.uuid)
+        async with m.lock:
+            if proc is not None and svc.desired_state == DesiredState.STOPPED:
+                log.info("%s should be stopped; stopping the server left running (pid %d)", svc.uuid, proc.pid)
+                m.proc = proc
+                await self._stop_locked(m, svc.config.stop_timeout, force=False)
+                return
+            if proc is not None:
+                m.proc = proc
+                if is_builtin(svc.config) and proc.extra.get("f"):
+                    m.listener = await asyncio.to_thread(fetch_listener, proc.extra["f"])
+                healthy, seen = await probe(self._target(m, proc), timeout=1.0)
+                svc.status.pid = proc.pid
+                svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
+                log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
+                self.store.save(svc)
+                self._supervise(m)
+            elif svc.desired_state == DesiredState.RUNNING:
+                log.info("%s should run but its server is gone; starting it", svc.uuid)
+                try:
+                    self._launch(m, svc.config)
+                except DeployError as exc:
+                    svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
+                    svc.status.pid = None
+                    self.store.save(svc)
+                    return
+                svc.status.moved_to(ServiceState.PENDING_STARTUP)
+                self.store.save(svc)
+                self._supervise(m)
+            else:
+                svc.status.pid = None
+                svc.status.moved_to(ServiceState.INACTIVE)
+                self.store.save(svc)
+
+    # ------------------------------------------------------------- internals
+
+    def _replace_target(self, config: ServiceConfig, replace: bool, uuid: UUID | None) -> Managed | None:
+        if uuid is not None and uuid in self.services:
+            if not replace:
+                raise Conflict(f"a service with uuid {uuid} exists already; deploy with replace to update it")
+            return self.services[uuid]
+        if not replace or uuid is not None:
+            return None
+        same = [
+            m
+            for m in self.services.values()
+            if (m.svc.config.pipeline_name, m.svc.config.pipeline_step_name, m.svc.config.model_name)
+            == (config.pipeline_name, config.pipeline_step_name, config.model_name)
+        ]
+        return max(same, key=lambda m: m.svc.created_at) if same else None
+
+    @staticmethod
+    def _endpoint(config: ServiceConfig, port: int) -> ServiceEndpoint:
+        return ServiceEndpoint(
+            host=config.host, port=port, health_path=config.health_path, model_name=config.model_name or "model"
+        )
+
+    def _target(self, m: Managed, proc: ProcessHandle) -> ProbeTarget:
+        config = m.svc.config
+        if is_builtin(config) and proc.extra.get("h"):
+            return ProbeTarget(config.health_path, unix=proc.extra["h"])
+        return ProbeTarget(config.health_path, host=config.host, port=m.svc.endpoint.port)
+
+    def _ensure_port(self, m: Managed, config: ServiceConfig) -> None:
+        """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
+        port = m.svc.endpoint.port or config.port
+        if is_builtin(config):
+            if m.listener is None:
+                m.listener = bind_listener(config.host, port)
+            port = int(m.listener.getsockname()[1])
+        elif port == 0:
+            port = free_port(config.host)
+        m.svc.endpoint = self._endpoint(config, port)
+
+    def _launch(self, m: Managed, config: ServiceConfig) -> ProcessHandle:
+        """Spawn one server process for ``config`` and record its pid; does not wait."""
+        self._ensure_port(m, config)
+        port = m.svc.endpoint.port
+        env = {**os.environ, **config.env, "MODELD_SERVICE_UUID": str(m.uuid), "PYTHONUNBUFFERED": "1"}
+        extra: dict[str, str] = {}
+        pass_fds: tuple[int, ...] = ()
+        if is_builtin(config):
+            assert m.listener is not None
+            tag = secrets.token_hex(3)
+            extra = {"h": str(self.paths.process_socket(m.uuid, tag, "h")), "f": str(self.paths.process_socket(m.uuid, tag, "f"))}
+            argv = [
+                config.python or sys.executable,
+                SERVE_PY,
+                "--model-uri", config.model_uri,
+                "--model-type", config.model_type,
+                "--model-name", config.model_name or "model",
+                "--fd", str(m.listener.fileno()),
+                "--unix", extra["h"],
+                "--fd-socket", extra["f"],
+            ]
+            pass_fds = (m.listener.fileno(),)
+        else:
+            values = {"{port}": str(port), "{host}": config.host, "{model_uri}": config.model_uri}
+            argv = [_fill(arg, values) for arg in config.command]
+        self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
+        proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
+        self.store.write_pid(m.uuid, PidRecord(proc.ident, extra))
+        m.proc = proc
+        m.svc.status.pid = proc.pid
+        m.svc.status.exit_code = None
+        m.svc.status.started_at = time.time()
+        log.info("started %s pid %d: %s", m.uuid, proc.pid, " ".join(argv[:2]))
+        return proc
+
+    def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
+        """Clean up after a process that has exited (or that we stop tracking)."""
+        for key in ("h", "f"):
+            if proc.extra.get(key):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(proc.extra[key])
+        if m.proc is proc:
+            m.proc = None
+            with contextlib.suppress(FileNotFoundError):
+                record = self.store.read_pid(m.uuid)
+                if record is None or record.ident == proc.ident:
+                    self.store.clear_pid(m.uuid)
+
+    async def _wait_healthy(self, m: Managed, proc: ProcessHandle, timeout: float) -> None:
+        """Probe every few ms (backing off) until healthy; DeployError if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        target = self._target(m, proc)
+        delay = 0.005
+        seen = "no answer yet"
+        while True:
+            if not proc.alive:
+                code = proc.exited.result() if not proc.exited.cancelled() else None
+                m.svc.status.exit_code = code
+                raise DeployError(
+                    f"the server {describe_exit(code)} before it answered its health check"
+                    + self._log_excerpt(m)
+                )
+            healthy, seen = await probe(target, timeout=max(0.05, min(2.0, deadline - time.monotonic())))
+            if healthy:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeployError(f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + self._log_excerpt(m))
+            await proc.wait(min(delay, remaining))
+            delay = min(delay * 1.5, 0.25)
+
+    def _log_excerpt(self, m: Managed) -> str:
+        lines = tail_lines(self.paths.service_log(m.uuid))
+        return f"; last log lines:\n{lines}" if lines else ""
+
+    async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState) -> None:
+        await self._cancel_supervision(m)
+        svc = m.svc
+        svc.desired_state = DesiredState.RUNNING
+        if m.proc is not None and m.proc.alive and svc.status.state == ServiceState.ACTIVE:
+            self.store.save(svc)
+            self._supervise(m)
+            return
+        try:
+            proc = m.proc if m.proc is not None and m.proc.alive else self._launch(m, svc.config)
+            svc.status.moved_to(ServiceState.PENDING_STARTUP, "")
+            self.store.save(svc)
+            await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
+        except DeployError as exc:
+            if m.proc is not None:
+                failed = m.proc
+                await failed.terminate(0, force=True)
+                self._forget_process(m, failed)
+            m.close_listener()
+            svc.desired_state = failing_state
+            svc.status.pid = None
+            svc.status.moved_to(ServiceState.ERROR, str(exc))
+            self.store.save(svc)
+            raise DeployError(f"service {svc.uuid}: {exc}") from exc
+        svc.status.moved_to(ServiceState.ACTIVE, "")
+        self.store.save(svc)
+        self._supervise(m)
+
+    async def _stop_locked(self, m: Managed, timeout: float, force: bool) -> None:
+        await self._cancel_supervision(m)
+        svc = m.svc
+        svc.desired_state = DesiredState.STOPPED
+        if m.proc is not None:
+            proc = m.proc
+            if proc.alive:
+                svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
+                self.store.save(svc)
+                await proc.terminate(timeout, force)
+            if proc.exited.done() and not proc.exited.cancelled():
+                svc.status.exit_code = proc.exited.result()
+            self._forget_process(m, proc)
+        m.close_listener()
+        svc.status.pid = None
+        svc.status.moved_to(ServiceState.INACTIVE)
+        self.store.save(svc)
+        log.info("stopped %s", svc.uuid)
+
+    async def _replace_locked(self, m: Managed, config: ServiceConfig, timeout: float) -> None:
+        """Update a service in place: same uuid, same port; the old version serves until the new one is healthy."""
+        await self._cancel_supervision(m)
+        svc = m.svc
+        if config.port == 0 or config.port == svc.endpoint.port:
+            config = config.model_copy(update={"port": svc.endpoint.port})
+        elif svc.endpoint.port:
+            raise DeployError(f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}")
+        old = m.proc if m.proc is not None and m.proc.alive else None
+        handover = (
+            old is not None
+            and is_builtin(svc.config)
+            and is_builtin(config)
+            and config.host == svc.config.host
+        )
+        if handover and m.listener is None and old is not None and old.extra.get("f"):
+            m.listener = await asyncio.to_thread(fetch_listener, old.extra["f"])
+        if handover and m.listener is not None and old is not None:
+            await self._replace_handover(m, old, config, timeout)
+        else:
+            await self._replace_stop_start(m, old, config, timeout)
+
+    async def _replace_handover(self, m: Managed, old: ProcessHandle, config: ServiceConfig, timeout: float) -> None:
+        svc = m.svc
+        previous = svc.config
+        svc.config = config
+        try:
+            new = self._launch(m, config)
+            await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
+        except DeployError as exc:
+            failed = m.proc if m.proc is not old else None
+            if failed is not None:
+                await failed.terminate(0, force=True)
+                self._forget_process(m, failed)
+            svc.config = previous
+            m.proc = old
+            svc.status.pid = old.pid
+            svc.status.last_error = f"replace failed: {exc}"
+            self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra))
+            self.store.save(svc)
+            self._supervise(m)
+            raise DeployError(f"service {svc.uuid}: the new version failed and the old one keeps serving: {exc}") from exc
+        svc.version += 1
+        svc.status.moved_to(ServiceState.ACTIVE, "")
+        self.store.save(svc)
+        # The old version stops accepting at once and drains; wait for it, so that when the
+        # caller gets the answer new connections reach only the new version.
+        await old.terminate(previous.stop_timeout)
+        self._forget_process(m, old)
+        m.failures = 0
+        self._supervise(m)
+
+    async def _replace_stop_start(self, m: Managed, old: ProcessHandle | None, config: ServiceConfig, timeout: float) -> None:
+        svc = m.svc
+        previous = svc.config
+        if old is not None:
+            await old.terminate(previous.stop_timeout)
+            self._forget_process(m, old)
+        if is_builtin(previous) != is_builtin(config) or previous.host != config.host:
+            m.close_listener()
+        svc.config = config
+        try:
+            await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
+        except DeployError as exc:
+            if old is None:
+                raise
+            svc.config = previous
+            try:
+                await self._start_locked(m, previous.startup_timeout, failing_state=DesiredState.RUNNING)
+                note = "the previous version was started again"
+            except DeployError as restore_exc:
+                note = f"the previous version could not be started again either: {restore_exc}"
+            raise DeployError(f"{exc}; {note}") from exc
+        svc.version += 1
+        self.store.save(svc)
+
+    # -------------------------------------------------------------- supervision
+
+    def _supervise(self, m: Managed) -> None:
+        m.task = asyncio.get_running_loop().create_task(self._supervision(m), name=f"supervise-{m.uuid}")
+
+    async def _cancel_supervision(self, m: Managed) -> None:
+        task, m.task = m.task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _supervision(self, m: Managed) -> None:
+        svc = m.svc
+        while m.proc is not None:
+            proc = m.proc
+            if svc.status.state != ServiceState.ACTIVE:
+                try:
+                    await self._wait_healthy(m, proc, svc.config.startup_timeout)
+                except DeployError as exc:
+                    log.warning("%s did not come up: %s", svc.uuid, exc)
+                    svc.status.last_error = str(exc)
+                    await proc.terminate(0, force=True)
+                else:
+                    svc.status.moved_to(ServiceState.ACTIVE, "")
+                    self.store.save(svc)
+            healthy_since = time.monotonic() if proc.alive else None
+            await self._watch(m, proc, healthy_since)
+            code = proc.exited.result() if not proc.exited.cancelled() else None
+            self._forget_process(m, proc)
+            svc.status.exit_code = code
+            svc.status.pid = None
+            if not await self._restart_after_exit(m, code):
+                return
+
+    async def _watch(self, m: Managed, proc: ProcessHandle, healthy_since: float | None) -> None:
+        """Wait for the process to exit, probing its health at a calm pace meanwhile."""
+        svc = m.svc
+        failed_probes = 0
+        while proc.alive:
+            if await proc.wait(HEALTH_INTERVAL):
+                break
+            self._rotate_log(m)
+            healthy, seen = await probe(self._target(m, proc))
+            if healthy:
+                failed_probes = 0
+                if svc.status.state != ServiceState.ACTIVE:
+                    svc.status.moved_to(ServiceState.ACTIVE, "")
+                    self.store.save(svc)
+                if healthy_since is not None and time.monotonic() - healthy_since >= svc.config.restart.healthy_reset:
+                    m.failures = 0
+            else:
+                failed_probes += 1
+                if failed_probes == UNHEALTHY_AFTER and proc.alive:
+                    log.warning("%s is failing its health check: %s", svc.uuid, seen)
+                    svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
+                    self.store.save(svc)
+
+    async def _restart_after_exit(self, m: Managed, code: int | None) -> bool:
+        """Apply the restart policy after an exit; True if a new process was started."""
+        svc = m.svc
+        policy = svc.config.restart
+        what = describe_exit(code)
+        log.warning("%s: server %s", svc.uuid, what)
+        if svc.desired_state != DesiredState.RUNNING or policy.mode == "never" or (policy.mode == "on-failure" and code == 0):
+            svc.status.moved_to(ServiceState.INACTIVE if code == 0 else ServiceState.ERROR, f"the server {what}" + self._log_excerpt(m))
+            self.store.save(svc)
+            return False
+        m.failures += 1
+        if m.failures > policy.max_restarts:
+            svc.status.moved_to(
+                ServiceState.ERROR,
+                f"the server {what}; gave up after {policy.max_restarts} restarts in a row" + self._log_excerpt(m),
+            )
+            self.store.save(svc)
+            m.close_listener()
+            return False
+        delay = min(policy.backoff_initial * 2 ** (m.failures - 1), policy.backoff_max)
+        svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
+        self.store.save(svc)
+        await asyncio.sleep(delay)
+        try:
+            self._launch(m, svc.config)
+        except DeployError as exc:
+            svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
+            self.store.save(svc)
+            return False
+        svc.status.restarts += 1
+        self.store.save(svc)
+        return True
+
+    def _rotate_log(self, m: Managed) -> None:
+        """Cap service.log: copy it to service.log.1 and truncate it in place (the server appends)."""
+        path = self.paths.service_log(m.uuid)
+        try:
+            if path.stat().st_size <= LOG_MAX_BYTES:
+                return
+            rotated = path.with_name("service.log.1")
+            with open(path, "rb") as src, open(rotated, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.truncate(path, 0)
+        except OSError as exc:
+            log.warning("cannot rotate %s: %s", path, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"counts": self.counts(), "problems": [vars(p) for p in self.problems]}
+
+
+def _fill(arg: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace(key, value)
+    return arg

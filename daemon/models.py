@@ -1,0 +1,264 @@
+"""The service model: what a model server is, what it should be, what it is.
+
+ZenML's vocabulary (``ServiceState``, ``ServiceConfig``, ``ServiceStatus``,
+``ServiceEndpoint``, ``BaseService``) so people who know it feel at home.
+A ``BaseService`` serialises to one JSON document (``service.json``); the
+``type`` field names the class, and :data:`SERVICE_REGISTRY` rebuilds the
+right class from it in any process.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+import time
+from typing import Any, ClassVar, Literal
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+REDACTED = "********"
+
+
+class ServiceState(str, enum.Enum):
+    """Observed lifecycle state of a service (ZenML's members)."""
+
+    INACTIVE = "inactive"  # no process: never started, stopped, or deleted
+    PENDING_STARTUP = "pending_startup"  # process spawned, not yet answering its health probe
+    ACTIVE = "active"  # process alive and its last health probe answered 200
+    PENDING_SHUTDOWN = "pending_shutdown"  # asked to stop, process still alive
+    ERROR = "error"  # failed to start, crash loop, or unhealthy; see last_error
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DesiredState(str, enum.Enum):
+    """What supervision converges to (the admin state)."""
+
+    RUNNING = "running"  # keep a healthy process, restart it when it dies
+    STOPPED = "stopped"  # keep no process
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RestartPolicy(BaseModel):
+    """When and how fast a crashed server is started again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["on-failure", "always", "never"] = "on-failure"
+    max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
+    backoff_initial: float = Field(0.1, ge=0, description="seconds before the first restart")
+    backoff_max: float = Field(10.0, ge=0, description="cap of the doubling backoff")
+    healthy_reset: float = Field(10.0, ge=0, description="seconds of healthy run that reset the restart count")
+
+
+class ServiceConfig(BaseModel):
+    """Everything needed to (re)create a model server.
+
+    The first eight fields are ZenML's; the rest say how to run it.
+    ``python`` and ``working_dir`` are filled in by the deploying client
+    (its interpreter and its working directory) unless given.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    service_type: str = "model-server"
+    name: str = ""
+    description: str = ""
+    pipeline_name: str = ""
+    pipeline_run_id: str = ""
+    pipeline_step_name: str = ""
+    model_name: str = ""
+    model_uri: str = ""
+    model_type: Literal["python", "pickle", "command"] = "python"
+    command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri}")
+    health_path: str = "/health"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0: pick a free port once, then keep it")
+    env: dict[str, str] = Field(default_factory=dict)
+    secret_env: list[str] = Field(default_factory=list, description="env keys never echoed, beside those that look secret")
+    python: str = Field("", description="interpreter for python/pickle models; default: the deploying client's")
+    working_dir: str = Field("", description="cwd of the server; default: the deploying client's")
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    startup_timeout: float = Field(300.0, gt=0, description="seconds a starting server may take to answer its health probe")
+    stop_timeout: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL on stop")
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("health_path must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _runtime_needs(self) -> ServiceConfig:
+        if self.model_type == "command" and not self.command:
+            raise ValueError("model_type 'command' needs a command (argv list)")
+        if self.model_type != "command" and not self.model_uri:
+            raise ValueError(f"model_type {self.model_type!r} needs a model_uri")
+        return self
+
+    def with_client_defaults(self) -> ServiceConfig:
+        """Fill in the interpreter and working directory of the calling process."""
+        update: dict[str, Any] = {}
+        if not self.python and self.model_type != "command":
+            update["python"] = sys.executable
+        if not self.working_dir:
+            update["working_dir"] = os.getcwd()
+        return self.model_copy(update=update) if update else self
+
+    def is_secret(self, key: str) -> bool:
+        upper = key.upper()
+        return key in self.secret_env or any(marker in upper for marker in SECRET_MARKERS)
+
+    def redacted(self) -> ServiceConfig:
+        """A copy whose secret env values are masked, for anything shown or logged."""
+        if not any(self.is_secret(k) for k in self.env):
+            return self
+        env = {k: (REDACTED if self.is_secret(k) else v) for k, v in self.env.items()}
+        return self.model_copy(update={"env": env})
+
+
+class ServiceStatus(BaseModel):
+    """What was last observed of the service's process."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: ServiceState = ServiceState.INACTIVE
+    last_state: ServiceState = ServiceState.INACTIVE
+    last_error: str = ""
+    pid: int | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    updated_at: float = Field(default_factory=time.time)
+
+    def moved_to(self, state: ServiceState, error: str | None = None) -> None:
+        if state != self.state:
+            self.last_state = self.state
+            self.state = state
+        if error is not None:
+            self.last_error = error
+        self.updated_at = time.time()
+
+
+class ServiceEndpoint(BaseModel):
+    """Where the server answers."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    protocol: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 0
+    health_path: str = "/health"
+    model_name: str = ""
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.protocol}://{host}:{self.port}"
+
+    @property
+    def prediction_url(self) -> str:
+        return f"{self.base_url}/v1/models/{self.model_name}:predict"
+
+    @property
+    def health_check_url(self) -> str:
+        return f"{self.base_url}{self.health_path}"
+
+
+class ServiceType(BaseModel):
+    """Names the class of a service, so any process can rebuild it from JSON."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: str = "model-serving"
+    flavor: str = "modeld"
+    name: str = "model-server"
+
+
+class BaseService(BaseModel):
+    """A supervised model server: identity, config, desired and observed state."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    SERVICE_TYPE: ClassVar[ServiceType] = ServiceType()
+
+    uuid: UUID = Field(default_factory=uuid4)
+    type: ServiceType = Field(default_factory=lambda: ServiceType())
+    config: ServiceConfig
+    status: ServiceStatus = Field(default_factory=ServiceStatus)
+    endpoint: ServiceEndpoint = Field(default_factory=ServiceEndpoint)
+    desired_state: DesiredState = DesiredState.RUNNING
+    created_at: float = Field(default_factory=time.time)
+    version: int = Field(1, description="bumped on every replace")
+    service_path: str = Field("", description="the service's folder in the daemon's store")
+
+    @property
+    def is_running(self) -> bool:
+        return self.status.state == ServiceState.ACTIVE
+
+    @property
+    def is_stopped(self) -> bool:
+        return self.status.state == ServiceState.INACTIVE
+
+    @property
+    def is_failed(self) -> bool:
+        return self.status.state == ServiceState.ERROR
+
+    @property
+    def prediction_url(self) -> str:
+        return self.endpoint.prediction_url
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.service_path, "service.log") if self.service_path else ""
+
+    def public(self) -> BaseService:
+        """A copy fit to show: secret env values masked."""
+        return self.model_copy(update={"config": self.config.redacted()})
+
+
+class ServiceRegistry:
+    """Maps a service's ``type.name`` to its class (as ZenML's ServiceRegistry)."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[BaseService]] = {}
+
+    def register(self, cls: type[BaseService]) -> type[BaseService]:
+        self._classes[cls.SERVICE_TYPE.name] = cls
+        return cls
+
+    def service_class(self, name: str) -> type[BaseService]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise ValueError(f"unknown service type {name!r}; known: {sorted(self._classes)}") from None
+
+    def load(self, data: dict[str, Any]) -> BaseService:
+        """Rebuild the right class from a JSON document (already parsed)."""
+        name = (data.get("type") or {}).get("name", ServiceType().name)
+        return self.service_class(name).model_validate(data)
+
+    def load_json(self, raw: str | bytes) -> BaseService:
+        import json
+
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("service JSON must be an object")
+        return self.load(data)
+
+
+SERVICE_REGISTRY = ServiceRegistry()
+
+
+@SERVICE_REGISTRY.register
+class LocalModelService(BaseService):
+    """A model server run and supervised by the local modeld daemon."""
+
+    SERVICE_TYPE: ClassVar[ServiceType] = ServiceType(name="model-server")

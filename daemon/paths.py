@@ -1,0 +1,71 @@
+"""Where modeld keeps its state: one folder, ``$MODELD_HOME``.
+
+    $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
+      daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
+      modeld.sock                     unless $MODELD_SOCKET says otherwise
+      run/                            private per-process sockets of built-in servers
+      services/<uuid>/service.json    the whole BaseService
+      services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
+      services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from uuid import UUID
+
+# A Unix socket path is limited to 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+
+
+def default_home() -> Path:
+    if os.environ.get("MODELD_HOME"):
+        return Path(os.environ["MODELD_HOME"]).expanduser().absolute()
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state).absolute() / "modeld"
+
+
+class Paths:
+    """All the paths of one modeld home."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, socket: str | os.PathLike[str] | None = None):
+        self.home = Path(home).expanduser().absolute() if home else default_home()
+        sock = socket or (os.environ.get("MODELD_SOCKET") if not home else None)
+        self.socket = Path(sock).expanduser().absolute() if sock else self.home / "modeld.sock"
+
+    daemon_lock = property(lambda self: self.home / "daemon.lock")
+    daemon_pid = property(lambda self: self.home / "daemon.pid")
+    daemon_log = property(lambda self: self.home / "daemon.log")
+    autostart_lock = property(lambda self: self.home / "autostart.lock")
+    flavors = property(lambda self: self.home / "flavors.json")
+    deployers = property(lambda self: self.home / "deployers.json")
+    services = property(lambda self: self.home / "services")
+    run = property(lambda self: self.home / "run")
+
+    def service_dir(self, uuid: UUID | str) -> Path:
+        return self.services / str(uuid)
+
+    def service_json(self, uuid: UUID | str) -> Path:
+        return self.service_dir(uuid) / "service.json"
+
+    def service_pid(self, uuid: UUID | str) -> Path:
+        return self.service_dir(uuid) / "service.pid"
+
+    def service_log(self, uuid: UUID | str) -> Path:
+        return self.service_dir(uuid) / "service.log"
+
+    def process_socket(self, uuid: UUID | str, generation: int, kind: str) -> Path:
+        """Private socket of one server process: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""
+        return self.run / f"{str(uuid)[:13]}-{generation}.{kind}"
+
+    def ensure(self) -> None:
+        """Create the home and its folders, private to this user."""
+        for path in (self.home, self.services, self.run, self.socket.parent):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes; "
+                "set MODELD_HOME (or MODELD_SOCKET) to a shorter path"
+            )

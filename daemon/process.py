@@ -1,0 +1,150 @@
+"""Starting, watching and stopping one server process.
+
+Every server runs in its own session and process group (``setsid``), so the
+daemon can die or restart without taking it down and a stop reaches the
+whole group. Processes are started by subprocess's C ``fork_exec`` with
+``close_fds`` (no ``preexec_fn``), so a server inherits only stdio and, for
+built-in servers, the listening socket. Exit is noticed through a pidfd registered with the
+event loop, for adopted processes as well as our own children; the only
+reaping is ``waitid(P_PIDFD)`` here, so no other reaper can steal a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .exceptions import DeployError
+from .linux import ProcessIdentity, pidfd_open, reap, send_group_signal
+
+log = logging.getLogger("modeld.process")
+
+class ProcessHandle:
+    """A running server process: its identity and a future for its exit code."""
+
+    def __init__(self, ident: ProcessIdentity, pidfd: int, loop: asyncio.AbstractEventLoop, extra: dict[str, str] | None = None):
+        self.ident = ident
+        self.pidfd = pidfd
+        self.extra = extra or {}
+        self.exited: asyncio.Future[int | None] = loop.create_future()
+        self._loop = loop
+        loop.add_reader(pidfd, self._on_exit)
+
+    @property
+    def pid(self) -> int:
+        return self.ident.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    @classmethod
+    def adopt(cls, ident: ProcessIdentity, extra: dict[str, str] | None = None) -> ProcessHandle | None:
+        """Watch a process we did not start (or started in a previous life); None if it is gone."""
+        try:
+            fd = pidfd_open(ident.pid)
+        except ProcessLookupError:
+            return None
+        # Checked after opening the pidfd: from here on the pid cannot be reused under us.
+        if not ident.is_alive():
+            os.close(fd)
+            return None
+        return cls(ident, fd, asyncio.get_running_loop(), extra)
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self.pidfd)
+        code = reap(self.pidfd)
+        os.close(self.pidfd)
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait for exit; True if it exited within ``timeout``."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def terminate(self, timeout: float, force: bool = False) -> None:
+        """SIGTERM to the group, wait up to ``timeout``, then SIGKILL; ``force`` kills at once."""
+        if self.alive and not force:
+            send_group_signal(self.ident, signal.SIGTERM)
+            if await self.wait(timeout):
+                self._kill_stragglers()
+                return
+        if self.alive:
+            send_group_signal(self.ident, signal.SIGKILL)
+            await self.wait(10)
+        self._kill_stragglers()
+
+    def _kill_stragglers(self) -> None:
+        # The leader is gone; members it left in its group (grandchildren) still hold the pgid,
+        # which cannot be reused while they live.
+        try:
+            os.killpg(self.ident.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        """Stop watching (the process itself is left alone)."""
+        if self.alive:
+            self._loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.exited.cancel()
+
+
+def resolve_executable(name: str, env: dict[str, str]) -> str:
+    if os.sep in name:
+        if not os.access(name, os.X_OK):
+            raise DeployError(f"command {name!r} does not exist or is not executable")
+        return name
+    found = shutil.which(name, path=env.get("PATH", os.defpath))
+    if not found:
+        raise DeployError(f"command {name!r} not found on PATH")
+    return found
+
+
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: str,
+    log_path: Path,
+    pass_fds: tuple[int, ...] = (),
+    extra: dict[str, str] | None = None,
+) -> ProcessHandle:
+    """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``."""
+    if cwd and not os.path.isdir(cwd):
+        raise DeployError(f"working directory {cwd!r} does not exist")
+    executable = resolve_executable(argv[0], env)
+    with open(log_path, "ab", buffering=0) as log_file:
+        log_file.write(f"--- modeld: starting {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        try:
+            # subprocess's fork_exec is C code that runs no Python in the child: safe in a daemon
+            # with threads. It does setsid, chdir, close_fds and pass_fds for us.
+            proc = subprocess.Popen(
+                [executable, *argv[1:]],
+                env=env,
+                cwd=cwd or None,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=pass_fds,
+            )
+        except OSError as exc:
+            raise DeployError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+    ident = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, -1, "")
+    handle = ProcessHandle(ident, pidfd_open(proc.pid), asyncio.get_running_loop(), extra)
+    # Keep the Popen object until we have reaped the child ourselves, then mark it done, so
+    # subprocess never adds it to its own list of children to reap (two reapers lose statuses).
+    handle.exited.add_done_callback(lambda fut: setattr(proc, "returncode", fut.result() if not fut.cancelled() else 0))
+    return handle

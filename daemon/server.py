@@ -1,0 +1,184 @@
+"""The daemon process: take the lock, bind the socket, rebuild, serve, shut down.
+
+Order matters. The lock on ``daemon.lock`` is taken before the socket is
+touched (asyncio would delete a live daemon's socket file when binding).
+The socket is bound under ``umask 077`` and listens before the rebuild, so a
+client that connects meanwhile waits in the backlog and is answered only
+once every service has been re-adopted and probed: what it reads is true.
+SIGTERM and SIGINT stop the daemon and leave the model servers running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import contextlib
+
+import uvicorn
+from filelock import FileLock, Timeout
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ._version import __version__
+from .exceptions import DaemonAlreadyRunning
+from .linux import ProcessIdentity, peer_uid
+from .manager import Manager
+from .paths import Paths
+from .store import atomic_write
+
+log = logging.getLogger("modeld.daemon")
+
+_FORBIDDEN = b'{"error": {"type": "Forbidden", "message": "this daemon serves only its own user"}}'
+
+
+class PeerCheckedProtocol(H11Protocol):
+    """uvicorn's h11 protocol, refusing peers of another uid (SO_PEERCRED)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX and peer_uid(sock) != os.getuid():
+            log.warning("refused a connection from uid %d", peer_uid(sock))
+            transport.write(
+                b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                + f"content-length: {len(_FORBIDDEN)}\r\n\r\n".encode()
+                + _FORBIDDEN
+            )
+            transport.close()
+
+
+def daemon_pid(paths: Paths) -> int | None:
+    """The pid of the live daemon of this home, checked against its start time and boot id."""
+    try:
+        lines = paths.daemon_pid.read_text().split()
+        ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return ident.pid if ident.is_alive() else None
+
+
+def take_lock(paths: Paths) -> FileLock:
+    lock = FileLock(paths.daemon_lock)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = daemon_pid(paths)
+        raise DaemonAlreadyRunning(
+            f"a modeld daemon is already running for {paths.home}" + (f" (pid {pid})" if pid else "")
+            + "; stop it with `modeld daemon stop`"
+        ) from None
+    return lock
+
+
+def bind_socket(paths: Paths) -> socket.socket:
+    path = str(paths.socket)
+    # Safe only because we hold the lock: a socket file left here belongs to a dead daemon.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the daemon's loop handles signals."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+class Daemon:
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self.manager = Manager(paths)
+        self.stop_services = False
+        self.server: _Server | None = None
+
+    def request_shutdown(self, stop_services: bool) -> None:
+        self.stop_services = self.stop_services or stop_services
+        if self.server is not None:
+            self.server.should_exit = True
+
+    async def serve(self, sock: socket.socket) -> None:
+        from .api import Api
+
+        api = Api(self.manager, self.request_shutdown)
+        await self.manager.rebuild()
+        config = uvicorn.Config(
+            api,
+            http=PeerCheckedProtocol,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            timeout_keep_alive=60,
+        )
+        self.server = _Server(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown, False)
+        log.info("modeld %s serving on %s (pid %d)", __version__, self.paths.socket, os.getpid())
+        try:
+            await self.server.serve(sockets=[sock])
+        finally:
+            api.closing.set()
+            await self.manager.shutdown(self.stop_services)
+
+
+def run(paths: Paths | None = None) -> int:
+    """Run the daemon in the foreground until SIGTERM, SIGINT or a shutdown request."""
+    paths = paths or Paths()
+    logging.basicConfig(
+        level=os.environ.get("MODELD_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    paths.ensure()
+    lock = take_lock(paths)
+    try:
+        ident = ProcessIdentity.of(os.getpid())
+        assert ident is not None
+        atomic_write(paths.daemon_pid, f"{ident.pid}\n{ident.start_ticks}\n{ident.boot_id}\n".encode())
+        sock = bind_socket(paths)
+        daemon = Daemon(paths)
+        try:
+            asyncio.run(daemon.serve(sock))
+        finally:
+            sock.close()
+            for path in (paths.socket, paths.daemon_pid):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        log.info("modeld stopped%s", " with every server" if daemon.stop_services else "; model servers keep running")
+        return 0
+    finally:
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m daemon", description="Run the modeld daemon in the foreground.")
+    parser.add_argument("--home", help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)")
+    parser.add_argument("--socket", help="control socket path (default: $MODELD_HOME/modeld.sock)")
+    args = parser.parse_args(argv)
+    try:
+        return run(Paths(args.home, args.socket))
+    except DaemonAlreadyRunning as exc:
+        print(f"modeld: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as exc:
+        print(f"modeld: cannot start the daemon: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,167 @@
+"""The on-disk store: the source of truth the daemon rebuilds itself from.
+
+Every write goes to a temp file in the same folder, is fsynced, then renamed
+over the old one, so a crash at any instant leaves the old or the new file,
+never half of one. Mutations of a service's files happen under a file lock
+(``services/<uuid>/.lock``) so that tools outside the daemon can read or
+edit them safely. A ``service.json`` that cannot be read or validated is set
+aside (renamed to ``service.json.corrupt-<time>``) and reported, and the
+other services load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import UUID
+
+from filelock import FileLock
+
+from .exceptions import StorageError
+from .linux import ProcessIdentity
+from .models import SERVICE_REGISTRY, BaseService
+from .paths import Paths
+
+log = logging.getLogger("modeld.store")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
+@dataclass
+class PidRecord:
+    """The contents of ``service.pid``: who the process is, and how to reach it privately."""
+
+    ident: ProcessIdentity
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def dumps(self) -> bytes:
+        lines = [str(self.ident.pid), str(self.ident.start_ticks), self.ident.boot_id]
+        lines += [f"{k}={v}" for k, v in sorted(self.extra.items())]
+        return ("\n".join(lines) + "\n").encode()
+
+    @classmethod
+    def loads(cls, text: str) -> PidRecord:
+        lines = text.splitlines()
+        ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2].strip())
+        extra = dict(line.split("=", 1) for line in lines[3:] if "=" in line)
+        return cls(ident, extra)
+
+
+@dataclass
+class Problem:
+    """Something found wrong on disk, reported by ``GET /v1/daemon``."""
+
+    path: str
+    message: str
+    set_aside_as: str = ""
+    at: float = field(default_factory=time.time)
+
+
+class Store:
+    def __init__(self, paths: Paths):
+        self.paths = paths
+
+    @contextmanager
+    def locked(self, uuid: UUID | str) -> Iterator[None]:
+        directory = self.paths.service_dir(uuid)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with FileLock(directory / ".lock"):
+            yield
+
+    def save(self, svc: BaseService) -> None:
+        with self.locked(svc.uuid):
+            atomic_write(self.paths.service_json(svc.uuid), svc.model_dump_json(indent=2).encode())
+
+    def write_pid(self, uuid: UUID | str, record: PidRecord) -> None:
+        with self.locked(uuid):
+            atomic_write(self.paths.service_pid(uuid), record.dumps())
+
+    def read_pid(self, uuid: UUID | str) -> PidRecord | None:
+        path = self.paths.service_pid(uuid)
+        try:
+            return PidRecord.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, IndexError, OSError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return None
+
+    def clear_pid(self, uuid: UUID | str) -> None:
+        with self.locked(uuid):
+            try:
+                os.unlink(self.paths.service_pid(uuid))
+            except FileNotFoundError:
+                pass
+
+    def delete(self, uuid: UUID | str) -> None:
+        directory = self.paths.service_dir(uuid)
+        # Rename first so a crash halfway through never leaves a half-deleted service behind.
+        trash = directory.with_name(f".deleted-{directory.name}-{time.time_ns()}")
+        try:
+            os.rename(directory, trash)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot delete {directory}: {exc.strerror or exc}") from exc
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def load_all(self) -> tuple[list[BaseService], list[Problem]]:
+        """Every service on disk, and what had to be set aside."""
+        services: list[BaseService] = []
+        problems: list[Problem] = []
+        self.paths.services.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in sorted(self.paths.services.iterdir()):
+            if directory.name.startswith(".deleted-"):
+                shutil.rmtree(directory, ignore_errors=True)  # a delete that was cut short
+                continue
+            if not directory.is_dir():
+                continue
+            path = directory / "service.json"
+            if not path.exists():
+                continue
+            try:
+                svc = SERVICE_REGISTRY.load_json(path.read_bytes())
+                if str(svc.uuid) != directory.name:
+                    raise ValueError(f"uuid {svc.uuid} does not match its folder")
+            except Exception as exc:  # any unreadable file is set aside, whatever broke
+                problems.append(self._set_aside(path, exc))
+                continue
+            svc.service_path = str(directory)
+            services.append(svc)
+        return services, problems
+
+    def _set_aside(self, path: Path, exc: Exception) -> Problem:
+        aside = path.with_name(f"service.json.corrupt-{int(time.time())}")
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        try:
+            os.rename(path, aside)
+        except OSError as rename_exc:
+            log.error("cannot set aside %s: %s", path, rename_exc)
+            return Problem(str(path), f"unreadable ({reason}); could not be set aside: {rename_exc}")
+        log.error("set aside unreadable %s as %s: %s", path, aside.name, reason)
+        return Problem(str(path), f"unreadable ({reason})", str(aside))
