@@ -1,0 +1,473 @@
+"""The ``modeld`` command.
+
+Habits of docker, supervisorctl and ZenML's CLI: subcommands, ``--help``
+with examples, ``--json`` for data, tables for people. Errors are one line
+on stderr and an exit code chosen in one place (:data:`EXIT_CODES`), never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+from uuid import UUID
+
+from daemon import exceptions as exc
+from daemon.client import DaemonClient, VersionMismatchWarning, ensure_daemon
+from daemon.models import BaseService, RestartPolicy, ServiceConfig
+from daemon.paths import Paths
+
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (exc.ServiceNotFound, 4),
+    (exc.DeployError, 5),
+    (exc.StopError, 5),
+    (exc.DaemonNotRunning, 3),
+    (exc.DaemonStartError, 3),
+    (exc.DaemonAlreadyRunning, 3),
+    (exc.RequestError, 2),
+    (exc.FlavorError, 2),
+    (exc.ModeldError, 1),
+]
+
+EPILOG = """\
+examples:
+  modeld deploy --model-name iris --model-uri examples/iris.py:model --pipeline-name train
+  modeld deploy --model-name echo --model-type command --health-path / -- python3 -m http.server {port} --bind {host}
+  modeld ls --running
+  modeld logs 3f2a -n 50 -f
+  curl --unix-socket "$MODELD_HOME/modeld.sock" http://modeld/v1/services
+
+state lives in $MODELD_HOME (default $XDG_STATE_HOME/modeld); the daemon starts by itself on first use.
+"""
+
+
+class UsageError(exc.RequestError):
+    pass
+
+
+def _client(args: argparse.Namespace, auto_start: bool = True) -> DaemonClient:
+    return DaemonClient(home=args.home, auto_start=auto_start)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in (headers, *rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _resolve(client: DaemonClient, ref: str) -> UUID:
+    """A full uuid, a unique prefix of one (as docker accepts short ids), or a unique name."""
+    try:
+        return UUID(ref)
+    except ValueError:
+        pass
+    services = client.find()
+    matches = [s.uuid for s in services if str(s.uuid).startswith(ref.lower())]
+    if not matches:
+        matches = [s.uuid for s in services if ref in (s.config.name, s.config.model_name)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise exc.ServiceNotFound(f"no service whose uuid starts with {ref!r} or whose name is {ref!r}; see `modeld ls`")
+    raise UsageError(f"{ref!r} matches {len(matches)} services; give more of the uuid")
+
+
+def _summary(svc: BaseService) -> list[str]:
+    c = svc.config
+    return [
+        str(svc.uuid)[:8],
+        c.name or c.model_name or "-",
+        c.model_type,
+        str(svc.status.state),
+        str(svc.status.pid or "-"),
+        svc.endpoint.base_url if svc.endpoint.port else "-",
+        c.pipeline_name or "-",
+        c.pipeline_step_name or "-",
+    ]
+
+
+# -------------------------------------------------------------------- daemon
+
+
+def cmd_daemon_start(args: argparse.Namespace) -> int:
+    paths = Paths(args.home)
+    ensure_daemon(paths)
+    info = DaemonClient(home=args.home, auto_start=False).daemon_info()
+    print(f"modeld daemon running (pid {info['pid']}) on {info['socket']}")
+    return 0
+
+
+def cmd_daemon_stop(args: argparse.Namespace) -> int:
+    client = _client(args, auto_start=False)
+    if not client.is_running():
+        print("modeld daemon is not running")
+        return 0
+    pid = client.daemon_info()["pid"]
+    client.shutdown(stop_services=args.all)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and client.is_running():
+        time.sleep(0.02)
+    if client.is_running():
+        raise exc.StopError(f"the daemon (pid {pid}) did not stop within {args.timeout:g}s")
+    print(f"modeld daemon stopped (pid {pid})" + ("; every model server stopped" if args.all else "; model servers keep running"))
+    return 0
+
+
+def cmd_daemon_status(args: argparse.Namespace) -> int:
+    client = _client(args, auto_start=False)
+    try:
+        info = client.daemon_info()
+    except exc.DaemonNotRunning:
+        if args.json:
+            _print_json({"running": False, "home": str(client.paths.home)})
+        else:
+            print(f"modeld daemon is not running (home {client.paths.home})")
+        return 3
+    if args.json:
+        _print_json({"running": True, **info})
+        return 0
+    counts = info["counts"]
+    print(f"modeld {info['version']} running, pid {info['pid']}, home {info['home']}")
+    print("services: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "total") if counts["total"] else "services: none")
+    for problem in info["problems"]:
+        aside = f" (set aside as {problem['set_aside_as']})" if problem.get("set_aside_as") else ""
+        print(f"problem: {problem['path']}: {problem['message']}{aside}")
+    return 0
+
+
+def cmd_daemon_run(args: argparse.Namespace) -> int:
+    from daemon.server import run
+
+    return run(Paths(args.home))
+
+
+# ------------------------------------------------------------------ services
+
+
+def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
+    fields: dict[str, Any] = {}
+    for name in ("name", "description", "pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name",
+                 "model_uri", "model_type", "health_path", "host", "port", "python", "working_dir",
+                 "startup_timeout", "stop_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    if args.command:
+        fields["command"] = args.command
+        fields.setdefault("model_type", "command")
+    if args.env:
+        fields["env"] = dict(_key_value(item, "--env") for item in args.env)
+    if args.secret_env:
+        fields["secret_env"] = args.secret_env
+    restart = {k: v for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts)) if v is not None}
+    if restart:
+        fields["restart"] = RestartPolicy(**restart)
+    return ServiceConfig(**fields)
+
+
+def _key_value(item: str, option: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"{option} takes KEY=VALUE, not {item!r}")
+    return key, value
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    try:
+        config = _deploy_config(args)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise UsageError(_validation_line(error)) from error
+    client = _client(args)
+    if not args.json and sys.stderr.isatty():
+        print(f"deploying {config.model_name or config.model_uri or config.command[0]} …", file=sys.stderr)
+    started = time.monotonic()
+    svc = client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid)
+    if args.json:
+        _print_json(svc.model_dump(mode="json"))
+    else:
+        print(f"{svc.uuid} {svc.status.state} in {time.monotonic() - started:.2f}s")
+        print(f"prediction url: {svc.endpoint.prediction_url}" if config.model_type != "command" else f"url: {svc.endpoint.base_url}")
+    return 0
+
+
+def _validation_line(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errors())
+    return str(error)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    client = _client(args)
+    filters = {name: getattr(args, name) for name in ("pipeline_name", "pipeline_run_id", "pipeline_step_name",
+                                                      "model_name", "model_uri", "model_type")}
+    service_uuid = _resolve(client, args.uuid) if args.uuid else None
+    found = client.find(running=args.running, service_uuid=service_uuid, **filters)
+    if args.json:
+        _print_json([s.model_dump(mode="json") for s in found])
+    elif found:
+        _table([_summary(s) for s in found], ["UUID", "NAME", "TYPE", "STATE", "PID", "URL", "PIPELINE", "STEP"])
+    else:
+        print("no services" + (" match" if any(filters.values()) or args.running or service_uuid else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from deployers.local.deployer import LocalDaemonModelDeployer
+
+    client = _client(args)
+    svc = client.get(_resolve(client, args.uuid))
+    if args.json:
+        _print_json(svc.model_dump(mode="json"))
+        return 0
+    info = LocalDaemonModelDeployer.get_model_server_info(svc)
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key.ljust(width)}  {value if value is not None else '-'}")
+    if svc.status.last_error:
+        print(f"{'LAST_ERROR'.ljust(width)}  {svc.status.last_error.splitlines()[0]}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    client = _client(args)
+    svc = client.start(_resolve(client, args.uuid), timeout=args.timeout)
+    _print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    client = _client(args)
+    svc = client.stop(_resolve(client, args.uuid), timeout=args.timeout, force=args.force)
+    _print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    client = _client(args)
+    uuid = _resolve(client, args.uuid)
+    client.delete(uuid, timeout=args.timeout, force=args.force)
+    _print_json({"deleted": str(uuid)}) if args.json else print(f"{uuid} deleted")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    uuid = _resolve(client, args.uuid)
+    try:
+        for chunk in client.logs(uuid, tail=args.n, follow=args.follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------ flavors, deployers
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from deployers.registry import FlavorRegistry
+
+    # As `python -m` does, let a flavor in the current folder be found by its source path.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+    return FlavorRegistry(Paths(args.home).home)
+
+
+def cmd_flavor_register(args: argparse.Namespace) -> int:
+    flavor = _registry(args).register_flavor(args.source)
+    name = flavor["name"]
+    print(json.dumps({"registered": name, "source": args.source}) if args.json else f"flavor {name!r} registered from {args.source}")
+    return 0
+
+
+def cmd_flavor_list(args: argparse.Namespace) -> int:
+    flavors = _registry(args).list_flavors()
+    if args.json:
+        _print_json(flavors)
+    else:
+        _table([[f["name"], f["source"], "yes" if f.get("builtin") else "no"] for f in flavors], ["NAME", "SOURCE", "BUILT-IN"])
+    return 0
+
+
+def cmd_deployer_register(args: argparse.Namespace) -> int:
+    from deployers.registry import parse_key_values
+
+    registry = _registry(args)
+    registry.register_deployer(args.name, args.flavor, parse_key_values(args.values))
+    print(json.dumps({"registered": args.name, "flavor": args.flavor}) if args.json else f"deployer {args.name!r} registered with flavor {args.flavor!r}")
+    return 0
+
+
+def cmd_deployer_list(args: argparse.Namespace) -> int:
+    deployers = _registry(args).list_deployers()
+    if args.json:
+        _print_json(deployers)
+    else:
+        _table([[d["name"], d["flavor"], json.dumps(d.get("config", {}))] for d in deployers], ["NAME", "FLAVOR", "CONFIG"])
+    return 0
+
+
+def cmd_deployer_rm(args: argparse.Namespace) -> int:
+    _registry(args).delete_deployer(args.name)
+    print(f"deployer {args.name!r} removed")
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON")
+
+    parser = argparse.ArgumentParser(
+        prog="modeld",
+        description="Deploy, supervise and keep track of model servers on this machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.set_defaults(home=None, json=False)
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, parents=[common], **kw)
+        p.set_defaults(func=func)
+        return p
+
+    daemon = sub.add_parser("daemon", help="start, stop or inspect the daemon", description="Manage the modeld daemon.")
+    dsub = daemon.add_subparsers(dest="daemon_command", metavar="ACTION", required=True)
+    add("start", cmd_daemon_start, "start the daemon in the background (a no-op if it runs)", dsub)
+    p = add("stop", cmd_daemon_stop, "stop the daemon; model servers keep running unless --all", dsub)
+    p.add_argument("--all", action="store_true", help="stop every model server too (they start again with the daemon)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
+    add("status", cmd_daemon_status, "is the daemon running; version, pid, counts, problems found on disk", dsub)
+    add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
+
+    p = add("deploy", cmd_deploy, "deploy a model (or replace the running version with --replace)",
+            epilog="For a command server give its argv after --; {port}, {host} and {model_uri} are filled in.",
+            usage="modeld deploy [options] [-- COMMAND ARG ...]")
+    for flag, helptext in (
+        ("--name", "service name"), ("--description", "free text"), ("--pipeline-name", "pipeline that deployed it"),
+        ("--pipeline-run-id", "pipeline run id"), ("--pipeline-step-name", "pipeline step"),
+        ("--model-name", "model name (the KServe route is /v1/models/NAME)"),
+        ("--model-uri", "module:attr, path/file.py:attr, a .pkl/.joblib file, or what a command server loads"),
+        ("--health-path", "path probed for health (default /health)"), ("--host", "address to bind (default 127.0.0.1)"),
+        ("--python", "interpreter for python/pickle models (default: this one)"),
+        ("--working-dir", "working directory of the server (default: the current one)"),
+    ):
+        p.add_argument(flag, help=helptext)
+    p.add_argument("--model-type", choices=["python", "pickle", "command"], help="runtime (default python; command if argv given)")
+    p.add_argument("--port", type=int, help="port (default 0: a free one, kept for the service's life)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment of the server (repeatable)")
+    p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
+    p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
+    p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
+    p.add_argument("--startup-timeout", type=float, help="seconds a starting server may take to be healthy (default 300)")
+    p.add_argument("--stop-timeout", type=float, help="seconds between SIGTERM and SIGKILL (default 10)")
+    p.add_argument("--replace", action="store_true", help="update the service of the same pipeline, step and model in place")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the server to be healthy (default 300)")
+    p.add_argument("--uuid", help="the uuid to give the service")
+    p.add_argument("command", nargs="*", help=argparse.SUPPRESS)
+
+    p = add("ls", cmd_ls, "list services, with the find filters")
+    p.add_argument("--running", action="store_true", help="only services that are active")
+    p.add_argument("--uuid", help="service uuid (or prefix)")
+    for flag in ("--pipeline-name", "--pipeline-run-id", "--pipeline-step-name", "--model-name", "--model-uri"):
+        p.add_argument(flag)
+    p.add_argument("--model-type", choices=["python", "pickle", "command"])
+
+    p = add("info", cmd_info, "show one service: URLs, state, pid, paths")
+    p.add_argument("uuid", help="service uuid (or a unique prefix)")
+    p = add("start", cmd_start, "start a stopped service and wait until it is healthy")
+    p.add_argument("uuid")
+    p.add_argument("--timeout", type=float, default=300)
+    for name, func, helptext in (("stop", cmd_stop, "stop a service (SIGTERM, then SIGKILL after --timeout)"),
+                                 ("rm", cmd_rm, "stop a service and delete it with its files")):
+        p = add(name, func, helptext)
+        p.add_argument("uuid")
+        p.add_argument("--timeout", type=float, default=300, help="seconds before SIGKILL (default 300)")
+        p.add_argument("--force", action="store_true", help="SIGKILL at once")
+
+    p = add("logs", cmd_logs, "print a service's log (stdout and stderr of its server)")
+    p.add_argument("uuid")
+    p.add_argument("-n", "--tail", dest="n", type=int, help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+
+    flavor = sub.add_parser("flavor", help="register and list model-deployer flavors", description="Model-deployer flavors.")
+    fsub = flavor.add_subparsers(dest="flavor_command", metavar="ACTION", required=True)
+    p = add("register", cmd_flavor_register, "register a flavor class by its source path, e.g. my_pkg.flavors.MyFlavor", fsub)
+    p.add_argument("source")
+    add("list", cmd_flavor_list, "list the flavors", fsub)
+
+    deployer = sub.add_parser("deployer", help="register and list model deployers", description="Model deployers (a flavor plus its config).")
+    dpsub = deployer.add_subparsers(dest="deployer_command", metavar="ACTION", required=True)
+    p = add("register", cmd_deployer_register, "register a deployer: modeld deployer register NAME --flavor F key=value …", dpsub)
+    p.add_argument("name")
+    p.add_argument("--flavor", required=True)
+    p.add_argument("values", nargs="*", metavar="KEY=VALUE")
+    add("list", cmd_deployer_list, "list the registered deployers", dpsub)
+    p = add("rm", cmd_deployer_rm, "remove a registered deployer", dpsub)
+    p.add_argument("name")
+    return parser
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, command = _split_command(argv)
+    parser = build_parser()
+    args = parser.parse_args(own)
+    if getattr(args, "func", None) is cmd_deploy:
+        if args.command:
+            parser.error(f"unexpected arguments {args.command}; put a server's argv after --")
+        args.command = command
+    elif command:
+        parser.error("only `modeld deploy` takes arguments after --")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VersionMismatchWarning)
+        try:
+            code = int(args.func(args))
+        except KeyboardInterrupt:
+            print("modeld: interrupted", file=sys.stderr)
+            code = 130
+        except exc.ModeldError as error:
+            print(f"modeld: {_one_line(error.message)}", file=sys.stderr)
+            code = next(c for cls, c in EXIT_CODES if isinstance(error, cls))
+        except BrokenPipeError:
+            code = 0
+        for w in caught:
+            print(f"modeld: warning: {w.message}", file=sys.stderr)
+    return code
+
+
+def _one_line(message: str) -> str:
+    """A daemon message on one line: an excerpt of a server's log keeps only its last line."""
+    head, _, excerpt = message.partition("; last log lines:\n")
+    lines = [line.strip() for line in excerpt.splitlines() if line.strip()]
+    return f"{head} (last log line: {lines[-1]})" if lines else " ".join(head.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

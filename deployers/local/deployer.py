@@ -1,0 +1,124 @@
+"""The ``local`` model deployer: the ZenML interface over the modeld daemon.
+
+Every method is one call to :class:`daemon.client.DaemonClient`; the daemon
+does the work (continuous deployment, supervision, persistence), so this
+deployer keeps no state of its own and any number of them, in any number
+of processes, agree on what is deployed. The client is made on first use,
+so building a deployer (e.g. to show its config) never touches the socket.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+from uuid import UUID
+
+from daemon.models import BaseService, ServiceConfig
+from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
+from deployers.local.flavor import LocalDaemonModelDeployerConfig, LocalDaemonModelDeployerFlavor
+
+if TYPE_CHECKING:
+    from daemon.client import DaemonClient
+
+
+class LocalDaemonModelDeployer(BaseModelDeployer):
+    """Deploys model servers as processes supervised by the local modeld daemon."""
+
+    FLAVOR: ClassVar[Type[LocalDaemonModelDeployerFlavor]] = LocalDaemonModelDeployerFlavor
+
+    config: LocalDaemonModelDeployerConfig
+
+    def __init__(
+        self,
+        config: LocalDaemonModelDeployerConfig | None = None,
+        name: str = "local",
+        *,
+        client: DaemonClient | None = None,
+    ) -> None:
+        # ``client`` lets tests and embedders hand in a ready client (or a fake).
+        super().__init__(config if config is not None else LocalDaemonModelDeployerConfig(), name)
+        self._client = client
+
+    @property
+    def client(self) -> DaemonClient:
+        if self._client is None:
+            from daemon.client import DaemonClient
+
+            self._client = DaemonClient(
+                home=self.config.home,
+                socket_path=self.config.socket,
+                auto_start=self.config.auto_start,
+            )
+        return self._client
+
+    def deploy_model(
+        self,
+        config: ServiceConfig,
+        replace: bool = False,
+        timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
+    ) -> BaseService:
+        return self.client.deploy(config, replace=replace, timeout=timeout)
+
+    @staticmethod
+    def get_model_server_info(
+        service: BaseService,
+    ) -> Dict[str, Optional[str]]:
+        # URLs are only meaningful once the daemon has given the server a port.
+        port = service.endpoint.port
+        return {
+            "UUID": str(service.uuid),
+            "PREDICTION_URL": service.endpoint.prediction_url if port else None,
+            "HEALTH_CHECK_URL": service.endpoint.health_check_url if port else None,
+            "PORT": str(port) if port else None,
+            "MODEL_URI": service.config.model_uri or None,
+            "MODEL_NAME": service.config.model_name or None,
+            "MODEL_TYPE": service.config.model_type or None,
+            "SERVICE_PATH": service.service_path or None,
+            "LOG_PATH": service.log_path or None,
+            "PID": str(service.status.pid) if service.status.pid is not None else None,
+            "STATE": str(service.status.state),
+        }
+
+    def find_model_server(
+        self,
+        running: bool = False,
+        service_uuid: Optional[UUID] = None,
+        pipeline_name: Optional[str] = None,
+        pipeline_run_id: Optional[str] = None,
+        pipeline_step_name: Optional[str] = None,
+        model_name: Optional[str] = None,
+        model_uri: Optional[str] = None,
+        model_type: Optional[str] = None,
+    ) -> List[BaseService]:
+        return self.client.find(
+            running=running,
+            service_uuid=service_uuid,
+            pipeline_name=pipeline_name,
+            pipeline_run_id=pipeline_run_id,
+            pipeline_step_name=pipeline_step_name,
+            model_name=model_name,
+            model_uri=model_uri,
+            model_type=model_type,
+        )
+
+    def stop_model_server(
+        self,
+        uuid: UUID,
+        timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
+        force: bool = False,
+    ) -> None:
+        self.client.stop(uuid, timeout=timeout, force=force)
+
+    def start_model_server(
+        self,
+        uuid: UUID,
+        timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
+    ) -> None:
+        self.client.start(uuid, timeout=timeout)
+
+    def delete_model_server(
+        self,
+        uuid: UUID,
+        timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
+        force: bool = False,
+    ) -> None:
+        self.client.delete(uuid, timeout=timeout, force=force)

@@ -1,0 +1,3 @@
+"""A flavor module that breaks while being imported."""
+
+raise RuntimeError("flavor module exploded on import")
