@@ -268,7 +268,7 @@ class Api:
             await self._follow(request, uuid, path, position)
 
     async def _follow(self, request: Request, uuid: UUID, path: Any, position: int) -> None:
-        disconnected = asyncio.ensure_future(request.receive())
+        disconnected = asyncio.ensure_future(_wait_disconnect(request.receive))
         closing = asyncio.ensure_future(self.closing.wait())
         try:
             while uuid in self.manager.services:
@@ -282,6 +282,12 @@ class Api:
         finally:
             disconnected.cancel()
             closing.cancel()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    """Return once the client has gone; the request's own (empty) body messages come first and are skipped."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _read_from(path: Any, position: int) -> tuple[bytes, int]:

@@ -297,6 +297,10 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
             while time.monotonic() < deadline:
                 if _answers(paths):
                     return
+                if proc is None and daemon_pid(paths) is None and _lock_free(paths):
+                    # The daemon we found was shutting down, not starting: it is gone, start one.
+                    log_offset = _size(paths.daemon_log)
+                    proc = _spawn_daemon(paths)
                 if proc is not None and proc.poll() is not None:
                     reason = _read_from(paths.daemon_log, log_offset).strip().splitlines()
                     raise DaemonStartError(
@@ -307,6 +311,19 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
     except Timeout:
         raise DaemonStartError(f"timed out after {timeout:g}s waiting for another client starting the daemon") from None
     raise DaemonStartError(f"the modeld daemon did not answer on {paths.socket} within {timeout:g}s; see {paths.daemon_log}")
+
+
+def _lock_free(paths: Paths) -> bool:
+    """No daemon holds this home's lock (one that is exiting holds it until its very end)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(paths.daemon_lock)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    lock.release()
+    return True
 
 
 def _spawn_daemon(paths: Paths) -> subprocess.Popen[bytes]:

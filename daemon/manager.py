@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -131,19 +132,25 @@ class Manager:
     # --------------------------------------------------------------- operations
 
     async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
-        async with self._create_lock:
-            target = self._replace_target(config, replace, uuid)
-            if target is None:
-                svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
-                svc.service_path = str(self.paths.service_dir(svc.uuid))
-                svc.endpoint = self._endpoint(config, config.port)
-                target = Managed(svc)
-                await target.lock.acquire()
-                self.services[svc.uuid] = target
-                fresh = True
-            else:
-                await target.lock.acquire()
-                fresh = False
+        fresh = False
+        while True:
+            async with self._create_lock:
+                target = self._replace_target(config, replace, uuid)
+                if target is None:
+                    svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
+                    svc.service_path = str(self.paths.service_dir(svc.uuid))
+                    svc.endpoint = self._endpoint(config, config.port)
+                    target = Managed(svc)
+                    await target.lock.acquire()  # free: nobody else knows it yet
+                    self.services[svc.uuid] = target
+                    fresh = True
+                    break
+            # Wait for the service's own lock outside the create lock: an operation on it
+            # (a slow stop, say) must not hold up deploys of other models.
+            await target.lock.acquire()
+            if self.services.get(target.uuid) is target:
+                break
+            target.lock.release()  # deleted meanwhile: look again
         try:
             if fresh:
                 log.info("deploying %s (%s %s)", target.uuid, config.model_type, config.model_uri or config.command)
@@ -155,22 +162,28 @@ class Manager:
         finally:
             target.lock.release()
 
-    async def start(self, uuid: UUID, timeout: float) -> BaseService:
+    @contextlib.asynccontextmanager
+    async def _locked(self, uuid: UUID) -> AsyncIterator[Managed]:
+        """The service, with its lock held; ServiceNotFound if it is deleted while we wait."""
         m = self.get(uuid)
         async with m.lock:
+            if self.services.get(uuid) is not m:
+                raise ServiceNotFound(f"service {uuid} was deleted meanwhile")
+            yield m
+
+    async def start(self, uuid: UUID, timeout: float) -> BaseService:
+        async with self._locked(uuid) as m:
             m.failures = 0
             await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
             return m.svc
 
     async def stop(self, uuid: UUID, timeout: float, force: bool = False) -> BaseService:
-        m = self.get(uuid)
-        async with m.lock:
+        async with self._locked(uuid) as m:
             await self._stop_locked(m, timeout, force)
             return m.svc
 
     async def delete(self, uuid: UUID, timeout: float, force: bool = False) -> None:
-        m = self.get(uuid)
-        async with m.lock:
+        async with self._locked(uuid) as m:
             await self._stop_locked(m, timeout, force)
             self.store.delete(uuid)
             self.services.pop(uuid, None)

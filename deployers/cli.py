@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -112,12 +114,15 @@ def cmd_daemon_stop(args: argparse.Namespace) -> int:
     if not client.is_running():
         print("modeld daemon is not running")
         return 0
+    from daemon.server import daemon_pid
+
     pid = client.daemon_info()["pid"]
     client.shutdown(stop_services=args.all)
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and client.is_running():
+    # The socket closes first; the process exits after it has stopped (with --all) the servers.
+    while time.monotonic() < deadline and (client.is_running() or daemon_pid(client.paths) == pid):
         time.sleep(0.02)
-    if client.is_running():
+    if client.is_running() or daemon_pid(client.paths) == pid:
         raise exc.StopError(f"the daemon (pid {pid}) did not stop within {args.timeout:g}s")
     print(f"modeld daemon stopped (pid {pid})" + ("; every model server stopped" if args.all else "; model servers keep running"))
     return 0
@@ -182,16 +187,66 @@ def _key_value(item: str, option: str) -> tuple[str, str]:
     return key, value
 
 
+def _progress(args: argparse.Namespace, label: str, call: Callable[[], BaseService], find: Callable[[DaemonClient], BaseService | None]) -> BaseService:
+    """Run a slow call; on a terminal, show the service's state, the time and its latest log line meanwhile.
+
+    Piped output and --json stay quiet.
+    """
+    if args.json or not sys.stderr.isatty():
+        return call()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the main thread, which raises it
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    watcher = DaemonClient(home=args.home, auto_start=False, timeout=5)
+    width = shutil.get_terminal_size((100, 20)).columns - 1
+    try:
+        while worker.is_alive():
+            worker.join(0.25)
+            try:
+                svc = find(watcher)
+                state = str(svc.status.state) if svc else "starting"
+                last = "".join(watcher.logs(svc.uuid, tail=1)).strip() if svc else ""
+            except exc.ModeldError:
+                state, last = "starting the daemon", ""
+            line = f"{label}: {state} {time.monotonic() - started:5.1f}s" + (f"  | {last}" if last else "")
+            sys.stderr.write("\r" + line[:width].ljust(width))
+            sys.stderr.flush()
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        raise exc.ModeldError(f"interrupted; the daemon goes on with it (see `modeld ls`)") from None
+    finally:
+        watcher.close()
+    sys.stderr.write("\r" + " " * width + "\r")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     try:
         config = _deploy_config(args)
     except ValueError as error:  # pydantic's ValidationError is a ValueError
         raise UsageError(_validation_line(error)) from error
     client = _client(args)
-    if not args.json and sys.stderr.isatty():
-        print(f"deploying {config.model_name or config.model_uri or config.command[0]} …", file=sys.stderr)
     started = time.monotonic()
-    svc = client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid)
+
+    def find(watcher: DaemonClient) -> BaseService | None:
+        if args.uuid:
+            return watcher.get(args.uuid)
+        same = watcher.find(pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name,
+                            model_name=config.model_name)
+        return max(same, key=lambda s: s.status.updated_at) if same else None
+
+    svc = _progress(args, f"deploying {config.model_name or config.model_uri or config.command[0]}",
+                    lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid), find)
     if args.json:
         _print_json(svc.model_dump(mode="json"))
     else:
@@ -241,14 +296,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     client = _client(args)
-    svc = client.start(_resolve(client, args.uuid), timeout=args.timeout)
+    uuid = _resolve(client, args.uuid)
+    svc = _progress(args, f"starting {str(uuid)[:8]}", lambda: client.start(uuid, timeout=args.timeout), lambda w: w.get(uuid))
     _print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     client = _client(args)
-    svc = client.stop(_resolve(client, args.uuid), timeout=args.timeout, force=args.force)
+    uuid = _resolve(client, args.uuid)
+    svc = _progress(args, f"stopping {str(uuid)[:8]}", lambda: client.stop(uuid, timeout=args.timeout, force=args.force),
+                    lambda w: w.get(uuid))
     _print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
     return 0
 
