@@ -1,0 +1,146 @@
+"""Shared fixtures: a private modeld home per test, and cleanup of every process it started.
+
+Each test gets a short temp ``MODELD_HOME`` (a Unix socket path is limited to
+108 bytes). Cleanup finds the daemon and the model servers by the pids the
+home records and by the ``MODELD_HOME`` tag in their environment, and kills
+their process groups: never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from daemon import DaemonClient, ServiceConfig
+from daemon.linux import ProcessIdentity
+
+REPO = Path(__file__).resolve().parent.parent
+IRIS = str(REPO / "examples" / "iris.py") + ":model"
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def processes_of(home: Path) -> list[psutil.Process]:
+    """Every live process whose environment names this home (daemon, servers and their children)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid():
+                continue
+            if proc.environ().get("MODELD_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_home(home: Path) -> None:
+    """Kill the daemon and every server of ``home``, by recorded pid and by environment tag."""
+    pids: set[int] = set()
+    for pidfile in [home / "daemon.pid", *home.glob("services/*/service.pid")]:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            lines = pidfile.read_text().split()
+            ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
+            if ident.is_alive():
+                pids.add(ident.pid)
+    pids.update(p.pid for p in processes_of(home))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+            psutil.Process(pid).wait(5)
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))
+    monkeypatch.setenv("MODELD_HOME", str(path))
+    monkeypatch.delenv("MODELD_SOCKET", raising=False)
+    try:
+        yield path
+    finally:
+        kill_home(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def client(home: Path) -> Iterator[DaemonClient]:
+    c = DaemonClient(home=home)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def iris_config(**overrides: object) -> ServiceConfig:
+    fields: dict[str, object] = dict(
+        model_name="iris", model_uri=IRIS, model_type="python",
+        pipeline_name="train", pipeline_step_name="deploy", pipeline_run_id="r1",
+    )
+    fields.update(overrides)
+    return ServiceConfig(**fields)  # type: ignore[arg-type]
+
+
+def modeld(*args: str, home: Path, timeout: float = 120, input: str | None = None) -> "subprocess.CompletedProcess[str]":
+    """Run the ``modeld`` command as a user would (through this interpreter)."""
+    import subprocess
+
+    env = {**os.environ, "MODELD_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "deployers.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, input=input,
+    )
+
+
+def predict(url: str, instances: list[object], timeout: float = 10) -> tuple[int, object]:
+    """POST ``{"instances": ...}`` to a prediction URL; (status, parsed JSON)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("POST", parts.path, body=json.dumps({"instances": instances}), headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
