@@ -38,7 +38,7 @@ log = logging.getLogger("modeld.manager")
 
 SERVE_PY = str(Path(__file__).with_name("runtime") / "serve.py")
 BUILTIN_TYPES = ("python", "pickle")
-HEALTH_INTERVAL = 5.0  # seconds between probes of a healthy server
+HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # seconds between probes of a healthy server
 UNHEALTHY_AFTER = 3  # failed probes in a row before an active server is reported in error
 LOG_MAX_BYTES = int(os.environ.get("MODELD_LOG_MAX_BYTES", 10 * 1024 * 1024))
 FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
