@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .exceptions import DeployError
-from .linux import ProcessIdentity, pidfd_open, reap, send_group_signal
+from .linux import ProcessIdentity, group_members, now_ticks, pidfd_open, reap, send_group_signal
 
 log = logging.getLogger("modeld.process")
 
@@ -32,6 +32,7 @@ class ProcessHandle:
         self.ident = ident
         self.pidfd = pidfd
         self.extra = extra or {}
+        self.death_ticks: int | None = None  # when the exit was noticed, on the start-time clock
         self.exited: asyncio.Future[int | None] = loop.create_future()
         self._loop = loop
         loop.add_reader(pidfd, self._on_exit)
@@ -58,6 +59,7 @@ class ProcessHandle:
         return cls(ident, fd, asyncio.get_running_loop(), extra)
 
     def _on_exit(self) -> None:
+        self.death_ticks = now_ticks()
         self._loop.remove_reader(self.pidfd)
         code = reap(self.pidfd)
         os.close(self.pidfd)
@@ -85,12 +87,17 @@ class ProcessHandle:
         self._kill_stragglers()
 
     def _kill_stragglers(self) -> None:
-        # The leader is gone; members it left in its group (grandchildren) still hold the pgid,
-        # which cannot be reused while they live.
-        try:
-            os.killpg(self.ident.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Kill what the leader left in its group (grandchildren), and no one else.
+
+        Only processes that started between the leader's start and its death are
+        ours: a pgid freed by an emptied group may be taken by a stranger later.
+        """
+        until = self.death_ticks or now_ticks()
+        for pid in group_members(self.ident.pid, self.ident.start_ticks, until):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def close(self) -> None:
         """Stop watching (the process itself is left alone)."""

@@ -1,0 +1,1 @@
+"""Built-in model server run by the daemon as a script (see serve.py)."""
