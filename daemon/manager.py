@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from .exceptions import Conflict, DeployError, ServiceNotFound
+from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
@@ -194,7 +194,11 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run."""
         services, self.problems = self.store.load_all()
-        await asyncio.gather(*(self._restore(svc) for svc in services))
+        results = await asyncio.gather(*(self._restore(svc) for svc in services), return_exceptions=True)
+        for svc, result in zip(services, results):
+            if isinstance(result, Exception):
+                log.error("could not restore %s: %s", svc.uuid, result, exc_info=result)
+                self.problems.append(Problem(svc.service_path, f"could not be restored: {type(result).__name__}: {result}"))
         log.info("rebuilt %d services (%s)", len(self.services), self.counts())
 
     async def shutdown(self, stop_services: bool) -> None:
@@ -497,7 +501,18 @@ class Manager:
     # -------------------------------------------------------------- supervision
 
     def _supervise(self, m: Managed) -> None:
-        m.task = asyncio.get_running_loop().create_task(self._supervision(m), name=f"supervise-{m.uuid}")
+        m.task = asyncio.get_running_loop().create_task(self._guarded_supervision(m), name=f"supervise-{m.uuid}")
+
+    async def _guarded_supervision(self, m: Managed) -> None:
+        try:
+            await self._supervision(m)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # supervision of one service must never fail silently
+            log.exception("supervision of %s failed", m.uuid)
+            m.svc.status.moved_to(ServiceState.ERROR, f"supervision failed: {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                self.store.save(m.svc)
 
     async def _cancel_supervision(self, m: Managed) -> None:
         task, m.task = m.task, None
@@ -577,7 +592,7 @@ class Manager:
         await asyncio.sleep(delay)
         try:
             self._launch(m, svc.config)
-        except DeployError as exc:
+        except ModeldError as exc:
             svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
             self.store.save(svc)
             return False

@@ -12,6 +12,7 @@ reaping is ``waitid(P_PIDFD)`` here, so no other reaper can steal a status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -131,8 +132,15 @@ def spawn(
     if cwd and not os.path.isdir(cwd):
         raise DeployError(f"working directory {cwd!r} does not exist")
     executable = resolve_executable(argv[0], env)
-    with open(log_path, "ab", buffering=0) as log_file:
-        log_file.write(f"--- modeld: starting {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+    try:
+        log_file = open(log_path, "ab", buffering=0)
+    except OSError as exc:
+        raise DeployError(f"cannot open the server's log {log_path}: {exc.strerror or exc}") from exc
+    with log_file:
+        with contextlib.suppress(OSError):  # a full disk must not stop the server from starting
+            log_file.write(
+                f"--- modeld: starting {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode()
+            )
         try:
             # subprocess's fork_exec is C code that runs no Python in the child: safe in a daemon
             # with threads. It does setsid, chdir, close_fds and pass_fds for us.
