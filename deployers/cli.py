@@ -495,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, command = _split_command(argv)
     parser = build_parser()
-    args = parser.parse_args(own)
+    args, extra = parser.parse_known_args(own)
+    # argparse gives `values` (nargs="*") nothing when KEY=VALUEs come after --flavor: take them here.
+    if extra and getattr(args, "func", None) is cmd_deployer_register and not any(a.startswith("-") for a in extra):
+        args.values = [*args.values, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is cmd_deploy:
         if args.command:
             parser.error(f"unexpected arguments {args.command}; put a server's argv after --")

@@ -1,0 +1,308 @@
+"""The control API spoken raw: HTTP/1.1 + JSON on the daemon's Unix socket.
+
+Through http.client (with a Unix ``connect``) and through ``curl --unix-socket``,
+as a user without the Python client would. Every error must be JSON
+``{"error": {"type", "message"}}`` with the right status, and must leave
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import IRIS, iris_config, predict, wait_for
+from daemon import __version__
+from daemon.paths import Paths
+from daemon.server import daemon_pid
+
+CURL = shutil.which("curl") or "/usr/bin/curl"
+SETOSA = [[5.0, 3.4, 1.5, 0.2]]
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str | Path, timeout: float = 30):
+        super().__init__("modeld", timeout=timeout)
+        self.unix_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+def call(home: Path, method: str, path: str, body: bytes | str | dict | list | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection: (status, headers in lower case, raw body)."""
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    headers = dict(headers or {})
+    if body is not None:
+        headers.setdefault("content-type", "application/json")
+    conn = UnixHTTPConnection(home / "modeld.sock")
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, raw
+    finally:
+        conn.close()
+
+
+def call_json(home: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    status, headers, raw = call(home, method, path, body)
+    assert headers.get("content-type") == "application/json", (status, headers, raw)
+    assert headers.get("x-modeld-version") == __version__
+    return status, json.loads(raw)
+
+
+def curl(home: Path, *args: str) -> tuple[int, str]:
+    """Run curl on the daemon's socket; (HTTP status, body)."""
+    result = subprocess.run(
+        [CURL, "-sS", "--unix-socket", str(home / "modeld.sock"), "-w", "\n%{http_code}", *args],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    body, _, status = result.stdout.rpartition("\n")
+    return int(status), body
+
+
+def assert_error(status: int, data: Any, expected: int, kind: str | None = None, *mentions: str) -> None:
+    assert status == expected, (status, data)
+    assert set(data) == {"error"}, data
+    assert set(data["error"]) == {"type", "message"}, data
+    assert data["error"]["message"], data
+    if kind is not None:
+        assert data["error"]["type"] == kind, data
+    for text in mentions:
+        assert text in data["error"]["message"], (text, data)
+
+
+@pytest.fixture
+def daemon(client, home) -> dict[str, Any]:
+    """A running daemon (auto-started through the client); its info."""
+    return client.daemon_info()
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_curl_find_deploy_predict_delete(daemon, home):
+    status, body = curl(home, "http://modeld/v1/services")
+    assert status == 200
+    assert json.loads(body) == {"services": []}
+
+    # The daemon's cwd is /, so the model is named by an absolute path.
+    request = {"config": {"model_name": "iris", "model_uri": IRIS, "model_type": "python", "pipeline_name": "curl"},
+               "timeout": 60}
+    status, body = curl(home, "-X", "POST", "-H", "content-type: application/json", "--data-binary", json.dumps(request),
+                        "http://modeld/v1/services")
+    assert status == 200, body
+    svc = json.loads(body)
+    assert svc["status"]["state"] == "active"
+    endpoint = svc["endpoint"]
+    url = f"http://{endpoint['host']}:{endpoint['port']}/v1/models/iris:predict"
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+    status, body = curl(home, "http://modeld/v1/services?pipeline_name=curl&running=true")
+    assert status == 200
+    assert [s["uuid"] for s in json.loads(body)["services"]] == [svc["uuid"]]
+    status, body = curl(home, "http://modeld/v1/services?pipeline_name=other")
+    assert json.loads(body) == {"services": []}
+
+    status, body = curl(home, f"http://modeld/v1/services/{svc['uuid']}")
+    assert status == 200 and json.loads(body)["uuid"] == svc["uuid"]
+
+    status, body = curl(home, "-X", "DELETE", f"http://modeld/v1/services/{svc['uuid']}?force=true")
+    assert status == 200, body
+    assert json.loads(body) == {"deleted": svc["uuid"]}
+    status, body = curl(home, f"http://modeld/v1/services/{svc['uuid']}")
+    assert_error(status, json.loads(body), 404, "ServiceNotFound")
+
+
+def test_curl_errors_are_json(daemon, home):
+    status, body = curl(home, "-X", "POST", "-H", "content-type: application/json", "--data-binary", "{nope",
+                        "http://modeld/v1/services")
+    assert_error(status, json.loads(body), 400, "InvalidRequest")
+    status, body = curl(home, "http://modeld/v1/services?running=maybe")
+    assert_error(status, json.loads(body), 400, "InvalidRequest", "running", "maybe")
+    status, body = curl(home, "http://modeld/v1/nowhere")
+    assert_error(status, json.loads(body), 404)
+
+
+def test_bad_requests_are_json_errors_and_leave_nothing_behind(daemon, home):
+    good = {"model_name": "iris", "model_uri": IRIS}
+
+    # Bodies.
+    for raw in (b"{not json", b"[1, 2", b"\xff\xfe", b"", b"   "):
+        status, data = call_json(home, "POST", "/v1/services", raw)
+        assert_error(status, data, 400, "InvalidRequest")
+    for body in ([1, 2], "just a string", 42, None, {}):
+        status, data = call_json(home, "POST", "/v1/services", json.dumps(body))
+        assert_error(status, data, 400, "InvalidRequest")
+
+    # Wrong types name the field.
+    cases = [
+        ({"config": {**good, "port": "eighty"}}, "config.port"),
+        ({"config": {**good, "port": 70000}}, "config.port"),
+        ({"config": {**good, "env": ["A=1"]}}, "config.env"),
+        ({"config": {**good, "model_type": "quantum"}}, "config.model_type"),
+        ({"config": good, "timeout": "soon"}, "timeout"),
+        ({"config": good, "replace": "perhaps"}, "replace"),
+        ({"config": good, "uuid": "not-a-uuid"}, "uuid"),
+        ({"config": "iris"}, "config"),
+        ({"config": {**good, "health_path": "health"}}, "health_path"),
+        ({"config": {"model_name": "iris"}}, "model_uri"),
+    ]
+    for body, field in cases:
+        status, data = call_json(home, "POST", "/v1/services", body)
+        assert_error(status, data, 400, "InvalidRequest", field)
+
+    # Unknown fields are refused, in the config and around it.
+    status, data = call_json(home, "POST", "/v1/services", {"config": {**good, "colour": "red"}})
+    assert_error(status, data, 400, "InvalidRequest", "config.colour")
+    status, data = call_json(home, "POST", "/v1/services", {"config": good, "colour": "red"})
+    assert_error(status, data, 400, "InvalidRequest", "colour")
+
+    # A body over 1 MiB.
+    big = json.dumps({"config": {**good, "description": "x" * (1024 * 1024 + 100)}})
+    status, data = call_json(home, "POST", "/v1/services", big)
+    assert_error(status, data, 413, "PayloadTooLarge")
+
+    # Paths that are not service uuids.
+    for method, path in [
+        *((m, p) for m in ("GET", "DELETE") for p in (
+            "/v1/services/not-a-uuid", "/v1/services/12345", "/v1/services/..%2F..%2Fetc%2Fpasswd",
+            "/v1/services/../daemon", "/v1/services/%2E%2E", "/v1/services/x%00y")),
+        ("POST", "/v1/services/%2E%2E/stop"), ("POST", "/v1/services/..%2F..%2Fdaemon/stop"),
+        ("GET", "/v1/services/..%2F/logs"), ("POST", "/v1/services/not-a-uuid/start"),
+    ]:
+        status, data = call_json(home, method, path)
+        assert status in (400, 404), (method, path, status, data)
+        assert_error(status, data, status)
+    status, data = call_json(home, "GET", "/v1/services/not-a-uuid")
+    assert_error(status, data, 400, "InvalidRequest", "not-a-uuid")
+
+    # Unknown uuids, on every route that takes one.
+    unknown = str(uuidlib.uuid4())
+    for method, path in (("GET", ""), ("DELETE", ""), ("POST", "/start"), ("POST", "/stop"), ("GET", "/logs")):
+        status, data = call_json(home, method, f"/v1/services/{unknown}{path}")
+        assert_error(status, data, 404, "ServiceNotFound", unknown)
+
+    # Unknown routes and wrong methods.
+    for path in ("/", "/v1", "/v2/services", "/v1/nothing", "/v1/services/" + unknown + "/restart"):
+        status, data = call_json(home, "GET", path)
+        assert_error(status, data, 404)
+    for method, path in (("PUT", "/v1/services"), ("DELETE", "/v1/daemon"), ("GET", "/v1/daemon/shutdown"),
+                         ("PATCH", f"/v1/services/{unknown}"), ("GET", f"/v1/services/{unknown}/start")):
+        status, data = call_json(home, method, path)
+        assert_error(status, data, 405, None, method)
+
+    # Query parameters: unknown names and bad values.
+    for path, name in (("/v1/services?colour=red", "colour"), ("/v1/daemon?verbose=1", "verbose"),
+                       (f"/v1/services/{unknown}?x=1", "x"), ("/v1/services?model=iris", "model")):
+        status, data = call_json(home, "GET", path)
+        assert_error(status, data, 400, "InvalidRequest", repr(name))
+    for path, name in (("/v1/services?running=maybe", "running"), ("/v1/services?service_uuid=nope", "service_uuid"),
+                       (f"/v1/services/{unknown}/logs?tail=-3", "tail"), (f"/v1/services/{unknown}/logs?tail=ten", "tail")):
+        status, data = call_json(home, "GET", path)
+        assert_error(status, data, 400, "InvalidRequest", name)
+    status, data = call_json(home, "POST", f"/v1/services/{unknown}/stop?timeout=soon")
+    assert_error(status, data, 400, "InvalidRequest", "timeout")
+    status, data = call_json(home, "POST", "/v1/services?dry_run=1", {"config": good})
+    assert_error(status, data, 400, "InvalidRequest", "dry_run")
+
+    # The daemon still answers, is the same process, and nothing was created.
+    status, info = call_json(home, "GET", "/v1/daemon")
+    assert status == 200 and info["pid"] == daemon["pid"]
+    assert info["counts"]["total"] == 0
+    assert call_json(home, "GET", "/v1/services") == (200, {"services": []})
+    assert list((home / "services").iterdir()) == []
+
+
+def test_daemon_info(daemon, home):
+    status, info = call_json(home, "GET", "/v1/daemon")
+    assert status == 200
+    assert info["version"] == __version__
+    assert info["pid"] == daemon_pid(Paths(home))
+    assert info["home"] == str(home)
+    assert info["socket"] == str(home / "modeld.sock")
+    assert info["started_at"] <= time.time()
+    counts = info["counts"]
+    assert set(counts) == {"inactive", "pending_startup", "active", "pending_shutdown", "error", "total"}
+    assert all(v == 0 for v in counts.values())
+    assert info["problems"] == []
+
+
+def test_logs_tail_and_follow(client, home):
+    svc = client.deploy(iris_config(), timeout=60)
+    uuid = str(svc.uuid)
+    log_path = home / "services" / uuid / "service.log"
+    with open(log_path, "a") as f:
+        f.write("".join(f"line {i}\n" for i in range(20)))
+
+    status, headers, raw = call(home, "GET", f"/v1/services/{uuid}/logs")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    text = raw.decode()
+    assert "--- modeld: starting" in text and "line 19" in text
+
+    status, _, raw = call(home, "GET", f"/v1/services/{uuid}/logs?tail=5")
+    assert status == 200
+    assert raw.decode().splitlines() == [f"line {i}" for i in range(15, 20)]
+    status, _, raw = call(home, "GET", f"/v1/services/{uuid}/logs?tail=0")
+    assert (status, raw) == (200, b"")
+
+    status, body = curl(home, f"http://modeld/v1/services/{uuid}/logs?tail=2")
+    assert status == 200 and body.splitlines() == ["line 18", "line 19"]
+
+    # follow: the existing lines first, then what is appended, until the client goes away.
+    conn = UnixHTTPConnection(home / "modeld.sock", timeout=10)
+    try:
+        conn.request("GET", f"/v1/services/{uuid}/logs?tail=1&follow=true")
+        response = conn.getresponse()
+        assert response.status == 200
+        first = response.read1(65536).decode()
+        assert first == "line 19\n"
+        with open(log_path, "a") as f:
+            f.write("appended while following\n")
+        seen = ""
+        deadline = time.monotonic() + 10
+        while "appended while following" not in seen and time.monotonic() < deadline:
+            seen += response.read1(65536).decode()
+        assert "appended while following" in seen
+    finally:
+        conn.close()
+
+    # The daemon is not stuck on the closed stream.
+    assert client.get(uuid).is_running
+    status, info = call_json(home, "GET", "/v1/daemon")
+    assert status == 200
+
+
+def test_follow_ends_when_the_service_is_deleted(client, home):
+    svc = client.deploy(iris_config(), timeout=60)
+    conn = UnixHTTPConnection(home / "modeld.sock", timeout=20)
+    try:
+        conn.request("GET", f"/v1/services/{svc.uuid}/logs?follow=true")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read1(65536)
+        client.delete(svc.uuid, force=True)
+        started = time.monotonic()
+        rest = response.read()  # returns once the daemon ends the stream
+        assert time.monotonic() - started < 10
+        assert isinstance(rest, bytes)
+    finally:
+        conn.close()
+    wait_for(lambda: not (home / "services" / str(svc.uuid)).exists(), 5, what="the service folder to go")

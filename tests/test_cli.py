@@ -1,0 +1,247 @@
+"""The ``modeld`` command, run as a user would (``python -m deployers.cli`` in a subprocess).
+
+Data goes to stdout (tables, or JSON with ``--json``); errors are one line on
+stderr starting with ``modeld:`` and a documented exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import subprocess
+
+from conftest import modeld, pid_alive, port_open, predict, wait_for
+from daemon.paths import Paths
+from daemon.server import daemon_pid
+
+UUID_RE = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+SETOSA = [[5.0, 3.4, 1.5, 0.2]]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must succeed."""
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr  # (stdout may hold a server's last_error, as data)
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *mentions: str) -> str:
+    """Check a failed command: exit ``code``, one ``modeld:`` line on stderr, no traceback; the line."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("modeld:"), lines[0]
+    for text in mentions:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def usage_error(result: subprocess.CompletedProcess[str], *mentions: str) -> None:
+    """An argparse error: exit 2, usage and the reason on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    for text in mentions:
+        assert text in result.stderr, (text, result.stderr)
+
+
+def http_get(url_base: str, path: str = "/") -> int:
+    host, port = url_base.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+# -------------------------------------------------------------------- daemon
+
+
+def test_daemon_start_status_stop(home):
+    result = modeld("daemon", "status", home=home)
+    assert result.returncode == 3
+    assert "not running" in result.stdout
+
+    out = ok(modeld("daemon", "start", home=home))
+    pid = daemon_pid(Paths(home))
+    assert pid is not None and f"running (pid {pid})" in out
+    out = ok(modeld("daemon", "start", home=home))  # a no-op when it runs
+    assert f"pid {pid}" in out
+
+    out = ok(modeld("daemon", "status", home=home))
+    assert "running" in out and f"pid {pid}" in out and "services: none" in out
+    info = json.loads(ok(modeld("daemon", "status", "--json", home=home)))
+    assert info["running"] is True and info["pid"] == pid and info["problems"] == []
+
+    out = ok(modeld("daemon", "stop", home=home))
+    assert f"stopped (pid {pid})" in out
+    wait_for(lambda: not pid_alive(pid), 5, what="the daemon to exit")
+
+    result = modeld("daemon", "status", home=home)
+    assert result.returncode == 3
+    assert "not running" in result.stdout
+    assert json.loads(modeld("daemon", "status", "--json", home=home).stdout)["running"] is False
+    out = ok(modeld("daemon", "stop", home=home))
+    assert "not running" in out
+
+
+# ------------------------------------------------------------------ services
+
+
+def test_service_lifecycle(home):
+    out = ok(modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--pipeline-name", "p",
+                    home=home))
+    uuid = UUID_RE.search(out).group(0)
+    assert "active" in out
+    url = re.search(r"prediction url: (\S+)", out).group(1)
+    assert url.endswith("/v1/models/iris:predict")
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+    table = ok(modeld("ls", home=home))
+    assert table.splitlines()[0].split()[:4] == ["UUID", "NAME", "TYPE", "STATE"]
+    row = next(line for line in table.splitlines() if line.startswith(uuid[:8]))
+    assert "iris" in row and "active" in row and " p " in f" {row} "
+
+    listed = json.loads(ok(modeld("ls", "--json", home=home)))
+    assert isinstance(listed, list) and [s["uuid"] for s in listed] == [uuid]
+    assert listed[0]["config"]["pipeline_name"] == "p"
+
+    assert uuid[:8] in ok(modeld("ls", "--model-name", "iris", home=home))
+    result = modeld("ls", "--model-name", "nope", home=home)
+    assert result.returncode == 0 and result.stdout == "" and "no services match" in result.stderr
+    assert uuid[:8] in ok(modeld("ls", "--running", home=home))
+
+    out = ok(modeld("info", uuid[:6], home=home))
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+    assert fields["UUID"] == uuid
+    assert fields["PREDICTION_URL"] == url
+    assert fields["STATE"] == "active"
+    info = json.loads(ok(modeld("info", uuid, "--json", home=home)))
+    assert info["uuid"] == uuid and info["endpoint"]["model_name"] == "iris"
+
+    log_path = home / "services" / uuid / "service.log"
+    with open(log_path, "a") as f:
+        f.write("".join(f"cli line {i}\n" for i in range(10)))
+    out = ok(modeld("logs", uuid, "-n", "5", home=home))
+    assert out.splitlines() == [f"cli line {i}" for i in range(5, 10)]
+
+    pid = info["status"]["pid"]
+    out = ok(modeld("stop", uuid[:8], home=home))
+    assert uuid in out and "inactive" in out
+    assert not pid_alive(pid)
+    result = modeld("ls", "--running", home=home)
+    assert result.returncode == 0 and uuid[:8] not in result.stdout
+
+    out = ok(modeld("start", uuid, home=home))
+    assert uuid in out and "active" in out
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+    out = ok(modeld("rm", uuid[:8], "--force", home=home))
+    assert f"{uuid} deleted" in out
+    assert json.loads(ok(modeld("ls", "--json", home=home))) == []
+    assert not (home / "services" / uuid).exists()
+
+
+def test_command_server_after_double_dash(home):
+    out = ok(modeld("deploy", "--model-name", "echo", "--health-path", "/", "--",
+                    "python3", "-m", "http.server", "{port}", "--bind", "{host}", home=home))
+    uuid = UUID_RE.search(out).group(0)
+    base = re.search(r"url: (http://\S+)", out).group(1)
+    assert http_get(base, "/") == 200
+
+    listed = json.loads(ok(modeld("ls", "--json", "--model-type", "command", home=home)))
+    assert [s["uuid"] for s in listed] == [uuid]
+    command = listed[0]["config"]["command"]
+    assert command == ["python3", "-m", "http.server", "{port}", "--bind", "{host}"]
+
+    port = listed[0]["endpoint"]["port"]
+    ok(modeld("rm", uuid, "--force", home=home))
+    wait_for(lambda: not port_open(port), 10, what="the command server's port to close")
+
+
+# -------------------------------------------------------------------- errors
+
+
+def test_errors_are_one_line_with_exit_codes(home, tmp_path):
+    # Usage errors are caught before any daemon is needed.
+    result = modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--port", "notanumber",
+                    home=home)
+    usage_error(result, "--port", "invalid int value")
+    one_line_error(modeld("deploy", "--model-name", "iris", home=home), 2, "model_uri")
+    one_line_error(modeld("deploy", "--model-uri", "examples/iris.py:model", "--env", "NOEQUALS", home=home), 2, "--env")
+    usage_error(modeld("ls", "--", "python3", home=home), "--")
+    usage_error(modeld("frobnicate", home=home), "frobnicate")
+    assert daemon_pid(Paths(home)) is None
+
+    unknown = "00000000-0000-4000-8000-000000000000"
+    for command in (("info", unknown), ("stop", unknown), ("start", unknown), ("rm", unknown), ("logs", unknown),
+                    ("info", "zzzz")):
+        one_line_error(modeld(*command, home=home), 4)
+
+    broken = tmp_path / "broken_model.py"
+    broken.write_text('raise RuntimeError("kaboom: the weights are missing")\n')
+    line = one_line_error(modeld("deploy", "--model-name", "broken", "--model-uri", f"{broken}:model", home=home), 5)
+    assert "kaboom: the weights are missing" in line
+
+    # The failed deploy is kept, in error, and the daemon still works.
+    listed = json.loads(ok(modeld("ls", "--json", home=home)))
+    assert [s["status"]["state"] for s in listed] == ["error"]
+
+
+def test_help(home):
+    out = ok(modeld("--help", home=home))
+    assert "examples:" in out and "modeld deploy" in out and "curl --unix-socket" in out
+    for command in ("deploy", "ls", "logs", "daemon", "flavor"):
+        assert command in out
+    out = ok(modeld("deploy", "--help", home=home))
+    assert "--model-uri" in out and "--port" in out and "-- COMMAND" in out and "{port}" in out
+    out = ok(modeld("daemon", "--help", home=home))
+    for action in ("start", "stop", "status", "run"):
+        assert action in out
+    out = ok(modeld("daemon", "stop", "--help", home=home))
+    assert "--all" in out
+    assert daemon_pid(Paths(home)) is None
+
+
+# ------------------------------------------------------------ flavors, deployers
+
+
+def test_flavors_and_deployers(home):
+    out = ok(modeld("flavor", "list", home=home))
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["local"] and rows[0][-1] == "yes"
+
+    source = "tests.flavor_fixtures.memory_flavor.InMemoryModelDeployerFlavor"
+    out = ok(modeld("flavor", "register", source, home=home))
+    assert "'memory'" in out
+    flavors = json.loads(ok(modeld("flavor", "list", "--json", home=home)))
+    assert {f["name"]: f["source"] for f in flavors} == {"local": flavors[0]["source"], "memory": source}
+    assert "memory" in ok(modeld("flavor", "list", home=home))
+
+    for bad in ("tests.flavor_fixtures.bad_flavors.NotAFlavor", "no_such_package_xyz.Flavor", "not a source",
+                "tests.flavor_fixtures.bad_flavors.LocalImpostorFlavor"):
+        one_line_error(modeld("flavor", "register", bad, home=home), 2)
+    assert [f["name"] for f in json.loads(ok(modeld("flavor", "list", "--json", home=home)))] == ["local", "memory"]
+
+    out = ok(modeld("deployer", "register", "mine", "--flavor", "local", "home=/tmp/x", home=home))
+    assert "'mine'" in out
+    out = ok(modeld("deployer", "register", "mem", "--flavor", "memory", "capacity=3", home=home))
+    deployers = {d["name"]: d for d in json.loads(ok(modeld("deployer", "list", "--json", home=home)))}
+    assert deployers["mine"]["flavor"] == "local" and deployers["mine"]["config"] == {"home": "/tmp/x"}
+    assert deployers["mem"]["config"] == {"capacity": 3}
+
+    one_line_error(modeld("deployer", "register", "bad", "--flavor", "local", "nosuchkey=1", home=home), 2, "nosuchkey")
+    one_line_error(modeld("deployer", "register", "bad", "--flavor", "memory", "capacity=lots", home=home), 2, "capacity")
+    one_line_error(modeld("deployer", "register", "bad", "--flavor", "nosuchflavor", home=home), 2, "nosuchflavor")
+    one_line_error(modeld("deployer", "register", "bad", "--flavor", "local", "novalue", home=home), 2, "novalue")
+    names = [d["name"] for d in json.loads(ok(modeld("deployer", "list", "--json", home=home)))]
+    assert "bad" not in names and {"mine", "mem"} <= set(names)
+
+    ok(modeld("deployer", "rm", "mine", home=home))
+    assert "mine" not in ok(modeld("deployer", "list", home=home))
+    # None of this needed the daemon.
+    assert daemon_pid(Paths(home)) is None

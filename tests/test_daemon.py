@@ -1,0 +1,388 @@
+"""The daemon as a process: crash and re-adoption, one daemon per home, auto-start races,
+start failures, stop with and without the servers, corrupt state, stale pids, peer checks.
+
+Everything is real: daemons, model servers, sockets and signals. Waits have deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, iris_config, modeld, pid_alive, port_open, predict, wait_for
+from daemon import DaemonClient, DaemonStartError, ServiceState, VersionMismatchWarning
+from daemon.linux import start_ticks
+from daemon.paths import Paths
+from daemon.server import daemon_pid
+
+SETOSA = [[5.0, 3.4, 1.5, 0.2]]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def current_daemon_pid(home: Path) -> int | None:
+    return daemon_pid(Paths(home))
+
+
+def stop_daemon(client: DaemonClient, stop_services: bool = False) -> None:
+    """Ask the daemon to exit and wait until its process is gone."""
+    pid = client.daemon_info()["pid"]
+    client.shutdown(stop_services=stop_services)
+    wait_for(lambda: not pid_alive(pid), 30, what=f"daemon {pid} to exit")
+
+
+def wait_active(client: DaemonClient, uuid, timeout: float = 30, not_pid: int | None = None):
+    """Wait until the service is ACTIVE (with a pid other than ``not_pid``); the service."""
+
+    def check():
+        svc = client.get(uuid)
+        if svc.status.state == ServiceState.ACTIVE and svc.status.pid and svc.status.pid != not_pid:
+            return svc
+        return None
+
+    return wait_for(check, timeout, interval=0.05, what=f"service {uuid} to be active")
+
+
+def daemon_processes(home: Path) -> list[psutil.Process]:
+    """Processes running ``python -m daemon`` whose environment names this home."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            cmdline = proc.cmdline()
+            if not any(a == "-m" and b == "daemon" for a, b in zip(cmdline, cmdline[1:])):
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("MODELD_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(5)
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_kill9_daemon_servers_keep_serving_and_are_readopted(client, home):
+    svc = client.deploy(iris_config(), timeout=60)
+    assert svc.is_running
+    server_pid, port, url = svc.status.pid, svc.endpoint.port, svc.endpoint.prediction_url
+    first_daemon = client.daemon_info()["pid"]
+
+    killed_at = time.time()
+    os.kill(first_daemon, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(first_daemon), 10, what="the daemon to die")
+
+    # No daemon runs, yet the server answers.
+    assert pid_alive(server_pid)
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+    # The next call starts a new daemon, which re-adopts the same process on the same port.
+    again = client.get(svc.uuid)
+    second_daemon = client.daemon_info()["pid"]
+    assert second_daemon != first_daemon
+    assert again.status.state == ServiceState.ACTIVE
+    assert again.status.pid == server_pid
+    assert again.status.updated_at >= killed_at  # probed afresh, not the state read from disk
+    assert again.endpoint.port == port
+    assert again.status.restarts == 0
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+    # The adopted server is not the new daemon's child; its exit is still noticed (pidfd).
+    assert psutil.Process(server_pid).ppid() != second_daemon
+    os.kill(server_pid, signal.SIGKILL)
+    restarted = wait_active(client, svc.uuid, timeout=30, not_pid=server_pid)
+    assert restarted.status.pid != server_pid
+    assert restarted.status.restarts == 1
+    assert restarted.endpoint.port == port
+    assert client.daemon_info()["pid"] == second_daemon
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+
+def test_second_daemon_on_same_home_refuses(client, home):
+    info = client.daemon_info()
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "--home", str(home)],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "already running" in result.stderr
+    assert str(info["pid"]) in result.stderr
+    assert "Traceback" not in result.stderr
+
+    # The first daemon is untouched.
+    assert (home / "modeld.sock").exists()
+    assert current_daemon_pid(home) == info["pid"]
+    with DaemonClient(home=home, auto_start=False) as other:
+        assert other.daemon_info()["pid"] == info["pid"]
+    assert client.find() == []
+
+
+def test_many_clients_auto_start_one_daemon(home, tmp_path):
+    snippet = (
+        "import os, sys, time\n"
+        "from daemon.client import DaemonClient\n"
+        "home, sync, n = sys.argv[1], sys.argv[2], sys.argv[3]\n"
+        "open(os.path.join(sync, 'ready-' + n), 'w').close()\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not os.path.exists(os.path.join(sync, 'go')) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.001)\n"
+        "print(DaemonClient(home).daemon_info()['pid'])\n"
+    )
+    procs: list[subprocess.Popen] = []
+    try:
+        for n in range(8):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", snippet, str(home), str(tmp_path), str(n)],
+                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    start_new_session=True,
+                )
+            )
+        wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 8, 30, what="8 clients to be ready")
+        assert current_daemon_pid(home) is None
+        (tmp_path / "go").touch()
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            outputs.append(out.strip())
+    finally:
+        for proc in procs:
+            kill_group(proc)
+
+    assert len(set(outputs)) == 1, outputs
+    pid = int(outputs[0])
+    daemons = daemon_processes(home)
+    assert [p.pid for p in daemons] == [pid]
+
+
+def test_daemon_start_failure_reported_at_once(home, monkeypatch):
+    monkeypatch.setenv("MODELD_LOG_LEVEL", "BOGUS")
+    c = DaemonClient(home=home)
+    started = time.monotonic()
+    with pytest.raises(DaemonStartError) as info:
+        c.daemon_info()
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, elapsed
+    assert "BOGUS" in str(info.value)
+    assert "exited with code" in str(info.value)
+    assert daemon_processes(home) == []
+
+
+def test_daemon_stop_keeps_servers_and_stop_all_stops_them(client, home):
+    svc = client.deploy(iris_config(), timeout=60)
+    pid, port, url = svc.status.pid, svc.endpoint.port, svc.endpoint.prediction_url
+    first_daemon = client.daemon_info()["pid"]
+
+    result = modeld("daemon", "stop", home=home)
+    assert result.returncode == 0, result.stderr
+    assert "keep running" in result.stdout
+    assert current_daemon_pid(home) is None
+    wait_for(lambda: not pid_alive(first_daemon), 5, what="the daemon to exit")
+    assert not (home / "modeld.sock").exists()
+    assert pid_alive(pid)
+    assert port_open(port)
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+    # A new daemon adopts it; `stop --all` then takes the server down with the daemon.
+    assert client.get(svc.uuid).status.pid == pid
+    result = modeld("daemon", "stop", "--all", home=home)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: not pid_alive(pid), 10, what="the server to stop")
+    wait_for(lambda: not port_open(port), 10, what="the port to close")
+    assert current_daemon_pid(home) is None
+    saved = json.loads((home / "services" / str(svc.uuid) / "service.json").read_text())
+    assert saved["desired_state"] == "running"
+
+    # The desired state stayed `running`: the next daemon brings the server back, same port.
+    result = modeld("daemon", "start", home=home)
+    assert result.returncode == 0, result.stderr
+    back = wait_active(client, svc.uuid, not_pid=pid)
+    assert back.endpoint.port == port
+    assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
+
+
+def test_corrupt_service_json_is_set_aside_and_reported(client, home):
+    good = client.deploy(iris_config(model_name="good"), timeout=60)
+    victims = [client.deploy(iris_config(model_name=f"bad{i}"), timeout=60) for i in range(3)]
+    stop_daemon(client)
+
+    corruptions = {
+        victims[0].uuid: lambda raw: raw[: len(raw) // 2],  # truncated
+        victims[1].uuid: lambda raw: b"this is not JSON {{{",  # not JSON
+        victims[2].uuid: lambda raw: json.dumps(  # JSON, wrong schema
+            {**json.loads(raw), "config": {"model_type": "quantum", "port": "eighty"}}
+        ).encode(),
+    }
+    for uuid, corrupt in corruptions.items():
+        path = home / "services" / str(uuid) / "service.json"
+        path.write_bytes(corrupt(path.read_bytes()))
+
+    info = client.daemon_info()  # auto-starts a fresh daemon, which rebuilds from disk
+    problems = info["problems"]
+    assert len(problems) == 3, problems
+    for uuid in corruptions:
+        folder = home / "services" / str(uuid)
+        assert not (folder / "service.json").exists()
+        aside = list(folder.glob("service.json.corrupt-*"))
+        assert len(aside) == 1, list(folder.iterdir())
+        problem = next(p for p in problems if p["path"] == str(folder / "service.json"))
+        assert problem["set_aside_as"] == str(aside[0])
+        assert problem["message"]
+    assert info["counts"]["total"] == 1
+
+    # The good service is re-adopted and keeps serving.
+    svc = client.get(good.uuid)
+    assert svc.status.state == ServiceState.ACTIVE
+    assert svc.status.pid == good.status.pid
+    assert predict(svc.endpoint.prediction_url, SETOSA) == (200, {"predictions": ["setosa"]})
+    assert [s.uuid for s in client.find()] == [good.uuid]
+
+    status = modeld("daemon", "status", home=home)
+    assert status.returncode == 0, status.stderr
+    for uuid in corruptions:
+        assert f"problem: {home / 'services' / str(uuid) / 'service.json'}" in status.stdout
+    assert status.stdout.count("set aside as") == 3
+
+
+def test_stale_pid_is_never_signalled(client, home):
+    other_boot = client.deploy(iris_config(model_name="a"), timeout=60)
+    reused_pid = client.deploy(iris_config(model_name="b"), timeout=60)
+    stop_daemon(client, stop_services=True)  # servers stopped; desired state stays running
+
+    env = {k: v for k, v in os.environ.items() if k != "MODELD_HOME"}
+    sleeps = [subprocess.Popen(["sleep", "60"], env=env, start_new_session=True) for _ in range(2)]
+    try:
+        for sleeper in sleeps:
+            wait_for(lambda: start_ticks(sleeper.pid) is not None, 5, what="sleep to start")
+        # A process from another boot: right pid and start time, different boot id.
+        (home / "services" / str(other_boot.uuid) / "service.pid").write_text(
+            f"{sleeps[0].pid}\n{start_ticks(sleeps[0].pid)}\n00000000-0000-4000-8000-000000000000\n"
+        )
+        # A live unrelated process: this boot, but a different start time (a reused pid).
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        (home / "services" / str(reused_pid.uuid) / "service.pid").write_text(
+            f"{sleeps[1].pid}\n{start_ticks(sleeps[1].pid) + 12345}\n{boot}\n"
+        )
+
+        for svc, sleeper in zip((other_boot, reused_pid), sleeps):
+            fresh = wait_active(client, svc.uuid, not_pid=sleeper.pid)  # auto-starts the daemon
+            assert fresh.status.pid not in (sleeper.pid, svc.status.pid)
+            assert predict(fresh.endpoint.prediction_url, SETOSA)[0] == 200
+        for sleeper in sleeps:
+            assert sleeper.poll() is None, "the daemon signalled an unrelated process"
+            assert psutil.Process(sleeper.pid).status() != psutil.STATUS_STOPPED
+
+        # Stopping the services does not reach the unrelated processes either.
+        for svc in (other_boot, reused_pid):
+            client.stop(svc.uuid, timeout=10)
+        for sleeper in sleeps:
+            assert sleeper.poll() is None
+    finally:
+        for sleeper in sleeps:
+            kill_group(sleeper)
+
+
+def test_peer_of_another_uid_is_refused(client, home):
+    if os.getuid() != 0:
+        pytest.skip("needs root: the test switches a forked child to uid 65534 (nobody)")
+    client.daemon_info()
+    sock_path = home / "modeld.sock"
+    os.chmod(home, 0o755)
+    os.chmod(sock_path, 0o777)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only os-level calls, always _exit
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(sock_path))
+                try:
+                    s.sendall(b"GET /v1/services HTTP/1.1\r\nHost: modeld\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the daemon may refuse (answer and close) before reading anything
+                data = b""
+                while True:
+                    try:
+                        chunk = s.recv(65536)
+                    except ConnectionResetError:
+                        break
+                    if not chunk:
+                        break
+                    data += chunk
+            os.write(write_fd, data[:4096] or b"<nothing>")
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+            with contextlib.suppress(Exception):
+                os.write(write_fd, f"<child error: {exc!r}>".encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        chunks = []
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(read_fd)
+        os.chmod(home, 0o700)
+        os.chmod(sock_path, 0o600)
+    answer = b"".join(chunks)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"403", answer
+    assert json.loads(body)["error"]["type"] == "Forbidden"
+    # The daemon keeps serving its own user.
+    assert client.find() == []
+
+
+def test_socket_and_home_are_private(client, home):
+    client.daemon_info()
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    sock = os.stat(home / "modeld.sock")
+    assert stat.S_ISSOCK(sock.st_mode)
+    assert stat.S_IMODE(sock.st_mode) == 0o600
+
+
+def test_version_mismatch_warns_once(client, home):
+    client.daemon_info()
+    old = DaemonClient(home=home)
+    old.client_version = "0.0.1"
+    try:
+        with pytest.warns(VersionMismatchWarning) as caught:
+            old.daemon_info()
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert "older" in message and "0.0.1" in message
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", VersionMismatchWarning)
+            old.find()  # warned once per daemon version, not on every call
+    finally:
+        old.close()
