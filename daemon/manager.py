@@ -156,7 +156,6 @@ class Manager:
                 log.info("deploying %s (%s %s)", target.uuid, config.model_type, config.model_uri or config.command)
                 await self._start_locked(target, timeout, failing_state=DesiredState.STOPPED)
             else:
-                log.info("replacing %s in place", target.uuid)
                 await self._replace_locked(target, config, timeout)
             return target.svc
         finally:
@@ -440,8 +439,10 @@ class Manager:
         if handover and m.listener is None and old is not None and old.extra.get("f"):
             m.listener = await asyncio.to_thread(fetch_listener, old.extra["f"])
         if handover and m.listener is not None and old is not None:
+            log.info("replacing %s: hand-over on the listening socket", svc.uuid)
             await self._replace_handover(m, old, config, timeout)
         else:
+            log.info("replacing %s: stop, then start", svc.uuid)
             await self._replace_stop_start(m, old, config, timeout)
 
     async def _replace_handover(self, m: Managed, old: ProcessHandle, config: ServiceConfig, timeout: float) -> None:

@@ -163,7 +163,7 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
     fields: dict[str, Any] = {}
     for name in ("name", "description", "pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name",
                  "model_uri", "model_type", "health_path", "host", "port", "python", "working_dir",
-                 "startup_timeout", "stop_timeout"):
+                 "startup_timeout", "stop_timeout", "service_type"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
@@ -174,7 +174,12 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
         fields["env"] = dict(_key_value(item, "--env") for item in args.env)
     if args.secret_env:
         fields["secret_env"] = args.secret_env
-    restart = {k: v for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts)) if v is not None}
+    restart = {
+        k: v
+        for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts), ("backoff_initial", args.backoff),
+                     ("backoff_max", args.backoff_max), ("healthy_reset", args.healthy_reset))
+        if v is not None
+    }
     if restart:
         fields["restart"] = RestartPolicy(**restart)
     return ServiceConfig(**fields)
@@ -435,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
     p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
     p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
+    p.add_argument("--backoff", type=float, help="seconds before the first restart, doubled each time (default 0.1)")
+    p.add_argument("--backoff-max", type=float, help="cap of the restart backoff in seconds (default 10)")
+    p.add_argument("--healthy-reset", type=float, help="seconds of healthy run that reset the restart count (default 10)")
+    p.add_argument("--service-type", help=argparse.SUPPRESS)
     p.add_argument("--startup-timeout", type=float, help="seconds a starting server may take to be healthy (default 300)")
     p.add_argument("--stop-timeout", type=float, help="seconds between SIGTERM and SIGKILL (default 10)")
     p.add_argument("--replace", action="store_true", help="update the service of the same pipeline, step and model in place")

@@ -591,3 +591,37 @@ def test_secret_env_is_masked_but_reaches_the_server(client, tmp_path):
     assert server_env["CUSTOM"] == "hidden"
     assert server_env["PLAIN"] == "x"
     assert server_env["MODELD_SERVICE_UUID"] == str(deployed.uuid)
+
+
+# ------------------------------------------- replace after a daemon restart
+
+
+def test_replace_after_daemon_kill_keeps_port_and_fails_no_request(client, home, tmp_path):
+    """A restarted daemon takes the listening socket back from the live server, so a replace still hands over."""
+    import signal as _signal
+
+    first = client.deploy(model_config(constant_model(tmp_path, "ra1", "v1")), timeout=60)
+    daemon_pid = client.daemon_info()["pid"]
+    client.close()
+    os.kill(daemon_pid, _signal.SIGKILL)
+    wait_for(lambda: not pid_alive(daemon_pid), 10, what="daemon gone")
+    assert predict(first.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
+
+    readopted = client.get(first.uuid)  # auto-starts a new daemon, which re-adopts the server
+    assert client.daemon_info()["pid"] != daemon_pid
+    assert readopted.status.pid == first.status.pid and readopted.is_running
+
+    load = Load(first.prediction_url)
+    load.start()
+    try:
+        wait_for(lambda: load.successes_after(time.monotonic() - 60) >= 5, 10, what="load on v1")
+        new = client.deploy(model_config(constant_model(tmp_path, "ra2", "v2")), replace=True, timeout=60)
+        assert new.uuid == first.uuid and new.endpoint.port == first.endpoint.port
+        assert not pid_alive(first.status.pid)
+        assert predict(first.prediction_url, ["x"]) == (200, {"predictions": ["v2"]})
+    finally:
+        load.halt.set()
+        load.join(15)
+    failures = [o for o in load.outcomes if o.value is None]
+    assert not failures, f"{len(failures)} of {len(load.outcomes)} requests failed, e.g. {failures[:3]}"
+    assert f"replacing {first.uuid}: hand-over" in (home / "daemon.log").read_text()
