@@ -168,10 +168,11 @@ class DaemonClient:
         return SERVICE_REGISTRY.load(data)
 
     def _open(self, timeout: float | None) -> _UnixConnection:
+        self.paths.check_socket()
         conn = _UnixConnection(str(self.paths.socket), timeout)
         try:
             conn.connect()
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             if not self.auto_start:
                 raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}; start one with `modeld daemon start`") from exc
             ensure_daemon(self.paths)

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from uuid import UUID
 
+from .exceptions import StorageError
+
 # A Unix socket path is limited to 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
 
@@ -61,11 +63,18 @@ class Paths:
 
     def ensure(self) -> None:
         """Create the home and its folders, private to this user."""
-        for path in (self.home, self.services, self.run, self.socket.parent):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.home, 0o700)
+        try:
+            for path in (self.home, self.services, self.run, self.socket.parent):
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.home, 0o700)
+        except OSError as exc:
+            raise StorageError(f"cannot create the modeld home {self.home}: {exc.strerror or exc} ({exc.filename})") from exc
+        self.check_socket()
+
+    def check_socket(self) -> None:
+        """A Unix socket path longer than the kernel allows is a clear error, not EINVAL later."""
         if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
-            raise ValueError(
+            raise StorageError(
                 f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes; "
                 "set MODELD_HOME (or MODELD_SOCKET) to a shorter path"
             )

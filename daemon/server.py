@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
-from .exceptions import DaemonAlreadyRunning
+from .exceptions import DaemonAlreadyRunning, ModeldError
 from .linux import ProcessIdentity, peer_uid
 from .manager import Manager
 from .paths import Paths
@@ -179,6 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonAlreadyRunning as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as exc:
+    except (ModeldError, ValueError, OSError) as exc:
         print(f"modeld: cannot start the daemon: {exc}", file=sys.stderr)
         return 1

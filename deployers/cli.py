@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
             code = next(c for cls, c in EXIT_CODES if isinstance(error, cls))
         except BrokenPipeError:
             code = 0
+        except OSError as error:  # the last resort: still one line, never a traceback
+            print(f"modeld: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""), file=sys.stderr)
+            code = 1
         for w in caught:
             print(f"modeld: warning: {w.message}", file=sys.stderr)
     return code

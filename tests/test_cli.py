@@ -245,3 +245,12 @@ def test_flavors_and_deployers(home):
     assert "mine" not in ok(modeld("deployer", "list", home=home))
     # None of this needed the daemon.
     assert daemon_pid(Paths(home)) is None
+
+
+def test_unusable_home_is_one_line(tmp_path):
+    """A home whose socket path is too long, or that cannot be created, is a clear error, not a traceback."""
+    too_long = tmp_path / ("x" * 110)
+    one_line_error(modeld("ls", home=too_long), 1, "longer than 107 bytes", "MODELD_HOME")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_line_error(modeld("ls", home=blocker / "home"), 1, "cannot create the modeld home")
