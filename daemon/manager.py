@@ -279,7 +279,11 @@ class Manager:
     @staticmethod
     def _endpoint(config: ServiceConfig, port: int) -> ServiceEndpoint:
         return ServiceEndpoint(
-            host=config.host, port=port, health_path=config.health_path, model_name=config.model_name or "model"
+            host=config.host,
+            port=port,
+            health_path=config.health_path,
+            prediction_path=config.prediction_path,
+            model_name=config.model_name or "model",
         )
 
     def _target(self, m: Managed, proc: ProcessHandle) -> ProbeTarget:

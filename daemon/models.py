@@ -16,7 +16,7 @@ import time
 from typing import Any, ClassVar, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 REDACTED = "********"
@@ -78,6 +78,7 @@ class ServiceConfig(BaseModel):
     model_type: Literal["python", "pickle", "command"] = "python"
     command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri}")
     health_path: str = "/health"
+    prediction_path: str = Field("", description="path of predictions; default: KServe's /v1/models/<model_name>:predict")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port once, then keep it")
     env: dict[str, str] = Field(default_factory=dict)
@@ -88,11 +89,13 @@ class ServiceConfig(BaseModel):
     startup_timeout: float = Field(300.0, gt=0, description="seconds a starting server may take to answer its health probe")
     stop_timeout: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL on stop")
 
-    @field_validator("health_path")
+    @field_validator("health_path", "prediction_path")
     @classmethod
-    def _health_path_absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("health_path must start with '/'")
+    def _path_absolute(cls, value: str, info: ValidationInfo) -> str:
+        if (value or info.field_name == "health_path") and not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        if any(c.isspace() for c in value):
+            raise ValueError("must not contain white space")
         return value
 
     @model_validator(mode="after")
@@ -156,6 +159,7 @@ class ServiceEndpoint(BaseModel):
     host: str = "127.0.0.1"
     port: int = 0
     health_path: str = "/health"
+    prediction_path: str = ""
     model_name: str = ""
 
     @property
@@ -165,7 +169,7 @@ class ServiceEndpoint(BaseModel):
 
     @property
     def prediction_url(self) -> str:
-        return f"{self.base_url}/v1/models/{self.model_name}:predict"
+        return f"{self.base_url}{self.prediction_path or f'/v1/models/{self.model_name}:predict'}"
 
     @property
     def health_check_url(self) -> str:

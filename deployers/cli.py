@@ -162,7 +162,7 @@ def cmd_daemon_run(args: argparse.Namespace) -> int:
 def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
     fields: dict[str, Any] = {}
     for name in ("name", "description", "pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name",
-                 "model_uri", "model_type", "health_path", "host", "port", "python", "working_dir",
+                 "model_uri", "model_type", "health_path", "prediction_path", "host", "port", "python", "working_dir",
                  "startup_timeout", "stop_timeout", "service_type"):
         value = getattr(args, name)
         if value is not None:
@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--pipeline-run-id", "pipeline run id"), ("--pipeline-step-name", "pipeline step"),
         ("--model-name", "model name (the KServe route is /v1/models/NAME)"),
         ("--model-uri", "module:attr, path/file.py:attr, a .pkl/.joblib file, or what a command server loads"),
-        ("--health-path", "path probed for health (default /health)"), ("--host", "address to bind (default 127.0.0.1)"),
+        ("--health-path", "path probed for health (default /health)"),
+        ("--prediction-path", "path of predictions, e.g. /invocations for mlflow (default: KServe's)"), ("--host", "address to bind (default 127.0.0.1)"),
         ("--python", "interpreter for python/pickle models (default: this one)"),
         ("--working-dir", "working directory of the server (default: the current one)"),
     ):

@@ -457,7 +457,7 @@ def test_command_server_deploy_and_stop(client, tmp_path):
         ServiceConfig(
             model_name="files", model_type="command", health_path="/",
             command=[sys.executable, "-m", "http.server", "{port}", "--bind", "{host}"],
-            working_dir=str(tmp_path),
+            working_dir=str(tmp_path), prediction_path="/hello.txt",
         ),
         timeout=60,
     )
@@ -465,6 +465,7 @@ def test_command_server_deploy_and_stop(client, tmp_path):
     assert svc.status.state == ServiceState.ACTIVE and port > 0
     assert port_open(port)
     assert http_get(port, "/hello.txt") == 200
+    assert svc.endpoint.prediction_url == f"http://127.0.0.1:{port}/hello.txt"
 
     client.stop(svc.uuid, timeout=30)
     assert not port_open(port)
