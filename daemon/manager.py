@@ -27,11 +27,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound
+from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
-from .process import ProcessHandle, spawn
+from .process import ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
@@ -64,6 +64,10 @@ def describe_exit(code: int | None) -> str:
     if code < 0:
         return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+class StillStarting(DeployError):
+    """The caller's timeout ran out while the server may still become healthy within its startup_timeout."""
 
 
 def is_builtin(config: ServiceConfig) -> bool:
@@ -136,11 +140,16 @@ class Manager:
         while True:
             async with self._create_lock:
                 target = self._replace_target(config, replace, uuid)
+                self._precheck(config, fresh=target is None)
                 if target is None:
                     svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
                     svc.endpoint = self._endpoint(config, config.port)
                     target = Managed(svc)
+                    try:
+                        self._ensure_port(target, config)
+                    except DeployError as exc:
+                        raise Conflict(str(exc)) from exc
                     await target.lock.acquire()  # free: nobody else knows it yet
                     self.services[svc.uuid] = target
                     fresh = True
@@ -256,7 +265,8 @@ class Manager:
                 self._supervise(m)
             else:
                 svc.status.pid = None
-                svc.status.moved_to(ServiceState.INACTIVE)
+                if svc.status.state != ServiceState.ERROR:  # an error stays visible until acted upon
+                    svc.status.moved_to(ServiceState.INACTIVE)
                 self.store.save(svc)
 
     # ------------------------------------------------------------- internals
@@ -275,6 +285,30 @@ class Manager:
             == (config.pipeline_name, config.pipeline_step_name, config.model_name)
         ]
         return max(same, key=lambda m: m.svc.created_at) if same else None
+
+    @staticmethod
+    def _precheck(config: ServiceConfig, fresh: bool) -> None:
+        """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error)."""
+        cwd = config.working_dir
+        if cwd and not os.path.isdir(cwd):
+            raise InvalidRequest(f"working_dir {cwd!r} does not exist")
+        env = {**os.environ, **config.env}
+        try:
+            resolve_executable(config.python or sys.executable if is_builtin(config) else config.command[0], env, cwd)
+        except DeployError as exc:
+            raise InvalidRequest(f"{'python' if is_builtin(config) else 'command'}: {exc}") from None
+        if is_builtin(config):
+            path = config.model_uri if config.model_type == "pickle" else config.model_uri.rsplit(":", 1)[0]
+            if config.model_type == "pickle" or path.endswith(".py") or os.sep in path:
+                full = os.path.join(cwd, path) if cwd else path
+                if not os.path.exists(full) and not os.path.exists(full + ".py"):
+                    raise InvalidRequest(f"model file {full!r} does not exist")
+        elif config.port and fresh:
+            try:
+                free = bind_listener(config.host, config.port)
+            except DeployError as exc:
+                raise Conflict(str(exc)) from exc
+            free.close()
 
     @staticmethod
     def _endpoint(config: ServiceConfig, port: int) -> ServiceEndpoint:
@@ -370,7 +404,7 @@ class Manager:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeployError(f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + self._log_excerpt(m))
+                raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + self._log_excerpt(m))
             await proc.wait(min(delay, remaining))
             delay = min(delay * 1.5, 0.25)
 
@@ -391,6 +425,16 @@ class Manager:
             svc.status.moved_to(ServiceState.PENDING_STARTUP, "")
             self.store.save(svc)
             await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
+        except StillStarting as exc:
+            # The caller stopped waiting, the server may still load (startup_timeout is longer):
+            # leave it starting under supervision, as a loading vLLM or llama-server needs.
+            svc.status.last_error = str(exc)
+            self.store.save(svc)
+            self._supervise(m)
+            raise DeployError(
+                f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
+                f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
+            ) from exc
         except DeployError as exc:
             if m.proc is not None:
                 failed = m.proc
@@ -407,6 +451,7 @@ class Manager:
         self._supervise(m)
 
     async def _stop_locked(self, m: Managed, timeout: float, force: bool) -> None:
+        """Stop the process: SIGTERM, then SIGKILL after the service's stop_timeout (or the call's timeout, if shorter)."""
         await self._cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.STOPPED
@@ -415,7 +460,7 @@ class Manager:
             if proc.alive:
                 svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
                 self.store.save(svc)
-                await proc.terminate(timeout, force)
+                await proc.terminate(min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()
             self._forget_process(m, proc)
@@ -452,6 +497,7 @@ class Manager:
     async def _replace_handover(self, m: Managed, old: ProcessHandle, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
         previous = svc.config
+        previous_status = svc.status.model_copy()
         svc.config = config
         try:
             new = self._launch(m, config)
@@ -463,7 +509,7 @@ class Manager:
                 self._forget_process(m, failed)
             svc.config = previous
             m.proc = old
-            svc.status.pid = old.pid
+            svc.status = previous_status
             svc.status.last_error = f"replace failed: {exc}"
             self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra))
             self.store.save(svc)
@@ -491,8 +537,8 @@ class Manager:
         try:
             await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
         except DeployError as exc:
-            if old is None:
-                raise
+            if old is None or isinstance(exc.__cause__, StillStarting):
+                raise  # nothing to restore, or the new version is still starting under supervision
             svc.config = previous
             try:
                 await self._start_locked(m, previous.startup_timeout, failing_state=DesiredState.RUNNING)

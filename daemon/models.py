@@ -16,10 +16,11 @@ import time
 from typing import Any, ClassVar, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator, model_validator
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 REDACTED = "********"
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 
 
 class ServiceState(str, enum.Enum):
@@ -98,6 +99,18 @@ class ServiceConfig(BaseModel):
             raise ValueError("must not contain white space")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_model_type(cls, data: Any) -> Any:
+        """Without an explicit model_type: an argv means `command`, a pickle file means `pickle`."""
+        if isinstance(data, dict) and "model_type" not in data:
+            uri = str(data.get("model_uri") or "")
+            if data.get("command"):
+                data = {**data, "model_type": "command"}
+            elif uri.endswith(PICKLE_SUFFIXES):
+                data = {**data, "model_type": "pickle"}
+        return data
+
     @model_validator(mode="after")
     def _runtime_needs(self) -> ServiceConfig:
         if self.model_type == "command" and not self.command:
@@ -164,13 +177,17 @@ class ServiceEndpoint(BaseModel):
 
     @property
     def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        # A server bound to every address is reached on loopback.
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
         return f"{self.protocol}://{host}:{self.port}"
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def prediction_url(self) -> str:
         return f"{self.base_url}{self.prediction_path or f'/v1/models/{self.model_name}:predict'}"
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def health_check_url(self) -> str:
         return f"{self.base_url}{self.health_path}"

@@ -108,9 +108,12 @@ class ProcessHandle:
             self.exited.cancel()
 
 
-def resolve_executable(name: str, env: dict[str, str]) -> str:
+def resolve_executable(name: str, env: dict[str, str], cwd: str = "") -> str:
+    """The path of ``name`` as exec would find it: relative to ``cwd`` if it has a slash, else on PATH."""
     if os.sep in name:
-        if not os.access(name, os.X_OK):
+        if cwd and not os.path.isabs(name):
+            name = os.path.join(cwd, name)
+        if not os.path.isfile(name) or not os.access(name, os.X_OK):
             raise DeployError(f"command {name!r} does not exist or is not executable")
         return name
     found = shutil.which(name, path=env.get("PATH", os.defpath))
@@ -131,7 +134,7 @@ def spawn(
     """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``."""
     if cwd and not os.path.isdir(cwd):
         raise DeployError(f"working directory {cwd!r} does not exist")
-    executable = resolve_executable(argv[0], env)
+    executable = resolve_executable(argv[0], env, cwd)
     try:
         log_file = open(log_path, "ab", buffering=0)
     except OSError as exc:

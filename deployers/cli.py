@@ -105,7 +105,10 @@ def cmd_daemon_start(args: argparse.Namespace) -> int:
     paths = Paths(args.home)
     ensure_daemon(paths)
     info = DaemonClient(home=args.home, auto_start=False).daemon_info()
-    print(f"modeld daemon running (pid {info['pid']}) on {info['socket']}")
+    if args.json:
+        _print_json({"running": True, **info})
+    else:
+        print(f"modeld daemon running (pid {info['pid']}) on {info['socket']}")
     return 0
 
 
@@ -385,7 +388,7 @@ def cmd_deployer_list(args: argparse.Namespace) -> int:
 
 def cmd_deployer_rm(args: argparse.Namespace) -> int:
     _registry(args).delete_deployer(args.name)
-    print(f"deployer {args.name!r} removed")
+    print(json.dumps({"removed": args.name}) if args.json else f"deployer {args.name!r} removed")
     return 0
 
 
@@ -404,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    parser.set_defaults(home=None, json=False)
+    # No set_defaults here: the options are shared with every subcommand through `common`, and a
+    # default set on them would let a subcommand overwrite `modeld --home X ls` with None.
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str, parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
@@ -417,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("start", cmd_daemon_start, "start the daemon in the background (a no-op if it runs)", dsub)
     p = add("stop", cmd_daemon_stop, "stop the daemon; model servers keep running unless --all", dsub)
     p.add_argument("--all", action="store_true", help="stop every model server too (they start again with the daemon)")
-    p.add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
+    p.add_argument("--timeout", type=_seconds, default=60, help="seconds to wait (default 60)")
     add("status", cmd_daemon_status, "is the daemon running; version, pid, counts, problems found on disk", dsub)
     add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
 
@@ -441,14 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
     p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
     p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
-    p.add_argument("--backoff", type=float, help="seconds before the first restart, doubled each time (default 0.1)")
-    p.add_argument("--backoff-max", type=float, help="cap of the restart backoff in seconds (default 10)")
-    p.add_argument("--healthy-reset", type=float, help="seconds of healthy run that reset the restart count (default 10)")
+    p.add_argument("--backoff", type=_seconds, help="seconds before the first restart, doubled each time (default 0.1)")
+    p.add_argument("--backoff-max", type=_seconds, help="cap of the restart backoff in seconds (default 10)")
+    p.add_argument("--healthy-reset", type=_seconds, help="seconds of healthy run that reset the restart count (default 10)")
     p.add_argument("--service-type", help=argparse.SUPPRESS)
-    p.add_argument("--startup-timeout", type=float, help="seconds a starting server may take to be healthy (default 300)")
-    p.add_argument("--stop-timeout", type=float, help="seconds between SIGTERM and SIGKILL (default 10)")
+    p.add_argument("--startup-timeout", type=_seconds, help="seconds a starting server may take to be healthy (default 300)")
+    p.add_argument("--stop-timeout", type=_seconds, help="seconds between SIGTERM and SIGKILL (default 10)")
     p.add_argument("--replace", action="store_true", help="update the service of the same pipeline, step and model in place")
-    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the server to be healthy (default 300)")
+    p.add_argument("--timeout", type=_seconds, default=300, help="seconds to wait for the server to be healthy (default 300)")
     p.add_argument("--uuid", help="the uuid to give the service")
     p.add_argument("command", nargs="*", help=argparse.SUPPRESS)
 
@@ -460,20 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-type", choices=["python", "pickle", "command"])
 
     p = add("info", cmd_info, "show one service: URLs, state, pid, paths")
-    p.add_argument("uuid", help="service uuid (or a unique prefix)")
+    p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
     p = add("start", cmd_start, "start a stopped service and wait until it is healthy")
-    p.add_argument("uuid")
-    p.add_argument("--timeout", type=float, default=300)
-    for name, func, helptext in (("stop", cmd_stop, "stop a service (SIGTERM, then SIGKILL after --timeout)"),
+    p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
+    p.add_argument("--timeout", type=_seconds, default=300, help="seconds to wait for it to be healthy (default 300)")
+    for name, func, helptext in (("stop", cmd_stop, "stop a service: SIGTERM to its process group, SIGKILL after a grace period"),
                                  ("rm", cmd_rm, "stop a service and delete it with its files")):
         p = add(name, func, helptext)
-        p.add_argument("uuid")
-        p.add_argument("--timeout", type=float, default=300, help="seconds before SIGKILL (default 300)")
+        p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
+        p.add_argument("--timeout", type=_seconds, default=300,
+                       help="grace period before SIGKILL, if shorter than the service's stop_timeout (default: that, 10 s)")
         p.add_argument("--force", action="store_true", help="SIGKILL at once")
 
     p = add("logs", cmd_logs, "print a service's log (stdout and stderr of its server)")
-    p.add_argument("uuid")
-    p.add_argument("-n", "--tail", dest="n", type=int, help="only the last N lines")
+    p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
+    p.add_argument("-n", "--tail", dest="n", type=_count, help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
     flavor = sub.add_parser("flavor", help="register and list model-deployer flavors", description="Model-deployer flavors.")
@@ -494,6 +499,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
+    return value
+
+
 def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         i = argv.index("--")
@@ -506,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     own, command = _split_command(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(own)
+    args.home = getattr(args, "home", None)
+    args.json = getattr(args, "json", False)
     # argparse gives `values` (nargs="*") nothing when KEY=VALUEs come after --flavor: take them here.
     if extra and getattr(args, "func", None) is cmd_deployer_register and not any(a.startswith("-") for a in extra):
         args.values = [*args.values, *extra]

@@ -10,6 +10,7 @@ import http.client
 import os
 import pickle
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -21,8 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, iris_config, pid_alive, port_open, predict, wait_for
-from daemon import Conflict, DeployError, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
+from conftest import IRIS, REPO, iris_config, pid_alive, port_open, predict, wait_for
+from daemon import Conflict, DeployError, InvalidRequest, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
 
 SETOSA = [5.0, 3.4, 1.5, 0.2]
 
@@ -474,9 +475,32 @@ def test_command_server_deploy_and_stop(client, tmp_path):
 
 @pytest.mark.parametrize("command", ["/nonexistent/modeld-no-such-server", "modeld-no-such-server-on-path"])
 def test_command_that_does_not_exist(client, command):
-    with pytest.raises(DeployError) as excinfo:
+    """A config that cannot run is refused before anything is created: a 400 naming the command, no record."""
+    with pytest.raises(InvalidRequest) as excinfo:
         client.deploy(ServiceConfig(model_name="ghost", model_type="command", command=[command, "{port}"]), timeout=30)
     assert command in str(excinfo.value)
+    assert client.find() == []
+
+
+def test_unrunnable_configs_are_refused_without_a_record(client, tmp_path):
+    cases = [
+        (ServiceConfig(model_name="a", model_uri=str(tmp_path / "missing.py") + ":model"), "does not exist"),
+        (ServiceConfig(model_name="b", model_uri="m.pkl", working_dir=str(tmp_path)), "does not exist"),
+        (ServiceConfig(model_name="c", model_uri=IRIS, working_dir=str(tmp_path / "nowhere")), "working_dir"),
+        (ServiceConfig(model_name="d", model_uri=IRIS, python=str(tmp_path / "no-python")), "python"),
+    ]
+    for config, words in cases:
+        with pytest.raises(InvalidRequest) as excinfo:
+            client.deploy(config, timeout=30)
+        assert words in str(excinfo.value), (config, excinfo.value)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(Conflict) as excinfo:
+            client.deploy(ServiceConfig(model_name="e", model_uri=IRIS, port=port), timeout=30)
+        assert "already in use" in str(excinfo.value)
+    assert client.find() == []
 
 
 # --------------------------------------------------------------- 11. pickle
