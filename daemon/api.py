@@ -72,8 +72,12 @@ class Request:
     query: dict[str, str]
     receive: Receive
     send: Send
+    headers: dict[str, str]
 
     async def body(self) -> bytes:
+        declared = self.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY:  # refuse at once, before reading anything
+            raise PayloadTooLarge(f"request body of {declared} bytes is larger than the cap of {MAX_BODY} bytes")
         chunks, size = [], 0
         while True:
             message = await self.receive()
@@ -151,7 +155,8 @@ class Api:
             return
         try:
             query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()}
-            request = Request(scope["method"], scope["path"], query, receive, send)
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            request = Request(scope["method"], scope["path"], query, receive, send, headers)
             handler, params = self._route(request)
             result = await handler(request, **params)
             if result is not None:

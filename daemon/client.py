@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 from uuid import UUID
 
 from ._version import __version__
-from .exceptions import DaemonNotRunning, DaemonStartError, ProtocolError, error_from_dict
+from .exceptions import DaemonError, DaemonNotRunning, DaemonStartError, ProtocolError, error_from_dict
 from .models import SERVICE_REGISTRY, BaseService, ServiceConfig
 from .paths import Paths
 
@@ -132,6 +132,8 @@ class DaemonClient:
                 raise error_from_dict(response.status, _json(response.read()))
             while chunk := response.read1(65536):
                 yield chunk.decode(errors="replace")
+        except (http.client.IncompleteRead, ConnectionError):
+            return  # the daemon went away (stopped or restarted): the stream simply ends
         finally:
             conn.close()
 
@@ -218,6 +220,9 @@ class DaemonClient:
             except TimeoutError as exc:
                 self.close()
                 raise ProtocolError(f"no answer from the daemon to {method} {path} within {socket_timeout:g}s") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise DaemonError(f"cannot talk to the daemon on {self.paths.socket}: {exc}") from exc
             self._check_version(response.getheader("x-modeld-version"))
             data = _json(raw)
             if response.status >= 400:

@@ -202,6 +202,7 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run."""
         services, self.problems = self.store.load_all()
+        await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
         results = await asyncio.gather(*(self._restore(svc) for svc in services), return_exceptions=True)
         for svc, result in zip(services, results):
             if isinstance(result, Exception):
@@ -227,6 +228,18 @@ class Manager:
             m.svc.status.moved_to(ServiceState.INACTIVE)
             m.svc.status.pid = None
             self.store.save(m.svc)
+
+    async def _stop_orphan(self, problem: Problem) -> None:
+        """A set-aside service's server would hold its port untracked: stop it (its service.pid says which)."""
+        uuid = Path(problem.path).parent.name
+        record = self.store.read_pid(uuid)
+        proc = ProcessHandle.adopt(record.ident) if record else None
+        if proc is None:
+            return
+        log.warning("stopping the server (pid %d) of the set-aside %s", proc.pid, problem.path)
+        await proc.terminate(10.0)
+        self.store.clear_pid(uuid)
+        problem.message += f"; its server (pid {proc.pid}) was stopped"
 
     async def _restore(self, svc: BaseService) -> None:
         m = Managed(svc)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import contextlib
 
@@ -23,7 +24,7 @@ from filelock import FileLock, Timeout
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
-from .exceptions import DaemonAlreadyRunning, ModeldError
+from .exceptions import DaemonAlreadyRunning, ModeldError, StorageError
 from .linux import ProcessIdentity, peer_uid
 from .manager import Manager
 from .paths import Paths
@@ -76,7 +77,10 @@ def take_lock(paths: Paths) -> FileLock:
 def bind_socket(paths: Paths) -> socket.socket:
     path = str(paths.socket)
     # Safe only because we hold the lock: a socket file left here belongs to a dead daemon.
+    # Anything else at that path is not ours to delete.
     try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StorageError(f"{path} exists and is not a socket; set MODELD_SOCKET to another path")
         os.unlink(path)
     except FileNotFoundError:
         pass

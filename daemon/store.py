@@ -143,6 +143,9 @@ class Store:
                 continue
             path = directory / "service.json"
             if not path.exists():
+                # Set aside by an earlier daemon: keep reporting it until someone deals with it.
+                for aside in sorted(directory.glob("service.json.corrupt-*"))[-1:]:
+                    problems.append(Problem(str(path), "unreadable, set aside by an earlier start", str(aside)))
                 continue
             try:
                 svc = SERVICE_REGISTRY.load_json(path.read_bytes())

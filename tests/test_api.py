@@ -179,6 +179,14 @@ def test_bad_requests_are_json_errors_and_leave_nothing_behind(daemon, home):
     status, data = call_json(home, "POST", "/v1/services", big)
     assert_error(status, data, 413, "PayloadTooLarge")
 
+    # A declared length over the cap is refused at once, before the body is read.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(5)
+        raw.connect(str(home / "modeld.sock"))
+        raw.sendall(b"POST /v1/services HTTP/1.1\r\nhost: modeld\r\ncontent-length: 99999999\r\n\r\n{}")
+        answer = raw.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
     # Paths that are not service uuids.
     for method, path in [
         *((m, p) for m in ("GET", "DELETE") for p in (

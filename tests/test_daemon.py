@@ -265,6 +265,17 @@ def test_corrupt_service_json_is_set_aside_and_reported(client, home):
         assert f"problem: {home / 'services' / str(uuid) / 'service.json'}" in status.stdout
     assert status.stdout.count("set aside as") == 3
 
+    # Their servers were still running: stopped rather than left untracked on their ports.
+    for victim in victims:
+        assert not pid_alive(victim.status.pid)
+        assert not port_open(victim.endpoint.port)
+        assert any(f"pid {victim.status.pid}) was stopped" in p["message"] for p in problems)
+
+    # A later daemon keeps reporting what was set aside, until someone deals with it.
+    stop_daemon(client)
+    again = client.daemon_info()["problems"]
+    assert sorted(p["set_aside_as"] for p in again) == sorted(p["set_aside_as"] for p in problems)
+
 
 def test_stale_pid_is_never_signalled(client, home):
     other_boot = client.deploy(iris_config(model_name="a"), timeout=60)

@@ -650,3 +650,52 @@ def test_replace_after_daemon_kill_keeps_port_and_fails_no_request(client, home,
     failures = [o for o in load.outcomes if o.value is None]
     assert not failures, f"{len(failures)} of {len(load.outcomes)} requests failed, e.g. {failures[:3]}"
     assert f"replacing {first.uuid}: hand-over" in (home / "daemon.log").read_text()
+
+
+# ------------------------------------------------- timeouts: stop grace, slow loads
+
+STUBBORN = '''
+import http.server, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+'''
+
+SLOW = '''
+import http.server, sys, time
+print("loading weights", flush=True)
+time.sleep(1.5)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+'''
+
+
+def test_stop_kills_after_the_services_stop_timeout(client, tmp_path):
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    svc = client.deploy(ServiceConfig(model_name="stubborn", health_path="/", stop_timeout=0.5,
+                                      command=[sys.executable, str(tmp_path / "stubborn.py"), "{port}"]), timeout=30)
+    started = time.monotonic()
+    client.stop(svc.uuid)  # the call's own timeout is the default 300 s: the service's 0.5 s applies
+    assert time.monotonic() - started < 5
+    assert not pid_alive(svc.status.pid) and not port_open(svc.endpoint.port)
+
+
+def test_short_deploy_timeout_leaves_a_loading_server_starting(client, tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW)
+    config = ServiceConfig(model_name="slow", health_path="/", startup_timeout=60,
+                           command=[sys.executable, str(tmp_path / "slow.py"), "{port}"])
+    with pytest.raises(DeployError) as excinfo:
+        client.deploy(config, timeout=0.3)
+    assert "keeps starting" in str(excinfo.value)
+    (svc,) = client.find(model_name="slow")
+    assert svc.status.state == ServiceState.PENDING_STARTUP
+    wait_for(lambda: client.get(svc.uuid).is_running, 15, what="the slow server to become active")
+    assert port_open(svc.endpoint.port)
