@@ -297,6 +297,9 @@ class Manager:
             if (m.svc.config.pipeline_name, m.svc.config.pipeline_step_name, m.svc.config.model_name)
             == (config.pipeline_name, config.pipeline_step_name, config.model_name)
         ]
+        if len(same) > 1:
+            log.warning("%d services match %s/%s/%s; replacing the newest", len(same),
+                        config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
     @staticmethod

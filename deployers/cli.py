@@ -297,8 +297,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
+    extra = {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
     if svc.status.last_error:
-        print(f"{'LAST_ERROR'.ljust(width)}  {svc.status.last_error.splitlines()[0]}")
+        extra["LAST_ERROR"] = _one_line(svc.status.last_error)
+    for key, value in extra.items():
+        print(f"{key.ljust(width)}  {value if value is not None else '-'}")
     return 0
 
 
