@@ -229,7 +229,7 @@ def _progress(args: argparse.Namespace, label: str, call: Callable[[], BaseServi
             sys.stderr.flush()
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        raise exc.ModeldError(f"interrupted; the daemon goes on with it (see `modeld ls`)") from None
+        raise exc.ModeldError("interrupted; the daemon goes on with it (see `modeld ls`)") from None
     finally:
         watcher.close()
     sys.stderr.write("\r" + " " * width + "\r")

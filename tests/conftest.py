@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,10 +112,8 @@ def iris_config(**overrides: object) -> ServiceConfig:
     return ServiceConfig(**fields)  # type: ignore[arg-type]
 
 
-def modeld(*args: str, home: Path, timeout: float = 120, input: str | None = None) -> "subprocess.CompletedProcess[str]":
+def modeld(*args: str, home: Path, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the ``modeld`` command as a user would (through this interpreter)."""
-    import subprocess
-
     env = {**os.environ, "MODELD_HOME": str(home)}
     return subprocess.run(
         [sys.executable, "-m", "deployers.cli", *args],
@@ -134,6 +133,20 @@ def predict(url: str, instances: list[object], timeout: float = 10) -> tuple[int
         conn.request("POST", parts.path, body=json.dumps({"instances": instances}), headers={"content-type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def http_get(port: int, path: str = "/", host: str = "127.0.0.1", timeout: float = 5) -> int:
+    """The status of one GET."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
     finally:
         conn.close()
 

@@ -6,12 +6,11 @@ stderr starting with ``modeld:`` and a documented exit code, never a traceback.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import subprocess
 
-from conftest import modeld, pid_alive, port_open, predict, wait_for
+from conftest import http_get, modeld, pid_alive, port_open, predict, wait_for
 from daemon.paths import Paths
 from daemon.server import daemon_pid
 
@@ -44,18 +43,6 @@ def usage_error(result: subprocess.CompletedProcess[str], *mentions: str) -> Non
     assert "Traceback" not in result.stdout + result.stderr
     for text in mentions:
         assert text in result.stderr, (text, result.stderr)
-
-
-def http_get(url_base: str, path: str = "/") -> int:
-    host, port = url_base.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
 
 
 # -------------------------------------------------------------------- daemon
@@ -151,7 +138,7 @@ def test_command_server_after_double_dash(home):
                     "python3", "-m", "http.server", "{port}", "--bind", "{host}", home=home))
     uuid = UUID_RE.search(out).group(0)
     base = re.search(r"url: (http://\S+)", out).group(1)
-    assert http_get(base, "/") == 200
+    assert http_get(int(base.rsplit(":", 1)[1]), "/") == 200
 
     listed = json.loads(ok(modeld("ls", "--json", "--model-type", "command", home=home)))
     assert [s["uuid"] for s in listed] == [uuid]

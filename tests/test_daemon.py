@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, iris_config, modeld, pid_alive, port_open, predict, wait_for
+from conftest import REPO, iris_config, modeld, pid_alive, port_open, predict, processes_of, wait_for
 from daemon import DaemonClient, DaemonStartError, ServiceState, VersionMismatchWarning
 from daemon.linux import start_ticks
 from daemon.paths import Paths
@@ -58,19 +58,13 @@ def wait_active(client: DaemonClient, uuid, timeout: float = 30, not_pid: int | 
 
 def daemon_processes(home: Path) -> list[psutil.Process]:
     """Processes running ``python -m daemon`` whose environment names this home."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
+    def is_daemon(proc: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.Error):
             cmdline = proc.cmdline()
-            if not any(a == "-m" and b == "daemon" for a, b in zip(cmdline, cmdline[1:])):
-                continue
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.environ().get("MODELD_HOME") == str(home):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+            return any(a == "-m" and b == "daemon" for a, b in zip(cmdline, cmdline[1:]))
+        return False
+
+    return [p for p in processes_of(home) if is_daemon(p)]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -6,7 +6,6 @@ Every wait has a deadline (``wait_for``); every process is killed by the
 
 from __future__ import annotations
 
-import http.client
 import os
 import pickle
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import IRIS, REPO, iris_config, pid_alive, port_open, predict, wait_for
+from conftest import IRIS, REPO, http_get, pid_alive, port_open, predict, wait_for
 from daemon import Conflict, DeployError, InvalidRequest, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
 
 SETOSA = [5.0, 3.4, 1.5, 0.2]
@@ -50,17 +49,6 @@ def model_config(model_uri: str, **overrides: object) -> ServiceConfig:
     )
     fields.update(overrides)
     return ServiceConfig(**fields)  # type: ignore[arg-type]
-
-
-def http_get(port: int, path: str = "/", timeout: float = 5) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
 
 
 def uuids(services) -> set:

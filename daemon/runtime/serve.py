@@ -27,7 +27,6 @@ sys.path.insert(0, os.getcwd())
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 
 import uvicorn  # noqa: E402
