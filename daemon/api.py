@@ -23,6 +23,7 @@ Request bodies are capped at ``MAX_BODY`` bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
-from .exceptions import InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
+from .exceptions import DaemonError, InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
 from .manager import FIND_FILTERS, Manager, tail_lines
 from .models import BaseService, ServiceConfig
 
@@ -162,6 +163,13 @@ class Api:
             if result is not None:
                 status, payload = result
                 await self._send_json(send, status, payload)
+        except asyncio.CancelledError:
+            # The daemon is shutting down under a long call (a deploy waiting for health): say
+            # so in JSON; the operation goes on from disk when the daemon starts again.
+            error = DaemonError("the daemon shut down during this call; the service goes on from where it was when it starts again")
+            with contextlib.suppress(Exception):
+                await self._send_json(send, 503, {"error": error.to_dict()})
+            raise
         except ModeldError as exc:
             await self._send_json(send, exc.status_code, {"error": exc.to_dict()})
         except ValidationError as exc:

@@ -22,8 +22,8 @@ import secrets
 import socket
 import sys
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -31,6 +31,7 @@ from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, Serv
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
+from .linux import ProcessIdentity
 from .process import ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
@@ -229,6 +230,23 @@ class Manager:
             m.svc.status.pid = None
             self.store.save(m.svc)
 
+    async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
+        """A daemon died in the middle of a hand-over: keep the process whose version service.json
+        has, stop the other, so one server, and only one, serves the service."""
+        pid, ticks, boot = record.extra["prev"].split(":", 2)
+        prev = PidRecord(ProcessIdentity(int(pid), int(ticks), boot), {k[5:]: v for k, v in record.extra.items() if k.startswith("prev_")})
+        main = PidRecord(record.ident, {k: v for k, v in record.extra.items() if k != "prev" and not k.startswith("prev_")})
+        keep, drop = (main, prev) if main.extra.get("version") == str(svc.version) else (prev, main)
+        loser = ProcessHandle.adopt(drop.ident, drop.extra)
+        if loser is not None:
+            log.warning("%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
+                        svc.uuid, loser.pid, drop.extra.get("version"), keep.extra.get("version"))
+            await loser.terminate(svc.config.stop_timeout)
+            m = Managed(svc)
+            self._forget_process(m, loser)
+        self.store.write_pid(svc.uuid, keep)
+        return keep
+
     async def _stop_orphan(self, problem: Problem) -> None:
         """A set-aside service's server would hold its port untracked: stop it (its service.pid says which)."""
         uuid = Path(problem.path).parent.name
@@ -245,6 +263,8 @@ class Manager:
         m = Managed(svc)
         self.services[svc.uuid] = m
         record = self.store.read_pid(svc.uuid)
+        if record is not None and "prev" in record.extra:
+            record = await self._settle_replace(svc, record)
         proc = ProcessHandle.adopt(record.ident, record.extra) if record else None
         if record and proc is None:
             self.store.clear_pid(svc.uuid)
@@ -264,7 +284,7 @@ class Manager:
                 log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
                 self.store.save(svc)
                 self._supervise(m)
-            elif svc.desired_state == DesiredState.RUNNING:
+            elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
                     self._launch(m, svc.config)
@@ -277,8 +297,10 @@ class Manager:
                 self.store.save(svc)
                 self._supervise(m)
             else:
+                # An error (a crash loop, a failed start) stays until someone acts on it: a
+                # restart of the daemon is no reason to run a crash loop again.
                 svc.status.pid = None
-                if svc.status.state != ServiceState.ERROR:  # an error stays visible until acted upon
+                if svc.status.state != ServiceState.ERROR:
                     svc.status.moved_to(ServiceState.INACTIVE)
                 self.store.save(svc)
 
@@ -351,19 +373,29 @@ class Manager:
             port = int(m.listener.getsockname()[1])
         elif port == 0:
             port = free_port(config.host)
+        else:
+            # A command server binds its port itself: if someone else holds it, its health
+            # probe would reach that stranger and report it as ours.
+            bind_listener(config.host, port).close()
         m.svc.endpoint = self._endpoint(config, port)
 
-    def _launch(self, m: Managed, config: ServiceConfig) -> ProcessHandle:
-        """Spawn one server process for ``config`` and record its pid; does not wait."""
+    def _launch(self, m: Managed, config: ServiceConfig, version: int | None = None, previous: ProcessHandle | None = None) -> ProcessHandle:
+        """Spawn one server process for ``config`` and record its pid; does not wait.
+
+        ``version`` is the service version the process runs; during a hand-over the pid
+        file also names the ``previous`` process, so that a daemon killed halfway keeps
+        the one that matches service.json and stops the other (see _settle_replace).
+        """
         self._ensure_port(m, config)
         port = m.svc.endpoint.port
         env = {**os.environ, **config.env, "MODELD_SERVICE_UUID": str(m.uuid), "PYTHONUNBUFFERED": "1"}
-        extra: dict[str, str] = {}
+        extra: dict[str, str] = {"version": str(version if version is not None else m.svc.version)}
         pass_fds: tuple[int, ...] = ()
         if is_builtin(config):
             assert m.listener is not None
             tag = secrets.token_hex(3)
-            extra = {"h": str(self.paths.process_socket(m.uuid, tag, "h")), "f": str(self.paths.process_socket(m.uuid, tag, "f"))}
+            extra["h"] = str(self.paths.process_socket(m.uuid, tag, "h"))
+            extra["f"] = str(self.paths.process_socket(m.uuid, tag, "f"))
             argv = [
                 config.python or sys.executable,
                 SERVE_PY,
@@ -380,7 +412,12 @@ class Manager:
             argv = [_fill(arg, values) for arg in config.command]
         self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
         proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
-        self.store.write_pid(m.uuid, PidRecord(proc.ident, extra))
+        recorded = dict(extra)
+        if previous is not None:
+            prev = previous.ident
+            recorded["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
+            recorded.update({f"prev_{k}": v for k, v in previous.extra.items()})
+        self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded))
         m.proc = proc
         m.svc.status.pid = proc.pid
         m.svc.status.exit_code = None
@@ -516,7 +553,7 @@ class Manager:
         previous_status = svc.status.model_copy()
         svc.config = config
         try:
-            new = self._launch(m, config)
+            new = self._launch(m, config, version=svc.version + 1, previous=old)
             await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
         except DeployError as exc:
             failed = m.proc if m.proc is not old else None
@@ -538,6 +575,7 @@ class Manager:
         # caller gets the answer new connections reach only the new version.
         await old.terminate(previous.stop_timeout)
         self._forget_process(m, old)
+        self.store.write_pid(m.uuid, PidRecord(new.ident, new.extra))  # the old one is gone: forget it here too
         m.failures = 0
         self._supervise(m)
 

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from typing import Any, ClassVar, Literal
+from urllib.parse import quote
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator, model_validator
@@ -69,13 +70,13 @@ class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     service_type: str = "model-server"
-    name: str = ""
-    description: str = ""
-    pipeline_name: str = ""
-    pipeline_run_id: str = ""
-    pipeline_step_name: str = ""
-    model_name: str = ""
-    model_uri: str = ""
+    name: str = Field("", max_length=200)
+    description: str = Field("", max_length=10_000)
+    pipeline_name: str = Field("", max_length=1000)
+    pipeline_run_id: str = Field("", max_length=1000)
+    pipeline_step_name: str = Field("", max_length=1000)
+    model_name: str = Field("", max_length=200, description="the KServe route /v1/models/<model_name>")
+    model_uri: str = Field("", max_length=4096)
     model_type: Literal["python", "pickle", "command"] = "python"
     command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri}")
     health_path: str = "/health"
@@ -97,6 +98,13 @@ class ServiceConfig(BaseModel):
             raise ValueError("must start with '/'")
         if any(c.isspace() for c in value):
             raise ValueError("must not contain white space")
+        return value
+
+    @field_validator("name", "model_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value or any(not c.isprintable() for c in value):
+            raise ValueError("must not contain '/' or control characters (it is part of URLs and tables)")
         return value
 
     @model_validator(mode="before")
@@ -185,7 +193,8 @@ class ServiceEndpoint(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def prediction_url(self) -> str:
-        return f"{self.base_url}{self.prediction_path or f'/v1/models/{self.model_name}:predict'}"
+        path = self.prediction_path or f"/v1/models/{quote(self.model_name, safe='')}:predict"
+        return f"{self.base_url}{path}"
 
     @computed_field  # type: ignore[prop-decorator]
     @property

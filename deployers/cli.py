@@ -68,20 +68,21 @@ def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
 
 
 def _resolve(client: DaemonClient, ref: str) -> UUID:
-    """A full uuid, a unique prefix of one (as docker accepts short ids), or a unique name."""
+    """A full uuid, a unique name, or a unique prefix of a uuid (as docker accepts short ids)."""
     try:
         return UUID(ref)
     except ValueError:
         pass
     services = client.find()
-    matches = [s.uuid for s in services if str(s.uuid).startswith(ref.lower())]
+    # As docker does: an exact name first, then a uuid prefix.
+    matches = [s.uuid for s in services if ref in (s.config.name, s.config.model_name)]
     if not matches:
-        matches = [s.uuid for s in services if ref in (s.config.name, s.config.model_name)]
+        matches = [s.uuid for s in services if str(s.uuid).startswith(ref.lower())]
     if len(matches) == 1:
         return matches[0]
     if not matches:
         raise exc.ServiceNotFound(f"no service whose uuid starts with {ref!r} or whose name is {ref!r}; see `modeld ls`")
-    raise UsageError(f"{ref!r} matches {len(matches)} services; give more of the uuid")
+    raise UsageError(f"{ref!r} matches {len(matches)} services; give the uuid (see `modeld ls`)")
 
 
 def _summary(svc: BaseService) -> list[str]:
@@ -103,7 +104,10 @@ def _summary(svc: BaseService) -> list[str]:
 
 def cmd_daemon_start(args: argparse.Namespace) -> int:
     paths = Paths(args.home)
-    ensure_daemon(paths)
+    try:
+        ensure_daemon(paths)
+    except exc.StorageError as error:
+        raise exc.DaemonStartError(f"cannot start the daemon: {error.message}") from error
     info = DaemonClient(home=args.home, auto_start=False).daemon_info()
     if args.json:
         _print_json({"running": True, **info})
@@ -156,7 +160,10 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
 def cmd_daemon_run(args: argparse.Namespace) -> int:
     from daemon.server import run
 
-    return run(Paths(args.home))
+    try:
+        return run(Paths(args.home))
+    except exc.StorageError as error:
+        raise exc.DaemonStartError(f"cannot start the daemon: {error.message}") from error
 
 
 # ------------------------------------------------------------------ services

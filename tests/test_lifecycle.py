@@ -6,6 +6,7 @@ Every wait has a deadline (``wait_for``); every process is killed by the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 from conftest import IRIS, REPO, http_get, pid_alive, port_open, predict, wait_for
-from daemon import Conflict, DeployError, InvalidRequest, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
+from daemon import Conflict, DaemonClient, DeployError, InvalidRequest, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
 
 SETOSA = [5.0, 3.4, 1.5, 0.2]
 
@@ -687,3 +688,31 @@ def test_short_deploy_timeout_leaves_a_loading_server_starting(client, tmp_path)
     assert svc.status.state == ServiceState.PENDING_STARTUP
     wait_for(lambda: client.get(svc.uuid).is_running, 15, what="the slow server to become active")
     assert port_open(svc.endpoint.port)
+
+
+def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, tmp_path):
+    """kill -9 of the daemon while the new version loads: the next daemon keeps the version
+    service.json names (the old one, since the replace never committed) and stops the other."""
+    old = client.deploy(model_config(constant_model(tmp_path, "kr1", "v1")), timeout=60)
+    slow = write_model(tmp_path, "kr2", "import time\ntime.sleep(3)\ndef model(instances):\n    return ['v2' for _ in instances]\n")
+    daemon_pid = client.daemon_info()["pid"]
+
+    def replace() -> None:
+        with contextlib.suppress(Exception):  # the daemon dies under this call
+            DaemonClient(home=home, auto_start=False).deploy(model_config(slow), replace=True, timeout=60)
+
+    thread = threading.Thread(target=replace)
+    thread.start()
+    record = home / "services" / str(old.uuid) / "service.pid"
+    wait_for(lambda: "prev=" in record.read_text(), 10, what="the new version to be spawned")
+    new_pid = int(record.read_text().split()[0])
+    os.kill(daemon_pid, signal.SIGKILL)
+    thread.join(30)
+
+    svc = client.get(old.uuid)  # a new daemon settles the cut-short replace while it rebuilds
+    assert svc.version == 1 and svc.status.pid == old.status.pid and svc.is_running
+    wait_for(lambda: not pid_alive(new_pid), 10, what="the uncommitted new version to be stopped")
+    assert pid_alive(old.status.pid)
+    for _ in range(5):
+        assert predict(old.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
+    assert "prev=" not in record.read_text()
