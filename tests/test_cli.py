@@ -241,3 +241,15 @@ def test_unusable_home_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     one_line_error(modeld("ls", home=blocker / "home"), 1, "cannot create the modeld home")
+
+
+def test_an_exact_name_wins_over_a_uuid_prefix(home):
+    """`modeld rm d` must not delete the service whose uuid starts with d when one is named d."""
+    prod, named_d = "dead0000-0000-4000-8000-000000000001", "11110000-0000-4000-8000-000000000002"
+    ok(modeld("deploy", "--model-name", "prod", "--uuid", prod, "--model-uri", "examples/iris.py:model", home=home))
+    ok(modeld("deploy", "--model-name", "d", "--uuid", named_d, "--model-uri", "examples/iris.py:model", home=home))
+    assert json.loads(ok(modeld("info", "d", "--json", home=home)))["uuid"] == named_d
+    assert json.loads(ok(modeld("info", "dead", "--json", home=home)))["uuid"] == prod
+    ok(modeld("rm", "d", "--force", home=home))
+    remaining = json.loads(ok(modeld("ls", "--json", home=home)))
+    assert [s["uuid"] for s in remaining] == [prod]

@@ -416,6 +416,30 @@ def test_crash_loop_ends_in_error(client, tmp_path):
     assert not port_open(port)
     assert client.find(running=True) == []
 
+    # A daemon restart is no reason to run the crash loop again: the error stays until acted upon.
+    client.shutdown()
+    again = client.get(svc.uuid)  # auto-starts a new daemon, which rebuilds from disk
+    assert again.status.state == ServiceState.ERROR and again.status.pid is None
+    assert again.status.restarts == 2 and not port_open(port)
+
+
+def test_start_refuses_a_port_held_by_a_stranger(client, tmp_path):
+    """A command server binds its own port: if another program took it meanwhile, start fails
+    clearly instead of reporting the stranger's answers as the service's health."""
+    svc = client.deploy(ServiceConfig(model_name="web", health_path="/",
+                                      command=[sys.executable, "-m", "http.server", "{port}", "--bind", "{host}"]),
+                        timeout=60)
+    client.stop(svc.uuid)
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        stranger.bind(("127.0.0.1", svc.endpoint.port))
+        stranger.listen()
+        with pytest.raises(DeployError) as excinfo:
+            client.start(svc.uuid, timeout=30)
+        assert "already in use" in str(excinfo.value)
+        assert client.get(svc.uuid).status.state == ServiceState.ERROR
+    assert client.start(svc.uuid, timeout=30).is_running  # once the port is free again
+
 
 # -------------------------------------------------------- 9. load failure
 
