@@ -242,8 +242,7 @@ class Manager:
             log.warning("%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
                         svc.uuid, loser.pid, drop.extra.get("version"), keep.extra.get("version"))
             await loser.terminate(svc.config.stop_timeout)
-            m = Managed(svc)
-            self._forget_process(m, loser)
+            self._unlink_sockets(loser)
         self.store.write_pid(svc.uuid, keep)
         return keep
 
@@ -425,12 +424,16 @@ class Manager:
         log.info("started %s pid %d: %s", m.uuid, proc.pid, " ".join(argv[:2]))
         return proc
 
-    def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
-        """Clean up after a process that has exited (or that we stop tracking)."""
+    @staticmethod
+    def _unlink_sockets(proc: ProcessHandle) -> None:
         for key in ("h", "f"):
             if proc.extra.get(key):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(proc.extra[key])
+
+    def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
+        """Clean up after a process that has exited (or that we stop tracking)."""
+        self._unlink_sockets(proc)
         if m.proc is proc:
             m.proc = None
             with contextlib.suppress(FileNotFoundError):
