@@ -113,7 +113,7 @@ def _convert(name: str, value: str, kind: type) -> Any:
         if kind is UUID:
             return UUID(value)
         converted = kind(value)
-        if kind in (int, float) and converted < 0:
+        if kind in (int, float) and not 0 <= converted < float("inf"):  # also refuses nan
             raise ValueError
         return converted
     except ValueError:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -31,7 +32,7 @@ from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, Serv
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
-from .linux import ProcessIdentity
+from .linux import ProcessIdentity, boot_id, group_members, now_ticks, start_ticks
 from .process import ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
@@ -85,6 +86,7 @@ class Managed:
         self.listener: socket.socket | None = None
         self.task: asyncio.Task[None] | None = None
         self.failures = 0  # exits in a row without a healthy run long enough to count
+        self.replacing: ProcessHandle | None = None  # the old version, while a hand-over is under way
 
     @property
     def uuid(self) -> UUID:
@@ -223,12 +225,29 @@ class Manager:
 
     async def _halt(self, m: Managed) -> None:
         """Stop the process for ``daemon stop --all``; the desired state stays, so it comes back with the daemon."""
+        if m.replacing is not None and m.replacing.alive:  # a hand-over cut short by the shutdown
+            await m.replacing.terminate(m.svc.config.stop_timeout)
+            self._unlink_sockets(m.replacing)
         if m.proc is not None and m.proc.alive:
             await m.proc.terminate(m.svc.config.stop_timeout)
             self._forget_process(m, m.proc)
             m.svc.status.moved_to(ServiceState.INACTIVE)
             m.svc.status.pid = None
             self.store.save(m.svc)
+
+    @staticmethod
+    def _kill_orphaned_group(ident: ProcessIdentity) -> None:
+        """The server died while no daemon watched: kill what it left in its group (workers holding its port).
+
+        Only if its pid is free (else the pgid may be a stranger's now) and only processes that
+        started after it, in this boot.
+        """
+        if ident.boot_id != boot_id() or start_ticks(ident.pid) is not None:
+            return
+        for pid in group_members(ident.pid, ident.start_ticks, now_ticks()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                log.warning("killed pid %d, left behind in the group of dead server %d", pid, ident.pid)
 
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
         """A daemon died in the middle of a hand-over: keep the process whose version service.json
@@ -266,6 +285,7 @@ class Manager:
             record = await self._settle_replace(svc, record)
         proc = ProcessHandle.adopt(record.ident, record.extra) if record else None
         if record and proc is None:
+            self._kill_orphaned_group(record.ident)
             self.store.clear_pid(svc.uuid)
         async with m.lock:
             if proc is not None and svc.desired_state == DesiredState.STOPPED:
@@ -323,8 +343,12 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
-    @staticmethod
-    def _precheck(config: ServiceConfig, fresh: bool) -> None:
+    def _check_port_unclaimed(self, config: ServiceConfig, owner: Managed | None) -> None:
+        for other in self.services.values():
+            if other is not owner and other.svc.endpoint.port == config.port and other.svc.config.host == config.host:
+                raise Conflict(f"port {config.port} on {config.host} belongs to service {other.uuid}")
+
+    def _precheck(self, config: ServiceConfig, fresh: bool) -> None:
         """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error)."""
         cwd = config.working_dir
         if cwd and not os.path.isdir(cwd):
@@ -340,7 +364,9 @@ class Manager:
                 full = os.path.join(cwd, path) if cwd else path
                 if not os.path.exists(full) and not os.path.exists(full + ".py"):
                     raise InvalidRequest(f"model file {full!r} does not exist")
-        elif config.port and fresh:
+        if config.port and fresh:
+            self._check_port_unclaimed(config, None)
+        if not is_builtin(config) and config.port and fresh:
             try:
                 free = bind_listener(config.host, config.port)
             except DeployError as exc:
@@ -375,6 +401,10 @@ class Manager:
         else:
             # A command server binds its port itself: if someone else holds it, its health
             # probe would reach that stranger and report it as ours.
+            try:
+                self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
+            except Conflict as exc:
+                raise DeployError(str(exc)) from None
             bind_listener(config.host, port).close()
         m.svc.endpoint = self._endpoint(config, port)
 
@@ -432,7 +462,9 @@ class Manager:
                     os.unlink(proc.extra[key])
 
     def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
-        """Clean up after a process that has exited (or that we stop tracking)."""
+        """Clean up after a process that has exited: what it left in its group, its sockets, its pid file."""
+        if not proc.alive:
+            proc.kill_stragglers()  # workers of a main process that crashed must not keep its port
         self._unlink_sockets(proc)
         if m.proc is proc:
             m.proc = None
@@ -528,12 +560,24 @@ class Manager:
 
     async def _replace_locked(self, m: Managed, config: ServiceConfig, timeout: float) -> None:
         """Update a service in place: same uuid, same port; the old version serves until the new one is healthy."""
-        await self._cancel_supervision(m)
         svc = m.svc
         if config.port == 0 or config.port == svc.endpoint.port:
             config = config.model_copy(update={"port": svc.endpoint.port})
         elif svc.endpoint.port:
-            raise DeployError(f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}")
+            raise Conflict(f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}")
+        await self._cancel_supervision(m)
+        previous = svc.config
+        try:
+            await self._replace_unsupervised(m, config, timeout)
+        except Exception:
+            if m.task is None and m.proc is not None and m.proc.alive:
+                if svc.config is not previous and m.proc.extra.get("version") == str(svc.version):
+                    svc.config = previous  # the running process is still the previous version
+                self._supervise(m)
+            raise
+
+    async def _replace_unsupervised(self, m: Managed, config: ServiceConfig, timeout: float) -> None:
+        svc = m.svc
         old = m.proc if m.proc is not None and m.proc.alive else None
         handover = (
             old is not None
@@ -555,10 +599,12 @@ class Manager:
         previous = svc.config
         previous_status = svc.status.model_copy()
         svc.config = config
+        m.replacing = old
         try:
             new = self._launch(m, config, version=svc.version + 1, previous=old)
             await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
-        except DeployError as exc:
+        except ModeldError as exc:
+            m.replacing = None
             failed = m.proc if m.proc is not old else None
             if failed is not None:
                 await failed.terminate(0, force=True)
@@ -577,6 +623,7 @@ class Manager:
         # The old version stops accepting at once and drains; wait for it, so that when the
         # caller gets the answer new connections reach only the new version.
         await old.terminate(previous.stop_timeout)
+        m.replacing = None
         self._forget_process(m, old)
         self.store.write_pid(m.uuid, PidRecord(new.ident, new.extra))  # the old one is gone: forget it here too
         m.failures = 0
@@ -626,8 +673,7 @@ class Manager:
         task, m.task = m.task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})  # unlike `await task`, a cancellation of the caller still propagates
 
     async def _supervision(self, m: Managed) -> None:
         svc = m.svc

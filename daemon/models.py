@@ -120,6 +120,13 @@ class ServiceConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
+    def _no_nul(self) -> ServiceConfig:
+        texts = [self.host, self.working_dir, self.python, self.model_uri, *self.command, *self.env, *self.env.values()]
+        if any("\x00" in text for text in texts):
+            raise ValueError("a NUL byte cannot be part of a path, an argument or an environment variable")
+        return self
+
+    @model_validator(mode="after")
     def _runtime_needs(self) -> ServiceConfig:
         if self.model_type == "command" and not self.command:
             raise ValueError("model_type 'command' needs a command (argv list)")

@@ -80,14 +80,14 @@ class ProcessHandle:
         if self.alive and not force:
             send_group_signal(self.ident, signal.SIGTERM)
             if await self.wait(timeout):
-                self._kill_stragglers()
+                self.kill_stragglers()
                 return
         if self.alive:
             send_group_signal(self.ident, signal.SIGKILL)
             await self.wait(10)
-        self._kill_stragglers()
+        self.kill_stragglers()
 
-    def _kill_stragglers(self) -> None:
+    def kill_stragglers(self) -> None:
         """Kill what the leader left in its group (grandchildren), and no one else.
 
         Only processes that started between the leader's start and its death are
