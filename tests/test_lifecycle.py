@@ -740,3 +740,49 @@ def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, 
     for _ in range(5):
         assert predict(old.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
     assert "prev=" not in record.read_text()
+
+
+def test_workers_of_a_crashed_server_do_not_keep_its_port(client, tmp_path):
+    """The main process dies (OOM, kill -9) but its child still serves the port: the child is
+    killed with it, so the restart can bind the port again."""
+    svc = client.deploy(ServiceConfig(model_name="wrapped", health_path="/", command=[
+        "sh", "-c", f"{sys.executable} -m http.server {{port}} --bind {{host}}; echo done"]), timeout=60)
+    shell = psutil.Process(svc.status.pid)
+    (worker,) = shell.children()
+    os.kill(shell.pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(worker.pid), 10, what="the orphaned worker to be killed")
+    back = wait_for(lambda: (s := client.get(svc.uuid)).is_running and s.status.pid != shell.pid and s, 20,
+                    what="the restart")
+    assert back.endpoint.port == svc.endpoint.port and http_get(svc.endpoint.port, "/") == 200
+
+
+def test_refused_replace_keeps_the_service_supervised(client, tmp_path):
+    svc = client.deploy(model_config(constant_model(tmp_path, "rp1", "v1")), timeout=60)
+    with pytest.raises(Conflict):
+        client.deploy(model_config(constant_model(tmp_path, "rp2", "v2"), port=svc.endpoint.port + 1), replace=True)
+    os.kill(svc.status.pid, signal.SIGKILL)
+    back = wait_for(lambda: (s := client.get(svc.uuid)).is_running and s.status.pid != svc.status.pid and s, 20,
+                    what="the restart after a refused replace")
+    assert back.config.model_uri == svc.config.model_uri
+    assert predict(svc.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
+
+
+def test_stop_all_during_a_replace_leaves_no_server(client, home, tmp_path):
+    old = client.deploy(model_config(constant_model(tmp_path, "sa1", "v1")), timeout=60)
+    slow = write_model(tmp_path, "sa2", "import time\ntime.sleep(5)\ndef model(instances):\n    return ['v2' for _ in instances]\n")
+    daemon_pid = client.daemon_info()["pid"]
+
+    def replace() -> None:
+        with contextlib.suppress(Exception):  # the daemon shuts down under this call
+            DaemonClient(home=home, auto_start=False).deploy(model_config(slow), replace=True, timeout=60)
+
+    thread = threading.Thread(target=replace)
+    thread.start()
+    record = home / "services" / str(old.uuid) / "service.pid"
+    wait_for(lambda: "prev=" in record.read_text(), 10, what="the new version to be spawned")
+    new_pid = int(record.read_text().split()[0])
+    DaemonClient(home=home, auto_start=False).shutdown(stop_services=True)
+    wait_for(lambda: not pid_alive(daemon_pid), 20, what="the daemon to exit")
+    thread.join(30)
+    assert not pid_alive(new_pid) and not pid_alive(old.status.pid)
+    assert not port_open(old.endpoint.port)
