@@ -462,9 +462,7 @@ class Manager:
                     os.unlink(proc.extra[key])
 
     def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
-        """Clean up after a process that has exited: what it left in its group, its sockets, its pid file."""
-        if not proc.alive:
-            proc.kill_stragglers()  # workers of a main process that crashed must not keep its port
+        """Clean up after a process that has exited (its group was emptied on exit): sockets, pid file."""
         self._unlink_sockets(proc)
         if m.proc is proc:
             m.proc = None

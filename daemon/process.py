@@ -33,7 +33,6 @@ class ProcessHandle:
         self.ident = ident
         self.pidfd = pidfd
         self.extra = extra or {}
-        self.death_ticks: int | None = None  # when the exit was noticed, on the start-time clock
         self.exited: asyncio.Future[int | None] = loop.create_future()
         self._loop = loop
         loop.add_reader(pidfd, self._on_exit)
@@ -60,7 +59,9 @@ class ProcessHandle:
         return cls(ident, fd, asyncio.get_running_loop(), extra)
 
     def _on_exit(self) -> None:
-        self.death_ticks = now_ticks()
+        # Whatever way the leader went (stop, crash, OOM), workers it left must not keep its port.
+        # Done before reaping: while our child is a zombie its pgid cannot be anyone else's.
+        self._kill_stragglers(until=now_ticks())
         self._loop.remove_reader(self.pidfd)
         code = reap(self.pidfd)
         os.close(self.pidfd)
@@ -80,20 +81,17 @@ class ProcessHandle:
         if self.alive and not force:
             send_group_signal(self.ident, signal.SIGTERM)
             if await self.wait(timeout):
-                self.kill_stragglers()
                 return
         if self.alive:
             send_group_signal(self.ident, signal.SIGKILL)
             await self.wait(10)
-        self.kill_stragglers()
 
-    def kill_stragglers(self) -> None:
+    def _kill_stragglers(self, until: int) -> None:
         """Kill what the leader left in its group (grandchildren), and no one else.
 
         Only processes that started between the leader's start and its death are
         ours: a pgid freed by an emptied group may be taken by a stranger later.
         """
-        until = self.death_ticks or now_ticks()
         for pid in group_members(self.ident.pid, self.ident.start_ticks, until):
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -714,22 +714,31 @@ def test_short_deploy_timeout_leaves_a_loading_server_starting(client, tmp_path)
     assert port_open(svc.endpoint.port)
 
 
-def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, tmp_path):
-    """kill -9 of the daemon while the new version loads: the next daemon keeps the version
-    service.json names (the old one, since the replace never committed) and stops the other."""
-    old = client.deploy(model_config(constant_model(tmp_path, "kr1", "v1")), timeout=60)
-    slow = write_model(tmp_path, "kr2", "import time\ntime.sleep(3)\ndef model(instances):\n    return ['v2' for _ in instances]\n")
+def slow_replace(client, home, tmp_path, tag: str, load_seconds: float):
+    """Deploy v1, then start replacing it (in a thread) with a v2 that loads for ``load_seconds``.
+
+    Returns once v2 is spawned: (v1 service, the thread, v2's pid, the daemon's pid).
+    """
+    old = client.deploy(model_config(constant_model(tmp_path, f"{tag}1", "v1")), timeout=60)
+    slow = write_model(tmp_path, f"{tag}2",
+                       f"import time\ntime.sleep({load_seconds})\ndef model(instances):\n    return ['v2' for _ in instances]\n")
     daemon_pid = client.daemon_info()["pid"]
 
     def replace() -> None:
-        with contextlib.suppress(Exception):  # the daemon dies under this call
+        with contextlib.suppress(Exception):  # the daemon dies or shuts down under this call
             DaemonClient(home=home, auto_start=False).deploy(model_config(slow), replace=True, timeout=60)
 
     thread = threading.Thread(target=replace)
     thread.start()
     record = home / "services" / str(old.uuid) / "service.pid"
     wait_for(lambda: "prev=" in record.read_text(), 10, what="the new version to be spawned")
-    new_pid = int(record.read_text().split()[0])
+    return old, thread, int(record.read_text().split()[0]), daemon_pid
+
+
+def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, tmp_path):
+    """kill -9 of the daemon while the new version loads: the next daemon keeps the version
+    service.json names (the old one, since the replace never committed) and stops the other."""
+    old, thread, new_pid, daemon_pid = slow_replace(client, home, tmp_path, "kr", 3)
     os.kill(daemon_pid, signal.SIGKILL)
     thread.join(30)
 
@@ -739,7 +748,7 @@ def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, 
     assert pid_alive(old.status.pid)
     for _ in range(5):
         assert predict(old.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
-    assert "prev=" not in record.read_text()
+    assert "prev=" not in (home / "services" / str(old.uuid) / "service.pid").read_text()
 
 
 def test_workers_of_a_crashed_server_do_not_keep_its_port(client, tmp_path):
@@ -768,19 +777,7 @@ def test_refused_replace_keeps_the_service_supervised(client, tmp_path):
 
 
 def test_stop_all_during_a_replace_leaves_no_server(client, home, tmp_path):
-    old = client.deploy(model_config(constant_model(tmp_path, "sa1", "v1")), timeout=60)
-    slow = write_model(tmp_path, "sa2", "import time\ntime.sleep(5)\ndef model(instances):\n    return ['v2' for _ in instances]\n")
-    daemon_pid = client.daemon_info()["pid"]
-
-    def replace() -> None:
-        with contextlib.suppress(Exception):  # the daemon shuts down under this call
-            DaemonClient(home=home, auto_start=False).deploy(model_config(slow), replace=True, timeout=60)
-
-    thread = threading.Thread(target=replace)
-    thread.start()
-    record = home / "services" / str(old.uuid) / "service.pid"
-    wait_for(lambda: "prev=" in record.read_text(), 10, what="the new version to be spawned")
-    new_pid = int(record.read_text().split()[0])
+    old, thread, new_pid, daemon_pid = slow_replace(client, home, tmp_path, "sa", 5)
     DaemonClient(home=home, auto_start=False).shutdown(stop_services=True)
     wait_for(lambda: not pid_alive(daemon_pid), 20, what="the daemon to exit")
     thread.join(30)
