@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 from dataclasses import dataclass
@@ -120,3 +121,80 @@ def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid
+
+
+@dataclass(frozen=True)
+class TaggedProcess:
+    """A live process whose environment says it is (or descends from) a server of a modeld home."""
+
+    ident: ProcessIdentity
+    pgid: int
+    ppid: int
+    service_uuid: str
+    info: str  # MODELD_PROCESS: what the daemon recorded about the process when it spawned it
+
+    @property
+    def leads_group(self) -> bool:
+        return self.pgid == self.ident.pid
+
+
+def tagged_processes(home: str) -> list[TaggedProcess]:
+    """Every live process of this uid whose environment has ``MODELD_HOME=home`` and a service uuid.
+
+    The daemon puts both in each server's environment, and children inherit them: so a
+    server spawned just before a daemon died, before its pid file was written, is still
+    found. A process is listed only if its start time is the same before and after its
+    environment was read, so the identity belongs to the environment read.
+    """
+    uid = os.getuid()
+    want_home = b"MODELD_HOME=" + os.fsencode(home)
+    boot = boot_id()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            before = _stat_fields(entry)
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if before is None or before[0] in (b"Z", b"X") or want_home not in environ:
+            continue
+        tags = {k: v for k, _, v in (item.partition(b"=") for item in environ) if k in (b"MODELD_SERVICE_UUID", b"MODELD_PROCESS")}
+        if not tags.get(b"MODELD_SERVICE_UUID"):
+            continue
+        after = _stat_fields(entry)
+        if after is None or after[19] != before[19]:
+            continue
+        found.append(TaggedProcess(
+            ident=ProcessIdentity(int(entry), int(before[19]), boot),
+            pgid=int(before[2]),
+            ppid=int(before[1]),
+            service_uuid=tags[b"MODELD_SERVICE_UUID"].decode(errors="replace"),
+            info=tags.get(b"MODELD_PROCESS", b"").decode(errors="replace"),
+        ))
+    return found
+
+
+def signal_verified(ident: ProcessIdentity, sig: int) -> int | None:
+    """Send ``sig`` to exactly this process (through a pidfd, after checking its start time).
+
+    Returns the pidfd (the caller waits on it and closes it), or None if the process is gone.
+    A pidfd names one process: unlike a pid, it cannot come to mean another after an exit.
+    """
+    try:
+        fd = os.pidfd_open(ident.pid)
+    except ProcessLookupError:
+        return None
+    if not ident.is_alive():
+        os.close(fd)
+        return None
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        os.close(fd)
+        return None
+    return fd

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from . import killpoints
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
-from .linux import ProcessIdentity, boot_id, group_members, now_ticks, start_ticks
+from .linux import ProcessIdentity, TaggedProcess, signal_verified, tagged_processes
 from .process import ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
@@ -166,7 +168,7 @@ class Manager:
         try:
             if fresh:
                 log.info("deploying %s (%s %s)", target.uuid, config.model_type, config.model_uri or config.command)
-                await self._start_locked(target, timeout, failing_state=DesiredState.STOPPED)
+                await self._start_locked(target, timeout, failing_state=DesiredState.STOPPED, op="deploy")
             else:
                 await self._replace_locked(target, config, timeout)
             return target.svc
@@ -194,10 +196,27 @@ class Manager:
             return m.svc
 
     async def delete(self, uuid: UUID, timeout: float, force: bool = False) -> None:
+        """Decide the delete on disk first (the folder is renamed away), then stop the server.
+
+        A daemon killed at any step finishes the delete when it restarts: the renamed folder
+        is removed and the server, which no service tracks any more, is killed (see _untracked).
+        Nothing is written, so a delete works on a full disk too.
+        """
         async with self._locked(uuid) as m:
-            await self._stop_locked(m, timeout, force)
-            self.store.delete(uuid)
+            await self._cancel_supervision(m)
+            trash = self.store.retire(uuid)
+            killpoints.reached("delete.after-rename")
+            m.svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
+            for proc in (m.replacing, m.proc):
+                if proc is not None:
+                    await proc.terminate(min(timeout, m.svc.config.stop_timeout), force)
+                    self._unlink_sockets(proc)
+            m.replacing = m.proc = None
+            m.close_listener()
+            killpoints.reached("delete.after-stop")
             self.services.pop(uuid, None)
+            if trash is not None:
+                self.store.purge(trash)
             log.info("deleted %s", uuid)
 
     # ------------------------------------------------------------ daemon life
@@ -206,7 +225,10 @@ class Manager:
         """Load every service from disk, re-adopt live servers, start those that should run."""
         services, self.problems = self.store.load_all()
         await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
-        results = await asyncio.gather(*(self._restore(svc) for svc in services), return_exceptions=True)
+        untracked = await self._untracked(services)
+        results = await asyncio.gather(
+            *(self._restore(svc, untracked.get(str(svc.uuid), [])) for svc in services), return_exceptions=True
+        )
         for svc, result in zip(services, results):
             if isinstance(result, Exception):
                 log.error("could not restore %s: %s", svc.uuid, result, exc_info=result)
@@ -235,19 +257,92 @@ class Manager:
             m.svc.status.pid = None
             self.store.save(m.svc)
 
-    @staticmethod
-    def _kill_orphaned_group(ident: ProcessIdentity) -> None:
-        """The server died while no daemon watched: kill what it left in its group (workers holding its port).
+    async def _untracked(self, services: list[BaseService]) -> dict[str, list[TaggedProcess]]:
+        """Processes of this home's servers that no pid file names, by service uuid.
 
-        Only if its pid is free (else the pgid may be a stranger's now) and only processes that
-        started after it, in this boot.
+        A daemon killed between spawning a server and writing its pid file leaves one, as does
+        a delete or a replace cut short; a server that died while no daemon watched can leave
+        workers holding its port. Each server carries this home and its service's uuid in its
+        environment, and its children inherit them, so they are found in /proc: a stranger
+        has neither tag and is never touched. Those no loaded service can want (its service
+        is gone, or their group's leader is dead) are killed here; the others are returned,
+        for _restore to adopt one or kill them.
         """
-        if ident.boot_id != boot_id() or start_ticks(ident.pid) is not None:
+        tracked: set[ProcessIdentity] = set()
+        for svc in services:
+            record = self.store.read_pid(svc.uuid)
+            if record is None:
+                continue
+            tracked.add(record.ident)
+            if "prev" in record.extra:
+                with contextlib.suppress(ValueError):
+                    pid, ticks, boot = record.extra["prev"].split(":", 2)
+                    tracked.add(ProcessIdentity(int(pid), int(ticks), boot))
+        tagged = await asyncio.to_thread(tagged_processes, str(self.paths.home))
+        by_pid = {p.ident.pid: p for p in tagged}
+        known = {str(svc.uuid) for svc in services}
+        wanted: dict[str, list[TaggedProcess]] = {}
+        doomed: list[TaggedProcess] = []
+        for p in tagged:
+            if p.ident in tracked:
+                continue
+            if not p.leads_group:
+                if p.pgid not in by_pid:
+                    doomed.append(p)  # a worker whose server is gone
+                continue  # else its group goes with its leader
+            parent = by_pid.get(p.ppid)
+            if parent is not None and parent.service_uuid == p.service_uuid:
+                continue  # a server's child in a session of its own: it goes with its server
+            if p.service_uuid in known:
+                wanted.setdefault(p.service_uuid, []).append(p)
+            else:
+                doomed.append(p)
+        await asyncio.gather(*(self._kill_untracked(p) for p in doomed))
+        return wanted
+
+    @staticmethod
+    async def _kill_untracked(p: TaggedProcess) -> None:
+        """SIGKILL an untracked server's group (or one stray worker) and wait until it is gone.
+
+        The leader is first stopped through a pidfd checked against its start time: stopped, it
+        cannot exit and free its pgid for someone else before the group is killed.
+        """
+        fd = signal_verified(p.ident, signal.SIGSTOP if p.leads_group else signal.SIGKILL)
+        if fd is None:
             return
-        for pid in group_members(ident.pid, ident.start_ticks, now_ticks()):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                log.warning("killed pid %d, left behind in the group of dead server %d", pid, ident.pid)
+        try:
+            if p.leads_group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.ident.pid, signal.SIGKILL)
+            log.warning("killed pid %d of service %s: no pid file names it", p.ident.pid, p.service_uuid)
+            loop = asyncio.get_running_loop()
+            gone = loop.create_future()
+            loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+            try:
+                await asyncio.wait_for(gone, 10)
+            except TimeoutError:
+                log.error("pid %d did not exit within 10s of SIGKILL", p.ident.pid)
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+
+    async def _adopt_untracked(self, svc: BaseService, candidates: list[TaggedProcess]) -> ProcessHandle | None:
+        """Adopt the one server spawned for this version of the service whose pid file was never
+        written; kill any other (a second one, an older or newer version, or one not wanted)."""
+        keep = None
+        if svc.desired_state == DesiredState.RUNNING and len(candidates) == 1:
+            with contextlib.suppress(ValueError, TypeError):
+                extra = {str(k): str(v) for k, v in json.loads(candidates[0].info).items()}
+                if extra.get("version") == str(svc.version):
+                    keep = ProcessHandle.adopt(candidates[0].ident, extra)
+        for p in candidates:
+            if keep is None or p.ident != keep.ident:
+                await self._kill_untracked(p)
+        if keep is not None:
+            log.warning("%s: adopting pid %d, spawned before its pid file was written", svc.uuid, keep.pid)
+            self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.extra))
+        return keep
 
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
         """A daemon died in the middle of a hand-over: keep the process whose version service.json
@@ -277,7 +372,7 @@ class Manager:
         self.store.clear_pid(uuid)
         problem.message += f"; its server (pid {proc.pid}) was stopped"
 
-    async def _restore(self, svc: BaseService) -> None:
+    async def _restore(self, svc: BaseService, untracked: list[TaggedProcess]) -> None:
         m = Managed(svc)
         self.services[svc.uuid] = m
         record = self.store.read_pid(svc.uuid)
@@ -285,8 +380,12 @@ class Manager:
             record = await self._settle_replace(svc, record)
         proc = ProcessHandle.adopt(record.ident, record.extra) if record else None
         if record and proc is None:
-            self._kill_orphaned_group(record.ident)
             self.store.clear_pid(svc.uuid)
+        if proc is None:
+            proc = await self._adopt_untracked(svc, untracked)
+        else:
+            for p in untracked:
+                await self._kill_untracked(p)  # a second server for one service: the tracked one stays
         async with m.lock:
             if proc is not None and svc.desired_state == DesiredState.STOPPED:
                 log.info("%s should be stopped; stopping the server left running (pid %d)", svc.uuid, proc.pid)
@@ -306,7 +405,7 @@ class Manager:
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
-                    self._launch(m, svc.config)
+                    self._launch(m, svc.config, "restore")
                 except DeployError as exc:
                     svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
                     svc.status.pid = None
@@ -408,16 +507,20 @@ class Manager:
             bind_listener(config.host, port).close()
         m.svc.endpoint = self._endpoint(config, port)
 
-    def _launch(self, m: Managed, config: ServiceConfig, version: int | None = None, previous: ProcessHandle | None = None) -> ProcessHandle:
+    def _launch(
+        self, m: Managed, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
+    ) -> ProcessHandle:
         """Spawn one server process for ``config`` and record its pid; does not wait.
 
         ``version`` is the service version the process runs; during a hand-over the pid
         file also names the ``previous`` process, so that a daemon killed halfway keeps
         the one that matches service.json and stops the other (see _settle_replace).
+        The server's environment names its home, its service and what the pid file will
+        say about it, so a daemon killed before writing the pid file finds it on restart
+        (see _untracked). ``op`` names the operation, for its kill points.
         """
         self._ensure_port(m, config)
         port = m.svc.endpoint.port
-        env = {**os.environ, **config.env, "MODELD_SERVICE_UUID": str(m.uuid), "PYTHONUNBUFFERED": "1"}
         extra: dict[str, str] = {"version": str(version if version is not None else m.svc.version)}
         pass_fds: tuple[int, ...] = ()
         if is_builtin(config):
@@ -439,14 +542,20 @@ class Manager:
         else:
             values = {"{port}": str(port), "{host}": config.host, "{model_uri}": config.model_uri}
             argv = [_fill(arg, values) for arg in config.command]
+        env = {
+            **os.environ, **config.env, "PYTHONUNBUFFERED": "1",
+            "MODELD_HOME": str(self.paths.home), "MODELD_SERVICE_UUID": str(m.uuid), "MODELD_PROCESS": json.dumps(extra),
+        }
         self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
         proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
+        killpoints.reached(f"{op}.after-spawn")
         recorded = dict(extra)
         if previous is not None:
             prev = previous.ident
             recorded["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
             recorded.update({f"prev_{k}": v for k, v in previous.extra.items()})
         self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded))
+        killpoints.reached(f"{op}.after-pid")
         m.proc = proc
         m.svc.status.pid = proc.pid
         m.svc.status.exit_code = None
@@ -498,7 +607,7 @@ class Manager:
         lines = tail_lines(self.paths.service_log(m.uuid))
         return f"; last log lines:\n{lines}" if lines else ""
 
-    async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState) -> None:
+    async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
         await self._cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.RUNNING
@@ -507,9 +616,16 @@ class Manager:
             self._supervise(m)
             return
         try:
-            proc = m.proc if m.proc is not None and m.proc.alive else self._launch(m, svc.config)
+            proc = m.proc if m.proc is not None and m.proc.alive else None
             svc.status.moved_to(ServiceState.PENDING_STARTUP, "")
+            if proc is None:
+                svc.status.pid = None
+            # The intent is on disk before any process exists: a daemon killed from here on
+            # finds the service (desired running) and adopts or starts its server.
             self.store.save(svc)
+            if proc is None:
+                killpoints.reached(f"{op}.after-json")
+                proc = self._launch(m, svc.config, op)
             await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
         except StillStarting as exc:
             # The caller stopped waiting, the server may still load (startup_timeout is longer):
@@ -534,6 +650,7 @@ class Manager:
             raise DeployError(f"service {svc.uuid}: {exc}") from exc
         svc.status.moved_to(ServiceState.ACTIVE, "")
         self.store.save(svc)
+        killpoints.reached(f"{op}.after-healthy")
         self._supervise(m)
 
     async def _stop_locked(self, m: Managed, timeout: float, force: bool) -> None:
@@ -546,10 +663,12 @@ class Manager:
             if proc.alive:
                 svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
                 self.store.save(svc)
+                killpoints.reached("stop.after-json")
                 await proc.terminate(min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()
             self._forget_process(m, proc)
+            killpoints.reached("stop.after-exit")
         m.close_listener()
         svc.status.pid = None
         svc.status.moved_to(ServiceState.INACTIVE)
@@ -599,7 +718,7 @@ class Manager:
         svc.config = config
         m.replacing = old
         try:
-            new = self._launch(m, config, version=svc.version + 1, previous=old)
+            new = self._launch(m, config, "replace", version=svc.version + 1, previous=old)
             await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
         except ModeldError as exc:
             m.replacing = None
@@ -618,38 +737,42 @@ class Manager:
         svc.version += 1
         svc.status.moved_to(ServiceState.ACTIVE, "")
         self.store.save(svc)
+        killpoints.reached("replace.after-json")
         # The old version stops accepting at once and drains; wait for it, so that when the
         # caller gets the answer new connections reach only the new version.
         await old.terminate(previous.stop_timeout)
         m.replacing = None
         self._forget_process(m, old)
+        killpoints.reached("replace.after-old-stopped")
         self.store.write_pid(m.uuid, PidRecord(new.ident, new.extra))  # the old one is gone: forget it here too
         m.failures = 0
         self._supervise(m)
 
     async def _replace_stop_start(self, m: Managed, old: ProcessHandle | None, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
-        previous = svc.config
+        previous, previous_version = svc.config, svc.version
         if old is not None:
             await old.terminate(previous.stop_timeout)
             self._forget_process(m, old)
+            killpoints.reached("replace-restart.after-old-stopped")
         if is_builtin(previous) != is_builtin(config) or previous.host != config.host:
             m.close_listener()
+        # The new config and version are written together, before the new server is spawned:
+        # a daemon killed from here on starts (or adopts) the new version, never a mix.
         svc.config = config
+        svc.version += 1
         try:
-            await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
+            await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED, op="replace-restart")
         except DeployError as exc:
             if old is None or isinstance(exc.__cause__, StillStarting):
                 raise  # nothing to restore, or the new version is still starting under supervision
-            svc.config = previous
+            svc.config, svc.version = previous, previous_version
             try:
                 await self._start_locked(m, previous.startup_timeout, failing_state=DesiredState.RUNNING)
                 note = "the previous version was started again"
             except DeployError as restore_exc:
                 note = f"the previous version could not be started again either: {restore_exc}"
             raise DeployError(f"{exc}; {note}") from exc
-        svc.version += 1
-        self.store.save(svc)
 
     # -------------------------------------------------------------- supervision
 
@@ -743,7 +866,7 @@ class Manager:
         self.store.save(svc)
         await asyncio.sleep(delay)
         try:
-            self._launch(m, svc.config)
+            self._launch(m, svc.config, "restart")
         except ModeldError as exc:
             svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
             self.store.save(svc)

@@ -24,6 +24,7 @@ from uuid import UUID
 
 from filelock import FileLock
 
+from . import killpoints
 from .exceptions import StorageError
 from .linux import ProcessIdentity
 from .models import SERVICE_REGISTRY, BaseService
@@ -119,15 +120,33 @@ class Store:
                 pass
 
     def delete(self, uuid: UUID | str) -> None:
+        trash = self.retire(uuid)
+        if trash is not None:
+            self.purge(trash)
+
+    def retire(self, uuid: UUID | str) -> Path | None:
+        """Rename a service's folder away: from here on it is deleted, even if we crash now.
+
+        A renamed folder (``.deleted-*``) is removed by the next load; None if there was none.
+        """
         directory = self.paths.service_dir(uuid)
-        # Rename first so a crash halfway through never leaves a half-deleted service behind.
         trash = directory.with_name(f".deleted-{directory.name}-{time.time_ns()}")
         try:
             os.rename(directory, trash)
         except FileNotFoundError:
-            return
+            return None
         except OSError as exc:
             raise StorageError(f"cannot delete {directory}: {exc.strerror or exc}") from exc
+        return trash
+
+    @staticmethod
+    def purge(trash: Path) -> None:
+        """Remove a retired folder; service.json goes first, so what is left is never a service."""
+        try:
+            os.unlink(trash / "service.json")
+        except OSError:
+            pass
+        killpoints.reached("delete.mid-unlink")
         shutil.rmtree(trash, ignore_errors=True)
 
     def load_all(self) -> tuple[list[BaseService], list[Problem]]:
