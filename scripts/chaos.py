@@ -379,27 +379,31 @@ def wait_settled(client: DaemonClient, home: Path, timeout: float = CONVERGE_TIM
         time.sleep(0.01)
 
 
-def check(snap: Snapshot) -> dict[str, int]:
-    """Untracked servers, duplicates, stale states and version mismatches in one snapshot."""
-    counts = dict.fromkeys(("untracked_servers", "duplicates", "stale_states", "version_mismatches"), 0)
-    counts["untracked_servers"] += len(stray_workers(snap.procs))
+def check(snap: Snapshot) -> dict[str, set[Any]]:
+    """Untracked servers, duplicates, stale states and version mismatches in one snapshot, each as
+    a set of what is wrong (processes, or services at a version), so one fault seen by several
+    checks counts once."""
+    found: dict[str, set[Any]] = {key: set() for key in ("untracked_servers", "duplicates", "stale_states", "version_mismatches")}
+    created = {p.pid: p.create_time for p in snap.procs}
+    found["untracked_servers"].update((pid, created[pid]) for pid in stray_workers(snap.procs))
     for uuid, pids in snap.leaders.items():
         svc = snap.services.get(uuid)
         if svc is None:
-            counts["untracked_servers"] += len(pids)
+            found["untracked_servers"].update((pid, created[pid]) for pid in pids)
             continue
-        counts["duplicates"] += len(pids) - 1
-        if svc.status.pid not in pids:
-            counts["untracked_servers"] += 1
+        if len(pids) > 1:
+            found["duplicates"].update((pid, created[pid]) for pid in pids if pid != svc.status.pid)
+        elif svc.status.pid not in pids:
+            found["untracked_servers"].update((pid, created[pid]) for pid in pids)
     for svc in snap.services.values():
         if svc.status.state != ServiceState.ACTIVE:
             continue
         tag = answer_tag(svc)
         if tag is None:
-            counts["stale_states"] += 1
+            found["stale_states"].add((str(svc.uuid), svc.status.pid, svc.status.updated_at))
         elif tag != config_tag(svc):
-            counts["version_mismatches"] += 1
-    return counts
+            found["version_mismatches"].add((str(svc.uuid), svc.status.pid, svc.version))
+    return found
 
 
 # -------------------------------------------------------------------- chaos
@@ -445,6 +449,7 @@ class Chaos:
             (*BAD, "daemon_kills", "daemon_kills_mid_operation", "daemon_kills_in_rebuild", "kill_points_hit",
              "daemon_terms", "daemon_restarts", "pid_files_planted", "failed_calls", "services_in_error"), 0)
         self.expect: dict[str, Expect] = {}
+        self.seen: dict[str, set[Any]] = {}
         self.deleted: set[str] = set()
         self.models = self.home / "models"
         self.models.mkdir(parents=True, exist_ok=True)
@@ -574,10 +579,12 @@ class Chaos:
             self.counts["unconverged"] += 1
             self.note(f"not settled after {CONVERGE_TIMEOUT}s: {describe(snap)}")
         self.reconcile(snap)
-        for key, value in check(snap).items():
-            if value:
-                self.note(f"{key} += {value}: {describe(snap)}")
-            self.counts[key] += value
+        for key, faults in check(snap).items():
+            new = faults - self.seen.setdefault(key, set())
+            if new:
+                self.note(f"{key} += {len(new)}: {describe(snap)}")
+                self.seen[key] |= new
+                self.counts[key] += len(new)
         self.counts["services_in_error"] = sum(s.status.state == ServiceState.ERROR for s in snap.services.values())
         signalled = self.strangers.signalled()
         if signalled > self.counts["strangers_signalled"]:
@@ -779,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=None, help="MODELD_HOME to use (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the home (its daemon.log and service logs) afterwards")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally blocks) on SIGTERM too
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     result = run(args.ops, seed, args.home, args.keep)
     print(json.dumps(result))

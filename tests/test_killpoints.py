@@ -1,0 +1,152 @@
+"""kill -9 of the daemon at every durable step of every operation (daemon/killpoints.py).
+
+The daemon is started with ``MODELD_DIE_AT=<step>`` and sent through the operation until it dies
+there; the next daemon must converge: every file readable, the operation done or not done (as
+the table below says, per step), one server for the service or none, no server that no service
+tracks, and the server kept when one was already running. The test is parametrized over the
+list the daemon exports, and a step without an expectation here fails, so none can be missed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, wait_for
+from daemon import DaemonClient, ServiceConfig
+from daemon.exceptions import DaemonError
+from daemon.killpoints import KILL_POINTS
+
+sys.path.insert(0, str(REPO / "scripts"))
+import chaos  # noqa: E402
+
+# step -> (the operation is done after the restart, the server alive before the restart is kept)
+EXPECTED: dict[str, tuple[bool, bool]] = {
+    "deploy.after-json": (True, False),  # nothing ran yet: the new daemon starts it
+    "deploy.after-spawn": (True, True),  # no pid file names it: found by its environment, adopted
+    "deploy.after-pid": (True, True),
+    "deploy.after-healthy": (True, True),
+    "start.after-json": (True, False),
+    "start.after-spawn": (True, True),
+    "start.after-pid": (True, True),
+    "start.after-healthy": (True, True),
+    "stop.after-json": (True, False),  # service.json says stopped: the new daemon stops it
+    "stop.after-exit": (True, False),
+    "replace.after-spawn": (False, True),  # the new version is not recorded anywhere: killed
+    "replace.after-pid": (False, True),  # service.json has the old version: it stays
+    "replace.after-json": (True, True),  # service.json has the new version: the old one goes
+    "replace.after-old-stopped": (True, True),
+    "replace-restart.after-old-stopped": (False, False),  # the old config is started again
+    "replace-restart.after-json": (True, False),
+    "replace-restart.after-spawn": (True, True),
+    "replace-restart.after-pid": (True, True),
+    "replace-restart.after-healthy": (True, True),
+    "delete.after-rename": (True, False),  # the folder is gone: the server is killed
+    "delete.after-stop": (True, False),
+    "delete.mid-unlink": (True, False),
+    "restart.after-spawn": (True, True),
+    "restart.after-pid": (True, True),
+    "restore.after-spawn": (True, True),
+    "restore.after-pid": (True, True),
+}
+
+UUID = "3c0c8f0e-1d7a-4a4b-9c61-5b0f4a1c2d3e"
+BUILTIN_OPS = ("deploy", "replace", "restore")  # the rest use cheaper command servers
+
+
+def config(folder: Path, kind: str, tag: str) -> ServiceConfig:
+    common = dict(pipeline_name="kp", pipeline_step_name="s", model_name="m", working_dir=str(folder),
+                  stop_timeout=3, restart={"backoff_initial": 0.05})
+    if kind == "command":
+        return ServiceConfig(model_type="command", command=[sys.executable, "tiny.py", "{port}", tag], health_path="/", **common)
+    return ServiceConfig(model_type="python", model_uri=f"{tag}.py:model", **common)
+
+
+def the_server(home: Path) -> list[int]:
+    return chaos.server_leaders(chaos.server_processes(home)).get(UUID, [])
+
+
+def run_until_killed(name: str, home: Path, folder: Path) -> None:
+    """Drive the operation of ``name`` on a daemon armed to die at ``name``; return once it has."""
+    op = name.split(".")[0]
+    kind = "python" if op in BUILTIN_OPS else "command"
+    daemon = chaos.DaemonProcess(home)
+    assert daemon.start(None if op == "restore" else name)
+    client = DaemonClient(home, auto_start=False)
+    try:
+        if op != "deploy":
+            client.deploy(config(folder, kind, "a"), uuid=UUID, timeout=30)
+        if op == "restore":  # the server dies while no daemon runs; the next daemon starts it
+            daemon.kill9()
+            os.kill(the_server(home)[0], signal.SIGKILL)
+            wait_for(lambda: not the_server(home), 10, what="the server to die")
+            assert not daemon.start(name), "the daemon should have died while rebuilding"
+        elif op == "restart":
+            os.kill(the_server(home)[0], signal.SIGKILL)
+            wait_for(lambda: not daemon.alive(), 10, what="the daemon to die restarting the server")
+        else:
+            if op == "start":
+                client.stop(UUID, timeout=10)
+            calls = {
+                "deploy": lambda: client.deploy(config(folder, kind, "a"), uuid=UUID, timeout=30),
+                "start": lambda: client.start(UUID, timeout=30),
+                "stop": lambda: client.stop(UUID, timeout=10),
+                "replace": lambda: client.deploy(config(folder, kind, "b"), replace=True, uuid=UUID, timeout=30),
+                "replace-restart": lambda: client.deploy(config(folder, kind, "b"), replace=True, uuid=UUID, timeout=30),
+                "delete": lambda: client.delete(UUID, timeout=10),
+            }
+            with pytest.raises(DaemonError):
+                calls[op]()
+        daemon.wait_dead()
+        assert f"kill point {name} reached" in daemon.paths.daemon_log.read_text()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("name", KILL_POINTS)
+def test_daemon_killed_at_step_converges(name, home, tmp_path):
+    assert name in EXPECTED, f"kill point {name} has no expected outcome in this test: add one"
+    done, kept = EXPECTED[name]
+    op = name.split(".")[0]
+    (tmp_path / "tiny.py").write_text(chaos.TINY_SERVER)
+    for tag in ("a", "b"):
+        (tmp_path / f"{tag}.py").write_text(f"def model(instances):\n    return [{tag!r} for _ in instances]\n")
+
+    run_until_killed(name, home, tmp_path)
+    before = the_server(home)
+
+    assert chaos.DaemonProcess(home).start()
+    with DaemonClient(home, auto_start=False) as client:
+        snap, settled = chaos.wait_settled(client, home, timeout=15)
+    assert settled, chaos.describe(snap)
+    assert not any(chaos.check(snap).values()), chaos.check(snap)
+
+    # Every file on disk is whole and no half-deleted folder is left.
+    services = home / "services"
+    assert not [p.name for p in services.iterdir() if p.name.startswith(".")]
+    for path in services.glob("*/service.json"):
+        json.loads(path.read_text())
+
+    svc = snap.services.get(UUID)
+    server = the_server(home)
+    if op == "delete":
+        assert svc is None and not server and not (services / UUID).exists()
+        return
+    assert svc is not None
+    if op == "stop":
+        assert svc.status.state.value == "inactive" and not server
+        return
+    assert svc.status.state.value == "active" and server == [svc.status.pid]
+    if op.startswith("replace"):
+        assert (svc.version, chaos.answer_tag(svc)) == ((2, "b") if done else (1, "a"))
+    else:
+        assert chaos.answer_tag(svc) == "a"
+    if kept:
+        assert svc.status.pid in before, (svc.status.pid, before)
+    else:
+        assert svc.status.pid not in before
