@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -194,6 +195,7 @@ class DaemonClient:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if payload is not None else {}
         for attempt in (1, 2):
+            self._drop_if_closed()
             reused = self._conn is not None
             try:
                 if self._conn is None:
@@ -212,11 +214,16 @@ class DaemonClient:
                 self.close()
                 raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}") from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                # A kept-alive connection the daemon closed (idle timeout or restart): reconnect once.
+                # A kept-alive connection the daemon closed as we sent: reconnect once, but only to
+                # read. A deploy, stop or delete may have been done before the daemon went (killed,
+                # say): sending it again could start a second server, so the caller is told instead.
                 self.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and method == "GET":
                     continue
-                raise ProtocolError(f"the daemon closed the connection during {method} {path}: {exc}") from exc
+                raise ProtocolError(
+                    f"the daemon closed the connection during {method} {path}: {exc}"
+                    + ("" if method == "GET" else "; it may or may not have been done (check with `modeld ls`)")
+                ) from exc
             except TimeoutError as exc:
                 self.close()
                 raise ProtocolError(f"no answer from the daemon to {method} {path} within {socket_timeout:g}s") from exc
@@ -229,6 +236,19 @@ class DaemonClient:
                 raise error_from_dict(response.status, data)
             return data
         raise AssertionError("unreachable")
+
+    def _drop_if_closed(self) -> None:
+        """Forget a kept-alive connection the daemon has closed meanwhile (idle timeout, restart),
+        so that no request is sent on it and none needs sending twice."""
+        sock = self._conn.sock if self._conn is not None else None
+        if sock is None:
+            return
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            readable = [sock]
+        if readable:  # an idle HTTP connection is readable only once closed (or with bytes nobody asked for)
+            self.close()
 
     def _check_version(self, version: str | None) -> None:
         if version is None or version == self.daemon_version:
@@ -335,6 +355,9 @@ def _lock_free(paths: Paths) -> bool:
 def _spawn_daemon(paths: Paths) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MODELD_HOME": str(paths.home), "MODELD_SOCKET": str(paths.socket)}
     env.pop("PYTHONSTARTUP", None)
+    # A client running inside a model server inherits its tags; the daemon must not look like that server.
+    env.pop("MODELD_SERVICE_UUID", None)
+    env.pop("MODELD_PROCESS", None)
     # Run daemon/ from where this client found it, even if it is not installed in site-packages.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)

@@ -146,12 +146,12 @@ def tagged_processes(home: str) -> list[TaggedProcess]:
     found. A process is listed only if its start time is the same before and after its
     environment was read, so the identity belongs to the environment read.
     """
-    uid = os.getuid()
+    uid, me = os.getuid(), str(os.getpid())
     want_home = b"MODELD_HOME=" + os.fsencode(home)
     boot = boot_id()
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or entry == me:
             continue
         try:
             if os.stat(f"/proc/{entry}").st_uid != uid:

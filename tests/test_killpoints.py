@@ -150,3 +150,26 @@ def test_daemon_killed_at_step_converges(name, home, tmp_path):
         assert svc.status.pid in before, (svc.status.pid, before)
     else:
         assert svc.status.pid not in before
+
+
+def test_a_call_cut_by_the_daemons_death_is_not_sent_again(home, tmp_path):
+    """A deploy done just before the daemon died must not be re-sent to the next daemon, which an
+    auto-starting client would reach: that would deploy a second server."""
+    (tmp_path / "a.py").write_text("def model(instances):\n    return ['a' for _ in instances]\n")
+    assert chaos.DaemonProcess(home).start("deploy.after-healthy")
+    client = DaemonClient(home)  # auto-start on, as a user's
+    try:
+        client.daemon_info()  # the connection is kept alive: a reconnect would be a "retry"
+        with pytest.raises(DaemonError) as info:
+            client.deploy(config(tmp_path, "python", "a"), timeout=30)
+        assert "kill point deploy.after-healthy reached" in (home / "daemon.log").read_text()
+        services = client.find()  # auto-starts the next daemon, which re-adopts the server
+        assert len(services) == 1 and services[0].status.state.value == "active"
+        assert len(the_server_of(home, services[0].uuid)) == 1
+        assert "may or may not have been done" in str(info.value)
+    finally:
+        client.close()
+
+
+def the_server_of(home: Path, uuid) -> list[int]:
+    return chaos.server_leaders(chaos.server_processes(home)).get(str(uuid), [])
