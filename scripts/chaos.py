@@ -439,7 +439,7 @@ class Chaos:
     converge_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     max_services: int = 6
-    mid_kill_chance: float = 0.3
+    mid_kill_chance: float = 0.35
     arm_chance: float = 0.35
     plant_chance: float = 0.3
 
@@ -447,7 +447,7 @@ class Chaos:
         self.rng = random.Random(self.seed)
         self.counts = dict.fromkeys(
             (*BAD, "daemon_kills", "daemon_kills_mid_operation", "daemon_kills_in_rebuild", "kill_points_hit",
-             "daemon_terms", "daemon_restarts", "pid_files_planted", "failed_calls", "services_in_error"), 0)
+             "daemon_terms", "daemon_terms_mid_operation", "daemon_restarts", "pid_files_planted", "failed_calls", "services_in_error"), 0)
         self.expect: dict[str, Expect] = {}
         self.seen: dict[str, set[Any]] = {}
         self.deleted: set[str] = set()
@@ -504,13 +504,18 @@ class Chaos:
 
         thread = threading.Thread(target=run)
         thread.start()
-        thread.join(self.rng.uniform(0.0, 0.2))
+        thread.join(self.rng.uniform(0.0, 0.15))
         in_flight = thread.is_alive()
         by_us = self.daemon.alive()  # else it died at an armed kill point
-        self.daemon.signal(signal.SIGKILL)
+        term = by_us and self.rng.random() < 0.2  # sometimes a SIGTERM: a graceful stop mid-operation
+        self.daemon.signal(signal.SIGTERM if term else signal.SIGKILL)
         self.daemon.wait_dead()
         thread.join()
-        self.counted_kill(offset, in_flight=in_flight, by_us=by_us)
+        if term:
+            self.counts["daemon_terms"] += 1
+            self.counts["daemon_terms_mid_operation"] += in_flight
+        else:
+            self.counted_kill(offset, in_flight=in_flight, by_us=by_us)
         if "error" in result:
             return Outcome(False, error=result["error"], daemon_died=True, in_flight=in_flight)
         return Outcome(True, result.get("value"), daemon_died=True, in_flight=False)
