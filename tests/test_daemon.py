@@ -27,6 +27,9 @@ from daemon.linux import start_ticks
 from daemon.paths import Paths
 from daemon.server import daemon_pid
 
+sys.path.insert(0, str(REPO / "scripts"))
+import chaos  # noqa: E402
+
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 
 
@@ -133,42 +136,55 @@ def test_second_daemon_on_same_home_refuses(client, home):
 
 
 def test_many_clients_auto_start_one_daemon(home, tmp_path):
+    """10 processes call at the same moment with no daemon running: all succeed, through one
+    daemon, and the services they deploy all live in it (none with a second, orphaned daemon)."""
+    clients = 10
+    (tmp_path / "tiny.py").write_text(chaos.TINY_SERVER)
+    go = tmp_path / "go"
+    os.mkfifo(go)
     snippet = (
-        "import os, sys, time\n"
-        "from daemon.client import DaemonClient\n"
-        "home, sync, n = sys.argv[1], sys.argv[2], sys.argv[3]\n"
-        "open(os.path.join(sync, 'ready-' + n), 'w').close()\n"
-        "deadline = time.monotonic() + 30\n"
-        "while not os.path.exists(os.path.join(sync, 'go')) and time.monotonic() < deadline:\n"
-        "    time.sleep(0.001)\n"
-        "print(DaemonClient(home).daemon_info()['pid'])\n"
+        "import os, sys\n"
+        "from daemon import DaemonClient, ServiceConfig\n"
+        "home, folder, go, n = sys.argv[1:]\n"
+        "config = ServiceConfig(model_name='auto' + n, model_type='command', health_path='/', working_dir=folder,\n"
+        "                       command=[sys.executable, 'tiny.py', '{port}', n])\n"
+        "open(os.path.join(folder, 'ready-' + n), 'w').close()\n"
+        "open(go).close()  # a FIFO: every client is released when the test opens it for writing\n"
+        "client = DaemonClient(home)\n"
+        "print(client.daemon_info()['pid'], client.deploy(config, timeout=60).uuid)\n"
     )
     procs: list[subprocess.Popen] = []
     try:
-        for n in range(8):
+        for n in range(clients):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", snippet, str(home), str(tmp_path), str(n)],
+                    [sys.executable, "-c", snippet, str(home), str(tmp_path), str(go), str(n)],
                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                     start_new_session=True,
                 )
             )
-        wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 8, 30, what="8 clients to be ready")
+        wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == clients, 30, what=f"{clients} clients to be ready")
         assert current_daemon_pid(home) is None
-        (tmp_path / "go").touch()
+        with open(go, "w"):
+            pass
         outputs = []
         for proc in procs:
             out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
-            outputs.append(out.strip())
+            outputs.append(out.split())
     finally:
         for proc in procs:
             kill_group(proc)
 
-    assert len(set(outputs)) == 1, outputs
-    pid = int(outputs[0])
-    daemons = daemon_processes(home)
-    assert [p.pid for p in daemons] == [pid]
+    assert len({pid for pid, _ in outputs}) == 1, outputs
+    pid = int(outputs[0][0])
+    assert [p.pid for p in daemon_processes(home)] == [pid]
+    with DaemonClient(home, auto_start=False) as client:
+        snap, settled = chaos.wait_settled(client, home)
+    assert settled, chaos.describe(snap)
+    assert set(snap.services) == {uuid for _, uuid in outputs}
+    assert not any(chaos.check(snap).values()), chaos.check(snap)
+    assert [p.pid for p in daemon_processes(home)] == [pid]
 
 
 def test_daemon_start_failure_reported_at_once(home, monkeypatch):
