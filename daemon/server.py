@@ -11,6 +11,7 @@ SIGTERM and SIGINT stop the daemon and leave the model servers running.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import stat
 import sys
 import contextlib
 
+import h11
 import uvicorn
 from filelock import FileLock, Timeout
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -33,6 +35,8 @@ from .store import atomic_write
 log = logging.getLogger("modeld.daemon")
 
 _FORBIDDEN = b'{"error": {"type": "Forbidden", "message": "this daemon serves only its own user"}}'
+_BAD_HTTP = ("not a valid HTTP/1.1 request (request line, header or body framing); "
+             "send e.g. GET /v1/services HTTP/1.1 with a Host header")
 
 
 class PeerCheckedProtocol(H11Protocol):
@@ -49,6 +53,19 @@ class PeerCheckedProtocol(H11Protocol):
                 + _FORBIDDEN
             )
             transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn answers a request h11 cannot parse in plain text; answer in JSON, as every error."""
+        body = json.dumps({"error": {"type": "InvalidRequest", "message": _BAD_HTTP}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"x-modeld-version", __version__.encode()), (b"connection", b"close")]
+        try:
+            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")) or b"")
+            self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+            self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            pass  # a response had already begun: closing is all that is left
+        self.transport.close()
 
 
 def daemon_pid(paths: Paths) -> int | None:
