@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound
+from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
@@ -166,7 +166,14 @@ class Manager:
         try:
             if fresh:
                 log.info("deploying %s (%s %s)", target.uuid, config.model_type, config.model_uri or config.command)
-                await self._start_locked(target, timeout, failing_state=DesiredState.STOPPED)
+                try:
+                    await self._start_locked(target, timeout, failing_state=DesiredState.STOPPED)
+                except StorageError:
+                    # Its record could not be written (disk full): it must not live on in memory only.
+                    self.services.pop(target.uuid, None)
+                    with contextlib.suppress(StorageError):
+                        self.store.delete(target.uuid)
+                    raise
             else:
                 await self._replace_locked(target, config, timeout)
             return target.svc
@@ -494,6 +501,13 @@ class Manager:
             await proc.wait(min(delay, remaining))
             delay = min(delay * 1.5, 0.25)
 
+    def _save_if_possible(self, svc: BaseService) -> None:
+        """Record a failure; if even that write fails (disk full), say so in the log and go on."""
+        try:
+            self.store.save(svc)
+        except StorageError as exc:
+            log.error("%s: %s", svc.uuid, exc)
+
     def _log_excerpt(self, m: Managed) -> str:
         lines = tail_lines(self.paths.service_log(m.uuid))
         return f"; last log lines:\n{lines}" if lines else ""
@@ -521,7 +535,7 @@ class Manager:
                 f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
             ) from exc
-        except DeployError as exc:
+        except (DeployError, StorageError) as exc:  # a write that failed (disk full) stops the server too
             if m.proc is not None:
                 failed = m.proc
                 await failed.terminate(0, force=True)
@@ -530,8 +544,8 @@ class Manager:
             svc.desired_state = failing_state
             svc.status.pid = None
             svc.status.moved_to(ServiceState.ERROR, str(exc))
-            self.store.save(svc)
-            raise DeployError(f"service {svc.uuid}: {exc}") from exc
+            self._save_if_possible(svc)
+            raise type(exc)(f"service {svc.uuid}: {exc}") from exc
         svc.status.moved_to(ServiceState.ACTIVE, "")
         self.store.save(svc)
         self._supervise(m)
@@ -598,9 +612,13 @@ class Manager:
         previous_status = svc.status.model_copy()
         svc.config = config
         m.replacing = old
+        previous_version = svc.version
         try:
             new = self._launch(m, config, version=svc.version + 1, previous=old)
             await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
+            svc.version += 1
+            svc.status.moved_to(ServiceState.ACTIVE, "")
+            self.store.save(svc)  # the commit point: a daemon restarted after it keeps the new version
         except ModeldError as exc:
             m.replacing = None
             failed = m.proc if m.proc is not old else None
@@ -608,16 +626,18 @@ class Manager:
                 await failed.terminate(0, force=True)
                 self._forget_process(m, failed)
             svc.config = previous
+            svc.version = previous_version
             m.proc = old
             svc.status = previous_status
             svc.status.last_error = f"replace failed: {exc}"
-            self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra))
-            self.store.save(svc)
+            with contextlib.suppress(StorageError):  # if this fails too, a restarted daemon settles it from service.json
+                self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra))
+            self._save_if_possible(svc)
             self._supervise(m)
-            raise DeployError(f"service {svc.uuid}: the new version failed and the old one keeps serving: {exc}") from exc
-        svc.version += 1
-        svc.status.moved_to(ServiceState.ACTIVE, "")
-        self.store.save(svc)
+            what = "could not be recorded" if isinstance(exc, StorageError) else "failed"
+            raise (StorageError if isinstance(exc, StorageError) else DeployError)(
+                f"service {svc.uuid}: the new version {what} and the previous version keeps serving: {exc}"
+            ) from exc
         # The old version stops accepting at once and drains; wait for it, so that when the
         # caller gets the answer new connections reach only the new version.
         await old.terminate(previous.stop_timeout)
@@ -638,16 +658,16 @@ class Manager:
         svc.config = config
         try:
             await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
-        except DeployError as exc:
+        except (DeployError, StorageError) as exc:
             if old is None or isinstance(exc.__cause__, StillStarting):
                 raise  # nothing to restore, or the new version is still starting under supervision
             svc.config = previous
             try:
                 await self._start_locked(m, previous.startup_timeout, failing_state=DesiredState.RUNNING)
                 note = "the previous version was started again"
-            except DeployError as restore_exc:
+            except (DeployError, StorageError) as restore_exc:
                 note = f"the previous version could not be started again either: {restore_exc}"
-            raise DeployError(f"{exc}; {note}") from exc
+            raise type(exc)(f"{exc}; {note}") from exc
         svc.version += 1
         self.store.save(svc)
 

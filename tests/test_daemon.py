@@ -217,60 +217,6 @@ def test_daemon_stop_keeps_servers_and_stop_all_stops_them(client, home):
     assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
 
 
-def test_corrupt_service_json_is_set_aside_and_reported(client, home):
-    good = client.deploy(iris_config(model_name="good"), timeout=60)
-    victims = [client.deploy(iris_config(model_name=f"bad{i}"), timeout=60) for i in range(3)]
-    stop_daemon(client)
-
-    corruptions = {
-        victims[0].uuid: lambda raw: raw[: len(raw) // 2],  # truncated
-        victims[1].uuid: lambda raw: b"this is not JSON {{{",  # not JSON
-        victims[2].uuid: lambda raw: json.dumps(  # JSON, wrong schema
-            {**json.loads(raw), "config": {"model_type": "quantum", "port": "eighty"}}
-        ).encode(),
-    }
-    for uuid, corrupt in corruptions.items():
-        path = home / "services" / str(uuid) / "service.json"
-        path.write_bytes(corrupt(path.read_bytes()))
-
-    info = client.daemon_info()  # auto-starts a fresh daemon, which rebuilds from disk
-    problems = info["problems"]
-    assert len(problems) == 3, problems
-    for uuid in corruptions:
-        folder = home / "services" / str(uuid)
-        assert not (folder / "service.json").exists()
-        aside = list(folder.glob("service.json.corrupt-*"))
-        assert len(aside) == 1, list(folder.iterdir())
-        problem = next(p for p in problems if p["path"] == str(folder / "service.json"))
-        assert problem["set_aside_as"] == str(aside[0])
-        assert problem["message"]
-    assert info["counts"]["total"] == 1
-
-    # The good service is re-adopted and keeps serving.
-    svc = client.get(good.uuid)
-    assert svc.status.state == ServiceState.ACTIVE
-    assert svc.status.pid == good.status.pid
-    assert predict(svc.endpoint.prediction_url, SETOSA) == (200, {"predictions": ["setosa"]})
-    assert [s.uuid for s in client.find()] == [good.uuid]
-
-    status = modeld("daemon", "status", home=home)
-    assert status.returncode == 0, status.stderr
-    for uuid in corruptions:
-        assert f"problem: {home / 'services' / str(uuid) / 'service.json'}" in status.stdout
-    assert status.stdout.count("set aside as") == 3
-
-    # Their servers were still running: stopped rather than left untracked on their ports.
-    for victim in victims:
-        assert not pid_alive(victim.status.pid)
-        assert not port_open(victim.endpoint.port)
-        assert any(f"pid {victim.status.pid}) was stopped" in p["message"] for p in problems)
-
-    # A later daemon keeps reporting what was set aside, until someone deals with it.
-    stop_daemon(client)
-    again = client.daemon_info()["problems"]
-    assert sorted(p["set_aside_as"] for p in again) == sorted(p["set_aside_as"] for p in problems)
-
-
 def test_stale_pid_is_never_signalled(client, home):
     other_boot = client.deploy(iris_config(model_name="a"), timeout=60)
     reused_pid = client.deploy(iris_config(model_name="b"), timeout=60)
