@@ -31,7 +31,7 @@ from uuid import UUID
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
-from .paths import Paths
+from .paths import Paths, bind_private_socket
 from .linux import ProcessIdentity, boot_id, group_members, now_ticks, start_ticks
 from .process import ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
@@ -399,6 +399,17 @@ class Manager:
     def _ensure_port(self, m: Managed, config: ServiceConfig) -> None:
         """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
         port = m.svc.endpoint.port or config.port
+        if is_builtin(config) and config.bind_unix:
+            path = self.paths.model_socket(m.uuid)
+            if m.listener is None:
+                self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
+                try:
+                    m.listener = bind_private_socket(path)
+                except StorageError as exc:
+                    raise DeployError(str(exc)) from exc
+            m.svc.endpoint = self._endpoint(config, 0)
+            m.svc.endpoint.unix_socket = str(path)
+            return
         if is_builtin(config):
             if m.listener is None:
                 m.listener = bind_listener(config.host, port)
@@ -509,7 +520,7 @@ class Manager:
             log.error("%s: %s", svc.uuid, exc)
 
     def _log_excerpt(self, m: Managed) -> str:
-        lines = tail_lines(self.paths.service_log(m.uuid))
+        lines = m.svc.config.scrub(tail_lines(self.paths.service_log(m.uuid)))
         return f"; last log lines:\n{lines}" if lines else ""
 
     async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState) -> None:
@@ -577,6 +588,8 @@ class Manager:
             config = config.model_copy(update={"port": svc.endpoint.port})
         elif svc.endpoint.port:
             raise Conflict(f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}")
+        if config.bind_unix != svc.config.bind_unix:
+            raise Conflict(f"service {svc.uuid} keeps its endpoint for life; bind_unix cannot change on replace (deploy a new service)")
         await self._cancel_supervision(m)
         previous = svc.config
         try:

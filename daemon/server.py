@@ -165,7 +165,10 @@ def run(paths: Paths | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    os.umask(0o077)  # everything the daemon creates (logs, locks, sockets) is private to its user
     paths.ensure()
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(paths.daemon_log, 0o600)  # created by the client that started us, under its umask
     lock = take_lock(paths)
     try:
         ident = ProcessIdentity.of(os.getpid())

@@ -184,6 +184,8 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
         fields["env"] = dict(_key_value(item, "--env") for item in args.env)
     if args.secret_env:
         fields["secret_env"] = args.secret_env
+    if args.unix_socket:
+        fields["bind_unix"] = True
     restart = {
         k: v
         for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts), ("backoff_initial", args.backoff),
@@ -304,7 +306,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
-    extra = {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
+    extra = {"UNIX_SOCKET": svc.endpoint.unix_socket or None, "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None}
+    extra = {k: v for k, v in extra.items() if v is not None} | {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
     if svc.status.last_error:
         extra["LAST_ERROR"] = _one_line(svc.status.last_error)
     for key, value in extra.items():
@@ -453,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 0: a free one, kept for the service's life)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment of the server (repeatable)")
     p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
+    p.add_argument("--unix-socket", action="store_true",
+                   help="serve a python/pickle model on a Unix socket only you can reach, not on a TCP port")
     p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
     p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
     p.add_argument("--backoff", type=_seconds, help="seconds before the first restart, doubled each time (default 0.1)")
