@@ -79,7 +79,7 @@ def daemon_pid(paths: Paths) -> int | None:
 
 
 def take_lock(paths: Paths) -> FileLock:
-    lock = FileLock(paths.daemon_lock)
+    lock = FileLock(paths.daemon_lock, mode=0o600)
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -90,7 +90,7 @@ class Store:
     def locked(self, uuid: UUID | str) -> Iterator[None]:
         directory = self.paths.service_dir(uuid)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with FileLock(directory / ".lock"):
+        with FileLock(directory / ".lock", mode=0o600):
             yield
 
     def save(self, svc: BaseService) -> None:
