@@ -7,6 +7,7 @@
       services/<uuid>/service.json    the whole BaseService
       services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
       services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
+      services/<uuid>/model.sock      the server's socket, for a service deployed with bind_unix
 """
 
 from __future__ import annotations
