@@ -464,8 +464,8 @@ class Manager:
             prev = previous.ident
             recorded["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
             recorded.update({f"prev_{k}": v for k, v in previous.extra.items()})
+        m.proc = proc  # first: if the pid file cannot be written (disk full), the caller's cleanup stops it
         self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded))
-        m.proc = proc
         m.svc.status.pid = proc.pid
         m.svc.status.exit_code = None
         m.svc.status.started_at = time.time()

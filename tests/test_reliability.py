@@ -214,7 +214,7 @@ def timed(call, timeout: float):
 
 def test_bad_configs_fail_clearly_within_their_timeout(client, home, tmp_path):
     keep = client.deploy(iris_config(model_name="keep"), timeout=60)
-    timeout = 3.0
+    timeout = 2.0
     py = sys.executable
 
     # A port someone else holds: refused before anything is created, built-in or command server.
