@@ -160,8 +160,14 @@ def test_list_describe_get_url(project: Project) -> None:
     assert predict(url, INSTANCES) == (200, {"predictions": SPECIES})
 
 
-def test_logs(project: Project) -> None:
+def test_logs_after_a_daemon_restart(project: Project) -> None:
+    with project.daemon() as client:
+        pid = client.daemon_info()["pid"]
+        client.shutdown()  # the model server keeps running; ZenML's CLI starts a new daemon
     [logs] = project.models(f"logs {project.service}")
+    with project.daemon() as client:
+        assert client.daemon_info()["pid"] != pid
+        assert client.get(project.service).status.state == ServiceState.ACTIVE
     assert "modeld: serving model 'iris'" in logs
     assert "--- modeld: starting" in logs
 
@@ -179,6 +185,20 @@ def test_stop_then_start(project: Project) -> None:
         svc = client.get(project.service)
     assert svc.status.state == ServiceState.ACTIVE
     assert svc.endpoint.prediction_url == project.url  # a service keeps its port across stop and start
+    assert predict(project.url, INSTANCES) == (200, {"predictions": SPECIES})
+
+
+def test_start_deploys_again_what_modeld_forgot(project: Project) -> None:
+    """ZenML's record is enough to deploy the service again, under the same uuid."""
+    with project.daemon() as client:
+        client.delete(project.service)
+    listing, _, get_url = project.models("list", f"start {project.service}", f"get-url {project.service}")
+    assert "⏸" in listing  # not in modeld: ZenML sees it inactive
+    with project.daemon() as client:
+        svc = client.get(project.service)
+    assert svc.status.state == ServiceState.ACTIVE
+    project.url = _match(r"Prediction URL of Served Model \S+ is:\s+(\S+)", get_url)
+    assert project.url == svc.endpoint.prediction_url
     assert predict(project.url, INSTANCES) == (200, {"predictions": SPECIES})
 
 
