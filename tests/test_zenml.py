@@ -134,6 +134,17 @@ def project() -> Iterator[Project]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_core_never_imports_zenml(tmp_path: Path) -> None:
+    """ZenML is an optional extra: modeld's packages, its CLI and modeld_zenml's own import go without it."""
+    env = {**os.environ, "ZENML_CONFIG_PATH": str(tmp_path), "ZENML_ANALYTICS_OPT_IN": "false"}
+    code = "import sys, daemon.client, daemon.manager, deployers.cli, modeld_zenml; print('zenml' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    code = "import modeld_zenml as m; print(m.__all__ == sorted(m.__all__), all(getattr(m, n) for n in m.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_pipeline_deploys_through_modeld(project: Project) -> None:
     assert predict(project.url, INSTANCES) == (200, {"predictions": SPECIES})
     with project.daemon() as client:
