@@ -14,7 +14,9 @@ service takes it over through modeld's in-place replace (same modeld uuid,
 same port, the old version retired only once the new one is healthy). If
 the new version fails, the old one is still serving; it is registered in
 ZenML again (under a new ZenML id, since ZenML had already deleted its
-record) and the deploy fails with modeld's reason.
+record) and the deploy fails with modeld's reason. An old service the new
+one cannot take over (it runs under another daemon's home) is removed, as
+ZenML asked.
 """
 
 from __future__ import annotations
@@ -64,11 +66,16 @@ class ModeldModelDeployer(BaseModelDeployer):
             return super().deploy_model(config, service_type, replace, False, timeout)
         self._retiring = []
         try:
-            return super().deploy_model(config, service_type, replace, True, timeout)
-        finally:
+            service = super().deploy_model(config, service_type, replace, True, timeout)
+        except BaseException:
             retiring, self._retiring = self._retiring, None
             for old in retiring:  # the new version never took over: the old one still serves
                 self._register_again(old)
+            raise
+        retiring, self._retiring = self._retiring, None
+        for old in retiring:  # deleted by ZenML and not taken over (another daemon serves the new one)
+            old.remove(timeout=timeout)
+        return service
 
     def perform_deploy_model(
         self,
@@ -162,16 +169,23 @@ class ModeldModelDeployer(BaseModelDeployer):
         client = Client()
         old.status.modeld_uuid = old.modeld_uuid  # the new record's id differs: keep the link explicit
         old.update_status()
-        response = client.create_service(config=old.config, service_type=old.SERVICE_TYPE)
-        client.update_service(
-            id=response.id,
-            service_source=old.model_dump().get("type"),
-            admin_state=old.admin_state,
-            status=old.status.model_dump(),
-            endpoint=old.endpoint.model_dump(),
-            prediction_url=old.get_prediction_url(),
-            health_check_url=old.get_healthcheck_url(),
-        )
+        try:
+            response = client.create_service(config=old.config, service_type=old.SERVICE_TYPE)
+            client.update_service(
+                id=response.id,
+                service_source=old.model_dump().get("type"),
+                admin_state=old.admin_state,
+                status=old.status.model_dump(),
+                endpoint=old.endpoint.model_dump(),
+                prediction_url=old.get_prediction_url(),
+                health_check_url=old.get_healthcheck_url(),
+            )
+        except Exception as exc:  # the deploy's own error is the one to raise; say what is left behind
+            logger.error(
+                "The previous version still serves as modeld service %s, but ZenML could not record it again (%s); "
+                "see `modeld ls`.", old.modeld_uuid, exc,
+            )
+            return
         logger.warning(
             "The new version did not take over; the previous one keeps serving (modeld service %s), "
             "now ZenML service %s.", old.modeld_uuid, response.id,
