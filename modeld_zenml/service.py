@@ -150,6 +150,7 @@ class ModeldDeploymentService(BaseDeploymentService):
         return self.status.modeld_uuid or self.uuid
 
     def client(self) -> DaemonClient:
+        """A client of the daemon that runs this service (it starts the daemon if none answers)."""
         from daemon.client import DaemonClient
 
         return DaemonClient(home=self.config.modeld_home or None, socket_path=self.config.modeld_socket or None)
@@ -228,10 +229,12 @@ class ModeldDeploymentService(BaseDeploymentService):
         self.status.pid = None
 
     def start(self, timeout: int = 0) -> None:
+        """ZenML's start; ``provision`` waits on modeld up to ``timeout`` (0: does not wait)."""
         self._timeout = timeout
         super().start(timeout=timeout)
 
     def stop(self, timeout: int = 0, force: bool = False) -> None:
+        """ZenML's stop; ``deprovision`` gives modeld ``timeout`` before SIGKILL."""
         self._timeout = timeout
         super().stop(timeout=timeout, force=force)
 
