@@ -212,7 +212,7 @@ class ModeldDeploymentService(BaseDeploymentService):
 
         with self.client() as client:
             try:
-                svc = client.stop(self.modeld_uuid, timeout=self._wait(), force=force)
+                svc = client.stop(self.modeld_uuid, timeout=self._grace(self._timeout), force=force)
             except ServiceNotFound:
                 return  # nothing runs: stopped is what was asked for
         self._sync(svc)
@@ -223,7 +223,7 @@ class ModeldDeploymentService(BaseDeploymentService):
 
         with self.client() as client:
             try:
-                client.delete(self.modeld_uuid, timeout=max(timeout, 0.001), force=force)
+                client.delete(self.modeld_uuid, timeout=self._grace(timeout), force=force)
             except ServiceNotFound:
                 pass  # already gone
         self.status.pid = None
@@ -249,8 +249,13 @@ class ModeldDeploymentService(BaseDeploymentService):
     # ---------------------------------------------------------------- helpers
 
     def _wait(self) -> float:
-        # modeld counts a timeout of 0 as "do not wait"; it must still be > 0 on the wire.
+        """How long a start may wait for health: ZenML's 0 ("do not wait") is the shortest modeld accepts."""
         return max(float(self._timeout), 0.001)
+
+    def _grace(self, timeout: float) -> float:
+        """How long a stop may take before SIGKILL: ZenML's 0 ("do not wait") still stops gracefully
+        (modeld takes the shorter of this and the service's ``stop_timeout``)."""
+        return float(timeout) if timeout > 0 else float(DEFAULT_SERVICE_START_STOP_TIMEOUT)
 
     def _sync(self, svc: daemon.BaseService) -> None:
         """Copy what modeld reports (pid, host, port, paths) into ZenML's record."""
