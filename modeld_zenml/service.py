@@ -240,6 +240,9 @@ class ModeldDeploymentService(BaseDeploymentService):
 
     @property
     def prediction_url(self) -> Optional[str]:
+        """Where to POST ``{"instances": [...]}``, as the daemon last reported it (asked if not known yet)."""
+        if self.endpoint.prediction_url is None:
+            self.update_status()
         return self.endpoint.prediction_url
 
     @property
