@@ -52,11 +52,14 @@ def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 16384) -> str:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - max_bytes))
+            start = max(0, size - max_bytes)
+            f.seek(start)
             data = f.read()
     except OSError:
         return ""
     lines = data.decode(errors="replace").splitlines()
+    if start:
+        lines = lines[1:]  # it starts mid-line, maybe mid-secret, which scrub would then not recognise
     return "\n".join(line for line in lines[-n:] if not line.startswith("--- modeld: starting"))
 
 

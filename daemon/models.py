@@ -152,11 +152,19 @@ class ServiceConfig(BaseModel):
         upper = key.upper()
         return key in self.secret_env or any(marker in upper for marker in SECRET_MARKERS)
 
-    def scrub(self, text: str) -> str:
-        """``text`` with every secret env value masked: a server may print its token, an error may quote that."""
-        for key, value in self.env.items():
-            if value and len(value) >= 4 and self.is_secret(key):  # shorter ones would mask ordinary words
-                text = text.replace(value, REDACTED)
+    def secret_values(self) -> list[str]:
+        """The values to mask in text, longest first so that one containing another is masked whole."""
+        values = {v for k, v in self.env.items() if len(v) >= 4 and self.is_secret(k)}  # shorter ones would mask ordinary words
+        return sorted(values, key=len, reverse=True)
+
+    def scrub(self, text: str, *also: ServiceConfig) -> str:
+        """``text`` with every secret env value masked: a server may print its token, an error may quote that.
+
+        ``also``: other configs whose secrets may be in the same text (the previous version's, during a replace).
+        """
+        values = set(self.secret_values()).union(*(c.secret_values() for c in also))
+        for value in sorted(values, key=len, reverse=True):
+            text = text.replace(value, REDACTED)
         return text
 
     def redacted(self) -> ServiceConfig:

@@ -181,7 +181,7 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
         fields["command"] = args.command
         fields.setdefault("model_type", "command")
     if args.env:
-        fields["env"] = dict(_key_value(item, "--env") for item in args.env)
+        fields["env"] = dict(_env_item(item) for item in args.env)
     if args.secret_env:
         fields["secret_env"] = args.secret_env
     if args.unix_socket:
@@ -195,6 +195,18 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
     if restart:
         fields["restart"] = RestartPolicy(**restart)
     return ServiceConfig(**fields)
+
+
+def _env_item(item: str) -> tuple[str, str]:
+    """``KEY=VALUE``, or ``KEY`` alone to take the value from this shell's environment (like ``docker run -e``),
+    so that a secret never sits in the command line, which every local user can read in /proc."""
+    if "=" in item:
+        return _key_value(item, "--env")
+    if not item:
+        raise UsageError("--env takes KEY=VALUE or KEY, not an empty string")
+    if item not in os.environ:
+        raise UsageError(f"--env {item}: {item} is not set in this environment (give KEY=VALUE, or export it first)")
+    return item, os.environ[item]
 
 
 def _key_value(item: str, option: str) -> tuple[str, str]:
@@ -454,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, help=helptext)
     p.add_argument("--model-type", choices=["python", "pickle", "command"], help="runtime (default python; command if argv given)")
     p.add_argument("--port", type=int, help="port (default 0: a free one, kept for the service's life)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment of the server (repeatable)")
+    p.add_argument("--env", action="append", metavar="KEY[=VALUE]",
+                   help="environment of the server (repeatable); KEY alone takes its value from your environment, keeping a secret out of the command line")
     p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
     p.add_argument("--unix-socket", action="store_true",
                    help="serve a python/pickle model on a Unix socket only you can reach, not on a TCP port")

@@ -235,3 +235,20 @@ def test_secret_env_values_are_never_shown(client, home, tmp_path):
         assert [text[:300] for text in shown if value in text] == [], key
     for path in home.glob("services/*/service.json"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_scrub_masks_nested_secrets_whole_and_the_previous_versions_too():
+    new = ServiceConfig(model_name="m", model_uri="m.py:model", env={"A_KEY": "abcd", "B_TOKEN": "abcdefgh", "SHORT_KEY": "ab"})
+    old = ServiceConfig(model_name="m", model_uri="m.py:model", env={"A_KEY": "rotated-old-value"})
+    text = "new abcdefgh and abcd, old rotated-old-value, short ab"
+    assert new.scrub(text, old) == "new ******** and ********, old ********, short ab"
+    assert new.scrub(text) == "new ******** and ********, old rotated-old-value, short ab"
+
+
+def test_a_log_tail_that_starts_mid_line_drops_that_line(tmp_path):
+    from daemon.manager import tail_lines
+
+    log = tmp_path / "service.log"
+    log.write_text("x" * 50 + "SECRETVALUE-tail\n" + "line two\n")
+    assert tail_lines(log, max_bytes=20) == "line two"
+    assert tail_lines(log).splitlines()[0].endswith("SECRETVALUE-tail")
