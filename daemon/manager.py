@@ -41,6 +41,7 @@ log = logging.getLogger("modeld.manager")
 SERVE_PY = str(Path(__file__).with_name("runtime") / "serve.py")
 BUILTIN_TYPES = ("python", "pickle")
 HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # seconds between probes of a healthy server
+FAST_PROBING = 1.0  # seconds a starting server is probed every 5 ms before the probes back off
 UNHEALTHY_AFTER = 3  # failed probes in a row before an active server is reported in error
 LOG_MAX_BYTES = int(os.environ.get("MODELD_LOG_MAX_BYTES", 10 * 1024 * 1024))
 FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
@@ -473,7 +474,8 @@ class Manager:
 
     async def _wait_healthy(self, m: Managed, proc: ProcessHandle, timeout: float) -> None:
         """Probe every few ms (backing off) until healthy; DeployError if it exits or times out."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         target = self._target(m, proc)
         delay = 0.005
         seen = "no answer yet"
@@ -492,7 +494,8 @@ class Manager:
             if remaining <= 0:
                 raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + self._log_excerpt(m))
             await proc.wait(min(delay, remaining))
-            delay = min(delay * 1.5, 0.25)
+            if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
+                delay = min(delay * 1.5, 0.25)
 
     def _log_excerpt(self, m: Managed) -> str:
         lines = tail_lines(self.paths.service_log(m.uuid))
@@ -738,7 +741,9 @@ class Manager:
             self.store.save(svc)
             m.close_listener()
             return False
-        delay = min(policy.backoff_initial * 2 ** (m.failures - 1), policy.backoff_max)
+        # The first exit after a healthy run restarts at once (a one-off crash costs only a spawn);
+        # exits in a row back off from backoff_initial, doubling.
+        delay = 0.0 if m.failures == 1 else min(policy.backoff_initial * 2 ** (m.failures - 2), policy.backoff_max)
         svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
         self.store.save(svc)
         await asyncio.sleep(delay)
