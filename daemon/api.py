@@ -151,6 +151,7 @@ class ServiceViews:
         self._ordered: list[Any] = []  # by created_at, as find answers
         self._index: dict[str, dict[str, list[Any]]] = {}
         self._json: dict[UUID, tuple[tuple[Any, ...], bytes]] = {}
+        self._list: tuple[list[bytes], bytes] = ([], b"")
 
     def _fresh(self) -> None:
         members = list(self.manager.services.values())
@@ -194,20 +195,19 @@ class ServiceViews:
         key = (svc.config, svc.endpoint, svc.type, status, svc.desired_state, svc.version, svc.service_path,
                svc.created_at, *status.__dict__.values())
         cached = self._json.get(svc.uuid)
-        if cached is not None and _same(cached[0], key):
+        # Tuples compare item by item, identity first: the cached objects are the same ones in the
+        # common case (and kept alive by the cache, so no new object can take their ids).
+        if cached is not None and cached[0] == key:
             return cached[1]
         data = svc.public().model_dump_json().encode()
         self._json[svc.uuid] = (key, data)
         return data
 
     def list_json(self, services: list[BaseService]) -> bytes:
-        return b'{"services": [' + b", ".join([self.json(s) for s in services]) + b"]}"
-
-
-def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    # The first four are objects (compared by identity: a cached entry keeps them alive, so their
-    # ids cannot be reused); the rest are plain values.
-    return len(a) == len(b) and all(x is y for x, y in zip(a[:4], b[:4])) and a[4:] == b[4:]
+        parts = [self.json(s) for s in services]
+        if parts != self._list[0]:  # the same bytes objects as last time: reuse the joined answer
+            self._list = (parts, b'{"services": [' + b", ".join(parts) + b"]}")
+        return self._list[1]
 
 
 class Api:
