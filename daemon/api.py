@@ -151,7 +151,7 @@ class ServiceViews:
         self._ordered: list[Any] = []  # by created_at, as find answers
         self._index: dict[str, dict[str, list[Any]]] = {}
         self._json: dict[UUID, tuple[tuple[Any, ...], bytes]] = {}
-        self._list: tuple[list[bytes], bytes] = ([], b"")
+        self._list: tuple[list[bytes], bytes] = ([], b'{"services": []}')
 
     def _fresh(self) -> None:
         members = list(self.manager.services.values())
