@@ -69,12 +69,13 @@ class ProcessHandle:
             self.exited.set_result(code)
 
     async def wait(self, timeout: float | None) -> bool:
-        """Wait for exit; True if it exited within ``timeout``."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        """Wait for exit; True if it exited within ``timeout``. Never cancels ``exited``."""
+        if self.exited.done():
+            return True
+        # asyncio.wait leaves the future alone on timeout or cancellation, so no shield, and it
+        # costs one timer: supervision of a healthy server spends its life in here.
+        done, _ = await asyncio.wait((self.exited,), timeout=timeout)
+        return bool(done)
 
     async def terminate(self, timeout: float, force: bool = False) -> None:
         """SIGTERM to the group, wait up to ``timeout``, then SIGKILL; ``force`` kills at once."""
