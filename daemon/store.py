@@ -47,7 +47,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data and the size: all a rename needs
         finally:
             os.close(fd)
         os.replace(tmp, path)
