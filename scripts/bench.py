@@ -441,6 +441,10 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     result["readopt_restarted"] = restarted
     result["daemon_rss_mb"] = round(max(rss, rss_after), 1)
     result["daemon_idle_cpu_pct"] = round(max(cpu, cpu_after), 2)
+    result["daemon_idle"] = {  # the figures above are the worse of the two
+        "after_deploys": {"rss_mb": round(rss, 1), "cpu_pct": round(cpu, 2)},
+        "after_readopt": {"rss_mb": round(rss_after, 1), "cpu_pct": round(cpu_after, 2)},
+    }
     latencies: list[float] = []
     failures: list[str] = []
     took: list[float] = []
@@ -481,7 +485,7 @@ def progress(text: str) -> None:
 def table(result: dict[str, Any]) -> str:
     rows = []
     for key, value in result.items():
-        if key in ("targets", "setup", "replace_failures_sample"):
+        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle"):
             continue
         shown = f"{value['p50']:>10} {value['p99']:>10}" if isinstance(value, dict) else f"{value:>10}"
         target = result["targets"].get(key)
