@@ -191,9 +191,9 @@ class ServiceViews:
 
     def json(self, svc: BaseService) -> bytes:
         """The service's public JSON, made again only when something in it changed."""
-        status = svc.status
-        key = (svc.config, svc.endpoint, svc.type, status, svc.desired_state, svc.version, svc.service_path,
-               svc.created_at, *status.__dict__.values())
+        # Every field of the service (objects are replaced, not edited, except the status,
+        # whose fields are read too).
+        key = (*svc.__dict__.values(), *svc.status.__dict__.values())
         cached = self._json.get(svc.uuid)
         # Tuples compare item by item, identity first: the cached objects are the same ones in the
         # common case (and kept alive by the cache, so no new object can take their ids).
