@@ -33,7 +33,7 @@ from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import Paths
 from .linux import ProcessIdentity, boot_id, group_members, now_ticks, start_ticks
-from .process import ProcessHandle, resolve_executable, spawn
+from .process import ForkServers, ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
@@ -44,6 +44,7 @@ HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # second
 FAST_PROBING = 1.0  # seconds a starting server is probed every 5 ms before the probes back off
 UNHEALTHY_AFTER = 3  # failed probes in a row before an active server is reported in error
 LOG_MAX_BYTES = int(os.environ.get("MODELD_LOG_MAX_BYTES", 10 * 1024 * 1024))
+WARM_START = os.environ.get("MODELD_WARM_START", "1") != "0"  # built-in servers forked from a pre-imported process
 FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
 
 
@@ -107,6 +108,7 @@ class Manager:
         self.problems: list[Problem] = []
         self.started_at = time.time()
         self._create_lock = asyncio.Lock()
+        self.fork_servers = ForkServers(SERVE_PY, paths.home / "forkserver.log")
 
     # ------------------------------------------------------------------ queries
 
@@ -223,6 +225,7 @@ class Manager:
             if m.proc is not None:
                 m.proc.close()
             m.close_listener()
+        self.fork_servers.close()
 
     async def _halt(self, m: Managed) -> None:
         """Stop the process for ``daemon stop --all``; the desired state stays, so it comes back with the daemon."""
@@ -441,7 +444,14 @@ class Manager:
             values = {"{port}": str(port), "{host}": config.host, "{model_uri}": config.model_uri}
             argv = [_fill(arg, values) for arg in config.command]
         self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
-        proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
+        proc = None
+        if WARM_START and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
+            # Forked from a warm process that has imported uvicorn already (env that changes how
+            # an interpreter starts, PYTHONPATH and such, needs a cold one).
+            proc = self.fork_servers.spawn(argv[0], argv[2:], env=env, cwd=config.working_dir,
+                                           log_path=self.paths.service_log(m.uuid), listen_fd=pass_fds[0], extra=extra)
+        if proc is None:
+            proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
         recorded = dict(extra)
         if previous is not None:
             prev = previous.ident

@@ -570,3 +570,118 @@ def main(argv=None):
     asyncio.run(run())
     return 0
 
+
+
+# --------------------------------------------------------------------------
+# Warm start: a fork server
+
+
+def fork_server(control_fd):
+    """Serve spawn requests from the daemon on ``control_fd``, forking a server for each.
+
+    This process has imported uvicorn and this module already, so a forked
+    server skips the ~100 ms of a cold interpreter start. It stays single-
+    threaded with no event loop (forking is safe), and each child starts its
+    own session, so a server is the leader of its own process group as a
+    cold one is. Wire format, one SOCK_SEQPACKET message each:
+
+        daemon -> us: JSON {"argv": [...], "env": {...}, "cwd": "..."} with two
+                      fds (SCM_RIGHTS): the log file, the listening socket
+        us -> daemon: JSON {"pid": N, "ticks": T} (T: start time in clock ticks)
+        us -> daemon: JSON {"exit": N, "code": C} when child N exited (C < 0: signal)
+
+    It exits when the daemon closes its end.
+    """
+    import gc
+    import signal
+
+    ctl = socket.socket(fileno=control_fd)
+    children = set()
+
+    def reap(*_):
+        for pid in list(children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                children.discard(pid)
+                continue
+            if done:
+                children.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                try:
+                    ctl.send(json.dumps({"exit": pid, "code": code}).encode())
+                except OSError:
+                    pass
+
+    signal.signal(signal.SIGCHLD, reap)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    gc.collect()
+    gc.freeze()  # the pre-imported objects stay shared with the children (no copy-on-write by the GC)
+    ctl.send(b'{"ready": true}')
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 4)
+        except OSError:
+            return 0
+        if not msg:
+            return 0  # the daemon is gone; running servers carry on in their own sessions
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = _forked(ctl, json.loads(msg), fds)
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    try:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    finally:
+                        os._exit(code)
+            children.add(pid)
+            for fd in fds:
+                os.close(fd)
+            ctl.send(json.dumps({"pid": pid, "ticks": _start_ticks(pid)}).encode())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        reap()
+
+
+def _start_ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _forked(ctl, request, fds):
+    """In the child: become what a cold spawn would have been, then run the server."""
+    import signal
+
+    ctl.close()
+    os.setsid()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    log_fd, listen_fd = fds
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for fd in (devnull, log_fd):
+        os.close(fd)
+    cwd = request.get("cwd") or os.getcwd()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.path[0] = cwd  # serve.py put the working directory first; this child's is another
+    argv = list(request["argv"])
+    argv[argv.index("--fd") + 1] = str(listen_fd)
+    return main(argv)

@@ -41,4 +41,6 @@ def load():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--fork-server"]:  # started by the daemon for warm starts, see _serve.fork_server
+        sys.exit(load().fork_server(int(sys.argv[2])))
     sys.exit(load().main())
