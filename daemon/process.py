@@ -228,7 +228,7 @@ class ForkServer:
     fork server is gone by then, the code is unknown, as for an adopted server.
     """
 
-    REPLY_TIMEOUT = 2.0
+    REPLY_TIMEOUT = 10.0  # a fork that takes longer means something is badly wrong: that fork server is stopped
 
     def __init__(self, python: str, serve_py: str, log_path: Path):
         self._loop = asyncio.get_running_loop()
@@ -302,6 +302,7 @@ class ForkServer:
             while not self._replies:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not select.select([self._sock], [], [], remaining)[0]:
+                    self.close()
                     raise ForkServerError("the fork server did not answer")
                 self._on_message()
                 if self.closed:
@@ -380,6 +381,8 @@ class ForkServers:
     def spawn(self, python: str, argv: list[str], **kwargs: Any) -> ProcessHandle | None:
         """A warm server, or None if no fork server for ``python`` is ready yet (spawn cold then)."""
         server = self._servers.get(python)
+        if server is not None and server.closed and not server.ready:
+            return None  # it died before it was ready (this interpreter cannot run it): cold from now on
         if server is None or server.closed:
             try:
                 self._servers[python] = ForkServer(python, self.serve_py, self.log_path)
