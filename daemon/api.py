@@ -151,6 +151,7 @@ class ServiceViews:
         self._ordered: list[Any] = []  # by created_at, as find answers
         self._index: dict[str, dict[str, list[Any]]] = {}
         self._json: dict[UUID, tuple[tuple[Any, ...], bytes]] = {}
+        self._list: tuple[list[bytes], bytes] = ([], b'{"services": []}')
 
     def _fresh(self) -> None:
         members = list(self.manager.services.values())
@@ -203,7 +204,10 @@ class ServiceViews:
         return data
 
     def list_json(self, services: list[BaseService]) -> bytes:
-        return b'{"services": [' + b", ".join([self.json(s) for s in services]) + b"]}"
+        parts = [self.json(s) for s in services]
+        if parts != self._list[0]:  # the same bytes objects as last time: reuse the joined answer
+            self._list = (parts, b'{"services": [' + b", ".join(parts) + b"]}")
+        return self._list[1]
 
 
 class Api:
