@@ -167,6 +167,16 @@ def resolve_executable(name: str, env: dict[str, str], cwd: str = "") -> str:
     return found
 
 
+_server_umask = -1  # Popen's "leave it": set by the daemon, which runs under 077 itself
+
+
+def keep_server_umask(mask: int) -> None:
+    """The umask servers start with: the one the daemon was started with, not the 077 it runs under,
+    so files a server writes get the modes its user expects."""
+    global _server_umask
+    _server_umask = mask
+
+
 def spawn(
     argv: list[str],
     *,
@@ -202,6 +212,7 @@ def spawn(
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=pass_fds,
+                umask=_server_umask,
             )
         except OSError as exc:
             raise DeployError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
@@ -239,7 +250,7 @@ class ForkServer:
                 self._proc = subprocess.Popen(
                     [python, serve_py, "--fork-server", str(theirs.fileno())],
                     env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),),
+                    start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=_server_umask,
                 )
         except OSError:
             self._sock.close()

@@ -28,6 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, ModeldError, StorageError
 from .linux import ProcessIdentity, peer_uid
+from .process import keep_server_umask
 from .manager import Manager
 from .paths import Paths
 from .store import atomic_write
@@ -165,7 +166,7 @@ def run(paths: Paths | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    os.umask(0o077)  # everything the daemon creates (logs, locks, sockets) is private to its user
+    keep_server_umask(os.umask(0o077))  # everything the daemon creates (logs, locks, sockets) is private to its user
     paths.ensure()
     with contextlib.suppress(FileNotFoundError):
         os.chmod(paths.daemon_log, 0o600)  # created by the client that started us, under its umask

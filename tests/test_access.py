@@ -252,3 +252,25 @@ def test_a_log_tail_that_starts_mid_line_drops_that_line(tmp_path):
     log.write_text("x" * 50 + "SECRETVALUE-tail\n" + "line two\n")
     assert tail_lines(log, max_bytes=20) == "line two"
     assert tail_lines(log).splitlines()[0].endswith("SECRETVALUE-tail")
+
+
+def test_servers_keep_the_umask_the_daemon_was_started_with(client, home, tmp_path):
+    # The daemon itself runs under 077; the files a model server writes get its user's usual modes.
+    # The first deploy starts cold, the later ones are forked from the warm fork server: both checked.
+    previous = os.umask(0o022)  # the daemon is auto-started by the first call below, under this umask
+    try:
+        client.daemon_info()
+    finally:
+        os.umask(previous)
+    model = tmp_path / "writer.py"
+    model.write_text(textwrap.dedent("""
+        import os, sys
+        open(os.path.join(os.getcwd(), f"written-{os.getpid()}"), "w").close()
+        def model(instances):
+            return instances
+    """))
+    for name in ("w1", "w2", "w3"):
+        client.deploy(iris_config(model_name=name, model_uri=f"{model}:model", working_dir=str(tmp_path)), timeout=60)
+    written = sorted(tmp_path.glob("written-*"))
+    assert len(written) == 3
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {oct(0o644)}
