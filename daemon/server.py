@@ -11,6 +11,8 @@ SIGTERM and SIGINT stop the daemon and leave the model servers running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,16 +20,15 @@ import signal
 import socket
 import stat
 import sys
-import contextlib
+from typing import Any
 
 import h11
 import uvicorn
-from filelock import FileLock, Timeout
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, ModeldError, StorageError
-from .linux import ProcessIdentity, peer_uid
+from .linux import ProcessIdentity, peer_uid, trim_heap
 from .process import keep_server_umask
 from .manager import Manager
 from .paths import Paths
@@ -79,17 +80,23 @@ def daemon_pid(paths: Paths) -> int | None:
     return ident.pid if ident.is_alive() else None
 
 
-def take_lock(paths: Paths) -> FileLock:
-    lock = FileLock(paths.daemon_lock, mode=0o600)
+def take_lock(paths: Paths) -> int:
+    """Hold ``daemon.lock`` for the daemon's life: an exclusive flock, as filelock (used by clients) takes it.
+
+    Plain fcntl rather than filelock here: the daemon stays small (filelock adds ~1 MiB to its RSS).
+    The lock goes with the returned fd, also when the daemon is killed.
+    """
+    fd = os.open(paths.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         pid = daemon_pid(paths)
         raise DaemonAlreadyRunning(
             f"a modeld daemon is already running for {paths.home}" + (f" (pid {pid})" if pid else "")
             + "; stop it with `modeld daemon stop`"
         ) from None
-    return lock
+    return fd
 
 
 def bind_socket(paths: Paths) -> socket.socket:
@@ -120,6 +127,24 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+class TrimWhenIdle:
+    """ASGI wrapper: once the API has been quiet for a second, give freed heap back (see ``trim_heap``)."""
+
+    QUIET = 1.0
+
+    def __init__(self, app: Any):
+        self.app = app
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(self.QUIET, trim_heap)
+
+
 class Daemon:
     def __init__(self, paths: Paths):
         self.paths = paths
@@ -137,8 +162,9 @@ class Daemon:
 
         api = Api(self.manager, self.request_shutdown)
         await self.manager.rebuild()
+        trim_heap()
         config = uvicorn.Config(
-            api,
+            TrimWhenIdle(api),
             http=PeerCheckedProtocol,
             lifespan="off",
             log_level="warning",
@@ -189,7 +215,7 @@ def run(paths: Paths | None = None) -> int:
         log.info("modeld stopped%s", " with every server" if daemon.stop_services else "; model servers keep running")
         return 0
     finally:
-        lock.release()
+        os.close(lock)
 
 
 def main(argv: list[str] | None = None) -> int:
