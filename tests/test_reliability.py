@@ -29,6 +29,7 @@ from daemon.exceptions import Conflict, StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.models import DesiredState
 from daemon.paths import Paths
+from daemon.runtime._serve import FORK_SERVER_NAME
 from daemon.server import daemon_pid
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
@@ -52,9 +53,10 @@ def wait_state(client: DaemonClient, uuid, state: ServiceState, timeout: float =
 
 
 def servers_of(home: Path) -> list[psutil.Process]:
-    """Live processes of this home other than its daemon."""
+    """Live processes of this home other than its daemon and its fork server (warm servers are forked from it)."""
     daemon = daemon_pid(Paths(home))
-    return [p for p in processes_of(home) if p.pid != daemon and p.status() != psutil.STATUS_ZOMBIE]
+    return [p for p in processes_of(home)
+            if p.pid != daemon and p.status() != psutil.STATUS_ZOMBIE and p.name() != FORK_SERVER_NAME]
 
 
 @contextlib.contextmanager

@@ -597,6 +597,7 @@ def fork_server(control_fd):
 
     ctl = socket.socket(fileno=control_fd)
     children = set()
+    records = {}  # pid -> its record file
 
     def reap(*_):
         for pid in list(children):
@@ -607,6 +608,7 @@ def fork_server(control_fd):
                 continue
             if done:
                 children.discard(pid)
+                _remove_record(records.pop(pid, None))
                 code = os.waitstatus_to_exitcode(status)
                 try:
                     ctl.send(json.dumps({"exit": pid, "code": code}).encode())
@@ -615,6 +617,7 @@ def fork_server(control_fd):
 
     signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _set_comm(FORK_SERVER_NAME)  # in ps and /proc/<pid>/comm; its children take the interpreter's name back
     gc.collect()
     gc.freeze()  # the pre-imported objects stay shared with the children (no copy-on-write by the GC)
     ctl.send(b'{"ready": true}')
@@ -647,10 +650,60 @@ def fork_server(control_fd):
             children.add(pid)
             for fd in fds:
                 os.close(fd)
-            ctl.send(json.dumps({"pid": pid, "ticks": _start_ticks(pid)}).encode())
+            ticks = _start_ticks(pid)
+            records[pid] = _write_record(json.loads(msg)["env"], pid, ticks)
+            ctl.send(json.dumps({"pid": pid, "ticks": ticks}).encode())
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         reap()
+
+
+FORK_SERVER_NAME = "modeld-fork"  # the fork server's process name (comm), so it is told from the servers it forks
+_INTERPRETER_NAME = os.path.basename(sys.executable)[:15]  # what comm a cold server has
+
+
+def _set_comm(name):
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
+RECORD_TAGS = ("MODELD_HOME", "MODELD_SERVICE_UUID", "MODELD_PROCESS")
+
+
+def _write_record(env, pid, ticks):
+    """Say who a forked server is, in ``$MODELD_HOME/run/forked-<pid>``, before the daemon hears of it.
+
+    A cold server's /proc/<pid>/environ carries the daemon's tags (its service
+    uuid...), so a daemon killed before it wrote the pid file still finds it on
+    restart. A forked one shows our environ instead; this file stands in for it
+    (start ticks first, then the tags as environ has them, NUL-separated).
+    """
+    home = env.get("MODELD_HOME")
+    if not home:
+        return None
+    path = os.path.join(home, "run", f"forked-{pid}")
+    tags = b"\0".join(f"{k}={env[k]}".encode() for k in RECORD_TAGS if k in env)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"%d\n" % ticks + tags)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        print(f"modeld fork server: cannot write {path}: {exc}", file=sys.stderr, flush=True)
+        return None
+    return path
+
+
+def _remove_record(path):
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _start_ticks(pid):
@@ -667,6 +720,7 @@ def _forked(ctl, request, fds):
 
     ctl.close()
     os.setsid()
+    _set_comm(_INTERPRETER_NAME)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
