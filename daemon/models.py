@@ -54,7 +54,7 @@ class RestartPolicy(BaseModel):
 
     mode: Literal["on-failure", "always", "never"] = "on-failure"
     max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
-    backoff_initial: float = Field(0.1, ge=0, description="seconds before the first restart")
+    backoff_initial: float = Field(0.1, ge=0, description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
     backoff_max: float = Field(10.0, ge=0, description="cap of the doubling backoff")
     healthy_reset: float = Field(10.0, ge=0, description="seconds of healthy run that reset the restart count")
 

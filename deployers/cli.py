@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a python/pickle model on a Unix socket only you can reach, not on a TCP port")
     p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
     p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
-    p.add_argument("--backoff", type=_seconds, help="seconds before the first restart, doubled each time (default 0.1)")
+    p.add_argument("--backoff", type=_seconds, help="seconds before the second restart in a row, doubled each time after (default 0.1); a server that dies after a healthy run restarts at once")
     p.add_argument("--backoff-max", type=_seconds, help="cap of the restart backoff in seconds (default 10)")
     p.add_argument("--healthy-reset", type=_seconds, help="seconds of healthy run that reset the restart count (default 10)")
     p.add_argument("--service-type", help=argparse.SUPPRESS)
