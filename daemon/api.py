@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import operator
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._version import __version__
 from .exceptions import DaemonError, InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
 from .manager import FIND_FILTERS, Manager, tail_lines
-from .models import BaseService, ServiceConfig
+from .models import BaseService, ServiceConfig, ServiceState
 
 log = logging.getLogger("modeld.api")
 
@@ -132,6 +133,83 @@ def service_json(svc: BaseService) -> dict[str, Any]:
     return svc.public().model_dump(mode="json")
 
 
+class ServiceViews:
+    """What find and get answer, served from memory: an index for find's filters and each service's JSON.
+
+    Both are checked, not trusted, on every call, at C speed and without hooks into the manager:
+    the index is rebuilt when the list of services or any service's config object changed (configs
+    are replaced, never edited in place); a service's JSON (from pydantic's Rust serializer) is
+    reused while the objects and status values it was made from are the same.
+    """
+
+    _configs = operator.attrgetter("svc.config")
+
+    def __init__(self, manager: Manager):
+        self.manager = manager
+        self._members: list[Any] = []
+        self._configs_seen: list[Any] = []
+        self._ordered: list[Any] = []  # by created_at, as find answers
+        self._index: dict[str, dict[str, list[Any]]] = {}
+        self._json: dict[UUID, tuple[tuple[Any, ...], bytes]] = {}
+        self._list: tuple[list[bytes], bytes] = ([], b'{"services": []}')
+
+    def _fresh(self) -> None:
+        members = list(self.manager.services.values())
+        configs = list(map(self._configs, members))
+        if members == self._members and configs == self._configs_seen:  # identity compares: fast
+            return
+        self._members, self._configs_seen = members, configs
+        self._ordered = sorted(members, key=lambda m: m.svc.created_at)
+        self._index = {name: {} for name in FIND_FILTERS}
+        for m in self._ordered:
+            for name, values in self._index.items():
+                values.setdefault(getattr(m.svc.config, name), []).append(m)
+        live = {m.uuid for m in members}
+        for uuid in [u for u in self._json if u not in live]:
+            del self._json[uuid]
+
+    def find(self, running: bool = False, service_uuid: UUID | None = None, **filters: str | None) -> list[BaseService]:
+        """The same answer as ``Manager.find``."""
+        self._fresh()
+        wanted = {k: v for k, v in filters.items() if v is not None}
+        if service_uuid is not None:
+            m = self.manager.services.get(service_uuid)
+            candidates = [m] if m is not None else []
+        elif wanted:
+            candidates = min((self._index[k].get(v, []) for k, v in wanted.items()), key=len)
+        else:
+            candidates = self._ordered
+        found = []
+        for m in candidates:
+            svc = m.svc
+            if running and svc.status.state != ServiceState.ACTIVE:
+                continue
+            if wanted and any(getattr(svc.config, k) != v for k, v in wanted.items()):
+                continue
+            found.append(svc)
+        return found
+
+    def json(self, svc: BaseService) -> bytes:
+        """The service's public JSON, made again only when something in it changed."""
+        # Every field of the service (objects are replaced, not edited, except the status,
+        # whose fields are read too).
+        key = (*svc.__dict__.values(), *svc.status.__dict__.values())
+        cached = self._json.get(svc.uuid)
+        # Tuples compare item by item, identity first: the cached objects are the same ones in the
+        # common case (and kept alive by the cache, so no new object can take their ids).
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        data = svc.public().model_dump_json().encode()
+        self._json[svc.uuid] = (key, data)
+        return data
+
+    def list_json(self, services: list[BaseService]) -> bytes:
+        parts = [self.json(s) for s in services]
+        if parts != self._list[0]:  # the same bytes objects as last time: reuse the joined answer
+            self._list = (parts, b'{"services": [' + b", ".join(parts) + b"]}")
+        return self._list[1]
+
+
 class Api:
     """The ASGI application of the daemon."""
 
@@ -139,6 +217,7 @@ class Api:
         self.manager = manager
         self.request_shutdown = request_shutdown
         self.closing = asyncio.Event()
+        self.views = ServiceViews(manager)
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = [
             ("GET", re.compile(r"/v1/daemon"), self.daemon_info),
             ("POST", re.compile(r"/v1/daemon/shutdown"), self.shutdown),
@@ -194,7 +273,7 @@ class Api:
 
     @staticmethod
     async def _send_json(send: Send, status: int, payload: Any) -> None:
-        body = json.dumps(payload).encode()
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -228,8 +307,8 @@ class Api:
 
     async def find(self, request: Request) -> tuple[int, Any]:
         types: dict[str, type] = {"running": bool, "service_uuid": UUID, **{name: str for name in FIND_FILTERS}}
-        found = self.manager.find(**request.params(**types))
-        return 200, {"services": [service_json(s) for s in found]}
+        found = self.views.find(**request.params(**types))
+        return 200, self.views.list_json(found)
 
     async def deploy(self, request: Request) -> tuple[int, Any]:
         request.params()
@@ -242,7 +321,7 @@ class Api:
 
     async def get(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         request.params()
-        return 200, service_json(self.manager.get(uuid).svc)
+        return 200, self.views.json(self.manager.get(uuid).svc)
 
     async def start(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         params = request.params(timeout=float)

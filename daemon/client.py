@@ -311,7 +311,7 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
 
     paths.ensure()
     try:
-        with FileLock(paths.autostart_lock, timeout=timeout):
+        with FileLock(paths.autostart_lock, timeout=timeout, mode=0o600):
             if _answers(paths):
                 return
             deadline = time.monotonic() + timeout
@@ -343,7 +343,7 @@ def _lock_free(paths: Paths) -> bool:
     """No daemon holds this home's lock (one that is exiting holds it until its very end)."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(paths.daemon_lock)
+    lock = FileLock(paths.daemon_lock, mode=0o600)
     try:
         lock.acquire(timeout=0)
     except Timeout:

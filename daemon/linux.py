@@ -66,6 +66,24 @@ def group_members(pgid: int, started_from: int, started_until: int) -> list[int]
     return members
 
 
+_malloc_trim = None
+
+
+def trim_heap() -> None:
+    """Give memory that malloc holds free back to the kernel (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A long-lived daemon's heap keeps the high-water mark of its busiest moment (a
+    re-adoption, a burst of deploys); trimming when idle keeps its RSS what it needs.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes  # only now: ~0.4 MiB the daemon need not carry if it never gets here
+
+        _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
     """What proves a pid still names the process we started."""
@@ -138,16 +156,19 @@ class TaggedProcess:
         return self.pgid == self.ident.pid
 
 
-def tagged_processes(home: str) -> list[TaggedProcess]:
+def tagged_processes(home: str, forked: dict[int, tuple[int, list[bytes]]] | None = None) -> list[TaggedProcess]:
     """Every live process of this uid whose environment has ``MODELD_HOME=home`` and a service uuid.
 
     The daemon puts both in each server's environment, and children inherit them: so a
     server spawned just before a daemon died, before its pid file was written, is still
-    found. A process is listed only if its start time is the same before and after its
-    environment was read, so the identity belongs to the environment read.
+    found. A server forked by a fork server shows that server's environment instead; for
+    those, ``forked`` maps a pid to its start ticks and the environment entries the fork
+    server recorded, used when the ticks match. A process is listed only if its start time
+    is the same before and after its environment was read, so the identity belongs to it.
     """
     uid, me = os.getuid(), str(os.getpid())
     want_home = b"MODELD_HOME=" + os.fsencode(home)
+    forked = forked or {}
     boot = boot_id()
     found = []
     for entry in os.listdir("/proc"):
@@ -161,7 +182,12 @@ def tagged_processes(home: str) -> list[TaggedProcess]:
                 environ = f.read().split(b"\0")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        if before is None or before[0] in (b"Z", b"X") or want_home not in environ:
+        if before is None or before[0] in (b"Z", b"X"):
+            continue
+        record = forked.get(int(entry))
+        if record is not None and record[0] == int(before[19]):
+            environ = record[1]
+        if want_home not in environ:
             continue
         tags = {k: v for k, _, v in (item.partition(b"=") for item in environ) if k in (b"MODELD_SERVICE_UUID", b"MODELD_PROCESS")}
         if not tags.get(b"MODELD_SERVICE_UUID"):

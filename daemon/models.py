@@ -54,7 +54,7 @@ class RestartPolicy(BaseModel):
 
     mode: Literal["on-failure", "always", "never"] = "on-failure"
     max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
-    backoff_initial: float = Field(0.1, ge=0, description="seconds before the first restart")
+    backoff_initial: float = Field(0.1, ge=0, description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
     backoff_max: float = Field(10.0, ge=0, description="cap of the doubling backoff")
     healthy_reset: float = Field(10.0, ge=0, description="seconds of healthy run that reset the restart count")
 
@@ -83,6 +83,7 @@ class ServiceConfig(BaseModel):
     prediction_path: str = Field("", description="path of predictions; default: KServe's /v1/models/<model_name>:predict")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port once, then keep it")
+    bind_unix: bool = Field(False, description="serve a built-in model on a Unix socket private to the user, not on TCP")
     env: dict[str, str] = Field(default_factory=dict)
     secret_env: list[str] = Field(default_factory=list, description="env keys never echoed, beside those that look secret")
     python: str = Field("", description="interpreter for python/pickle models; default: the deploying client's")
@@ -132,6 +133,10 @@ class ServiceConfig(BaseModel):
             raise ValueError("model_type 'command' needs a command (argv list)")
         if self.model_type != "command" and not self.model_uri:
             raise ValueError(f"model_type {self.model_type!r} needs a model_uri")
+        if self.bind_unix and self.model_type == "command":
+            raise ValueError("bind_unix works with the built-in python and pickle servers; a command server binds what its argv says")
+        if self.bind_unix and self.port:
+            raise ValueError("bind_unix serves on a Unix socket: leave port at 0")
         return self
 
     def with_client_defaults(self) -> ServiceConfig:
@@ -146,6 +151,21 @@ class ServiceConfig(BaseModel):
     def is_secret(self, key: str) -> bool:
         upper = key.upper()
         return key in self.secret_env or any(marker in upper for marker in SECRET_MARKERS)
+
+    def secret_values(self) -> list[str]:
+        """The values to mask in text, longest first so that one containing another is masked whole."""
+        values = {v for k, v in self.env.items() if len(v) >= 4 and self.is_secret(k)}  # shorter ones would mask ordinary words
+        return sorted(values, key=len, reverse=True)
+
+    def scrub(self, text: str, *also: ServiceConfig) -> str:
+        """``text`` with every secret env value masked: a server may print its token, an error may quote that.
+
+        ``also``: other configs whose secrets may be in the same text (the previous version's, during a replace).
+        """
+        values = set(self.secret_values()).union(*(c.secret_values() for c in also))
+        for value in sorted(values, key=len, reverse=True):
+            text = text.replace(value, REDACTED)
+        return text
 
     def redacted(self) -> ServiceConfig:
         """A copy whose secret env values are masked, for anything shown or logged."""
@@ -189,9 +209,12 @@ class ServiceEndpoint(BaseModel):
     health_path: str = "/health"
     prediction_path: str = ""
     model_name: str = ""
+    unix_socket: str = Field("", description="the server's Unix socket, when it serves on one instead of a port")
 
     @property
     def base_url(self) -> str:
+        if self.unix_socket:  # the requests-unixsocket convention: the socket path, percent-encoded, as host
+            return f"http+unix://{quote(self.unix_socket, safe='')}"
         # A server bound to every address is reached on loopback.
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         host = f"[{host}]" if ":" in host else host
@@ -207,6 +230,12 @@ class ServiceEndpoint(BaseModel):
     @property
     def health_check_url(self) -> str:
         return f"{self.base_url}{self.health_path}"
+
+    def curl_example(self) -> str:
+        """How to send one prediction from a shell."""
+        path = self.prediction_path or f"/v1/models/{quote(self.model_name, safe='')}:predict"
+        where = f"--unix-socket {self.unix_socket} http://localhost{path}" if self.unix_socket else f"{self.base_url}{path}"
+        return f"curl {where} -H 'content-type: application/json' -d '{{\"instances\": [...]}}'"
 
 
 class ServiceType(BaseModel):
@@ -257,8 +286,11 @@ class BaseService(BaseModel):
         return os.path.join(self.service_path, "service.log") if self.service_path else ""
 
     def public(self) -> BaseService:
-        """A copy fit to show: secret env values masked."""
-        return self.model_copy(update={"config": self.config.redacted()})
+        """A copy fit to show: secret env values masked, also where the last error quotes them."""
+        status = self.status
+        if status.last_error and self.config.scrub(status.last_error) != status.last_error:
+            status = status.model_copy(update={"last_error": self.config.scrub(status.last_error)})
+        return self.model_copy(update={"config": self.config.redacted(), "status": status})
 
 
 class ServiceRegistry:

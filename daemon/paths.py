@@ -7,11 +7,14 @@
       services/<uuid>/service.json    the whole BaseService
       services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
       services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
+      services/<uuid>/model.sock      the server's socket, for a service deployed with bind_unix
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import stat
 from pathlib import Path
 from uuid import UUID
 
@@ -57,6 +60,10 @@ class Paths:
     def service_log(self, uuid: UUID | str) -> Path:
         return self.service_dir(uuid) / "service.log"
 
+    def model_socket(self, uuid: UUID | str) -> Path:
+        """The Unix socket a ``bind_unix`` service serves on (inside its private folder)."""
+        return self.service_dir(uuid) / "model.sock"
+
     def process_socket(self, uuid: UUID | str, generation: int, kind: str) -> Path:
         """Private socket of one server process: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""
         return self.run / f"{str(uuid)[:13]}-{generation}.{kind}"
@@ -78,3 +85,31 @@ class Paths:
                 f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes; "
                 "set MODELD_HOME (or MODELD_SOCKET) to a shorter path"
             )
+
+
+def bind_private_socket(path: Path) -> socket.socket:
+    """Bind and listen on a Unix socket at ``path`` that only this user can connect to (0600).
+
+    A socket file already there is a leftover of a server that is gone (the caller owns the
+    path); anything else is not ours to replace.
+    """
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise StorageError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set MODELD_HOME to a shorter path")
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StorageError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise StorageError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.umask(old_umask)
+    return sock

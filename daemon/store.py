@@ -11,18 +11,17 @@ other services load.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
-
-from filelock import FileLock
 
 from . import killpoints
 from .exceptions import StorageError
@@ -33,15 +32,25 @@ from .paths import Paths
 log = logging.getLogger("modeld.store")
 
 
+_temp_names = itertools.count()
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = os.path.join(path.parent, f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fdatasync(fd)  # the data and the size: all a rename needs
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -51,6 +60,21 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         if isinstance(exc, OSError):
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing, left in place), as filelock's FileLock takes it.
+
+    Not reentrant. Plain fcntl instead of filelock here: a service's files are locked on every
+    save, and this costs one open and one flock (filelock: ~0.5 ms per lock).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -91,7 +115,7 @@ class Store:
     def locked(self, uuid: UUID | str) -> Iterator[None]:
         directory = self.paths.service_dir(uuid)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with FileLock(directory / ".lock"):
+        with file_lock(directory / ".lock"):
             yield
 
     def save(self, svc: BaseService) -> None:

@@ -181,9 +181,11 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
         fields["command"] = args.command
         fields.setdefault("model_type", "command")
     if args.env:
-        fields["env"] = dict(_key_value(item, "--env") for item in args.env)
+        fields["env"] = dict(_env_item(item) for item in args.env)
     if args.secret_env:
         fields["secret_env"] = args.secret_env
+    if args.unix_socket:
+        fields["bind_unix"] = True
     restart = {
         k: v
         for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts), ("backoff_initial", args.backoff),
@@ -193,6 +195,18 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
     if restart:
         fields["restart"] = RestartPolicy(**restart)
     return ServiceConfig(**fields)
+
+
+def _env_item(item: str) -> tuple[str, str]:
+    """``KEY=VALUE``, or ``KEY`` alone to take the value from this shell's environment (like ``docker run -e``),
+    so that a secret never sits in the command line, which every local user can read in /proc."""
+    if "=" in item:
+        return _key_value(item, "--env")
+    if not item:
+        raise UsageError("--env takes KEY=VALUE or KEY, not an empty string")
+    if item not in os.environ:
+        raise UsageError(f"--env {item}: {item} is not set in this environment (give KEY=VALUE, or export it first)")
+    return item, os.environ[item]
 
 
 def _key_value(item: str, option: str) -> tuple[str, str]:
@@ -304,7 +318,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
-    extra = {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
+    extra = {"UNIX_SOCKET": svc.endpoint.unix_socket or None, "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None}
+    extra = {k: v for k, v in extra.items() if v is not None} | {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
     if svc.status.last_error:
         extra["LAST_ERROR"] = _one_line(svc.status.last_error)
     for key, value in extra.items():
@@ -451,11 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, help=helptext)
     p.add_argument("--model-type", choices=["python", "pickle", "command"], help="runtime (default python; command if argv given)")
     p.add_argument("--port", type=int, help="port (default 0: a free one, kept for the service's life)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment of the server (repeatable)")
+    p.add_argument("--env", action="append", metavar="KEY[=VALUE]",
+                   help="environment of the server (repeatable); KEY alone takes its value from your environment, keeping a secret out of the command line")
     p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
+    p.add_argument("--unix-socket", action="store_true",
+                   help="serve a python/pickle model on a Unix socket only you can reach, not on a TCP port")
     p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
     p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
-    p.add_argument("--backoff", type=_seconds, help="seconds before the first restart, doubled each time (default 0.1)")
+    p.add_argument("--backoff", type=_seconds, help="seconds before the second restart in a row, doubled each time after (default 0.1); a server that dies after a healthy run restarts at once")
     p.add_argument("--backoff-max", type=_seconds, help="cap of the restart backoff in seconds (default 10)")
     p.add_argument("--healthy-reset", type=_seconds, help="seconds of healthy run that reset the restart count (default 10)")
     p.add_argument("--service-type", help=argparse.SUPPRESS)

@@ -144,7 +144,7 @@ class FlavorRegistry:
 
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock = FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT)
+            lock = FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT, mode=0o600)
             lock.acquire()
         except Timeout as exc:
             raise StorageError(f"{path}.lock is held by another process for more than {LOCK_TIMEOUT:g}s") from exc

@@ -104,15 +104,30 @@ class ServerProcess:
     create_time: float
 
 
+def forked_tags(home: Path, pid: int) -> dict[str, str]:
+    """The tags a fork server recorded for a server it forked (whose own environ is the fork
+    server's), if the record is about this very process (same start ticks)."""
+    try:
+        ticks, _, tags = (home / "run" / f"forked-{pid}").read_bytes().partition(b"\n")
+    except OSError:
+        return {}
+    if int(ticks) != start_ticks(pid):
+        return {}
+    return dict(item.decode().partition("=")[::2] for item in tags.split(b"\0") if item)
+
+
 def server_processes(home: Path) -> list[ServerProcess]:
-    """Every live process carrying ``MODELD_HOME=home`` and a ``MODELD_SERVICE_UUID`` (read here with
-    psutil, independently of the daemon's own scan)."""
+    """Every live process carrying ``MODELD_HOME=home`` and a ``MODELD_SERVICE_UUID`` in its
+    environment, or in the record a fork server wrote for it (read here with psutil,
+    independently of the daemon's own scan)."""
     found = []
     for proc in psutil.process_iter():
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             env = proc.environ()
+            if not env.get("MODELD_SERVICE_UUID"):
+                env = forked_tags(home, proc.pid) or env
             if env.get("MODELD_HOME") != str(home) or not env.get("MODELD_SERVICE_UUID"):
                 continue
             found.append(ServerProcess(proc.pid, os.getpgid(proc.pid), proc.ppid(), env["MODELD_SERVICE_UUID"], proc.create_time()))

@@ -10,6 +10,8 @@ import json
 import re
 import subprocess
 
+import psutil
+
 from conftest import http_get, modeld, pid_alive, port_open, predict, wait_for
 from daemon.paths import Paths
 from daemon.server import daemon_pid
@@ -148,6 +150,21 @@ def test_command_server_after_double_dash(home):
     port = listed[0]["endpoint"]["port"]
     ok(modeld("rm", uuid, "--force", home=home))
     wait_for(lambda: not port_open(port), 10, what="the command server's port to close")
+
+
+def test_env_key_alone_takes_the_value_from_the_callers_environment(home, monkeypatch):
+    # A secret given as --env KEY never sits in the CLI's command line (readable by every local user in /proc).
+    monkeypatch.setenv("API_KEY", "sk-from-env-7731")
+    monkeypatch.delenv("MODELD_TEST_UNSET", raising=False)
+    out = ok(modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--json",
+                    "--env", "API_KEY", "--env", "PLAIN=shown", home=home))
+    shown = json.loads(out)
+    assert shown["config"]["env"] == {"API_KEY": "********", "PLAIN": "shown"}
+    assert psutil.Process(shown["status"]["pid"]).environ()["API_KEY"] == "sk-from-env-7731"
+    assert "sk-from-env-7731" not in out
+    usage_error(modeld("deploy", "--model-name", "x", "--model-uri", "examples/iris.py:model",
+                       "--env", "MODELD_TEST_UNSET", home=home), "--env MODELD_TEST_UNSET", "not set")
+    ok(modeld("daemon", "stop", "--all", home=home))
 
 
 # -------------------------------------------------------------------- errors

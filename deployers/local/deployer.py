@@ -62,12 +62,13 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
     def get_model_server_info(
         service: BaseService,
     ) -> Dict[str, Optional[str]]:
-        # URLs are only meaningful once the daemon has given the server a port.
+        # URLs are only meaningful once the daemon has given the server a port (or its Unix socket).
         port = service.endpoint.port
+        bound = port or service.endpoint.unix_socket
         return {
             "UUID": str(service.uuid),
-            "PREDICTION_URL": service.endpoint.prediction_url if port else None,
-            "HEALTH_CHECK_URL": service.endpoint.health_check_url if port else None,
+            "PREDICTION_URL": service.endpoint.prediction_url if bound else None,
+            "HEALTH_CHECK_URL": service.endpoint.health_check_url if bound else None,
             "PORT": str(port) if port else None,
             "MODEL_URI": service.config.model_uri or None,
             "MODEL_NAME": service.config.model_name or None,

@@ -1,0 +1,284 @@
+"""ZenML's view of a model server that the modeld daemon runs.
+
+ZenML keeps its own record of every service (config, admin state, last
+status, endpoint) in its store; modeld's daemon keeps the process, its pid
+file and its ``service.json``. :class:`ModeldDeploymentService` joins the
+two: every question ZenML asks (``check_status``, ``get_logs``) and every
+order it gives (``provision``, ``deprovision``) is one call to the daemon
+over its socket, for the modeld service named by ``status.modeld_uuid``.
+
+That uuid is the ZenML service id when the service was first deployed, and
+stays the same modeld uuid when a continuous deployment hands a model over
+to a new ZenML record (see :mod:`modeld_zenml.deployer`). Both records
+survive restarts: ZenML's in its store, modeld's on disk; if the daemon's
+record is gone, ``provision`` (``zenml model-deployer models start``)
+deploys the service again from the config ZenML kept, under the same uuid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple
+from urllib.parse import urlsplit
+from uuid import UUID
+
+from pydantic import Field, PrivateAttr, model_validator
+from zenml.constants import DEFAULT_SERVICE_START_STOP_TIMEOUT
+from zenml.enums import ServiceState
+from zenml.models.v2.misc.service import ServiceType
+from zenml.services.service import BaseDeploymentService, ServiceConfig
+from zenml.services.service_endpoint import (
+    BaseServiceEndpoint,
+    ServiceEndpointConfig,
+    ServiceEndpointProtocol,
+    ServiceEndpointStatus,
+)
+from zenml.services.service_monitor import HTTPEndpointHealthMonitor, HTTPEndpointHealthMonitorConfig
+from zenml.services.service_status import ServiceStatus
+
+if TYPE_CHECKING:
+    import daemon
+    from daemon.client import DaemonClient
+
+# modeld's own run settings; None leaves modeld's default (ServiceConfig in daemon/models.py).
+_RUN_SETTINGS = (
+    "model_type", "command", "health_path", "prediction_path", "host", "port", "env", "secret_env",
+    "python", "working_dir", "restart", "startup_timeout", "stop_timeout",
+)
+
+
+class ModeldDeploymentConfig(ServiceConfig):
+    """What to serve and how: ZenML's service fields plus modeld's run settings.
+
+    ``model_uri`` is ``path/to/file.py:attr``, ``package.module:attr`` or a
+    ``.pkl``/``.joblib`` file for modeld's built-in KServe-V1 server, or the
+    ``{model_uri}`` of a ``command``. Every other modeld setting left ``None``
+    takes modeld's default. ``modeld_home`` and ``modeld_socket`` are filled
+    in by the deployer, so any process (the ZenML CLI in another shell) finds
+    the daemon that runs the service.
+    """
+
+    pipeline_run_id: str = ""
+    model_uri: str = ""
+    model_type: Optional[Literal["python", "pickle", "command"]] = None
+    command: Optional[List[str]] = None
+    health_path: Optional[str] = None
+    prediction_path: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    env: Optional[Dict[str, str]] = None
+    secret_env: Optional[List[str]] = None
+    python: Optional[str] = None
+    working_dir: Optional[str] = None
+    restart: Optional[Dict[str, Any]] = None
+    startup_timeout: Optional[float] = None
+    stop_timeout: Optional[float] = None
+    modeld_home: str = ""
+    modeld_socket: str = ""
+
+    @model_validator(mode="after")
+    def _valid_for_modeld(self) -> ModeldDeploymentConfig:
+        # Fail where the config is written (the pipeline step), with modeld's message.
+        self.to_modeld()
+        return self
+
+    def to_modeld(self) -> daemon.ServiceConfig:
+        """The modeld ``ServiceConfig`` this describes (raises pydantic's ValidationError if it cannot run)."""
+        from daemon.models import ServiceConfig as ModeldConfig
+
+        fields: Dict[str, Any] = {
+            "name": self.service_name,
+            "description": self.description,
+            "pipeline_name": self.pipeline_name,
+            "pipeline_run_id": self.pipeline_run_id,
+            "pipeline_step_name": self.pipeline_step_name,
+            "model_name": self.model_name,
+            "model_uri": self.model_uri,
+        }
+        fields.update({key: getattr(self, key) for key in _RUN_SETTINGS if getattr(self, key) is not None})
+        return ModeldConfig(**fields)
+
+
+class ModeldDeploymentServiceStatus(ServiceStatus):
+    """ZenML's last view of the service, plus the modeld service it maps to."""
+
+    modeld_uuid: Optional[UUID] = None
+    pid: Optional[int] = None
+
+
+class ModeldDeploymentEndpointConfig(ServiceEndpointConfig):
+    """The path predictions go to (modeld's KServe route unless the config says otherwise)."""
+
+    prediction_path: str = ""
+
+
+class ModeldDeploymentEndpoint(BaseServiceEndpoint):
+    """The server's HTTP endpoint, as modeld reports it; ZenML health-checks it over HTTP."""
+
+    config: ModeldDeploymentEndpointConfig = Field(default_factory=ModeldDeploymentEndpointConfig)
+    status: ServiceEndpointStatus = Field(default_factory=lambda: ServiceEndpointStatus(protocol=ServiceEndpointProtocol.HTTP))
+    monitor: HTTPEndpointHealthMonitor = Field(default_factory=HTTPEndpointHealthMonitor)
+
+    @property
+    def prediction_url(self) -> Optional[str]:
+        uri = self.status.uri
+        return f"{uri}{self.config.prediction_path}" if uri and self.config.prediction_path else None
+
+
+class ModeldDeploymentService(BaseDeploymentService):
+    """A model server deployed through ZenML and run by the modeld daemon."""
+
+    SERVICE_TYPE = ServiceType(
+        name="modeld-deployment",
+        type="model-serving",
+        flavor="modeld",
+        description="Model server supervised by the local modeld daemon",
+    )
+
+    config: ModeldDeploymentConfig
+    status: ModeldDeploymentServiceStatus = Field(default_factory=ModeldDeploymentServiceStatus)
+    endpoint: ModeldDeploymentEndpoint = Field(default_factory=ModeldDeploymentEndpoint)
+
+    # How long the current start/stop may wait (ZenML's provision/deprovision take no timeout).
+    _timeout: float = PrivateAttr(default=DEFAULT_SERVICE_START_STOP_TIMEOUT)
+    # Set by the deployer for a continuous deployment: provision replaces the modeld service in place.
+    _handover: bool = PrivateAttr(default=False)
+
+    @property
+    def modeld_uuid(self) -> UUID:
+        """The modeld service behind this ZenML service (its own id unless a hand-over says otherwise)."""
+        return self.status.modeld_uuid or self.uuid
+
+    def client(self) -> DaemonClient:
+        """A client of the daemon that runs this service (it starts the daemon if none answers)."""
+        from daemon.client import DaemonClient
+
+        return DaemonClient(home=self.config.modeld_home or None, socket_path=self.config.modeld_socket or None)
+
+    # ------------------------------------------------------------ ZenML's hooks
+
+    def check_status(self) -> Tuple[ServiceState, str]:
+        """The state modeld observes (it probes the server and restarts it; ZenML only reads)."""
+        from daemon.exceptions import ModeldError, ServiceNotFound
+
+        try:
+            with self.client() as client:
+                svc = client.get(self.modeld_uuid)
+        except ServiceNotFound:
+            self.status.pid = None
+            return ServiceState.INACTIVE, (
+                f"the modeld daemon has no service {self.modeld_uuid} (deleted outside ZenML); "
+                "starting it deploys it again"
+            )
+        except ModeldError as exc:
+            return ServiceState.ERROR, f"cannot ask the modeld daemon: {exc}"
+        self._sync(svc)
+        return ServiceState(svc.status.state.value), svc.status.last_error
+
+    def get_logs(self, follow: bool = False, tail: Optional[int] = None) -> Generator[str, bool, None]:
+        """The server's stdout and stderr from its ``service.log``, one line at a time."""
+        return _lines(self._log_chunks(follow, tail))
+
+    def _log_chunks(self, follow: bool, tail: Optional[int]) -> Iterator[str]:
+        with self.client() as client:
+            yield from client.logs(self.modeld_uuid, tail=tail, follow=follow)
+
+    def provision(self) -> None:
+        """Make modeld run this service: start it, or deploy it if modeld does not know it (yet)."""
+        from daemon.exceptions import DeployError, ServiceNotFound
+
+        config = self.config.to_modeld()
+        with self.client() as client:
+            try:
+                try:
+                    if self._handover:
+                        svc = client.deploy(config, replace=True, timeout=self._wait(), uuid=self.modeld_uuid)
+                    else:
+                        svc = client.start(self.modeld_uuid, timeout=self._wait())
+                except ServiceNotFound:
+                    svc = client.deploy(config, timeout=self._wait(), uuid=self.modeld_uuid)
+            except DeployError:
+                # timeout 0 means "do not wait": a server that keeps starting is what was asked for.
+                svc = client.get(self.modeld_uuid)
+                if self._timeout > 0 or svc.status.state.value != ServiceState.PENDING_STARTUP.value:
+                    raise
+        self._handover = False
+        self.status.modeld_uuid = svc.uuid
+        self._sync(svc)
+
+    def deprovision(self, force: bool = False) -> None:
+        """Stop the server (SIGTERM to its process group, SIGKILL after the timeout; ``force``: at once)."""
+        from daemon.exceptions import ServiceNotFound
+
+        with self.client() as client:
+            try:
+                svc = client.stop(self.modeld_uuid, timeout=self._grace(self._timeout), force=force)
+            except ServiceNotFound:
+                return  # nothing runs: stopped is what was asked for
+        self._sync(svc)
+
+    def remove(self, timeout: float, force: bool = False) -> None:
+        """Stop the server and make modeld forget it (its folder, log and pid file)."""
+        from daemon.exceptions import ServiceNotFound
+
+        with self.client() as client:
+            try:
+                client.delete(self.modeld_uuid, timeout=self._grace(timeout), force=force)
+            except ServiceNotFound:
+                pass  # already gone
+        self.status.pid = None
+
+    def start(self, timeout: int = 0) -> None:
+        """ZenML's start; ``provision`` waits on modeld up to ``timeout`` (0: does not wait)."""
+        self._timeout = timeout
+        super().start(timeout=timeout)
+
+    def stop(self, timeout: int = 0, force: bool = False) -> None:
+        """ZenML's stop; ``deprovision`` gives modeld ``timeout`` before SIGKILL."""
+        self._timeout = timeout
+        super().stop(timeout=timeout, force=force)
+
+    @property
+    def prediction_url(self) -> Optional[str]:
+        """Where to POST ``{"instances": [...]}``, as the daemon last reported it (asked if not known yet)."""
+        if self.endpoint.prediction_url is None:
+            self.update_status()
+        return self.endpoint.prediction_url
+
+    @property
+    def healthcheck_url(self) -> Optional[str]:
+        return self.endpoint.monitor.get_healthcheck_uri(self.endpoint)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _wait(self) -> float:
+        """How long a start may wait for health: ZenML's 0 ("do not wait") is the shortest modeld accepts."""
+        return max(float(self._timeout), 0.001)
+
+    def _grace(self, timeout: float) -> float:
+        """How long a stop may take before SIGKILL: ZenML's 0 ("do not wait") still stops gracefully
+        (modeld takes the shorter of this and the service's ``stop_timeout``)."""
+        return float(timeout) if timeout > 0 else float(DEFAULT_SERVICE_START_STOP_TIMEOUT)
+
+    def _sync(self, svc: daemon.BaseService) -> None:
+        """Copy what modeld reports (pid, host, port, paths) into ZenML's record."""
+        self.status.modeld_uuid = svc.uuid
+        self.status.pid = svc.status.pid
+        port = svc.endpoint.port or None
+        url = urlsplit(svc.endpoint.base_url)
+        self.endpoint.status.protocol = ServiceEndpointProtocol.HTTP
+        self.endpoint.status.hostname = url.hostname if port else None
+        self.endpoint.status.port = port
+        self.endpoint.config.prediction_path = urlsplit(svc.endpoint.prediction_url).path
+        self.endpoint.monitor.config = HTTPEndpointHealthMonitorConfig(healthcheck_uri_path=svc.endpoint.health_path)
+
+
+def _lines(chunks: Iterator[str]) -> Generator[str, bool, None]:
+    """Text chunks as whole lines (ZenML's CLI prints each item on its own line)."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        yield from lines
+    if pending:
+        yield pending

@@ -1,0 +1,558 @@
+"""modeld beside the physical floor, measured side by side in one run; prints one JSON object.
+
+    python scripts/bench.py [--quick] [--runs N] [--live N] [--registered N] [--idle S]
+
+A readable table goes to stderr; the JSON object (medians and p99s) to stdout.
+These machines are small and shared, so every product figure is measured in the
+same run as its floor, alternating, and the ratios are taken against that floor.
+
+| figure                    | how                                                                     |
+|---------------------------|-------------------------------------------------------------------------|
+| cold_floor_ms             | spawn python running a bare uvicorn raw-ASGI app until GET /health is 200 (polled every 5 ms) |
+| deploy_ms                 | deploy of a trivial built-in python model until the call returns with the server answering |
+| uds_floor_us              | GET on a bare uvicorn raw-ASGI app over a Unix socket (keep-alive, body read)  |
+| find_one_us               | filtered find (one match) over the daemon's socket, N services registered (same client code) |
+| list_all_ms               | GET /v1/services with N services registered, until the whole body is read |
+| stop_ms                   | graceful stop of a built-in server until the call returns and the port is closed |
+| crash_recover_ms          | kill -9 of a server until its port answers again, from a new pid         |
+| readopt_ms                | restart the daemon with the live servers until all are reported active again (each after a fresh probe) |
+| daemon_rss_mb / daemon_idle_cpu_pct | the daemon with the live servers, idle                        |
+| replace_*                 | replace of a built-in server while a client sends requests as fast as it can, one connection each, |
+|                           | from 0.3 s before to 0.3 s after; failures count them all, latency those overlapping the replace call |
+
+The registered services for find/list are written to disk as stopped services
+(no process) before their daemon starts; the live servers are real processes.
+Everything runs in temp homes under /tmp and every process started is killed at
+the end by pid / process group (also on Ctrl-C or an error), never by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from daemon import DaemonClient, DesiredState, LocalModelService, ServiceConfig, ServiceState  # noqa: E402
+from daemon.linux import ProcessIdentity  # noqa: E402
+
+BARE_APP = """
+import sys, uvicorn
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+where = sys.argv[1]
+if where.isdigit():
+    uvicorn.run(app, host="127.0.0.1", port=int(where), log_level="warning", lifespan="off")
+else:
+    uvicorn.run(app, uds=where, log_level="warning", lifespan="off")
+"""
+MODEL = "def model(instances):\n    return instances\n"
+
+TARGETS = {  # figure -> (description, check on the result)
+    "deploy_ms": ("p50 <= 1.25 x cold_floor_ms", lambda r: r["deploy_ms"]["p50"] <= 1.25 * r["cold_floor_ms"]["p50"]),
+    "find_one_us": ("p50 <= 2 x uds_floor_us", lambda r: r["find_one_us"]["p50"] <= 2 * r["uds_floor_us"]["p50"]),
+    "list_all_ms": ("p50 <= 5 ms", lambda r: r["list_all_ms"]["p50"] <= 5),
+    "stop_ms": ("p50 <= 150 ms", lambda r: r["stop_ms"]["p50"] <= 150),
+    "crash_recover_ms": ("p50 <= cold_floor_ms + 50", lambda r: r["crash_recover_ms"]["p50"] <= r["cold_floor_ms"]["p50"] + 50),
+    "readopt_ms": ("<= 1000 ms, 0 restarted", lambda r: r["readopt_ms"]["max"] <= 1000 and r["readopt_restarted"] == 0),
+    "daemon_rss_mb": ("<= 40 MiB", lambda r: r["daemon_rss_mb"] <= 40),
+    "daemon_idle_cpu_pct": ("<= 1 % of a core", lambda r: r["daemon_idle_cpu_pct"] <= 1),
+    "replace_failed_requests": ("0 failed", lambda r: r["replace_failed_requests"] == 0),
+}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def summary(values: list[float], scale: float) -> dict[str, float]:
+    """p50 and p99 (nearest rank) of ``values`` (seconds) in the unit of ``scale``."""
+    xs = sorted(v * scale for v in values)
+    p99 = xs[min(len(xs) - 1, max(0, int(round(len(xs) * 0.99)) - 1))]
+    return {"p50": round(statistics.median(xs), 1), "p99": round(p99, 1), "n": len(xs)}
+
+
+def wait(cond: Callable[[], object], timeout: float = 30, what: str = "condition", every: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def healthy(port: int, path: str = "/health") -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            return s.recv(64).split()[1:2] == [b"200"]
+    except (OSError, IndexError):
+        return False
+
+
+def port_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    """A keep-alive HTTP connection over a Unix socket (the same code for the floor and the daemon)."""
+
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+    def get(self, url: str) -> bytes:
+        self.request("GET", url)
+        response = self.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: {response.status} {body[:200]!r}")
+        return body
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# ------------------------------------------------------------ process reaper
+
+
+class Reaper:
+    """Every process group the benchmark started or saw, killed at the end by pid (checked by start time)."""
+
+    def __init__(self) -> None:
+        self.idents: set[ProcessIdentity] = set()
+        self.homes: list[Path] = []
+
+    def note(self, pid: int | None) -> None:
+        if pid:
+            ident = ProcessIdentity.of(pid)
+            if ident is not None:
+                self.idents.add(ident)
+
+    def _recorded(self) -> set[ProcessIdentity]:
+        found = set(self.idents)
+        for home in self.homes:
+            for pidfile in [home / "daemon.pid", *home.glob("services/*/service.pid")]:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    lines = pidfile.read_text().split()
+                    found.add(ProcessIdentity(int(lines[0]), int(lines[1]), lines[2]))
+        return found
+
+    def wait_daemons(self, folder: Path, timeout: float) -> None:
+        """Give daemons asked to shut down time to stop their servers themselves."""
+        daemons = [ident for ident in self._recorded() if ident.is_alive() and _is_daemon(ident.pid)]
+        with contextlib.suppress(TimeoutError):
+            wait(lambda: not any(d.is_alive() for d in daemons), timeout=timeout, what="the daemons to exit", every=0.02)
+
+    def kill_all(self) -> int:
+        killed = 0
+        for ident in self._recorded():
+            if not ident.is_alive():
+                continue
+            for kill, sig_target in ((os.killpg, ident.pid), (os.kill, ident.pid)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(sig_target, signal.SIGKILL)
+            killed += 1
+        return killed
+
+
+def _is_daemon(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0-m\0daemon\0" in f.read()
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ figures
+
+
+@contextlib.contextmanager
+def bare_server(folder: Path, where: str, reaper: Reaper) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, str(folder / "bare.py"), where], start_new_session=True)
+    reaper.note(proc.pid)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def cold_floor(folder: Path, reaper: Reaper) -> float:
+    port = free_port()
+    start = time.perf_counter()
+    with bare_server(folder, str(port), reaper):
+        wait(lambda: healthy(port), what="the bare uvicorn server")
+        return time.perf_counter() - start
+
+
+def lifecycle_runs(client: DaemonClient, folder: Path, runs: int, reaper: Reaper) -> dict[str, list[float]]:
+    """cold floor, deploy, crash recovery and stop, alternating so that all see the same noise."""
+    figures: dict[str, list[float]] = {"cold_floor_ms": [], "deploy_ms": [], "crash_recover_ms": [], "stop_ms": []}
+    for i in range(runs):
+        figures["cold_floor_ms"].append(cold_floor(folder, reaper))
+        start = time.perf_counter()
+        svc = client.deploy(ServiceConfig(model_name=f"life{i}", model_uri=f"{folder}/m.py:model"), timeout=60)
+        figures["deploy_ms"].append(time.perf_counter() - start)
+        reaper.note(svc.status.pid)
+        port, pid = svc.endpoint.port, svc.status.pid
+        assert pid and healthy(port), "deploy returned before the server answered"
+        start = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        wait(lambda: healthy(port) and client.get(svc.uuid).status.pid not in (None, pid), what="crash recovery")
+        figures["crash_recover_ms"].append(time.perf_counter() - start)
+        reaper.note(client.get(svc.uuid).status.pid)
+        start = time.perf_counter()
+        client.stop(svc.uuid, timeout=10)
+        closed = port_closed(port)
+        figures["stop_ms"].append(time.perf_counter() - start)
+        assert closed, "the port still answers after stop returned"
+        client.delete(svc.uuid, force=True)
+    return figures
+
+
+def register_stopped(home: Path, folder: Path, count: int) -> None:
+    """Write ``count`` stopped services to disk, as a daemon would have left them."""
+    for i in range(count):
+        config = ServiceConfig(
+            model_name=f"reg{i}", model_uri=f"{folder}/m.py:model", pipeline_name=f"pipe{i % 10}",
+            pipeline_step_name="deploy", pipeline_run_id=f"run{i}", python=sys.executable, working_dir=str(folder),
+        )
+        svc = LocalModelService(config=config, desired_state=DesiredState.STOPPED)
+        directory = home / "services" / str(svc.uuid)
+        directory.mkdir(parents=True, mode=0o700)
+        svc.service_path = str(directory)
+        (directory / "service.json").write_text(svc.model_dump_json(indent=2))
+
+
+def socket_runs(socket_path: str, folder: Path, registered: int, runs: int, reaper: Reaper) -> dict[str, list[float]]:
+    """find (one match) and list (all) on the daemon beside a bare uvicorn GET on a Unix socket."""
+    floor_path = str(folder / "bare.sock")
+    figures: dict[str, list[float]] = {"uds_floor_us": [], "find_one_us": [], "list_all_ms": []}
+    with bare_server(folder, floor_path, reaper):
+        wait(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
+        floor, daemon = UnixHTTP(floor_path), UnixHTTP(socket_path)
+        wait(lambda: _tries(floor.get, "/health"), what="the bare uvicorn Unix socket to answer")
+        wanted = f"/v1/services?model_name=reg{registered // 2}"
+        assert len(json.loads(daemon.get(wanted))["services"]) == 1
+        for _ in range(20):  # warm both
+            floor.get("/health")
+            daemon.get(wanted)
+        for _ in range(runs * 10):
+            start = time.perf_counter()
+            floor.get("/health")
+            figures["uds_floor_us"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            daemon.get(wanted)
+            figures["find_one_us"].append(time.perf_counter() - start)
+        assert len(json.loads(daemon.get("/v1/services"))["services"]) == registered
+        for _ in range(max(10, runs * 2)):
+            start = time.perf_counter()
+            daemon.get("/v1/services")
+            figures["list_all_ms"].append(time.perf_counter() - start)
+        floor.close()
+        daemon.close()
+    return figures
+
+
+def _tries(fn: Callable[..., object], *args: object) -> bool:
+    try:
+        fn(*args)
+    except OSError:
+        return False
+    return True
+
+
+def deploy_live(home: Path, folder: Path, count: int, reaper: Reaper) -> list[Any]:
+    """Deploy ``count`` real built-in servers, a few at a time."""
+
+    def one(i: int) -> Any:
+        with DaemonClient(home=home) as c:
+            svc = c.deploy(ServiceConfig(model_name=f"live{i}", model_uri=f"{folder}/m.py:model", pipeline_name="bench"), timeout=120)
+        reaper.note(svc.status.pid)
+        return svc
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def idle_daemon(client: DaemonClient, seconds: float) -> tuple[float, float]:
+    """RSS (MiB) and CPU (% of a core) of the daemon over ``seconds`` of idling."""
+    pid = client.daemon_info()["pid"]
+    client.close()
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)  # the measurement itself: the daemon must be left alone
+    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    return rss_mb(pid), 100 * (cpu1 - cpu0) / (t1 - t0)
+
+
+def readopt(home: Path, before: dict[str, tuple[int, int]], reaper: Reaper) -> tuple[float, int]:
+    """Stop the daemon (servers keep running), start a new one; time until every server is reported active."""
+    client = DaemonClient(home=home)
+    old = client.daemon_info()["pid"]
+    old_ident = ProcessIdentity.of(old)
+    client.shutdown(stop_services=False)
+    wait(lambda: old_ident is None or not old_ident.is_alive(), timeout=30, what="the daemon to exit")
+    start = time.perf_counter()
+    services = client.find(running=True)  # starts the daemon, answered once every service is rebuilt
+    deadline = time.monotonic() + 60
+    while len(services) < len(before):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(services)} of {len(before)} servers active 60 s after the daemon restart")
+        time.sleep(0.005)
+        services = client.find(running=True)
+    elapsed = time.perf_counter() - start
+    reaper.note(client.daemon_info()["pid"])
+    client.close()
+    now = {str(s.uuid): (s.status.pid, s.status.restarts) for s in services}
+    restarted = sum(1 for uuid, (pid, restarts) in before.items() if now.get(uuid) != (pid, restarts))
+    return elapsed, restarted
+
+
+def replace_under_load(client: DaemonClient, svc: Any, folder: Path, seconds_after: float) -> dict[str, Any]:
+    """Replace while a client sends requests as fast as it can, one connection per request."""
+    port = svc.endpoint.port
+    name = svc.config.model_name
+    body = b'{"instances": [[1, 2, 3]]}'
+    request = (
+        f"POST /v1/models/{name}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    stop = threading.Event()
+    latencies: list[float] = []
+    failures: list[str] = []  # the first few; failed counts them all
+    failed = [0]
+
+    def fail(what: str) -> None:
+        failed[0] += 1
+        if len(failures) < 5:
+            failures.append(what)
+
+    def hammer() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(request)
+                    data = b""
+                    while chunk := s.recv(65536):
+                        data += chunk
+                if data.split(b" ", 2)[1:2] != [b"200"]:
+                    fail(data[:80].decode(errors="replace"))
+            except OSError as exc:
+                fail(f"{type(exc).__name__}: {exc}")
+            latencies.append((start, time.perf_counter()))
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        time.sleep(seconds_after)  # the load runs before, during and after the replace
+        begin = time.perf_counter()
+        config = svc.config.model_copy(update={"python": "", "working_dir": ""})
+        new = client.deploy(config, replace=True, timeout=60)
+        end = time.perf_counter()
+        time.sleep(seconds_after)
+    finally:
+        stop.set()
+        thread.join(15)
+    assert new.uuid == svc.uuid and new.version == svc.version + 1, "replace did not update in place"
+    during = [e - b for b, e in latencies if e >= begin and b <= end]  # requests that overlap the replace
+    return {"latencies": during, "requests": len(latencies), "failed": failed[0], "failures": failures, "took": end - begin, "svc": new}
+
+
+# --------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any]:
+    (folder / "bare.py").write_text(BARE_APP)
+    (folder / "m.py").write_text(MODEL)
+    home_a, home_b = folder / "a", folder / "b"
+    reaper.homes += [home_a, home_b]
+    result: dict[str, Any] = {}
+
+    # Home A: N stopped services on disk, then deploy / crash / stop runs and find / list.
+    register_stopped(home_a, folder, args.registered)
+    client = DaemonClient(home=home_a)
+    reaper.note(client.daemon_info()["pid"])  # starts the daemon outside the timings
+    progress(f"home A: {args.registered} registered services; {args.runs} lifecycle runs")
+    life = lifecycle_runs(client, folder, args.runs, reaper)
+    progress("find / list")
+    sock = socket_runs(str(client.paths.socket), folder, args.registered, args.runs, reaper)
+    for name, values in life.items():
+        result[name] = summary(values, 1000)
+    result["uds_floor_us"] = summary(sock["uds_floor_us"], 1e6)
+    result["find_one_us"] = summary(sock["find_one_us"], 1e6)
+    result["list_all_ms"] = summary(sock["list_all_ms"], 1000)
+    client.shutdown(stop_services=True)
+
+    # Home B: live servers, idle daemon, re-adoption, replace under load.
+    progress(f"home B: deploying {args.live} live servers")
+    client = DaemonClient(home=home_b)
+    reaper.note(client.daemon_info()["pid"])
+    started = time.perf_counter()
+    live = deploy_live(home_b, folder, args.live, reaper)
+    result["deploy_live_s"] = round(time.perf_counter() - started, 2)
+    before = {str(s.uuid): (s.status.pid, s.status.restarts) for s in client.find(running=True)}
+    assert len(before) == args.live, f"{len(before)} of {args.live} live servers active"
+    progress(f"idle daemon for {args.idle:g}s")
+    rss, cpu = idle_daemon(client, args.idle)
+    times, restarted = [], 0
+    for i in range(args.readopts):
+        progress(f"re-adoption {i + 1}/{args.readopts}")
+        elapsed, n = readopt(home_b, before, reaper)
+        times.append(elapsed)
+        restarted += n
+    rss_after, cpu_after = idle_daemon(client, args.idle)
+    result["readopt_ms"] = {**summary(times, 1000), "max": round(max(times) * 1000, 1)}
+    result["readopt_restarted"] = restarted
+    result["daemon_rss_mb"] = round(max(rss, rss_after), 1)
+    result["daemon_idle_cpu_pct"] = round(max(cpu, cpu_after), 2)
+    result["daemon_idle"] = {  # the figures above are the worse of the two
+        "after_deploys": {"rss_mb": round(rss, 1), "cpu_pct": round(cpu, 2)},
+        "after_readopt": {"rss_mb": round(rss_after, 1), "cpu_pct": round(cpu_after, 2)},
+    }
+    latencies: list[float] = []
+    requests = 0
+    failures: list[str] = []
+    failed = 0
+    took: list[float] = []
+    svc = live[0]
+    for i in range(args.replaces):
+        progress(f"replace under load {i + 1}/{args.replaces}")
+        out = replace_under_load(client, client.get(svc.uuid), folder, 0.3)
+        latencies += out["latencies"]
+        requests += out["requests"]
+        failures += out["failures"]
+        failed += out["failed"]
+        took.append(out["took"])
+        reaper.note(out["svc"].status.pid)
+    result["replace_requests"] = requests
+    result["replace_failed_requests"] = failed
+    result["replace_latency_ms"] = summary(latencies, 1000)  # of the requests that overlap a replace call
+    result["replace_ms"] = summary(took, 1000)
+    if failures:
+        result["replace_failures_sample"] = failures[:5]
+    client.shutdown(stop_services=True)
+
+    result["deploy_over_floor"] = round(result["deploy_ms"]["p50"] / result["cold_floor_ms"]["p50"], 2)
+    result["find_over_uds_floor"] = round(result["find_one_us"]["p50"] / result["uds_floor_us"]["p50"], 2)
+    result["crash_over_floor_ms"] = round(result["crash_recover_ms"]["p50"] - result["cold_floor_ms"]["p50"], 1)
+    result["targets"] = {name: {"target": text, "met": bool(check(result))} for name, (text, check) in TARGETS.items()}
+    result["setup"] = {
+        "runs": args.runs, "registered": args.registered, "live": args.live, "idle_s": args.idle,
+        "readopts": args.readopts, "replaces": args.replaces, "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+    }
+    return result
+
+
+def progress(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = []
+    for key, value in result.items():
+        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle"):
+            continue
+        shown = f"{value['p50']:>10} {value['p99']:>10}" if isinstance(value, dict) else f"{value:>10}"
+        target = result["targets"].get(key)
+        mark = "" if target is None else f"  {'ok  ' if target['met'] else 'MISS'} {target['target']}"
+        rows.append(f"{key:<26} {shown:<21}{mark}")
+    head = f"{'figure':<26} {'p50':>10} {'p99':>10}"
+    return "\n".join([head, *rows, f"setup: {json.dumps(result['setup'])}"])
+
+
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer runs and live servers: under a minute")
+    parser.add_argument("--runs", type=int, help="lifecycle runs (default 20, quick 5)")
+    parser.add_argument("--live", type=int, help="live servers (default 100, quick 20)")
+    parser.add_argument("--registered", type=int, default=1000, help="stopped services for find/list (default 1000)")
+    parser.add_argument("--idle", type=float, help="seconds the idle daemon is watched, twice (default 10, quick 3)")
+    args = parser.parse_args()
+    args.runs = args.runs or (5 if args.quick else 20)
+    args.live = args.live or (20 if args.quick else 100)
+    args.idle = args.idle or (3.0 if args.quick else 10.0)
+    args.readopts = 1 if args.quick else 3
+    args.replaces = 1 if args.quick else 3
+    if min(args.runs, args.live, args.registered) < 1:
+        parser.error("--runs, --live and --registered must be at least 1")
+
+    reaper = Reaper()
+    folder = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
+    os.environ["MODELD_HOME"] = str(folder / "a")  # a stray client call never reaches the user's daemon
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        result = run(args, reaper, folder)
+    except KeyboardInterrupt:
+        progress("interrupted; cleaning up")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for home in reaper.homes:
+            with contextlib.suppress(Exception):
+                DaemonClient(home=home, auto_start=False, timeout=30).shutdown(stop_services=True)
+        reaper.wait_daemons(folder, timeout=20)  # they stop their servers; then the safety net
+        killed = reaper.kill_all()
+        if killed:
+            progress(f"killed {killed} leftover process groups")
+        shutil.rmtree(folder, ignore_errors=True)
+    print(table(result), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

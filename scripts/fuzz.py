@@ -1,0 +1,622 @@
+"""Fuzz the daemon's control socket with bad input; prints one JSON line.
+
+    python scripts/fuzz.py [--count 10000] [--seed 1] [--home DIR]
+
+Every route of ``daemon.api.Api`` (taken from its route table, so none is
+missed) gets malformed JSON, wrong types, unknown fields, huge bodies, path
+traversal and unicode in uuids, bad query parameters, wrong methods; and
+raw garbage bytes go to the socket on connections of their own. The
+generator is a seeded ``random.Random``: the same seed gives the same
+inputs. Every input is meant to be refused, so the checks are strict:
+
+- an HTTP input gets a 4xx with ``{"error": {"type", "message"}}`` whose
+  message names the problem (the field, parameter or value at fault);
+- garbage gets the same, or a closed connection;
+- the daemon stays the same process and keeps answering;
+- nothing under the home changes (every file's content, inode and mtime,
+  the daemon's log excepted).
+
+Without ``--home`` it starts a daemon in a temp home, deploys one real
+service (so its uuid is fuzzed too: a bad ``?timeout=`` on its stop must
+not stop it), fuzzes, and stops everything. The output has ``inputs`` (how
+many were sent), ``by_kind``, ``failures`` (the first few, with the input)
+and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import sys
+import time
+import uuid as uuidlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+IRIS = str(REPO / "examples" / "iris.py") + ":model"
+
+# ---------------------------------------------------------------- the routes
+
+
+def route_table() -> list[tuple[str, str, dict[str, type]]]:
+    """(method, path template with {uuid}, accepted query parameters) for every route of the API."""
+    from daemon.api import Api
+
+    api = Api(manager=None, request_shutdown=lambda stop: None)  # type: ignore[arg-type]
+    routes = []
+    for method, pattern, handler in api.routes:
+        template = pattern.pattern.replace("(?P<uuid>[^/]+)", "{uuid}")
+        assert re.fullmatch(r"[/a-z0-9{}]+", template), f"a route the fuzzer cannot fill in: {pattern.pattern}"
+        routes.append((method, template, QUERY_PARAMS[handler.__name__]))
+    return routes
+
+
+# The query parameters each handler accepts (checked against the API's answers: an unknown one is a 400).
+QUERY_PARAMS: dict[str, dict[str, type]] = {
+    "daemon_info": {},
+    "shutdown": {"stop_services": bool},
+    "find": {"running": bool, "service_uuid": uuidlib.UUID, "pipeline_name": str, "pipeline_run_id": str,
+             "pipeline_step_name": str, "model_name": str, "model_uri": str, "model_type": str},
+    "deploy": {},
+    "get": {},
+    "delete": {"timeout": float, "force": bool},
+    "start": {"timeout": float},
+    "stop": {"timeout": float, "force": bool},
+    "logs": {"tail": int, "follow": bool},
+}
+
+# ------------------------------------------------------------- the generator
+
+UNICODE = "éü中文日本語🙂🚀\u202e\u200b\ufeffΩ≈ç√∫Ǆǅ\u0301ß\U0001f4a9ﬁ"
+TRAVERSAL = [
+    "..", "../daemon", "../..", "..%2F..%2Fetc%2Fpasswd", "%2e%2e", "%2E%2E%2F", "..%5c..%5c", ".%00.", "x%00y",
+    "%2e%2e%2fservices", "....//....//", "..;/", "%252e%252e", "~", ".", "%2f", "%c0%ae%c0%ae", "%ff%fe",
+    "%e2%80%ae", "00000000-0000-0000-0000-00000000000g", "{uuid}", "' OR 1=1 --", "$(id)", "`id`", "%0d%0aX-Y: z",
+]
+METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "TRACE", "FOO", "get", "CONNECTX"]
+PATHS_404 = ["/", "/v1", "/v2/services", "/v1/nothing", "/v1/services/x/y/z", "/v1//services", "/v1/daemon/",
+             "/V1/SERVICES", "/v1/services/", "/v1/daemon/shutdown/now", "/%2e%2e/v1/daemon", "//", "/v1/services/a/restart"]
+
+
+def rand_text(rng: random.Random, n: int | None = None) -> str:
+    n = rng.randint(1, 24) if n is None else n
+    alphabet = "abcXYZ019-_.:/ " + UNICODE + "\"'\\{}[]<>&=?#%+;"
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def bad_value(rng: random.Random, kind: type) -> str:
+    """A query value that ``kind`` refuses, whatever the random part: it starts with a letter none accepts."""
+    fixed = {
+        bool: ["maybe", "2", "truee", "nope", "-1", "t", "y", "🙂", "%00", "tru"],
+        float: ["soon", "-1", "nan", "inf", "-inf", "1e999", "NaN", "", " ", "1,5", "0x10", "--1", "½"],
+        int: ["-3", "1.5", "ten", "", "1e3", "-0.0", "0x1f", "inf", "nan", "½"],
+        uuidlib.UUID: ["nope", "../etc", "1234", "", "%2e%2e", "g" * 32],
+        str: [],
+    }[kind]
+    if fixed and rng.random() < 0.6:
+        return rng.choice(fixed)
+    return "q" + rand_text(rng)
+
+
+def encode(text: str) -> str:
+    return quote(text, safe="")
+
+
+@dataclass
+class Case:
+    kind: str
+    raw: bytes
+    mentions: list[str] = field(default_factory=list)  # one of these must appear in the error message
+    statuses: tuple[int, ...] = ()  # allowed statuses; () = any 4xx
+    garbage: bool = False  # may be answered by a closed connection
+    route: str = ""  # "METHOD /template" of the route it aims at, if any
+
+
+def request(method: str, target: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            chunk: int = 0) -> bytes:
+    """Raw HTTP/1.1 request bytes; ``chunk`` > 0 sends the body chunked, in pieces of that size."""
+    lines = [f"{method} {target} HTTP/1.1", "host: modeld"]
+    hdrs = dict(headers or {})
+    if body is not None and chunk:
+        hdrs.setdefault("content-type", "application/json")
+        hdrs["transfer-encoding"] = "chunked"
+        pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    elif body is not None:
+        hdrs.setdefault("content-type", "application/json")
+        hdrs.setdefault("content-length", str(len(body)))
+    lines += [f"{k}: {v}" for k, v in hdrs.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + (body or b"")
+
+
+class Generator:
+    def __init__(self, seed: int, real_uuids: list[str]):
+        self.rng = random.Random(seed)
+        self.routes = route_table()
+        self.real = real_uuids
+
+    def uuid_for(self, template: str) -> tuple[str, list[str], tuple[int, ...]]:
+        """A uuid part for a path: (text, mentions, statuses)."""
+        rng = self.rng
+        r = rng.random()
+        if "{uuid}" not in template:
+            return "", [], ()
+        if r < 0.35:
+            bad = rng.choice(TRAVERSAL)
+            return bad, [], (400, 404)
+        if r < 0.55:
+            text = rand_text(rng)
+            return encode(text), [], (400, 404)
+        if r < 0.65:
+            return "a" * rng.choice([37, 300, 5000]), ["is not a service uuid"], (400,)
+        return "", [], ()  # a good one: a real uuid or an unknown one, with something else bad
+
+    def query(self, params: dict[str, type], needs_bad: bool) -> tuple[str, list[str]]:
+        """A query string; with ``needs_bad`` at least one parameter is refused. (string, mentions)."""
+        rng = self.rng
+        parts: list[tuple[str, str]] = []
+        mentions: list[str] = []
+        good_names = list(params)
+        rng.shuffle(good_names)
+        for name in good_names[: rng.randint(0, len(good_names))]:
+            kind = params[name]
+            if kind is bool and name == "follow":
+                parts.append((name, "false"))
+            elif kind is bool:
+                parts.append((name, rng.choice(["false", "0", "no"])))  # never a true stop_services or force
+            elif kind is float:
+                parts.append((name, rng.choice(["5", "0.5", "30"])))
+            elif kind is int:
+                parts.append((name, rng.choice(["0", "3", "10"])))
+            elif kind is uuidlib.UUID:
+                parts.append((name, str(uuidlib.UUID(int=rng.getrandbits(128)))))
+            else:
+                parts.append((name, rand_text(rng)))
+        if needs_bad or rng.random() < 0.5:
+            typed = [n for n, k in params.items() if k is not str]
+            if typed and rng.random() < 0.6:
+                name = rng.choice(typed)
+                parts = [p for p in parts if p[0] != name]
+                parts.append((name, bad_value(rng, params[name])))
+                mentions.append(repr(name))
+            else:
+                name = "x_" + rand_text(rng, rng.randint(1, 8))
+                parts.append((name, rand_text(rng)))
+                mentions.append("unknown query parameter")
+        rng.shuffle(parts)
+        # The refused parameter must come last among its name (the API keeps the last value of a name).
+        text = "&".join(f"{encode(k)}={encode(v)}" for k, v in parts)
+        return text, mentions
+
+    def http_case(self) -> Case:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.06:
+            return self.wrong_method()
+        if r < 0.1:
+            path = rng.choice(PATHS_404) + (f"?{encode(rand_text(rng))}=1" if rng.random() < 0.3 else "")
+            return Case("unknown-route", request(rng.choice(["GET", "POST", "DELETE"]), path), ["no route"], (404,))
+        if r < 0.4:  # the route with the richest input gets the most
+            return self.deploy_body()
+        method, template, params = rng.choice(self.routes)
+        part, mentions, statuses = self.uuid_for(template)
+        bad_uuid = bool(statuses)
+        if "{uuid}" in template and not part:
+            part = rng.choice(self.real) if self.real and rng.random() < 0.6 else str(uuidlib.uuid4())
+        query, q_mentions = self.query(params, needs_bad=not bad_uuid)
+        target = template.replace("{uuid}", part) + (f"?{query}" if query else "")
+        body = None
+        if rng.random() < 0.2:
+            body = rng.choice([b"{}", b"{nope", rand_text(rng).encode(), bytes(rng.getrandbits(8) for _ in range(30))])
+        if bad_uuid:
+            # The path is judged first (400: not a uuid, or 404: no such route).
+            return Case("bad-uuid", request(method, target, body), mentions, statuses, route=f"{method} {template}")
+        unknown = part not in self.real if "{uuid}" in template else False
+        if unknown and not q_mentions:
+            return Case("unknown-uuid", request(method, target, body), [part], (404,), route=f"{method} {template}")
+        # Query parameters are checked before the service is looked up: a 400 naming the parameter.
+        return Case("bad-query", request(method, target, body), q_mentions, (400,), route=f"{method} {template}")
+
+    def wrong_method(self) -> Case:
+        rng = self.rng
+        method, template, _ = rng.choice(self.routes)
+        allowed = {m for m, t, _ in self.routes if t == template}
+        other = rng.choice([m for m in ("GET", "POST", "DELETE", "PUT", "PATCH") if m not in allowed])
+        part = rng.choice(self.real) if self.real else str(uuidlib.uuid4())
+        return Case("wrong-method", request(other, template.replace("{uuid}", part)), [other], (405,))
+
+    # ------------------------------------------------------------- deploy bodies
+
+    GOOD = {"model_name": "fz", "model_uri": IRIS, "pipeline_name": "fuzz"}
+    WRONG = {
+        str: [123, 1.5, True, None, [], {}, ["a"], {"a": 1}],
+        int: ["eighty", "", [], {}, 1.5, None, "1e3", "٣x", 70000, -1],
+        float: ["soon", "", [], {}, None, "nan", -1],
+        bool: ["perhaps", 2, [], {}, None, "truee", 1.5],
+        dict: [[], "A=1", 7, ["A", "1"], {"A": 1}, {"A": None}, {"A": ["x"]}],
+        list: ["python3 -m http.server", 7, {}, {"0": "x"}, [1, 2], [None]],
+    }
+    CONFIG_TYPES: dict[str, type] = {
+        "name": str, "description": str, "pipeline_name": str, "pipeline_run_id": str, "pipeline_step_name": str,
+        "model_name": str, "model_uri": str, "host": str, "health_path": str, "prediction_path": str,
+        "python": str, "working_dir": str, "service_type": str,
+        "port": int, "startup_timeout": float, "stop_timeout": float, "env": dict, "secret_env": list, "command": list,
+    }
+
+    def deploy_body(self) -> Case:
+        rng = self.rng
+        config: dict[str, Any] = dict(self.GOOD)
+        if rng.random() < 0.4:  # unicode in the valid fields: never the reason, never a problem
+            config["description"] = rand_text(rng, 40)
+            config["pipeline_run_id"] = rand_text(rng)
+        body: dict[str, Any] = {"config": config}
+        r = rng.random()
+        mentions: list[str]
+        status: tuple[int, ...] = (400,)
+        if r < 0.3:  # wrong type of a config field
+            name = rng.choice(list(self.CONFIG_TYPES))
+            config[name] = rng.choice(self.WRONG[self.CONFIG_TYPES[name]])
+            mentions = [f"config.{name}", "config"]
+            kind = "wrong-type"
+        elif r < 0.4:  # wrong type around the config
+            name, kind_t = rng.choice([("replace", bool), ("timeout", float), ("uuid", str), ("config", str)])
+            choices = ["not-a-uuid", "../x", "..%2F", 123, [], {}, "g" * 32] if name == "uuid" else self.WRONG[kind_t]
+            value = rng.choice(choices)
+            if name == "config":
+                body["config"] = value
+            else:
+                body[name] = value
+            mentions = [name]
+            kind = "wrong-type"
+        elif r < 0.5:  # a bad value: refused model_type, restart policy, relative paths, NUL, names with /
+            choice = rng.randrange(6)
+            if choice == 0:
+                config["model_type"] = rand_text(rng)
+                mentions = ["config.model_type"]
+            elif choice == 1:
+                config["restart"] = rng.choice([{"mode": "sometimes"}, {"max_restarts": -1}, {"backoff_max": "x"}, {"colour": 1}, []])
+                mentions = ["config.restart"]
+            elif choice == 2:
+                config["health_path"] = rng.choice(["health", "/he alth", "", "x/"])
+                mentions = ["config.health_path"]
+            elif choice == 3:
+                config["model_uri"] = config["model_uri"] + "\x00" + rand_text(rng)
+                mentions = ["NUL"]
+            elif choice == 4:
+                config["model_name"] = rand_text(rng, 3) + "/" + rand_text(rng, 3)
+                mentions = ["config.model_name"]
+            else:
+                config["port"] = rng.choice([65536, -5, 10**30])
+                mentions = ["config.port"]
+            kind = "bad-value"
+        elif r < 0.62:  # unknown fields
+            name = "x_" + rand_text(rng, rng.randint(1, 10))
+            where = rng.random()
+            if where < 0.5:
+                config[name] = rand_text(rng)
+                mentions = [f"config.{name}"]
+            elif where < 0.8:
+                body[name] = rng.choice([1, "x", None, {}])
+                mentions = [name]
+            else:
+                config["restart"] = {name: 1}
+                mentions = [f"config.restart.{name}"]
+            kind = "unknown-field"
+        elif r < 0.7:  # a config that cannot run: refused before anything is created
+            choice = rng.randrange(3)
+            missing = f"/nonexistent-{rng.getrandbits(32):x}"
+            if choice == 0:
+                config["model_uri"] = f"{missing}/model.py:model"
+                mentions = ["model file", "does not exist"]
+            elif choice == 1:
+                config["working_dir"] = missing
+                mentions = ["working_dir"]
+            else:
+                body["config"] = {"model_name": "fz", "model_type": "command", "command": [missing + "/srv", "{port}"], "health_path": "/"}
+                mentions = ["command"]
+            kind = "cannot-run"
+        elif r < 0.8:  # not JSON: cut short, garbled, bytes that are not UTF-8
+            raw = json.dumps(body).encode()
+            choice = rng.randrange(4)
+            if choice == 0:
+                raw = raw[: rng.randrange(1, len(raw) - 1)]
+            elif choice == 1:
+                i = rng.randrange(len(raw))
+                raw = raw[:i] + rng.choice([b"{", b"}", b"\"", b",", b"\\", b"\xff", b"\x00", b":"]) + raw[i:]
+                try:  # the insertion may still be JSON (inside a string): then it is the wrong schema
+                    json.loads(raw)
+                    raw = raw + b"}"
+                except ValueError:
+                    pass
+            elif choice == 2:
+                raw = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200)))
+            else:
+                raw = rng.choice([b"", b"   ", b"null", b"[]", b"42", b'"s"', b"true", b"{}", b"[{}]", b"NaN"])
+            chunk = rng.choice([0, 0, 0, 1, 7, 64])
+            return Case("malformed-json", request("POST", "/v1/services", raw, chunk=chunk), [], (400,), route="POST /v1/services")
+        elif r < 0.83:  # too big: declared, or sent
+            if rng.random() < 0.7:
+                raw = request("POST", "/v1/services", b"{}", {"content-length": str(rng.choice([1024 * 1024 + 1, 10**9, 10**15]))})[:-2]
+                return Case("huge-declared", raw, ["larger than"], (413,), garbage=True, route="POST /v1/services")
+            big = json.dumps({"config": {**config, "description": "x" * (1024 * 1024 + 10)}}).encode()
+            # Chunked, so that no declared length gives it away: the cap is met while reading.
+            raw = request("POST", "/v1/services", big, chunk=rng.choice([4096, 65536, 1 << 20]))
+            return Case("huge-body", raw, ["larger than"], (413,), garbage=True, route="POST /v1/services")
+        else:  # missing config, or a body that is JSON of the wrong shape
+            body = rng.choice([{}, {"replace": True}, {"configs": config}, [config], {"config": None}, {"config": [config]}])
+            mentions = ["config", "body"]
+            kind = "wrong-schema"
+        query = ""
+        if rng.random() < 0.05:
+            query = "?x_" + encode(rand_text(rng, 4)) + "=1"
+            mentions = ["unknown query parameter"]
+        raw = json.dumps(body, ensure_ascii=rng.random() < 0.5).encode()
+        return Case(kind, request("POST", "/v1/services" + query, raw), mentions, status, route="POST /v1/services")
+
+    # ------------------------------------------------------------------ garbage
+
+    def garbage_case(self) -> Case:
+        rng = self.rng
+        choice = rng.randrange(9)
+        good = request("GET", "/v1/daemon")
+        if choice == 0:
+            raw = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 400)))
+        elif choice == 1:
+            raw = good[: rng.randrange(1, len(good) - 2)]  # cut short: never a whole request
+        elif choice == 2:
+            raw = f"{rng.choice(METHODS)} {rand_text(rng)} HTTP/1.1\r\n\r\n".encode("utf-8", "replace")
+        elif choice == 3:
+            raw = b"GET /v1/daemon?x_garbled=1 HTTP/1.1\r\nhost: m\r\n" + rand_text(rng).encode() + b"\r\n\r\n"
+        elif choice == 4:
+            raw = b"POST /v1/services HTTP/1.1\r\nhost: m\r\ncontent-length: " + rng.choice([b"-1", b"abc", b"1, 2", b"99999999999999999999999"]) + b"\r\n\r\n{}"
+        elif choice == 5:
+            raw = b"POST /v1/services HTTP/1.1\r\nhost: m\r\ntransfer-encoding: chunked\r\n\r\n" + rng.choice([b"zz\r\n", b"5\r\nabc\r\n", b"-1\r\n"])
+        elif choice == 6:
+            raw = b"GET /v1/daemon?x_big=1 HTTP/1.1\r\nhost: m\r\nx-big: " + b"a" * rng.choice([20_000, 100_000]) + b"\r\n\r\n"
+        elif choice == 7:
+            raw = b"GET /v1/services/" + "".join(rng.choice(UNICODE) for _ in range(5)).encode() + b" HTTP/1.1\r\nhost: m\r\n\r\n"
+        else:
+            raw = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(rng.getrandbits(8) for _ in range(60))  # a TLS hello
+        return Case("garbage", raw, [], (), garbage=True)
+
+    def case(self) -> Case:
+        return self.garbage_case() if self.rng.random() < 0.04 else self.http_case()
+
+
+# ------------------------------------------------------------------- the wire
+
+
+class Conn:
+    """One keep-alive connection to the daemon's socket, reading answers by content-length."""
+
+    def __init__(self, path: str, timeout: float = 10.0):
+        self.path = path
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def open(self) -> socket.socket:
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(self.path)
+            self.buf = b""
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def exchange(self, raw: bytes, half_close: bool = False) -> tuple[int, dict[str, str], bytes] | None:
+        """Send ``raw``, read one answer; None if the daemon closed the connection without one."""
+        sock = self.open()
+        try:
+            sock.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it answered and closed before reading everything (a refused huge body): read the answer
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        try:
+            answer = self._read()
+        except (ConnectionResetError, BrokenPipeError):
+            answer = None
+        if answer is None or answer[1].get("connection") == "close" or half_close:
+            self.close()
+        return answer
+
+    def _fill(self) -> bool:
+        assert self.sock is not None
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def _read(self) -> tuple[int, dict[str, str], bytes] | None:
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                return None
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            if not self._fill():
+                break
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+
+def check(case: Case, answer: tuple[int, dict[str, str], bytes] | None) -> str | None:
+    """What is wrong with the answer to ``case``; None if it is right."""
+    if answer is None:
+        return None if case.garbage else "the connection closed without an answer"
+    status, headers, body = answer
+    if not 400 <= status < 500:
+        return f"status {status}, not a 4xx"
+    if case.statuses and status not in case.statuses:
+        return f"status {status}, expected {case.statuses}"
+    if headers.get("content-type") != "application/json":
+        return f"content-type {headers.get('content-type')!r}, not JSON"
+    try:
+        data = json.loads(body)
+        message = data["error"]["message"]
+        kind = data["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return f"not a JSON error: {body[:200]!r}"
+    if set(data) != {"error"} or not isinstance(message, str) or not message or not kind:
+        return f"not a JSON error: {body[:200]!r}"
+    if case.mentions and not any(m in message for m in case.mentions):
+        return f"message does not name the problem ({case.mentions}): {message[:300]!r}"
+    return None
+
+
+# -------------------------------------------------------------- the home tree
+
+
+def snapshot(home: Path) -> dict[str, tuple[Any, ...]]:
+    """Every file and folder under ``home`` but the daemon's log: kind, mode, and for files inode, mtime, sha256."""
+    tree: dict[str, tuple[Any, ...]] = {}
+    for root, dirs, files in os.walk(home):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, home)
+            if rel == "daemon.log":
+                continue
+            st = os.lstat(path)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                tree[rel] = ("file", st.st_mode, st.st_ino, st.st_mtime_ns, digest)
+            else:
+                tree[rel] = ("other", st.st_mode)
+    return tree
+
+
+def diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    changes = [f"new: {p}" for p in sorted(set(after) - set(before))]
+    changes += [f"gone: {p}" for p in sorted(set(before) - set(after))]
+    changes += [f"changed: {p}" for p in sorted(set(before) & set(after)) if before[p] != after[p]]
+    return changes
+
+
+# ------------------------------------------------------------------- the run
+
+
+def daemon_info(sock_path: str) -> dict[str, Any]:
+    conn = Conn(sock_path)
+    try:
+        answer = conn.exchange(request("GET", "/v1/daemon"))
+    finally:
+        conn.close()
+    assert answer is not None and answer[0] == 200, answer
+    return json.loads(answer[2])
+
+
+def fuzz(home: Path, count: int = 10_000, seed: int = 1, real_uuids: list[str] | None = None,
+         max_failures: int = 20) -> dict[str, Any]:
+    """Send ``count`` bad inputs to the daemon of ``home``; a report (see the module docstring)."""
+    sock_path = str(home / "modeld.sock")
+    gen = Generator(seed, real_uuids or [])
+    pid = daemon_info(sock_path)["pid"]
+    before = snapshot(home)
+    conn = Conn(sock_path)
+    by_kind: Counter[str] = Counter()
+    routes_hit: Counter[str] = Counter()
+    failures: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for i in range(count):
+        case = gen.case()
+        by_kind[case.kind] += 1
+        if case.route:
+            routes_hit[case.route] += 1
+        if case.garbage:  # on a connection of its own, closed for writing after it
+            one = Conn(sock_path)
+            try:
+                answer = one.exchange(case.raw, half_close=True)
+            except socket.timeout:
+                answer = (0, {}, b"<timed out: no answer and no close>")
+            finally:
+                one.close()
+        else:
+            try:
+                answer = conn.exchange(case.raw)
+            except socket.timeout:
+                conn.close()
+                answer = (0, {}, b"<timed out>")
+        problem = check(case, answer)
+        if problem is not None:
+            failures.append({"i": i, "kind": case.kind, "problem": problem, "input": case.raw[:400].decode("latin-1")})
+            if len(failures) >= max_failures:
+                break
+    conn.close()
+    seconds = time.monotonic() - started
+    info = daemon_info(sock_path)
+    after = snapshot(home)
+    changes = diff(before, after)
+    if info["pid"] != pid:
+        failures.append({"problem": f"the daemon changed: pid {pid} then {info['pid']}"})
+    if changes:
+        failures.append({"problem": "the home changed", "changes": changes[:50]})
+    return {
+        "inputs": sum(by_kind.values()),
+        "seed": seed,
+        "seconds": round(seconds, 2),
+        "inputs_per_second": round(sum(by_kind.values()) / seconds) if seconds else None,
+        "by_kind": dict(sorted(by_kind.items())),
+        "by_route": {f"{m} {t}": routes_hit[f"{m} {t}"] for m, t, _ in route_table()},
+        "failures": failures,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--home", help="fuzz the daemon already running for this home (default: start one in a temp home)")
+    args = parser.parse_args()
+    if args.home:
+        home = Path(args.home)
+        services = json.loads(Conn(str(home / "modeld.sock")).exchange(request("GET", "/v1/services"))[2])["services"]  # type: ignore[index]
+        report = fuzz(home, args.count, args.seed, [s["uuid"] for s in services])
+        print(json.dumps(report))
+        return 1 if report["failures"] else 0
+    import shutil
+    import tempfile
+
+    from daemon import DaemonClient, ServiceConfig
+
+    home = Path(tempfile.mkdtemp(prefix="mdfz", dir="/tmp"))
+    os.environ["MODELD_HOME"] = str(home)
+    client = DaemonClient(home=home)
+    try:
+        svc = client.deploy(ServiceConfig(model_name="iris", model_uri=IRIS, pipeline_name="fuzz"), timeout=60)
+        report = fuzz(home, args.count, args.seed, [str(svc.uuid)])
+    finally:
+        client.shutdown(stop_services=True)
+        client.close()
+        deadline = time.monotonic() + 30
+        while (home / "daemon.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(home, ignore_errors=True)
+    print(json.dumps(report))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
