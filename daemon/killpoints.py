@@ -59,9 +59,19 @@ KILL_POINTS: tuple[str, ...] = (
 )
 
 
+_hits: dict[str, int] = {}
+
+
 def reached(name: str) -> None:
-    """Die here (SIGKILL, no cleanup of any kind) if ``MODELD_DIE_AT`` names this step."""
-    if os.environ.get(ENV) == name:
-        assert name in KILL_POINTS, f"unknown kill point {name!r}"
+    """Die here (SIGKILL, no cleanup of any kind) if ``MODELD_DIE_AT`` names this step.
+
+    ``MODELD_DIE_AT=<name>@<n>`` dies the n-th time the step is reached instead of the first.
+    """
+    wanted, _, nth = os.environ.get(ENV, "").partition("@")
+    if wanted != name:
+        return
+    assert name in KILL_POINTS, f"unknown kill point {name!r}"
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] == int(nth or 1):
         log.warning("kill point %s reached: dying (SIGKILL)", name)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, wait_for
+import psutil
+
+from conftest import REPO, processes_of, wait_for
 from daemon import DaemonClient, ServiceConfig
 from daemon.exceptions import DaemonError
 from daemon.killpoints import KILL_POINTS
+from daemon.runtime._serve import FORK_SERVER_NAME
 
 sys.path.insert(0, str(REPO / "scripts"))
 import chaos  # noqa: E402
@@ -59,8 +62,8 @@ UUID = "3c0c8f0e-1d7a-4a4b-9c61-5b0f4a1c2d3e"
 BUILTIN_OPS = ("deploy", "replace", "restore")  # the rest use cheaper command servers
 
 
-def config(folder: Path, kind: str, tag: str) -> ServiceConfig:
-    common = dict(pipeline_name="kp", pipeline_step_name="s", model_name="m", working_dir=str(folder),
+def config(folder: Path, kind: str, tag: str, model_name: str = "m") -> ServiceConfig:
+    common = dict(pipeline_name="kp", pipeline_step_name="s", model_name=model_name, working_dir=str(folder),
                   stop_timeout=3, restart={"backoff_initial": 0.05})
     if kind == "command":
         return ServiceConfig(model_type="command", command=[sys.executable, "tiny.py", "{port}", tag], health_path="/", **common)
@@ -71,14 +74,26 @@ def the_server(home: Path) -> list[int]:
     return chaos.server_leaders(chaos.server_processes(home)).get(UUID, [])
 
 
-def run_until_killed(name: str, home: Path, folder: Path) -> None:
-    """Drive the operation of ``name`` on a daemon armed to die at ``name``; return once it has."""
+def fork_server_ready(home: Path) -> bool:
+    """The daemon's fork server has named itself, which it does just before it says it is ready."""
+    return any(p.name() == FORK_SERVER_NAME for p in processes_of(home) if p.status() != psutil.STATUS_ZOMBIE)
+
+
+def run_until_killed(name: str, home: Path, folder: Path, warm: bool = False) -> None:
+    """Drive the operation of ``name`` on a daemon armed to die at ``name``; return once it has.
+
+    ``warm``: the server spawned at that step is forked by the fork server (whose environment
+    its /proc entry shows), after a first, cold spawn has started the fork server.
+    """
     op = name.split(".")[0]
-    kind = "python" if op in BUILTIN_OPS else "command"
+    kind = "python" if op in BUILTIN_OPS or warm else "command"
     daemon = chaos.DaemonProcess(home)
-    assert daemon.start(None if op == "restore" else name)
+    assert daemon.start(None if op == "restore" else f"{name}@2" if warm and op == "deploy" else name)
     client = DaemonClient(home, auto_start=False)
     try:
+        if warm:  # a first server starts the fork server; the one killed at the step is forked
+            client.deploy(config(folder, kind, "a", model_name="warmup"), timeout=30)
+            wait_for(lambda: fork_server_ready(home), 15, what="the fork server")
         if op != "deploy":
             client.deploy(config(folder, kind, "a"), uuid=UUID, timeout=30)
         if op == "restore":  # the server dies while no daemon runs; the next daemon starts it
@@ -108,8 +123,23 @@ def run_until_killed(name: str, home: Path, folder: Path) -> None:
         client.close()
 
 
+# Steps where a server has just been forked by the fork server (warm): it is found through the
+# fork server's record, as its /proc environ is not its own. A new daemon's first spawn is cold.
+WARM_POINTS = [p for p in KILL_POINTS if p.split(".")[0] in ("deploy", "start", "replace", "restart")
+               and p.endswith((".after-spawn", ".after-pid"))]
+
+
 @pytest.mark.parametrize("name", KILL_POINTS)
 def test_daemon_killed_at_step_converges(name, home, tmp_path):
+    check_killed_at(name, home, tmp_path, warm=False)
+
+
+@pytest.mark.parametrize("name", WARM_POINTS)
+def test_daemon_killed_at_step_of_a_warm_start_converges(name, home, tmp_path):
+    check_killed_at(name, home, tmp_path, warm=True)
+
+
+def check_killed_at(name: str, home: Path, tmp_path: Path, warm: bool) -> None:
     assert name in EXPECTED, f"kill point {name} has no expected outcome in this test: add one"
     done, kept = EXPECTED[name]
     op = name.split(".")[0]
@@ -117,8 +147,10 @@ def test_daemon_killed_at_step_converges(name, home, tmp_path):
     for tag in ("a", "b"):
         (tmp_path / f"{tag}.py").write_text(f"def model(instances):\n    return [{tag!r} for _ in instances]\n")
 
-    run_until_killed(name, home, tmp_path)
+    run_until_killed(name, home, tmp_path, warm)
     before = the_server(home)
+    if warm:  # the server killed at the step (the newest, in a replace) was forked, not spawned
+        assert (home / "run" / f"forked-{max(before, key=chaos.start_ticks)}").exists(), before
 
     assert chaos.DaemonProcess(home).start()
     with DaemonClient(home, auto_start=False) as client:
