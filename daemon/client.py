@@ -196,7 +196,6 @@ class DaemonClient:
         headers = {"content-type": "application/json"} if payload is not None else {}
         for attempt in (1, 2):
             self._drop_if_closed()
-            reused = self._conn is not None
             try:
                 if self._conn is None:
                     auto_start, self.auto_start = self.auto_start, self.auto_start and start
@@ -214,11 +213,13 @@ class DaemonClient:
                 self.close()
                 raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}") from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                # A kept-alive connection the daemon closed as we sent: reconnect once, but only to
-                # read. A deploy, stop or delete may have been done before the daemon went (killed,
-                # say): sending it again could start a second server, so the caller is told instead.
+                # The daemon closed the connection: idle, restarting, or killed (a dying daemon's
+                # backlog even accepts a connection, then resets it). A read is sent once more, on
+                # a new connection (auto-starting a daemon if need be). A deploy, stop or delete is
+                # not: it may have been done before the daemon went, and sending it again could
+                # start a second server, so the caller is told instead.
                 self.close()
-                if reused and attempt == 1 and method == "GET":
+                if attempt == 1 and method == "GET":
                     continue
                 raise ProtocolError(
                     f"the daemon closed the connection during {method} {path}: {exc}"
