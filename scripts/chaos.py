@@ -455,14 +455,14 @@ class Chaos:
     notes: list[str] = field(default_factory=list)
     max_services: int = 6
     mid_kill_chance: float = 0.35
-    arm_chance: float = 0.35
+    arm_chance: float = 0.5
     plant_chance: float = 0.3
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.counts = dict.fromkeys(
             (*BAD, "daemon_kills", "daemon_kills_mid_operation", "daemon_kills_in_rebuild", "kill_points_hit",
-             "daemon_terms", "daemon_terms_mid_operation", "daemon_restarts", "pid_files_planted", "failed_calls", "services_in_error"), 0)
+             "daemon_terms", "daemon_terms_mid_operation", "daemon_restarts", "pid_files_planted", "servers_killed_while_down", "failed_calls", "services_in_error"), 0)
         self.expect: dict[str, Expect] = {}
         self.seen: dict[str, set[Any]] = {}
         self.deleted: set[str] = set()
@@ -519,7 +519,7 @@ class Chaos:
 
         thread = threading.Thread(target=run)
         thread.start()
-        thread.join(self.rng.uniform(0.0, 0.15))
+        thread.join(self.rng.uniform(0.0, 0.08))
         in_flight = thread.is_alive()
         by_us = self.daemon.alive()  # else it died at an armed kill point
         term = by_us and self.rng.random() < 0.2  # sometimes a SIGTERM: a graceful stop mid-operation
@@ -553,6 +553,8 @@ class Chaos:
         """Start a daemon (maybe with a kill point armed), then wait until everything converged."""
         if self.rng.random() < self.plant_chance:
             self.plant()
+        if self.rng.random() < 0.3:
+            self.kill_while_down()
         while True:
             die_at = self.rng.choice(KILL_POINTS) if self.rng.random() < self.arm_chance else None
             offset = self.daemon.log_size()
@@ -573,6 +575,16 @@ class Chaos:
         if path.parent.is_dir():
             path.write_text(f"{pid}\n{ticks}\n{boot_id()}\nversion=1\n")
             self.counts["pid_files_planted"] += 1
+
+    def kill_while_down(self) -> None:
+        """kill -9 a server's leader while no daemon runs (its worker may keep the port): the next
+        daemon must start it again, past whatever the dead one left."""
+        leaders = server_leaders(server_processes(self.home))
+        if leaders:
+            pids = leaders[self.rng.choice(sorted(leaders))]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[0], signal.SIGKILL)
+            self.counts["servers_killed_while_down"] += 1
 
     def ensure_daemon(self) -> None:
         if not self.daemon.alive():
