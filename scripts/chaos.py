@@ -454,7 +454,7 @@ class Chaos:
     converge_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     max_services: int = 6
-    mid_kill_chance: float = 0.35
+    mid_kill_chance: float = 0.45
     arm_chance: float = 0.5
     plant_chance: float = 0.3
 
@@ -658,7 +658,7 @@ class Chaos:
             ("deploy", 12 if len(live) < self.max_services else 0),
             ("replace", 14 if live else 0), ("stop", 8 if live else 0), ("start", 8 if live else 0),
             ("delete", 6 if live else 0), ("kill_server", 8 if live else 0), ("kill_group", 5 if live else 0),
-            ("kill_daemon", 5), ("term_daemon", 4), ("restart_daemon", 4),
+            ("kill_daemon", 3), ("term_daemon", 4), ("restart_daemon", 4),
         ]
         names, weights = zip(*choices)
         op = self.rng.choices(names, weights)[0]
