@@ -2,7 +2,7 @@
 
 With ``MODELD_DIE_AT=<name>`` in its environment the daemon sends itself
 SIGKILL the first time it reaches that step, exactly as a ``kill -9`` from
-outside landing at the worst moment would. Used only by tests and
+outside landing at the worst moment would (``<name>@<n>``: the n-th time). Used only by tests and
 ``scripts/chaos.py``, which restart the daemon afterwards and check that it
 converges: no half-written file, the operation done or not done, one server
 per service, none that no service tracks.
