@@ -635,7 +635,7 @@ class Manager:
             recorded["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
             recorded.update({f"prev_{k}": v for k, v in previous.extra.items()})
         m.proc = proc  # first: if the pid file cannot be written (disk full), the caller's cleanup stops it
-        self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded))
+        self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded), step=f"{op}.pid")
         killpoints.reached(f"{op}.after-pid")
         m.svc.status.pid = proc.pid
         m.svc.status.exit_code = None
