@@ -393,7 +393,10 @@ class Manager:
                 await self._kill_untracked(p)
         if keep is not None:
             log.warning("%s: adopting pid %d, spawned before its pid file was written", svc.uuid, keep.pid)
-            self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.extra))
+            try:
+                self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.extra), step="restore.adopt-pid")
+            except StorageError as exc:  # it is adopted all the same; its tags let the next daemon find it again
+                log.error("%s: %s", svc.uuid, exc)
         return keep
 
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
@@ -409,7 +412,10 @@ class Manager:
                         svc.uuid, loser.pid, drop.extra.get("version"), keep.extra.get("version"))
             await loser.terminate(svc.config.stop_timeout)
             self._unlink_sockets(loser)
-        self.store.write_pid(svc.uuid, keep)
+        try:
+            self.store.write_pid(svc.uuid, keep, step="restore.settle-pid")
+        except StorageError as exc:  # the record still names both: the next daemon settles it the same way
+            log.error("%s: %s", svc.uuid, exc)
         return keep
 
     async def _stop_orphan(self, problem: Problem) -> None:
@@ -733,7 +739,7 @@ class Manager:
                 f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
             ) from exc
-        except (DeployError, StorageError) as exc:  # a write that failed (disk full) stops the server too
+        except ModeldError as exc:  # a write that failed (disk full), a bad socket path: the server is stopped too
             if m.proc is not None:
                 failed = m.proc
                 await failed.terminate(0, force=True)
