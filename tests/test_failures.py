@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from conftest import REPO, iris_config, kill_home, pid_alive, predict, wait_for
-from daemon import DaemonClient, InvalidRequest, ServiceConfig, ServiceState
+from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, ServiceState
 from daemon.exceptions import StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.paths import MAX_SOCKET_PATH, Paths
@@ -154,7 +154,7 @@ def test_strangers_bad_sockets_stale_temp_files_and_old_secrets(long_home, tmp_p
 
         # A replace that fails: the log excerpt masks the secret of the old version too.
         svc = client.deploy(command(tmp_path, env={"API_TOKEN": "old-secret-1"}), timeout=30)
-        with pytest.raises(Exception) as info:
+        with pytest.raises(DeployError) as info:
             client.deploy(command(tmp_path, "fail", env={"API_TOKEN": "new-secret-2"}), replace=True, timeout=30)
         message = str(info.value)
         assert "starting with token" in message and "old-secret-1" not in message and "new-secret-2" not in message, message
