@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -33,7 +34,7 @@ from . import killpoints
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
-from .paths import Paths, bind_private_socket
+from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
 from .linux import ProcessIdentity, TaggedProcess, signal_verified, tagged_processes
 from .process import ForkServers, ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
@@ -93,6 +94,9 @@ class Managed:
         self.listener: socket.socket | None = None
         self.task: asyncio.Task[None] | None = None
         self.failures = 0  # exits in a row without a healthy run long enough to count
+        # The config before the last replace: its secrets may be in the log (printed by the old
+        # version), so log excerpts mask them too.
+        self.previous_config: ServiceConfig | None = None
         self.replacing: ProcessHandle | None = None  # the old version, while a hand-over is under way
 
     @property
@@ -112,6 +116,7 @@ class Manager:
         self.services: dict[UUID, Managed] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
+        self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self._create_lock = asyncio.Lock()
         self.fork_servers = ForkServers(SERVE_PY, paths.home / "forkserver.log")
 
@@ -237,8 +242,13 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run."""
         services, self.problems = self.store.load_all()
+        tagged = await self._tagged()
+        # A pid file is trusted only for a process that carries its service's tag: one whose pid
+        # and start time match by chance (a pid file copied from elsewhere, edited by hand) is a
+        # stranger, never signalled.
+        self._ours = {(p.service_uuid, p.ident) for p in tagged}
         await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
-        untracked = await self._untracked(services)
+        untracked = await self._untracked(services, tagged)
         results = await asyncio.gather(
             *(self._restore(svc, untracked.get(str(svc.uuid), [])) for svc in services), return_exceptions=True
         )
@@ -269,9 +279,27 @@ class Manager:
             self._forget_process(m, m.proc)
             m.svc.status.moved_to(ServiceState.INACTIVE)
             m.svc.status.pid = None
-            self.store.save(m.svc)
+            self._save_if_possible(m.svc)
 
-    async def _untracked(self, services: list[BaseService]) -> dict[str, list[TaggedProcess]]:
+    async def _tagged(self) -> list[TaggedProcess]:
+        """Every live process tagged as a server (or a server's child) of this home."""
+        forked = self._forked_records()
+        tagged = await asyncio.to_thread(tagged_processes, str(self.paths.home), forked)
+        for pid in set(forked) - {p.ident.pid for p in tagged}:
+            with contextlib.suppress(OSError):  # the record of a forked server that is gone
+                os.unlink(self.paths.run / f"forked-{pid}")
+        return tagged
+
+    def _adopt_recorded(self, uuid: UUID | str, ident: ProcessIdentity, extra: dict[str, str] | None = None) -> ProcessHandle | None:
+        """Adopt the process a pid file names, if it is alive and tagged as this service's (see rebuild)."""
+        if (str(uuid), ident) not in self._ours:
+            if ident.is_alive():
+                log.warning("%s: pid %d named by its pid file is not its server (no tag of the service); "
+                            "leaving it alone", uuid, ident.pid)
+            return None
+        return ProcessHandle.adopt(ident, extra)
+
+    async def _untracked(self, services: list[BaseService], tagged: list[TaggedProcess]) -> dict[str, list[TaggedProcess]]:
         """Processes of this home's servers that no pid file names, by service uuid.
 
         A daemon killed between spawning a server and writing its pid file leaves one, as does
@@ -292,11 +320,6 @@ class Manager:
                 with contextlib.suppress(ValueError):
                     pid, ticks, boot = record.extra["prev"].split(":", 2)
                     tracked.add(ProcessIdentity(int(pid), int(ticks), boot))
-        forked = self._forked_records()
-        tagged = await asyncio.to_thread(tagged_processes, str(self.paths.home), forked)
-        for pid in set(forked) - {p.ident.pid for p in tagged}:
-            with contextlib.suppress(OSError):  # the record of a forked server that is gone
-                os.unlink(self.paths.run / f"forked-{pid}")
         by_pid = {p.ident.pid: p for p in tagged}
         known = {str(svc.uuid) for svc in services}
         wanted: dict[str, list[TaggedProcess]] = {}
@@ -370,7 +393,10 @@ class Manager:
                 await self._kill_untracked(p)
         if keep is not None:
             log.warning("%s: adopting pid %d, spawned before its pid file was written", svc.uuid, keep.pid)
-            self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.extra))
+            try:
+                self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.extra), step="restore.adopt-pid")
+            except StorageError as exc:  # it is adopted all the same; its tags let the next daemon find it again
+                log.error("%s: %s", svc.uuid, exc)
         return keep
 
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
@@ -380,20 +406,23 @@ class Manager:
         prev = PidRecord(ProcessIdentity(int(pid), int(ticks), boot), {k[5:]: v for k, v in record.extra.items() if k.startswith("prev_")})
         main = PidRecord(record.ident, {k: v for k, v in record.extra.items() if k != "prev" and not k.startswith("prev_")})
         keep, drop = (main, prev) if main.extra.get("version") == str(svc.version) else (prev, main)
-        loser = ProcessHandle.adopt(drop.ident, drop.extra)
+        loser = self._adopt_recorded(svc.uuid, drop.ident, drop.extra)
         if loser is not None:
             log.warning("%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
                         svc.uuid, loser.pid, drop.extra.get("version"), keep.extra.get("version"))
             await loser.terminate(svc.config.stop_timeout)
             self._unlink_sockets(loser)
-        self.store.write_pid(svc.uuid, keep)
+        try:
+            self.store.write_pid(svc.uuid, keep, step="restore.settle-pid")
+        except StorageError as exc:  # the record still names both: the next daemon settles it the same way
+            log.error("%s: %s", svc.uuid, exc)
         return keep
 
     async def _stop_orphan(self, problem: Problem) -> None:
         """A set-aside service's server would hold its port untracked: stop it (its service.pid says which)."""
         uuid = Path(problem.path).parent.name
         record = self.store.read_pid(uuid)
-        proc = ProcessHandle.adopt(record.ident) if record else None
+        proc = self._adopt_recorded(uuid, record.ident) if record else None
         if proc is None:
             return
         log.warning("stopping the server (pid %d) of the set-aside %s", proc.pid, problem.path)
@@ -407,7 +436,7 @@ class Manager:
         record = self.store.read_pid(svc.uuid)
         if record is not None and "prev" in record.extra:
             record = await self._settle_replace(svc, record)
-        proc = ProcessHandle.adopt(record.ident, record.extra) if record else None
+        proc = self._adopt_recorded(svc.uuid, record.ident, record.extra) if record else None
         if record and proc is None:
             self.store.clear_pid(svc.uuid)
         if proc is None:
@@ -429,20 +458,21 @@ class Manager:
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
                 log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
-                self.store.save(svc)
                 self._supervise(m)
+                self._save_if_possible(svc, step="restore.adopted")
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
                     self._launch(m, svc.config, "restore")
-                except DeployError as exc:
+                except ModeldError as exc:
+                    await self._abandon_launch(m)
                     svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
                     svc.status.pid = None
-                    self.store.save(svc)
+                    self._save_if_possible(svc, step="restore.failed")
                     return
                 svc.status.moved_to(ServiceState.PENDING_STARTUP)
-                self.store.save(svc)
                 self._supervise(m)
+                self._save_if_possible(svc, step="restore.pending")
             else:
                 # An error (a crash loop, a failed start) stays until someone acts on it: a
                 # restart of the daemon is no reason to run a crash loop again.
@@ -523,11 +553,20 @@ class Manager:
         if is_builtin(config) and config.bind_unix:
             path = self.paths.model_socket(m.uuid)
             if m.listener is None:
-                self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
+                if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                    raise InvalidRequest(f"bind_unix: the socket path {path} would be longer than {MAX_SOCKET_PATH} "
+                                         "bytes; set MODELD_HOME to a shorter path")
+                directory = self.paths.service_dir(m.uuid)
+                created = not directory.exists()
                 try:
+                    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                     m.listener = bind_private_socket(path)
-                except StorageError as exc:
-                    raise DeployError(str(exc)) from exc
+                except (OSError, StorageError) as exc:
+                    if created:  # leave no folder behind for a service that was never created
+                        shutil.rmtree(directory, ignore_errors=True)
+                    if isinstance(exc, StorageError):
+                        raise DeployError(str(exc)) from exc
+                    raise StorageError(f"cannot create {directory}: {exc.strerror or exc}") from exc
             m.svc.endpoint = self._endpoint(config, 0)
             m.svc.endpoint.unix_socket = str(path)
             return
@@ -602,7 +641,7 @@ class Manager:
             recorded["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
             recorded.update({f"prev_{k}": v for k, v in previous.extra.items()})
         m.proc = proc  # first: if the pid file cannot be written (disk full), the caller's cleanup stops it
-        self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded))
+        self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded), step=f"{op}.pid")
         killpoints.reached(f"{op}.after-pid")
         m.svc.status.pid = proc.pid
         m.svc.status.exit_code = None
@@ -652,24 +691,31 @@ class Manager:
             if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
                 delay = min(delay * 1.5, 0.25)
 
-    def _save_if_possible(self, svc: BaseService) -> None:
-        """Record a failure; if even that write fails (disk full), say so in the log and go on."""
+    def _save_if_possible(self, svc: BaseService, step: str = "") -> None:
+        """Record a state that the daemon acts on anyway; if the write fails (disk full), say so in the log and go on."""
         try:
-            self.store.save(svc)
+            self.store.save(svc, step=step)
         except StorageError as exc:
             log.error("%s: %s", svc.uuid, exc)
 
     def _log_excerpt(self, m: Managed) -> str:
-        lines = m.svc.config.scrub(tail_lines(self.paths.service_log(m.uuid)))
+        also = (m.previous_config,) if m.previous_config is not None else ()
+        lines = m.svc.config.scrub(tail_lines(self.paths.service_log(m.uuid)), *also)
         return f"; last log lines:\n{lines}" if lines else ""
 
     async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
         await self._cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.RUNNING
+        if m.proc is not None and m.proc.alive and m.proc.extra.get("version", str(svc.version)) != str(svc.version):
+            # Another version's server (a replace that is being undone): never taken over as this one.
+            stale = m.proc
+            log.warning("%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.extra.get("version"), svc.version)
+            await stale.terminate(0, force=True)
+            self._forget_process(m, stale)
         if m.proc is not None and m.proc.alive and svc.status.state == ServiceState.ACTIVE:
-            self.store.save(svc)
-            self._supervise(m)
+            self._supervise(m)  # first: a write that fails must not leave it unsupervised
+            self.store.save(svc, step=f"{op}.json")
             return
         try:
             proc = m.proc if m.proc is not None and m.proc.alive else None
@@ -678,7 +724,7 @@ class Manager:
                 svc.status.pid = None
             # The intent is on disk before any process exists: a daemon killed from here on
             # finds the service (desired running) and adopts or starts its server.
-            self.store.save(svc)
+            self.store.save(svc, step=f"{op}.json")
             if proc is None:
                 killpoints.reached(f"{op}.after-json")
                 proc = self._launch(m, svc.config, op)
@@ -687,13 +733,13 @@ class Manager:
             # The caller stopped waiting, the server may still load (startup_timeout is longer):
             # leave it starting under supervision, as a loading vLLM or llama-server needs.
             svc.status.last_error = str(exc)
-            self.store.save(svc)
             self._supervise(m)
+            self._save_if_possible(svc, step=f"{op}.still-starting")  # desired running and pid are on disk already
             raise DeployError(
                 f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
             ) from exc
-        except (DeployError, StorageError) as exc:  # a write that failed (disk full) stops the server too
+        except ModeldError as exc:  # a write that failed (disk full), a bad socket path: the server is stopped too
             if m.proc is not None:
                 failed = m.proc
                 await failed.terminate(0, force=True)
@@ -705,7 +751,10 @@ class Manager:
             self._save_if_possible(svc)
             raise type(exc)(f"service {svc.uuid}: {exc}") from exc
         svc.status.moved_to(ServiceState.ACTIVE, "")
-        self.store.save(svc)
+        # Best effort: service.json (desired running) and service.pid name the server already, so a
+        # failed write here costs only a stale "pending" on disk, which supervision or the next
+        # daemon corrects; failing the start would leave a healthy server that no record names.
+        self._save_if_possible(svc, step=f"{op}.active")
         killpoints.reached(f"{op}.after-healthy")
         self._supervise(m)
 
@@ -718,7 +767,9 @@ class Manager:
             proc = m.proc
             if proc.alive:
                 svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
-                self.store.save(svc)
+                # Best effort: on a full disk the server is stopped all the same (supervision is
+                # cancelled already); the final write below says whether the stop is recorded.
+                self._save_if_possible(svc, step="stop.json")
                 killpoints.reached("stop.after-json")
                 await proc.terminate(min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
@@ -728,7 +779,11 @@ class Manager:
         m.close_listener()
         svc.status.pid = None
         svc.status.moved_to(ServiceState.INACTIVE)
-        self.store.save(svc)
+        try:
+            self.store.save(svc, step="stop.stopped")
+        except StorageError as exc:
+            raise StorageError(f"service {svc.uuid} was stopped, but that could not be recorded "
+                               f"(a restarted daemon may start it again): {exc}") from exc
         log.info("stopped %s", svc.uuid)
 
     async def _replace_locked(self, m: Managed, config: ServiceConfig, timeout: float) -> None:
@@ -742,6 +797,7 @@ class Manager:
             raise Conflict(f"service {svc.uuid} keeps its endpoint for life; bind_unix cannot change on replace (deploy a new service)")
         await self._cancel_supervision(m)
         previous = svc.config
+        m.previous_config = previous
         try:
             await self._replace_unsupervised(m, config, timeout)
         except Exception:
@@ -781,21 +837,27 @@ class Manager:
             await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
             svc.version += 1
             svc.status.moved_to(ServiceState.ACTIVE, "")
-            self.store.save(svc)  # the commit point: a daemon restarted after it keeps the new version
+            self.store.save(svc, step="replace.commit")  # the commit point: a daemon restarted after it keeps the new version
         except ModeldError as exc:
             m.replacing = None
             failed = m.proc if m.proc is not old else None
             if failed is not None:
                 await failed.terminate(0, force=True)
-                self._forget_process(m, failed)
+                # Not _forget_process: that would unlink service.pid, which names the old server
+                # (as ``prev``) until the write below replaces it in one rename.
+                self._unlink_sockets(failed)
             svc.config = previous
             svc.version = previous_version
             m.proc = old
             svc.status = previous_status
             svc.status.last_error = f"replace failed: {exc}"
-            with contextlib.suppress(StorageError):  # if this fails too, a restarted daemon settles it from service.json
-                self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra))
-            self._save_if_possible(svc)
+            try:
+                self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra), step="replace.restore-pid")
+            except StorageError as pid_exc:
+                # service.pid still names the old server as ``prev`` (or only it, if the new one was
+                # never recorded); a restarted daemon keeps it, as service.json has its version.
+                log.error("%s: %s", svc.uuid, pid_exc)
+            self._save_if_possible(svc, step="replace.failed")
             self._supervise(m)
             what = "could not be recorded" if isinstance(exc, StorageError) else "failed"
             raise (StorageError if isinstance(exc, StorageError) else DeployError)(
@@ -873,7 +935,7 @@ class Manager:
                     await proc.terminate(0, force=True)
                 else:
                     svc.status.moved_to(ServiceState.ACTIVE, "")
-                    self.store.save(svc)
+                    self._save_if_possible(svc, step="supervise.active")
             healthy_since = time.monotonic() if proc.alive else None
             await self._watch(m, proc, healthy_since)
             code = proc.exited.result() if not proc.exited.cancelled() else None
@@ -899,7 +961,7 @@ class Manager:
                 failed_probes = 0
                 if svc.status.state != ServiceState.ACTIVE:
                     svc.status.moved_to(ServiceState.ACTIVE, "")
-                    self.store.save(svc)
+                    self._save_if_possible(svc, step="supervise.active")
                 if healthy_since is not None and time.monotonic() - healthy_since >= svc.config.restart.healthy_reset:
                     m.failures = 0
             else:
@@ -907,7 +969,7 @@ class Manager:
                 if failed_probes == UNHEALTHY_AFTER and proc.alive:
                     log.warning("%s is failing its health check: %s", svc.uuid, seen)
                     svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
-                    self.store.save(svc)
+                    self._save_if_possible(svc, step="supervise.unhealthy")
 
     async def _restart_after_exit(self, m: Managed, code: int | None) -> bool:
         """Apply the restart policy after an exit; True if a new process was started."""
@@ -917,7 +979,7 @@ class Manager:
         log.warning("%s: server %s", svc.uuid, what)
         if svc.desired_state != DesiredState.RUNNING or policy.mode == "never" or (policy.mode == "on-failure" and code == 0):
             svc.status.moved_to(ServiceState.INACTIVE if code == 0 else ServiceState.ERROR, f"the server {what}" + self._log_excerpt(m))
-            self.store.save(svc)
+            self._save_if_possible(svc, step="restart.exited")
             return False
         m.failures += 1
         if m.failures > policy.max_restarts:
@@ -925,24 +987,36 @@ class Manager:
                 ServiceState.ERROR,
                 f"the server {what}; gave up after {policy.max_restarts} restarts in a row" + self._log_excerpt(m),
             )
-            self.store.save(svc)
+            self._save_if_possible(svc, step="restart.gave-up")
             m.close_listener()
             return False
         # The first exit after a healthy run restarts at once (a one-off crash costs only a spawn);
         # exits in a row back off from backoff_initial, doubling.
         delay = 0.0 if m.failures == 1 else min(policy.backoff_initial * 2 ** (m.failures - 2), policy.backoff_max)
         svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
-        self.store.save(svc)
+        self._save_if_possible(svc, step="restart.pending")
         await asyncio.sleep(delay)
         try:
             self._launch(m, svc.config, "restart")
         except ModeldError as exc:
+            await self._abandon_launch(m)
             svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
-            self.store.save(svc)
+            self._save_if_possible(svc, step="restart.failed")
             return False
         svc.status.restarts += 1
-        self.store.save(svc)
+        self._save_if_possible(svc, step="restart.restarted")
         return True
+
+    async def _abandon_launch(self, m: Managed) -> None:
+        """After a _launch that failed: stop the server it may have spawned (its pid file could not be
+        written, say), so that no server runs that no record names and no one supervises."""
+        proc = m.proc
+        if proc is None:
+            return
+        if proc.alive:
+            await proc.terminate(0, force=True)
+        self._forget_process(m, proc)
+        m.svc.status.pid = None
 
     def _rotate_log(self, m: Managed) -> None:
         """Cap service.log: copy it to service.log.1 and truncate it in place (the server appends)."""

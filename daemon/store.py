@@ -7,10 +7,16 @@ never half of one. Mutations of a service's files happen under a file lock
 edit them safely. A ``service.json`` that cannot be read or validated is set
 aside (renamed to ``service.json.corrupt-<time>``) and reported, and the
 other services load.
+
+For tests, ``MODELD_FAIL_WRITE_AT=<step>[,<step>...]`` makes each named write (the ``step`` a
+caller passes to :meth:`Store.save` or :meth:`Store.write_pid`) fail as a full disk would:
+a real ``OSError`` (ENOSPC) raised where the write would be, turned into a StorageError by the
+same code path. It reaches precise steps that RLIMIT_FSIZE (every write past a size) cannot.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import logging
@@ -33,10 +39,19 @@ log = logging.getLogger("modeld.store")
 
 
 _temp_names = itertools.count()
+FAIL_WRITE_ENV = "MODELD_FAIL_WRITE_AT"
+_failing_steps = frozenset(filter(None, os.environ.get(FAIL_WRITE_ENV, "").split(",")))
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, step: str = "") -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half.
+
+    ``step`` names the write, for MODELD_FAIL_WRITE_AT (tests only).
+    """
+    if step and step in _failing_steps:
+        exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        log.warning("failing the write %s of %s (%s)", step, path, FAIL_WRITE_ENV)
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
     tmp = os.path.join(path.parent, f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -114,17 +129,21 @@ class Store:
     @contextmanager
     def locked(self, uuid: UUID | str) -> Iterator[None]:
         directory = self.paths.service_dir(uuid)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {directory}: {exc.strerror or exc}") from exc
         with file_lock(directory / ".lock"):
             yield
 
-    def save(self, svc: BaseService) -> None:
+    def save(self, svc: BaseService, step: str = "") -> None:
         with self.locked(svc.uuid):
-            atomic_write(self.paths.service_json(svc.uuid), svc.model_dump_json(indent=2).encode())
+            atomic_write(self.paths.service_json(svc.uuid), svc.model_dump_json(indent=2).encode(), step=step)
 
-    def write_pid(self, uuid: UUID | str, record: PidRecord) -> None:
+    def write_pid(self, uuid: UUID | str, record: PidRecord, step: str = "") -> None:
+        """Write service.pid atomically: a reader sees the old record or the new one, never none."""
         with self.locked(uuid):
-            atomic_write(self.paths.service_pid(uuid), record.dumps())
+            atomic_write(self.paths.service_pid(uuid), record.dumps(), step=step)
 
     def read_pid(self, uuid: UUID | str) -> PidRecord | None:
         path = self.paths.service_pid(uuid)
@@ -184,6 +203,7 @@ class Store:
                 continue
             if not directory.is_dir():
                 continue
+            self._remove_temp_files(directory)
             path = directory / "service.json"
             if not path.exists():
                 # Set aside by an earlier daemon: keep reporting it until someone deals with it.
@@ -200,6 +220,20 @@ class Store:
             svc.service_path = str(directory)
             services.append(svc)
         return services, problems
+
+    @staticmethod
+    def _remove_temp_files(directory: Path) -> None:
+        """Remove the temp files of writes cut short (a kill between create and rename).
+
+        Called at load, while this daemon holds the daemon lock and writes nothing yet: every
+        ``.service.json.*.tmp`` or ``.service.pid.*.tmp`` there is a leftover.
+        """
+        for tmp in [*directory.glob(".service.json.*.tmp"), *directory.glob(".service.pid.*.tmp")]:
+            try:
+                os.unlink(tmp)
+                log.info("removed %s, left by a write cut short", tmp)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", tmp, exc)
 
     def _set_aside(self, path: Path, exc: Exception) -> Problem:
         aside = path.with_name(f"service.json.corrupt-{int(time.time())}")
