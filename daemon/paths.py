@@ -87,7 +87,7 @@ class Paths:
             )
 
 
-def bind_private_socket(path: Path) -> socket.socket:
+def bind_private_socket(path: Path, hint: str = "") -> socket.socket:
     """Bind and listen on a Unix socket at ``path`` that only this user can connect to (0600).
 
     A socket file already there is a leftover of a server that is gone (the caller owns the
@@ -97,7 +97,7 @@ def bind_private_socket(path: Path) -> socket.socket:
         raise StorageError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set MODELD_HOME to a shorter path")
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise StorageError(f"{path} exists and is not a socket")
+            raise StorageError(f"{path} exists and is not a socket{hint}")
         os.unlink(path)
     except FileNotFoundError:
         pass

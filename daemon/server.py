@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 from typing import Any
 
@@ -31,7 +30,7 @@ from .exceptions import DaemonAlreadyRunning, ModeldError, StorageError
 from .linux import ProcessIdentity, peer_uid, trim_heap
 from .process import keep_server_umask
 from .manager import Manager
-from .paths import Paths
+from .paths import Paths, bind_private_socket
 from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")
@@ -100,24 +99,9 @@ def take_lock(paths: Paths) -> int:
 
 
 def bind_socket(paths: Paths) -> socket.socket:
-    path = str(paths.socket)
     # Safe only because we hold the lock: a socket file left here belongs to a dead daemon.
     # Anything else at that path is not ours to delete.
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise StorageError(f"{path} exists and is not a socket; set MODELD_SOCKET to another path")
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(512)
-    return sock
+    return bind_private_socket(paths.socket, hint="; set MODELD_SOCKET to another path")
 
 
 class _Server(uvicorn.Server):
