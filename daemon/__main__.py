@@ -1,7 +1,34 @@
 """``python -m daemon``: run the modeld daemon in the foreground (what auto-start spawns)."""
 
 import sys
+import types
 
-from .server import main
+
+def _without_tls() -> None:
+    """Keep OpenSSL out of the daemon: it speaks HTTP on a Unix socket only, never TLS.
+
+    ``ssl`` costs ~5 MiB of the daemon's ~40 MiB RSS (libcrypto and libssl mapped, the
+    module's objects). asyncio and http.client run without it (they catch the ImportError).
+    uvicorn's config module reads two constants at import; it is given them by a stand-in
+    module seen by that import alone (the daemon's uvicorn is never configured for TLS).
+    """
+    if "ssl" in sys.modules:  # imported already (embedded use): nothing to save
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError
+    import asyncio  # noqa: F401  (imported now, it settles on ssl = None)
+
+    stand_in = types.ModuleType("ssl", "stand-in for uvicorn.config's import-time constants")
+    stand_in.PROTOCOL_TLS_SERVER = 17  # type: ignore[attr-defined]  # the values ssl has
+    stand_in.CERT_NONE = 0  # type: ignore[attr-defined]
+    sys.modules["ssl"] = stand_in
+    try:
+        import uvicorn.config  # noqa: F401
+    finally:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+
+
+_without_tls()
+
+from .server import main  # noqa: E402
 
 sys.exit(main())
