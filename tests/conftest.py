@@ -83,14 +83,29 @@ def kill_home(home: Path) -> None:
             wait_for(lambda: not pid_alive(pid), 5, interval=0.005, what=f"pid {pid} to die")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+
+
+FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))
     monkeypatch.setenv("MODELD_HOME", str(path))
     monkeypatch.delenv("MODELD_SOCKET", raising=False)
     try:
         yield path
     finally:
+        if request.node.stash.get(FAILED, False):
+            # The daemon's side of a failure, in the test's report, before the home goes.
+            with contextlib.suppress(OSError):
+                print(f"--- tail of {path}/daemon.log ---\n" + (path / "daemon.log").read_text(errors="replace")[-4000:])
         kill_home(path)
         shutil.rmtree(path, ignore_errors=True)
 
