@@ -9,6 +9,7 @@ once. Errors come back as the classes of ``daemon.exceptions``.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import select
@@ -30,6 +31,7 @@ from .paths import Paths
 DEFAULT_TIMEOUT = 300.0
 START_TIMEOUT = float(os.environ.get("MODELD_START_TIMEOUT", 30))
 _MARGIN = 30.0  # seconds beyond an operation's own timeout before the client gives up on the socket
+READ_RETRY_SECONDS = 5.0  # how long a read is retried while a killed daemon resets connections in its backlog
 
 
 class VersionMismatchWarning(UserWarning):
@@ -194,7 +196,8 @@ class DaemonClient:
         socket_timeout = self.timeout if self.timeout is not None else (timeout or 60.0) + _MARGIN
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if payload is not None else {}
-        for attempt in (1, 2):
+        retry_reads_until = time.monotonic() + READ_RETRY_SECONDS
+        for attempt in itertools.count(1):
             self._drop_if_closed()
             try:
                 if self._conn is None:
@@ -213,13 +216,16 @@ class DaemonClient:
                 self.close()
                 raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}") from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                # The daemon closed the connection: idle, restarting, or killed (a dying daemon's
-                # backlog even accepts a connection, then resets it). A read is sent once more, on
-                # a new connection (auto-starting a daemon if need be). A deploy, stop or delete is
-                # not: it may have been done before the daemon went, and sending it again could
-                # start a second server, so the caller is told instead.
+                # The daemon closed the connection: idle, restarting, or killed. A daemon killed
+                # with -9 goes on accepting connections into its backlog until its last thread has
+                # exited (its main thread already shows as a zombie), then resets them all. A read
+                # is sent again on a new connection, backing off, until it is answered or the
+                # socket refuses (then a daemon is auto-started). A deploy, stop or delete is not:
+                # it may have been done before the daemon went, and sending it again could start a
+                # second server, so the caller is told instead.
                 self.close()
-                if attempt == 1 and method == "GET":
+                if method == "GET" and time.monotonic() < retry_reads_until:
+                    time.sleep(min(0.002 * 2**attempt, 0.1))
                     continue
                 raise ProtocolError(
                     f"the daemon closed the connection during {method} {path}: {exc}"
@@ -236,7 +242,7 @@ class DaemonClient:
             if response.status >= 400:
                 raise error_from_dict(response.status, data)
             return data
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # (the loop returns or raises)
 
     def _drop_if_closed(self) -> None:
         """Forget a kept-alive connection the daemon has closed meanwhile (idle timeout, restart),

@@ -277,7 +277,7 @@ def socket_runs(socket_path: str, folder: Path, registered: int, runs: int, reap
     with bare_server(folder, floor_path, reaper):
         wait(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
         floor, daemon = UnixHTTP(floor_path), UnixHTTP(socket_path)
-        wait(lambda: _tries(floor.get, "/health"), what="the bare uvicorn Unix socket to answer")
+        wait(lambda: _tries(floor, "/health"), what="the bare uvicorn Unix socket to answer")
         wanted = f"/v1/services?model_name=reg{registered // 2}"
         assert len(json.loads(daemon.get(wanted))["services"]) == 1
         for _ in range(20):  # warm both
@@ -300,10 +300,12 @@ def socket_runs(socket_path: str, folder: Path, registered: int, runs: int, reap
     return figures
 
 
-def _tries(fn: Callable[..., object], *args: object) -> bool:
+def _tries(conn: UnixHTTP, url: str) -> bool:
+    """One GET on ``conn``; on failure (not listening yet) the connection is closed, so the next try starts afresh."""
     try:
-        fn(*args)
-    except OSError:
+        conn.get(url)
+    except (OSError, http.client.HTTPException):
+        conn.close()
         return False
     return True
 

@@ -805,9 +805,14 @@ def run(ops: int, seed: int, home: Path | None = None, keep: bool = False) -> di
     """Run chaos in ``home`` (a new temp folder if None); the JSON-able result."""
     home = home or Path(tempfile.mkdtemp(prefix="mdc", dir="/tmp"))
     try:
-        return Chaos(home, seed).run(ops)
+        result = Chaos(home, seed).run(ops)
+        if keep:
+            result["home"] = str(home)
+        return result
     finally:
-        if not keep:
+        if keep:
+            print(f"chaos: kept {home} (daemon.log, services/*/service.log)", file=sys.stderr)
+        else:
             shutil.rmtree(home, ignore_errors=True)
 
 
