@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .exceptions import DeployError
@@ -101,12 +102,23 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def free_port(host: str) -> int:
-    sock = bind_listener(host, 0)
+def bind_unclaimed(host: str, claimed: Collection[int]) -> socket.socket:
+    """A listener on a free port that is none of ``claimed``.
+
+    A service keeps its port for life, but a command server's port is free while it is
+    down (stopped, restarting, being replaced): the kernel may offer it to a new service
+    then. Ports it offers that are claimed are held while another is asked for.
+    """
+    held: list[socket.socket] = []
     try:
-        return int(sock.getsockname()[1])
+        while True:
+            sock = bind_listener(host, 0)
+            if int(sock.getsockname()[1]) not in claimed or len(held) >= 64:
+                return sock
+            held.append(sock)
     finally:
-        sock.close()
+        for other in held:
+            other.close()
 
 
 def fetch_listener(fd_socket: str, timeout: float = 1.0) -> socket.socket | None:

@@ -32,7 +32,7 @@ from uuid import UUID
 
 from . import killpoints
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
-from .health import ProbeTarget, bind_listener, fetch_listener, free_port, probe
+from .health import ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
 from .linux import ProcessIdentity, TaggedProcess, signal_verified, tagged_processes
@@ -501,6 +501,11 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
+    def _claimed_ports(self, host: str, owner: Managed) -> set[int]:
+        """The ports other services on ``host`` keep for life (also while their server is down)."""
+        return {o.svc.endpoint.port for o in self.services.values()
+                if o is not owner and o.svc.endpoint.port and o.svc.config.host == host}
+
     def _check_port_unclaimed(self, config: ServiceConfig, owner: Managed | None) -> None:
         for other in self.services.values():
             if other is not owner and other.svc.endpoint.port == config.port and other.svc.config.host == config.host:
@@ -572,10 +577,11 @@ class Manager:
             return
         if is_builtin(config):
             if m.listener is None:
-                m.listener = bind_listener(config.host, port)
+                m.listener = bind_listener(config.host, port) if port else bind_unclaimed(config.host, self._claimed_ports(config.host, m))
             port = int(m.listener.getsockname()[1])
         elif port == 0:
-            port = free_port(config.host)
+            with bind_unclaimed(config.host, self._claimed_ports(config.host, m)) as sock:
+                port = int(sock.getsockname()[1])
         else:
             # A command server binds its port itself: if someone else holds it, its health
             # probe would reach that stranger and report it as ours.
