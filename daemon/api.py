@@ -169,7 +169,7 @@ class ServiceViews:
             del self._json[uuid]
 
     def find(self, running: bool = False, service_uuid: UUID | None = None, **filters: str | None) -> list[BaseService]:
-        """The same answer as ``Manager.find``."""
+        """The services matching every filter given (and ``running``: active only), oldest first."""
         self._fresh()
         wanted = {k: v for k, v in filters.items() if v is not None}
         if service_uuid is not None:

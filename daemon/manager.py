@@ -128,20 +128,6 @@ class Manager:
         except KeyError:
             raise ServiceNotFound(f"no service with uuid {uuid}") from None
 
-    def find(self, running: bool = False, service_uuid: UUID | None = None, **filters: str | None) -> list[BaseService]:
-        wanted = {k: v for k, v in filters.items() if v is not None}
-        found = []
-        for m in self.services.values():
-            svc = m.svc
-            if service_uuid is not None and svc.uuid != service_uuid:
-                continue
-            if running and svc.status.state != ServiceState.ACTIVE:
-                continue
-            if any(getattr(svc.config, k) != v for k, v in wanted.items()):
-                continue
-            found.append(svc)
-        return sorted(found, key=lambda s: s.created_at)
-
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in ServiceState}
         for m in self.services.values():
@@ -316,10 +302,9 @@ class Manager:
             if record is None:
                 continue
             tracked.add(record.ident)
-            if "prev" in record.extra:
-                with contextlib.suppress(ValueError):
-                    pid, ticks, boot = record.extra["prev"].split(":", 2)
-                    tracked.add(ProcessIdentity(int(pid), int(ticks), boot))
+            previous = record.split_previous()[1]
+            if previous is not None:
+                tracked.add(previous.ident)
         by_pid = {p.ident.pid: p for p in tagged}
         known = {str(svc.uuid) for svc in services}
         wanted: dict[str, list[TaggedProcess]] = {}
@@ -402,9 +387,9 @@ class Manager:
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
         """A daemon died in the middle of a hand-over: keep the process whose version service.json
         has, stop the other, so one server, and only one, serves the service."""
-        pid, ticks, boot = record.extra["prev"].split(":", 2)
-        prev = PidRecord(ProcessIdentity(int(pid), int(ticks), boot), {k[5:]: v for k, v in record.extra.items() if k.startswith("prev_")})
-        main = PidRecord(record.ident, {k: v for k, v in record.extra.items() if k != "prev" and not k.startswith("prev_")})
+        main, prev = record.split_previous()
+        if prev is None:  # an unreadable prev= line: nothing to settle but the recorded server
+            return main
         keep, drop = (main, prev) if main.extra.get("version") == str(svc.version) else (prev, main)
         loser = self._adopt_recorded(svc.uuid, drop.ident, drop.extra)
         if loser is not None:
@@ -501,15 +486,15 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
-    def _claimed_ports(self, host: str, owner: Managed) -> set[int]:
-        """The ports other services on ``host`` keep for life (also while their server is down)."""
-        return {o.svc.endpoint.port for o in self.services.values()
+    def _claimed_ports(self, host: str, owner: Managed | None) -> dict[int, UUID]:
+        """The ports other services on ``host`` keep for life (also while their server is down), and whose."""
+        return {o.svc.endpoint.port: o.uuid for o in self.services.values()
                 if o is not owner and o.svc.endpoint.port and o.svc.config.host == host}
 
     def _check_port_unclaimed(self, config: ServiceConfig, owner: Managed | None) -> None:
-        for other in self.services.values():
-            if other is not owner and other.svc.endpoint.port == config.port and other.svc.config.host == config.host:
-                raise Conflict(f"port {config.port} on {config.host} belongs to service {other.uuid}")
+        other = self._claimed_ports(config.host, owner).get(config.port)
+        if other is not None:
+            raise Conflict(f"port {config.port} on {config.host} belongs to service {other}")
 
     def _precheck(self, config: ServiceConfig, fresh: bool) -> None:
         """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error)."""
@@ -641,13 +626,11 @@ class Manager:
         if proc is None:
             proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
         killpoints.reached(f"{op}.after-spawn")
-        recorded = dict(extra)
+        record = PidRecord(proc.ident, dict(extra))
         if previous is not None:
-            prev = previous.ident
-            recorded["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
-            recorded.update({f"prev_{k}": v for k, v in previous.extra.items()})
+            record = record.with_previous(PidRecord(previous.ident, previous.extra))
         m.proc = proc  # first: if the pid file cannot be written (disk full), the caller's cleanup stops it
-        self.store.write_pid(m.uuid, PidRecord(proc.ident, recorded), step=f"{op}.pid")
+        self.store.write_pid(m.uuid, record, step=f"{op}.pid")
         killpoints.reached(f"{op}.after-pid")
         m.svc.status.pid = proc.pid
         m.svc.status.exit_code = None
@@ -746,13 +729,9 @@ class Manager:
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
             ) from exc
         except ModeldError as exc:  # a write that failed (disk full), a bad socket path: the server is stopped too
-            if m.proc is not None:
-                failed = m.proc
-                await failed.terminate(0, force=True)
-                self._forget_process(m, failed)
+            await self._abandon_launch(m)
             m.close_listener()
             svc.desired_state = failing_state
-            svc.status.pid = None
             svc.status.moved_to(ServiceState.ERROR, str(exc))
             self._save_if_possible(svc)
             raise type(exc)(f"service {svc.uuid}: {exc}") from exc

@@ -152,18 +152,17 @@ class ServiceConfig(BaseModel):
         upper = key.upper()
         return key in self.secret_env or any(marker in upper for marker in SECRET_MARKERS)
 
-    def secret_values(self) -> list[str]:
-        """The values to mask in text, longest first so that one containing another is masked whole."""
-        values = {v for k, v in self.env.items() if len(v) >= 4 and self.is_secret(k)}  # shorter ones would mask ordinary words
-        return sorted(values, key=len, reverse=True)
+    def secret_values(self) -> set[str]:
+        """The env values to mask in text."""
+        return {v for k, v in self.env.items() if len(v) >= 4 and self.is_secret(k)}  # shorter ones would mask ordinary words
 
     def scrub(self, text: str, *also: ServiceConfig) -> str:
         """``text`` with every secret env value masked: a server may print its token, an error may quote that.
 
         ``also``: other configs whose secrets may be in the same text (the previous version's, during a replace).
         """
-        values = set(self.secret_values()).union(*(c.secret_values() for c in also))
-        for value in sorted(values, key=len, reverse=True):
+        values = self.secret_values().union(*(c.secret_values() for c in also))
+        for value in sorted(values, key=len, reverse=True):  # longest first: one containing another is masked whole
             text = text.replace(value, REDACTED)
         return text
 
@@ -288,8 +287,9 @@ class BaseService(BaseModel):
     def public(self) -> BaseService:
         """A copy fit to show: secret env values masked, also where the last error quotes them."""
         status = self.status
-        if status.last_error and self.config.scrub(status.last_error) != status.last_error:
-            status = status.model_copy(update={"last_error": self.config.scrub(status.last_error)})
+        scrubbed = self.config.scrub(status.last_error) if status.last_error else status.last_error
+        if scrubbed != status.last_error:
+            status = status.model_copy(update={"last_error": scrubbed})
         return self.model_copy(update={"config": self.config.redacted(), "status": status})
 
 

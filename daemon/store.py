@@ -111,6 +111,25 @@ class PidRecord:
         extra = dict(line.split("=", 1) for line in lines[3:] if "=" in line)
         return cls(ident, extra)
 
+    # During a hand-over the record names both servers: the new one, and the previous one as
+    # ``prev=pid:ticks:boot`` with its own extras as ``prev_<key>=...``.
+
+    def with_previous(self, previous: PidRecord) -> PidRecord:
+        prev = previous.ident
+        extra = {**self.extra, "prev": f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"}
+        extra.update({f"prev_{k}": v for k, v in previous.extra.items()})
+        return PidRecord(self.ident, extra)
+
+    def split_previous(self) -> tuple[PidRecord, PidRecord | None]:
+        """(this record without the previous server, the previous server's record or None; None also if unreadable)."""
+        main = PidRecord(self.ident, {k: v for k, v in self.extra.items() if k != "prev" and not k.startswith("prev_")})
+        try:
+            pid, ticks, boot = self.extra["prev"].split(":", 2)
+            prev_ident = ProcessIdentity(int(pid), int(ticks), boot)
+        except (KeyError, ValueError):
+            return main, None
+        return main, PidRecord(prev_ident, {k[5:]: v for k, v in self.extra.items() if k.startswith("prev_")})
+
 
 @dataclass
 class Problem:

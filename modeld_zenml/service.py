@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # modeld's own run settings; None leaves modeld's default (ServiceConfig in daemon/models.py).
 _RUN_SETTINGS = (
     "model_type", "command", "health_path", "prediction_path", "host", "port", "env", "secret_env",
-    "python", "working_dir", "restart", "startup_timeout", "stop_timeout",
+    "python", "working_dir", "restart", "startup_timeout", "stop_timeout", "bind_unix",
 )
 
 
@@ -73,6 +73,7 @@ class ModeldDeploymentConfig(ServiceConfig):
     restart: Optional[Dict[str, Any]] = None
     startup_timeout: Optional[float] = None
     stop_timeout: Optional[float] = None
+    bind_unix: Optional[bool] = None
     modeld_home: str = ""
     modeld_socket: str = ""
 
