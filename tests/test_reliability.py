@@ -55,8 +55,18 @@ def wait_state(client: DaemonClient, uuid, state: ServiceState, timeout: float =
 def servers_of(home: Path) -> list[psutil.Process]:
     """Live processes of this home other than its daemon and its fork server (warm servers are forked from it)."""
     daemon = daemon_pid(Paths(home))
-    return [p for p in processes_of(home)
-            if p.pid != daemon and p.status() != psutil.STATUS_ZOMBIE and p.name() != FORK_SERVER_NAME]
+
+    def fork_server(p: psutil.Process) -> bool:
+        # It names itself once it has imported what it preloads; before that, it is the daemon's
+        # child running serve.py --fork-server (the servers it forks are its children, not the daemon's).
+        return p.name() == FORK_SERVER_NAME or (p.ppid() == daemon and "--fork-server" in p.cmdline())
+
+    found = []
+    for p in processes_of(home):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.pid != daemon and p.status() != psutil.STATUS_ZOMBIE and not fork_server(p):
+                found.append(p)
+    return found
 
 
 @contextlib.contextmanager
