@@ -234,9 +234,11 @@ class Manager:
         # stranger, never signalled.
         self._ours = {(p.service_uuid, p.ident) for p in tagged}
         await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
-        untracked = await self._untracked(services, tagged)
+        records = {svc.uuid: self.store.read_pid(svc.uuid) for svc in services}  # read once, for both steps
+        untracked = await self._untracked(services, tagged, records)
         results = await asyncio.gather(
-            *(self._restore(svc, untracked.get(str(svc.uuid), [])) for svc in services), return_exceptions=True
+            *(self._restore(svc, records[svc.uuid], untracked.get(str(svc.uuid), [])) for svc in services),
+            return_exceptions=True,
         )
         for svc, result in zip(services, results):
             if isinstance(result, Exception):
@@ -285,7 +287,9 @@ class Manager:
             return None
         return ProcessHandle.adopt(ident, extra)
 
-    async def _untracked(self, services: list[BaseService], tagged: list[TaggedProcess]) -> dict[str, list[TaggedProcess]]:
+    async def _untracked(
+        self, services: list[BaseService], tagged: list[TaggedProcess], records: dict[UUID, PidRecord | None]
+    ) -> dict[str, list[TaggedProcess]]:
         """Processes of this home's servers that no pid file names, by service uuid.
 
         A daemon killed between spawning a server and writing its pid file leaves one, as does
@@ -297,8 +301,7 @@ class Manager:
         for _restore to adopt one or kill them.
         """
         tracked: set[ProcessIdentity] = set()
-        for svc in services:
-            record = self.store.read_pid(svc.uuid)
+        for record in records.values():
             if record is None:
                 continue
             tracked.add(record.ident)
@@ -415,10 +418,10 @@ class Manager:
         self.store.clear_pid(uuid)
         problem.message += f"; its server (pid {proc.pid}) was stopped"
 
-    async def _restore(self, svc: BaseService, untracked: list[TaggedProcess]) -> None:
+    async def _restore(self, svc: BaseService, record: PidRecord | None, untracked: list[TaggedProcess]) -> None:
+        """``record``: its service.pid as read at the start of the rebuild (nothing writes it before this)."""
         m = Managed(svc)
         self.services[svc.uuid] = m
-        record = self.store.read_pid(svc.uuid)
         if record is not None and "prev" in record.extra:
             record = await self._settle_replace(svc, record)
         proc = self._adopt_recorded(svc.uuid, record.ident, record.extra) if record else None
