@@ -2,13 +2,14 @@
 
 Routes (all under ``/v1``; every response carries ``x-modeld-version``):
 
-    GET    /v1/daemon                       version, pid, home, counts, problems
+    GET    /v1/daemon                       version, pid, home, counts, problems, containment
     POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
     GET    /v1/services                     find; filters as query parameters:
                                             running, service_uuid, pipeline_name, pipeline_run_id,
                                             pipeline_step_name, model_name, model_uri, model_type
     POST   /v1/services                     deploy: {"config": {...}, "replace": bool, "timeout": s, "uuid": opt}
     GET    /v1/services/{uuid}              one service
+    POST   /v1/services/start               start every service: {"services": [...], "failed": {uuid: error}}
     POST   /v1/services/{uuid}/start        ?timeout=s
     POST   /v1/services/{uuid}/stop         ?timeout=s&force=bool
     DELETE /v1/services/{uuid}              ?timeout=s&force=bool
@@ -39,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
 from .exceptions import DaemonError, InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
-from .manager import FIND_FILTERS, Manager, tail_lines
+from .logs import read_log
+from .manager import FIND_FILTERS, Manager
 from .models import BaseService, ServiceConfig, ServiceState
 
 log = logging.getLogger("modeld.api")
@@ -223,6 +225,7 @@ class Api:
             ("POST", re.compile(r"/v1/daemon/shutdown"), self.shutdown),
             ("GET", re.compile(r"/v1/services"), self.find),
             ("POST", re.compile(r"/v1/services"), self.deploy),
+            ("POST", re.compile(r"/v1/services/start"), self.start_all),
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)"), self.get),
             ("DELETE", re.compile(r"/v1/services/(?P<uuid>[^/]+)"), self.delete),
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/start"), self.start),
@@ -327,6 +330,12 @@ class Api:
         params = request.params(timeout=float)
         return 200, service_json(await self.manager.start(uuid, params.get("timeout", DEFAULT_TIMEOUT)))
 
+    async def start_all(self, request: Request) -> tuple[int, Any]:
+        params = request.params(timeout=float)
+        started, failed = await self.manager.start_all(params.get("timeout", DEFAULT_TIMEOUT))
+        return 200, {"services": [service_json(svc) for svc in started],
+                     "failed": {str(uuid): error.to_dict() for uuid, error in failed.items()}}
+
     async def stop(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         params = request.params(timeout=float, force=bool)
         svc = await self.manager.stop(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
@@ -338,9 +347,10 @@ class Api:
         return 200, {"deleted": str(uuid)}
 
     async def logs(self, request: Request, uuid: UUID) -> None:
+        """The server's log, streamed in bounded memory (see logs.read_log): everything, the
+        last ``tail`` lines of the server's, and with ``follow`` what comes next, across rotations."""
         params = request.params(tail=int, follow=bool)
-        self.manager.get(uuid)
-        path = self.manager.paths.service_log(uuid)
+        svc = self.manager.get(uuid).svc
         send = request.send
         await send(
             {
@@ -349,28 +359,22 @@ class Api:
                 "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"x-modeld-version", __version__.encode())],
             }
         )
-        if "tail" in params:
-            text = tail_lines(path, params["tail"], max_bytes=max(65536, params["tail"] * 512)) if params["tail"] else ""
-            data = (text + "\n").encode() if text else b""
-            position = path.stat().st_size if path.exists() else 0
-        else:
-            data, position = _read_from(path, 0)
-        await send({"type": "http.response.body", "body": data, "more_body": bool(params.get("follow"))})
-        if params.get("follow"):
-            await self._follow(request, uuid, path, position)
-
-    async def _follow(self, request: Request, uuid: UUID, path: Any, position: int) -> None:
         disconnected = asyncio.ensure_future(_wait_disconnect(request.receive))
         closing = asyncio.ensure_future(self.closing.wait())
+
+        async def keep_going() -> bool:
+            """Wait a little for new lines; False once the client, the daemon or the service is gone."""
+            done, _ = await asyncio.wait({disconnected, closing}, timeout=0.2)
+            return not done and uuid in self.manager.services
+
         try:
-            while uuid in self.manager.services:
-                done, _ = await asyncio.wait({disconnected, closing}, timeout=0.2)
-                if done:
+            path = self.manager.paths.service_log(uuid)
+            async for chunk in read_log(path, svc.config.log_backups, params.get("tail"), bool(params.get("follow")), keep_going):
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if disconnected.done():
                     break
-                data, position = _read_from(path, position)
-                if data:
-                    await request.send({"type": "http.response.body", "body": data, "more_body": True})
-            await request.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             disconnected.cancel()
             closing.cancel()
@@ -380,20 +384,6 @@ async def _wait_disconnect(receive: Receive) -> None:
     """Return once the client has gone; the request's own (empty) body messages come first and are skipped."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _read_from(path: Any, position: int) -> tuple[bytes, int]:
-    """New bytes of a log file since ``position``; starts over if it was truncated (rotated)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < position:
-                position = 0
-            f.seek(position)
-            data = f.read(size - position)
-    except FileNotFoundError:
-        return b"", 0
-    return data, position + len(data)
 
 
 class _NotFound(ServiceNotFound):

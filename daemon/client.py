@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode
 from uuid import UUID
 
 from ._version import __version__
-from .exceptions import DaemonError, DaemonNotRunning, DaemonStartError, ProtocolError, error_from_dict
+from .exceptions import DaemonError, DaemonNotRunning, DaemonStartError, ModeldError, ProtocolError, error_from_dict
 from .models import SERVICE_REGISTRY, BaseService, ServiceConfig
 from .paths import Paths
 
@@ -115,6 +115,13 @@ class DaemonClient:
 
     def start(self, uuid: UUID | str, timeout: float = DEFAULT_TIMEOUT) -> BaseService:
         return self._service(self._call("POST", f"/v1/services/{_quote(uuid)}/start", query={"timeout": timeout}, timeout=timeout))
+
+    def start_all(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[BaseService], dict[str, ModeldError]]:
+        """Start every service that is not running (after ``modeld daemon stop --all``, say):
+        (the services started, the error of each that failed, by uuid)."""
+        data = self._call("POST", "/v1/services/start", query={"timeout": timeout}, timeout=timeout)
+        failed = {uuid: error_from_dict(500, {"error": error}) for uuid, error in data.get("failed", {}).items()}
+        return [self._service(item) for item in data["services"]], failed
 
     def stop(self, uuid: UUID | str, timeout: float = DEFAULT_TIMEOUT, force: bool = False) -> BaseService:
         query = {"timeout": timeout, "force": "true" if force else None}

@@ -28,20 +28,27 @@ class ProbeTarget:
         return f"unix:{self.unix}{self.path}" if self.unix else f"http://{self.host}:{self.port}{self.path}"
 
 
-async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool, str]:
-    """One health probe: (healthy, what was seen).
+# The daemon could not make the probe (out of fds or memory): that says nothing about the server.
+_OWN_FAILURES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None, str]:
+    """One health probe: (healthy, what was seen); healthy is None when the daemon could not probe.
 
     Plain non-blocking socket calls, one future and one timer, rather than asyncio streams:
     a daemon with a hundred servers makes ten or twenty of these a second, and they are most
     of what it does when idle. A Unix socket connects (or fails) at once; TCP may wait.
     """
     loop = asyncio.get_running_loop()
-    if target.unix:
-        sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix
-    else:
-        host = "127.0.0.1" if target.host in ("0.0.0.0", "") else ("::1" if target.host == "::" else target.host)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock, address = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), (host, target.port)
+    try:
+        if target.unix:
+            sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix
+        else:
+            host = "127.0.0.1" if target.host in ("0.0.0.0", "") else ("::1" if target.host == "::" else target.host)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock, address = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), (host, target.port)
+    except OSError as exc:
+        return (None if exc.errno in _OWN_FAILURES else False), f"{target}: cannot probe: {exc.strerror or exc}"
     try:
         async with asyncio.timeout(timeout):
             try:

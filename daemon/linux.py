@@ -5,12 +5,18 @@
   boot id, so a reused pid or one from before a reboot is never trusted;
 - ``pidfd_open`` to learn of an exit at once, for adopted processes too, and
   ``waitid(P_PIDFD)`` to reap our own children;
-- ``SO_PEERCRED`` to know who is on the other end of a Unix socket.
+- ``SO_PEERCRED`` to know who is on the other end of a Unix socket;
+- the cgroup2 mount and this process's cgroup (``/proc/self/mountinfo``,
+  ``/proc/self/cgroup``), for containment (see ``containment.py``);
+- which process holds a listening socket (``/proc/net/tcp*`` inodes against
+  ``/proc/<pid>/fd``), to tell the serving process of a tree from its helpers;
+- the soft limit on open files, raised to the hard one.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import struct
@@ -224,3 +230,133 @@ def signal_verified(ident: ProcessIdentity, sig: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def children_map() -> dict[int, list[int]]:
+    """Every live process's children, by parent pid (one pass over /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(entry)
+        if fields is None or fields[0] in (b"Z", b"X"):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def descendants(roots: set[int], children: dict[int, list[int]] | None = None) -> set[int]:
+    """``roots`` and every live process below them by parent pid."""
+    children = children if children is not None else children_map()
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+# ------------------------------------------------------------------ cgroups
+
+
+def cgroup2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup`` on most machines, ``.../unified`` in
+    hybrid mode), from /proc/self/mountinfo; None if there is none."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                before, _, after = line.partition(" - ")
+                if after.split(" ", 1)[0] == "cgroup2":
+                    return _unescape_mount(before.split()[4])
+    except OSError:
+        return None
+    return None
+
+
+def _unescape_mount(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
+    return path.encode().decode("unicode_escape") if "\\" in path else path
+
+
+def own_cgroup(pid: int | str = "self") -> str | None:
+    """The cgroup v2 path of a process, relative to the mount ("/" for the root); None if unknown."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n") or "/"
+    except OSError:
+        return None
+    return None
+
+
+# ----------------------------------------------------------- who is serving
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on ``port`` (any address, IPv4 or IPv6)."""
+    want = f":{port:04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(want):
+                        inodes.add(int(fields[9]))
+        except OSError:
+            continue
+    return inodes
+
+
+def listening_unix_inodes(path: str) -> set[int]:
+    """Inodes of the Unix sockets listening at ``path``."""
+    inodes = set()
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split(None, 7)
+                # Num RefCount Protocol Flags Type St Inode Path; flags 00010000 = __SO_ACCEPTCON
+                if len(fields) == 8 and fields[7].rstrip("\n") == path and int(fields[3], 16) & 0x10000:
+                    inodes.add(int(fields[6]))
+    except (OSError, ValueError):
+        pass
+    return inodes
+
+
+def holds_socket(pid: int, inodes: set[int]) -> bool:
+    """Whether ``pid`` has one of these socket inodes open."""
+    if not inodes:
+        return False
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; (old soft, new soft).
+
+    Each live service costs the daemon a few fds (see the README), and a soft limit of
+    1024 is still common: probes failing with EMFILE must never be what ends a service.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return soft, hard
+        except (ValueError, OSError):
+            pass
+    return soft, soft

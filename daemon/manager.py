@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -31,11 +33,15 @@ from typing import Any
 from uuid import UUID
 
 from . import killpoints
+from .containment import Containment, Group, choose as choose_containment, launch_of
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .health import ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
-from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
+from .linux import (
+    ProcessIdentity, TaggedProcess, holds_socket, listening_inodes, listening_unix_inodes, signal_verified, tagged_processes,
+)
+from .logs import LogWriterClient, marker, tail_text
+from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
-from .linux import ProcessIdentity, TaggedProcess, signal_verified, tagged_processes
 from .process import ForkServers, ProcessHandle, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
@@ -45,27 +51,11 @@ SERVE_PY = str(Path(__file__).with_name("runtime") / "serve.py")
 BUILTIN_TYPES = ("python", "pickle")
 HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # seconds between probes of a healthy server
 FAST_PROBING = 1.0  # seconds a starting server is probed every 5 ms before the probes back off
-UNHEALTHY_AFTER = 3  # failed probes in a row before an active server is reported in error
-LOG_MAX_BYTES = int(os.environ.get("MODELD_LOG_MAX_BYTES", 10 * 1024 * 1024))
 WARM_START = os.environ.get("MODELD_WARM_START", "1") != "0"  # built-in servers forked from a pre-imported process
+STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
+SUPERVISION_RETRY = 0.1  # seconds before supervision goes on after an exception, doubling
+SUPERVISION_RETRY_MAX = 30.0
 FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
-
-
-def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 16384) -> str:
-    """The last ``n`` lines of a log file, for error messages."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read()
-    except OSError:
-        return ""
-    lines = data.decode(errors="replace").splitlines()
-    if start:
-        lines = lines[1:]  # it starts mid-line, maybe mid-secret, which scrub would then not recognise
-    return "\n".join(line for line in lines[-n:] if not line.startswith("--- modeld: starting"))
 
 
 def describe_exit(code: int | None) -> str:
@@ -119,6 +109,12 @@ class Manager:
         self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self._create_lock = asyncio.Lock()
         self.fork_servers = ForkServers(SERVE_PY, paths.home / "forkserver.log")
+        self.containment: Containment = choose_containment(paths.home, paths.run)
+        if self.containment.reason:
+            log.info("containment: tag (%s)", self.containment.reason)
+        else:
+            log.info("containment: %s", self.containment.kind)
+        self.logs = LogWriterClient(paths)
 
     # ------------------------------------------------------------------ queries
 
@@ -194,6 +190,24 @@ class Manager:
             await self._start_locked(m, timeout, failing_state=DesiredState.STOPPED)
             return m.svc
 
+    async def start_all(self, timeout: float) -> tuple[list[BaseService], dict[UUID, ModeldError]]:
+        """Start every service that is not running (as ``start`` of each, all at once): the way back
+        after ``modeld daemon stop --all``. (the services started, the errors of those that failed)"""
+        wanted = [uuid for uuid, m in self.services.items()
+                  if not (m.svc.desired_state == DesiredState.RUNNING and m.svc.status.state == ServiceState.ACTIVE)]
+        results = await asyncio.gather(*(self.start(uuid, timeout) for uuid in wanted), return_exceptions=True)
+        started, failed = [], {}
+        for uuid, result in zip(wanted, results):
+            if isinstance(result, ServiceNotFound):
+                continue  # deleted meanwhile
+            if isinstance(result, ModeldError):
+                failed[uuid] = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                started.append(result)
+        return started, failed
+
     async def stop(self, uuid: UUID, timeout: float, force: bool = False) -> BaseService:
         async with self._locked(uuid) as m:
             await self._stop_locked(m, timeout, force)
@@ -213,10 +227,11 @@ class Manager:
             m.svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
             for proc in (m.replacing, m.proc):
                 if proc is not None:
-                    await proc.terminate(min(timeout, m.svc.config.stop_timeout), force)
+                    await self._terminate(m, proc, min(timeout, m.svc.config.stop_timeout), force)
                     self._unlink_sockets(proc)
             m.replacing = m.proc = None
             m.close_listener()
+            await asyncio.to_thread(self.containment.remove_service, str(uuid))  # and anything its launches left
             killpoints.reached("delete.after-stop")
             self.services.pop(uuid, None)
             if trash is not None:
@@ -228,6 +243,7 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run."""
         services, self.problems = self.store.load_all()
+        await asyncio.to_thread(self.logs.ensure)  # this home's log writer: the one still running, or a new one
         tagged = await self._tagged()
         # A pid file is trusted only for a process that carries its service's tag: one whose pid
         # and start time match by chance (a pid file copied from elsewhere, edited by hand) is a
@@ -244,39 +260,78 @@ class Manager:
             if isinstance(result, Exception):
                 log.error("could not restore %s: %s", svc.uuid, result, exc_info=result)
                 self.problems.append(Problem(svc.service_path, f"could not be restored: {type(result).__name__}: {result}"))
+        await self._sweep(tagged)
         log.info("rebuilt %d services (%s)", len(self.services), self.counts())
+
+    async def _sweep(self, tagged: list[TaggedProcess]) -> None:
+        """Stop every process of this home's services that belongs to no launch a service keeps.
+
+        Run once every service is restored: what is left is what a server started and left
+        behind when it died while no daemon watched (a helper in a session of its own, a
+        daemonized child), launches a kill -9 of the daemon cut short, and services deleted
+        meanwhile. Cgroups are swept by their folders; processes by their tags (``tagged``:
+        the scan made at the start of the rebuild; what was started since is kept).
+        """
+        keep: dict[str, set[str | None]] = {}
+        for m in self.services.values():
+            keep[str(m.uuid)] = {p.extra.get("launch") for p in (m.proc, m.replacing) if p is not None and p.alive}
+        doomed = [
+            self.containment.group(uuid, launch)
+            for uuid in self.containment.services()
+            for launch in self.containment.launches(uuid)
+            if launch not in keep.get(uuid, set())
+        ]
+        strays = [p for p in tagged if launch_of(p.info) not in keep.get(p.service_uuid, set()) and p.ident.is_alive()]
+        for group in doomed:
+            log.warning("stopping what is left of launch %s of service %s", group.launch, group.uuid)
+        await asyncio.gather(*(self._kill_untracked(p) for p in strays),
+                             *(asyncio.to_thread(_kill_and_remove, group) for group in doomed))
+        for uuid in self.containment.services():
+            if uuid not in keep:
+                await asyncio.to_thread(self.containment.remove_service, uuid)
 
     async def shutdown(self, stop_services: bool) -> None:
         for m in self.services.values():
             await self._cancel_supervision(m)
         if stop_services:
             await asyncio.gather(*(self._halt(m) for m in self.services.values()))
+            await asyncio.to_thread(self.logs.stop)  # last, once every server has written its last line
         for m in self.services.values():
             if m.proc is not None:
                 m.proc.close()
             m.close_listener()
         self.fork_servers.close()
+        self.logs.close()
 
     async def _halt(self, m: Managed) -> None:
-        """Stop the process for ``daemon stop --all``; the desired state stays, so it comes back with the daemon."""
+        """Stop the service for ``daemon stop --all``: it stays stopped, also when a later call starts the daemon
+        again, until someone asks for it (start, start --all, a deploy or replace of it)."""
+        svc = m.svc
+        if svc.desired_state == DesiredState.RUNNING:
+            svc.desired_state = DesiredState.STOPPED
+            svc.desired_reason = STOPPED_BY_STOP_ALL
         if m.replacing is not None and m.replacing.alive:  # a hand-over cut short by the shutdown
-            await m.replacing.terminate(m.svc.config.stop_timeout)
+            await m.replacing.terminate(svc.config.stop_timeout)
             self._unlink_sockets(m.replacing)
         if m.proc is not None and m.proc.alive:
-            await m.proc.terminate(m.svc.config.stop_timeout)
+            await self._terminate(m, m.proc, svc.config.stop_timeout)
             self._forget_process(m, m.proc)
-            m.svc.status.moved_to(ServiceState.INACTIVE)
-            m.svc.status.pid = None
-            self._save_if_possible(m.svc)
+        svc.status.pid = None
+        if svc.status.state != ServiceState.ERROR:
+            svc.status.moved_to(ServiceState.INACTIVE)
+        self._save_if_possible(svc, step="halt")
 
     async def _tagged(self) -> list[TaggedProcess]:
         """Every live process tagged as a server (or a server's child) of this home."""
-        forked = self._forked_records()
+        forked = self.containment.forked()
         tagged = await asyncio.to_thread(tagged_processes, str(self.paths.home), forked)
         for pid in set(forked) - {p.ident.pid for p in tagged}:
             with contextlib.suppress(OSError):  # the record of a forked server that is gone
                 os.unlink(self.paths.run / f"forked-{pid}")
         return tagged
+
+    def _group_of(self, uuid: UUID | str, extra: dict[str, str]) -> Group:
+        return self.containment.group(str(uuid), extra.get("launch"))
 
     def _adopt_recorded(self, uuid: UUID | str, ident: ProcessIdentity, extra: dict[str, str] | None = None) -> ProcessHandle | None:
         """Adopt the process a pid file names, if it is alive and tagged as this service's (see rebuild)."""
@@ -285,29 +340,30 @@ class Manager:
                 log.warning("%s: pid %d named by its pid file is not its server (no tag of the service); "
                             "leaving it alone", uuid, ident.pid)
             return None
-        return ProcessHandle.adopt(ident, extra)
+        extra = extra or {}
+        return ProcessHandle.adopt(ident, extra, self._group_of(uuid, extra))
 
     async def _untracked(
         self, services: list[BaseService], tagged: list[TaggedProcess], records: dict[UUID, PidRecord | None]
     ) -> dict[str, list[TaggedProcess]]:
-        """Processes of this home's servers that no pid file names, by service uuid.
+        """Candidates for adoption: processes of this home's servers that no pid file names, by service uuid.
 
         A daemon killed between spawning a server and writing its pid file leaves one, as does
-        a delete or a replace cut short; a server that died while no daemon watched can leave
-        workers holding its port. Each server carries this home and its service's uuid in its
-        environment, and its children inherit them, so they are found in /proc: a stranger
-        has neither tag and is never touched. Those no loaded service can want (its service
-        is gone, or their group's leader is dead) are killed here; the others are returned,
-        for _restore to adopt one or kill them.
+        a delete or a replace cut short. Each server carries this home, its service's uuid and its
+        launch in its environment, and its children inherit them, so they are found in /proc: a
+        stranger has none of these tags and is never touched. Processes of a launch a pid file
+        names go with that launch; those of services that are gone are stopped here, before any
+        server starts (they may hold its port); what else no service keeps is stopped by _sweep.
         """
         tracked: set[ProcessIdentity] = set()
-        for record in records.values():
+        launches: dict[str, set[str | None]] = {}
+        for uuid, record in records.items():
             if record is None:
                 continue
-            tracked.add(record.ident)
-            previous = record.split_previous()[1]
-            if previous is not None:
-                tracked.add(previous.ident)
+            for rec in (record, record.split_previous()[1]):
+                if rec is not None:
+                    tracked.add(rec.ident)
+                    launches.setdefault(str(uuid), set()).add(rec.extra.get("launch"))
         by_pid = {p.ident.pid: p for p in tagged}
         known = {str(svc.uuid) for svc in services}
         wanted: dict[str, list[TaggedProcess]] = {}
@@ -315,6 +371,11 @@ class Manager:
         for p in tagged:
             if p.ident in tracked:
                 continue
+            if p.service_uuid not in known:
+                doomed.append(p)
+                continue
+            if launch_of(p.info) in launches.get(p.service_uuid, set()):
+                continue  # part of a launch a pid file names: adopted, followed or stopped with it
             if not p.leads_group:
                 if p.pgid not in by_pid:
                     doomed.append(p)  # a worker whose server is gone
@@ -322,30 +383,18 @@ class Manager:
             parent = by_pid.get(p.ppid)
             if parent is not None and parent.service_uuid == p.service_uuid:
                 continue  # a server's child in a session of its own: it goes with its server
-            if p.service_uuid in known:
-                wanted.setdefault(p.service_uuid, []).append(p)
-            else:
-                doomed.append(p)
-        await asyncio.gather(*(self._kill_untracked(p) for p in doomed))
+            wanted.setdefault(p.service_uuid, []).append(p)
+        gone = [uuid for uuid in self.containment.services() if uuid not in known]
+        await asyncio.gather(*(self._kill_untracked(p) for p in doomed),
+                             *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone))
         return wanted
 
-    def _forked_records(self) -> dict[int, tuple[int, list[bytes]]]:
-        """What the fork servers wrote about the servers they forked (``run/forked-<pid>``: start
-        ticks, then the server's tags NUL-separated), by pid: such a server's /proc environ is
-        the fork server's, not its own."""
-        records: dict[int, tuple[int, list[bytes]]] = {}
-        for path in self.paths.run.glob("forked-*"):
-            with contextlib.suppress(OSError, ValueError):
-                ticks, _, tags = path.read_bytes().partition(b"\n")
-                records[int(path.name.removeprefix("forked-"))] = (int(ticks), tags.split(b"\0"))
-        return records
-
-    @staticmethod
-    async def _kill_untracked(p: TaggedProcess) -> None:
+    async def _kill_untracked(self, p: TaggedProcess) -> None:
         """SIGKILL an untracked server's group (or one stray worker) and wait until it is gone.
 
         The leader is first stopped through a pidfd checked against its start time: stopped, it
-        cannot exit and free its pgid for someone else before the group is killed.
+        cannot exit and free its pgid for someone else before the group is killed. With cgroups,
+        the whole launch it belongs to goes too.
         """
         fd = signal_verified(p.ident, signal.SIGSTOP if p.leads_group else signal.SIGKILL)
         if fd is None:
@@ -366,16 +415,25 @@ class Manager:
                 loop.remove_reader(fd)
         finally:
             os.close(fd)
+        launch = launch_of(p.info)
+        if self.containment.kind == "cgroup" and launch is not None:
+            await asyncio.to_thread(_kill_and_remove, self.containment.group(p.service_uuid, launch))
 
     async def _adopt_untracked(self, svc: BaseService, candidates: list[TaggedProcess]) -> ProcessHandle | None:
         """Adopt the one server spawned for this version of the service whose pid file was never
-        written; kill any other (a second one, an older or newer version, or one not wanted)."""
+        written, if it serves (holds the service's listening socket: a helper it started never
+        does); kill any other (a second one, an older or newer version, one not wanted)."""
         keep = None
-        if svc.desired_state == DesiredState.RUNNING and len(candidates) == 1:
-            with contextlib.suppress(ValueError, TypeError):
-                extra = {str(k): str(v) for k, v in json.loads(candidates[0].info).items()}
-                if extra.get("version") == str(svc.version):
-                    keep = ProcessHandle.adopt(candidates[0].ident, extra)
+        if svc.desired_state == DesiredState.RUNNING:
+            serving = []
+            for p in candidates:
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    extra = {str(k): str(v) for k, v in json.loads(p.info).items()}
+                    if extra.get("version") == str(svc.version) and await asyncio.to_thread(self._serves, svc, p.ident.pid):
+                        serving.append((p, extra))
+            if len(serving) == 1:
+                p, extra = serving[0]
+                keep = ProcessHandle.adopt(p.ident, extra, self._group_of(svc.uuid, extra))
         for p in candidates:
             if keep is None or p.ident != keep.ident:
                 await self._kill_untracked(p)
@@ -386,6 +444,27 @@ class Manager:
             except StorageError as exc:  # it is adopted all the same; its tags let the next daemon find it again
                 log.error("%s: %s", svc.uuid, exc)
         return keep
+
+    def _serves(self, svc: BaseService, pid: int) -> bool:
+        """Whether ``pid`` holds the service's listening socket: the serving process of its group (in a thread)."""
+        if svc.endpoint.unix_socket:
+            inodes = listening_unix_inodes(svc.endpoint.unix_socket)
+        else:
+            inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
+        return holds_socket(pid, inodes)
+
+    def _serving_member(self, svc: BaseService, group: Group) -> ProcessIdentity | None:
+        """The member of ``group`` that serves the service, if one does (in a thread)."""
+        if svc.endpoint.unix_socket:
+            inodes = listening_unix_inodes(svc.endpoint.unix_socket)
+        else:
+            inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
+        if not inodes:
+            return None
+        for ident in group.members():
+            if holds_socket(ident.pid, inodes):
+                return ident
+        return None
 
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
         """A daemon died in the middle of a hand-over: keep the process whose version service.json
@@ -410,13 +489,29 @@ class Manager:
         """A set-aside service's server would hold its port untracked: stop it (its service.pid says which)."""
         uuid = Path(problem.path).parent.name
         record = self.store.read_pid(uuid)
-        proc = self._adopt_recorded(uuid, record.ident) if record else None
+        proc = self._adopt_recorded(uuid, record.ident, record.extra) if record else None
         if proc is None:
             return
         log.warning("stopping the server (pid %d) of the set-aside %s", proc.pid, problem.path)
         await proc.terminate(10.0)
         self.store.clear_pid(uuid)
         problem.message += f"; its server (pid {proc.pid}) was stopped"
+
+    async def _follow_recorded(self, svc: BaseService, record: PidRecord) -> ProcessHandle | None:
+        """The recorded server died while no daemon watched. If a process it started serves the
+        service (a server that daemonized), that is the server now; else what is left of its
+        launch is stopped, so that a new server finds its port free."""
+        group = self._group_of(svc.uuid, record.extra)
+        serving = None if is_builtin(svc.config) else await asyncio.to_thread(self._serving_member, svc, group)
+        if serving is not None:  # a member of the launch: started by the recorded server
+            proc = ProcessHandle.adopt(serving, record.extra, group)
+            if proc is not None:
+                log.warning("%s: its server (pid %d) is gone; pid %d, which it started, serves: following it",
+                            svc.uuid, record.ident.pid, proc.pid)
+                self._save_pid(svc.uuid, proc, step="restore.follow-pid")
+                return proc
+        await asyncio.to_thread(_kill_and_remove, group)
+        return None
 
     async def _restore(self, svc: BaseService, record: PidRecord | None, untracked: list[TaggedProcess]) -> None:
         """``record``: its service.pid as read at the start of the rebuild (nothing writes it before this)."""
@@ -426,12 +521,18 @@ class Manager:
             record = await self._settle_replace(svc, record)
         proc = self._adopt_recorded(svc.uuid, record.ident, record.extra) if record else None
         if record and proc is None:
-            self.store.clear_pid(svc.uuid)
+            proc = await self._follow_recorded(svc, record)
+            if proc is None:
+                self.store.clear_pid(svc.uuid)
         if proc is None:
             proc = await self._adopt_untracked(svc, untracked)
         else:
+            # A second server for one service: the tracked one stays. (What its own launch started,
+            # a helper in a session of its own, is not a second server: it goes when it goes.)
+            launch = proc.extra.get("launch")
             for p in untracked:
-                await self._kill_untracked(p)  # a second server for one service: the tracked one stays
+                if launch is None or launch_of(p.info) != launch:
+                    await self._kill_untracked(p)
         async with m.lock:
             if proc is not None and svc.desired_state == DesiredState.STOPPED:
                 log.info("%s should be stopped; stopping the server left running (pid %d)", svc.uuid, proc.pid)
@@ -589,18 +690,20 @@ class Manager:
         file also names the ``previous`` process, so that a daemon killed halfway keeps
         the one that matches service.json and stops the other (see _settle_replace).
         The server's environment names its home, its service and what the pid file will
-        say about it, so a daemon killed before writing the pid file finds it on restart
-        (see _untracked). ``op`` names the operation, for its kill points.
+        say about it (with its launch's token), so a daemon killed before writing the pid
+        file finds it on restart (see _untracked). It is born in its launch's group (see
+        containment.py), with its stdout and stderr going to the log writer.
+        ``op`` names the operation, for its kill points.
         """
         self._ensure_port(m, config)
         port = m.svc.endpoint.port
-        extra: dict[str, str] = {"version": str(version if version is not None else m.svc.version)}
+        launch = secrets.token_hex(4)
+        extra: dict[str, str] = {"version": str(version if version is not None else m.svc.version), "launch": launch}
         pass_fds: tuple[int, ...] = ()
         if is_builtin(config):
             assert m.listener is not None
-            tag = secrets.token_hex(3)
-            extra["h"] = str(self.paths.process_socket(m.uuid, tag, "h"))
-            extra["f"] = str(self.paths.process_socket(m.uuid, tag, "f"))
+            extra["h"] = str(self.paths.process_socket(m.uuid, launch, "h"))
+            extra["f"] = str(self.paths.process_socket(m.uuid, launch, "f"))
             argv = [
                 config.python or sys.executable,
                 SERVE_PY,
@@ -613,21 +716,32 @@ class Manager:
             ]
             pass_fds = (m.listener.fileno(),)
         else:
-            values = {"{port}": str(port), "{host}": config.host, "{model_uri}": config.model_uri}
-            argv = [_fill(arg, values) for arg in config.command]
+            argv = [_fill(arg, self._placeholders(m, config)) for arg in config.command]
         env = {
             **os.environ, **config.env, "PYTHONUNBUFFERED": "1",
             "MODELD_HOME": str(self.paths.home), "MODELD_SERVICE_UUID": str(m.uuid), "MODELD_PROCESS": json.dumps(extra),
         }
         self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
+        group = self.containment.create(str(m.uuid), launch)
+        log_path = self.paths.service_log(m.uuid)
+
+        def open_log(first_line: bytes) -> int:
+            return self.logs.open(str(m.uuid), log_path, config.log_max_bytes, config.log_backups, first_line)
+
         proc = None
-        if WARM_START and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
-            # Forked from a warm process that has imported uvicorn already (env that changes how
-            # an interpreter starts, PYTHONPATH and such, needs a cold one).
-            proc = self.fork_servers.spawn(argv[0], argv[2:], env=env, cwd=config.working_dir,
-                                           log_path=self.paths.service_log(m.uuid), listen_fd=pass_fds[0], extra=extra)
-        if proc is None:
-            proc = spawn(argv, env=env, cwd=config.working_dir, log_path=self.paths.service_log(m.uuid), pass_fds=pass_fds, extra=extra)
+        try:
+            if WARM_START and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
+                # Forked from a warm process that has imported uvicorn already (env that changes how
+                # an interpreter starts, PYTHONPATH and such, needs a cold one).
+                proc = self.fork_servers.spawn(argv[0], argv[2:], env=env, cwd=config.working_dir, open_log=open_log,
+                                               listen_fd=pass_fds[0], extra=extra, group=group, containment=self.containment)
+            if proc is None:
+                proc = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log, pass_fds=pass_fds, extra=extra,
+                             group=group, containment=self.containment)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                group.remove()
+            raise
         killpoints.reached(f"{op}.after-spawn")
         record = PidRecord(proc.ident, dict(extra))
         if previous is not None:
@@ -641,6 +755,11 @@ class Manager:
         log.info("started %s pid %d: %s", m.uuid, proc.pid, " ".join(argv[:2]))
         return proc
 
+    def _placeholders(self, m: Managed, config: ServiceConfig) -> dict[str, str]:
+        """What ``{port}`` and the other placeholders of ``command`` and ``stop_command`` stand for."""
+        return {"{port}": str(m.svc.endpoint.port), "{host}": config.host, "{model_uri}": config.model_uri,
+                "{uuid}": str(m.uuid), "{name}": config.name or config.model_name or "model"}
+
     @staticmethod
     def _unlink_sockets(proc: ProcessHandle) -> None:
         for key in ("h", "f"):
@@ -649,8 +768,11 @@ class Manager:
                     os.unlink(proc.extra[key])
 
     def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
-        """Clean up after a process that has exited (its group was emptied on exit): sockets, pid file."""
+        """Clean up after a process whose group is gone: its sockets, its cgroup, its pid file."""
         self._unlink_sockets(proc)
+        if proc.group is not None:
+            with contextlib.suppress(OSError):
+                proc.group.remove()
         if m.proc is proc:
             m.proc = None
             with contextlib.suppress(FileNotFoundError):
@@ -658,8 +780,58 @@ class Manager:
                 if record is None or record.ident == proc.ident:
                     self.store.clear_pid(m.uuid)
 
-    async def _wait_healthy(self, m: Managed, proc: ProcessHandle, timeout: float) -> None:
-        """Probe every few ms (backing off) until healthy; DeployError if it exits or times out."""
+    def _save_pid(self, uuid: UUID | str, proc: ProcessHandle, step: str = "") -> None:
+        """Name a process in service.pid; if that cannot be written, the daemon's log says so (its tags
+        and its group still let the next daemon find it)."""
+        try:
+            self.store.write_pid(uuid, PidRecord(proc.ident, dict(proc.extra)), step=step)
+        except StorageError as exc:
+            log.error("%s: %s", uuid, exc)
+
+    async def _successor(self, m: Managed, proc: ProcessHandle, deadline: float) -> ProcessHandle | None:
+        """The server's process exited: if a process it started serves the service (it daemonized:
+        forked, left its session, serves from a grandchild), that one is the server now.
+
+        While the service starts, the members are watched until ``deadline`` for one that binds
+        the port; none serving (or none left) means the exit stands. Built-in servers never hand
+        their socket on.
+        """
+        if is_builtin(m.svc.config) or proc.group is None:
+            return None
+        delay = 0.01
+        while True:
+            if not await asyncio.to_thread(proc.group.empty):
+                serving = await asyncio.to_thread(self._serving_member, m.svc, proc.group)
+                if serving is not None:
+                    successor = ProcessHandle.adopt(serving, proc.extra, proc.group)
+                    if successor is not None:
+                        log.info("%s: pid %d exited; pid %d, which it started, serves: following it",
+                                 m.uuid, proc.pid, successor.pid)
+                        if m.proc is proc:
+                            m.proc = successor
+                        self._save_pid(m.uuid, successor, step="follow.pid")
+                        m.svc.status.pid = successor.pid
+                        return successor
+            else:
+                return None
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.2)
+
+    async def _end_launch(self, m: Managed, proc: ProcessHandle) -> None:
+        """After the server's process exited with no successor: stop the rest of its group (workers,
+        helpers), so that nothing of it is left and its port is free for a restart."""
+        if proc.group is not None and not await asyncio.to_thread(proc.group.empty):
+            log.info("%s: stopping what pid %d left running", m.uuid, proc.pid)
+            await proc.kill()
+
+    async def _wait_healthy(self, m: Managed, proc: ProcessHandle, timeout: float) -> ProcessHandle:
+        """Probe every few ms (backing off) until healthy; DeployError if it exits or times out.
+
+        A server that daemonizes is followed to the process that serves (see _successor): the
+        process returned is the one that answered.
+        """
         started = time.monotonic()
         deadline = started + timeout
         target = self._target(m, proc)
@@ -667,18 +839,24 @@ class Manager:
         seen = "no answer yet"
         while True:
             if not proc.alive:
+                successor = await self._successor(m, proc, deadline)
+                if successor is not None:
+                    proc = successor
+                    continue
                 code = proc.exited.result() if not proc.exited.cancelled() else None
                 m.svc.status.exit_code = code
+                await self._end_launch(m, proc)
                 raise DeployError(
                     f"the server {describe_exit(code)} before it answered its health check"
-                    + self._log_excerpt(m)
+                    + await self._log_excerpt(m)
                 )
             healthy, seen = await probe(target, timeout=max(0.05, min(2.0, deadline - time.monotonic())))
             if healthy:
-                return
+                return proc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + self._log_excerpt(m))
+                raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(
+                    f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + await self._log_excerpt(m))
             await proc.wait(min(delay, remaining))
             if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
                 delay = min(delay * 1.5, 0.25)
@@ -690,25 +868,42 @@ class Manager:
         except StorageError as exc:
             log.error("%s: %s", svc.uuid, exc)
 
-    def _log_excerpt(self, m: Managed) -> str:
+    async def _log_excerpt(self, m: Managed) -> str:
+        """The server's last log lines, secrets masked, for an error message."""
         also = (m.previous_config,) if m.previous_config is not None else ()
-        lines = m.svc.config.scrub(tail_lines(self.paths.service_log(m.uuid)), *also)
+        path = self.paths.service_log(m.uuid)
+
+        def read() -> str:
+            self.logs.flush(str(m.uuid))  # what the server wrote before it went is in the file
+            return tail_text(path)
+
+        lines = m.svc.config.scrub(await asyncio.to_thread(read), *also)
         return f"; last log lines:\n{lines}" if lines else ""
 
     async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
         await self._cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.RUNNING
+        svc.desired_reason = ""
         if m.proc is not None and m.proc.alive and m.proc.extra.get("version", str(svc.version)) != str(svc.version):
             # Another version's server (a replace that is being undone): never taken over as this one.
             stale = m.proc
             log.warning("%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.extra.get("version"), svc.version)
             await stale.terminate(0, force=True)
             self._forget_process(m, stale)
-        if m.proc is not None and m.proc.alive and svc.status.state == ServiceState.ACTIVE:
-            self._supervise(m)  # first: a write that fails must not leave it unsupervised
-            self.store.save(svc, step=f"{op}.json")
-            return
+        if m.proc is not None and m.proc.alive and svc.status.state in (ServiceState.ACTIVE, ServiceState.ERROR):
+            # Alive: if it answers, there is nothing to start; if it does not (it hangs, or was
+            # reported failing its health check), it is restarted, as a start is asked to.
+            healthy, seen = (False, "") if svc.status.state == ServiceState.ERROR else await probe(self._target(m, m.proc), timeout=1.0)
+            if healthy or healthy is None:  # (None: the daemon could not probe; no reason to restart it)
+                self._supervise(m)  # first: a write that fails must not leave it unsupervised
+                self.store.save(svc, step=f"{op}.json")
+                return
+            log.warning("%s: its server (pid %d) is alive but unhealthy%s; restarting it", svc.uuid, m.proc.pid,
+                        f" ({seen})" if seen else "")
+            hung = m.proc
+            await self._terminate(m, hung, svc.config.stop_timeout)
+            self._forget_process(m, hung)
         try:
             proc = m.proc if m.proc is not None and m.proc.alive else None
             svc.status.moved_to(ServiceState.PENDING_STARTUP, "")
@@ -720,7 +915,7 @@ class Manager:
             if proc is None:
                 killpoints.reached(f"{op}.after-json")
                 proc = self._launch(m, svc.config, op)
-            await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
+            proc = await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
         except StillStarting as exc:
             # The caller stopped waiting, the server may still load (startup_timeout is longer):
             # leave it starting under supervision, as a loading vLLM or llama-server needs.
@@ -751,6 +946,7 @@ class Manager:
         await self._cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.STOPPED
+        svc.desired_reason = ""
         if m.proc is not None:
             proc = m.proc
             if proc.alive:
@@ -759,7 +955,7 @@ class Manager:
                 # cancelled already); the final write below says whether the stop is recorded.
                 self._save_if_possible(svc, step="stop.json")
                 killpoints.reached("stop.after-json")
-                await proc.terminate(min(timeout, svc.config.stop_timeout), force)
+                await self._terminate(m, proc, min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()
             self._forget_process(m, proc)
@@ -866,7 +1062,7 @@ class Manager:
         svc = m.svc
         previous, previous_version = svc.config, svc.version
         if old is not None:
-            await old.terminate(previous.stop_timeout)
+            await self._terminate(m, old, previous.stop_timeout, config=previous)
             self._forget_process(m, old)
             killpoints.reached("replace-restart.after-old-stopped")
         if is_builtin(previous) != is_builtin(config) or previous.host != config.host:
@@ -894,15 +1090,21 @@ class Manager:
         m.task = asyncio.get_running_loop().create_task(self._guarded_supervision(m), name=f"supervise-{m.uuid}")
 
     async def _guarded_supervision(self, m: Managed) -> None:
-        try:
-            await self._supervision(m)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # supervision of one service must never fail silently
-            log.exception("supervision of %s failed", m.uuid)
-            m.svc.status.moved_to(ServiceState.ERROR, f"supervision failed: {type(exc).__name__}: {exc}")
-            with contextlib.suppress(Exception):
-                self.store.save(m.svc)
+        """Supervision that never dies: an exception (a full fd table, a bug) is logged and supervision
+        goes on after a backoff, so a service is never left unsupervised while its record says otherwise."""
+        delay = SUPERVISION_RETRY
+        while True:
+            try:
+                await self._supervision(m)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("supervision of %s failed; going on in %gs", m.uuid, delay)
+                m.svc.status.last_error = f"supervision failed (going on in {delay:g}s): {type(exc).__name__}: {exc}"
+                self._save_if_possible(m.svc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SUPERVISION_RETRY_MAX)
 
     async def _cancel_supervision(self, m: Managed) -> None:
         task, m.task = m.task, None
@@ -912,86 +1114,133 @@ class Manager:
 
     async def _supervision(self, m: Managed) -> None:
         svc = m.svc
-        while m.proc is not None:
+        while True:
             proc = m.proc
+            if proc is None:
+                # Only after an exception between an exit and its restart (see _guarded_supervision):
+                # the service should still run, so the restart happens now.
+                if svc.desired_state != DesiredState.RUNNING or svc.status.state in (ServiceState.ERROR, ServiceState.INACTIVE):
+                    return
+                if not await self._relaunch(m, "supervision was interrupted"):
+                    return
+                continue
             if svc.status.state != ServiceState.ACTIVE:
                 try:
-                    await self._wait_healthy(m, proc, svc.config.startup_timeout)
+                    proc = await self._wait_healthy(m, proc, svc.config.startup_timeout)
                 except DeployError as exc:
                     log.warning("%s did not come up: %s", svc.uuid, exc)
                     svc.status.last_error = str(exc)
-                    await proc.terminate(0, force=True)
+                    proc = m.proc or proc  # (it may have been followed to a process it started)
+                    await proc.kill()
                 else:
                     svc.status.moved_to(ServiceState.ACTIVE, "")
                     self._save_if_possible(svc, step="supervise.active")
             healthy_since = time.monotonic() if proc.alive else None
-            await self._watch(m, proc, healthy_since)
-            code = proc.exited.result() if not proc.exited.cancelled() else None
+            unhealthy = await self._watch(m, proc, healthy_since)
+            if unhealthy is None and not proc.alive:
+                successor = await self._successor(m, proc, time.monotonic())
+                if successor is not None:
+                    continue
+            code = proc.exited.result() if proc.exited.done() and not proc.exited.cancelled() else None
+            await self._end_launch(m, proc)
             self._forget_process(m, proc)
             svc.status.exit_code = code
             svc.status.pid = None
-            if not await self._restart_after_exit(m, code):
+            if unhealthy is None and svc.config.stop_command:
+                await self._run_stop_command(m, svc.config, svc.config.stop_timeout)  # a dead `docker run` leaves its container
+            if not await self._restart_after_exit(m, code, unhealthy):
                 return
 
-    async def _watch(self, m: Managed, proc: ProcessHandle, healthy_since: float | None) -> None:
-        """Wait for the process to exit, probing its health at a calm pace meanwhile."""
+    async def _watch(self, m: Managed, proc: ProcessHandle, healthy_since: float | None) -> str | None:
+        """Wait for the process to exit, probing its health at a calm pace meanwhile.
+
+        A server that was healthy and then fails ``restart.liveness_failures`` probes in a row is
+        hung (a llama-server after a CUDA OOM, a frozen process): unless ``restart.on_unhealthy`` is
+        off or ``restart.mode`` is ``never`` (then it is reported in error and left alone), it is
+        stopped here and the reason returned, for supervision to restart it. None: it exited.
+        """
         svc = m.svc
         failed_probes = 0
+        was_healthy = svc.status.state == ServiceState.ACTIVE
         while proc.alive:
             # Probe on a shared beat (multiples of the interval on the monotonic clock): the
             # probes of all services then come in one burst, which costs the loop far fewer
             # wake-ups than the same probes spread out (idle CPU with 100 servers: 1.0 -> 0.3 %).
             if await proc.wait(HEALTH_INTERVAL - time.monotonic() % HEALTH_INTERVAL):
                 break
-            self._rotate_log(m)
             healthy, seen = await probe(self._target(m, proc))
+            if healthy is None:  # the daemon could not probe (out of fds): says nothing of the server
+                log.warning("%s: cannot probe: %s", svc.uuid, seen)
+                continue
+            policy = svc.config.restart
             if healthy:
                 failed_probes = 0
+                was_healthy = True
                 if svc.status.state != ServiceState.ACTIVE:
                     svc.status.moved_to(ServiceState.ACTIVE, "")
                     self._save_if_possible(svc, step="supervise.active")
-                if healthy_since is not None and time.monotonic() - healthy_since >= svc.config.restart.healthy_reset:
+                if healthy_since is not None and time.monotonic() - healthy_since >= policy.healthy_reset:
                     m.failures = 0
-            else:
-                failed_probes += 1
-                if failed_probes == UNHEALTHY_AFTER and proc.alive:
-                    log.warning("%s is failing its health check: %s", svc.uuid, seen)
-                    svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
-                    self._save_if_possible(svc, step="supervise.unhealthy")
+                continue
+            failed_probes += 1
+            if failed_probes < policy.liveness_failures or not proc.alive:
+                continue
+            if was_healthy and policy.on_unhealthy and policy.mode != "never":
+                reason = f"it failed {failed_probes} health checks in a row (last: {seen})"
+                log.warning("%s is hung: %s; restarting it", svc.uuid, reason)
+                svc.status.moved_to(ServiceState.PENDING_STARTUP, f"restarting: {reason}")
+                self._save_if_possible(svc, step="supervise.unhealthy")
+                await self._terminate(m, proc, svc.config.stop_timeout)
+                return reason
+            if failed_probes == policy.liveness_failures:
+                log.warning("%s is failing its health check: %s", svc.uuid, seen)
+                svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
+                self._save_if_possible(svc, step="supervise.unhealthy")
+        return None
 
-    async def _restart_after_exit(self, m: Managed, code: int | None) -> bool:
-        """Apply the restart policy after an exit; True if a new process was started."""
+    async def _restart_after_exit(self, m: Managed, code: int | None, unhealthy: str | None = None) -> bool:
+        """Apply the restart policy after an exit (or a stop for hanging: ``unhealthy``); True if a new process was started."""
         svc = m.svc
         policy = svc.config.restart
-        what = describe_exit(code)
+        what = f"was stopped: {unhealthy}" if unhealthy else describe_exit(code)
         log.warning("%s: server %s", svc.uuid, what)
-        if svc.desired_state != DesiredState.RUNNING or policy.mode == "never" or (policy.mode == "on-failure" and code == 0):
-            svc.status.moved_to(ServiceState.INACTIVE if code == 0 else ServiceState.ERROR, f"the server {what}" + self._log_excerpt(m))
+        if svc.desired_state != DesiredState.RUNNING or policy.mode == "never" or (
+            policy.mode == "on-failure" and code == 0 and not unhealthy
+        ):
+            svc.status.moved_to(ServiceState.INACTIVE if code == 0 and not unhealthy else ServiceState.ERROR,
+                                f"the server {what}" + await self._log_excerpt(m))
             self._save_if_possible(svc, step="restart.exited")
             return False
         m.failures += 1
         if m.failures > policy.max_restarts:
             svc.status.moved_to(
                 ServiceState.ERROR,
-                f"the server {what}; gave up after {policy.max_restarts} restarts in a row" + self._log_excerpt(m),
+                f"the server {what}; gave up after {policy.max_restarts} restarts in a row" + await self._log_excerpt(m),
             )
             self._save_if_possible(svc, step="restart.gave-up")
             m.close_listener()
             return False
-        # The first exit after a healthy run restarts at once (a one-off crash costs only a spawn);
-        # exits in a row back off from backoff_initial, doubling.
-        delay = 0.0 if m.failures == 1 else min(policy.backoff_initial * 2 ** (m.failures - 2), policy.backoff_max)
+        delay = backoff_delay(policy, m.failures)
         svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
         self._save_if_possible(svc, step="restart.pending")
         await asyncio.sleep(delay)
+        return await self._relaunch(m, what)
+
+    async def _relaunch(self, m: Managed, why: str) -> bool:
+        """Start the service's server again under supervision (a restart); True if it was started."""
+        svc = m.svc
         try:
             self._launch(m, svc.config, "restart")
         except ModeldError as exc:
             await self._abandon_launch(m)
-            svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
+            if _out_of_resources(exc):  # the daemon's own fds or memory ran out: try again, backing off
+                svc.status.moved_to(ServiceState.PENDING_STARTUP)
+                raise
+            svc.status.moved_to(ServiceState.ERROR, f"could not be restarted ({why}): {exc}")
             self._save_if_possible(svc, step="restart.failed")
             return False
         svc.status.restarts += 1
+        svc.status.moved_to(ServiceState.PENDING_STARTUP)
         self._save_if_possible(svc, step="restart.restarted")
         return True
 
@@ -1001,27 +1250,85 @@ class Manager:
         proc = m.proc
         if proc is None:
             return
-        if proc.alive:
-            await proc.terminate(0, force=True)
+        await proc.kill()
         self._forget_process(m, proc)
         m.svc.status.pid = None
 
-    def _rotate_log(self, m: Managed) -> None:
-        """Cap service.log: copy it to service.log.1 and truncate it in place (the server appends)."""
+    async def _terminate(
+        self, m: Managed, proc: ProcessHandle, timeout: float, force: bool = False, config: ServiceConfig | None = None
+    ) -> None:
+        """Stop a server and everything it started: its ``stop_command`` first (if any), then the
+        signals (SIGTERM, SIGCONT, ``timeout``, SIGKILL; ``force``: SIGKILL at once)."""
+        config = config or m.svc.config
+        if config.stop_command and proc.alive:
+            await self._run_stop_command(m, config, timeout)
+        await proc.terminate(timeout, force)
+
+    async def _run_stop_command(self, m: Managed, config: ServiceConfig, timeout: float) -> bool:
+        """Run the service's ``stop_command`` (e.g. ``docker stop {name}``) with the service's env, for
+        ``timeout`` seconds at most; True if it exited 0. Its output goes to the service's log. It is
+        not part of the server's group (stopping the server must not stop it)."""
+        argv = [_fill(arg, self._placeholders(m, config)) for arg in config.stop_command]
+        env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
+        for key in ("MODELD_SERVICE_UUID", "MODELD_PROCESS"):
+            env.pop(key, None)
         path = self.paths.service_log(m.uuid)
+
+        def open_log(first_line: bytes) -> int:
+            return self.logs.open(str(m.uuid), path, config.log_max_bytes, config.log_backups,
+                                  marker(f"stop command {shlex.join(argv)}"))
+
         try:
-            if path.stat().st_size <= LOG_MAX_BYTES:
-                return
-            rotated = path.with_name("service.log.1")
-            with open(path, "rb") as src, open(rotated, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            os.truncate(path, 0)
-        except OSError as exc:
-            log.warning("cannot rotate %s: %s", path, exc)
+            helper = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log)
+        except DeployError as exc:
+            log.warning("%s: stop command: %s; the signals follow", m.uuid, exc)
+            return False
+        if not await helper.wait(timeout):
+            log.warning("%s: stop command %s did not finish within %gs; the signals follow", m.uuid, argv[0], timeout)
+            await helper.kill()
+            return False
+        code = helper.exited.result()
+        if code != 0:
+            log.warning("%s: stop command %s %s; the signals follow", m.uuid, argv[0], describe_exit(code))
+        return code == 0
 
     def describe(self) -> dict[str, Any]:
-        return {"counts": self.counts(), "problems": [vars(p) for p in self.problems]}
+        return {
+            "counts": self.counts(),
+            "problems": [vars(p) for p in self.problems],
+            "containment": self.containment.kind,
+            **({"containment_note": self.containment.reason} if self.containment.reason else {}),
+            "log_writer": self.logs.pid().pid if self.logs.pid() else None,
+        }
+
+
+def backoff_delay(policy: RestartPolicy, failures: int) -> float:
+    """Seconds before restart number ``failures`` in a row: the first exit after a healthy run
+    restarts at once (a one-off crash costs only a spawn); exits in a row back off from
+    ``backoff_initial``, doubling, up to ``backoff_max``. The exponent is capped, so no count of
+    restarts overflows (2.0 ** 64 times any float is still a float, or inf, which min() caps)."""
+    if failures <= 1:
+        return 0.0
+    return min(policy.backoff_initial * 2.0 ** min(failures - 2, 64), policy.backoff_max)
+
+
+def _out_of_resources(exc: BaseException) -> bool:
+    """An error caused by the daemon running out of fds or memory, not by the server."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _kill_and_remove(group: Group, timeout: float = 10.0) -> None:
+    """SIGKILL every process of a group, wait until they are gone, and remove the group (in a thread)."""
+    group.kill()
+    deadline = time.monotonic() + timeout
+    while not group.empty() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with contextlib.suppress(OSError):
+        group.remove()
 
 
 def _fill(arg: str, values: dict[str, str]) -> str:

@@ -57,6 +57,8 @@ class RestartPolicy(BaseModel):
     backoff_initial: float = Field(0.1, ge=0, description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
     backoff_max: float = Field(10.0, ge=0, description="cap of the doubling backoff")
     healthy_reset: float = Field(10.0, ge=0, description="seconds of healthy run that reset the restart count")
+    liveness_failures: int = Field(3, ge=1, le=1_000_000, description="failed health probes in a row after which a server that was healthy counts as hung")
+    on_unhealthy: bool = Field(True, description="restart a hung server (stop, then start: a restart with the usual backoff); false: report it in error and leave it")
 
 
 class ServiceConfig(BaseModel):
@@ -91,6 +93,13 @@ class ServiceConfig(BaseModel):
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     startup_timeout: float = Field(300.0, gt=0, description="seconds a starting server may take to answer its health probe")
     stop_timeout: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL on stop")
+    stop_command: list[str] = Field(
+        default_factory=list,
+        description="argv run before the signals on every stop, and after an unexpected exit before a restart "
+                    "(e.g. docker stop {name}); placeholders as command's plus {uuid} and {name}; bounded by stop_timeout",
+    )
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, le=1 << 40, description="size at which service.log is rotated")
+    log_backups: int = Field(2, ge=0, le=1000, description="rotated files kept: service.log.1 … service.log.N")
 
     @field_validator("health_path", "prediction_path")
     @classmethod
@@ -122,7 +131,8 @@ class ServiceConfig(BaseModel):
 
     @model_validator(mode="after")
     def _no_nul(self) -> ServiceConfig:
-        texts = [self.host, self.working_dir, self.python, self.model_uri, *self.command, *self.env, *self.env.values()]
+        texts = [self.host, self.working_dir, self.python, self.model_uri, *self.command, *self.stop_command,
+                 *self.env, *self.env.values()]
         if any("\x00" in text for text in texts):
             raise ValueError("a NUL byte cannot be part of a path, an argument or an environment variable")
         return self
@@ -260,6 +270,8 @@ class BaseService(BaseModel):
     status: ServiceStatus = Field(default_factory=ServiceStatus)
     endpoint: ServiceEndpoint = Field(default_factory=ServiceEndpoint)
     desired_state: DesiredState = DesiredState.RUNNING
+    desired_reason: str = Field("", description="why the desired state is what it is, when not asked for this service alone "
+                                                  "(e.g. stopped by `modeld daemon stop --all`)")
     created_at: float = Field(default_factory=time.time)
     version: int = Field(1, description="bumped on every replace")
     service_path: str = Field("", description="the service's folder in the daemon's store")

@@ -23,22 +23,27 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .exceptions import DeployError
-from .linux import ProcessIdentity, boot_id, group_members, now_ticks, pidfd_open, reap, send_group_signal
+from .containment import Containment, Group
+from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
 
 log = logging.getLogger("modeld.process")
 
-STRAGGLER_GRACE = 2.0  # seconds an exit waits at most for the killed workers of its group to be gone
 
 class ProcessHandle:
-    """A running server process: its identity and a future for its exit code."""
+    """A running server process: its identity, its group (everything it started), a future for its exit code."""
 
-    def __init__(self, ident: ProcessIdentity, pidfd: int, loop: asyncio.AbstractEventLoop, extra: dict[str, str] | None = None):
+    def __init__(
+        self, ident: ProcessIdentity, pidfd: int, loop: asyncio.AbstractEventLoop,
+        extra: dict[str, str] | None = None, group: Group | None = None,
+    ):
         self.ident = ident
         self.pidfd = pidfd
         self.extra = extra or {}
+        self.group = group
         self.exited: asyncio.Future[int | None] = loop.create_future()
         self._loop = loop
         self.code_source: ForkServer | None = None  # who knows the exit code, if we are not the parent
@@ -54,7 +59,7 @@ class ProcessHandle:
         return not self.exited.done()
 
     @classmethod
-    def adopt(cls, ident: ProcessIdentity, extra: dict[str, str] | None = None) -> ProcessHandle | None:
+    def adopt(cls, ident: ProcessIdentity, extra: dict[str, str] | None = None, group: Group | None = None) -> ProcessHandle | None:
         """Watch a process we did not start (or started in a previous life); None if it is gone."""
         try:
             fd = pidfd_open(ident.pid)
@@ -64,40 +69,19 @@ class ProcessHandle:
         if not ident.is_alive():
             os.close(fd)
             return None
-        return cls(ident, fd, asyncio.get_running_loop(), extra)
+        return cls(ident, fd, asyncio.get_running_loop(), extra, group)
 
     def _on_exit(self) -> None:
-        # Whatever way the leader went (stop, crash, OOM), workers it left must not keep its port.
-        # Done before reaping: while our child is a zombie its pgid cannot be anyone else's.
-        killed = self._kill_stragglers(until=now_ticks())
+        # What the server left behind (workers, helpers) is its group's: whoever acts on the exit
+        # decides whether one of them serves on (see Manager._successor) or all are stopped.
         self._loop.remove_reader(self.pidfd)
         code = reap(self.pidfd)
         os.close(self.pidfd)
         self.pidfd = -1
-        # ``exited`` is set once the killed workers are gone too (their port is free for a
-        # restart at once) and, for a server forked by the fork server, once it reported the code.
-        pending = [self._gone(pidfd) for pidfd in killed]
-        if code is None and self.code_source is not None:
-            pending.append(self.code_source.exit_code(self.pid))
-        if not pending:
-            self._set_code(code)
+        if code is None and self.code_source is not None:  # forked: the fork server reports it
+            self.code_source.exit_code(self.pid).add_done_callback(lambda fut: self._set_code(fut.result()))
             return
-        everything = asyncio.gather(*pending)
-        everything.add_done_callback(lambda fut: self._set_code(code if code is not None else fut.result()[-1]))
-
-    def _gone(self, pidfd: int) -> asyncio.Future[None]:
-        """Resolved when the process behind ``pidfd`` has exited (or after STRAGGLER_GRACE at most)."""
-        future: asyncio.Future[None] = self._loop.create_future()
-
-        def done() -> None:
-            if not future.done():
-                future.set_result(None)
-                self._loop.remove_reader(pidfd)
-                os.close(pidfd)
-
-        self._loop.add_reader(pidfd, done)
-        self._loop.call_later(STRAGGLER_GRACE, done)
-        return future
+        self._set_code(code)
 
     def _set_code(self, code: int | None) -> None:
         if not self.exited.done():
@@ -112,36 +96,50 @@ class ProcessHandle:
         done, _ = await asyncio.wait((self.exited,), timeout=timeout)
         return bool(done)
 
+    async def wait_gone(self, timeout: float) -> bool:
+        """Wait until the process has exited and its whole group is gone; True if within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        if not await self.wait(timeout):
+            return False
+        delay = 0.002
+        while self.group is not None and not await asyncio.to_thread(self.group.empty):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def signal_all(self, sig: int) -> None:
+        """``sig`` to the process's group and to every member of its launch group (also those that left it)."""
+        if self.alive:
+            send_group_signal(self.ident, sig)
+        if self.group is not None:
+            self.group.signal(sig)
+
     async def terminate(self, timeout: float, force: bool = False) -> None:
-        """SIGTERM to the group, wait up to ``timeout``, then SIGKILL; ``force`` kills at once."""
-        if self.alive and not force:
-            send_group_signal(self.ident, signal.SIGTERM)
-            if await self.wait(timeout):
+        """SIGTERM to every process of the launch, wait up to ``timeout``, then SIGKILL; ``force`` kills at once.
+
+        SIGCONT follows the SIGTERM: a stopped (frozen, SIGSTOPped) process takes it only once continued.
+        """
+        if not force:
+            await asyncio.to_thread(self.signal_all, signal.SIGTERM)
+            await asyncio.to_thread(self.signal_all, signal.SIGCONT)
+            if await self.wait_gone(timeout):
                 return
+        await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL every process of the launch and wait until they are gone (10 s at most)."""
         if self.alive:
             send_group_signal(self.ident, signal.SIGKILL)
-            await self.wait(10)
-
-    def _kill_stragglers(self, until: int) -> list[int]:
-        """Kill what the leader left in its group (grandchildren), and no one else.
-
-        Only processes that started between the leader's start and its death are
-        ours: a pgid freed by an emptied group may be taken by a stranger later.
-        Returns a pidfd of each process killed.
-        """
-        killed = []
-        for pid in group_members(self.ident.pid, self.ident.start_ticks, until):
-            try:
-                pidfd = pidfd_open(pid)  # before the kill: this fd names this process, whatever its pid becomes
-            except (ProcessLookupError, PermissionError):
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                os.close(pidfd)
-                continue
-            killed.append(pidfd)
-        return killed
+        if self.group is not None:
+            await asyncio.to_thread(self.group.kill)
+        if not await self.wait_gone(10):
+            log.error("pid %d or a process it started did not exit within 10s of SIGKILL", self.pid)
+        if self.group is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.group.remove)
 
     def close(self) -> None:
         """Stop watching (the process itself is left alone)."""
@@ -177,29 +175,31 @@ def keep_server_umask(mask: int) -> None:
     _server_umask = mask
 
 
+LogOpener = Callable[[bytes], int]  # given the first line, a fd for the server's stdout and stderr (see logs.py)
+
+
 def spawn(
     argv: list[str],
     *,
     env: dict[str, str],
     cwd: str,
-    log_path: Path,
+    open_log: LogOpener,
     pass_fds: tuple[int, ...] = (),
     extra: dict[str, str] | None = None,
+    group: Group | None = None,
+    containment: Containment | None = None,
 ) -> ProcessHandle:
-    """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``."""
+    """Start ``argv`` in a new session (and, if given, born in ``group``), stdout and stderr to its log."""
     if cwd and not os.path.isdir(cwd):
         raise DeployError(f"working directory {cwd!r} does not exist")
     executable = resolve_executable(argv[0], env, cwd)
     try:
-        log_file = open(log_path, "ab", buffering=0)
+        log_fd = open_log(f"--- modeld: starting {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
     except OSError as exc:
-        raise DeployError(f"cannot open the server's log {log_path}: {exc.strerror or exc}") from exc
-    with log_file:
-        with contextlib.suppress(OSError):  # a full disk must not stop the server from starting
-            log_file.write(
-                f"--- modeld: starting {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode()
-            )
-        try:
+        raise DeployError(f"cannot open the server's log: {exc.strerror or exc}") from exc
+    try:
+        born_in = containment.born_in(group) if containment is not None and group is not None else contextlib.nullcontext()
+        with born_in:
             # subprocess's fork_exec is C code that runs no Python in the child: safe in a daemon
             # with threads. It does setsid, chdir, close_fds and pass_fds for us.
             proc = subprocess.Popen(
@@ -207,17 +207,27 @@ def spawn(
                 env=env,
                 cwd=cwd or None,
                 stdin=subprocess.DEVNULL,
-                stdout=log_file,
+                stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=pass_fds,
                 umask=_server_umask,
             )
-        except OSError as exc:
-            raise DeployError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+    except OSError as exc:
+        raise DeployError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(log_fd)
     ident = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, -1, "")
-    handle = ProcessHandle(ident, pidfd_open(proc.pid), asyncio.get_running_loop(), extra)
+    try:
+        pidfd = pidfd_open(proc.pid)
+    except OSError as exc:  # out of fds: a server we cannot watch must not run
+        proc.kill()
+        proc.wait()
+        if group is not None:
+            group.kill()
+        raise DeployError(f"cannot watch {argv[0]!r}: {exc.strerror or exc}") from exc
+    handle = ProcessHandle(ident, pidfd, asyncio.get_running_loop(), extra, group)
     # Keep the Popen object until we have reaped the child ourselves, then mark it done, so
     # subprocess never adds it to its own list of children to reap (two reapers lose statuses).
     handle.exited.add_done_callback(lambda fut: setattr(proc, "returncode", fut.result() if not fut.cancelled() else 0))
@@ -302,11 +312,14 @@ class ForkServer:
             self._waiting[pid] = future
         return future
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, log_fd: int, listen_fd: int) -> tuple[int, int]:
-        """Fork a server; (pid, start ticks). Blocks the loop for the fork (a few ms) at most."""
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, log_fd: int, listen_fd: int, cgroup: str = "") -> tuple[int, int]:
+        """Fork a server; (pid, start ticks). Blocks the loop for the fork (a few ms) at most.
+
+        ``cgroup``: the ``cgroup.procs`` file the child writes itself into first ('' for none).
+        """
         if not self.ready or self.closed:
             raise ForkServerError("the fork server is not ready")
-        request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
+        request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "cgroup": cgroup}).encode()
         try:
             socket.send_fds(self._sock, [request], [log_fd, listen_fd])
             deadline = time.monotonic() + self.REPLY_TIMEOUT
@@ -349,21 +362,27 @@ def spawn_warm(
     *,
     env: dict[str, str],
     cwd: str,
-    log_path: Path,
+    open_log: LogOpener,
     listen_fd: int,
     extra: dict[str, str] | None = None,
+    group: Group | None = None,
+    containment: Containment | None = None,
 ) -> ProcessHandle:
-    """Start a built-in server from the fork server (argv without the interpreter and serve.py)."""
+    """Start a built-in server from the fork server (argv without the interpreter and serve.py).
+
+    The child enters ``group``'s cgroup itself, before it runs anything of the model's.
+    """
     if cwd and not os.path.isdir(cwd):
         raise DeployError(f"working directory {cwd!r} does not exist")
     try:
-        log_file = open(log_path, "ab", buffering=0)
+        log_fd = open_log(f"--- modeld: starting a warm server at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
     except OSError as exc:
-        raise DeployError(f"cannot open the server's log {log_path}: {exc.strerror or exc}") from exc
-    with log_file:
-        with contextlib.suppress(OSError):
-            log_file.write(f"--- modeld: starting a warm server at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
-        pid, ticks = fork_server.spawn(argv, env, cwd, log_file.fileno(), listen_fd)
+        raise DeployError(f"cannot open the server's log: {exc.strerror or exc}") from exc
+    cgroup = containment.child_cgroup(group) if containment is not None and group is not None else ""
+    try:
+        pid, ticks = fork_server.spawn(argv, env, cwd, log_fd, listen_fd, cgroup)
+    finally:
+        os.close(log_fd)
     ident = ProcessIdentity(pid, ticks, boot_id())
     loop = asyncio.get_running_loop()
     try:
@@ -373,7 +392,7 @@ def spawn_warm(
     if pidfd >= 0 and not ident.is_alive():
         os.close(pidfd)
         pidfd = -1
-    handle = ProcessHandle(ident, pidfd, loop, extra)
+    handle = ProcessHandle(ident, pidfd, loop, extra, group)
     if pidfd < 0:  # it died already (and may have been reaped): its code comes from the fork server
         fork_server.exit_code(pid).add_done_callback(lambda fut: handle._set_code(fut.result()))
         return handle
@@ -394,6 +413,8 @@ class ForkServers:
         server = self._servers.get(python)
         if server is not None and server.closed and not server.ready:
             return None  # it died before it was ready (this interpreter cannot run it): cold from now on
+        if server is not None and not server.closed and not server.ready:
+            return None  # still starting: this one goes cold
         if server is None or server.closed:
             try:
                 self._servers[python] = ForkServer(python, self.serve_py, self.log_path)

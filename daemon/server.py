@@ -27,7 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, ModeldError, StorageError
-from .linux import ProcessIdentity, peer_uid, trim_heap
+from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .process import keep_server_umask
 from .manager import Manager
 from .paths import Paths, bind_private_socket
@@ -177,6 +177,9 @@ def run(paths: Paths | None = None) -> int:
         stream=sys.stderr,
     )
     keep_server_umask(os.umask(0o077))  # everything the daemon creates (logs, locks, sockets) is private to its user
+    old_soft, soft = raise_nofile_limit()
+    if soft != old_soft:
+        log.info("open files limit raised from %d to %d", old_soft, soft)
     paths.ensure()
     with contextlib.suppress(FileNotFoundError):
         os.chmod(paths.daemon_log, 0o600)  # created by the client that started us, under its umask

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -150,6 +151,8 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
         return 0
     counts = info["counts"]
     print(f"modeld {info['version']} running, pid {info['pid']}, home {info['home']}")
+    note = f" ({info['containment_note']})" if info.get("containment_note") else ""
+    print(f"containment: {info.get('containment', 'unknown')}{note}")
     print("services: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "total") if counts["total"] else "services: none")
     for problem in info["problems"]:
         aside = f" (set aside as {problem['set_aside_as']})" if problem.get("set_aside_as") else ""
@@ -186,10 +189,20 @@ def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
         fields["secret_env"] = args.secret_env
     if args.unix_socket:
         fields["bind_unix"] = True
+    if args.stop_command is not None:
+        try:
+            fields["stop_command"] = shlex.split(args.stop_command)
+        except ValueError as error:
+            raise UsageError(f"--stop-command: {error}") from None
+    for name in ("log_max_bytes", "log_backups"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     restart = {
         k: v
         for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts), ("backoff_initial", args.backoff),
-                     ("backoff_max", args.backoff_max), ("healthy_reset", args.healthy_reset))
+                     ("backoff_max", args.backoff_max), ("healthy_reset", args.healthy_reset),
+                     ("liveness_failures", args.liveness_failures),
+                     ("on_unhealthy", False if args.no_restart_on_unhealthy else None))
         if v is not None
     }
     if restart:
@@ -320,6 +333,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
     extra = {"UNIX_SOCKET": svc.endpoint.unix_socket or None, "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None}
     extra = {k: v for k, v in extra.items() if v is not None} | {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
+    extra["DESIRED"] = str(svc.desired_state) + (f" ({svc.desired_reason})" if svc.desired_reason else "")
     if svc.status.last_error:
         extra["LAST_ERROR"] = _one_line(svc.status.last_error)
     for key, value in extra.items():
@@ -329,6 +343,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.all:
+        if args.uuid:
+            raise UsageError("give a service or --all, not both")
+        started, failed = client.start_all(timeout=args.timeout)
+        if args.json:
+            _print_json({"started": [s.model_dump(mode="json") for s in started],
+                         "failed": {uuid: error.message for uuid, error in failed.items()}})
+        else:
+            for svc in started:
+                print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+            for uuid, error in failed.items():
+                print(f"modeld: {uuid}: {_one_line(error.message)}", file=sys.stderr)
+            if not started and not failed:
+                print("every service runs already", file=sys.stderr)
+        return 5 if failed else 0
+    if not args.uuid:
+        raise UsageError("start which service? give its uuid, prefix or name, or --all")
     uuid = _resolve(client, args.uuid)
     svc = _progress(args, f"starting {str(uuid)[:8]}", lambda: client.start(uuid, timeout=args.timeout), lambda w: w.get(uuid))
     _print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
@@ -445,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = daemon.add_subparsers(dest="daemon_command", metavar="ACTION", required=True)
     add("start", cmd_daemon_start, "start the daemon in the background (a no-op if it runs)", dsub)
     p = add("stop", cmd_daemon_stop, "stop the daemon; model servers keep running unless --all", dsub)
-    p.add_argument("--all", action="store_true", help="stop every model server too (they start again with the daemon)")
+    p.add_argument("--all", action="store_true",
+                   help="stop every model server too; they stay stopped (also when a later call starts the daemon) "
+                        "until `modeld start --all`, a start or a deploy of each")
     p.add_argument("--timeout", type=_seconds, default=60, help="seconds to wait (default 60)")
     add("status", cmd_daemon_status, "is the daemon running; version, pid, counts, problems found on disk", dsub)
     add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
@@ -479,6 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-type", help=argparse.SUPPRESS)
     p.add_argument("--startup-timeout", type=_seconds, help="seconds a starting server may take to be healthy (default 300)")
     p.add_argument("--stop-timeout", type=_seconds, help="seconds between SIGTERM and SIGKILL (default 10)")
+    p.add_argument("--stop-command", metavar="'COMMAND ARG ...'",
+                   help="run before the signals on every stop, and after an unexpected exit (e.g. 'docker stop {name}'); "
+                        "split as a shell would, run without one; placeholders as the server's plus {uuid} and {name}")
+    p.add_argument("--liveness-failures", type=int,
+                   help="failed health checks in a row after which a server that was healthy is hung and restarted (default 3)")
+    p.add_argument("--no-restart-on-unhealthy", action="store_true",
+                   help="leave a hung server running and report it in error instead of restarting it")
+    p.add_argument("--log-max-bytes", type=_size, help="rotate service.log past this size (bytes, or 10M, 512K; default 10M)")
+    p.add_argument("--log-backups", type=int, help="rotated logs kept, service.log.1 … .N (default 2)")
     p.add_argument("--replace", action="store_true", help="update the service of the same pipeline, step and model in place")
     p.add_argument("--timeout", type=_seconds, default=300, help="seconds to wait for the server to be healthy (default 300)")
     p.add_argument("--uuid", help="the uuid to give the service")
@@ -493,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("info", cmd_info, "show one service: URLs, state, pid, paths")
     p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
-    p = add("start", cmd_start, "start a stopped service and wait until it is healthy")
-    p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
+    p = add("start", cmd_start, "start a stopped service (or restart a hung one) and wait until it is healthy")
+    p.add_argument("uuid", nargs="?", help="service uuid (or a unique prefix, or a unique name)")
+    p.add_argument("--all", action="store_true", help="start every service that is not running (e.g. after `modeld daemon stop --all`)")
     p.add_argument("--timeout", type=_seconds, default=300, help="seconds to wait for it to be healthy (default 300)")
     for name, func, helptext in (("stop", cmd_stop, "stop a service: SIGTERM to its process group, SIGKILL after a grace period"),
                                  ("rm", cmd_rm, "stop a service and delete it with its files")):
@@ -534,6 +577,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds >= 0")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text and text[-1].upper() in units else (text, 1)
+    try:
+        value = int(float(number) * unit)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K, M, G)") from None
     return value
 
 

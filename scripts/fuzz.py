@@ -73,6 +73,7 @@ QUERY_PARAMS: dict[str, dict[str, type]] = {
     "get": {},
     "delete": {"timeout": float, "force": bool},
     "start": {"timeout": float},
+    "start_all": {"timeout": float},
     "stop": {"timeout": float, "force": bool},
     "logs": {"tail": int, "follow": bool},
 }

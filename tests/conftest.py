@@ -9,6 +9,7 @@ their process groups: never by name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import psutil
 import pytest
 
 from daemon import DaemonClient, ServiceConfig
-from daemon.linux import ProcessIdentity
+from daemon.linux import ProcessIdentity, cgroup2_mount
 
 REPO = Path(__file__).resolve().parent.parent
 IRIS = str(REPO / "examples" / "iris.py") + ":model"
@@ -81,6 +82,26 @@ def kill_home(home: Path) -> None:
         # Dead is enough: a zombie whose parent is init may wait a while to be reaped here.
         with contextlib.suppress(AssertionError):
             wait_for(lambda: not pid_alive(pid), 5, interval=0.005, what=f"pid {pid} to die")
+    remove_cgroups(home)
+
+
+def remove_cgroups(home: Path) -> None:
+    """Kill what is left in the cgroups of ``home``'s services and remove them (the daemon keeps its
+    parent cgroup, named from the home, while the home exists)."""
+    mount = cgroup2_mount()
+    if mount is None:
+        return
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(home))).hexdigest()[:16]
+    parent = Path(mount) / f"modeld-{digest}"
+    if not parent.is_dir():
+        return
+    for cgroup in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [parent]:
+        with contextlib.suppress(OSError):
+            (cgroup / "cgroup.kill").write_text("1")
+        with contextlib.suppress(AssertionError, OSError):
+            wait_for(lambda: "populated 0" in (cgroup / "cgroup.events").read_text(), 5, what=f"{cgroup} to empty")
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
 
 
 @pytest.hookimpl(hookwrapper=True)

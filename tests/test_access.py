@@ -246,12 +246,12 @@ def test_scrub_masks_nested_secrets_whole_and_the_previous_versions_too():
 
 
 def test_a_log_tail_that_starts_mid_line_drops_that_line(tmp_path):
-    from daemon.manager import tail_lines
+    from daemon.logs import tail_text
 
     log = tmp_path / "service.log"
     log.write_text("x" * 50 + "SECRETVALUE-tail\n" + "line two\n")
-    assert tail_lines(log, max_bytes=20) == "line two"
-    assert tail_lines(log).splitlines()[0].endswith("SECRETVALUE-tail")
+    assert tail_text(log, max_bytes=20) == "line two"
+    assert tail_text(log).splitlines()[0].endswith("SECRETVALUE-tail")
 
 
 def test_servers_keep_the_umask_the_daemon_was_started_with(client, home, tmp_path):

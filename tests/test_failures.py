@@ -160,9 +160,12 @@ def test_strangers_bad_sockets_stale_temp_files_and_old_secrets(long_home, tmp_p
         assert "starting with token" in message and "old-secret-1" not in message and "new-secret-2" not in message, message
         svc = client.get(svc.uuid)
         assert svc.status.state == ServiceState.ACTIVE and servers(long_home, svc.uuid) == [svc.status.pid]
-        client.shutdown(stop_services=True)
-        wait_for(lambda: not pid_alive(daemon_pid(Paths(long_home)) or 0) and not servers(long_home, svc.uuid), 15,
-                 what="the daemon and the server to stop")
+        # The daemon stops and its server dies while none runs (a plain stop leaves the service
+        # wanted running; `daemon stop --all` would keep it stopped).
+        client.shutdown()
+        wait_for(lambda: not pid_alive(daemon_pid(Paths(long_home)) or 0), 15, what="the daemon to stop")
+        os.killpg(svc.status.pid, signal.SIGKILL)
+        wait_for(lambda: not servers(long_home, svc.uuid), 15, what="the server to die")
 
     # A pid file naming a live process of ours with the right start time but no tag of the service,
     # and a temp file left by a write cut short.

@@ -98,11 +98,11 @@ def run_until_killed(name: str, home: Path, folder: Path, warm: bool = False) ->
             client.deploy(config(folder, kind, "a"), uuid=UUID, timeout=30)
         if op == "restore":  # the server dies while no daemon runs; the next daemon starts it
             daemon.kill9()
-            os.kill(the_server(home)[0], signal.SIGKILL)
+            os.killpg(the_server(home)[0], signal.SIGKILL)  # all of it (a worker left serving would be followed)
             wait_for(lambda: not the_server(home), 10, what="the server to die")
             assert not daemon.start(name), "the daemon should have died while rebuilding"
         elif op == "restart":
-            os.kill(the_server(home)[0], signal.SIGKILL)
+            os.killpg(the_server(home)[0], signal.SIGKILL)  # a crash of all of it (a worker left serving would be followed)
             wait_for(lambda: not daemon.alive(), 10, what="the daemon to die restarting the server")
         else:
             if op == "start":

@@ -726,17 +726,21 @@ def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, 
     assert "prev=" not in (home / "services" / str(old.uuid) / "service.pid").read_text()
 
 
-def test_workers_of_a_crashed_server_do_not_keep_its_port(client, tmp_path):
-    """The main process dies (OOM, kill -9) but its child still serves the port: the child is
-    killed with it, so the restart can bind the port again."""
+def test_a_child_left_serving_by_its_dead_parent_is_followed_then_restarted_when_it_dies(client, tmp_path):
+    """The main process dies (OOM, kill -9) but its child still serves the port: supervision
+    follows the child (the serving process is the one that holds the port's socket). When that
+    one dies too, it is a crash: restarted, on the same port."""
     svc = client.deploy(ServiceConfig(model_name="wrapped", health_path="/", command=[
         "sh", "-c", f"{sys.executable} -m http.server {{port}} --bind {{host}}; echo done"]), timeout=60)
     shell = psutil.Process(svc.status.pid)
     (worker,) = shell.children()
     os.kill(shell.pid, signal.SIGKILL)
-    wait_for(lambda: not pid_alive(worker.pid), 10, what="the orphaned worker to be killed")
-    back = wait_for(lambda: (s := client.get(svc.uuid)).is_running and s.status.pid != shell.pid and s, 20,
+    followed = wait_for(lambda: (s := client.get(svc.uuid)).status.pid == worker.pid and s, 10, what="the child to be followed")
+    assert followed.is_running and followed.status.restarts == 0 and http_get(svc.endpoint.port, "/") == 200
+    os.kill(worker.pid, signal.SIGKILL)
+    back = wait_for(lambda: (s := client.get(svc.uuid)).is_running and s.status.pid not in (shell.pid, worker.pid) and s, 20,
                     what="the restart")
+    assert back.status.restarts == 1
     assert back.endpoint.port == svc.endpoint.port and http_get(svc.endpoint.port, "/") == 200
 
 

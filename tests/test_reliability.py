@@ -52,14 +52,17 @@ def wait_state(client: DaemonClient, uuid, state: ServiceState, timeout: float =
     return wait_for(check, timeout, interval=0.05, what=f"{uuid} to be {state}")
 
 
+LOG_WRITER_NAME = "modeld-logd"
+
+
 def servers_of(home: Path) -> list[psutil.Process]:
-    """Live processes of this home other than its daemon and its fork server (warm servers are forked from it)."""
+    """Live processes of this home other than its daemon, its fork server (warm servers are forked from it) and its log writer."""
     daemon = daemon_pid(Paths(home))
 
     def fork_server(p: psutil.Process) -> bool:
         # It names itself once it has imported what it preloads; before that, it is the daemon's
         # child running serve.py --fork-server (the servers it forks are its children, not the daemon's).
-        return p.name() == FORK_SERVER_NAME or (p.ppid() == daemon and "--fork-server" in p.cmdline())
+        return p.name() in (FORK_SERVER_NAME, LOG_WRITER_NAME) or (p.ppid() == daemon and "--fork-server" in p.cmdline())
 
     found = []
     for p in processes_of(home):
@@ -108,7 +111,10 @@ def test_reused_pid_is_never_signalled_and_a_fresh_server_starts(client, home):
     stopped = client.deploy(iris_config(model_name="stopped"), timeout=60)
     pid_files = {svc.uuid: home / "services" / str(svc.uuid) / "service.pid" for svc in (runs, stopped)}
     saved = {uuid: path.read_text() for uuid, path in pid_files.items()}
-    stop_daemon(client, stop_services=True)  # servers gone; "runs" should run again, "stopped" should not
+    stop_daemon(client)
+    for svc in (runs, stopped):  # servers gone, as after a reboot; "runs" should run again, "stopped" should not
+        os.killpg(svc.status.pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(svc.status.pid), 10, what="the server to die")
     stopped_json = home / "services" / str(stopped.uuid) / "service.json"
     data = json.loads(stopped_json.read_text())
     data["desired_state"] = DesiredState.STOPPED.value

@@ -506,6 +506,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    service = os.environ.get("MODELD_SERVICE_UUID", "")
+    _set_title(f"{SERVER_NAME} {args.model_name} {service[:8]}".strip())
     try:
         tcp = _tcp_socket(args)
     except OSError as exc:
@@ -617,7 +619,9 @@ def fork_server(control_fd):
 
     signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _set_comm(FORK_SERVER_NAME)  # in ps and /proc/<pid>/comm; its children take the interpreter's name back
+    import ctypes  # noqa: F401  (imported once here: each forked server renames itself with it)
+
+    _set_comm(FORK_SERVER_NAME)  # in ps and /proc/<pid>/comm; the servers it forks name themselves (see main)
     gc.collect()
     gc.freeze()  # the pre-imported objects stay shared with the children (no copy-on-write by the GC)
     ctl.send(b'{"ready": true}')
@@ -659,14 +663,38 @@ def fork_server(control_fd):
 
 
 FORK_SERVER_NAME = "modeld-fork"  # the fork server's process name (comm), so it is told from the servers it forks
-_INTERPRETER_NAME = os.path.basename(sys.executable)[:15]  # what comm a cold server has
+SERVER_NAME = "modeld-serve"  # a built-in server's process name (comm); ps shows "modeld-serve <model> <uuid>"
 
 
 def _set_comm(name):
     try:
         with open("/proc/self/comm", "w") as f:
-            f.write(name)
+            f.write(name[:15])
     except OSError:
+        pass
+
+
+def _set_title(title):
+    """Name this process in ps: ``comm`` (what ``ps -o comm``, top and pgrep show) and the command line.
+
+    The command line is rewritten in place, in the memory the kernel shows as
+    /proc/<pid>/cmdline (arg_start..arg_end of /proc/self/stat), as setproctitle does
+    when the title fits; it is cut to the room the original arguments left. Where that
+    cannot be done (no ctypes, an unexpected layout), only ``comm`` changes.
+    """
+    _set_comm(title.split(" ", 1)[0])
+    try:
+        import ctypes
+
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49)
+        room = end - start
+        if room < 2:
+            return
+        text = title.encode(errors="replace")[: room - 1]
+        ctypes.memmove(start, text + b"\0" * (room - len(text)), room)
+    except (ImportError, OSError, ValueError, IndexError):
         pass
 
 
@@ -720,7 +748,15 @@ def _forked(ctl, request, fds):
 
     ctl.close()
     os.setsid()
-    _set_comm(_INTERPRETER_NAME)
+    if request.get("cgroup"):
+        # Into the service's cgroup before anything else runs here, the model's code above all:
+        # from now on, everything this server starts is stopped with it.
+        try:
+            with open(request["cgroup"], "w") as f:
+                f.write("0")
+        except OSError as exc:
+            _log(f"cannot enter the service's cgroup {request['cgroup']}: {exc}")
+            return EXIT_USAGE
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
