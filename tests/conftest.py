@@ -4,6 +4,10 @@ Each test gets a short temp ``MODELD_HOME`` (a Unix socket path is limited to
 108 bytes). Cleanup finds the daemon and the model servers by the pids the
 home records and by the ``MODELD_HOME`` tag in their environment, and kills
 their process groups: never by name.
+
+Markers (registered in pyproject.toml): ``slow`` for the tests of several seconds each that
+``-m "not slow"`` leaves out (the fast subset CI runs on each extra Python), and
+``needs_root("<reason>")`` for a test that only root can run (see ``needs_root`` below).
 """
 
 from __future__ import annotations
@@ -113,6 +117,41 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 FAILED = pytest.StashKey[bool]()
+
+
+def in_ci() -> bool:
+    """``CI`` is set (as CI services do: ``true``, ``1``); ``CI=0`` or ``CI=false`` count as unset."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def needs_root(item: pytest.Item) -> str | None:
+    """``"needs root <reason>"`` for a test marked ``@pytest.mark.needs_root("<reason>")``, else None.
+
+    The reason completes the sentence, e.g. "to switch a child to another uid". Such a test skips
+    for anyone but root, saying so in the summary (``SKIPPED ... needs root to switch a child to
+    another uid; CI runs it as root``). Under CI it fails instead: CI runs the suite as root, so a
+    CI that silently lost root is caught rather than skipping what only root can check.
+    """
+    mark = item.get_closest_marker("needs_root")
+    if mark is None:
+        return None
+    (reason,) = mark.args
+    return f"needs root {reason}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0 or in_ci():
+        return
+    for item in items:
+        if what := needs_root(item):
+            # A skip mark (not pytest.skip() at setup), so the summary names the test's own file and line.
+            item.add_marker(pytest.mark.skip(reason=f"{what}; CI runs it as root"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if os.geteuid() != 0 and in_ci() and (what := needs_root(item)):
+        pytest.fail(f"CI is set but the tests run as uid {os.geteuid()}, not root, and this test {what}", pytrace=False)
 
 
 @pytest.fixture

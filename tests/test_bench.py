@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 FIGURES = (
@@ -15,6 +17,7 @@ FIGURES = (
 )
 
 
+@pytest.mark.slow
 def test_quick_bench_emits_every_figure() -> None:
     # Small counts keep it to seconds; --quick with its defaults is what the README documents.
     proc = subprocess.run(

@@ -11,6 +11,7 @@ import re
 import subprocess
 
 import psutil
+import pytest
 
 from conftest import http_get, modeld, pid_alive, port_open, predict, wait_for
 from daemon.paths import Paths
@@ -50,6 +51,7 @@ def usage_error(result: subprocess.CompletedProcess[str], *mentions: str) -> Non
 # -------------------------------------------------------------------- daemon
 
 
+@pytest.mark.slow
 def test_daemon_start_status_stop(home):
     result = modeld("daemon", "status", home=home)
     assert result.returncode == 3
@@ -81,6 +83,7 @@ def test_daemon_start_status_stop(home):
 # ------------------------------------------------------------------ services
 
 
+@pytest.mark.slow
 def test_service_lifecycle(home):
     out = ok(modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--pipeline-name", "p",
                     home=home))
@@ -170,6 +173,7 @@ def test_env_key_alone_takes_the_value_from_the_callers_environment(home, monkey
 # -------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_codes(home, tmp_path):
     # Usage errors are caught before any daemon is needed.
     result = modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--port", "notanumber",
@@ -214,6 +218,7 @@ def test_help(home):
 # ------------------------------------------------------------ flavors, deployers
 
 
+@pytest.mark.slow
 def test_flavors_and_deployers(home):
     out = ok(modeld("flavor", "list", home=home))
     rows = [line.split() for line in out.splitlines()[1:]]

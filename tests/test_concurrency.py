@@ -16,6 +16,8 @@ import threading
 import uuid as uuidlib
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, pid_alive, wait_for
 from daemon import DaemonClient, ServiceConfig
 
@@ -36,6 +38,7 @@ def config(folder: Path, name: str, tag: str, kind: str = "command", **extra: ob
     return ServiceConfig(model_type="python", model_uri=f"{tag}.py:model", **common)
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_clients(home, tmp_path):
     (tmp_path / "tiny.py").write_text(chaos.TINY_SERVER)
     for tag in ("a", "b"):

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import sys
 
+import pytest
+
 from conftest import REPO, iris_config, predict
 
 spec = importlib.util.spec_from_file_location("modeld_fuzz", REPO / "scripts" / "fuzz.py")
@@ -24,6 +26,7 @@ COUNT = 10_000
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 
 
+@pytest.mark.slow
 def test_fuzz_every_route(client, home, capsys):
     svc = client.deploy(iris_config(model_name="fz"), timeout=60)
     report = fuzz.fuzz(home, COUNT, seed=20261123, real_uuids=[str(svc.uuid)])

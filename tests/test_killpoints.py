@@ -129,11 +129,13 @@ WARM_POINTS = [p for p in KILL_POINTS if p.split(".")[0] in ("deploy", "start", 
                and p.endswith((".after-spawn", ".after-pid"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", KILL_POINTS)
 def test_daemon_killed_at_step_converges(name, home, tmp_path):
     check_killed_at(name, home, tmp_path, warm=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WARM_POINTS)
 def test_daemon_killed_at_step_of_a_warm_start_converges(name, home, tmp_path):
     check_killed_at(name, home, tmp_path, warm=True)

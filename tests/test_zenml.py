@@ -30,9 +30,10 @@ import pytest
 from conftest import REPO, kill_home, port_open, predict
 from daemon import DaemonClient, ServiceState
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("zenml") is None, reason="ZenML is not installed: pip install 'modeld[zenml]'"
-)
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("zenml") is None, reason="ZenML is not installed: pip install 'modeld[zenml]'"),
+    pytest.mark.slow,  # ZenML's imports alone take seconds; every test here runs its CLI
+]
 
 INSTANCES = [[5.1, 3.5, 1.4, 0.2], [6.2, 2.9, 4.3, 1.3], [6.9, 3.1, 5.4, 2.1]]
 SPECIES = ["setosa", "versicolor", "virginica"]
