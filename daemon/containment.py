@@ -257,6 +257,9 @@ class Containment:
     def remove_service(self, uuid: str) -> None:
         """Remove what is left of a deleted service (its cgroup)."""
 
+    def prune(self) -> None:
+        """Remove the cgroups that are empty (they are made again when needed)."""
+
 
 class Cgroups(Containment):
     """Each service a cgroup v2 under ``parent``, each launch a leaf below it."""
@@ -328,6 +331,12 @@ class Cgroups(Containment):
                 os.rmdir(path)
             except OSError as exc:
                 log.warning("cannot remove %s: %s", path, exc)
+
+
+    def prune(self) -> None:
+        for directory in reversed(_walk(self.parent)):
+            with contextlib.suppress(OSError):  # (one with processes stays)
+                os.rmdir(directory)
 
 
 def _write(path: Path, text: str) -> None:

@@ -302,6 +302,7 @@ class Manager:
             m.close_listener()
         self.fork_servers.close()
         self.logs.close()
+        await asyncio.to_thread(self.containment.prune)
 
     async def _halt(self, m: Managed) -> None:
         """Stop the service for ``daemon stop --all``: it stays stopped, also when a later call starts the daemon

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 _RUN_SETTINGS = (
     "model_type", "command", "health_path", "prediction_path", "host", "port", "env", "secret_env",
     "python", "working_dir", "restart", "startup_timeout", "stop_timeout", "bind_unix",
+    "stop_command", "log_max_bytes", "log_backups",
 )
 
 
@@ -74,6 +75,9 @@ class ModeldDeploymentConfig(ServiceConfig):
     startup_timeout: Optional[float] = None
     stop_timeout: Optional[float] = None
     bind_unix: Optional[bool] = None
+    stop_command: Optional[List[str]] = None
+    log_max_bytes: Optional[int] = None
+    log_backups: Optional[int] = None
     modeld_home: str = ""
     modeld_socket: str = ""
 
