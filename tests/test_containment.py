@@ -254,7 +254,8 @@ def _as_user(uid: int, work: object, cgroup: Path | None = None) -> object:
     return answer["ok"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or cgroup2_mount() is None, reason="needs root to delegate a cgroup to another uid")
+@pytest.mark.needs_root("to delegate a cgroup to another uid and switch a child to it")
+@pytest.mark.skipif(cgroup2_mount() is None, reason="no cgroup2 hierarchy is mounted here")
 def test_a_daemon_of_an_ordinary_user_contains_its_servers_in_its_delegated_cgroup(home, tmp_path):
     """The user path: a daemon running as uid 65534 in a cgroup subtree delegated to it (as
     systemd's Delegate=yes leaves one) puts each service in a cgroup of its own below it."""
@@ -346,3 +347,60 @@ def test_a_daemon_of_an_ordinary_user_contains_its_servers_in_its_delegated_cgro
                 leaf.rmdir()
         cgroup.rmdir()
         subprocess.run(["rm", "-rf", str(user_home), str(work)], check=False)
+
+
+# ------------------------------------------------------------------ stop_command
+
+# A "container": the server hands its work to a process it does not wait for (as `docker run`
+# hands it to dockerd), whose pid goes to a file; the stop command stops that one, as
+# `docker stop` would, and leaves a trace of what it was given.
+CONTAINER_SERVER = textwrap.dedent('''
+    import http.server, os, sys
+    port, folder = int(sys.argv[1]), sys.argv[2]
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+        def log_message(self, *a):
+            pass
+    with open(os.path.join(folder, "server.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+''')
+STOPPER = textwrap.dedent('''
+    import os, sys
+    folder, name, uuid, port = sys.argv[1:5]
+    with open(os.path.join(folder, "stops"), "a") as f:
+        f.write(f"{name} {uuid} {port} {os.environ.get('STOP_TOKEN', '')} {os.environ.get('MODELD_SERVICE_UUID', '-')}\\n")
+    sys.exit(int(os.environ.get("STOP_EXIT", "0")))
+''')
+
+
+def test_stop_command_runs_before_the_signals_and_after_an_unexpected_exit(client, tmp_path):
+    (tmp_path / "server.py").write_text(CONTAINER_SERVER)
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    config = ServiceConfig(
+        name="box", model_name="box", model_type="command", health_path="/", working_dir=str(tmp_path),
+        command=[sys.executable, "server.py", "{port}", str(tmp_path)], env={"STOP_TOKEN": "t0k"},
+        stop_command=[sys.executable, "stopper.py", str(tmp_path), "{name}", "{uuid}", "{port}"], stop_timeout=3,
+    )
+    svc = client.deploy(config, timeout=60)
+    stops = tmp_path / "stops"
+
+    client.stop(svc.uuid, timeout=10)
+    # It ran with the placeholders filled in and the service's env, but not as a server of the service.
+    assert stops.read_text().split() == ["box", str(svc.uuid), str(svc.endpoint.port), "t0k", "-"]
+    assert not pid_alive(svc.status.pid)  # and the signals followed (this server ignores nothing)
+
+    started = client.start(svc.uuid, timeout=30)
+    os.kill(started.status.pid, signal.SIGKILL)  # an unexpected exit: the stop command runs before the restart
+    wait_for(lambda: len(stops.read_text().splitlines()) == 2, 10, what="the stop command after a crash")
+    back = wait_for(lambda: (s := client.get(svc.uuid)).status.state == ServiceState.ACTIVE and s.status.pid != started.status.pid
+                    and s, 20, what="the restart")
+
+    # A stop command that fails: the signals follow all the same.
+    env = {**config.env, "STOP_EXIT": "3"}
+    failing = client.deploy(config.model_copy(update={"env": env, "model_name": "box2", "name": "box2"}), timeout=60)
+    client.stop(failing.uuid, timeout=10)
+    assert not pid_alive(failing.status.pid)
+    assert stops.read_text().splitlines()[-1].split()[0] == "box2"
+    assert client.get(back.uuid).status.state == ServiceState.ACTIVE

@@ -116,7 +116,7 @@ def test_liveness_flags_of_the_cli(client, home, tmp_path):
 # ------------------------------------------------------------------ supervision never dies
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower and raise back another process's fd limit")
+@pytest.mark.needs_root("to lower another process's fd limit and raise it back")
 def test_supervision_survives_the_daemon_running_out_of_fds(client, home, tmp_path):
     services = [client.deploy(sickly(tmp_path, restart={"liveness_failures": 2}).model_copy(update={"model_name": f"s{i}"}),
                               timeout=60) for i in range(3)]
