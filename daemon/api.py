@@ -362,9 +362,9 @@ class Api:
         disconnected = asyncio.ensure_future(_wait_disconnect(request.receive))
         closing = asyncio.ensure_future(self.closing.wait())
 
-        async def keep_going() -> bool:
-            """Wait a little for new lines; False once the client, the daemon or the service is gone."""
-            done, _ = await asyncio.wait({disconnected, closing}, timeout=0.2)
+        async def keep_going(delay: float) -> bool:
+            """Wait ``delay`` for new lines; False once the client, the daemon or the service is gone."""
+            done, _ = await asyncio.wait({disconnected, closing}, timeout=delay)
             return not done and uuid in self.manager.services
 
         try:

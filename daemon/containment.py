@@ -66,11 +66,11 @@ class Group:
     def members(self) -> list[ProcessIdentity]:
         raise NotImplementedError
 
-    def signal(self, sig: int) -> int:
-        """Send ``sig`` to every member; how many were signalled."""
+    def signal(self, *signals: int) -> int:
+        """Send each of ``signals`` to every member, in order; how many members were signalled."""
         sent = 0
         for ident in self.members():
-            if self._send(ident, sig):
+            if self._send(ident, *signals):
                 sent += 1
         return sent
 
@@ -84,7 +84,7 @@ class Group:
     def remove(self) -> None:
         """Forget the group once it is empty (its cgroup is removed)."""
 
-    def _send(self, ident: ProcessIdentity, sig: int) -> bool:
+    def _send(self, ident: ProcessIdentity, *signals: int) -> bool:
         try:
             fd = os.pidfd_open(ident.pid)
         except (ProcessLookupError, PermissionError):
@@ -92,7 +92,8 @@ class Group:
         try:
             if not self._still_member(ident):
                 return False
-            signal.pidfd_send_signal(fd, sig)
+            for sig in signals:
+                signal.pidfd_send_signal(fd, sig)
             return True
         except (ProcessLookupError, PermissionError):
             return False

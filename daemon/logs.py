@@ -40,6 +40,7 @@ LOGD_PY = str(Path(__file__).with_name("runtime") / "logd.py")
 CHUNK = 64 * 1024
 MARKER = b"--- modeld: "
 FLUSH_LIMIT = 1 << 20
+FOLLOW_POLL = (0.01, 0.2)  # seconds a follower waits for new lines: at first, and at most
 
 
 def marker(text: str) -> bytes:
@@ -63,11 +64,18 @@ class LogWriterClient:
 
     # ----------------------------------------------------------------- writer life
 
-    def ensure(self) -> bool:
-        """Connected to a live writer (started if needed); False if none can be had."""
+    def ensure(self, start: bool = True) -> bool:
+        """Connected to a live writer (started if needed and ``start``); False if none can be had.
+
+        Only the event loop's thread starts one (``start``): a spawn from another thread could
+        happen while the daemon stands in a service's cgroup for a spawn of its own (see
+        containment.py), and the writer must never be part of a service.
+        """
         if self._conn is not None:
             return True
         conn = self._connect()
+        if conn is None and not start:
+            return False
         if conn is None:
             self._stop_unanswering()
             self._spawn()
@@ -155,7 +163,7 @@ class LogWriterClient:
         """Ask the writer to drain every pipe and exit (after every server has stopped)."""
         ident = self.pid()
         with contextlib.suppress(OSError, ValueError, LogWriterError):
-            self._request({"op": "exit"}, retry=False)
+            self._request({"op": "exit"}, retry=False, start=False)
         self.close()
         deadline = time.monotonic() + timeout
         while ident is not None and ident.is_alive() and time.monotonic() < deadline:
@@ -165,13 +173,13 @@ class LogWriterClient:
 
     # -------------------------------------------------------------------- requests
 
-    def _request(self, message: dict[str, object], fds: tuple[int, ...] = (), retry: bool = True) -> dict[str, object]:
+    def _request(self, message: dict[str, object], fds: tuple[int, ...] = (), retry: bool = True, start: bool = True) -> dict[str, object]:
         with self._lock:
-            return self._exchange(message, fds, retry)
+            return self._exchange(message, fds, retry, start)
 
-    def _exchange(self, message: dict[str, object], fds: tuple[int, ...], retry: bool) -> dict[str, object]:
+    def _exchange(self, message: dict[str, object], fds: tuple[int, ...], retry: bool, start: bool) -> dict[str, object]:
         for attempt in (1, 2):
-            if not self.ensure():
+            if not self.ensure(start):
                 raise LogWriterError(self.failure)
             assert self._conn is not None
             try:
@@ -219,7 +227,7 @@ class LogWriterClient:
     def flush(self, key: str) -> None:
         """Everything the service's servers have written so far is in its file (best effort)."""
         with contextlib.suppress(LogWriterError):
-            self._request({"op": "flush", "key": key}, retry=False)
+            self._request({"op": "flush", "key": key}, retry=False, start=False)  # (called from threads)
 
 
 class LogWriterError(OSError):
@@ -239,47 +247,52 @@ def _is_marker(line: bytes) -> bool:
     return line.startswith(MARKER)
 
 
-def tail_start(files: list[Path], n: int) -> tuple[int, int]:
-    """Where the last ``n`` of the server's lines start: (index into ``files``, byte offset).
+def tail_start(sources: list[tuple[int, int]], n: int) -> tuple[int, int]:
+    """Where the last ``n`` of the server's lines start: (index into ``sources``, byte offset).
 
-    Reads back from the end in blocks, so the cost is the size of those lines, not of the files.
-    Marker lines are not counted.
+    ``sources``: (fd, size) of each file, oldest first; only the first ``size`` bytes of each count
+    (what was there when the files were opened). Reads back from the end in blocks, so the cost
+    is the size of those lines, not of the files. Marker lines are not counted.
     """
     wanted = n
-    for index in range(len(files) - 1, -1, -1):
+    for index in range(len(sources) - 1, -1, -1):
+        fd, end = sources[index]
+        position, pending = end, b""  # pending: the bytes from ``position`` to the end of the line being read
+        while True:
+            start = max(0, position - CHUNK) if position else 0
+            data = (os.pread(fd, position - start, start) if position else b"") + pending
+            cut = data.rfind(b"\n")
+            while cut >= 0 or start == 0:
+                line_start = start + cut + 1
+                line = data[cut + 1:]
+                # (after a final newline there is no line)
+                if not (line_start == end and not line) and not _is_marker(line):
+                    wanted -= 1
+                    if wanted == 0:
+                        return index, line_start
+                if cut < 0:
+                    break
+                data = data[:cut]
+                cut = data.rfind(b"\n")
+            if start == 0:
+                break
+            position, pending = start, data
+            if len(pending) > 16 * CHUNK:  # an absurdly long line: count it from here
+                pending = b""
+    return 0, 0
+
+
+def _open_all(files: list[Path]) -> list[tuple[int, int, int]]:
+    """(fd, size, inode) of each file that exists, oldest first: a snapshot of the log."""
+    opened = []
+    for path in files:
         try:
-            f = open(files[index], "rb")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
-        with f:
-            end = os.fstat(f.fileno()).st_size
-            position, pending = end, b""  # pending: the bytes from ``position`` to the end of the line being read
-            while True:
-                start = max(0, position - CHUNK) if position else 0
-                if position:
-                    f.seek(start)
-                    data = f.read(position - start) + pending
-                else:
-                    data = pending
-                cut = data.rfind(b"\n")
-                while cut >= 0 or start == 0:
-                    line_start = start + cut + 1
-                    line = data[cut + 1:]
-                    # (after a final newline there is no line)
-                    if not (line_start == end and not line) and not _is_marker(line):
-                        wanted -= 1
-                        if wanted == 0:
-                            return index, line_start
-                    if cut < 0:
-                        break
-                    data = data[:cut]
-                    cut = data.rfind(b"\n")
-                if start == 0:
-                    break
-                position, pending = start, data
-                if len(pending) > 16 * CHUNK:  # an absurdly long line: count it from here
-                    pending = b""
-    return 0, 0
+        st = os.fstat(fd)
+        opened.append((fd, st.st_size, st.st_ino))
+    return opened
 
 
 def tail_text(path: Path, n: int = 20, max_bytes: int = 16384) -> str:
@@ -288,19 +301,21 @@ def tail_text(path: Path, n: int = 20, max_bytes: int = 16384) -> str:
     A line cut by ``max_bytes`` is left out whole: it may start mid-secret, which scrubbing would
     then not recognise.
     """
-    files = log_files(path, 1)
-    index, offset = tail_start(files, n)
-    data = b""
-    for i in range(index, len(files)):
-        with contextlib.suppress(OSError), open(files[i], "rb") as f:
+    opened = _open_all(log_files(path, 1))
+    try:
+        index, offset = tail_start([(fd, size) for fd, size, _ in opened], n)
+        data = b""
+        for i in range(index, len(opened)):
+            fd, size, _ = opened[i]
             start = offset if i == index else 0
-            size = os.fstat(f.fileno()).st_size
             cut = max(start, size - max_bytes)
-            f.seek(cut)
-            part = f.read(max_bytes)
+            part = os.pread(fd, size - cut, cut)
             if cut > start:
                 part = part.partition(b"\n")[2]
             data = (data + part)[-max_bytes:]
+    finally:
+        for fd, _, _ in opened:
+            os.close(fd)
     if len(data) == max_bytes:
         data = data.partition(b"\n")[2]
     lines = data.decode(errors="replace").splitlines()
@@ -324,49 +339,51 @@ class _Filter:
 
 
 async def read_log(
-    path: Path, backups: int, tail: int | None, follow: bool, keep_going: Callable[[], Awaitable[bool]]
+    path: Path, backups: int, tail: int | None, follow: bool, keep_going: Callable[[float], Awaitable[bool]]
 ) -> AsyncIterator[bytes]:
-    """The log as chunks: everything (oldest file first), or the last ``tail`` server lines; with
-    ``follow``, then what is written next, across rotations, while ``keep_going()`` says so."""
-    files = log_files(path, backups)
-    index, offset = 0, 0
-    strip: _Filter | None = None
-    if tail is not None:
-        if tail == 0:
-            index, offset = len(files) - 1, _size(files[-1])
-        else:
-            index, offset = await asyncio.to_thread(tail_start, files, tail)
-            strip = _Filter()
-    current: tuple[int, int] | None = None  # (fd, inode) of service.log once reached
-    for i in range(index, len(files)):
-        try:
-            fd = os.open(files[i], os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        os.lseek(fd, offset if i == index else 0, os.SEEK_SET)
-        try:
-            while data := os.read(fd, CHUNK):
-                yield strip(data) if strip else data
-        except BaseException:
-            os.close(fd)
-            raise
-        if i == len(files) - 1 and follow:
-            current = (fd, os.fstat(fd).st_ino)
-        else:
-            os.close(fd)
-    if strip is not None and (rest := strip(b"", final=True)):
-        yield rest
-    if not follow:
-        return
-    if current is None:  # no service.log yet
-        current = await _wait_open(path, keep_going)
-        if current is None:
-            return
-    fd, inode = current
+    """The log as chunks: everything (oldest file first), or the last ``tail`` server lines, as it
+    was when asked; with ``follow``, then what is written next, across rotations, while
+    ``keep_going()`` says so."""
+    opened = await asyncio.to_thread(_open_all, log_files(path, backups))
     try:
+        index, offset = 0, 0
+        strip: _Filter | None = None
+        if tail is not None and opened:
+            if tail == 0:
+                index, offset = len(opened) - 1, opened[-1][1]
+            else:
+                index, offset = await asyncio.to_thread(tail_start, [(fd, size) for fd, size, _ in opened], tail)
+                strip = _Filter()
+        for i in range(index, len(opened)):
+            fd, size, _ = opened[i]
+            position = offset if i == index else 0
+            while position < size:
+                data = os.pread(fd, min(CHUNK, size - position), position)
+                if not data:
+                    break
+                position += len(data)
+                yield strip(data) if strip else data
+        if strip is not None and (rest := strip(b"", final=True)):
+            yield rest
+        if not follow:
+            return
+        if opened:  # service.log as it was: go on from where the snapshot ended
+            fd, size, inode = opened.pop()
+            os.lseek(fd, size, os.SEEK_SET)
+        else:
+            current = await _wait_open(path, keep_going)
+            if current is None:
+                return
+            fd, inode = current
+    finally:
+        for fd_, _, _ in opened:
+            os.close(fd_)
+    try:
+        idle = FOLLOW_POLL[0]
         while True:
             data = os.read(fd, CHUNK)
             if data:
+                idle = FOLLOW_POLL[0]
                 yield data
                 continue
             rotated = _inode(path) not in (inode, None)
@@ -376,49 +393,65 @@ async def read_log(
                     yield data
                 os.close(fd)
                 fd = -1
-                for newer in _newer_than(path, backups, inode):
-                    async for data in _whole(newer):
-                        yield data
-                opened = await _wait_open(path, keep_going)
-                if opened is None:
-                    return
-                fd, inode = opened
+                newer = await asyncio.to_thread(_newer_than, path, backups, inode)
+                try:
+                    while newer and len(newer) > 1:
+                        older_fd, _, _ = newer.pop(0)
+                        while data := os.read(older_fd, CHUNK):
+                            yield data
+                        os.close(older_fd)
+                finally:
+                    for extra_fd, _, _ in newer[:-1]:
+                        os.close(extra_fd)
+                if newer:  # the current service.log, as of the snapshot: followed from its start
+                    fd, _, inode = newer[0]
+                else:
+                    reopened = await _wait_open(path, keep_going)
+                    if reopened is None:
+                        return
+                    fd, inode = reopened
                 continue
-            if not await keep_going():
+            # Nothing new: wait a little, longer while it stays quiet (a busy log is read soon again,
+            # so that no rotated file is missed; an idle one costs little).
+            if not await keep_going(idle):
                 return
+            idle = min(idle * 2, FOLLOW_POLL[1])
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-async def _whole(path: Path) -> AsyncIterator[bytes]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        while data := os.read(fd, CHUNK):
-            yield data
-    finally:
-        os.close(fd)
+def _newer_than(path: Path, backups: int, inode: int) -> list[tuple[int, int, int]]:
+    """The files written after the one with ``inode``, oldest first, opened ((fd, size, inode)),
+    the current service.log last: all of them if that one is gone (rotated past the backups).
+
+    The snapshot is taken again if a rotation moved a file while it was being taken, so that the
+    order is right.
+    """
+    names = [path.with_name(f"{path.name}.{i}") for i in range(max(backups, 0), 0, -1)] + [path]
+    for _attempt in range(20):
+        opened = _open_all(names)
+        if [_inode(p) for p in names if _inode(p) is not None] == [ino for _, _, ino in opened]:
+            break
+        for fd, _, _ in opened:
+            os.close(fd)
+    else:
+        opened = _open_all(names)  # (a flood that rotates faster than this can look: best effort)
+    for i, (_, _, ino) in enumerate(opened):
+        if ino == inode:
+            for fd, _, _ in opened[: i + 1]:
+                os.close(fd)
+            return opened[i + 1:]
+    return opened
 
 
-def _newer_than(path: Path, backups: int, inode: int) -> list[Path]:
-    """The rotated files written after the one with ``inode`` (oldest first); all of them if it is gone."""
-    older = [path.with_name(f"{path.name}.{i}") for i in range(max(backups, 0), 0, -1)]
-    for i, candidate in enumerate(older):
-        if _inode(candidate) == inode:
-            return older[i + 1:]
-    return [p for p in older if p.exists()]
-
-
-async def _wait_open(path: Path, keep_going: Callable[[], Awaitable[bool]]) -> tuple[int, int] | None:
+async def _wait_open(path: Path, keep_going: Callable[[float], Awaitable[bool]]) -> tuple[int, int] | None:
     while True:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             return fd, os.fstat(fd).st_ino
         except FileNotFoundError:
-            if not await keep_going():
+            if not await keep_going(FOLLOW_POLL[0]):
                 return None
 
 

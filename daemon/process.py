@@ -110,12 +110,14 @@ class ProcessHandle:
             delay = min(delay * 2, 0.05)
         return True
 
-    def signal_all(self, sig: int) -> None:
-        """``sig`` to the process's group and to every member of its launch group (also those that left it)."""
-        if self.alive:
-            send_group_signal(self.ident, sig)
+    def signal_all(self, *signals: int) -> None:
+        """Each of ``signals`` to the process's group and to every member of its launch group (also
+        those that left it), in order."""
+        for sig in signals:
+            if self.alive:
+                send_group_signal(self.ident, sig)
         if self.group is not None:
-            self.group.signal(sig)
+            self.group.signal(*signals)
 
     async def terminate(self, timeout: float, force: bool = False) -> None:
         """SIGTERM to every process of the launch, wait up to ``timeout``, then SIGKILL; ``force`` kills at once.
@@ -123,8 +125,7 @@ class ProcessHandle:
         SIGCONT follows the SIGTERM: a stopped (frozen, SIGSTOPped) process takes it only once continued.
         """
         if not force:
-            await asyncio.to_thread(self.signal_all, signal.SIGTERM)
-            await asyncio.to_thread(self.signal_all, signal.SIGCONT)
+            await asyncio.to_thread(self.signal_all, signal.SIGTERM, signal.SIGCONT)
             if await self.wait_gone(timeout):
                 return
         await self.kill()

@@ -122,7 +122,7 @@ def test_a_daemon_killed_under_a_writing_server_loses_no_line_and_never_blocks_i
 
 
 def test_tail_counts_only_the_servers_lines_and_follow_goes_on_across_rotations(client, home, tmp_path):
-    svc = client.deploy(counter(tmp_path, 0.0005, log_max_bytes=8192, log_backups=3), timeout=60)
+    svc = client.deploy(counter(tmp_path, 0.0005, log_max_bytes=16384, log_backups=3), timeout=60)
     got: list[str] = []
 
     def follow() -> None:
