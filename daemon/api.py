@@ -51,7 +51,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class DeployRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: ServiceConfig
     replace: bool = False

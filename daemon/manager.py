@@ -31,6 +31,7 @@ from typing import Any
 from uuid import UUID
 
 from . import killpoints
+from .addresses import Address, literal_address, resolve
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .health import ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
@@ -118,6 +119,7 @@ class Manager:
         self.started_at = time.time()
         self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self._create_lock = asyncio.Lock()
+        self._addresses: dict[str, Address] = {}  # each host of a config, resolved (see _resolve_hosts)
         self.fork_servers = ForkServers(SERVE_PY, paths.home / "forkserver.log")
 
     # ------------------------------------------------------------------ queries
@@ -139,10 +141,11 @@ class Manager:
 
     async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
         fresh = False
+        await self._resolve_hosts([config.host])  # before the create lock: a lookup may be slow
         while True:
             async with self._create_lock:
                 target = self._replace_target(config, replace, uuid)
-                self._precheck(config, fresh=target is None)
+                self._precheck(config, fresh=target is None, owner=target)
                 if target is None:
                     svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
@@ -234,6 +237,7 @@ class Manager:
         # stranger, never signalled.
         self._ours = {(p.service_uuid, p.ident) for p in tagged}
         await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
+        await self._resolve_hosts([svc.config.host for svc in services])  # before anything binds or claims
         records = {svc.uuid: self.store.read_pid(svc.uuid) for svc in services}  # read once, for both steps
         untracked = await self._untracked(services, tagged, records)
         results = await asyncio.gather(
@@ -489,18 +493,46 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
+    async def _resolve_hosts(self, hosts: list[str]) -> None:
+        """Resolve hosts (names in threads, all at once) into the map the port functions read.
+
+        A name is looked up again on each deploy that names it; the daemon binds, probes and
+        claims on what it resolved to, never looking a name up on the event loop.
+        """
+        names = sorted({h for h in hosts if literal_address(h) is None})
+        for address in await asyncio.gather(*(resolve(h) for h in names)):
+            self._addresses[address.host] = address
+
+    def _address(self, host: str) -> Address:
+        """What ``host`` binds: an IP address is itself; a name as last resolved (see _resolve_hosts)."""
+        address = self._addresses.get(host)
+        if address is None:
+            address = literal_address(host)
+            if address is None:
+                return Address(host, error=f"{host!r} was not resolved")
+            self._addresses[host] = address  # parsed once: claims read every service's address
+        return address
+
     def _claimed_ports(self, host: str, owner: Managed | None) -> dict[int, UUID]:
-        """The ports other services on ``host`` keep for life (also while their server is down), and whose."""
+        """The ports other services keep for life (also while their server is down) on an address
+        the kernel would not let ``host`` share a port with, and whose (see daemon/addresses.py)."""
+        mine = self._address(host)
         return {o.svc.endpoint.port: o.uuid for o in self.services.values()
-                if o is not owner and o.svc.endpoint.port and o.svc.config.host == host}
+                if o is not owner and o.svc.endpoint.port and mine.conflicts(self._address(o.svc.config.host))}
 
     def _check_port_unclaimed(self, config: ServiceConfig, owner: Managed | None) -> None:
         other = self._claimed_ports(config.host, owner).get(config.port)
         if other is not None:
             raise Conflict(f"port {config.port} on {config.host} belongs to service {other}")
 
-    def _precheck(self, config: ServiceConfig, fresh: bool) -> None:
-        """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error)."""
+    def _precheck(self, config: ServiceConfig, fresh: bool, owner: Managed | None = None) -> None:
+        """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error).
+
+        ``owner``: the service a replace updates (its own port claim is no conflict).
+        """
+        address = self._address(config.host)
+        if not address.resolved:
+            raise InvalidRequest(f"config.host: {address.error}")
         cwd = config.working_dir
         if cwd and not os.path.isdir(cwd):
             raise InvalidRequest(f"working_dir {cwd!r} does not exist")
@@ -515,11 +547,13 @@ class Manager:
                 full = os.path.join(cwd, path) if cwd else path
                 if not os.path.exists(full) and not os.path.exists(full + ".py"):
                     raise InvalidRequest(f"model file {full!r} does not exist")
-        if config.port and fresh:
-            self._check_port_unclaimed(config, None)
+        # The port it asks for, or the one a replace keeps (its host may change).
+        port = config.port or (owner.svc.endpoint.port if owner is not None else 0)
+        if port and not config.bind_unix:
+            self._check_port_unclaimed(config.model_copy(update={"port": port}), owner)
         if not is_builtin(config) and config.port and fresh:
             try:
-                free = bind_listener(config.host, config.port)
+                free = bind_listener(address.ip, config.port)
             except DeployError as exc:
                 raise Conflict(str(exc)) from exc
             free.close()
@@ -538,7 +572,7 @@ class Manager:
         config = m.svc.config
         if is_builtin(config) and proc.extra.get("h"):
             return ProbeTarget(config.health_path, unix=proc.extra["h"])
-        return ProbeTarget(config.health_path, host=config.host, port=m.svc.endpoint.port)
+        return ProbeTarget(config.health_path, host=self._address(config.host).ip or config.host, port=m.svc.endpoint.port)
 
     def _ensure_port(self, m: Managed, config: ServiceConfig) -> None:
         """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
@@ -563,22 +597,30 @@ class Manager:
             m.svc.endpoint = self._endpoint(config, 0)
             m.svc.endpoint.unix_socket = str(path)
             return
+        address = self._address(config.host)
+        if not address.resolved:
+            raise DeployError(f"cannot listen on {config.host}: {address.error}")
         if is_builtin(config):
             if m.listener is None:
-                m.listener = bind_listener(config.host, port) if port else bind_unclaimed(config.host, self._claimed_ports(config.host, m))
+                if port:  # a kept port: another service may have claimed it on an address it now conflicts with
+                    self._check_port_free_for(m, config, port)
+                m.listener = bind_listener(address.ip, port) if port else bind_unclaimed(address.ip, self._claimed_ports(config.host, m))
             port = int(m.listener.getsockname()[1])
         elif port == 0:
-            with bind_unclaimed(config.host, self._claimed_ports(config.host, m)) as sock:
+            with bind_unclaimed(address.ip, self._claimed_ports(config.host, m)) as sock:
                 port = int(sock.getsockname()[1])
         else:
             # A command server binds its port itself: if someone else holds it, its health
             # probe would reach that stranger and report it as ours.
-            try:
-                self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
-            except Conflict as exc:
-                raise DeployError(str(exc)) from None
-            bind_listener(config.host, port).close()
+            self._check_port_free_for(m, config, port)
+            bind_listener(address.ip, port).close()
         m.svc.endpoint = self._endpoint(config, port)
+
+    def _check_port_free_for(self, m: Managed, config: ServiceConfig, port: int) -> None:
+        try:
+            self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
+        except Conflict as exc:
+            raise DeployError(str(exc)) from None
 
     def _launch(
         self, m: Managed, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
@@ -613,7 +655,8 @@ class Manager:
             ]
             pass_fds = (m.listener.fileno(),)
         else:
-            values = {"{port}": str(port), "{host}": config.host, "{model_uri}": config.model_uri}
+            # {host}: the address the port is claimed and probed on (a name as resolved, IPv4 first).
+            values = {"{port}": str(port), "{host}": self._address(config.host).ip or config.host, "{model_uri}": config.model_uri}
             argv = [_fill(arg, values) for arg in config.command]
         env = {
             **os.environ, **config.env, "PYTHONUNBUFFERED": "1",
@@ -980,7 +1023,8 @@ class Manager:
             return False
         # The first exit after a healthy run restarts at once (a one-off crash costs only a spawn);
         # exits in a row back off from backoff_initial, doubling.
-        delay = 0.0 if m.failures == 1 else min(policy.backoff_initial * 2 ** (m.failures - 2), policy.backoff_max)
+        # (The exponent is capped: 2 ** 1024 is past any float, and max_restarts may be that large.)
+        delay = 0.0 if m.failures == 1 else min(policy.backoff_initial * 2.0 ** min(m.failures - 2, 1000), policy.backoff_max)
         svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
         self._save_if_possible(svc, step="restart.pending")
         await asyncio.sleep(delay)
