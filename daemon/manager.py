@@ -37,7 +37,7 @@ from .health import ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, 
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
 from .linux import ProcessIdentity, TaggedProcess, signal_verified, tagged_processes
-from .process import ForkServers, ProcessHandle, resolve_executable, spawn
+from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
@@ -541,6 +541,17 @@ class Manager:
             resolve_executable(config.python or sys.executable if is_builtin(config) else config.command[0], env, cwd)
         except DeployError as exc:
             raise InvalidRequest(f"{'python' if is_builtin(config) else 'command'}: {exc}") from None
+        # exec refuses more than its argument space (E2BIG): say so here, not with a record in error.
+        if is_builtin(config):
+            argv = [config.python or sys.executable, SERVE_PY, config.model_uri, config.model_name]
+        else:
+            argv = [_fill(arg, {"{port}": "65535", "{host}": address.ip, "{model_uri}": config.model_uri}) for arg in config.command]
+        margin = 4096 + 2 * len(os.fsencode(self.paths.home))  # the rest of a built-in's argv, the MODELD_* tags
+        needed, limit = exec_size(argv, env) + margin, exec_limit()
+        if needed > limit:
+            field = "env" if exec_size([], config.env) > exec_size(argv, {}) else "command"
+            raise InvalidRequest(f"config.{field}: the server's arguments and environment would take {needed} bytes "
+                                 f"(with {len(argv) + len(env)} pointers); exec takes at most {limit} (ARG_MAX)")
         if is_builtin(config):
             path = config.model_uri if config.model_type == "pickle" else config.model_uri.rsplit(":", 1)[0]
             if config.model_type == "pickle" or path.endswith(".py") or os.sep in path:

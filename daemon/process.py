@@ -167,6 +167,22 @@ def resolve_executable(name: str, env: dict[str, str], cwd: str = "") -> str:
     return found
 
 
+def exec_size(argv: list[str], env: dict[str, str]) -> int:
+    """Bytes of exec's argument space that ``argv`` and ``env`` take, as the kernel counts them:
+    each string with its NUL, the file name once more, and a pointer per string."""
+    strings = [*argv, argv[0] if argv else "", *(f"{k}={v}" for k, v in env.items())]
+    return sum(len(os.fsencode(text)) + 1 for text in strings) + (len(argv) + len(env)) * 8
+
+
+def exec_limit() -> int:
+    """What exec takes in all (E2BIG past it): a quarter of the stack limit (as glibc reports it),
+    and never more than 6 MiB (3/4 of the kernel's _STK_LIM), however large the stack limit."""
+    try:
+        return min(int(os.sysconf("SC_ARG_MAX")), 6 * 1024 * 1024)
+    except (ValueError, OSError):
+        return 128 * 1024  # the least any Linux takes
+
+
 _server_umask = -1  # Popen's "leave it": set by the daemon, which runs under 077 itself
 
 

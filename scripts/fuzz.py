@@ -1,6 +1,6 @@
-"""Fuzz the daemon's control socket with bad input; prints one JSON line.
+"""Fuzz the daemon's control socket with bad input and plausible configs; prints one JSON line.
 
-    python scripts/fuzz.py [--count 10000] [--seed 1] [--home DIR]
+    python scripts/fuzz.py [--count 10000] [--configs 200] [--seed 1] [--home DIR]
 
 Every route of ``daemon.api.Api`` (taken from its route table, so none is
 missed) gets malformed JSON, wrong types, unknown fields, huge bodies, path
@@ -21,6 +21,24 @@ service (so its uuid is fuzzed too: a bad ``?timeout=`` on its stop must
 not stop it), fuzzes, and stops everything. The output has ``inputs`` (how
 many were sent), ``by_kind``, ``failures`` (the first few, with the input)
 and ``seconds``.
+
+Then ``--configs N`` (default 200) plausible configs are deployed, every one
+valid JSON: a known-good base (the built-in server with examples/iris.py, or
+a small command server) with one field of ``ServiceConfig``, of its restart
+policy or of the deploy request changed to a boundary, non-finite (``1e999``),
+huge, unicode or wrong-type value. Both answers can be right, and are checked:
+
+- no answer is a 5xx;
+- a refusal is a 4xx JSON error naming the field, and nothing is created;
+- an accepted config's server is healthy when the call returns, the service
+  reads back with the config the deploy answered, and it stops;
+- after the last one the daemon is restarted: every accepted config is listed
+  again, identical (secret values masked), the client can parse every record,
+  and nothing was set aside.
+
+Its report is under ``configs``: ``inputs``, ``accepted`` and
+``accepted_fraction`` (at least 20 %, so the paths after validation run too),
+``statuses``, ``by_field``, ``accepted_by_field`` and ``failures``.
 """
 
 from __future__ import annotations
@@ -703,6 +721,8 @@ class ConfigGenerator:
         add(Mutation("command", lambda g: [*g.base("command")["command"], "", " ", "{model_uri}{port}{host}"], "command"))
         add(Mutation("command", lambda g: [*g.base("command")["command"], "{model_uri}" * 12_000], "command"))
         add(Mutation("command", lambda g: [*g.base("command")["command"], "nul\x00"], "command", ("NUL",)))
+        # Past exec's whole argument space (ARG_MAX; 2 MiB with an 8 MiB stack): 9 bytes per empty item.
+        add(Mutation("command", lambda g: [*g.base("command")["command"], *[""] * 240_000], "command"))
         add(Mutation("command", lambda g: [f"/nonexistent/{g.unicode(5)}", "{port}"], "command"))
         add(Mutation("command", [], "command", ("command", "model_uri")))  # no argv: not a command server then
         for value in ("python3 -m http.server", [1, 2], [None], {"0": "x"}):

@@ -37,6 +37,7 @@ from daemon.exceptions import Conflict, InvalidRequest
 from daemon.linux import tagged_processes
 from daemon.models import MAX_ARG_STRLEN
 from daemon.paths import MAX_SOCKET_PATH, Paths
+from daemon.process import exec_limit
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 FLOAT_FIELDS = ("startup_timeout", "stop_timeout", "restart.backoff_initial", "restart.backoff_max", "restart.healthy_reset")
@@ -224,6 +225,13 @@ def test_env_names_and_sizes_argv_sizes(client, home, tmp_path):
     refused(deploy_raw(home, json.dumps(command(tmp_path, "a" * (entry + 1)))), "config.command:")
     refused(deploy_raw(home, json.dumps(command(tmp_path, "{model_uri}" * 200, model_uri="m" * 1000))), "config.command:")
     refused(deploy_raw(home, json.dumps(command(tmp_path, "nul\x00"))), "config.command:")
+    # exec's whole argument space (ARG_MAX): each string and a pointer to it. Empty items
+    # cost 9 bytes each in 3 bytes of JSON: a body under the 1 MiB cap can pass it.
+    many = exec_limit() // 9 + 1000
+    if many * 3 < 1000 * 1000:
+        body = json.dumps({"config": command(tmp_path, *[""] * many)}, separators=(",", ":")).encode()
+        message = refused(call(home, "POST", "/v1/services", body), "config.command:")
+        assert "ARG_MAX" in message, message
     nothing_created(client, home)
 
     # At the limit exactly: accepted, and exec gives the server all of it.
