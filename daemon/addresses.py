@@ -17,13 +17,12 @@ against real binds:
 A socket is v6-only when ``net.ipv6.bindv6only`` says so: nothing in modeld sets
 IPV6_V6ONLY, and a command server is taken to bind as the system default does.
 
-Only the standard library's C-level ``socket`` is used here: the client imports this (through
-the model's syntax check of ``host``), and no name is ever looked up at import or in the client.
+The client imports this module (through the model's syntax check of ``host``): it costs the
+client ``re`` and ``socket`` only, and no name is ever looked up at import or in the client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 from dataclasses import dataclass
@@ -122,6 +121,8 @@ async def resolve(host: str, timeout: float = RESOLVE_TIMEOUT) -> Address:
 
     Never raises: a name that does not resolve gives an Address whose ``error`` says why.
     """
+    import asyncio  # here, not at the top: the client imports this module, and asyncio costs it ~40 ms
+
     found = literal_address(host)
     if found is not None:
         return found

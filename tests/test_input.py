@@ -485,3 +485,11 @@ def test_a_long_canonical_home_binds_sockets_as_long_homes_do(home, tmp_path):
             DaemonClient(home=short).daemon_info()
     finally:
         short.unlink()
+
+
+def test_the_models_host_check_costs_the_client_no_asyncio():
+    """The syntax check of ``host`` lives in daemon/addresses.py, which the client imports: it must stay light."""
+    code = ("import sys; from daemon import ServiceConfig; ServiceConfig(model_uri='m.py:m', host='localhost'); "
+            "print('asyncio' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False"], out
