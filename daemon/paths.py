@@ -1,4 +1,4 @@
-"""Where modeld keeps its state: one folder, ``$MODELD_HOME``.
+"""Where modeld keeps its state: one folder, ``$MODELD_HOME``, spelled one way (its real path).
 
     $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
       daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
