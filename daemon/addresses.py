@@ -112,8 +112,12 @@ class Address:
 
 
 def literal_address(host: str) -> Address | None:
-    """The address of a host that is an IP address (no lookup), else None."""
-    return Address.of_ip(host, host)
+    """The address of a host that is an IP address (no lookup), else None.
+
+    ``""`` is 0.0.0.0, as ``bind`` took it: the API refuses it now, but a record stored before
+    keeps the meaning its server was started with.
+    """
+    return Address.of_ip(host, host or "0.0.0.0")
 
 
 async def resolve(host: str, timeout: float = RESOLVE_TIMEOUT) -> Address:

@@ -609,7 +609,7 @@ class Manager:
             m.svc.endpoint.unix_socket = str(path)
             return
         address = self._address(config.host)
-        if not address.resolved:
+        if not address.resolved and not (is_builtin(config) and m.listener is not None):
             raise DeployError(f"cannot listen on {config.host}: {address.error}")
         if is_builtin(config):
             if m.listener is None:

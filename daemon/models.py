@@ -80,7 +80,7 @@ class ServiceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
-    service_type: str = Field("model-server", max_length=200)
+    service_type: str = "model-server"
     name: str = Field("", max_length=200)
     description: str = Field("", max_length=10_000)
     pipeline_name: str = Field("", max_length=1000)
@@ -91,7 +91,7 @@ class ServiceConfig(BaseModel):
     model_type: Literal["python", "pickle", "command"] = "python"
     command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri}")
     health_path: str = Field("/health", max_length=MAX_PATH)
-    prediction_path: str = Field("", max_length=MAX_PATH, description="path of predictions; default: KServe's /v1/models/<model_name>:predict")
+    prediction_path: str = Field("", description="path of predictions; default: KServe's /v1/models/<model_name>:predict")
     host: str = Field("127.0.0.1", description="an IP address, or a name (the daemon resolves it, IPv4 first)")
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port once, then keep it")
     bind_unix: bool = Field(False, description="serve a built-in model on a Unix socket private to the user, not on TCP")
@@ -140,11 +140,11 @@ class ServiceConfig(BaseModel):
 
     @field_validator("host")
     @classmethod
-    def _host_syntax(cls, value: str) -> str:
+    def _host_syntax(cls, value: str, info: ValidationInfo) -> str:
         """Syntax only: whether the name resolves is the daemon's to find out (a lookup may be slow)."""
         if "\x00" in value:
             raise ValueError(NUL_MESSAGE)
-        problem = host_syntax_error(value)
+        problem = None if _stored(info) else host_syntax_error(value)
         if problem:
             raise ValueError(problem)
         return value
@@ -156,6 +156,8 @@ class ServiceConfig(BaseModel):
         for i, item in enumerate(value):
             if "\x00" in item:
                 raise ValueError(f"item {i}: {NUL_MESSAGE}")
+            if _stored(info):
+                continue
             # As exec will see it: {model_uri}, {host}, {port} filled in (at their longest).
             size = _os_size(item, f"item {i}") + 1 + item.count("{model_uri}") * (_os_size(model_uri, "model_uri") - len("{model_uri}"))
             size += sum(item.count(key) * (longest - len(key)) for key, longest in _FILLED.items())
@@ -166,9 +168,11 @@ class ServiceConfig(BaseModel):
 
     @field_validator("env")
     @classmethod
-    def _env_entries(cls, value: dict[str, str]) -> dict[str, str]:
+    def _env_entries(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for key, text in value.items():
             shown = repr(key) if len(key) <= 60 else repr(key[:60]) + "..."
+            if _stored(info) and "\x00" not in key + text:
+                continue
             if not key:
                 raise ValueError("a variable name cannot be empty")
             if "=" in key:
@@ -226,6 +230,16 @@ class ServiceConfig(BaseModel):
             return self
         env = {k: (REDACTED if self.is_secret(k) else v) for k, v in self.env.items()}
         return self.model_copy(update={"env": env})
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether a record is being read back (see :meth:`ServiceRegistry.load`), not taken as input.
+
+    The checks that came after records were first written (a host's syntax, env names, sizes
+    exec refuses) apply to input only: a record an earlier version accepted still loads, and
+    its server is never set aside for them (one that cannot start says why when it tries).
+    """
+    return bool(info.context and info.context.get("stored"))
 
 
 def _os_size(text: str, what: str) -> int:
@@ -374,7 +388,7 @@ class ServiceRegistry:
     def load(self, data: dict[str, Any]) -> BaseService:
         """Rebuild the right class from a JSON document (already parsed)."""
         name = (data.get("type") or {}).get("name", ServiceType().name)
-        return self.service_class(name).model_validate(data)
+        return self.service_class(name).model_validate(data, context={"stored": True})
 
     def load_json(self, raw: str | bytes) -> BaseService:
         import json

@@ -671,7 +671,7 @@ class ConfigGenerator:
     """Mutations of a good config, one field at a time, each a plausible thing to send."""
 
     STRING_CAPS = {"name": 200, "description": 10_000, "pipeline_name": 1000, "pipeline_run_id": 1000,
-                   "pipeline_step_name": 1000, "model_name": 200, "service_type": 200}
+                   "pipeline_step_name": 1000, "model_name": 200}
     WRONG = [5, 1.5, True, None, [], {}, ["x"], {"a": 1}]
 
     def __init__(self, seed: int, workdir: Path):
@@ -700,6 +700,8 @@ class ConfigGenerator:
             add(Mutation(name, lambda g, cap=cap: g.unicode(min(cap, 40))))
             add(Mutation(name, lambda g: "x" * 200_000))
             add(Mutation(name, lambda g: g.rng.choice(self.WRONG)))
+        for value in ("", "ü🙂" * 50, "t" * 200_000, 5, None):
+            add(Mutation("service_type", value))
         add(Mutation("name", "bell\x07"))
         add(Mutation("model_name", "a/b"))
         add(Mutation("model_name", ""))

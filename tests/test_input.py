@@ -285,6 +285,32 @@ def test_every_host_spelling_that_works_is_kept_as_written(client, home, tmp_pat
     assert client.get(web.uuid).status.state == ServiceState.ACTIVE
 
 
+def test_records_from_before_the_checks_still_load(client, home, tmp_path):
+    """A record an earlier version accepted (a host of "", an env name with '=') is not set aside,
+    and its live server is not stopped: the checks are for input. The client reads it too."""
+    svc = client.deploy(ServiceConfig(**builtin()), timeout=60)
+    stopped = client.deploy(ServiceConfig(**command(tmp_path, model_name="old")), timeout=60)
+    client.stop(stopped.uuid, timeout=10)
+    pid = client.daemon_info()["pid"]
+    client.shutdown(stop_services=False)
+    wait_for(lambda: not pid_alive(pid), 30, what="the daemon to exit")
+    for uuid, legacy in ((svc.uuid, {"host": ""}), (stopped.uuid, {"env": {"A=B": "1", "": "x"}, "host": "[::1]"})):
+        path = home / "services" / str(uuid) / "service.json"
+        record = json.loads(path.read_text())
+        record["config"].update(legacy)
+        path.write_text(json.dumps(record))
+    assert client.daemon_info()["problems"] == []
+    again = client.get(svc.uuid)
+    assert (again.status.state, again.status.pid, again.config.host) == (ServiceState.ACTIVE, svc.status.pid, "")
+    assert predict(svc.endpoint.prediction_url, SETOSA) == (200, {"predictions": ["setosa"]})
+    assert client.get(stopped.uuid).config.env == {"A=B": "1", "": "x"}
+    ls = modeld("ls", "--json", home=home)
+    assert ls.returncode == 0 and len(json.loads(ls.stdout)) == 2, ls
+    # Taken as input again, the same config is refused.
+    with pytest.raises(ValueError, match="host"):
+        ServiceConfig(**builtin(host=""))
+
+
 # ------------------------------------------------------------------ ports
 
 
