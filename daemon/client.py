@@ -195,8 +195,8 @@ class DaemonClient:
         start: bool = True,
     ) -> Any:
         socket_timeout: float | None = self.timeout if self.timeout is not None else (timeout or 60.0) + _MARGIN
-        if socket_timeout is not None and not socket_timeout < _LONGEST_WAIT:  # also inf and nan: a socket cannot hold them; wait as long as it takes
-            socket_timeout = None
+        if socket_timeout is not None and not socket_timeout < _LONGEST_WAIT:
+            socket_timeout = None  # also inf and nan, which a socket cannot hold either: wait as long as it takes
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if payload is not None else {}
         retry_reads_until = time.monotonic() + READ_RETRY_SECONDS

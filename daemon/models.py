@@ -63,6 +63,11 @@ class RestartPolicy(BaseModel):
     # holding one could not be read back.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_infinity(cls, data: Any, info: ValidationInfo) -> Any:
+        return _infinity_read_back(data, info, ("backoff_initial", "backoff_max", "healthy_reset"))
+
     mode: Literal["on-failure", "always", "never"] = "on-failure"
     max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
     backoff_initial: float = Field(0.1, ge=0, description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
@@ -118,6 +123,11 @@ class ServiceConfig(BaseModel):
         if "/" in value or any(not c.isprintable() for c in value):
             raise ValueError("must not contain '/' or control characters (it is part of URLs and tables)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_infinity(cls, data: Any, info: ValidationInfo) -> Any:
+        return _infinity_read_back(data, info, ("startup_timeout", "stop_timeout"))
 
     @model_validator(mode="before")
     @classmethod
@@ -240,6 +250,15 @@ def _stored(info: ValidationInfo) -> bool:
     its server is never set aside for them (one that cannot start says why when it tries).
     """
     return bool(info.context and info.context.get("stored"))
+
+
+def _infinity_read_back(data: Any, info: ValidationInfo, fields: tuple[str, ...]) -> Any:
+    """An earlier version took infinity in these fields and stored it as null (all JSON has for
+    it; -inf and NaN were refused by their bounds): read back, null is the largest float, which
+    waits as long, so the record loads and its server is not set aside."""
+    if not _stored(info) or not isinstance(data, dict) or not any(data.get(f, 0) is None for f in fields):
+        return data
+    return {**data, **{f: sys.float_info.max for f in fields if f in data and data[f] is None}}
 
 
 def _os_size(text: str, what: str) -> int:

@@ -286,15 +286,18 @@ def test_every_host_spelling_that_works_is_kept_as_written(client, home, tmp_pat
 
 
 def test_records_from_before_the_checks_still_load(client, home, tmp_path):
-    """A record an earlier version accepted (a host of "", an env name with '=') is not set aside,
-    and its live server is not stopped: the checks are for input. The client reads it too."""
+    """A record an earlier version accepted (a host of "", an env name with '=', an infinity stored
+    as null) is not set aside, and its live server is not stopped: the checks are for input. The
+    client reads it too."""
     svc = client.deploy(ServiceConfig(**builtin()), timeout=60)
     stopped = client.deploy(ServiceConfig(**command(tmp_path, model_name="old")), timeout=60)
     client.stop(stopped.uuid, timeout=10)
     pid = client.daemon_info()["pid"]
     client.shutdown(stop_services=False)
     wait_for(lambda: not pid_alive(pid), 30, what="the daemon to exit")
-    for uuid, legacy in ((svc.uuid, {"host": ""}), (stopped.uuid, {"env": {"A=B": "1", "": "x"}, "host": "[::1]"})):
+    # (null: how 1e999 was stored, the issue's bug; read back as the largest float, which waits as long)
+    nulls = {"startup_timeout": None, "stop_timeout": None, "restart": {"backoff_max": None, "healthy_reset": None}}
+    for uuid, legacy in ((svc.uuid, {"host": "", **nulls}), (stopped.uuid, {"env": {"A=B": "1", "": "x"}, "host": "[::1]"})):
         path = home / "services" / str(uuid) / "service.json"
         record = json.loads(path.read_text())
         record["config"].update(legacy)
@@ -302,6 +305,7 @@ def test_records_from_before_the_checks_still_load(client, home, tmp_path):
     assert client.daemon_info()["problems"] == []
     again = client.get(svc.uuid)
     assert (again.status.state, again.status.pid, again.config.host) == (ServiceState.ACTIVE, svc.status.pid, "")
+    assert again.config.startup_timeout == again.config.restart.backoff_max == sys.float_info.max
     assert predict(svc.endpoint.prediction_url, SETOSA) == (200, {"predictions": ["setosa"]})
     assert client.get(stopped.uuid).config.env == {"A=B": "1", "": "x"}
     ls = modeld("ls", "--json", home=home)
