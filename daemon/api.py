@@ -53,7 +53,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class DeployRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: ServiceConfig
     replace: bool = False
@@ -261,10 +261,12 @@ class Api:
             await self._send_json(send, 500, {"error": {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}})
 
     def _route(self, request: Request) -> tuple[Callable[..., Awaitable[Any]], dict[str, Any]]:
+        # A path a route spells out (/v1/services/start) is that route's, not a {uuid} of another.
+        literal = any(not pattern.groupindex and pattern.fullmatch(request.path) for _, pattern, _ in self.routes)
         path_known = False
         for method, pattern, handler in self.routes:
             match = pattern.fullmatch(request.path)
-            if match is None:
+            if match is None or (literal and pattern.groupindex):
                 continue
             path_known = True
             if method == request.method:

@@ -31,6 +31,7 @@ from .paths import Paths
 DEFAULT_TIMEOUT = 300.0
 START_TIMEOUT = float(os.environ.get("MODELD_START_TIMEOUT", 30))
 _MARGIN = 30.0  # seconds beyond an operation's own timeout before the client gives up on the socket
+_LONGEST_WAIT = 1e9  # seconds (31 years); a socket timeout past ~9.2e9 s overflows
 READ_RETRY_SECONDS = 5.0  # how long a read is retried while a killed daemon resets connections in its backlog
 
 
@@ -200,7 +201,9 @@ class DaemonClient:
         timeout: float | None = None,
         start: bool = True,
     ) -> Any:
-        socket_timeout = self.timeout if self.timeout is not None else (timeout or 60.0) + _MARGIN
+        socket_timeout: float | None = self.timeout if self.timeout is not None else (timeout or 60.0) + _MARGIN
+        if socket_timeout is not None and not socket_timeout < _LONGEST_WAIT:
+            socket_timeout = None  # also inf and nan, which a socket cannot hold either: wait as long as it takes
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if payload is not None else {}
         retry_reads_until = time.monotonic() + READ_RETRY_SECONDS

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from .addresses import ip_literal
 from .exceptions import DeployError
 
 
@@ -40,11 +41,14 @@ async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None,
     of what it does when idle. A Unix socket connects (or fails) at once; TCP may wait.
     """
     loop = asyncio.get_running_loop()
+    if not target.unix:
+        host = "127.0.0.1" if target.host in ("0.0.0.0", "") else ("::1" if target.host == "::" else target.host)
+        if ip_literal(host) is None:  # a name would be looked up here, on the event loop: never
+            return False, f"{target}: {host!r} is not an IP address (a name is probed at the address it resolved to)"
     try:
         if target.unix:
             sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix
         else:
-            host = "127.0.0.1" if target.host in ("0.0.0.0", "") else ("::1" if target.host == "::" else target.host)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock, address = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), (host, target.port)
     except OSError as exc:
@@ -94,7 +98,11 @@ async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> by
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """Bind and listen on ``host:port`` (0: a free port); the daemon holds it for the service's life."""
+    """Bind and listen on ``host:port`` (0: a free port); the daemon holds it for the service's life.
+
+    ``host`` is an IP address (the manager resolves names first, see daemon/addresses.py): a
+    name given here would be looked up by ``bind``, blocking the caller.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -193,7 +193,7 @@ def tagged_processes(home: str, forked: dict[int, tuple[int, list[bytes]]] | Non
         record = forked.get(int(entry))
         if record is not None and record[0] == int(before[19]):
             environ = record[1]
-        if want_home not in environ:
+        if want_home not in environ and not _same_home(environ, home):
             continue
         tags = {k: v for k, _, v in (item.partition(b"=") for item in environ) if k in (b"MODELD_SERVICE_UUID", b"MODELD_PROCESS")}
         if not tags.get(b"MODELD_SERVICE_UUID"):
@@ -209,6 +209,16 @@ def tagged_processes(home: str, forked: dict[int, tuple[int, list[bytes]]] | Non
             info=tags.get(b"MODELD_PROCESS", b"").decode(errors="replace"),
         ))
     return found
+
+
+def _same_home(environ: list[bytes], home: str) -> bool:
+    """Whether the MODELD_HOME in ``environ`` is ``home`` spelled another way (a symlink, a ``..``):
+    the tag of a server started before homes were made canonical (daemon/paths.py)."""
+    for item in environ:
+        if item.startswith(b"MODELD_HOME="):
+            spelled = os.fsdecode(item[len(b"MODELD_HOME="):])
+            return os.path.isabs(spelled) and os.path.realpath(spelled) == home
+    return False
 
 
 def signal_verified(ident: ProcessIdentity, sig: int) -> int | None:

@@ -43,8 +43,13 @@ FLUSH_LIMIT = 1 << 20
 FOLLOW_POLL = (0.01, 0.2)  # seconds a follower waits for new lines: at first, and at most
 
 
+MARKER_TEXT_MAX = 512  # characters of what a marker quotes (an argv item may be 128 KiB)
+
+
 def marker(text: str) -> bytes:
     """A line the daemon writes into a server's log (not counted as the server's by ``tail``)."""
+    if len(text) > MARKER_TEXT_MAX:
+        text = text[:MARKER_TEXT_MAX] + "…"
     return f"--- modeld: {text} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode()
 
 
@@ -206,6 +211,7 @@ class LogWriterClient:
         goes in before anything the server writes. Without a writer, ``path`` itself, appended to.
         """
         r, w = os.pipe2(os.O_CLOEXEC)
+        first_line = first_line[:4096]  # a pipe takes this much at once with no reader yet (64 KiB, at least a page)
         try:
             os.write(w, first_line)
             self._request({"op": "attach", "key": key, "path": str(path), "max_bytes": max_bytes, "backups": backups}, (r,))

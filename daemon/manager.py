@@ -34,6 +34,7 @@ from uuid import UUID
 
 from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
+from .addresses import Address, literal_address, resolve
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .health import ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
 from .linux import (
@@ -42,7 +43,7 @@ from .linux import (
 from .logs import LogWriterClient, marker, tail_text
 from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
-from .process import ForkServers, ProcessHandle, resolve_executable, spawn
+from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
@@ -108,6 +109,7 @@ class Manager:
         self.started_at = time.time()
         self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self._create_lock = asyncio.Lock()
+        self._addresses: dict[str, Address] = {}  # each host of a config, resolved (see _resolve_hosts)
         self.fork_servers = ForkServers(SERVE_PY, paths.home / "forkserver.log")
         self.containment: Containment = choose_containment(paths.home, paths.run)
         if self.containment.reason:
@@ -135,10 +137,11 @@ class Manager:
 
     async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
         fresh = False
+        await self._resolve_hosts([config.host])  # before the create lock: a lookup may be slow
         while True:
             async with self._create_lock:
                 target = self._replace_target(config, replace, uuid)
-                self._precheck(config, fresh=target is None)
+                self._precheck(config, fresh=target is None, owner=target)
                 if target is None:
                     svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
@@ -250,6 +253,7 @@ class Manager:
         # stranger, never signalled.
         self._ours = {(p.service_uuid, p.ident) for p in tagged}
         await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
+        await self._resolve_hosts([svc.config.host for svc in services])  # before anything binds or claims
         records = {svc.uuid: self.store.read_pid(svc.uuid) for svc in services}  # read once, for both steps
         untracked = await self._untracked(services, tagged, records)
         results = await asyncio.gather(
@@ -591,18 +595,46 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
+    async def _resolve_hosts(self, hosts: list[str]) -> None:
+        """Resolve hosts (names in threads, all at once) into the map the port functions read.
+
+        A name is looked up again on each deploy that names it; the daemon binds, probes and
+        claims on what it resolved to, never looking a name up on the event loop.
+        """
+        names = sorted({h for h in hosts if literal_address(h) is None})
+        for address in await asyncio.gather(*(resolve(h) for h in names)):
+            self._addresses[address.host] = address
+
+    def _address(self, host: str) -> Address:
+        """What ``host`` binds: an IP address is itself; a name as last resolved (see _resolve_hosts)."""
+        address = self._addresses.get(host)
+        if address is None:
+            address = literal_address(host)
+            if address is None:
+                return Address(host, error=f"{host!r} was not resolved")
+            self._addresses[host] = address  # parsed once: claims read every service's address
+        return address
+
     def _claimed_ports(self, host: str, owner: Managed | None) -> dict[int, UUID]:
-        """The ports other services on ``host`` keep for life (also while their server is down), and whose."""
+        """The ports other services keep for life (also while their server is down) on an address
+        the kernel would not let ``host`` share a port with, and whose (see daemon/addresses.py)."""
+        mine = self._address(host)
         return {o.svc.endpoint.port: o.uuid for o in self.services.values()
-                if o is not owner and o.svc.endpoint.port and o.svc.config.host == host}
+                if o is not owner and o.svc.endpoint.port and mine.conflicts(self._address(o.svc.config.host))}
 
     def _check_port_unclaimed(self, config: ServiceConfig, owner: Managed | None) -> None:
         other = self._claimed_ports(config.host, owner).get(config.port)
         if other is not None:
             raise Conflict(f"port {config.port} on {config.host} belongs to service {other}")
 
-    def _precheck(self, config: ServiceConfig, fresh: bool) -> None:
-        """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error)."""
+    def _precheck(self, config: ServiceConfig, fresh: bool, owner: Managed | None = None) -> None:
+        """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error).
+
+        ``owner``: the service a replace updates (its own port claim is no conflict).
+        """
+        address = self._address(config.host)
+        if not address.resolved:
+            raise InvalidRequest(f"config.host: {address.error}")
         cwd = config.working_dir
         if cwd and not os.path.isdir(cwd):
             raise InvalidRequest(f"working_dir {cwd!r} does not exist")
@@ -611,17 +643,30 @@ class Manager:
             resolve_executable(config.python or sys.executable if is_builtin(config) else config.command[0], env, cwd)
         except DeployError as exc:
             raise InvalidRequest(f"{'python' if is_builtin(config) else 'command'}: {exc}") from None
+        # exec refuses more than its argument space (E2BIG): say so here, not with a record in error.
+        if is_builtin(config):
+            argv = [config.python or sys.executable, SERVE_PY, config.model_uri, config.model_name]
+        else:
+            argv = [_fill(arg, {"{port}": "65535", "{host}": address.ip, "{model_uri}": config.model_uri}) for arg in config.command]
+        margin = 4096 + 2 * len(os.fsencode(self.paths.home))  # the rest of a built-in's argv, the MODELD_* tags
+        needed, limit = exec_size(argv, env) + margin, exec_limit()
+        if needed > limit:
+            field = "env" if exec_size([], config.env) > exec_size(argv, {}) else "command"
+            raise InvalidRequest(f"config.{field}: the server's arguments and environment would take {needed} bytes "
+                                 f"(with {len(argv) + len(env)} pointers); exec takes at most {limit} (ARG_MAX)")
         if is_builtin(config):
             path = config.model_uri if config.model_type == "pickle" else config.model_uri.rsplit(":", 1)[0]
             if config.model_type == "pickle" or path.endswith(".py") or os.sep in path:
                 full = os.path.join(cwd, path) if cwd else path
                 if not os.path.exists(full) and not os.path.exists(full + ".py"):
                     raise InvalidRequest(f"model file {full!r} does not exist")
-        if config.port and fresh:
-            self._check_port_unclaimed(config, None)
+        # The port it asks for, or the one a replace keeps (its host may change).
+        port = config.port or (owner.svc.endpoint.port if owner is not None else 0)
+        if port and not config.bind_unix:
+            self._check_port_unclaimed(config.model_copy(update={"port": port}), owner)
         if not is_builtin(config) and config.port and fresh:
             try:
-                free = bind_listener(config.host, config.port)
+                free = bind_listener(address.ip, config.port)
             except DeployError as exc:
                 raise Conflict(str(exc)) from exc
             free.close()
@@ -640,7 +685,7 @@ class Manager:
         config = m.svc.config
         if is_builtin(config) and proc.extra.get("h"):
             return ProbeTarget(config.health_path, unix=proc.extra["h"])
-        return ProbeTarget(config.health_path, host=config.host, port=m.svc.endpoint.port)
+        return ProbeTarget(config.health_path, host=self._address(config.host).ip or config.host, port=m.svc.endpoint.port)
 
     def _ensure_port(self, m: Managed, config: ServiceConfig) -> None:
         """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
@@ -665,22 +710,30 @@ class Manager:
             m.svc.endpoint = self._endpoint(config, 0)
             m.svc.endpoint.unix_socket = str(path)
             return
+        address = self._address(config.host)
+        if not address.resolved and not (is_builtin(config) and m.listener is not None):
+            raise DeployError(f"cannot listen on {config.host}: {address.error}")
         if is_builtin(config):
             if m.listener is None:
-                m.listener = bind_listener(config.host, port) if port else bind_unclaimed(config.host, self._claimed_ports(config.host, m))
+                if port:  # a kept port: another service may have claimed it on an address it now conflicts with
+                    self._check_port_free_for(m, config, port)
+                m.listener = bind_listener(address.ip, port) if port else bind_unclaimed(address.ip, self._claimed_ports(config.host, m))
             port = int(m.listener.getsockname()[1])
         elif port == 0:
-            with bind_unclaimed(config.host, self._claimed_ports(config.host, m)) as sock:
+            with bind_unclaimed(address.ip, self._claimed_ports(config.host, m)) as sock:
                 port = int(sock.getsockname()[1])
         else:
             # A command server binds its port itself: if someone else holds it, its health
             # probe would reach that stranger and report it as ours.
-            try:
-                self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
-            except Conflict as exc:
-                raise DeployError(str(exc)) from None
-            bind_listener(config.host, port).close()
+            self._check_port_free_for(m, config, port)
+            bind_listener(address.ip, port).close()
         m.svc.endpoint = self._endpoint(config, port)
+
+    def _check_port_free_for(self, m: Managed, config: ServiceConfig, port: int) -> None:
+        try:
+            self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
+        except Conflict as exc:
+            raise DeployError(str(exc)) from None
 
     def _launch(
         self, m: Managed, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
@@ -758,7 +811,8 @@ class Manager:
 
     def _placeholders(self, m: Managed, config: ServiceConfig) -> dict[str, str]:
         """What ``{port}`` and the other placeholders of ``command`` and ``stop_command`` stand for."""
-        return {"{port}": str(m.svc.endpoint.port), "{host}": config.host, "{model_uri}": config.model_uri,
+        # {host}: the address the port is claimed and probed on (a name as resolved, IPv4 first).
+        return {"{port}": str(m.svc.endpoint.port), "{host}": self._address(config.host).ip or config.host, "{model_uri}": config.model_uri,
                 "{uuid}": str(m.uuid), "{name}": config.name or config.model_name or "model"}
 
     @staticmethod

@@ -19,9 +19,18 @@ from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator, model_validator
 
+from .addresses import host_syntax_error
+
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 REDACTED = "********"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+# The kernel refuses an argv item or environment entry (``KEY=VALUE``) longer than this, its
+# terminating NUL included, with E2BIG (MAX_ARG_STRLEN: 32 pages of 4 KiB).
+MAX_ARG_STRLEN = 128 * 1024
+MAX_PATH = 4096  # PATH_MAX: no longer file name can be opened
+NUL_MESSAGE = "a NUL byte cannot be part of a path, an argument or an environment variable"
+# Longest text a {host} or {port} in a command's argv becomes (an IPv6 address with a zone; 65535).
+_FILLED = {"{host}": 64, "{port}": 5, "{uuid}": 36, "{name}": 200}
 
 
 class ServiceState(str, enum.Enum):
@@ -50,7 +59,14 @@ class DesiredState(str, enum.Enum):
 class RestartPolicy(BaseModel):
     """When and how fast a crashed server is started again."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN are refused: JSON cannot store them (pydantic writes null), so a record
+    # holding one could not be read back.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_infinity(cls, data: Any, info: ValidationInfo) -> Any:
+        return _infinity_read_back(data, info, ("backoff_initial", "backoff_max", "healthy_reset"))
 
     mode: Literal["on-failure", "always", "never"] = "on-failure"
     max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
@@ -69,7 +85,7 @@ class ServiceConfig(BaseModel):
     (its interpreter and its working directory) unless given.
     """
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     service_type: str = "model-server"
     name: str = Field("", max_length=200)
@@ -81,15 +97,15 @@ class ServiceConfig(BaseModel):
     model_uri: str = Field("", max_length=4096)
     model_type: Literal["python", "pickle", "command"] = "python"
     command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri}")
-    health_path: str = "/health"
+    health_path: str = Field("/health", max_length=MAX_PATH)
     prediction_path: str = Field("", description="path of predictions; default: KServe's /v1/models/<model_name>:predict")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="an IP address, or a name (the daemon resolves it, IPv4 first)")
     port: int = Field(0, ge=0, le=65535, description="0: pick a free port once, then keep it")
     bind_unix: bool = Field(False, description="serve a built-in model on a Unix socket private to the user, not on TCP")
     env: dict[str, str] = Field(default_factory=dict)
     secret_env: list[str] = Field(default_factory=list, description="env keys never echoed, beside those that look secret")
-    python: str = Field("", description="interpreter for python/pickle models; default: the deploying client's")
-    working_dir: str = Field("", description="cwd of the server; default: the deploying client's")
+    python: str = Field("", max_length=MAX_PATH, description="interpreter for python/pickle models; default: the deploying client's")
+    working_dir: str = Field("", max_length=MAX_PATH, description="cwd of the server; default: the deploying client's")
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     startup_timeout: float = Field(300.0, gt=0, description="seconds a starting server may take to answer its health probe")
     stop_timeout: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL on stop")
@@ -119,6 +135,11 @@ class ServiceConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _stored_infinity(cls, data: Any, info: ValidationInfo) -> Any:
+        return _infinity_read_back(data, info, ("startup_timeout", "stop_timeout"))
+
+    @model_validator(mode="before")
+    @classmethod
     def _infer_model_type(cls, data: Any) -> Any:
         """Without an explicit model_type: an argv means `command`, a pickle file means `pickle`."""
         if isinstance(data, dict) and "model_type" not in data:
@@ -129,13 +150,59 @@ class ServiceConfig(BaseModel):
                 data = {**data, "model_type": "pickle"}
         return data
 
-    @model_validator(mode="after")
-    def _no_nul(self) -> ServiceConfig:
-        texts = [self.host, self.working_dir, self.python, self.model_uri, *self.command, *self.stop_command,
-                 *self.env, *self.env.values()]
-        if any("\x00" in text for text in texts):
-            raise ValueError("a NUL byte cannot be part of a path, an argument or an environment variable")
-        return self
+    @field_validator("working_dir", "python", "model_uri")
+    @classmethod
+    def _path_text(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError(NUL_MESSAGE)
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_syntax(cls, value: str, info: ValidationInfo) -> str:
+        """Syntax only: whether the name resolves is the daemon's to find out (a lookup may be slow)."""
+        if "\x00" in value:
+            raise ValueError(NUL_MESSAGE)
+        problem = None if _stored(info) else host_syntax_error(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("command", "stop_command")
+    @classmethod
+    def _argv(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        model_uri = info.data.get("model_uri", "")
+        for i, item in enumerate(value):
+            if "\x00" in item:
+                raise ValueError(f"item {i}: {NUL_MESSAGE}")
+            if _stored(info):
+                continue
+            # As exec will see it: {model_uri}, {host}, {port} filled in (at their longest).
+            size = _os_size(item, f"item {i}") + 1 + item.count("{model_uri}") * (_os_size(model_uri, "model_uri") - len("{model_uri}"))
+            size += sum(item.count(key) * (longest - len(key)) for key, longest in _FILLED.items())
+            if size > MAX_ARG_STRLEN:
+                raise ValueError(f"item {i} is {size - 1} bytes as the server gets it; the kernel takes at most "
+                                 f"{MAX_ARG_STRLEN - 1} bytes per argument (MAX_ARG_STRLEN)")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_entries(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        for key, text in value.items():
+            shown = repr(key) if len(key) <= 60 else repr(key[:60]) + "..."
+            if _stored(info) and "\x00" not in key + text:
+                continue
+            if not key:
+                raise ValueError("a variable name cannot be empty")
+            if "=" in key:
+                raise ValueError(f"the name {shown} contains '=', which ends a variable's name")
+            if "\x00" in key or "\x00" in text:
+                raise ValueError(f"{shown}: {NUL_MESSAGE}")
+            size = _os_size(key, f"the name {shown}") + 1 + _os_size(text, f"the value of {shown}") + 1
+            if size > MAX_ARG_STRLEN:  # the value is never shown: it may be a secret
+                raise ValueError(f"{shown}: the entry NAME=VALUE is {size - 1} bytes; the kernel takes at most "
+                                 f"{MAX_ARG_STRLEN - 1} bytes per environment entry (MAX_ARG_STRLEN, 128 KiB)")
+        return value
 
     @model_validator(mode="after")
     def _runtime_needs(self) -> ServiceConfig:
@@ -182,6 +249,33 @@ class ServiceConfig(BaseModel):
             return self
         env = {k: (REDACTED if self.is_secret(k) else v) for k, v in self.env.items()}
         return self.model_copy(update={"env": env})
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether a record is being read back (see :meth:`ServiceRegistry.load`), not taken as input.
+
+    The checks that came after records were first written (a host's syntax, env names, sizes
+    exec refuses) apply to input only: a record an earlier version accepted still loads, and
+    its server is never set aside for them (one that cannot start says why when it tries).
+    """
+    return bool(info.context and info.context.get("stored"))
+
+
+def _infinity_read_back(data: Any, info: ValidationInfo, fields: tuple[str, ...]) -> Any:
+    """An earlier version took infinity in these fields and stored it as null (all JSON has for
+    it; -inf and NaN were refused by their bounds): read back, null is the largest float, which
+    waits as long, so the record loads and its server is not set aside."""
+    if not _stored(info) or not isinstance(data, dict) or not any(data.get(f, 0) is None for f in fields):
+        return data
+    return {**data, **{f: sys.float_info.max for f in fields if f in data and data[f] is None}}
+
+
+def _os_size(text: str, what: str) -> int:
+    """Bytes of ``text`` as the OS gets it (a path, an argument, an environment entry)."""
+    try:
+        return len(os.fsencode(text))
+    except UnicodeError:
+        raise ValueError(f"{what} is not valid Unicode text (a lone surrogate)") from None
 
 
 class ServiceStatus(BaseModel):
@@ -324,7 +418,7 @@ class ServiceRegistry:
     def load(self, data: dict[str, Any]) -> BaseService:
         """Rebuild the right class from a JSON document (already parsed)."""
         name = (data.get("type") or {}).get("name", ServiceType().name)
-        return self.service_class(name).model_validate(data)
+        return self.service_class(name).model_validate(data, context={"stored": True})
 
     def load_json(self, raw: str | bytes) -> BaseService:
         import json

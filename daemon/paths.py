@@ -1,4 +1,4 @@
-"""Where modeld keeps its state: one folder, ``$MODELD_HOME``.
+"""Where modeld keeps its state: one folder, ``$MODELD_HOME``, spelled one way (its real path).
 
     $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
       daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
@@ -24,20 +24,35 @@ from .exceptions import StorageError
 MAX_SOCKET_PATH = 107
 
 
+def canonical(path: str | os.PathLike[str]) -> Path:
+    """``path`` absolute, with ``~``, ``.``, ``..`` and every symlink resolved (as far as it exists).
+
+    One home has one spelling: the daemon tags its servers with it and finds them by it, so a
+    home reached through a symlink, a ``..`` or a relative path must give the same string.
+    """
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def canonical_socket(path: str | os.PathLike[str]) -> Path:
+    """A socket path with its folder canonical; the last part is kept (it is the socket itself)."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    return canonical(path.parent) / path.name
+
+
 def default_home() -> Path:
     if os.environ.get("MODELD_HOME"):
-        return Path(os.environ["MODELD_HOME"]).expanduser().absolute()
+        return canonical(os.environ["MODELD_HOME"])
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state).absolute() / "modeld"
+    return canonical(os.path.join(state, "modeld"))
 
 
 class Paths:
-    """All the paths of one modeld home."""
+    """All the paths of one modeld home, each spelled one way (see :func:`canonical`)."""
 
     def __init__(self, home: str | os.PathLike[str] | None = None, socket: str | os.PathLike[str] | None = None):
-        self.home = Path(home).expanduser().absolute() if home else default_home()
+        self.home = canonical(home) if home else default_home()
         sock = socket or (os.environ.get("MODELD_SOCKET") if not home else None)
-        self.socket = Path(sock).expanduser().absolute() if sock else self.home / "modeld.sock"
+        self.socket = canonical_socket(sock) if sock else self.home / "modeld.sock"
 
     daemon_lock = property(lambda self: self.home / "daemon.lock")
     daemon_pid = property(lambda self: self.home / "daemon.pid")

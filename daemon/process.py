@@ -29,6 +29,7 @@ from typing import Any
 from .exceptions import DeployError
 from .containment import Containment, Group
 from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
+from .logs import marker
 
 log = logging.getLogger("modeld.process")
 
@@ -166,6 +167,22 @@ def resolve_executable(name: str, env: dict[str, str], cwd: str = "") -> str:
     return found
 
 
+def exec_size(argv: list[str], env: dict[str, str]) -> int:
+    """Bytes of exec's argument space that ``argv`` and ``env`` take, as the kernel counts them:
+    each string with its NUL, the file name once more, and a pointer per string."""
+    strings = [*argv, argv[0] if argv else "", *(f"{k}={v}" for k, v in env.items())]
+    return sum(len(os.fsencode(text)) + 1 for text in strings) + (len(argv) + len(env)) * 8
+
+
+def exec_limit() -> int:
+    """What exec takes in all (E2BIG past it): a quarter of the stack limit (as glibc reports it),
+    and never more than 6 MiB (3/4 of the kernel's _STK_LIM), however large the stack limit."""
+    try:
+        return min(int(os.sysconf("SC_ARG_MAX")), 6 * 1024 * 1024)
+    except (ValueError, OSError):
+        return 128 * 1024  # the least any Linux takes
+
+
 _server_umask = -1  # Popen's "leave it": set by the daemon, which runs under 077 itself
 
 
@@ -195,7 +212,7 @@ def spawn(
         raise DeployError(f"working directory {cwd!r} does not exist")
     executable = resolve_executable(argv[0], env, cwd)
     try:
-        log_fd = open_log(f"--- modeld: starting {argv[0]} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log_fd = open_log(marker(f"starting {argv[0]}"))
     except OSError as exc:
         raise DeployError(f"cannot open the server's log: {exc.strerror or exc}") from exc
     try:
@@ -376,7 +393,7 @@ def spawn_warm(
     if cwd and not os.path.isdir(cwd):
         raise DeployError(f"working directory {cwd!r} does not exist")
     try:
-        log_fd = open_log(f"--- modeld: starting a warm server at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log_fd = open_log(marker("starting a warm server"))
     except OSError as exc:
         raise DeployError(f"cannot open the server's log: {exc.strerror or exc}") from exc
     cgroup = containment.child_cgroup(group) if containment is not None and group is not None else ""

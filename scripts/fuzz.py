@@ -1,6 +1,6 @@
-"""Fuzz the daemon's control socket with bad input; prints one JSON line.
+"""Fuzz the daemon's control socket with bad input and plausible configs; prints one JSON line.
 
-    python scripts/fuzz.py [--count 10000] [--seed 1] [--home DIR]
+    python scripts/fuzz.py [--count 10000] [--configs 200] [--seed 1] [--home DIR]
 
 Every route of ``daemon.api.Api`` (taken from its route table, so none is
 missed) gets malformed JSON, wrong types, unknown fields, huge bodies, path
@@ -21,6 +21,24 @@ service (so its uuid is fuzzed too: a bad ``?timeout=`` on its stop must
 not stop it), fuzzes, and stops everything. The output has ``inputs`` (how
 many were sent), ``by_kind``, ``failures`` (the first few, with the input)
 and ``seconds``.
+
+Then ``--configs N`` (default 200) plausible configs are deployed, every one
+valid JSON: a known-good base (the built-in server with examples/iris.py, or
+a small command server) with one field of ``ServiceConfig``, of its restart
+policy or of the deploy request changed to a boundary, non-finite (``1e999``),
+huge, unicode or wrong-type value. Both answers can be right, and are checked:
+
+- no answer is a 5xx;
+- a refusal is a 4xx JSON error naming the field, and nothing is created;
+- an accepted config's server is healthy when the call returns, the service
+  reads back with the config the deploy answered, and it stops;
+- after the last one the daemon is restarted: every accepted config is listed
+  again, identical (secret values masked), the client can parse every record,
+  and nothing was set aside.
+
+Its report is under ``configs``: ``inputs``, ``accepted`` and
+``accepted_fraction`` (at least 20 %, so the paths after validation run too),
+``statuses``, ``by_field``, ``accepted_by_field`` and ``failures``.
 """
 
 from __future__ import annotations
@@ -585,9 +603,423 @@ def fuzz(home: Path, count: int = 10_000, seed: int = 1, real_uuids: list[str] |
     }
 
 
+# ----------------------------------------------------------- config fuzzing
+#
+# Plausible configs, every one valid JSON: a known-good base (the built-in server with
+# examples/iris.py, or a small `command` server) with one field of ServiceConfig, of its
+# restart policy or of the deploy request changed to a boundary, non-finite, huge, unicode or
+# wrong-type value. Both answers are fine, a 4xx naming the field or a 200 with the server
+# healthy; a 5xx never is. See fuzz_configs.
+
+# A command server answering 200 on every path: argv is {port} {host} and anything after them.
+COMMAND_SERVER = """\
+import http.server, socket, sys
+port, host = int(sys.argv[1]), sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+class Server(http.server.HTTPServer):
+    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+Server((host, port), Handler).serve_forever()
+"""
+MAX_ARG = 128 * 1024 - 1  # bytes of one argv item or env entry the kernel takes (MAX_ARG_STRLEN less its NUL)
+
+
+class Raw:
+    """A JSON number written as is (``1e999``: valid JSON for infinity, which json.dumps cannot write)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+INF, NEG_INF = Raw("1e999"), Raw("-1e999")
+
+
+def dumps(body: Any) -> bytes:
+    raws: list[str] = []
+
+    def default(value: Any) -> str:
+        if isinstance(value, Raw):
+            raws.append(value.text)
+            return f"\x00raw{len(raws) - 1}\x00"
+        raise TypeError(type(value).__name__)
+
+    text = json.dumps(body, default=default, ensure_ascii=False)
+    for i, raw in enumerate(raws):
+        text = text.replace(json.dumps(f"\x00raw{i}\x00"), raw)
+    return text.encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Mutation:
+    field: str  # dotted: a config field ("restart.backoff_max"), or a field of the deploy request ("request.timeout")
+    value: Any  # or a callable of the generator, for values made fresh (a free port, a unique name)
+    base: str = "any"  # "builtin", "command" or "any": the base the field means something for
+    mentions: tuple[str, ...] = ()  # what a refusal must name; default: the field's last part
+
+
+class ConfigGenerator:
+    """Mutations of a good config, one field at a time, each a plausible thing to send."""
+
+    STRING_CAPS = {"name": 200, "description": 10_000, "pipeline_name": 1000, "pipeline_run_id": 1000,
+                   "pipeline_step_name": 1000, "model_name": 200}
+    WRONG = [5, 1.5, True, None, [], {}, ["x"], {"a": 1}]
+
+    def __init__(self, seed: int, workdir: Path):
+        self.rng = random.Random(seed)
+        self.workdir = workdir  # a folder with a unicode name, to run servers in
+        self.table = self._table()
+        self.order: list[Mutation] = []
+
+    def unicode(self, n: int) -> str:
+        return "".join(self.rng.choice(UNICODE) for _ in range(n))
+
+    def base(self, kind: str) -> dict[str, Any]:
+        tag = f"fz{self.rng.getrandbits(32):08x}"
+        if kind == "builtin":
+            return {"model_name": tag, "model_uri": IRIS, "model_type": "python", "pipeline_name": "fuzz-configs",
+                    "python": sys.executable, "working_dir": str(REPO), "stop_timeout": 5}
+        return {"model_name": tag, "pipeline_name": "fuzz-configs", "command": [sys.executable, "-c", COMMAND_SERVER, "{port}", "{host}"],
+                "health_path": "/", "working_dir": str(self.workdir), "stop_timeout": 5}
+
+    def _table(self) -> list[Mutation]:
+        t: list[Mutation] = []
+        add = t.append
+        for name, cap in self.STRING_CAPS.items():
+            add(Mutation(name, lambda g, cap=cap: "a" * cap))
+            add(Mutation(name, lambda g, cap=cap: "a" * (cap + 1)))
+            add(Mutation(name, lambda g, cap=cap: g.unicode(min(cap, 40))))
+            add(Mutation(name, lambda g: "x" * 200_000))
+            add(Mutation(name, lambda g: g.rng.choice(self.WRONG)))
+        for value in ("", "ü🙂" * 50, "t" * 200_000, 5, None):
+            add(Mutation("service_type", value))
+        add(Mutation("name", "bell\x07"))
+        add(Mutation("model_name", "a/b"))
+        add(Mutation("model_name", ""))
+        add(Mutation("description", "line\nbreak\ttab \u202e\u200b"))
+        # model_uri and model_type (the built-in server)
+        add(Mutation("model_uri", "examples/iris.py:model", "builtin"))
+        add(Mutation("model_uri", "./examples/../examples/iris.py:model", "builtin"))
+        add(Mutation("model_uri", lambda g: f"/nonexistent-{g.unicode(6)}.py:model", "builtin", ("model_uri", "model file")))
+        add(Mutation("model_uri", lambda g: "/" + "m" * 4095, "builtin", ("model_uri", "model file")))
+        add(Mutation("model_uri", lambda g: "/" + "m" * 5000, "builtin"))
+        add(Mutation("model_uri", lambda g: IRIS + "\x00", "builtin", ("NUL",)))
+        add(Mutation("model_uri", lambda g: g.rng.choice(self.WRONG), "builtin"))
+        for value in ("command", "PYTHON", "", 5, None):
+            add(Mutation("model_type", value, "builtin"))
+        # command (the command server): long, many and unicode items, substitution that grows
+        add(Mutation("command", lambda g: [*g.base("command")["command"], "x" * (MAX_ARG - 1000)], "command"))
+        add(Mutation("command", lambda g: [*g.base("command")["command"], "x" * (MAX_ARG + 1)], "command"))
+        add(Mutation("command", lambda g: [*g.base("command")["command"], *(g.unicode(8) for _ in range(2000))], "command"))
+        add(Mutation("command", lambda g: [*g.base("command")["command"], "", " ", "{model_uri}{port}{host}"], "command"))
+        add(Mutation("command", lambda g: [*g.base("command")["command"], "{model_uri}" * 12_000], "command"))
+        add(Mutation("command", lambda g: [*g.base("command")["command"], "nul\x00"], "command", ("NUL",)))
+        # Past exec's whole argument space (ARG_MAX; 2 MiB with an 8 MiB stack): 9 bytes per empty item.
+        add(Mutation("command", lambda g: [*g.base("command")["command"], *[""] * 240_000], "command"))
+        add(Mutation("command", lambda g: [f"/nonexistent/{g.unicode(5)}", "{port}"], "command"))
+        add(Mutation("command", [], "command", ("command", "model_uri")))  # no argv: not a command server then
+        for value in ("python3 -m http.server", [1, 2], [None], {"0": "x"}):
+            add(Mutation("command", value, "command"))
+        # paths of the HTTP routes
+        for value in ("/x", "/ünïcödé/🙂", "/a?b=c", "/%20", "/" + "p" * 4095):
+            add(Mutation("health_path", value, "command"))
+        for value in ("health", "/a b", "", "/" + "p" * 4096, 5):
+            add(Mutation("health_path", value, "command"))
+        for value in ("", "/invocations", "/预测", "/" + "p" * 4095, "x", "/a b", "/" + "p" * 4096, []):
+            add(Mutation("prediction_path", value))
+        # host: addresses, names, and what is neither
+        for value in ("127.0.0.1", "localhost", "127.1", "0.0.0.0", "::", "::1", "::ffff:127.0.0.1", "0"):
+            add(Mutation("host", value, "any", ("host", "listen")))
+            add(Mutation("host", value, "any", ("host", "listen")))
+        for value in ("", " ", "[::1]", "nonexistent.invalid", "ü.example", "a" * 254, "a..b", "127.0.0.1:80",
+                      "http://localhost", "::1 ", 5, None):
+            add(Mutation("host", value, "any", ("host",)))
+        # port
+        add(Mutation("port", lambda g: free_port(), "any", ("port", "listen")))
+        add(Mutation("port", lambda g: free_port(), "command", ("port", "listen")))
+        add(Mutation("port", lambda g: float(free_port()), "any", ("port", "listen")))
+        add(Mutation("port", 0, "any", ("port", "listen")))
+        for value in (65536, -1, 1.5, 10**30, "eighty", Raw("1e999")):
+            add(Mutation("port", value))
+        # bind_unix
+        add(Mutation("bind_unix", True, "builtin"))
+        add(Mutation("bind_unix", "true", "builtin"))
+        for value in ("maybe", 2, None, []):
+            add(Mutation("bind_unix", value, "builtin"))
+        add(Mutation("bind_unix", True, "command"))
+        # env and secret_env
+        add(Mutation("env", lambda g: {"FZ_BIG": "v" * (MAX_ARG - len("FZ_BIG="))}))
+        add(Mutation("env", lambda g: {"FZ_BIG": "v" * (MAX_ARG - len("FZ_BIG=") + 1)}))
+        add(Mutation("env", lambda g: {"FZ_HUGE": "v" * 200_000}))
+        add(Mutation("env", lambda g: {f"FZ_{i}": g.unicode(4) for i in range(2000)}))
+        add(Mutation("env", lambda g: {"FZ_ÜNÏ": g.unicode(30), "API_KEY": "s3cret-" + g.unicode(8), "FZ_EMPTY": ""}))
+        for value in ({"": "x"}, {"A=B": "1"}, {"=": ""}, {"FZ\x00": "x"}, {"FZ": "x\x00y"}, {"FZ": 5}, {"FZ": None},
+                      ["FZ=1"], "FZ=1", 5):
+            add(Mutation("env", value))
+        for value in (["FZ_A"], ["x" * 100_000], ["ü🙂"], [], ["A=B"]):
+            add(Mutation("secret_env", value))
+        for value in ([5], "FZ_A", {"a": 1}):
+            add(Mutation("secret_env", value))
+        # python and working_dir
+        # The same interpreter spelled another way (realpath would leave a venv, and uvicorn with it).
+        add(Mutation("python", os.path.join(os.path.dirname(sys.executable), "..", "bin", os.path.basename(sys.executable)), "builtin"))
+        add(Mutation("python", "", "builtin"))
+        for value in ("/nonexistent/python", "p" * 5000, "/" + "p" * 4095, 5):
+            add(Mutation("python", value, "builtin"))
+        add(Mutation("working_dir", lambda g: str(g.workdir)))
+        add(Mutation("working_dir", "/"))
+        add(Mutation("working_dir", ""))  # the daemon's own (a client fills in its own; curl does not)
+        for value in ("/nonexistent-dir", "w" * 5000, "/" + "w" * 4095, "/tmp\x00", 5):
+            add(Mutation("working_dir", value, "any", ("working_dir", "NUL")))
+        # numbers: the restart policy, the timeouts, and the deploy request's own
+        for name in ("restart.backoff_initial", "restart.backoff_max", "restart.healthy_reset", "stop_timeout"):
+            for value in (0, 1e-300, 1e308, 10**30, 3):
+                add(Mutation(name, value))
+            for value in (INF, NEG_INF, "NaN", "Infinity", "-inf", -1, -1e-300, "soon", [], None):
+                add(Mutation(name, value))
+        for value in (60, 3600, 1e9, 1e308, 10**30):
+            add(Mutation("startup_timeout", value))
+        for value in (0, -5, INF, NEG_INF, "NaN", "Infinity", "soon", None):
+            add(Mutation("startup_timeout", value))
+        for value in (0, 1, 10**30, 10**100, "7"):
+            add(Mutation("restart.max_restarts", value))
+        for value in (-1, 1.5, INF, "NaN", "many", None):
+            add(Mutation("restart.max_restarts", value))
+        for value in ("always", "never", "on-failure"):
+            add(Mutation("restart.mode", value))
+        for value in ("sometimes", "", 5):
+            add(Mutation("restart.mode", value))
+        add(Mutation("restart", {}))
+        add(Mutation("restart", []))
+        for value in (1, 2, 10**6, "3"):
+            add(Mutation("restart.liveness_failures", value))
+        for value in (0, -1, 10**7, 1.5, INF, "NaN", None):
+            add(Mutation("restart.liveness_failures", value))
+        for value in (True, False, "yes"):
+            add(Mutation("restart.on_unhealthy", value))
+        for value in (2, "maybe", None, []):
+            add(Mutation("restart.on_unhealthy", value))
+        # what a stop runs first (it must not hang: each accepted service is stopped), and the log limits
+        for value in ([], ["true"], ["true", "{name}", "{uuid}", "{port}", "{host}", "{model_uri}", "ü🙂"],
+                      ["/nonexistent/stopper"], [""]):
+            add(Mutation("stop_command", value, "command"))
+        add(Mutation("stop_command", lambda g: ["true", "x" * (MAX_ARG - 1000)], "command"))
+        add(Mutation("stop_command", lambda g: ["true", "x" * (MAX_ARG + 1)], "command"))
+        for value in ("docker stop x", [5], ["nul\x00"], {"a": 1}, None):
+            add(Mutation("stop_command", value, "command"))
+        for value in (4096, 65536, 10 * 1024 * 1024, 1 << 40, "4096"):
+            add(Mutation("log_max_bytes", value))
+        for value in (0, 4095, -1, (1 << 40) + 1, 10**30, 1.5, INF, "10M", None):
+            add(Mutation("log_max_bytes", value))
+        for value in (0, 1, 1000, "2"):
+            add(Mutation("log_backups", value))
+        for value in (-1, 1001, 10**30, 2.5, INF, "two", None):
+            add(Mutation("log_backups", value))
+        for value in (60, 1e308, 10**30):
+            add(Mutation("request.timeout", value))
+        for value in (0, -1, INF, NEG_INF, "NaN", "Infinity", "soon", None):
+            add(Mutation("request.timeout", value))
+        add(Mutation("request.uuid", lambda g: str(uuidlib.UUID(int=g.rng.getrandbits(128)))))
+        for value in ("nope", "../x", 5):
+            add(Mutation("request.uuid", value))
+        add(Mutation("request.replace", "maybe"))
+        add(Mutation("x_ünknown", 1))
+        return t
+
+    def case(self) -> tuple[Mutation, str, bytes]:
+        """(the mutation, the base it was applied to, the request body)."""
+        if not self.order:  # every mutation once, in a seeded order, then again
+            self.order = list(self.table)
+            self.rng.shuffle(self.order)
+        mutation = self.order.pop()
+        kind = mutation.base if mutation.base != "any" else self.rng.choice(["builtin", "command"])
+        config = self.base(kind)
+        body: dict[str, Any] = {"config": config, "timeout": 60}
+        value = mutation.value(self) if callable(mutation.value) else mutation.value
+        head, _, rest = mutation.field.partition(".")
+        if head == "request":
+            body[rest] = value
+        elif head == "restart" and rest:
+            config["restart"] = {rest: value}
+        else:
+            config[mutation.field] = value
+        return mutation, kind, dumps(body)
+
+
+def _answer(conn: Conn, method: str, target: str, body: bytes | None = None) -> tuple[int, Any]:
+    try:
+        answer = conn.exchange(request(method, target, body))
+    except socket.timeout:
+        conn.close()
+        return 0, "<timed out>"
+    if answer is None:
+        return 0, "<connection closed without an answer>"
+    status, _headers, raw = answer
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw[:300].decode("latin-1")
+
+
+def _message(data: Any) -> str:
+    try:
+        return str(data["error"]["message"])
+    except (TypeError, KeyError):
+        return ""
+
+
+def restart_daemon(home: Path, timeout: float = 60.0) -> None:
+    """Stop the daemon of ``home`` (its servers keep running) and start a new one."""
+    from daemon import DaemonClient
+
+    client = DaemonClient(home=home, auto_start=False)
+    try:
+        client.shutdown(stop_services=False)
+    finally:
+        client.close()
+    deadline = time.monotonic() + timeout
+    while (home / "daemon.pid").exists() or (home / "modeld.sock").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon of {home} did not stop within {timeout:g}s")
+        time.sleep(0.02)
+    client = DaemonClient(home=home)  # auto-starts a new daemon
+    try:
+        client.daemon_info()
+    finally:
+        client.close()
+
+
+def fuzz_configs(home: Path, count: int = 200, seed: int = 1, restart: bool = True, max_failures: int = 20) -> dict[str, Any]:
+    """Deploy ``count`` plausible configs to the daemon of ``home``; a report.
+
+    Each accepted config's server must come up healthy (the call answers 200 with the service
+    active), be listed with the config the deploy answered, and stop. Each refusal must be a
+    4xx JSON error naming the field, and leave nothing behind. No answer may be a 5xx. With
+    ``restart``, the daemon is then restarted, and every accepted config must be listed again,
+    identical (secret values masked), with no record set aside.
+    """
+    import shutil
+    import tempfile
+
+    sock_path = str(home / "modeld.sock")
+    workdir = Path(tempfile.mkdtemp(prefix="mdfzw-")) / "目录 🙂"
+    workdir.mkdir()
+    gen = ConfigGenerator(seed, workdir)
+    conn = Conn(sock_path, timeout=180.0)
+    status, listing = _answer(conn, "GET", "/v1/services")
+    assert status == 200, (status, listing)
+    known = len(listing["services"])
+    accepted: dict[str, dict[str, Any]] = {}  # uuid -> the (masked) config the deploy answered
+    by_field: Counter[str] = Counter()
+    accepted_by_field: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    failures: list[dict[str, Any]] = []
+    started = time.monotonic()
+
+    def fail(mutation: Mutation | None, problem: str, body: bytes = b"") -> None:
+        failures.append({"field": mutation.field if mutation else "", "problem": problem[:600],
+                         "input": body[:300].decode("utf-8", "replace")})
+
+    try:
+        for _ in range(count):
+            if len(failures) >= max_failures:
+                break
+            mutation, kind, body = gen.case()
+            by_field[mutation.field] += 1
+            status, data = _answer(conn, "POST", "/v1/services", body)
+            statuses[status] += 1
+            if status == 200:
+                uuid = str(data.get("uuid"))
+                if data.get("status", {}).get("state") != "active":
+                    fail(mutation, f"accepted, but the service is {data.get('status', {}).get('state')!r}, not active", body)
+                accepted[uuid] = data["config"]
+                accepted_by_field[mutation.field] += 1
+                got_status, got = _answer(conn, "GET", f"/v1/services/{uuid}")
+                if got_status != 200 or got.get("config") != data["config"]:
+                    fail(mutation, f"GET of the accepted service answered {got_status} and another config", body)
+                stop_status, stopped = _answer(conn, "POST", f"/v1/services/{uuid}/stop?timeout=30")
+                if stop_status != 200:
+                    fail(mutation, f"stop of the accepted service answered {stop_status}: {_message(stopped)}", body)
+            elif 400 <= status < 500:
+                message = _message(data)
+                mentions = mutation.mentions or (mutation.field.rsplit(".", 1)[-1],)
+                if not message:
+                    fail(mutation, f"status {status} without a JSON error: {data!r}", body)
+                elif not any(m in message for m in mentions):
+                    fail(mutation, f"the refusal does not name the field ({mentions}): {message[:300]}", body)
+            else:
+                fail(mutation, f"status {status} ({kind} base): {_message(data) or data!r}", body)
+            if status != 200:  # nothing created, nothing left in pending or error
+                list_status, listing = _answer(conn, "GET", "/v1/services")
+                if list_status != 200 or len(listing["services"]) != known + len(accepted):
+                    fail(mutation, f"after a refusal, the listing answered {list_status} with "
+                                   f"{len(listing['services']) if list_status == 200 else '?'} services, not {known + len(accepted)}", body)
+                    known = len(listing["services"]) - len(accepted) if list_status == 200 else known
+        conn.close()
+        if restart and accepted:
+            restart_daemon(home)
+            conn = Conn(sock_path, timeout=60.0)
+            status, listing = _answer(conn, "GET", "/v1/services")
+            info_status, info = _answer(conn, "GET", "/v1/daemon")
+            conn.close()
+            if status != 200:
+                fail(None, f"after the restart the listing answered {status}: {listing!r}")
+            else:
+                listed = {s["uuid"]: s for s in listing["services"]}
+                for uuid, config in accepted.items():
+                    if uuid not in listed:
+                        fail(None, f"accepted service {uuid} is gone after the restart")
+                    elif listed[uuid]["config"] != config:
+                        diff = {k: (v, listed[uuid]["config"].get(k)) for k, v in config.items() if listed[uuid]["config"].get(k) != v}
+                        fail(None, f"service {uuid} came back with another config: {str(diff)[:400]}")
+            if info_status != 200 or info.get("problems"):
+                fail(None, f"after the restart the daemon reports problems: {info.get('problems') if info_status == 200 else info}")
+            # What `modeld ls` does: the client parses every service with the model.
+            from daemon import DaemonClient
+
+            client = DaemonClient(home=home, auto_start=False)
+            try:
+                parsed = {str(s.uuid) for s in client.find()}
+            except Exception as exc:  # the traceback `modeld ls` would print
+                fail(None, f"the client cannot read the listing: {type(exc).__name__}: {exc}")
+                parsed = set()
+            finally:
+                client.close()
+            if not set(accepted) <= parsed:
+                fail(None, f"{len(set(accepted) - parsed)} accepted services missing from the client's listing")
+    finally:
+        conn.close()
+        shutil.rmtree(workdir.parent, ignore_errors=True)
+    inputs = sum(by_field.values())
+    return {
+        "inputs": inputs,
+        "accepted": len(accepted),
+        "accepted_fraction": round(len(accepted) / inputs, 3) if inputs else 0.0,
+        "seed": seed,
+        "seconds": round(time.monotonic() - started, 2),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "fields": len(by_field),
+        "by_field": dict(sorted(by_field.items())),
+        "accepted_by_field": dict(sorted(accepted_by_field.items())),
+        "failures": failures,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--count", type=int, default=10_000, help="bad inputs (default 10000)")
+    parser.add_argument("--configs", type=int, default=None,
+                        help="plausible configs to deploy (default 200; 0 with --home, whose daemon they would restart)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--home", help="fuzz the daemon already running for this home (default: start one in a temp home)")
     args = parser.parse_args()
@@ -595,8 +1027,10 @@ def main() -> int:
         home = Path(args.home)
         services = json.loads(Conn(str(home / "modeld.sock")).exchange(request("GET", "/v1/services"))[2])["services"]  # type: ignore[index]
         report = fuzz(home, args.count, args.seed, [s["uuid"] for s in services])
+        if args.configs:
+            report["configs"] = fuzz_configs(home, args.configs, args.seed)
         print(json.dumps(report))
-        return 1 if report["failures"] else 0
+        return 1 if report["failures"] or report.get("configs", {}).get("failures") else 0
     import shutil
     import tempfile
 
@@ -608,6 +1042,9 @@ def main() -> int:
     try:
         svc = client.deploy(ServiceConfig(model_name="iris", model_uri=IRIS, pipeline_name="fuzz"), timeout=60)
         report = fuzz(home, args.count, args.seed, [str(svc.uuid)])
+        configs = 200 if args.configs is None else args.configs
+        if configs:
+            report["configs"] = fuzz_configs(home, configs, args.seed)
     finally:
         client.shutdown(stop_services=True)
         client.close()
@@ -616,7 +1053,7 @@ def main() -> int:
             time.sleep(0.05)
         shutil.rmtree(home, ignore_errors=True)
     print(json.dumps(report))
-    return 1 if report["failures"] else 0
+    return 1 if report["failures"] or report.get("configs", {}).get("failures") else 0
 
 
 if __name__ == "__main__":

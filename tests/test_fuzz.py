@@ -60,3 +60,47 @@ def test_the_fuzzer_catches_a_mistake(client, home):
     before = fuzz.snapshot(home)
     client.deploy(iris_config(model_name="changed"), timeout=60)
     assert any(line.startswith("new: services/") for line in fuzz.diff(before, fuzz.snapshot(home)))
+
+
+CONFIGS = 200  # most of the generator's table: ~15 s on this project's 2-core machine
+
+
+def test_fuzz_configs_accepted_ones_run_and_survive_a_restart(client, home, capsys):
+    """Plausible configs (one field of a good one changed): no 5xx; a refusal names the field and
+    leaves nothing; an accepted config serves, and is listed the same after a daemon restart."""
+    client.daemon_info()
+    report = fuzz.fuzz_configs(home, CONFIGS, seed=20261124)
+    with capsys.disabled():
+        print(f"\nfuzz configs: {report['inputs']} configs in {report['seconds']}s, {report['accepted']} accepted "
+              f"({report['accepted_fraction']:.0%}), statuses {report['statuses']}, {len(report['failures'])} failures")
+    assert report["failures"] == [], json.dumps(report["failures"], indent=1, ensure_ascii=False)
+    assert report["inputs"] == CONFIGS
+    assert not any(status.startswith("5") for status in report["statuses"]), report["statuses"]
+    assert report["accepted_fraction"] >= 0.2, report
+    # Every field of ServiceConfig (and of its restart policy) was fuzzed, and most were also accepted.
+    from daemon import ServiceConfig
+    from daemon.models import RestartPolicy
+
+    fields = {*ServiceConfig.model_fields, *(f"restart.{name}" for name in RestartPolicy.model_fields)} - {"restart"}
+    assert fields <= set(report["by_field"]), sorted(fields - set(report["by_field"]))
+    assert len(report["accepted_by_field"]) >= 20, report["accepted_by_field"]
+    for field in ("host", "env", "command", "restart.backoff_max", "startup_timeout", "stop_timeout", "request.timeout"):
+        assert report["accepted_by_field"].get(field), (field, report["accepted_by_field"])
+
+
+def test_the_config_fuzzer_catches_a_5xx(client, home):
+    """A config the daemon cannot run but accepts (here: a server that exits at once) is a failure."""
+    client.daemon_info()
+
+    class Failing(fuzz.ConfigGenerator):
+        def _table(self):
+            return [fuzz.Mutation("command", lambda g: [sys.executable, "-c", "raise SystemExit(3)"], "command")]
+
+    original = fuzz.ConfigGenerator
+    fuzz.ConfigGenerator = Failing
+    try:
+        report = fuzz.fuzz_configs(home, 1, seed=1, restart=False)
+    finally:
+        fuzz.ConfigGenerator = original
+    assert report["statuses"] == {"500": 1}
+    assert report["failures"] and "status 500" in report["failures"][0]["problem"]
