@@ -223,20 +223,33 @@ def test_daemon_stop_keeps_servers_and_stop_all_stops_them(client, home):
     wait_for(lambda: not port_open(port), 10, what="the port to close")
     assert current_daemon_pid(home) is None
     saved = json.loads((home / "services" / str(svc.uuid) / "service.json").read_text())
-    assert saved["desired_state"] == "running"
+    assert (saved["desired_state"], saved["desired_reason"]) == ("stopped", "stopped by `modeld daemon stop --all`")
 
-    # The desired state stayed `running`: the next daemon brings the server back, same port.
-    result = modeld("daemon", "start", home=home)
+    # The stop is remembered: a call that auto-starts the daemon (a user only looking) starts nothing.
+    result = modeld("ls", home=home)
+    assert result.returncode == 0, result.stderr
+    assert svc.uuid.hex[:8] in result.stdout.replace("-", "") and "inactive" in result.stdout
+    assert current_daemon_pid(home) is not None
+    now = client.get(svc.uuid)
+    assert (now.status.state, now.status.pid) == (ServiceState.INACTIVE, None) and not port_open(port)
+    info = modeld("info", str(svc.uuid), home=home)
+    assert "stopped (stopped by `modeld daemon stop --all`)" in info.stdout
+
+    # `modeld start --all` brings it back, same port, and the record says running again.
+    result = modeld("start", "--all", home=home)
     assert result.returncode == 0, result.stderr
     back = wait_active(client, svc.uuid, not_pid=pid)
-    assert back.endpoint.port == port
+    assert back.endpoint.port == port and back.desired_state.value == "running" and back.desired_reason == ""
     assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
 
 
 def test_stale_pid_is_never_signalled(client, home):
     other_boot = client.deploy(iris_config(model_name="a"), timeout=60)
     reused_pid = client.deploy(iris_config(model_name="b"), timeout=60)
-    stop_daemon(client, stop_services=True)  # servers stopped; desired state stays running
+    stop_daemon(client)
+    for svc in (other_boot, reused_pid):  # the servers die while no daemon runs (a reboot): they should run again
+        os.killpg(svc.status.pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(svc.status.pid), 10, what="the server to die")
 
     env = {k: v for k, v in os.environ.items() if k != "MODELD_HOME"}
     sleeps = [subprocess.Popen(["sleep", "60"], env=env, start_new_session=True) for _ in range(2)]
