@@ -27,14 +27,9 @@ from daemon.linux import cgroup2_mount
 
 MODES = ["default", "tag"]
 
-# A server that starts a helper in a session of its own before it serves; the helper's pid
-# goes to a file, so that the test knows it (and can check it dies with its server).
-HELPER_SERVER = textwrap.dedent('''
-    import http.server, os, subprocess, sys
-    port, pids = int(sys.argv[1]), sys.argv[2]
-    helper = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-    with open(pids, "a") as f:
-        f.write(f"{helper.pid}\\n")
+# How the test servers below serve (GET -> 200 "ok"), once they have done what they are for.
+SERVE = textwrap.dedent('''
+    import http.server
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200); self.send_header("content-length", "2"); self.end_headers(); self.wfile.write(b"ok")
@@ -43,9 +38,19 @@ HELPER_SERVER = textwrap.dedent('''
     http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 ''')
 
+# A server that starts a helper in a session of its own before it serves; the helper's pid
+# goes to a file, so that the test knows it (and can check it dies with its server).
+HELPER_SERVER = textwrap.dedent('''
+    import subprocess, sys
+    port, pids = int(sys.argv[1]), sys.argv[2]
+    helper = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    with open(pids, "a") as f:
+        f.write(f"{helper.pid}\\n")
+''') + SERVE
+
 # A server that daemonizes: the parent exits 0 at once, the grandchild (a new session) binds later.
 DAEMONIZING_SERVER = textwrap.dedent('''
-    import http.server, os, sys, time
+    import os, sys, time
     port, pids = int(sys.argv[1]), sys.argv[2]
     if os.fork() > 0:
         sys.exit(0)
@@ -55,13 +60,7 @@ DAEMONIZING_SERVER = textwrap.dedent('''
     with open(pids, "a") as f:
         f.write(f"{os.getpid()}\\n")
     time.sleep(0.3)
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200); self.send_header("content-length", "2"); self.end_headers(); self.wfile.write(b"ok")
-        def log_message(self, *a):
-            pass
-    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
-''')
+''') + SERVE
 
 
 @pytest.fixture(params=MODES)
