@@ -48,30 +48,6 @@ def _stat_fields(pid: int | str) -> list[bytes] | None:
     return stat[stat.rindex(b")") + 2 :].split()
 
 
-def now_ticks() -> int:
-    """The current time on the clock of start times (clock ticks since boot)."""
-    with open("/proc/uptime") as f:
-        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
-
-
-def group_members(pgid: int, started_from: int, started_until: int) -> list[int]:
-    """Live processes of group ``pgid`` that started within the given window of clock ticks.
-
-    After a group's leader has exited, its pgid can only be reused once the group is
-    empty; processes that started after the leader died belong to someone else.
-    """
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fields = _stat_fields(entry)
-        if fields is None or fields[0] in (b"Z", b"X") or int(fields[2]) != pgid:
-            continue
-        if started_from <= int(fields[19]) <= started_until:
-            members.append(int(entry))
-    return members
-
-
 _malloc_trim = None
 
 

@@ -750,7 +750,6 @@ class Manager:
         ``op`` names the operation, for its kill points.
         """
         self._ensure_port(m, config)
-        port = m.svc.endpoint.port
         launch = secrets.token_hex(4)
         extra: dict[str, str] = {"version": str(version if version is not None else m.svc.version), "launch": launch}
         pass_fds: tuple[int, ...] = ()

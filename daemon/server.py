@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
-from .exceptions import DaemonAlreadyRunning, ModeldError, StorageError
+from .exceptions import DaemonAlreadyRunning, ModeldError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .process import keep_server_umask
 from .manager import Manager
