@@ -2,36 +2,79 @@
 """Chaos: random operations, kills and restarts against a real modeld daemon; counts what broke.
 
     python scripts/chaos.py --ops 200 --seed 1     # one JSON line on stdout; exit 1 if a bad count > 0
+    MODELD_CGROUP=off python scripts/chaos.py ...   # the same with tag containment (see daemon/containment.py)
 
-Each step is one of: deploy, deploy with replace, stop, start, delete (a quarter of them with a
-``kill -9`` of the daemon landing while the call is in flight), ``kill -9`` of a model server or
-of its whole process group, ``kill -9``, SIGTERM or restart of the daemon. A daemon is sometimes
-started with a kill point armed (``MODELD_DIE_AT``, see ``daemon/killpoints.py``) so that it dies
-at a named durable step of whatever operation reaches it first. While a daemon is down, pid files
-are sometimes overwritten to name a stranger's process (a reused pid). After every step the daemon
-is given time to converge, then the invariants are checked. The bad counts:
+Each step is one of: deploy, deploy with replace, stop, start, delete, start of every service
+(``POST /v1/services/start``) (a share of them with a ``kill -9`` of the daemon landing while the
+call is in flight), ``kill -9`` of a service's server process alone, of its process group, or of
+every process of its launch, ``kill -9``, SIGTERM or restart of the daemon, and ``daemon stop
+--all`` (sometimes cut short by a ``kill -9``). A daemon is sometimes started with a kill point
+armed (``MODELD_DIE_AT``, see ``daemon/killpoints.py``) so that it dies at a named durable step of
+whatever operation reaches it first. While a daemon is down, pid files are sometimes overwritten to
+name a stranger's process (a reused pid), and a server is sometimes killed (alone or its group).
+
+The servers come in five kinds, the first deploys going through each once:
+
+- ``python``: the built-in server (forked warm by the fork server once it is ready);
+- ``command``: ``TINY_SERVER``, whose leader forks the worker that serves: a ``kill -9`` of the
+  leader alone leaves the worker serving, which the daemon follows (it becomes the server);
+- ``helper``: the same, and its leader first starts a helper (a ``sleep``) in a session of its own;
+- ``envless``: the same with a helper that also clears its environment, which only cgroup
+  containment can find once its parent is gone (tag mode's documented limit);
+- ``flood``: a server with a child that writes its log as fast as it can (niced), deployed with
+  ``log_max_bytes`` 65536 and ``log_backups`` 1. At most one runs at a time.
+
+Helpers record themselves (pid, start ticks, service, launch) in ``models/helpers.log``. Chaos
+tells processes apart by *launch* (each spawn of a server, ``MODELD_PROCESS``'s ``launch``): a
+process belongs to the launch its environment tag names (or its fork server's ``run/forked-<pid>``
+record), and, with cgroup containment, to the launch whose cgroup
+``modeld-<sha256(home)[:16]>/<uuid>/<launch>`` holds it, tag or none. A service's tracked launch
+is the launch of the process its ``status.pid`` names. After every step the daemon is given time
+to converge (each service that should run is ``active`` with exactly its tracked launch alive,
+its pid alive and answering; each other has no process), then the invariants are checked. The bad
+counts:
 
 - ``services_lost``: a service deployed (and not deleted) is missing from ``find``;
-- ``resurrected``: a service whose delete returned shows up again;
-- ``untracked_servers``: a live model-server process that no service points to;
-- ``duplicates``: more than one live server for one service;
+- ``resurrected``: a service whose delete returned shows up again, or one stopped (``stop``,
+  ``daemon stop --all``) wants to run again though nobody asked (a start, ``start --all``, a deploy);
+- ``stopped_unasked``: a service left running wants to be stopped though nobody asked (a plain
+  daemon stop, kill or SIGTERM taken for ``daemon stop --all``);
+- ``untracked_servers``: a live process of a launch that no service tracks (of a service gone,
+  stopped or in error, a launch replaced or crashed: a helper that outlived its server counts),
+  or a helper alive that containment cannot find (in tag mode, an envless helper whose launch
+  ended is the documented limit: counted apart as ``envless_helpers_escaped`` and killed);
+- ``duplicates``: more than one live launch for one service;
 - ``stale_states``: a service reported ``active`` whose port does not answer;
 - ``version_mismatches``: a server answers for another version than the one its service reports;
 - ``unconverged``: the services did not settle within 15 s of a step or a daemon start;
 - ``strangers_signalled``: a process modeld did not start (plain, tagged with this home but no
   service, tagged for another home, in a group whose leader died, planted in pid files) was
-  killed or stopped.
+  killed or stopped;
+- ``logs_over_cap``: a service's folder holds a log file other than ``service.log`` and
+  ``service.log.1`` … ``.N`` (N = its ``log_backups``), or one larger than its ``log_max_bytes``
+  + 64 KiB.
+
+Other counts say what was exercised or seen, and are not faults in themselves: daemon kills
+(mid-operation, in a rebuild, at kill points, with helpers alive), SIGTERMs, restarts, ``stop
+--all`` (cut short), server kills followed or restarted, servers killed while down, helpers started,
+``envless_helpers_escaped`` (tag mode only), ``tagged_outside_cgroup`` (a tagged server process
+outside the cgroups, in cgroup mode) and ``stowaways`` (the daemon, its fork server or its log
+writer inside a service's cgroup after the services settled), failed calls, services in error.
 
 ``converge_ms`` is the time from each daemon start until every service is what it should be
-(running ones answering, stopped ones gone); the goal is within 5 s. The seed fixes every random
-choice, not the timing of processes, so a replay takes the same steps. The module's functions are
-also what ``tests/test_chaos.py`` and ``tests/test_killpoints.py`` use.
+(running ones answering, stopped ones gone); the goal is within 5 s. The run ends with ``daemon
+stop --all``, checks nothing is left, starts a daemon again (every service must stay stopped) and
+stops it with ``--all`` again. The seed fixes every random choice, not the timing of processes, so
+a replay takes the same steps. Every process chaos starts is cleaned up by pid (checked against
+its start time), group or cgroup, never by name. The module's functions are also what
+``tests/test_chaos.py`` and ``tests/test_killpoints.py`` use.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -58,15 +101,18 @@ import psutil  # noqa: E402
 from daemon import DaemonClient, ServiceConfig  # noqa: E402
 from daemon.exceptions import DaemonError, ModeldError, ServiceNotFound  # noqa: E402
 from daemon.killpoints import KILL_POINTS  # noqa: E402
-from daemon.linux import ProcessIdentity, boot_id, start_ticks  # noqa: E402
+from daemon.linux import ProcessIdentity, boot_id, cgroup2_mount, start_ticks  # noqa: E402
 from daemon.models import BaseService, DesiredState, ServiceState  # noqa: E402
 from daemon.paths import Paths  # noqa: E402
 
 BAD = (
-    "services_lost", "resurrected", "untracked_servers", "duplicates", "stale_states",
-    "version_mismatches", "unconverged", "strangers_signalled",
+    "services_lost", "resurrected", "stopped_unasked", "untracked_servers", "duplicates", "stale_states",
+    "version_mismatches", "unconverged", "strangers_signalled", "logs_over_cap",
 )
 CONVERGE_TIMEOUT = 15.0
+KINDS = ("python", "command", "helper", "envless", "flood")
+HELPERS = "helpers.log"  # in the models folder (the command servers' working directory)
+LOG_SLACK = 64 * 1024  # a log file may pass log_max_bytes by one chunk of the log writer
 
 # A command server whose leader forks the worker that serves (so a kill -9 of the leader alone
 # leaves a worker holding the port, as gunicorn or mlflow would); it answers GET with its tag.
@@ -89,19 +135,89 @@ else:
     sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 '''
 
+# TINY_SERVER's shape, whose leader first starts a helper in a session of its own (with
+# --envless, with an empty environment). The helper records itself (pid, start ticks, service,
+# launch, kind) in the file named by argv[2], then becomes a long sleep: no record is missing for
+# a helper that runs, whenever its server dies.
+HELPER_SERVER = '''\
+import http.server, json, os, subprocess, sys
+port, record, tag = int(sys.argv[1]), os.path.abspath(sys.argv[2]), sys.argv[-1].encode()
+envless = "--envless" in sys.argv
+launch = json.loads(os.environ.get("MODELD_PROCESS") or "{}").get("launch") or "-"
+script = ('read -r f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 f11 f12 f13 f14 f15 f16 f17 f18 f19 f20 f21 ticks rest < /proc/$$/stat; '
+          'echo "$$ $ticks $1 $2 $3" >> "$4"; exec /bin/sleep 100000')
+subprocess.Popen(["/bin/sh", "-c", script, "helper", os.environ.get("MODELD_SERVICE_UUID") or "-", launch,
+                  "envless" if envless else "tagged", record],
+                 start_new_session=True, env={} if envless else None, stdin=subprocess.DEVNULL)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", str(len(tag)))
+        self.end_headers()
+        self.wfile.write(tag)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+worker = os.fork()
+if worker == 0:
+    server.serve_forever()
+else:
+    _, status = os.waitpid(worker, 0)
+    sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+'''
+
+# A server with a child (forked before the port is bound, so it never serves) that writes its
+# log as fast as it can: 60 KiB blocks of short lines and, now and then, a line longer than the
+# log writer's 64 KiB chunk. Niced, so that it takes the CPU that is idle (the machine has 2 cores).
+FLOOD_SERVER = '''\
+import http.server, os, sys
+port, tag = int(sys.argv[1]), sys.argv[-1].encode()
+if os.fork() == 0:
+    os.nice(10)
+    block = b"".join(b"flood %06d %s\\n" % (i, b"." * 72) for i in range(720))
+    long_line = b"L" * (100 * 1024) + b"\\n"
+    n = 0
+    try:
+        while True:
+            os.write(1, block)
+            n += 1
+            if n % 64 == 0:
+                os.write(1, long_line)
+    except OSError:
+        os._exit(1)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", str(len(tag)))
+        self.end_headers()
+        self.wfile.write(tag)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
 
 # ---------------------------------------------------------------- processes
 
 
 @dataclass(frozen=True)
 class ServerProcess:
-    """A live process whose environment tags it as (part of) a model server of one home."""
+    """A live process of a model server of one home: tagged as such in its environment (or in the
+    record its fork server wrote), or found in one of the home's cgroups. ``uuid`` and ``launch``
+    are what its cgroup says when it is in one (the kernel's word), else what its tag says."""
 
     pid: int
     pgid: int
     ppid: int
     uuid: str
     create_time: float
+    launch: str | None = None
+    tagged: bool = True
+    in_cgroup: bool = False
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.uuid, self.launch
 
 
 def forked_tags(home: Path, pid: int) -> dict[str, str]:
@@ -116,28 +232,131 @@ def forked_tags(home: Path, pid: int) -> dict[str, str]:
     return dict(item.decode().partition("=")[::2] for item in tags.split(b"\0") if item)
 
 
+def launch_of(info: str | None) -> str | None:
+    """The launch token in a MODELD_PROCESS tag."""
+    try:
+        value = json.loads(info or "").get("launch")
+    except (ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def role_of(info: str | None) -> str | None:
+    """The role in a MODELD_PROCESS tag (``logd`` for the log writer)."""
+    try:
+        value = json.loads(info or "").get("role")
+    except (ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def home_cgroups(home: Path) -> list[Path]:
+    """The cgroup folders of ``home``'s services that exist: ``modeld-<sha256(home)[:16]>`` under the
+    base a daemon run from here uses (the cgroup2 mount as root, else ``MODELD_CGROUP`` or this
+    process's own cgroup). Both the home as given and its real path are tried."""
+    mount = cgroup2_mount()
+    setting = os.environ.get("MODELD_CGROUP", "").strip()
+    if mount is None or setting.lower() in ("off", "tag", "0", "no"):
+        return []
+    if setting:
+        base = setting[len(mount):] if setting.startswith(mount) else setting
+    elif os.geteuid() == 0:
+        base = "/"
+    else:
+        base = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
+    found = []
+    for name in dict.fromkeys((str(Paths(home).home), os.path.realpath(home))):
+        path = Path(mount) / base.lstrip("/") / f"modeld-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
+        if path.is_dir():
+            found.append(path)
+    return found
+
+
+def cgroup_members(home: Path) -> dict[int, tuple[str, str | None]]:
+    """Every process in one of ``home``'s cgroups: pid -> (service uuid, launch) as the cgroup's path
+    says (``<uuid>/<launch>``; a process higher up has no launch, or no uuid: "")."""
+    members: dict[int, tuple[str, str | None]] = {}
+    for parent in home_cgroups(home):
+        folders = [parent]
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                folders.extend(entry for entry in folder.iterdir() if entry.is_dir())
+        for folder in folders:
+            parts = folder.relative_to(parent).parts
+            try:
+                pids = [int(line) for line in (folder / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in pids:
+                members[pid] = (parts[0] if parts else "", parts[1] if len(parts) > 1 else None)
+    return members
+
+
+def daemon_side(home: Path, pid: int, env: dict[str, str]) -> bool:
+    """The daemon (which steps into a launch's cgroup for the instant of a spawn), its fork server
+    or its log writer: never a server, wherever it is."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        if int((home / "daemon.pid").read_text().split()[0]) == pid:
+            return True
+    if role_of(env.get("MODELD_PROCESS")) == "logd":
+        return True
+    with contextlib.suppress(psutil.Error):
+        return "--fork-server" in psutil.Process(pid).cmdline()
+    return False
+
+
+def stowaways(home: Path) -> set[tuple[int, float, str]]:
+    """The daemon, its fork server or its log writer found in a cgroup of ``home``'s services (the
+    daemon steps into one for the instant of a spawn; anything longer would be killed with that
+    launch): (pid, its create time, the cgroup)."""
+    found = set()
+    for pid, (uuid, launch) in cgroup_members(home).items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            env = proc.environ()
+            if not env.get("MODELD_SERVICE_UUID") and not forked_tags(home, pid) and daemon_side(home, pid, env):
+                found.add((pid, proc.create_time(), f"{uuid}/{launch}"))
+    return found
+
+
 def server_processes(home: Path) -> list[ServerProcess]:
-    """Every live process carrying ``MODELD_HOME=home`` and a ``MODELD_SERVICE_UUID`` in its
-    environment, or in the record a fork server wrote for it (read here with psutil,
-    independently of the daemon's own scan)."""
+    """Every live process of ``home``'s model servers: carrying ``MODELD_HOME=home`` and a
+    ``MODELD_SERVICE_UUID`` in its environment (or in the record a fork server wrote for it), or in
+    one of the home's cgroups (then whatever its environment). Read here with psutil and the
+    cgroup files, independently of the daemon's own scan."""
+    members = cgroup_members(home)
     found = []
     for proc in psutil.process_iter():
         try:
+            if proc.pid == os.getpid():
+                continue
+            where = members.get(proc.pid)
+            if where is None and proc.uids().real != os.getuid():
+                continue
+            created = proc.create_time()
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             env = proc.environ()
             if not env.get("MODELD_SERVICE_UUID"):
                 env = forked_tags(home, proc.pid) or env
-            if env.get("MODELD_HOME") != str(home) or not env.get("MODELD_SERVICE_UUID"):
+            tagged = env.get("MODELD_HOME") == str(home) and bool(env.get("MODELD_SERVICE_UUID"))
+            if where is not None and not tagged and daemon_side(home, proc.pid, env):
                 continue
-            found.append(ServerProcess(proc.pid, os.getpgid(proc.pid), proc.ppid(), env["MODELD_SERVICE_UUID"], proc.create_time()))
+            if where is None and not tagged:
+                continue
+            uuid, launch = where if where is not None else (env["MODELD_SERVICE_UUID"], launch_of(env.get("MODELD_PROCESS")))
+            if proc.create_time() != created:
+                continue
+            found.append(ServerProcess(proc.pid, os.getpgid(proc.pid), proc.ppid(), uuid, created, launch,
+                                       tagged=tagged, in_cgroup=where is not None))
         except (psutil.Error, ProcessLookupError):
             continue
     return found
 
 
 def server_leaders(procs: list[ServerProcess]) -> dict[str, list[int]]:
-    """The servers themselves (group leaders), by service uuid, without their workers."""
+    """The servers themselves (group leaders), by service uuid, without their workers and helpers
+    (a process whose parent is a process of the same service)."""
     by_pid = {p.pid: p for p in procs}
     leaders: dict[str, list[int]] = {}
     for p in procs:
@@ -147,19 +366,115 @@ def server_leaders(procs: list[ServerProcess]) -> dict[str, list[int]]:
     return leaders
 
 
-def stray_workers(procs: list[ServerProcess]) -> list[int]:
-    """Server processes whose group leader is gone (a worker left holding a port)."""
-    pids = {p.pid for p in procs}
-    return [p.pid for p in procs if p.pid != p.pgid and p.pgid not in pids]
+def launches(procs: list[ServerProcess]) -> dict[str, dict[str | None, list[ServerProcess]]]:
+    """The live launches, by service uuid: launch -> its processes."""
+    found: dict[str, dict[str | None, list[ServerProcess]]] = {}
+    for p in procs:
+        found.setdefault(p.uuid, {}).setdefault(p.launch, []).append(p)
+    return found
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A helper a ``helper`` or ``envless`` server started, as it recorded itself."""
+
+    pid: int
+    ticks: int
+    uuid: str
+    launch: str
+    kind: str  # "tagged" or "envless"
+
+    def alive(self) -> bool:
+        return ticks_alive(self.pid, self.ticks)
+
+
+def ticks_alive(pid: int, ticks: int) -> bool:
+    """``pid`` is alive (not a zombie) and started at ``ticks``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in (b"Z", b"X") and int(fields[19]) == ticks
+
+
+def helpers(home: Path) -> list[Helper]:
+    """Every helper recorded in ``home``'s models folder (alive or not)."""
+    try:
+        text = (home / "models" / HELPERS).read_text()
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines(keepends=True):
+        parts = line.split()
+        if line.endswith("\n") and len(parts) == 5:
+            with contextlib.suppress(ValueError):
+                found.append(Helper(int(parts[0]), int(parts[1]), *parts[2:]))
+    return found
+
+
+def kill_verified(pid: int, create_time: float, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``create_time`` (through a
+    pidfd, so the pid cannot be reused in between)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if psutil.Process(pid).create_time() != create_time:
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except (OSError, psutil.Error):
+        return False
+    finally:
+        os.close(fd)
+
+
+def kill_helper(h: Helper) -> bool:
+    try:
+        fd = os.pidfd_open(h.pid)
+    except OSError:
+        return False
+    try:
+        if not h.alive():
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def kill_servers(home: Path) -> None:
-    """Kill every server process of ``home`` (by pid, checked against its start time)."""
+    """Kill every process of ``home``'s servers (by pid, checked against its start time), every helper
+    they recorded, and the home's log writer; then remove the home's cgroups."""
     for p in server_processes(home):
+        kill_verified(p.pid, p.create_time)
+    for h in helpers(home):
+        kill_helper(h)
+    for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(p.pid)
-            if proc.create_time() == p.create_time:
-                proc.kill()
+            env = proc.environ()
+            if env.get("MODELD_HOME") == str(home) and role_of(env.get("MODELD_PROCESS")) == "logd":
+                kill_verified(proc.pid, proc.create_time())
+    for parent in home_cgroups(home):
+        folders = [parent]
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                folders.extend(entry for entry in folder.iterdir() if entry.is_dir())
+        for folder in reversed(folders):
+            with contextlib.suppress(OSError):
+                (folder / "cgroup.kill").write_text("1")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    if "populated 0" in (folder / "cgroup.events").read_text():
+                        break
+                time.sleep(0.01)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 class DaemonProcess:
@@ -172,9 +487,10 @@ class DaemonProcess:
         self.ident: ProcessIdentity | None = None
         self.die_at: str | None = None
         self.started_at = 0.0
+        self.containment: str | None = None  # as GET /v1/daemon says: "cgroup" or "tag"
 
     def env(self, die_at: str | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_") or k == "MODELD_CGROUP"}
         env.update(MODELD_HOME=str(self.home), PYTHONPATH=str(REPO))
         if die_at:
             env["MODELD_DIE_AT"] = die_at
@@ -210,6 +526,7 @@ class DaemonProcess:
                     time.sleep(0.005)
                     continue
                 self.ident = ProcessIdentity.of(int(info["pid"]))
+                self.containment = info.get("containment")
                 return self.ident is not None
         raise RuntimeError(f"the daemon of {self.home} did not answer within {timeout}s")
 
@@ -352,42 +669,108 @@ def config_tag(svc: BaseService) -> str:
     return Path(svc.config.model_uri.rsplit(":", 1)[0]).stem
 
 
+def kind_of(config: ServiceConfig) -> str:
+    """Which of chaos's server kinds a config runs (see KINDS)."""
+    if config.model_type != "command":
+        return "python"
+    script = Path(config.command[1]).name if len(config.command) > 1 else ""
+    if script == "helper.py":
+        return "envless" if "--envless" in config.command else "helper"
+    return "flood" if script == "flood.py" else "command"
+
+
+def log_faults(home: Path, services: dict[str, BaseService]) -> set[Any]:
+    """Log files over their cap: in each service's folder, a ``service.log*`` file other than
+    ``service.log`` and ``.1`` … ``.N`` (N = its ``log_backups``), or one larger than its
+    ``log_max_bytes`` + 64 KiB; each as (uuid, file name, inode), so one file counts once."""
+    faults: set[Any] = set()
+    for uuid, svc in services.items():
+        allowed = {"service.log", *(f"service.log.{i}" for i in range(1, svc.config.log_backups + 1))}
+        cap = svc.config.log_max_bytes + LOG_SLACK
+        try:
+            entries = list(os.scandir(home / "services" / uuid))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.startswith("service.log"):
+                continue
+            with contextlib.suppress(OSError):
+                stat = entry.stat()
+                if entry.name not in allowed or stat.st_size > cap:
+                    faults.add((uuid, entry.name, stat.st_ino, stat.st_size))
+    return faults
+
+
 @dataclass
 class Snapshot:
     services: dict[str, BaseService]
     procs: list[ServerProcess]
+    helpers: list[Helper] = field(default_factory=list)  # as recorded before ``procs`` were read
+    containment: str | None = None  # "cgroup" or "tag", as the daemon said
 
     @property
     def leaders(self) -> dict[str, list[int]]:
         return server_leaders(self.procs)
 
-    def settled(self) -> bool:
-        """Every service is what its desired state says, with one server or none, and no stray process."""
-        leaders = self.leaders
-        if set(leaders) - set(self.services) or stray_workers(self.procs):
-            return False
+    @property
+    def launches(self) -> dict[str, dict[str | None, list[ServerProcess]]]:
+        return launches(self.procs)
+
+    def tracked(self) -> dict[str, str | None]:
+        """Each service's tracked launch: the launch of the live process its ``status.pid`` names
+        (services whose pid names none of their processes are left out)."""
+        by_pid = {p.pid: p for p in self.procs}
+        tracked = {}
         for uuid, svc in self.services.items():
-            mine = leaders.get(uuid, [])
+            p = by_pid.get(svc.status.pid) if svc.status.pid else None
+            if p is not None and p.uuid == uuid:
+                tracked[uuid] = p.launch
+        return tracked
+
+    def settled(self) -> bool:
+        """Every service is what its desired state says: one that should run is active with exactly
+        its tracked launch alive; any other has no process; no process belongs to no service.
+        (``wait_settled`` also wants the active ones to answer.)"""
+        by_service = self.launches
+        if set(by_service) - set(self.services):
+            return False
+        tracked = self.tracked()
+        for uuid, svc in self.services.items():
+            mine = list(by_service.get(uuid, {}))
             if svc.status.state == ServiceState.ERROR:
                 if mine:
                     return False
             elif svc.desired_state == DesiredState.RUNNING:
-                if svc.status.state != ServiceState.ACTIVE or mine != [svc.status.pid]:
+                if svc.status.state != ServiceState.ACTIVE or uuid not in tracked or mine != [tracked[uuid]]:
                     return False
             elif svc.status.state != ServiceState.INACTIVE or mine:
                 return False
         return True
 
+    def answering(self) -> bool:
+        return all(answer_tag(svc) is not None for svc in self.services.values() if svc.status.state == ServiceState.ACTIVE)
 
-def snapshot(client: DaemonClient, home: Path) -> Snapshot:
-    return Snapshot({str(s.uuid): s for s in client.find()}, server_processes(home))
+    def escaped_envless(self) -> list[Helper]:
+        """Live envless helpers of a launch that ended, which tag containment cannot find (its
+        documented limit; a cgroup finds them: there they count as untracked)."""
+        if self.containment == "cgroup":
+            return []
+        seen, tracked = {p.pid for p in self.procs}, self.tracked()
+        return [h for h in self.helpers
+                if h.kind == "envless" and h.pid not in seen and tracked.get(h.uuid, "") != h.launch and h.alive()]
+
+
+def snapshot(client: DaemonClient, home: Path, containment: str | None = None) -> Snapshot:
+    recorded = helpers(home)  # before the scan: a helper recorded and alive after it was alive during it
+    return Snapshot({str(s.uuid): s for s in client.find()}, server_processes(home), recorded, containment)
 
 
 def wait_settled(client: DaemonClient, home: Path, timeout: float = CONVERGE_TIMEOUT) -> tuple[Snapshot, bool]:
     deadline = time.monotonic() + timeout
+    containment = client.daemon_info().get("containment")
     while True:
-        snap = snapshot(client, home)
-        if snap.settled():
+        snap = snapshot(client, home, containment)
+        if snap.settled() and snap.answering():
             return snap, True
         if time.monotonic() > deadline:
             return snap, False
@@ -396,20 +779,36 @@ def wait_settled(client: DaemonClient, home: Path, timeout: float = CONVERGE_TIM
 
 def check(snap: Snapshot) -> dict[str, set[Any]]:
     """Untracked servers, duplicates, stale states and version mismatches in one snapshot, each as
-    a set of what is wrong (processes, or services at a version), so one fault seen by several
-    checks counts once."""
+    a set of what is wrong (launches, helpers, or services at a version), so one fault seen by
+    several checks counts once."""
     found: dict[str, set[Any]] = {key: set() for key in ("untracked_servers", "duplicates", "stale_states", "version_mismatches")}
-    created = {p.pid: p.create_time for p in snap.procs}
-    found["untracked_servers"].update((pid, created[pid]) for pid in stray_workers(snap.procs))
-    for uuid, pids in snap.leaders.items():
+
+    def fault(procs: list[ServerProcess]) -> set[Any]:
+        launch = procs[0].launch
+        if launch is not None:
+            return {(procs[0].uuid, launch)}
+        return {(p.uuid, None, p.pid, p.create_time) for p in procs}
+
+    tracked = snap.tracked()
+    for uuid, by_launch in snap.launches.items():
         svc = snap.services.get(uuid)
         if svc is None:
-            found["untracked_servers"].update((pid, created[pid]) for pid in pids)
+            for procs in by_launch.values():
+                found["untracked_servers"] |= fault(procs)
+        elif len(by_launch) > 1:
+            for launch, procs in by_launch.items():
+                if uuid not in tracked or launch != tracked[uuid]:
+                    found["duplicates"] |= fault(procs)
+        elif uuid not in tracked or tracked[uuid] not in by_launch:
+            for procs in by_launch.values():
+                found["untracked_servers"] |= fault(procs)
+    seen = {p.pid for p in snap.procs}
+    for h in snap.helpers:
+        # A live helper that containment cannot see (in tag mode an envless one may be out of
+        # sight; once its launch ended, that is tag mode's limit: see Snapshot.escaped_envless).
+        if h.pid in seen or (h.kind == "envless" and snap.containment != "cgroup") or not h.alive():
             continue
-        if len(pids) > 1:
-            found["duplicates"].update((pid, created[pid]) for pid in pids if pid != svc.status.pid)
-        elif svc.status.pid not in pids:
-            found["untracked_servers"].update((pid, created[pid]) for pid in pids)
+        found["untracked_servers"].add(("helper", h.pid, h.ticks))
     for svc in snap.services.values():
         if svc.status.state != ServiceState.ACTIVE:
             continue
@@ -421,18 +820,30 @@ def check(snap: Snapshot) -> dict[str, set[Any]]:
     return found
 
 
+def describe(snap: Snapshot) -> str:
+    services = {u[:8]: (s.status.state.value, s.desired_state.value, s.status.pid, kind_of(s.config)) for u, s in snap.services.items()}
+    tracked = {u[:8]: launch for u, launch in snap.tracked().items()}
+    found = {u[:8]: {launch: sorted(p.pid for p in procs) for launch, procs in by_launch.items()}
+             for u, by_launch in snap.launches.items()}
+    alive = [(h.pid, h.uuid[:8], h.launch, h.kind) for h in snap.helpers if h.alive()]
+    return f"services={services} tracked={tracked} launches={found} helpers_alive={alive} containment={snap.containment}"
+
+
 # -------------------------------------------------------------------- chaos
 
 
 @dataclass
 class Expect:
-    """What chaos asked of one service; ``certain`` False while a call about it had no answer."""
+    """What chaos asked of one service; ``certain`` False while a call about it had no answer.
+    ``desired``: the desired state chaos last asked for ("running" or "stopped"), None while a call
+    that may have changed it had no answer (then the next snapshot says)."""
 
     uuid: str
     kind: str
     name: str
     certain: bool = True
     deleting: bool = False
+    desired: str | None = "running"
 
 
 @dataclass
@@ -451,6 +862,7 @@ class Chaos:
     rng: random.Random = field(init=False)
     counts: dict[str, int] = field(default_factory=dict)
     ops: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)
     converge_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     max_services: int = 6
@@ -462,13 +874,20 @@ class Chaos:
         self.rng = random.Random(self.seed)
         self.counts = dict.fromkeys(
             (*BAD, "daemon_kills", "daemon_kills_mid_operation", "daemon_kills_in_rebuild", "kill_points_hit",
-             "daemon_terms", "daemon_terms_mid_operation", "daemon_restarts", "pid_files_planted", "servers_killed_while_down", "failed_calls", "services_in_error"), 0)
+             "daemon_kills_with_helpers", "daemon_terms", "daemon_terms_mid_operation", "daemon_restarts",
+             "stop_alls", "stop_alls_cut_short", "pid_files_planted", "server_kills_followed",
+             "server_kills_restarted", "servers_killed_while_down", "helpers_started", "envless_helpers_escaped",
+             "tagged_outside_cgroup", "stowaways", "failed_calls", "services_in_error"), 0)
         self.expect: dict[str, Expect] = {}
         self.seen: dict[str, set[Any]] = {}
         self.deleted: set[str] = set()
+        self.killed_alone: list[tuple[str, str | None, int]] = []  # (uuid, launch, pid): followed or restarted?
+        self.last: Snapshot | None = None
         self.models = self.home / "models"
         self.models.mkdir(parents=True, exist_ok=True)
         (self.models / "tiny.py").write_text(TINY_SERVER)
+        (self.models / "helper.py").write_text(HELPER_SERVER)
+        (self.models / "flood.py").write_text(FLOOD_SERVER)
         for tag in ("a", "b"):
             (self.models / f"{tag}.py").write_text(f"def model(instances):\n    return [{tag!r} for _ in instances]\n")
         self.daemon = DaemonProcess(self.home)
@@ -483,9 +902,30 @@ class Chaos:
             restart={"max_restarts": 1000, "backoff_initial": 0.05, "backoff_max": 0.5},
             stop_timeout=3, startup_timeout=30,
         )
-        if kind == "command":
-            return ServiceConfig(model_type="command", command=[sys.executable, "tiny.py", "{port}", tag], health_path="/", **common)
-        return ServiceConfig(model_type="python", model_uri=f"{tag}.py:model", python=sys.executable, **common)
+        py = sys.executable
+        commands = {
+            "command": [py, "tiny.py", "{port}", tag],
+            "helper": [py, "helper.py", "{port}", HELPERS, tag],
+            "envless": [py, "helper.py", "{port}", HELPERS, "--envless", tag],
+            "flood": [py, "flood.py", "{port}", tag],
+        }
+        if kind == "flood":
+            common.update(log_max_bytes=65536, log_backups=1)
+        if kind in commands:
+            return ServiceConfig(model_type="command", command=commands[kind], health_path="/", **common)
+        return ServiceConfig(model_type="python", model_uri=f"{tag}.py:model", python=py, **common)
+
+    def choose_kind(self, uuid: str | None = None) -> str:
+        """The first deploys go through every kind once, then at random; one flood server at most."""
+        flooding = self.last is not None and any(
+            kind_of(s.config) == "flood" for u, s in self.last.services.items() if u != uuid)
+        allowed = [k for k in KINDS if not (k == "flood" and flooding)]
+        if self.counter <= len(KINDS) and uuid is None and KINDS[self.counter - 1] in allowed:
+            kind = KINDS[self.counter - 1]
+        else:
+            kind = self.rng.choice(allowed)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        return kind
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -493,6 +933,9 @@ class Chaos:
 
     def live(self) -> list[Expect]:
         return [e for e in self.expect.values() if e.certain and not e.deleting]
+
+    def helpers_alive(self) -> int:
+        return sum(h.alive() for h in helpers(self.home))
 
     def call(self, fn: Callable[[DaemonClient], Any], mid_kill: bool) -> Outcome:
         """Run one client call; with ``mid_kill``, kill -9 the daemon a random moment after it starts."""
@@ -538,6 +981,7 @@ class Chaos:
     def counted_kill(self, offset: int, in_flight: bool, by_us: bool = False, in_rebuild: bool = False) -> None:
         point = None if by_us else self.daemon.died_at_kill_point(offset)
         self.counts["daemon_kills"] += 1
+        self.counts["daemon_kills_with_helpers"] += self.helpers_alive() > 0
         if point:
             self.counts["kill_points_hit"] += 1
         if in_flight or in_rebuild:
@@ -577,14 +1021,31 @@ class Chaos:
             self.counts["pid_files_planted"] += 1
 
     def kill_while_down(self) -> None:
-        """kill -9 a server's leader while no daemon runs (its worker may keep the port): the next
-        daemon must start it again, past whatever the dead one left."""
-        leaders = server_leaders(server_processes(self.home))
-        if leaders:
-            pids = leaders[self.rng.choice(sorted(leaders))]
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pids[0], signal.SIGKILL)
+        """kill -9 a server while no daemon runs, the process its pid file names alone (a worker may
+        keep serving: the next daemon follows it) or its whole group (the next daemon starts it again,
+        past whatever the dead one left)."""
+        procs = server_processes(self.home)
+        targets = []
+        for uuid in sorted(self.expect):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                lines = Paths(self.home).service_pid(uuid).read_text().split("\n")
+                pid, ticks = int(lines[0]), int(lines[1])
+                p = next((p for p in procs if p.pid == pid and p.uuid == uuid), None)
+                if p is not None and start_ticks(pid) == ticks:
+                    targets.append(p)
+        if targets:
+            self.kill(self.rng.choice(targets), group=self.rng.random() < 0.5)
             self.counts["servers_killed_while_down"] += 1
+
+    def kill(self, p: ServerProcess, group: bool) -> None:
+        """kill -9 one server process, or its whole process group. For the group, the process is
+        stopped first (checked through a pidfd): while it exists its group does, so the pgid
+        cannot have been reused when the group is killed."""
+        if not group:
+            kill_verified(p.pid, p.create_time)
+        elif kill_verified(p.pid, p.create_time, signal.SIGSTOP):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pgid, signal.SIGKILL)
 
     def ensure_daemon(self) -> None:
         if not self.daemon.alive():
@@ -605,18 +1066,35 @@ class Chaos:
             self.counted_kill(offset, in_flight=False, in_rebuild=since_start)
             self.start_daemon()
             return
+        self.last = snap
         if since_start and settled:
             self.converge_ms.append((time.monotonic() - self.daemon.started_at) * 1000)
         if not settled:
             self.counts["unconverged"] += 1
             self.note(f"not settled after {CONVERGE_TIMEOUT}s: {describe(snap)}")
         self.reconcile(snap)
-        for key, faults in check(snap).items():
-            new = faults - self.seen.setdefault(key, set())
+        faults = check(snap)
+        faults["logs_over_cap"] = log_faults(self.home, snap.services)
+        if snap.containment == "cgroup":
+            faults["tagged_outside_cgroup"] = {(p.pid, p.create_time) for p in snap.procs if not p.in_cgroup}
+            faults["stowaways"] = stowaways(self.home)
+        for key, found in faults.items():
+            new = found - self.seen.setdefault(key, set())
             if new:
-                self.note(f"{key} += {len(new)}: {describe(snap)}")
+                self.note(f"{key} += {len(new)}: {sorted(map(str, new))[:6]} {describe(snap)}")
                 self.seen[key] |= new
                 self.counts[key] += len(new)
+        for h in snap.escaped_envless():  # tag mode's documented limit: counted apart, and killed here
+            self.counts["envless_helpers_escaped"] += kill_helper(h)
+        tracked = snap.tracked()
+        for uuid, launch, pid in self.killed_alone:
+            svc = snap.services.get(uuid)
+            if svc is not None and uuid in tracked:
+                followed = tracked[uuid] == launch and svc.status.pid != pid
+                self.counts["server_kills_followed" if followed else "server_kills_restarted"] += 1
+        self.killed_alone.clear()
+        if self.daemon.containment and snap.containment and self.daemon.containment != snap.containment:
+            self.note(f"containment changed: {self.daemon.containment} -> {snap.containment}")
         self.counts["services_in_error"] = sum(s.status.state == ServiceState.ERROR for s in snap.services.values())
         signalled = self.strangers.signalled()
         if signalled > self.counts["strangers_signalled"]:
@@ -629,18 +1107,31 @@ class Chaos:
             if e.deleting:
                 if present:
                     e.deleting = False
+                    e.desired = None
                 else:
                     self.deleted.add(uuid)
                     del self.expect[uuid]
+                    continue
             elif not e.certain:
                 if present:
                     e.certain = True
+                    e.desired = None
                 else:
                     del self.expect[uuid]
+                    continue
             elif not present:
                 self.counts["services_lost"] += 1
                 self.note(f"service {uuid} lost")
                 del self.expect[uuid]
+                continue
+            actual = snap.services[uuid].desired_state.value
+            if e.desired == "stopped" and actual != "stopped":
+                self.counts["resurrected"] += 1
+                self.note(f"service {uuid}, stopped, wants to run again though nobody asked")
+            elif e.desired == "running" and actual != "running":
+                self.counts["stopped_unasked"] += 1
+                self.note(f"service {uuid}, left running, is stopped though nobody asked: {snap.services[uuid].desired_reason!r}")
+            e.desired = actual
         for uuid in snap.services:
             if uuid in self.deleted:
                 self.counts["resurrected"] += 1
@@ -654,11 +1145,13 @@ class Chaos:
 
     def step(self) -> None:
         live = self.live()
+        stopped = any(e.desired != "running" for e in live)
         choices: list[tuple[str, int]] = [
             ("deploy", 12 if len(live) < self.max_services else 0),
             ("replace", 14 if live else 0), ("stop", 8 if live else 0), ("start", 8 if live else 0),
             ("delete", 6 if live else 0), ("kill_server", 8 if live else 0), ("kill_group", 5 if live else 0),
-            ("kill_daemon", 3), ("term_daemon", 4), ("restart_daemon", 4),
+            ("kill_launch", 3 if live else 0), ("kill_daemon", 3), ("term_daemon", 4), ("restart_daemon", 4),
+            ("stop_all", 3 if live else 0), ("start_all", (5 if stopped else 1) if live else 0),
         ]
         names, weights = zip(*choices)
         op = self.rng.choices(names, weights)[0]
@@ -668,7 +1161,7 @@ class Chaos:
     def pick(self) -> Expect:
         return self.rng.choice(sorted(self.live(), key=lambda e: e.uuid))
 
-    def service_call(self, fn: Callable[[DaemonClient], Any], e: Expect | None) -> Outcome:
+    def service_call(self, fn: Callable[[DaemonClient], Any]) -> Outcome:
         mid_kill = self.rng.random() < self.mid_kill_chance
         out = self.call(fn, mid_kill)
         if not out.ok and not out.daemon_died and not isinstance(out.error, ServiceNotFound):
@@ -678,12 +1171,13 @@ class Chaos:
 
     def op_deploy(self) -> None:
         self.counter += 1
-        kind = self.rng.choice(("python", "command"))
+        kind = self.choose_kind()
         e = Expect(str(uuidlib.uuid4()), kind, f"m{self.counter}", certain=False)
         self.expect[e.uuid] = e
         config = self.config(kind, e.name, "a")
-        out = self.service_call(lambda c: c.deploy(config, uuid=e.uuid, timeout=30), e)
+        out = self.service_call(lambda c: c.deploy(config, uuid=e.uuid, timeout=30))
         e.certain = out.ok  # else: done or not done, the next reconcile sees which
+        e.desired = "running" if out.ok else None
 
     def op_replace(self) -> None:
         e = self.pick()
@@ -691,21 +1185,31 @@ class Chaos:
         if current is None:
             return
         tag = "b" if config_tag(current) == "a" else "a"
-        kind = self.rng.choice(("python", "command"))
+        kind = self.choose_kind(e.uuid)
         config = self.config(kind, e.name, tag)
-        self.service_call(lambda c: c.deploy(config, replace=True, uuid=e.uuid, timeout=30), e)
+        out = self.service_call(lambda c: c.deploy(config, replace=True, uuid=e.uuid, timeout=30))
+        e.desired = "running" if out.ok else None
 
     def op_stop(self) -> None:
         e = self.pick()
-        self.service_call(lambda c: c.stop(e.uuid, timeout=10), e)
+        out = self.service_call(lambda c: c.stop(e.uuid, timeout=10))
+        e.desired = "stopped" if out.ok else None
 
     def op_start(self) -> None:
         e = self.pick()
-        self.service_call(lambda c: c.start(e.uuid, timeout=30), e)
+        out = self.service_call(lambda c: c.start(e.uuid, timeout=30))
+        e.desired = "running" if out.ok else None
+
+    def op_start_all(self) -> None:
+        """``POST /v1/services/start``: every service runs again (the way back from ``stop --all``)."""
+        out = self.service_call(lambda c: c.start_all(timeout=30))
+        failed = out.value[1] if out.ok else {}
+        for e in self.expect.values():
+            e.desired = "running" if out.ok and e in self.live() and e.uuid not in failed else None
 
     def op_delete(self) -> None:
         e = self.pick()
-        out = self.service_call(lambda c: c.delete(e.uuid, timeout=10), e)
+        out = self.service_call(lambda c: c.delete(e.uuid, timeout=10))
         if out.ok:
             self.deleted.add(e.uuid)
             del self.expect[e.uuid]
@@ -718,18 +1222,34 @@ class Chaos:
         except ServiceNotFound:
             return None
 
-    def op_kill_server(self, group: bool = False) -> None:
-        e = self.pick()
+    def target(self, e: Expect) -> tuple[ServerProcess | None, list[ServerProcess]]:
+        """The process a service's ``status.pid`` names (if it is one of its processes), and the processes of its launch."""
         svc = self.client_get(e)
-        pids = server_leaders(server_processes(self.home)).get(e.uuid, [])
-        if svc is None or not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+        if svc is None or not svc.status.pid:
+            return None, []
+        procs = [p for p in server_processes(self.home) if p.uuid == e.uuid]
+        p = next((p for p in procs if p.pid == svc.status.pid), None)
+        return p, [q for q in procs if p is not None and q.launch == p.launch]
+
+    def op_kill_server(self) -> None:
+        """kill -9 of the process the service names alone: a worker or a process it started that
+        serves is followed (the service stays, its pid changes); else it is a crash."""
+        p, _ = self.target(self.pick())
+        if p is not None:
+            self.kill(p, group=False)
+            self.killed_alone.append((p.uuid, p.launch, p.pid))
 
     def op_kill_group(self) -> None:
-        self.op_kill_server(group=True)
+        """kill -9 of its process group: a crash (helpers in sessions of their own outlive it, until the daemon acts)."""
+        p, _ = self.target(self.pick())
+        if p is not None:
+            self.kill(p, group=True)
+
+    def op_kill_launch(self) -> None:
+        """kill -9 of every process of its launch that chaos can see: a crash."""
+        _, procs = self.target(self.pick())
+        for q in procs:
+            kill_verified(q.pid, q.create_time)
 
     def op_kill_daemon(self) -> None:
         self.daemon.kill9()
@@ -745,6 +1265,34 @@ class Chaos:
             self.client.shutdown()
         self.daemon.wait_dead()
         self.counts["daemon_restarts"] += 1
+        self.maybe_autostart()
+
+    def op_stop_all(self) -> None:
+        """``modeld daemon stop --all``: every service is stopped and stays stopped, also in the next
+        daemon, until a start; sometimes a kill -9 lands while the daemon stops them."""
+        offset = self.daemon.log_size()
+        with contextlib.suppress(DaemonError):
+            self.client.shutdown(stop_services=True)
+        self.counts["stop_alls"] += 1
+        cut = False
+        if self.rng.random() < self.mid_kill_chance:
+            deadline = time.monotonic() + self.rng.uniform(0.0, 0.2)
+            while self.daemon.alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if self.daemon.alive():
+                self.daemon.kill9()
+                self.counted_kill(offset, in_flight=True, by_us=True)
+                self.counts["stop_alls_cut_short"] += 1
+                cut = True
+        self.daemon.wait_dead()
+        if not cut and self.daemon.died_at_kill_point(offset):
+            self.counted_kill(offset, in_flight=True)
+            cut = True
+        for e in self.expect.values():
+            e.desired = None if cut else "stopped"
+        self.maybe_autostart()
+
+    def maybe_autostart(self) -> None:
         if self.rng.random() < 0.5:
             # Let a client auto-start it, as a user's next call would.
             with DaemonClient(self.home) as auto:
@@ -753,6 +1301,33 @@ class Chaos:
             self.converge(since_start=True)
 
     # ---------------------------------------------------------------- run
+
+    def leftovers(self, when: str) -> None:
+        """With no daemon running after ``daemon stop --all``: no process of any server, no helper."""
+        snap = Snapshot({}, server_processes(self.home), helpers(self.home), self.daemon.containment)
+        faults = check(snap)["untracked_servers"] - self.seen.setdefault("untracked_servers", set())
+        if faults:
+            self.note(f"left after `daemon stop --all` ({when}): {sorted(map(str, faults))} {describe(snap)}")
+            self.seen["untracked_servers"] |= faults
+            self.counts["untracked_servers"] += len(faults)
+        for h in snap.escaped_envless():
+            self.counts["envless_helpers_escaped"] += kill_helper(h)
+
+    def finish(self) -> None:
+        """``daemon stop --all``, nothing left; a daemon started again starts nothing; ``stop --all`` again."""
+        for attempt in range(2):
+            with contextlib.suppress(DaemonError):
+                self.client.shutdown(stop_services=True)
+            self.daemon.wait_dead()
+            for e in self.expect.values():
+                e.desired = "stopped"
+            self.leftovers("the last" if attempt else "the first")
+            if attempt == 0:
+                if not self.daemon.start():
+                    self.note("the daemon started after `daemon stop --all` died")
+                    self.counts["unconverged"] += 1
+                    continue
+                self.converge(since_start=True)
 
     def run(self, n_ops: int) -> dict[str, Any]:
         started = time.monotonic()
@@ -764,14 +1339,9 @@ class Chaos:
                 self.step()
                 self.ensure_daemon()
                 self.converge()
-            with contextlib.suppress(DaemonError):
-                self.client.shutdown(stop_services=True)
-            self.daemon.wait_dead()
-            leftover = server_processes(self.home)
-            if leftover:
-                self.note(f"servers left after `daemon stop --all`: {leftover}")
-                self.counts["untracked_servers"] += len(server_leaders(leftover))
+            self.finish()
             self.counts["strangers_signalled"] = self.strangers.signalled()
+            self.counts["helpers_started"] = len(helpers(self.home))
         finally:
             self.client.close()
             with contextlib.suppress(Exception):
@@ -782,8 +1352,10 @@ class Chaos:
         ms = sorted(self.converge_ms)
         return {
             "seed": self.seed,
+            "containment": self.daemon.containment,
             "operations": sum(self.ops.values()),
             "by_operation": dict(sorted(self.ops.items())),
+            "by_kind": dict(sorted(self.kinds.items())),
             **self.counts,
             "converge_ms": {
                 "n": len(ms),
@@ -793,12 +1365,6 @@ class Chaos:
             },
             "elapsed_s": round(time.monotonic() - started, 1),
         }
-
-
-def describe(snap: Snapshot) -> str:
-    services = {u[:8]: (s.status.state.value, s.desired_state.value, s.status.pid) for u, s in snap.services.items()}
-    leaders = {u[:8]: pids for u, pids in snap.leaders.items()}
-    return f"services={services} servers={leaders} strays={stray_workers(snap.procs)}"
 
 
 def run(ops: int, seed: int, home: Path | None = None, keep: bool = False) -> dict[str, Any]:
