@@ -114,18 +114,24 @@ class TagGroup(Group):
         super().__init__(uuid, launch)
         self.home = home
         self.forked = forked
+        self._seen: dict[int, ProcessIdentity] = {}  # members found by an earlier scan (by pid)
 
     def members(self) -> list[ProcessIdentity]:
         tagged = tagged_processes(self.home, self.forked())
         mine = {p.ident.pid: p.ident for p in tagged if p.service_uuid == self.uuid and launch_of(p.info) == self.launch}
-        if not mine:
-            return []
-        found = []
-        for pid in descendants(set(mine), children_map()):
-            ident = mine.get(pid) or ProcessIdentity.of(pid)
-            if ident is not None:
-                found.append(ident)
-        return found
+        found: dict[int, ProcessIdentity] = {}
+        if mine:
+            for pid in descendants(set(mine), children_map()):
+                ident = mine.get(pid) or ProcessIdentity.of(pid)
+                if ident is not None:
+                    found[pid] = ident
+        # A member found earlier through its parent stays one after that parent died (it is
+        # still the same process: its start time is checked).
+        for pid, ident in self._seen.items():
+            if pid not in found and ident.is_alive():
+                found[pid] = ident
+        self._seen = found
+        return list(found.values())
 
 
 class CgroupGroup(Group):
@@ -327,11 +333,12 @@ class Cgroups(Containment):
             group.kill()
             _wait_empty(group)
             group.remove()
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                os.rmdir(path)
-            except OSError as exc:
-                log.warning("cannot remove %s: %s", path, exc)
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass  # (removed when it was last emptied)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc)
 
 
     def prune(self) -> None:

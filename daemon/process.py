@@ -114,11 +114,13 @@ class ProcessHandle:
     def signal_all(self, *signals: int) -> None:
         """Each of ``signals`` to the process's group and to every member of its launch group (also
         those that left it), in order."""
+        # The launch's members first, while the server lives: with tags, a child that cleared its
+        # environment is found through its parent, and would be missed once that had died.
+        if self.group is not None:
+            self.group.signal(*signals)
         for sig in signals:
             if self.alive:
                 send_group_signal(self.ident, sig)
-        if self.group is not None:
-            self.group.signal(*signals)
 
     async def terminate(self, timeout: float, force: bool = False) -> None:
         """SIGTERM to every process of the launch, wait up to ``timeout``, then SIGKILL; ``force`` kills at once.
@@ -133,10 +135,10 @@ class ProcessHandle:
 
     async def kill(self) -> None:
         """SIGKILL every process of the launch and wait until they are gone (10 s at most)."""
+        if self.group is not None:  # (first: see signal_all)
+            await asyncio.to_thread(self.group.kill)
         if self.alive:
             send_group_signal(self.ident, signal.SIGKILL)
-        if self.group is not None:
-            await asyncio.to_thread(self.group.kill)
         if not await self.wait_gone(10):
             log.error("pid %d or a process it started did not exit within 10s of SIGKILL", self.pid)
         if self.group is not None:
