@@ -68,8 +68,12 @@ class Group:
 
     def signal(self, *signals: int) -> int:
         """Send each of ``signals`` to every member, in order; how many members were signalled."""
+        return self.send(self.members(), *signals)
+
+    def send(self, members: list[ProcessIdentity], *signals: int) -> int:
+        """Send each of ``signals`` to each of ``members`` that still is one (checked through a pidfd)."""
         sent = 0
-        for ident in self.members():
+        for ident in members:
             if self._send(ident, *signals):
                 sent += 1
         return sent

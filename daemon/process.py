@@ -115,12 +115,17 @@ class ProcessHandle:
         """Each of ``signals`` to the process's group and to every member of its launch group (also
         those that left it), in order."""
         # The launch's members first, while the server lives: with tags, a child that cleared its
-        # environment is found through its parent, and would be missed once that had died.
-        if self.group is not None:
-            self.group.signal(*signals)
-        for sig in signals:
-            if self.alive:
-                send_group_signal(self.ident, sig)
+        # environment is found through its parent, and would be missed once that had died. Each
+        # process gets each signal once: a second SIGTERM tells a draining server to stop at once.
+        if self.group is None:
+            for sig in signals:
+                if self.alive:
+                    send_group_signal(self.ident, sig)
+            return
+        members = self.group.members()
+        if self.alive and self.ident not in members:
+            members.append(self.ident)
+        self.group.send(members, *signals)
 
     async def terminate(self, timeout: float, force: bool = False) -> None:
         """SIGTERM to every process of the launch, wait up to ``timeout``, then SIGKILL; ``force`` kills at once.
@@ -137,7 +142,7 @@ class ProcessHandle:
         """SIGKILL every process of the launch and wait until they are gone (10 s at most)."""
         if self.group is not None:  # (first: see signal_all)
             await asyncio.to_thread(self.group.kill)
-        if self.alive:
+        if self.alive:  # (after a group's kill, it is gone: this is for a server from before groups)
             send_group_signal(self.ident, signal.SIGKILL)
         if not await self.wait_gone(10):
             log.error("pid %d or a process it started did not exit within 10s of SIGKILL", self.pid)
