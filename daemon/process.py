@@ -439,7 +439,9 @@ class ForkServers:
         if server is not None and server.closed and not server.ready:
             return None  # it died before it was ready (this interpreter cannot run it): cold from now on
         if server is not None and not server.closed and not server.ready:
-            return None  # still starting: this one goes cold
+            server._on_message()  # its "ready" may be waiting, unread, on the socket
+            if not server.ready:
+                return None  # still starting: this one goes cold
         if server is None or server.closed:
             try:
                 self._servers[python] = ForkServer(python, self.serve_py, self.log_path)

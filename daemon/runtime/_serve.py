@@ -624,9 +624,11 @@ def fork_server(control_fd):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import ctypes  # noqa: F401  (imported once here: each forked server renames itself with it)
 
-    _set_comm(FORK_SERVER_NAME)  # in ps and /proc/<pid>/comm; the servers it forks name themselves (see main)
     gc.collect()
     gc.freeze()  # the pre-imported objects stay shared with the children (no copy-on-write by the GC)
+    # Named once ready, just before saying so (in ps and /proc/<pid>/comm; the servers it forks
+    # name themselves, see main): its name is a sign that it is ready.
+    _set_comm(FORK_SERVER_NAME)
     ctl.send(b'{"ready": true}')
     while True:
         try:
