@@ -196,14 +196,20 @@ class CgroupGroup(Group):
         return ident.is_alive() and cgroup is not None and (cgroup == self.relative or cgroup.startswith(self.relative + "/"))
 
 
+def _subdirs(path: Path) -> list[Path]:
+    """The folders in ``path`` (a cgroup's children), by the type readdir gives (no stat of each file)."""
+    try:
+        with os.scandir(path) as entries:
+            return [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
 def _walk(path: Path) -> list[Path]:
     """``path`` and every cgroup below it, parents first."""
     found = [path]
     for directory in found:
-        try:
-            found.extend(entry for entry in directory.iterdir() if entry.is_dir())
-        except OSError:
-            continue
+        found.extend(_subdirs(directory))
     return found
 
 
@@ -321,14 +327,10 @@ class Cgroups(Containment):
         return str(group.path / "cgroup.procs") if isinstance(group, CgroupGroup) else ""
 
     def launches(self, uuid: str) -> list[str]:
-        with contextlib.suppress(OSError):
-            return sorted(entry.name for entry in (self.parent / str(uuid)).iterdir() if entry.is_dir())
-        return []
+        return sorted(path.name for path in _subdirs(self.parent / str(uuid)))
 
     def services(self) -> list[str]:
-        with contextlib.suppress(OSError):
-            return sorted(entry.name for entry in self.parent.iterdir() if entry.is_dir())
-        return []
+        return sorted(path.name for path in _subdirs(self.parent))
 
     def remove_service(self, uuid: str) -> None:
         path = self.parent / str(uuid)

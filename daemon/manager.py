@@ -549,11 +549,13 @@ class Manager:
                 if is_builtin(svc.config) and proc.extra.get("f"):
                     m.listener = await asyncio.to_thread(fetch_listener, proc.extra["f"])
                 healthy, seen = await probe(self._target(m, proc), timeout=1.0)
+                recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
                 log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
                 self._supervise(m)
-                self._save_if_possible(svc, step="restore.adopted")
+                if (svc.status.state, svc.status.pid) != recorded:  # (as recorded: no write, no fsync)
+                    self._save_if_possible(svc, step="restore.adopted")
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
