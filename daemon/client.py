@@ -261,9 +261,11 @@ class DaemonClient:
         if sock is None:
             return
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            poller = select.poll()  # (select() takes no fd past 1023: a client in a busy process may have them)
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
         except (OSError, ValueError):
-            readable = [sock]
+            readable = True
         if readable:  # an idle HTTP connection is readable only once closed (or with bytes nobody asked for)
             self.close()
 

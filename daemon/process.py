@@ -350,7 +350,7 @@ class ForkServer:
             deadline = time.monotonic() + self.REPLY_TIMEOUT
             while not self._replies:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([self._sock], [], [], remaining)[0]:
+                if remaining <= 0 or not _readable(self._sock, remaining):
                     self.close()
                     raise ForkServerError("the fork server did not answer")
                 self._on_message()
@@ -379,6 +379,14 @@ class ForkServer:
         if self._proc.returncode is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` becomes readable within ``timeout`` (poll: select() takes no fd past 1023,
+    and a daemon with a thousand services has fds well past that)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def spawn_warm(
