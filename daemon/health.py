@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import os
+import select
 import socket
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 from .addresses import ip_literal
 from .exceptions import DeployError
+
+log = logging.getLogger("modeld.health")
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,7 @@ async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None,
         return False, f"{target}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}"
     finally:
         sock.close()
-    parts = status_line.split()
-    if len(parts) >= 2 and parts[1].startswith(b"2"):
-        return True, "ok"
-    return False, f"{target} answered {status_line.decode(errors='replace').strip() or 'nothing'}"
+    return _verdict(target, status_line)
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -153,3 +157,155 @@ def fetch_listener(fd_socket: str, timeout: float = 1.0) -> socket.socket | None
     sock = socket.socket(fileno=fds[0])
     sock.set_inheritable(False)
     return sock
+
+
+# ------------------------------------------------------------------ the shared beat
+
+
+class Prober:
+    """Probes every watched server on one shared beat, all at once, from one thread with ``poll()``.
+
+    A healthy server is probed every ``interval`` seconds for its whole life, so with a thousand
+    of them this is most of what an idle daemon does. Done as one coroutine per service it cost a
+    timer, a task wake-up, an epoll registration and a future per probe (about 8 % of a core for
+    1,000 servers here); done here it costs, per beat, one timer, one thread hop and, per server,
+    the socket calls and one small callback on the loop.
+    """
+
+    def __init__(self, interval: float, timeout: float = 2.0):
+        self.interval = interval
+        self.timeout = timeout
+        self._watched: dict[object, tuple[ProbeTarget, Callable[[bool | None, str], None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def watch(self, key: object, target: ProbeTarget, on_result: Callable[[bool | None, str], None]) -> None:
+        """Probe ``target`` on every beat from now on; ``on_result(healthy, seen)`` runs on the loop."""
+        self._watched[key] = (target, on_result)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._beat(), name="probe-beat")
+
+    def unwatch(self, key: object) -> None:
+        self._watched.pop(key, None)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _beat(self) -> None:
+        while self._watched:
+            await asyncio.sleep(self.interval - time.monotonic() % self.interval)  # multiples of it: one burst
+            batch = dict(self._watched)
+            results = await asyncio.to_thread(probe_all, {key: target for key, (target, _) in batch.items()}, self.timeout)
+            for key, result in results.items():
+                entry = self._watched.get(key)
+                if entry is not None and entry[0] is batch[key][0]:  # still watched, the same target
+                    try:
+                        entry[1](*result)
+                    except Exception:  # one service's bookkeeping must not stop the others' probes
+                        log.exception("probe result of %s", key)
+
+
+def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tuple[bool | None, str]]:
+    """Probe every target at once (in a thread): ``GET path`` on each, first line of each answer."""
+    poller = select.poll()
+    pending: dict[int, _Exchange] = {}
+    results: dict[Any, tuple[bool | None, str]] = {}
+    for key, target in targets.items():
+        exchange = _Exchange(key, target)
+        failure = exchange.start()
+        if failure is not None:
+            results[key] = failure
+            continue
+        pending[exchange.sock.fileno()] = exchange
+        poller.register(exchange.sock, select.POLLOUT if exchange.connecting else select.POLLIN)
+    deadline = time.monotonic() + timeout
+    try:
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd, _events in poller.poll(remaining * 1000):
+                exchange = pending[fd]
+                result = exchange.step()
+                if result is None:
+                    poller.modify(fd, select.POLLIN)
+                    continue
+                results[exchange.key] = result
+                poller.unregister(fd)
+                exchange.sock.close()
+                del pending[fd]
+    finally:
+        for exchange in pending.values():
+            results[exchange.key] = (False, f"{exchange.target}: TimeoutError")
+            exchange.sock.close()
+    return results
+
+
+class _Exchange:
+    """One probe, as a few non-blocking steps: connect, send, read the status line."""
+
+    def __init__(self, key: Any, target: ProbeTarget):
+        self.key = key
+        self.target = target
+        self.connecting = False
+        self.data = b""
+        self.sock: socket.socket
+
+    def start(self) -> tuple[bool | None, str] | None:
+        target = self.target
+        try:
+            if target.unix:
+                self.sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix
+            else:
+                host = "127.0.0.1" if target.host in ("0.0.0.0", "") else ("::1" if target.host == "::" else target.host)
+                if ip_literal(host) is None:
+                    return False, f"{target}: {host!r} is not an IP address (a name is probed at the address it resolved to)"
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                self.sock, address = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), (host, target.port)
+        except OSError as exc:
+            return (None if exc.errno in _OWN_FAILURES else False), f"{target}: cannot probe: {exc.strerror or exc}"
+        try:
+            self.sock.connect(address)
+        except (BlockingIOError, InterruptedError):
+            self.connecting = True  # TCP in progress, or a full Unix backlog: wait until writable
+            return None
+        except OSError as exc:
+            self.sock.close()
+            return False, f"{target}: {exc.strerror or type(exc).__name__}"
+        return self._send()
+
+    def _send(self) -> tuple[bool | None, str] | None:
+        request = f"GET {self.target.path} HTTP/1.1\r\nHost: modeld\r\nConnection: close\r\n\r\n".encode()
+        try:
+            self.sock.send(request)  # small: one send on a fresh connection takes it whole
+        except OSError as exc:
+            self.sock.close()
+            return False, f"{self.target}: {exc.strerror or type(exc).__name__}"
+        return None
+
+    def step(self) -> tuple[bool | None, str] | None:
+        """Go on when the socket is ready; the result once there is one, else None (wait for reading)."""
+        if self.connecting:
+            self.connecting = False
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                return False, f"{self.target}: {os.strerror(error)}"
+            failure = self._send()
+            return failure if failure is not None else None
+        try:
+            chunk = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return False, f"{self.target}: {exc.strerror or type(exc).__name__}"
+        self.data += chunk
+        if chunk and b"\n" not in self.data and len(self.data) < 4096:
+            return None
+        return _verdict(self.target, self.data.split(b"\n", 1)[0])
+
+
+def _verdict(target: ProbeTarget, status_line: bytes) -> tuple[bool, str]:
+    parts = status_line.split()
+    if len(parts) >= 2 and parts[1].startswith(b"2"):
+        return True, "ok"
+    return False, f"{target} answered {status_line.decode(errors='replace').strip() or 'nothing'}"

@@ -8,8 +8,10 @@ its supervision task first, so the two never act on a process at once.
 
 Supervision of one service is a loop with few, explicit steps: wait until
 the process is healthy (probing every few ms, backing off), then wait for
-its exit on the pidfd while probing health at a calm pace; on exit, apply
-the restart policy with exponential backoff; a crash loop ends in ``error``.
+its exit on the pidfd while the shared beat (``health.Prober``) probes it at
+a calm pace, restarting it if it hangs; on exit, follow a process it left
+serving or apply the restart policy with exponential backoff; a crash loop
+ends in ``error``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
 from .addresses import Address, literal_address, resolve
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
-from .health import ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
+from .health import Prober, ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
 from .linux import (
     ProcessIdentity, TaggedProcess, holds_socket, listening_inodes, listening_unix_inodes, signal_verified, tagged_processes,
 )
@@ -117,6 +119,7 @@ class Manager:
         else:
             log.info("containment: %s", self.containment.kind)
         self.logs = LogWriterClient(paths)
+        self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
 
     # ------------------------------------------------------------------ queries
 
@@ -305,6 +308,7 @@ class Manager:
                 m.proc.close()
             m.close_listener()
         self.fork_servers.close()
+        self.prober.close()
         self.logs.close()
         await asyncio.to_thread(self.containment.prune)
 
@@ -1208,7 +1212,7 @@ class Manager:
                 return
 
     async def _watch(self, m: Managed, proc: ProcessHandle, healthy_since: float | None) -> str | None:
-        """Wait for the process to exit, probing its health at a calm pace meanwhile.
+        """Wait for the process to exit, its health probed on the shared beat meanwhile (see Prober).
 
         A server that was healthy and then fails ``restart.liveness_failures`` probes in a row is
         hung (a llama-server after a CUDA OOM, a frozen process): unless ``restart.on_unhealthy`` is
@@ -1216,43 +1220,51 @@ class Manager:
         stopped here and the reason returned, for supervision to restart it. None: it exited.
         """
         svc = m.svc
-        failed_probes = 0
+        hung: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        failed = 0
         was_healthy = svc.status.state == ServiceState.ACTIVE
-        while proc.alive:
-            # Probe on a shared beat (multiples of the interval on the monotonic clock): the
-            # probes of all services then come in one burst, which costs the loop far fewer
-            # wake-ups than the same probes spread out (idle CPU with 100 servers: 1.0 -> 0.3 %).
-            if await proc.wait(HEALTH_INTERVAL - time.monotonic() % HEALTH_INTERVAL):
-                break
-            healthy, seen = await probe(self._target(m, proc))
+
+        def on_result(healthy: bool | None, seen: str) -> None:  # on the loop, once a beat
+            nonlocal failed, was_healthy
+            if hung.done() or not proc.alive:
+                return
             if healthy is None:  # the daemon could not probe (out of fds): says nothing of the server
                 log.warning("%s: cannot probe: %s", svc.uuid, seen)
-                continue
+                return
             policy = svc.config.restart
             if healthy:
-                failed_probes = 0
-                was_healthy = True
+                failed, was_healthy = 0, True
                 if svc.status.state != ServiceState.ACTIVE:
                     svc.status.moved_to(ServiceState.ACTIVE, "")
                     self._save_if_possible(svc, step="supervise.active")
                 if healthy_since is not None and time.monotonic() - healthy_since >= policy.healthy_reset:
                     m.failures = 0
-                continue
-            failed_probes += 1
-            if failed_probes < policy.liveness_failures or not proc.alive:
-                continue
+                return
+            failed += 1
+            if failed < policy.liveness_failures:
+                return
             if was_healthy and policy.on_unhealthy and policy.mode != "never":
-                reason = f"it failed {failed_probes} health checks in a row (last: {seen})"
-                log.warning("%s is hung: %s; restarting it", svc.uuid, reason)
-                svc.status.moved_to(ServiceState.PENDING_STARTUP, f"restarting: {reason}")
-                self._save_if_possible(svc, step="supervise.unhealthy")
-                await self._terminate(m, proc, svc.config.stop_timeout)
-                return reason
-            if failed_probes == policy.liveness_failures:
+                hung.set_result(f"it failed {failed} health checks in a row (last: {seen})")
+            elif failed == policy.liveness_failures:
                 log.warning("%s is failing its health check: %s", svc.uuid, seen)
                 svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
                 self._save_if_possible(svc, step="supervise.unhealthy")
-        return None
+
+        key = (m.uuid, proc.pid)
+        self.prober.watch(key, self._target(m, proc), on_result)
+        try:
+            await asyncio.wait((proc.exited, hung), return_when=asyncio.FIRST_COMPLETED)  # (cancels neither)
+        finally:
+            self.prober.unwatch(key)
+        if not hung.done():
+            hung.cancel()
+            return None
+        reason = hung.result()
+        log.warning("%s is hung: %s; restarting it", svc.uuid, reason)
+        svc.status.moved_to(ServiceState.PENDING_STARTUP, f"restarting: {reason}")
+        self._save_if_possible(svc, step="supervise.unhealthy")
+        await self._terminate(m, proc, svc.config.stop_timeout)
+        return reason
 
     async def _restart_after_exit(self, m: Managed, code: int | None, unhealthy: str | None = None) -> bool:
         """Apply the restart policy after an exit (or a stop for hanging: ``unhealthy``); True if a new process was started."""
@@ -1354,7 +1366,7 @@ class Manager:
             "problems": [vars(p) for p in self.problems],
             "containment": self.containment.kind,
             **({"containment_note": self.containment.reason} if self.containment.reason else {}),
-            "log_writer": self.logs.pid().pid if self.logs.pid() else None,
+            "log_writer": writer.pid if (writer := self.logs.pid()) else None,
         }
 
 
