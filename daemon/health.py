@@ -159,7 +159,76 @@ def fetch_listener(fd_socket: str, timeout: float = 1.0) -> socket.socket | None
     return sock
 
 
+def fetch_listeners(fd_sockets: list[str], timeout: float = 1.0) -> list[socket.socket | None]:
+    """``fetch_listener`` of each, all at once (a daemon re-adopting many servers), in the same order."""
+    poller = select.poll()
+    conns: dict[int, tuple[int, socket.socket]] = {}
+    results: list[socket.socket | None] = [None] * len(fd_sockets)
+    for i, path in enumerate(fd_sockets):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            conn.connect(path)  # (a Unix socket connects at once, or its backlog is full)
+        except OSError:
+            conn.close()
+            continue
+        conns[conn.fileno()] = (i, conn)
+        poller.register(conn, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    try:
+        while conns and (remaining := deadline - time.monotonic()) > 0:
+            for fd, _events in poller.poll(remaining * 1000):
+                i, conn = conns.pop(fd)
+                poller.unregister(fd)
+                with conn:
+                    try:
+                        _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
+                    except OSError:
+                        continue
+                if fds:
+                    sock = socket.socket(fileno=fds[0])
+                    sock.set_inheritable(False)
+                    results[i] = sock
+    finally:
+        for _, conn in conns.values():
+            conn.close()
+    return results
+
+
 # ------------------------------------------------------------------ the shared beat
+
+
+class Batch:
+    """Calls made in the same turn of the event loop, done together in one thread job.
+
+    A daemon re-adopting a thousand servers fetches a thousand listening sockets and probes a
+    thousand servers at once: a thread hop (and, for probes, a timer and an epoll registration)
+    each cost seconds in all; one job for all of them costs the socket calls alone.
+    """
+
+    def __init__(self, work: Callable[[list[Any]], list[Any]]):
+        self.work = work
+        self._items: list[tuple[Any, asyncio.Future[Any]]] = []
+
+    async def __call__(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._items:
+            loop.call_soon(lambda: loop.create_task(self._run()))  # after the tasks ready now have run
+        self._items.append((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        items, self._items = self._items, []
+        try:
+            results = await asyncio.to_thread(self.work, [item for item, _ in items])
+        except BaseException as exc:
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (_, future), result in zip(items, results):
+            if not future.done():
+                future.set_result(result)
 
 
 class Prober:

@@ -25,9 +25,16 @@ from dataclasses import dataclass
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
+_boot_id = ""
+
+
 def boot_id() -> str:
-    with open(_BOOT_ID_PATH) as f:
-        return f.read().strip()
+    """This boot's id (read once: it cannot change while this process lives)."""
+    global _boot_id
+    if not _boot_id:
+        with open(_BOOT_ID_PATH) as f:
+            _boot_id = f.read().strip()
+    return _boot_id
 
 
 def start_ticks(pid: int) -> int | None:

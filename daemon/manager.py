@@ -38,7 +38,9 @@ from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
 from .addresses import Address, literal_address, resolve
 from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
-from .health import Prober, ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, probe
+from .health import (
+    Batch, Prober, ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, fetch_listeners, probe, probe_all,
+)
 from .linux import (
     ProcessIdentity, TaggedProcess, holds_socket, listening_inodes, listening_unix_inodes, signal_verified, tagged_processes,
 )
@@ -120,6 +122,9 @@ class Manager:
             log.info("containment: %s", self.containment.kind)
         self.logs = LogWriterClient(paths)
         self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
+        # Re-adoption: the sockets of all servers fetched, and all of them probed, in one job each.
+        self._fetch_listeners = Batch(fetch_listeners)
+        self._probe_batch = Batch(_probe_list)
 
     # ------------------------------------------------------------------ queries
 
@@ -550,9 +555,10 @@ class Manager:
                 return
             if proc is not None:
                 m.proc = proc
+                # (the services restored at once fetch their sockets and are probed in one batch)
                 if is_builtin(svc.config) and proc.extra.get("f"):
-                    m.listener = await asyncio.to_thread(fetch_listener, proc.extra["f"])
-                healthy, seen = await probe(self._target(m, proc), timeout=1.0)
+                    m.listener = await self._fetch_listeners(proc.extra["f"])
+                healthy, seen = await self._probe_batch(self._target(m, proc))
                 recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
@@ -1368,6 +1374,12 @@ class Manager:
             **({"containment_note": self.containment.reason} if self.containment.reason else {}),
             "log_writer": writer.pid if (writer := self.logs.pid()) else None,
         }
+
+
+def _probe_list(targets: list[ProbeTarget]) -> list[tuple[bool | None, str]]:
+    """Probe every target at once (in a thread), 1 s at most; the results in the same order."""
+    results = probe_all(dict(enumerate(targets)), 1.0)
+    return [results[i] for i in range(len(targets))]
 
 
 def backoff_delay(policy: RestartPolicy, failures: int) -> float:
