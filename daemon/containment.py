@@ -154,8 +154,12 @@ class CgroupGroup(Group):
             try:
                 with open(directory / "cgroup.procs") as f:
                     pids = [int(line) for line in f if line.strip()]
-            except (FileNotFoundError, ValueError):
+            except ValueError:
                 continue
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    continue
+                raise
             for pid in pids:
                 ident = ProcessIdentity.of(pid)
                 if ident is not None:
@@ -166,34 +170,40 @@ class CgroupGroup(Group):
         try:
             with open(self.path / "cgroup.events") as f:
                 return "populated 0" in f.read()
-        except FileNotFoundError:
-            return True
+        except OSError as exc:
+            if exc.errno in _GONE:
+                return True
+            raise
 
     def kill(self) -> None:
         try:
             with open(self.path / "cgroup.kill", "w") as f:
                 f.write("1")
             return
-        except FileNotFoundError:
-            if not self.path.exists():
-                return
-        except OSError as exc:  # a kernel before 5.14 has no cgroup.kill
-            log.debug("cgroup.kill of %s: %s", self.path, exc)
+        except OSError as exc:
+            if exc.errno in _GONE and not self.path.exists():
+                return  # removed meanwhile (by another thread finishing the same delete)
+            log.debug("cgroup.kill of %s: %s", self.path, exc)  # a kernel before 5.14 has no cgroup.kill
         super().kill()
 
     def remove(self) -> None:
         for directory in reversed(_walk(self.path)):
-            with contextlib.suppress(FileNotFoundError):
-                try:
-                    os.rmdir(directory)
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        raise
-                    log.warning("cannot remove %s yet: it still has processes", directory)
+            try:
+                os.rmdir(directory)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    continue
+                if exc.errno != errno.EBUSY:
+                    raise
+                log.warning("cannot remove %s yet: it still has processes", directory)
 
     def _still_member(self, ident: ProcessIdentity) -> bool:
         cgroup = own_cgroup(ident.pid)
         return ident.is_alive() and cgroup is not None and (cgroup == self.relative or cgroup.startswith(self.relative + "/"))
+
+
+# A cgroup removed while we use it: its files are gone (ENOENT), or an open one answers ENODEV.
+_GONE = (errno.ENOENT, errno.ENODEV)
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -341,10 +351,9 @@ class Cgroups(Containment):
             group.remove()
         try:
             os.rmdir(path)
-        except FileNotFoundError:
-            pass  # (removed when it was last emptied)
         except OSError as exc:
-            log.warning("cannot remove %s: %s", path, exc)
+            if exc.errno not in _GONE:  # (else removed meanwhile)
+                log.warning("cannot remove %s: %s", path, exc)
 
 
     def prune(self) -> None:

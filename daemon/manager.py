@@ -296,11 +296,12 @@ class Manager:
         strays = [p for p in tagged if launch_of(p.info) not in keep.get(p.service_uuid, set()) and p.ident.is_alive()]
         for group in doomed:
             log.warning("stopping what is left of launch %s of service %s", group.launch, group.uuid)
-        await asyncio.gather(*(self._kill_untracked(p) for p in strays),
-                             *(asyncio.to_thread(_kill_and_remove, group) for group in doomed))
-        for uuid in self.containment.services():
-            if uuid not in keep:
-                await asyncio.to_thread(self.containment.remove_service, uuid)
+        _log_failures("sweeping", await asyncio.gather(
+            *(self._kill_untracked(p) for p in strays),
+            *(asyncio.to_thread(_kill_and_remove, group) for group in doomed), return_exceptions=True))
+        gone = [uuid for uuid in self.containment.services() if uuid not in keep]
+        _log_failures("removing the cgroup of a deleted service", await asyncio.gather(
+            *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True))
 
     async def shutdown(self, stop_services: bool) -> None:
         for m in self.services.values():
@@ -399,8 +400,9 @@ class Manager:
                 continue  # a server's child in a session of its own: it goes with its server
             wanted.setdefault(p.service_uuid, []).append(p)
         gone = [uuid for uuid in self.containment.services() if uuid not in known]
-        await asyncio.gather(*(self._kill_untracked(p) for p in doomed),
-                             *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone))
+        _log_failures("stopping an untracked process", await asyncio.gather(
+            *(self._kill_untracked(p) for p in doomed),
+            *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True))
         return wanted
 
     async def _kill_untracked(self, p: TaggedProcess) -> None:
@@ -1399,6 +1401,14 @@ def _out_of_resources(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
+
+
+def _log_failures(doing: str, results: list[object]) -> None:
+    """Log what failed in a gather(return_exceptions=True) of the rebuild: one stray that cannot
+    be reached (a cgroup removed under us, a process gone) never stops the daemon from starting."""
+    for result in results:
+        if isinstance(result, Exception):
+            log.error("%s failed: %s: %s", doing, type(result).__name__, result, exc_info=result)
 
 
 def _kill_and_remove(group: Group, timeout: float = 10.0) -> None:

@@ -9,6 +9,7 @@ environment tag every descendant inherits).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -403,3 +404,50 @@ def test_stop_command_runs_before_the_signals_and_after_an_unexpected_exit(clien
     assert not pid_alive(failing.status.pid)
     assert stops.read_text().splitlines()[-1].split()[0] == "box2"
     assert client.get(back.uuid).status.state == ServiceState.ACTIVE
+
+
+@pytest.mark.needs_root("to create cgroups under the cgroup2 mount")
+def test_a_cgroup_removed_while_another_thread_kills_it_is_gone_not_an_error(tmp_path):
+    """Two paths can finish the same delete at once at a rebuild (the stray's launch is killed
+    and removed while the deleted service's folder is): a cgroup removed under the other
+    answers ENOENT or ENODEV, which means gone. Seen in CI as a daemon that would not start."""
+    import threading
+
+    from daemon.containment import Cgroups, choose
+    from daemon.manager import _kill_and_remove
+
+    home = tmp_path / "h"
+    (home / "run").mkdir(parents=True)
+    containment = choose(home, home / "run")
+    if not isinstance(containment, Cgroups):
+        pytest.skip(f"no cgroups here: {containment.reason}")
+    errors: list[BaseException] = []
+
+    def guarded(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - any is the failure
+            errors.append(exc)
+
+    try:
+        for round_ in range(40):
+            uuid = f"race{round_}"
+            group = containment.create(uuid, "l1")
+            child = subprocess.Popen(["sleep", "100"])
+            try:
+                (group.path / "cgroup.procs").write_text(str(child.pid))
+                threads = [threading.Thread(target=guarded, args=(containment.remove_service, uuid)),
+                           threading.Thread(target=guarded, args=(_kill_and_remove, containment.group(uuid, "l1")))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(30)
+            finally:
+                child.kill()
+                child.wait()
+            assert not errors, errors
+            assert not (containment.parent / uuid).exists()
+    finally:
+        containment.prune()
+        with contextlib.suppress(OSError):
+            containment.parent.rmdir()
