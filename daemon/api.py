@@ -42,7 +42,7 @@ from ._version import __version__
 from .exceptions import DaemonError, InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
 from .logs import read_log
 from .manager import FIND_FILTERS, Manager
-from .models import BaseService, ServiceConfig, ServiceState
+from .models import BaseService, ServiceConfig, ServiceState, changes
 
 log = logging.getLogger("modeld.api")
 
@@ -141,7 +141,9 @@ class ServiceViews:
     Both are checked, not trusted, on every call, at C speed and without hooks into the manager:
     the index is rebuilt when the list of services or any service's config object changed (configs
     are replaced, never edited in place); a service's JSON (from pydantic's Rust serializer) is
-    reused while the objects and status values it was made from are the same.
+    reused while nothing was edited since (``models.changes()``), or else while the objects and
+    status and endpoint values it was made from are the same; the list's answer is reused while
+    nothing was edited and it lists the same objects.
     """
 
     _configs = operator.attrgetter("svc.config")
@@ -152,8 +154,10 @@ class ServiceViews:
         self._configs_seen: list[Any] = []
         self._ordered: list[Any] = []  # by created_at, as find answers
         self._index: dict[str, dict[str, list[Any]]] = {}
-        self._json: dict[UUID, tuple[tuple[Any, ...], bytes]] = {}
+        self._json: dict[UUID, tuple[int, BaseService, tuple[Any, ...], bytes]] = {}
         self._list: tuple[list[bytes], bytes] = ([], b'{"services": []}')
+        self._list_stamp = -1
+        self._list_services: list[BaseService] = []
 
     def _fresh(self) -> None:
         members = list(self.manager.services.values())
@@ -193,22 +197,30 @@ class ServiceViews:
 
     def json(self, svc: BaseService) -> bytes:
         """The service's public JSON, made again only when something in it changed."""
-        # Every field of the service (objects are replaced, not edited, except the status,
-        # whose fields are read too).
-        key = (*svc.__dict__.values(), *svc.status.__dict__.values())
+        stamp = changes()
         cached = self._json.get(svc.uuid)
-        # Tuples compare item by item, identity first: the cached objects are the same ones in the
-        # common case (and kept alive by the cache, so no new object can take their ids).
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        data = svc.public().model_dump_json().encode()
-        self._json[svc.uuid] = (key, data)
+        if cached is not None and cached[0] == stamp and cached[1] is svc:
+            return cached[3]  # nothing was edited anywhere since, and it is the same object
+        # Every field of the service, its status and its endpoint (the objects edited in place;
+        # the others are replaced, never edited). Tuples compare item by item, identity first:
+        # the cached objects are the same ones in the common case (and kept alive by the cache,
+        # so no new object can take their ids).
+        key = (*svc.__dict__.values(), *svc.status.__dict__.values(), *svc.endpoint.__dict__.values())
+        if cached is not None and cached[2] == key:
+            data = cached[3]
+        else:
+            data = svc.public().model_dump_json().encode()
+        self._json[svc.uuid] = (stamp, svc, key, data)
         return data
 
     def list_json(self, services: list[BaseService]) -> bytes:
+        stamp = changes()
+        if stamp == self._list_stamp and services == self._list_services:  # identity compares: fast
+            return self._list[1]
         parts = [self.json(s) for s in services]
         if parts != self._list[0]:  # the same bytes objects as last time: reuse the joined answer
             self._list = (parts, b'{"services": [' + b", ".join(parts) + b"]}")
+        self._list_stamp, self._list_services = stamp, services
         return self._list[1]
 
 

@@ -278,7 +278,26 @@ def _os_size(text: str, what: str) -> int:
         raise ValueError(f"{what} is not valid Unicode text (a lone surrogate)") from None
 
 
-class ServiceStatus(BaseModel):
+_changes = [0]  # moved by every attribute set on a service, its status or its endpoint
+
+
+def changes() -> int:
+    """A number that moves whenever any service, status or endpoint is edited in place.
+
+    Views made from services (the API's cached JSON) are still good while it has not moved and
+    they are asked about the same objects: new objects are made by replacing a field (an edit)
+    or a whole service (a new object, told apart by identity).
+    """
+    return _changes[0]
+
+
+class _Counted(BaseModel):
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        _changes[0] += 1
+
+
+class ServiceStatus(_Counted):
     """What was last observed of the service's process."""
 
     model_config = ConfigDict(extra="ignore")
@@ -301,7 +320,7 @@ class ServiceStatus(BaseModel):
         self.updated_at = time.time()
 
 
-class ServiceEndpoint(BaseModel):
+class ServiceEndpoint(_Counted):
     """Where the server answers."""
 
     model_config = ConfigDict(extra="ignore")
@@ -351,7 +370,7 @@ class ServiceType(BaseModel):
     name: str = "model-server"
 
 
-class BaseService(BaseModel):
+class BaseService(_Counted):
     """A supervised model server: identity, config, desired and observed state."""
 
     model_config = ConfigDict(extra="ignore")

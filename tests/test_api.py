@@ -314,3 +314,39 @@ def test_follow_ends_when_the_service_is_deleted(client, home):
     finally:
         conn.close()
     wait_for(lambda: not (home / "services" / str(svc.uuid)).exists(), 5, what="the service folder to go")
+
+
+def test_cached_answers_follow_every_edit_of_a_service():
+    """find and list answer from cached JSON; an edit in place of a service, its status or its
+    endpoint (the objects the manager edits) shows in the next answer, and a service replaced
+    by a new object with the same uuid too."""
+    import json as _json
+    import sys as _sys
+    from types import SimpleNamespace
+
+    from daemon.api import ServiceViews
+    from daemon.models import LocalModelService, ServiceConfig, ServiceState
+
+    services = {}
+    for i in range(5):
+        svc = LocalModelService(config=ServiceConfig(model_name=f"m{i}", model_uri="/tmp/m.py:model",
+                                                     python=_sys.executable, working_dir="/tmp"))
+        services[svc.uuid] = SimpleNamespace(svc=svc, uuid=svc.uuid)
+    views = ServiceViews(SimpleNamespace(services=services))
+
+    def listed() -> list[dict]:
+        return _json.loads(views.list_json(views.find()))["services"]
+
+    first = listed()
+    assert views.list_json(views.find()) is views.list_json(views.find())  # nothing edited: reused
+    one = next(iter(services.values()))
+    one.svc.endpoint.unix_socket = "/tmp/x.sock"
+    assert listed()[0]["endpoint"]["unix_socket"] == "/tmp/x.sock"
+    one.svc.status.moved_to(ServiceState.ACTIVE)
+    assert listed()[0]["status"]["state"] == "active"
+    one.svc.desired_state = one.svc.desired_state.__class__("stopped")
+    assert listed()[0]["desired_state"] == "stopped"
+    one.svc = one.svc.model_copy(update={"version": 7})  # a new object, no edit anywhere
+    assert listed()[0]["version"] == 7
+    assert [s["uuid"] for s in listed()] == [s["uuid"] for s in first]
+    assert _json.loads(views.json(one.svc))["version"] == 7
