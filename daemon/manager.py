@@ -253,9 +253,20 @@ class Manager:
 
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run."""
+        clock = [time.monotonic()]
+        spent: dict[str, float] = {}
+
+        def took(step: str) -> None:
+            clock.append(time.monotonic())
+            spent[step] = clock[-1] - clock[-2]
+
+        scan = asyncio.ensure_future(self._tagged())  # /proc is read in a thread meanwhile
         services, self.problems = self.store.load_all()
+        took("load")
         await asyncio.to_thread(self.logs.ensure)  # this home's log writer: the one still running, or a new one
-        tagged = await self._tagged()
+        took("log writer")
+        tagged = await scan
+        took("scan")
         # A pid file is trusted only for a process that carries its service's tag: one whose pid
         # and start time match by chance (a pid file copied from elsewhere, edited by hand) is a
         # stranger, never signalled.
@@ -264,6 +275,7 @@ class Manager:
         await self._resolve_hosts([svc.config.host for svc in services])  # before anything binds or claims
         records = {svc.uuid: self.store.read_pid(svc.uuid) for svc in services}  # read once, for both steps
         untracked = await self._untracked(services, tagged, records)
+        took("untracked")
         results = await asyncio.gather(
             *(self._restore(svc, records[svc.uuid], untracked.get(str(svc.uuid), [])) for svc in services),
             return_exceptions=True,
@@ -272,8 +284,11 @@ class Manager:
             if isinstance(result, Exception):
                 log.error("could not restore %s: %s", svc.uuid, result, exc_info=result)
                 self.problems.append(Problem(svc.service_path, f"could not be restored: {type(result).__name__}: {result}"))
+        took("restore")
         await self._sweep(tagged)
-        log.info("rebuilt %d services (%s)", len(self.services), self.counts())
+        took("sweep")
+        log.info("rebuilt %d services in %.2f s (%s; %s)", len(self.services), clock[-1] - clock[0],
+                 ", ".join(f"{step} {seconds:.2f}" for step, seconds in spent.items()), self.counts())
 
     async def _sweep(self, tagged: list[TaggedProcess]) -> None:
         """Stop every process of this home's services that belongs to no launch a service keeps.
@@ -557,10 +572,13 @@ class Manager:
                 return
             if proc is not None:
                 m.proc = proc
-                # (the services restored at once fetch their sockets and are probed in one batch)
+                # (the services restored at once fetch their sockets and are probed in one batch
+                # each, the two at once)
                 if is_builtin(svc.config) and proc.extra.get("f"):
-                    m.listener = await self._fetch_listeners(proc.extra["f"])
-                healthy, seen = await self._probe_batch(self._target(m, proc))
+                    m.listener, (healthy, seen) = await asyncio.gather(
+                        self._fetch_listeners(proc.extra["f"]), self._probe_batch(self._target(m, proc)))
+                else:
+                    healthy, seen = await self._probe_batch(self._target(m, proc))
                 recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
