@@ -65,6 +65,7 @@ class LogWriterClient:
         self._conn: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self.failure = ""  # why servers write their files directly, if they do
+        self._known: tuple[tuple[int, int, int], ProcessIdentity | None] | None = None  # pid(): the record as last read
         self._lock = threading.RLock()  # one request at a time on the connection (flushes come from threads)
 
     # ----------------------------------------------------------------- writer life
@@ -127,15 +128,25 @@ class LogWriterClient:
                 os.close(fd)
 
     def pid(self) -> ProcessIdentity | None:
-        """The live writer's identity from its record (checked against its start time and tag)."""
+        """The live writer's identity from its record (checked against its start time and tag).
+
+        The record is read and the tag checked again only when the record file changed (GET
+        /v1/daemon asks this on every call); whether the process lives is checked every time.
+        """
         try:
-            lines = self.record.read_text().split()
-            ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
-            with open(f"/proc/{ident.pid}/environ", "rb") as f:
-                tagged = f"MODELD_HOME={self.paths.home}".encode() in f.read().split(b"\0")
+            st = os.stat(self.record)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._known is None or self._known[0] != stamp:
+                lines = self.record.read_text().split()
+                ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
+                with open(f"/proc/{ident.pid}/environ", "rb") as f:
+                    tagged = f"MODELD_HOME={self.paths.home}".encode() in f.read().split(b"\0")
+                self._known = (stamp, ident if tagged else None)
         except (OSError, ValueError, IndexError):
+            self._known = None
             return None
-        return ident if tagged and ident.is_alive() else None
+        ident = self._known[1]
+        return ident if ident is not None and ident.is_alive() else None
 
     def _spawn(self) -> None:
         env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_PROCESS": json.dumps({"role": "logd"})}

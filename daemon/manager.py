@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import logging
+import operator
 import os
 import secrets
 import shlex
@@ -45,7 +46,7 @@ from .linux import (
     ProcessIdentity, TaggedProcess, holds_socket, listening_inodes, listening_unix_inodes, signal_verified, tagged_processes,
 )
 from .logs import LogWriterClient, marker, tail_text
-from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState
+from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState, changes
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
 from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
 from .store import PidRecord, Problem, Store
@@ -73,6 +74,9 @@ def describe_exit(code: int | None) -> str:
 
 class StillStarting(DeployError):
     """The caller's timeout ran out while the server may still become healthy within its startup_timeout."""
+
+
+_state_of = operator.attrgetter("svc.status.state")
 
 
 def is_builtin(config: ServiceConfig) -> bool:
@@ -125,6 +129,7 @@ class Manager:
         # Re-adoption: the sockets of all servers fetched, and all of them probed, in one job each.
         self._fetch_listeners = Batch(fetch_listeners)
         self._probe_batch = Batch(_probe_list)
+        self._counted: tuple[int, list[Managed], dict[str, int]] = (-1, [], {})
 
     # ------------------------------------------------------------------ queries
 
@@ -135,11 +140,17 @@ class Manager:
             raise ServiceNotFound(f"no service with uuid {uuid}") from None
 
     def counts(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in ServiceState}
-        for m in self.services.values():
-            counts[m.svc.status.state.value] += 1
-        counts["total"] = len(self.services)
-        return counts
+        """Services by state. Counted again only when a service came or went or anything was
+        edited (``models.changes()``; a runtime's service is never replaced): GET /v1/daemon asks
+        this, and a thousand services took milliseconds to count."""
+        members = list(self.services.values())
+        stamp = changes()
+        if stamp != self._counted[0] or members != self._counted[1]:  # (identity compares: fast)
+            states = list(map(_state_of, members))
+            counts = {state.value: states.count(state) for state in ServiceState}
+            counts["total"] = len(states)
+            self._counted = (stamp, members, counts)
+        return dict(self._counted[2])
 
     # --------------------------------------------------------------- operations
 

@@ -9,8 +9,10 @@ nothing behind.
 from __future__ import annotations
 
 import http.client
+import os
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -350,3 +352,24 @@ def test_cached_answers_follow_every_edit_of_a_service():
     assert listed()[0]["version"] == 7
     assert [s["uuid"] for s in listed()] == [s["uuid"] for s in first]
     assert _json.loads(views.json(one.svc))["version"] == 7
+
+
+def test_daemon_counts_follow_every_change_of_state(client):
+    """GET /v1/daemon's counts (counted again only when something changed) follow a deploy, a
+    stop, a crash and a delete, with a real server."""
+    def counts() -> dict[str, int]:
+        return client.daemon_info()["counts"]
+
+    assert counts()["total"] == 0
+    svc = client.deploy(iris_config(), timeout=60)
+    assert (counts()["active"], counts()["total"]) == (1, 1)
+    client.stop(svc.uuid, timeout=30)
+    assert (counts()["active"], counts()["inactive"]) == (0, 1)
+    client.start(svc.uuid, timeout=60)
+    pid = client.get(svc.uuid).status.pid
+    assert counts()["active"] == 1
+    os.kill(pid, signal.SIGKILL)  # a crash: restarted, the counts move through pending_startup
+    wait_for(lambda: client.get(svc.uuid).status.pid not in (None, pid) and counts()["active"] == 1,
+             timeout=30, what="the crashed server restarted and counted active")
+    client.delete(svc.uuid, force=True)
+    assert counts()["total"] == 0
