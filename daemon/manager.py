@@ -126,9 +126,9 @@ class Manager:
             log.info("containment: %s", self.containment.kind)
         self.logs = LogWriterClient(paths)
         self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
-        # Re-adoption: the sockets of all servers fetched, and all of them probed, in one job each.
-        self._fetch_listeners = Batch(fetch_listeners)
+        # Re-adoption: all servers probed in one job.
         self._probe_batch = Batch(_probe_list)
+        self._listeners_task: asyncio.Future[None] | None = None
         self._counted: tuple[int, list[Managed], dict[str, int]] = (-1, [], {})
 
     # ------------------------------------------------------------------ queries
@@ -298,8 +298,29 @@ class Manager:
         took("restore")
         await self._sweep(tagged)
         took("sweep")
+        self._listeners_task = asyncio.ensure_future(self._fetch_adopted_listeners())
         log.info("rebuilt %d services in %.2f s (%s; %s)", len(self.services), clock[-1] - clock[0],
                  ", ".join(f"{step} {seconds:.2f}" for step, seconds in spent.items()), self.counts())
+
+    async def _fetch_adopted_listeners(self) -> None:
+        """Hold the listening sockets of the re-adopted built-in servers again, all in one job.
+
+        Done once the rebuild is over, off its critical path (a thousand servers each woken for
+        it slowed their probes): until then a crash restart binds the port anew, as it would
+        for a server whose socket cannot be fetched, and a replace fetches its own.
+        """
+        wanted = [(m, m.proc) for m in self.services.values()
+                  if m.proc is not None and m.listener is None and is_builtin(m.svc.config) and m.proc.extra.get("f")]
+        if not wanted:
+            return
+        socks = await asyncio.to_thread(fetch_listeners, [proc.extra["f"] for _, proc in wanted])
+        for (m, proc), sock in zip(wanted, socks):
+            if sock is None:
+                continue
+            if m.proc is proc and m.listener is None:  # (else it was restarted or replaced meanwhile)
+                m.listener = sock
+            else:
+                sock.close()
 
     async def _sweep(self, tagged: list[TaggedProcess]) -> None:
         """Stop every process of this home's services that belongs to no launch a service keeps.
@@ -330,6 +351,8 @@ class Manager:
             *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True))
 
     async def shutdown(self, stop_services: bool) -> None:
+        if self._listeners_task is not None:
+            self._listeners_task.cancel()
         for m in self.services.values():
             await self._cancel_supervision(m)
         if stop_services:
@@ -583,13 +606,9 @@ class Manager:
                 return
             if proc is not None:
                 m.proc = proc
-                # (the services restored at once fetch their sockets and are probed in one batch
-                # each, the two at once)
-                if is_builtin(svc.config) and proc.extra.get("f"):
-                    m.listener, (healthy, seen) = await asyncio.gather(
-                        self._fetch_listeners(proc.extra["f"]), self._probe_batch(self._target(m, proc)))
-                else:
-                    healthy, seen = await self._probe_batch(self._target(m, proc))
+                # (the services restored at once are probed in one batch; their listening
+                # sockets are fetched after the rebuild: _fetch_adopted_listeners)
+                healthy, seen = await self._probe_batch(self._target(m, proc))
                 recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)

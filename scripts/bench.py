@@ -20,6 +20,7 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | replace_*                 | replace of a built-in server while a client sends requests as fast as it can, one connection each, |
 |                           | from 0.3 s before to 0.3 s after; failures count them all, latency those overlapping the replace call |
 | list_live_ms              | GET /v1/services with the live servers, until the whole body is read     |
+| list_*_floor_ms           | GET of a body of the list's size from the bare uvicorn app (the transport's floor), alternating |
 | fds_per_live_service      | the daemon's open fds, less those it has with no service, per live server |
 | logd_rss_mb, logd_kib_per_live_service | the log writer (one per home) with the live servers    |
 | log_flood_api_p99_ms      | GET /v1/daemon while a server writes its log as fast as it can, beside the same calls with it stopped |
@@ -64,11 +65,14 @@ from daemon.linux import ProcessIdentity  # noqa: E402
 
 BARE_APP = """
 import sys, uvicorn
+BODIES = {}
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
+    path = scope["path"]  # /bytes/N: N bytes (the floor of a list answer of that size), else "ok"
+    body = BODIES.get(path) or BODIES.setdefault(path, b"x" * int(path[7:]) if path.startswith("/bytes/") else b"ok")
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 where = sys.argv[1]
 if where.isdigit():
     uvicorn.run(app, host="127.0.0.1", port=int(where), log_level="warning", lifespan="off")
@@ -320,8 +324,13 @@ def socket_runs(socket_path: str, folder: Path, registered: int, runs: int, reap
             start = time.perf_counter()
             daemon.get(wanted)
             figures["find_one_us"].append(time.perf_counter() - start)
-        assert len(json.loads(daemon.get("/v1/services"))["services"]) == registered
+        size = len(body := daemon.get("/v1/services"))
+        assert len(json.loads(body)["services"]) == registered
+        figures["list_all_floor_ms"] = []
         for _ in range(max(10, runs * 2)):
+            start = time.perf_counter()
+            floor.get(f"/bytes/{size}")  # the same number of bytes from the bare app
+            figures["list_all_floor_ms"].append(time.perf_counter() - start)
             start = time.perf_counter()
             daemon.get("/v1/services")
             figures["list_all_ms"].append(time.perf_counter() - start)
@@ -437,18 +446,30 @@ def replace_under_load(client: DaemonClient, svc: Any, folder: Path, seconds_aft
     return {"latencies": during, "requests": len(latencies), "failed": failed[0], "failures": failures, "took": end - begin, "svc": new}
 
 
-def list_runs(socket_path: str, runs: int) -> list[float]:
-    """GET /v1/services (every live service), until the body is read."""
-    conn = UnixHTTP(socket_path)
-    for _ in range(5):
-        conn.get("/v1/services")
-    times = []
-    for _ in range(max(10, runs * 2)):
-        start = time.perf_counter()
-        conn.get("/v1/services")
-        times.append(time.perf_counter() - start)
-    conn.close()
-    return times
+def list_runs(socket_path: str, folder: Path, runs: int, reaper: Reaper) -> tuple[list[float], list[float]]:
+    """GET /v1/services (every service), until the body is read, beside its floor: a bare uvicorn
+    app sending a body of the same size over a Unix socket, alternating (the same client code)."""
+    floor_path = str(folder / "bare-list.sock")
+    with bare_server(folder, floor_path, reaper):
+        wait(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
+        floor, daemon = UnixHTTP(floor_path), UnixHTTP(socket_path)
+        wait(lambda: _tries(floor, "/health"), what="the bare uvicorn Unix socket to answer")
+        size = len(daemon.get("/v1/services"))
+        for _ in range(5):
+            daemon.get("/v1/services")
+            floor.get(f"/bytes/{size}")
+        times: list[float] = []
+        floors: list[float] = []
+        for _ in range(max(10, runs * 2)):
+            start = time.perf_counter()
+            floor.get(f"/bytes/{size}")
+            floors.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            daemon.get("/v1/services")
+            times.append(time.perf_counter() - start)
+        floor.close()
+        daemon.close()
+    return times, floors
 
 
 def log_flood(client: DaemonClient, folder: Path, reaper: Reaper, seconds: float = 3.0) -> dict[str, Any]:
@@ -511,6 +532,7 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     result["uds_floor_us"] = summary(sock["uds_floor_us"], 1e6)
     result["find_one_us"] = summary(sock["find_one_us"], 1e6)
     result["list_all_ms"] = summary(sock["list_all_ms"], 1000)
+    result["list_all_floor_ms"] = summary(sock["list_all_floor_ms"], 1000)
     client.shutdown(stop_services=True)
 
     # Home B: live servers, idle daemon, re-adoption, replace under load.
@@ -525,7 +547,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     result["deploy_live_s"] = round(time.perf_counter() - started, 2)
     before = {str(s.uuid): (s.status.pid, s.status.restarts) for s in client.find(running=True)}
     assert len(before) == args.live, f"{len(before)} of {args.live} live servers active"
-    result["list_live_ms"] = summary(list_runs(str(client.paths.socket), args.runs), 1000)
+    times, floors = list_runs(str(client.paths.socket), folder, args.runs, reaper)
+    result["list_live_ms"], result["list_live_floor_ms"] = summary(times, 1000), summary(floors, 1000)
     info = client.daemon_info()
     result["fds_per_live_service"] = round((len(os.listdir(f"/proc/{info['pid']}/fd")) - base_fds) / args.live, 2)
     if info.get("log_writer"):
@@ -580,6 +603,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
 
     result["deploy_over_floor"] = round(result["deploy_ms"]["p50"] / result["cold_floor_ms"]["p50"], 2)
     result["find_over_uds_floor"] = round(result["find_one_us"]["p50"] / result["uds_floor_us"]["p50"], 2)
+    result["list_all_over_floor"] = round(result["list_all_ms"]["p50"] / result["list_all_floor_ms"]["p50"], 2)
+    result["list_live_over_floor"] = round(result["list_live_ms"]["p50"] / result["list_live_floor_ms"]["p50"], 2)
     result["crash_over_floor_ms"] = round(result["crash_recover_ms"]["p50"] - result["cold_floor_ms"]["p50"], 1)
     result["setup"] = {
         "runs": args.runs, "registered": args.registered, "live": args.live, "idle_s": args.idle,

@@ -15,6 +15,7 @@ from pathlib import Path
 from conftest import pid_alive, port_open, predict, wait_for
 
 from daemon import DaemonClient, DeployError, ServiceConfig, ServiceState
+from daemon.linux import holds_socket, listening_inodes
 
 MODEL = """
 import os, sys
@@ -89,3 +90,8 @@ def test_warm_servers_are_readopted_after_a_daemon_restart(client, home, tmp_pat
     assert again.status.state == ServiceState.ACTIVE and again.status.pid == svc.status.pid
     assert again.status.restarts == 0
     assert predict(svc.prediction_url, [1])[0] == 200
+    # The new daemon holds the server's listening socket again (fetched after the rebuild), so
+    # a crash restart keeps the port: the same socket inode in both processes.
+    inodes = listening_inodes(svc.endpoint.port)
+    daemon = client.daemon_info()["pid"]
+    wait_for(lambda: holds_socket(daemon, inodes), 10, what="the daemon to hold the re-adopted server's listening socket")
