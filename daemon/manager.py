@@ -1,6 +1,6 @@
 """The engine: every service in memory, the operations on them, and their supervision.
 
-One :class:`Managed` per service holds what only the running daemon knows:
+One :class:`ServiceRuntime` per service holds what only the running daemon knows:
 the process handle (pidfd), the listening socket it holds for built-in
 servers, and the supervision task. All of it runs on one asyncio loop;
 operations on a service are serialised by its ``asyncio.Lock`` and cancel
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -49,7 +50,7 @@ from .logs import LogWriterClient, marker, tail_text
 from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState, changes
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
 from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
-from .store import PidRecord, Problem, Store
+from .store import LaunchInfo, PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
 
@@ -83,7 +84,7 @@ def is_builtin(config: ServiceConfig) -> bool:
     return config.model_type in BUILTIN_TYPES
 
 
-class Managed:
+class ServiceRuntime:
     """A service and what the daemon holds for it while it lives."""
 
     def __init__(self, svc: BaseService):
@@ -112,7 +113,7 @@ class Manager:
     def __init__(self, paths: Paths):
         self.paths = paths
         self.store = Store(paths)
-        self.services: dict[UUID, Managed] = {}
+        self.services: dict[UUID, ServiceRuntime] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
         self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
@@ -129,11 +130,11 @@ class Manager:
         # Re-adoption: all servers probed in one job.
         self._probe_batch = Batch(_probe_list)
         self._listeners_task: asyncio.Future[None] | None = None
-        self._counted: tuple[int, list[Managed], dict[str, int]] = (-1, [], {})
+        self._counted: tuple[int, list[ServiceRuntime], dict[str, int]] = (-1, [], {})
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, uuid: UUID) -> Managed:
+    def get(self, uuid: UUID) -> ServiceRuntime:
         try:
             return self.services[uuid]
         except KeyError:
@@ -165,7 +166,7 @@ class Manager:
                     svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
                     svc.endpoint = self._endpoint(config, config.port)
-                    target = Managed(svc)
+                    target = ServiceRuntime(svc)
                     try:
                         self._ensure_port(target, config)
                     except DeployError as exc:
@@ -198,7 +199,7 @@ class Manager:
             target.lock.release()
 
     @contextlib.asynccontextmanager
-    async def _locked(self, uuid: UUID) -> AsyncIterator[Managed]:
+    async def _locked(self, uuid: UUID) -> AsyncIterator[ServiceRuntime]:
         """The service, with its lock held; ServiceNotFound if it is deleted while we wait."""
         m = self.get(uuid)
         async with m.lock:
@@ -310,10 +311,10 @@ class Manager:
         for a server whose socket cannot be fetched, and a replace fetches its own.
         """
         wanted = [(m, m.proc) for m in self.services.values()
-                  if m.proc is not None and m.listener is None and is_builtin(m.svc.config) and m.proc.extra.get("f")]
+                  if m.proc is not None and m.listener is None and is_builtin(m.svc.config) and m.proc.info.fd_socket]
         if not wanted:
             return
-        socks = await asyncio.to_thread(fetch_listeners, [proc.extra["f"] for _, proc in wanted])
+        socks = await asyncio.to_thread(fetch_listeners, [proc.info.fd_socket or "" for _, proc in wanted])
         for (m, proc), sock in zip(wanted, socks):
             if sock is None:
                 continue
@@ -333,7 +334,7 @@ class Manager:
         """
         keep: dict[str, set[str | None]] = {}
         for m in self.services.values():
-            keep[str(m.uuid)] = {p.extra.get("launch") for p in (m.proc, m.replacing) if p is not None and p.alive}
+            keep[str(m.uuid)] = {p.info.launch for p in (m.proc, m.replacing) if p is not None and p.alive}
         doomed = [
             self.containment.group(uuid, launch)
             for uuid in self.containment.services()
@@ -367,7 +368,7 @@ class Manager:
         self.logs.close()
         await asyncio.to_thread(self.containment.prune)
 
-    async def _halt(self, m: Managed) -> None:
+    async def _halt(self, m: ServiceRuntime) -> None:
         """Stop the service for ``daemon stop --all``: it stays stopped, also when a later call starts the daemon
         again, until someone asks for it (start, start --all, a deploy or replace of it)."""
         svc = m.svc
@@ -394,18 +395,18 @@ class Manager:
                 os.unlink(self.paths.run / f"forked-{pid}")
         return tagged
 
-    def _group_of(self, uuid: UUID | str, extra: dict[str, str]) -> Group:
-        return self.containment.group(str(uuid), extra.get("launch"))
+    def _group_of(self, uuid: UUID | str, info: LaunchInfo) -> Group:
+        return self.containment.group(str(uuid), info.launch)
 
-    def _adopt_recorded(self, uuid: UUID | str, ident: ProcessIdentity, extra: dict[str, str] | None = None) -> ProcessHandle | None:
+    def _adopt_recorded(self, uuid: UUID | str, ident: ProcessIdentity, info: LaunchInfo | None = None) -> ProcessHandle | None:
         """Adopt the process a pid file names, if it is alive and tagged as this service's (see rebuild)."""
         if (str(uuid), ident) not in self._ours:
             if ident.is_alive():
                 log.warning("%s: pid %d named by its pid file is not its server (no tag of the service); "
                             "leaving it alone", uuid, ident.pid)
             return None
-        extra = extra or {}
-        return ProcessHandle.adopt(ident, extra, self._group_of(uuid, extra))
+        info = info or LaunchInfo()
+        return ProcessHandle.adopt(ident, info, self._group_of(uuid, info))
 
     async def _untracked(
         self, services: list[BaseService], tagged: list[TaggedProcess], records: dict[UUID, PidRecord | None]
@@ -427,7 +428,7 @@ class Manager:
             for rec in (record, record.split_previous()[1]):
                 if rec is not None:
                     tracked.add(rec.ident)
-                    launches.setdefault(str(uuid), set()).add(rec.extra.get("launch"))
+                    launches.setdefault(str(uuid), set()).add(rec.info.launch)
         by_pid = {p.ident.pid: p for p in tagged}
         known = {str(svc.uuid) for svc in services}
         wanted: dict[str, list[TaggedProcess]] = {}
@@ -493,19 +494,19 @@ class Manager:
             serving = []
             for p in candidates:
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    extra = {str(k): str(v) for k, v in json.loads(p.info).items()}
-                    if extra.get("version") == str(svc.version) and await asyncio.to_thread(self._serves, svc, p.ident.pid):
-                        serving.append((p, extra))
+                    info = LaunchInfo.from_tag(p.info)
+                    if info.version == str(svc.version) and await asyncio.to_thread(self._serves, svc, p.ident.pid):
+                        serving.append((p, info))
             if len(serving) == 1:
-                p, extra = serving[0]
-                keep = ProcessHandle.adopt(p.ident, extra, self._group_of(svc.uuid, extra))
+                p, info = serving[0]
+                keep = ProcessHandle.adopt(p.ident, info, self._group_of(svc.uuid, info))
         for p in candidates:
             if keep is None or p.ident != keep.ident:
                 await self._kill_untracked(p)
         if keep is not None:
             log.warning("%s: adopting pid %d, spawned before its pid file was written", svc.uuid, keep.pid)
             try:
-                self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.extra), step="restore.adopt-pid")
+                self.store.write_pid(svc.uuid, PidRecord(keep.ident, keep.info), step="restore.adopt-pid")
             except StorageError as exc:  # it is adopted all the same; its tags let the next daemon find it again
                 log.error("%s: %s", svc.uuid, exc)
         return keep
@@ -537,11 +538,11 @@ class Manager:
         main, prev = record.split_previous()
         if prev is None:  # an unreadable prev= line: nothing to settle but the recorded server
             return main
-        keep, drop = (main, prev) if main.extra.get("version") == str(svc.version) else (prev, main)
-        loser = self._adopt_recorded(svc.uuid, drop.ident, drop.extra)
+        keep, drop = (main, prev) if main.info.version == str(svc.version) else (prev, main)
+        loser = self._adopt_recorded(svc.uuid, drop.ident, drop.info)
         if loser is not None:
             log.warning("%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
-                        svc.uuid, loser.pid, drop.extra.get("version"), keep.extra.get("version"))
+                        svc.uuid, loser.pid, drop.info.version, keep.info.version)
             await loser.terminate(svc.config.stop_timeout)
             self._unlink_sockets(loser)
         try:
@@ -554,7 +555,7 @@ class Manager:
         """A set-aside service's server would hold its port untracked: stop it (its service.pid says which)."""
         uuid = Path(problem.path).parent.name
         record = self.store.read_pid(uuid)
-        proc = self._adopt_recorded(uuid, record.ident, record.extra) if record else None
+        proc = self._adopt_recorded(uuid, record.ident, record.info) if record else None
         if proc is None:
             return
         log.warning("stopping the server (pid %d) of the set-aside %s", proc.pid, problem.path)
@@ -566,10 +567,10 @@ class Manager:
         """The recorded server died while no daemon watched. If a process it started serves the
         service (a server that daemonized), that is the server now; else what is left of its
         launch is stopped, so that a new server finds its port free."""
-        group = self._group_of(svc.uuid, record.extra)
+        group = self._group_of(svc.uuid, record.info)
         serving = None if is_builtin(svc.config) else await asyncio.to_thread(self._serving_member, svc, group)
         if serving is not None:  # a member of the launch: started by the recorded server
-            proc = ProcessHandle.adopt(serving, record.extra, group)
+            proc = ProcessHandle.adopt(serving, record.info, group)
             if proc is not None:
                 log.warning("%s: its server (pid %d) is gone; pid %d, which it started, serves: following it",
                             svc.uuid, record.ident.pid, proc.pid)
@@ -580,11 +581,11 @@ class Manager:
 
     async def _restore(self, svc: BaseService, record: PidRecord | None, untracked: list[TaggedProcess]) -> None:
         """``record``: its service.pid as read at the start of the rebuild (nothing writes it before this)."""
-        m = Managed(svc)
+        m = ServiceRuntime(svc)
         self.services[svc.uuid] = m
-        if record is not None and "prev" in record.extra:
+        if record is not None and record.previous is not None:
             record = await self._settle_replace(svc, record)
-        proc = self._adopt_recorded(svc.uuid, record.ident, record.extra) if record else None
+        proc = self._adopt_recorded(svc.uuid, record.ident, record.info) if record else None
         if record and proc is None:
             proc = await self._follow_recorded(svc, record)
             if proc is None:
@@ -594,7 +595,7 @@ class Manager:
         else:
             # A second server for one service: the tracked one stays. (What its own launch started,
             # a helper in a session of its own, is not a second server: it goes when it goes.)
-            launch = proc.extra.get("launch")
+            launch = proc.info.launch
             for p in untracked:
                 if launch is None or launch_of(p.info) != launch:
                     await self._kill_untracked(p)
@@ -639,7 +640,7 @@ class Manager:
 
     # ------------------------------------------------------------- internals
 
-    def _replace_target(self, config: ServiceConfig, replace: bool, uuid: UUID | None) -> Managed | None:
+    def _replace_target(self, config: ServiceConfig, replace: bool, uuid: UUID | None) -> ServiceRuntime | None:
         if uuid is not None and uuid in self.services:
             if not replace:
                 raise Conflict(f"a service with uuid {uuid} exists already; deploy with replace to update it")
@@ -677,19 +678,19 @@ class Manager:
             self._addresses[host] = address  # parsed once: claims read every service's address
         return address
 
-    def _claimed_ports(self, host: str, owner: Managed | None) -> dict[int, UUID]:
+    def _claimed_ports(self, host: str, owner: ServiceRuntime | None) -> dict[int, UUID]:
         """The ports other services keep for life (also while their server is down) on an address
         the kernel would not let ``host`` share a port with, and whose (see daemon/addresses.py)."""
         mine = self._address(host)
         return {o.svc.endpoint.port: o.uuid for o in self.services.values()
                 if o is not owner and o.svc.endpoint.port and mine.conflicts(self._address(o.svc.config.host))}
 
-    def _check_port_unclaimed(self, config: ServiceConfig, owner: Managed | None) -> None:
+    def _check_port_unclaimed(self, config: ServiceConfig, owner: ServiceRuntime | None) -> None:
         other = self._claimed_ports(config.host, owner).get(config.port)
         if other is not None:
             raise Conflict(f"port {config.port} on {config.host} belongs to service {other}")
 
-    def _precheck(self, config: ServiceConfig, fresh: bool, owner: Managed | None = None) -> None:
+    def _precheck(self, config: ServiceConfig, fresh: bool, owner: ServiceRuntime | None = None) -> None:
         """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error).
 
         ``owner``: the service a replace updates (its own port claim is no conflict).
@@ -743,13 +744,13 @@ class Manager:
             model_name=config.model_name or "model",
         )
 
-    def _target(self, m: Managed, proc: ProcessHandle) -> ProbeTarget:
+    def _target(self, m: ServiceRuntime, proc: ProcessHandle) -> ProbeTarget:
         config = m.svc.config
-        if is_builtin(config) and proc.extra.get("h"):
-            return ProbeTarget(config.health_path, unix=proc.extra["h"])
+        if is_builtin(config) and proc.info.health_socket:
+            return ProbeTarget(config.health_path, unix=proc.info.health_socket)
         return ProbeTarget(config.health_path, host=self._address(config.host).ip or config.host, port=m.svc.endpoint.port)
 
-    def _ensure_port(self, m: Managed, config: ServiceConfig) -> None:
+    def _ensure_port(self, m: ServiceRuntime, config: ServiceConfig) -> None:
         """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
         port = m.svc.endpoint.port or config.port
         if is_builtin(config) and config.bind_unix:
@@ -791,14 +792,14 @@ class Manager:
             bind_listener(address.ip, port).close()
         m.svc.endpoint = self._endpoint(config, port)
 
-    def _check_port_free_for(self, m: Managed, config: ServiceConfig, port: int) -> None:
+    def _check_port_free_for(self, m: ServiceRuntime, config: ServiceConfig, port: int) -> None:
         try:
             self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
         except Conflict as exc:
             raise DeployError(str(exc)) from None
 
     def _launch(
-        self, m: Managed, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
+        self, m: ServiceRuntime, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
     ) -> ProcessHandle:
         """Spawn one server process for ``config`` and record its pid; does not wait.
 
@@ -813,12 +814,12 @@ class Manager:
         """
         self._ensure_port(m, config)
         launch = secrets.token_hex(4)
-        extra: dict[str, str] = {"version": str(version if version is not None else m.svc.version), "launch": launch}
+        info = LaunchInfo(version=str(version if version is not None else m.svc.version), launch=launch)
         pass_fds: tuple[int, ...] = ()
         if is_builtin(config):
             assert m.listener is not None
-            extra["h"] = str(self.paths.process_socket(m.uuid, launch, "h"))
-            extra["f"] = str(self.paths.process_socket(m.uuid, launch, "f"))
+            info = dataclasses.replace(info, health_socket=str(self.paths.process_socket(m.uuid, launch, "h")),
+                                       fd_socket=str(self.paths.process_socket(m.uuid, launch, "f")))
             argv = [
                 config.python or sys.executable,
                 SERVE_PY,
@@ -826,15 +827,15 @@ class Manager:
                 "--model-type", config.model_type,
                 "--model-name", config.model_name or "model",
                 "--fd", str(m.listener.fileno()),
-                "--unix", extra["h"],
-                "--fd-socket", extra["f"],
+                "--unix", str(info.health_socket),
+                "--fd-socket", str(info.fd_socket),
             ]
             pass_fds = (m.listener.fileno(),)
         else:
             argv = [_fill(arg, self._placeholders(m, config)) for arg in config.command]
         env = {
             **os.environ, **config.env, "PYTHONUNBUFFERED": "1",
-            "MODELD_HOME": str(self.paths.home), "MODELD_SERVICE_UUID": str(m.uuid), "MODELD_PROCESS": json.dumps(extra),
+            "MODELD_HOME": str(self.paths.home), "MODELD_SERVICE_UUID": str(m.uuid), "MODELD_PROCESS": json.dumps(info.fields()),
         }
         self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
         group = self.containment.create(str(m.uuid), launch)
@@ -849,18 +850,18 @@ class Manager:
                 # Forked from a warm process that has imported uvicorn already (env that changes how
                 # an interpreter starts, PYTHONPATH and such, needs a cold one).
                 proc = self.fork_servers.spawn(argv[0], argv[2:], env=env, cwd=config.working_dir, open_log=open_log,
-                                               listen_fd=pass_fds[0], extra=extra, group=group, containment=self.containment)
+                                               listen_fd=pass_fds[0], info=info, group=group, containment=self.containment)
             if proc is None:
-                proc = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log, pass_fds=pass_fds, extra=extra,
+                proc = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log, pass_fds=pass_fds, info=info,
                              group=group, containment=self.containment)
         except BaseException:
             with contextlib.suppress(OSError):
                 group.remove()
             raise
         killpoints.reached(f"{op}.after-spawn")
-        record = PidRecord(proc.ident, dict(extra))
+        record = PidRecord(proc.ident, info)
         if previous is not None:
-            record = record.with_previous(PidRecord(previous.ident, previous.extra))
+            record = record.with_previous(PidRecord(previous.ident, previous.info))
         m.proc = proc  # first: if the pid file cannot be written (disk full), the caller's cleanup stops it
         self.store.write_pid(m.uuid, record, step=f"{op}.pid")
         killpoints.reached(f"{op}.after-pid")
@@ -870,7 +871,7 @@ class Manager:
         log.info("started %s pid %d: %s", m.uuid, proc.pid, " ".join(argv[:2]))
         return proc
 
-    def _placeholders(self, m: Managed, config: ServiceConfig) -> dict[str, str]:
+    def _placeholders(self, m: ServiceRuntime, config: ServiceConfig) -> dict[str, str]:
         """What ``{port}`` and the other placeholders of ``command`` and ``stop_command`` stand for."""
         # {host}: the address the port is claimed and probed on (a name as resolved, IPv4 first).
         return {"{port}": str(m.svc.endpoint.port), "{host}": self._address(config.host).ip or config.host, "{model_uri}": config.model_uri,
@@ -878,12 +879,12 @@ class Manager:
 
     @staticmethod
     def _unlink_sockets(proc: ProcessHandle) -> None:
-        for key in ("h", "f"):
-            if proc.extra.get(key):
+        for path in (proc.info.health_socket, proc.info.fd_socket):
+            if path:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(proc.extra[key])
+                    os.unlink(path)
 
-    def _forget_process(self, m: Managed, proc: ProcessHandle) -> None:
+    def _forget_process(self, m: ServiceRuntime, proc: ProcessHandle) -> None:
         """Clean up after a process whose group is gone: its sockets, its cgroup, its pid file."""
         self._unlink_sockets(proc)
         if proc.group is not None:
@@ -900,11 +901,11 @@ class Manager:
         """Name a process in service.pid; if that cannot be written, the daemon's log says so (its tags
         and its group still let the next daemon find it)."""
         try:
-            self.store.write_pid(uuid, PidRecord(proc.ident, dict(proc.extra)), step=step)
+            self.store.write_pid(uuid, PidRecord(proc.ident, proc.info), step=step)
         except StorageError as exc:
             log.error("%s: %s", uuid, exc)
 
-    async def _successor(self, m: Managed, proc: ProcessHandle, deadline: float) -> ProcessHandle | None:
+    async def _successor(self, m: ServiceRuntime, proc: ProcessHandle, deadline: float) -> ProcessHandle | None:
         """The server's process exited: if a process it started serves the service (it daemonized:
         forked, left its session, serves from a grandchild), that one is the server now.
 
@@ -919,7 +920,7 @@ class Manager:
             if not await asyncio.to_thread(proc.group.empty):
                 serving = await asyncio.to_thread(self._serving_member, m.svc, proc.group)
                 if serving is not None:
-                    successor = ProcessHandle.adopt(serving, proc.extra, proc.group)
+                    successor = ProcessHandle.adopt(serving, proc.info, proc.group)
                     if successor is not None:
                         log.info("%s: pid %d exited; pid %d, which it started, serves: following it",
                                  m.uuid, proc.pid, successor.pid)
@@ -935,14 +936,14 @@ class Manager:
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.2)
 
-    async def _end_launch(self, m: Managed, proc: ProcessHandle) -> None:
+    async def _end_launch(self, m: ServiceRuntime, proc: ProcessHandle) -> None:
         """After the server's process exited with no successor: stop the rest of its group (workers,
         helpers), so that nothing of it is left and its port is free for a restart."""
         if proc.group is not None and not await asyncio.to_thread(proc.group.empty):
             log.info("%s: stopping what pid %d left running", m.uuid, proc.pid)
             await proc.kill()
 
-    async def _wait_healthy(self, m: Managed, proc: ProcessHandle, timeout: float) -> ProcessHandle:
+    async def _wait_healthy(self, m: ServiceRuntime, proc: ProcessHandle, timeout: float) -> ProcessHandle:
         """Probe every few ms (backing off) until healthy; DeployError if it exits or times out.
 
         A server that daemonizes is followed to the process that serves (see _successor): the
@@ -984,7 +985,7 @@ class Manager:
         except StorageError as exc:
             log.error("%s: %s", svc.uuid, exc)
 
-    async def _log_excerpt(self, m: Managed) -> str:
+    async def _log_excerpt(self, m: ServiceRuntime) -> str:
         """The server's last log lines, secrets masked, for an error message."""
         also = (m.previous_config,) if m.previous_config is not None else ()
         path = self.paths.service_log(m.uuid)
@@ -996,15 +997,15 @@ class Manager:
         lines = m.svc.config.scrub(await asyncio.to_thread(read), *also)
         return f"; last log lines:\n{lines}" if lines else ""
 
-    async def _start_locked(self, m: Managed, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
+    async def _start_locked(self, m: ServiceRuntime, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
         await self._cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.RUNNING
         svc.desired_reason = ""
-        if m.proc is not None and m.proc.alive and m.proc.extra.get("version", str(svc.version)) != str(svc.version):
+        if m.proc is not None and m.proc.alive and (m.proc.info.version or str(svc.version)) != str(svc.version):
             # Another version's server (a replace that is being undone): never taken over as this one.
             stale = m.proc
-            log.warning("%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.extra.get("version"), svc.version)
+            log.warning("%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.info.version, svc.version)
             await stale.terminate(0, force=True)
             self._forget_process(m, stale)
         if m.proc is not None and m.proc.alive and svc.status.state in (ServiceState.ACTIVE, ServiceState.ERROR):
@@ -1057,7 +1058,7 @@ class Manager:
         killpoints.reached(f"{op}.after-healthy")
         self._supervise(m)
 
-    async def _stop_locked(self, m: Managed, timeout: float, force: bool) -> None:
+    async def _stop_locked(self, m: ServiceRuntime, timeout: float, force: bool) -> None:
         """Stop the process: SIGTERM, then SIGKILL after the service's stop_timeout (or the call's timeout, if shorter)."""
         await self._cancel_supervision(m)
         svc = m.svc
@@ -1086,7 +1087,7 @@ class Manager:
                                f"(a restarted daemon may start it again): {exc}") from exc
         log.info("stopped %s", svc.uuid)
 
-    async def _replace_locked(self, m: Managed, config: ServiceConfig, timeout: float) -> None:
+    async def _replace_locked(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> None:
         """Update a service in place: same uuid, same port; the old version serves until the new one is healthy."""
         svc = m.svc
         if config.port == 0 or config.port == svc.endpoint.port:
@@ -1102,12 +1103,12 @@ class Manager:
             await self._replace_unsupervised(m, config, timeout)
         except Exception:
             if m.task is None and m.proc is not None and m.proc.alive:
-                if svc.config is not previous and m.proc.extra.get("version") == str(svc.version):
+                if svc.config is not previous and m.proc.info.version == str(svc.version):
                     svc.config = previous  # the running process is still the previous version
                 self._supervise(m)
             raise
 
-    async def _replace_unsupervised(self, m: Managed, config: ServiceConfig, timeout: float) -> None:
+    async def _replace_unsupervised(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
         old = m.proc if m.proc is not None and m.proc.alive else None
         handover = (
@@ -1116,8 +1117,8 @@ class Manager:
             and is_builtin(config)
             and config.host == svc.config.host
         )
-        if handover and m.listener is None and old is not None and old.extra.get("f"):
-            m.listener = await asyncio.to_thread(fetch_listener, old.extra["f"])
+        if handover and m.listener is None and old is not None and old.info.fd_socket:
+            m.listener = await asyncio.to_thread(fetch_listener, old.info.fd_socket)
         if handover and m.listener is not None and old is not None:
             log.info("replacing %s: hand-over on the listening socket", svc.uuid)
             await self._replace_handover(m, old, config, timeout)
@@ -1125,7 +1126,7 @@ class Manager:
             log.info("replacing %s: stop, then start", svc.uuid)
             await self._replace_stop_start(m, old, config, timeout)
 
-    async def _replace_handover(self, m: Managed, old: ProcessHandle, config: ServiceConfig, timeout: float) -> None:
+    async def _replace_handover(self, m: ServiceRuntime, old: ProcessHandle, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
         previous = svc.config
         previous_status = svc.status.model_copy()
@@ -1152,7 +1153,7 @@ class Manager:
             svc.status = previous_status
             svc.status.last_error = f"replace failed: {exc}"
             try:
-                self.store.write_pid(m.uuid, PidRecord(old.ident, old.extra), step="replace.restore-pid")
+                self.store.write_pid(m.uuid, PidRecord(old.ident, old.info), step="replace.restore-pid")
             except StorageError as pid_exc:
                 # service.pid still names the old server as ``prev`` (or only it, if the new one was
                 # never recorded); a restarted daemon keeps it, as service.json has its version.
@@ -1170,11 +1171,11 @@ class Manager:
         m.replacing = None
         self._forget_process(m, old)
         killpoints.reached("replace.after-old-stopped")
-        self.store.write_pid(m.uuid, PidRecord(new.ident, new.extra))  # the old one is gone: forget it here too
+        self.store.write_pid(m.uuid, PidRecord(new.ident, new.info))  # the old one is gone: forget it here too
         m.failures = 0
         self._supervise(m)
 
-    async def _replace_stop_start(self, m: Managed, old: ProcessHandle | None, config: ServiceConfig, timeout: float) -> None:
+    async def _replace_stop_start(self, m: ServiceRuntime, old: ProcessHandle | None, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
         previous, previous_version = svc.config, svc.version
         if old is not None:
@@ -1202,10 +1203,10 @@ class Manager:
 
     # -------------------------------------------------------------- supervision
 
-    def _supervise(self, m: Managed) -> None:
+    def _supervise(self, m: ServiceRuntime) -> None:
         m.task = asyncio.get_running_loop().create_task(self._guarded_supervision(m), name=f"supervise-{m.uuid}")
 
-    async def _guarded_supervision(self, m: Managed) -> None:
+    async def _guarded_supervision(self, m: ServiceRuntime) -> None:
         """Supervision that never dies: an exception (a full fd table, a bug) is logged and supervision
         goes on after a backoff, so a service is never left unsupervised while its record says otherwise."""
         delay = SUPERVISION_RETRY
@@ -1222,13 +1223,13 @@ class Manager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SUPERVISION_RETRY_MAX)
 
-    async def _cancel_supervision(self, m: Managed) -> None:
+    async def _cancel_supervision(self, m: ServiceRuntime) -> None:
         task, m.task = m.task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             await asyncio.wait({task})  # unlike `await task`, a cancellation of the caller still propagates
 
-    async def _supervision(self, m: Managed) -> None:
+    async def _supervision(self, m: ServiceRuntime) -> None:
         svc = m.svc
         while True:
             proc = m.proc
@@ -1267,7 +1268,7 @@ class Manager:
             if not await self._restart_after_exit(m, code, unhealthy):
                 return
 
-    async def _watch(self, m: Managed, proc: ProcessHandle, healthy_since: float | None) -> str | None:
+    async def _watch(self, m: ServiceRuntime, proc: ProcessHandle, healthy_since: float | None) -> str | None:
         """Wait for the process to exit, its health probed on the shared beat meanwhile (see Prober).
 
         A server that was healthy and then fails ``restart.liveness_failures`` probes in a row is
@@ -1322,7 +1323,7 @@ class Manager:
         await self._terminate(m, proc, svc.config.stop_timeout)
         return reason
 
-    async def _restart_after_exit(self, m: Managed, code: int | None, unhealthy: str | None = None) -> bool:
+    async def _restart_after_exit(self, m: ServiceRuntime, code: int | None, unhealthy: str | None = None) -> bool:
         """Apply the restart policy after an exit (or a stop for hanging: ``unhealthy``); True if a new process was started."""
         svc = m.svc
         policy = svc.config.restart
@@ -1350,7 +1351,7 @@ class Manager:
         await asyncio.sleep(delay)
         return await self._relaunch(m, what)
 
-    async def _relaunch(self, m: Managed, why: str) -> bool:
+    async def _relaunch(self, m: ServiceRuntime, why: str) -> bool:
         """Start the service's server again under supervision (a restart); True if it was started."""
         svc = m.svc
         try:
@@ -1368,7 +1369,7 @@ class Manager:
         self._save_if_possible(svc, step="restart.restarted")
         return True
 
-    async def _abandon_launch(self, m: Managed) -> None:
+    async def _abandon_launch(self, m: ServiceRuntime) -> None:
         """After a _launch that failed: stop the server it may have spawned (its pid file could not be
         written, say), so that no server runs that no record names and no one supervises."""
         proc = m.proc
@@ -1379,7 +1380,7 @@ class Manager:
         m.svc.status.pid = None
 
     async def _terminate(
-        self, m: Managed, proc: ProcessHandle, timeout: float, force: bool = False, config: ServiceConfig | None = None
+        self, m: ServiceRuntime, proc: ProcessHandle, timeout: float, force: bool = False, config: ServiceConfig | None = None
     ) -> None:
         """Stop a server and everything it started: its ``stop_command`` first (if any), then the
         signals (SIGTERM, SIGCONT, ``timeout``, SIGKILL; ``force``: SIGKILL at once)."""
@@ -1388,7 +1389,7 @@ class Manager:
             await self._run_stop_command(m, config, timeout)
         await proc.terminate(timeout, force)
 
-    async def _run_stop_command(self, m: Managed, config: ServiceConfig, timeout: float) -> bool:
+    async def _run_stop_command(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> bool:
         """Run the service's ``stop_command`` (e.g. ``docker stop {name}``) with the service's env, for
         ``timeout`` seconds at most; True if it exited 0. Its output goes to the service's log. It is
         not part of the server's group (stopping the server must not stop it)."""

@@ -30,6 +30,7 @@ from .exceptions import DeployError
 from .containment import Containment, Group
 from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
 from .logs import marker
+from .store import LaunchInfo
 
 log = logging.getLogger("modeld.process")
 
@@ -39,11 +40,11 @@ class ProcessHandle:
 
     def __init__(
         self, ident: ProcessIdentity, pidfd: int, loop: asyncio.AbstractEventLoop,
-        extra: dict[str, str] | None = None, group: Group | None = None,
+        info: LaunchInfo | None = None, group: Group | None = None,
     ):
         self.ident = ident
         self.pidfd = pidfd
-        self.extra = extra or {}
+        self.info = info or LaunchInfo()
         self.group = group
         self.exited: asyncio.Future[int | None] = loop.create_future()
         self._loop = loop
@@ -60,7 +61,7 @@ class ProcessHandle:
         return not self.exited.done()
 
     @classmethod
-    def adopt(cls, ident: ProcessIdentity, extra: dict[str, str] | None = None, group: Group | None = None) -> ProcessHandle | None:
+    def adopt(cls, ident: ProcessIdentity, info: LaunchInfo | None = None, group: Group | None = None) -> ProcessHandle | None:
         """Watch a process we did not start (or started in a previous life); None if it is gone."""
         try:
             fd = pidfd_open(ident.pid)
@@ -70,7 +71,7 @@ class ProcessHandle:
         if not ident.is_alive():
             os.close(fd)
             return None
-        return cls(ident, fd, asyncio.get_running_loop(), extra, group)
+        return cls(ident, fd, asyncio.get_running_loop(), info, group)
 
     def _on_exit(self) -> None:
         # What the server left behind (workers, helpers) is its group's: whoever acts on the exit
@@ -210,7 +211,7 @@ def spawn(
     cwd: str,
     open_log: LogOpener,
     pass_fds: tuple[int, ...] = (),
-    extra: dict[str, str] | None = None,
+    info: LaunchInfo | None = None,
     group: Group | None = None,
     containment: Containment | None = None,
 ) -> ProcessHandle:
@@ -252,7 +253,7 @@ def spawn(
         if group is not None:
             group.kill()
         raise DeployError(f"cannot watch {argv[0]!r}: {exc.strerror or exc}") from exc
-    handle = ProcessHandle(ident, pidfd, asyncio.get_running_loop(), extra, group)
+    handle = ProcessHandle(ident, pidfd, asyncio.get_running_loop(), info, group)
     # Keep the Popen object until we have reaped the child ourselves, then mark it done, so
     # subprocess never adds it to its own list of children to reap (two reapers lose statuses).
     handle.exited.add_done_callback(lambda fut: setattr(proc, "returncode", fut.result() if not fut.cancelled() else 0))
@@ -397,7 +398,7 @@ def spawn_warm(
     cwd: str,
     open_log: LogOpener,
     listen_fd: int,
-    extra: dict[str, str] | None = None,
+    info: LaunchInfo | None = None,
     group: Group | None = None,
     containment: Containment | None = None,
 ) -> ProcessHandle:
@@ -425,7 +426,7 @@ def spawn_warm(
     if pidfd >= 0 and not ident.is_alive():
         os.close(pidfd)
         pidfd = -1
-    handle = ProcessHandle(ident, pidfd, loop, extra, group)
+    handle = ProcessHandle(ident, pidfd, loop, info, group)
     if pidfd < 0:  # it died already (and may have been reaped): its code comes from the fork server
         fork_server.exit_code(pid).add_done_callback(lambda fut: handle._set_code(fut.result()))
         return handle

@@ -19,13 +19,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 from uuid import UUID
 
@@ -92,43 +94,82 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-@dataclass
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What is known of one launch of a server, beside its identity: in its pid file, and (as
+    JSON) in its ``MODELD_PROCESS`` tag, which every process it starts inherits.
+
+    On disk the fields have short keys (``version``, ``launch``, ``h``, ``f``); a key this
+    version does not know is ignored, a missing one is None, so every earlier file loads.
+    """
+
+    version: str | None = None  # the service version it runs
+    launch: str | None = None  # the launch id: its cgroup leaf (None: started before launches)
+    health_socket: str | None = None  # a built-in server's private health socket (``h``)
+    fd_socket: str | None = None  # where a built-in server hands out its listening socket (``f``)
+
+    KEYS: ClassVar[dict[str, str]] = {"version": "version", "launch": "launch", "health_socket": "h", "fd_socket": "f"}
+
+    def fields(self) -> dict[str, str]:
+        """The on-disk keys and values, the unset ones left out."""
+        return {key: value for name, key in self.KEYS.items() if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> LaunchInfo:
+        return cls(**{name: str(fields[key]) for name, key in cls.KEYS.items() if fields.get(key) is not None})
+
+    @classmethod
+    def from_tag(cls, info: str) -> LaunchInfo:
+        """From a ``MODELD_PROCESS`` tag (JSON); empty if it is not a JSON object."""
+        try:
+            fields = json.loads(info)
+        except ValueError:
+            return cls()
+        return cls.from_fields(fields) if isinstance(fields, dict) else cls()
+
+
+@dataclass(frozen=True)
 class PidRecord:
-    """The contents of ``service.pid``: who the process is, and how to reach it privately."""
+    """The contents of ``service.pid``: who the process is, what it runs and how to reach it
+    privately, and during a hand-over the previous server too."""
 
     ident: ProcessIdentity
-    extra: dict[str, str] = field(default_factory=dict)
+    info: LaunchInfo = LaunchInfo()
+    previous: PidRecord | None = None
+
+    # During a hand-over the record names both servers: the new one, and the previous one as
+    # ``prev=pid:ticks:boot`` with its own fields as ``prev_<key>=...``.
 
     def dumps(self) -> bytes:
         lines = [str(self.ident.pid), str(self.ident.start_ticks), self.ident.boot_id]
-        lines += [f"{k}={v}" for k, v in sorted(self.extra.items())]
+        fields = self.info.fields()
+        if self.previous is not None:
+            prev = self.previous.ident
+            fields["prev"] = f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"
+            fields.update({f"prev_{k}": v for k, v in self.previous.info.fields().items()})
+        lines += [f"{k}={v}" for k, v in sorted(fields.items())]
         return ("\n".join(lines) + "\n").encode()
 
     @classmethod
     def loads(cls, text: str) -> PidRecord:
         lines = text.splitlines()
         ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2].strip())
-        extra = dict(line.split("=", 1) for line in lines[3:] if "=" in line)
-        return cls(ident, extra)
-
-    # During a hand-over the record names both servers: the new one, and the previous one as
-    # ``prev=pid:ticks:boot`` with its own extras as ``prev_<key>=...``.
+        fields = dict(line.split("=", 1) for line in lines[3:] if "=" in line)
+        previous = None
+        try:  # (an unreadable previous server is no previous server)
+            pid, ticks, boot = fields["prev"].split(":", 2)
+            previous = PidRecord(ProcessIdentity(int(pid), int(ticks), boot),
+                                 LaunchInfo.from_fields({k[5:]: v for k, v in fields.items() if k.startswith("prev_")}))
+        except (KeyError, ValueError):
+            pass
+        return cls(ident, LaunchInfo.from_fields(fields), previous)
 
     def with_previous(self, previous: PidRecord) -> PidRecord:
-        prev = previous.ident
-        extra = {**self.extra, "prev": f"{prev.pid}:{prev.start_ticks}:{prev.boot_id}"}
-        extra.update({f"prev_{k}": v for k, v in previous.extra.items()})
-        return PidRecord(self.ident, extra)
+        return PidRecord(self.ident, self.info, PidRecord(previous.ident, previous.info))
 
     def split_previous(self) -> tuple[PidRecord, PidRecord | None]:
-        """(this record without the previous server, the previous server's record or None; None also if unreadable)."""
-        main = PidRecord(self.ident, {k: v for k, v in self.extra.items() if k != "prev" and not k.startswith("prev_")})
-        try:
-            pid, ticks, boot = self.extra["prev"].split(":", 2)
-            prev_ident = ProcessIdentity(int(pid), int(ticks), boot)
-        except (KeyError, ValueError):
-            return main, None
-        return main, PidRecord(prev_ident, {k[5:]: v for k, v in self.extra.items() if k.startswith("prev_")})
+        """(this record without the previous server, the previous server's record or None)."""
+        return PidRecord(self.ident, self.info), self.previous
 
 
 @dataclass
