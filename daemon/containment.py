@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .linux import ProcessIdentity, cgroup2_mount, children_map, descendants, own_cgroup, tagged_processes
+from .runtime._serve import forkserver
 
 log = logging.getLogger("modeld.containment")
 
@@ -239,12 +240,7 @@ class Forked:
         self.run = run
 
     def __call__(self) -> dict[int, tuple[int, list[bytes]]]:
-        records: dict[int, tuple[int, list[bytes]]] = {}
-        for path in self.run.glob("forked-*"):
-            with contextlib.suppress(OSError, ValueError):
-                ticks, _, tags = path.read_bytes().partition(b"\n")
-                records[int(path.name.removeprefix("forked-"))] = (int(ticks), tags.split(b"\0"))
-        return records
+        return forkserver.read_records(self.run)
 
 
 class Containment:

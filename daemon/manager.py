@@ -50,6 +50,7 @@ from .logs import LogWriterClient, marker, tail_text
 from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState, changes
 from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
 from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
+from .runtime._serve import forkserver
 from .store import LaunchInfo, PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
@@ -392,7 +393,7 @@ class Manager:
         tagged = await asyncio.to_thread(tagged_processes, str(self.paths.home), forked)
         for pid in set(forked) - {p.ident.pid for p in tagged}:
             with contextlib.suppress(OSError):  # the record of a forked server that is gone
-                os.unlink(self.paths.run / f"forked-{pid}")
+                os.unlink(forkserver.record_path(self.paths.run, pid))
         return tagged
 
     def _group_of(self, uuid: UUID | str, info: LaunchInfo) -> Group:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import select
@@ -30,6 +29,7 @@ from .exceptions import DeployError
 from .containment import Containment, Group
 from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
 from .logs import marker
+from .runtime._serve import forkserver as wire
 from .store import LaunchInfo
 
 log = logging.getLogger("modeld.process")
@@ -268,7 +268,7 @@ class ForkServer:
     """The daemon's end of a warm fork server (``serve.py --fork-server``) for one interpreter.
 
     Built-in servers forked from it skip the interpreter start and the imports
-    (see ``_serve.fork_server`` for the wire format). It is started without
+    (``runtime/_serve/forkserver.py`` defines the wire format, for both ends). It is started without
     waiting; until it says it is ready, ``spawn`` raises ForkServerError and the
     caller spawns cold. A server it forked is not our child, so its exit code
     comes from the fork server's report rather than from ``waitid``; if the
@@ -298,13 +298,13 @@ class ForkServer:
         self.closed = False
         self._codes: dict[int, int] = {}  # exit codes reported before anyone asked
         self._waiting: dict[int, asyncio.Future[int | None]] = {}
-        self._replies: list[dict[str, int]] = []
+        self._replies: list[tuple[int, int]] = []  # (pid, start ticks) of each spawn, in order
         self._loop.add_reader(self._sock.fileno(), self._on_message)
 
     def _on_message(self) -> None:
         while True:
             try:
-                msg = self._sock.recv(4096)
+                msg = self._sock.recv(wire.MAX_REPLY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -312,20 +312,22 @@ class ForkServer:
             if not msg:
                 self.close()
                 return
-            self._dispatch(json.loads(msg))
+            self._dispatch(wire.parse_reply(msg))
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        if message.get("ready"):
+    def _dispatch(self, message: tuple[str, int, int] | None) -> None:
+        if message is None:
+            return
+        kind, pid, value = message
+        if kind == "ready":
             self.ready = True
-        elif "exit" in message:
-            pid, code = int(message["exit"]), int(message["code"])
+        elif kind == "exit":
             waiter = self._waiting.pop(pid, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(code)
+                waiter.set_result(value)
             else:
-                self._codes[pid] = code
-        elif "pid" in message:
-            self._replies.append(message)
+                self._codes[pid] = value
+        elif kind == "spawned":
+            self._replies.append((pid, value))
 
     def exit_code(self, pid: int) -> asyncio.Future[int | None]:
         """The exit code of ``pid`` as the fork server reports it (None if it cannot any more)."""
@@ -345,9 +347,8 @@ class ForkServer:
         """
         if not self.ready or self.closed:
             raise ForkServerError("the fork server is not ready")
-        request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "cgroup": cgroup}).encode()
         try:
-            socket.send_fds(self._sock, [request], [log_fd, listen_fd])
+            wire.send_request(self._sock, argv, env, cwd, cgroup, log_fd, listen_fd)
             deadline = time.monotonic() + self.REPLY_TIMEOUT
             while not self._replies:
                 remaining = deadline - time.monotonic()
@@ -360,8 +361,7 @@ class ForkServer:
         except OSError as exc:
             self.close()
             raise ForkServerError(f"the fork server failed: {exc}") from exc
-        reply = self._replies.pop(0)
-        return int(reply["pid"]), int(reply["ticks"])
+        return self._replies.pop(0)
 
     def close(self) -> None:
         """Stop it (the servers it forked carry on, in their own sessions)."""

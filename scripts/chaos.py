@@ -104,6 +104,7 @@ from daemon.killpoints import KILL_POINTS  # noqa: E402
 from daemon.linux import ProcessIdentity, boot_id, cgroup2_mount, start_ticks  # noqa: E402
 from daemon.models import BaseService, DesiredState, ServiceState  # noqa: E402
 from daemon.paths import Paths  # noqa: E402
+from daemon.runtime._serve import forkserver  # noqa: E402
 
 BAD = (
     "services_lost", "resurrected", "stopped_unasked", "untracked_servers", "duplicates", "stale_states",
@@ -224,12 +225,12 @@ def forked_tags(home: Path, pid: int) -> dict[str, str]:
     """The tags a fork server recorded for a server it forked (whose own environ is the fork
     server's), if the record is about this very process (same start ticks)."""
     try:
-        ticks, _, tags = (home / "run" / f"forked-{pid}").read_bytes().partition(b"\n")
+        ticks, tags = forkserver.read_record(forkserver.record_path(home / "run", pid))
     except OSError:
         return {}
-    if int(ticks) != start_ticks(pid):
+    if ticks != start_ticks(pid):
         return {}
-    return dict(item.decode().partition("=")[::2] for item in tags.split(b"\0") if item)
+    return dict(item.decode().partition("=")[::2] for item in tags if item)
 
 
 def launch_of(info: str | None) -> str | None:

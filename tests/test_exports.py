@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -35,12 +36,28 @@ def test_daemon_package_import_is_lazy() -> None:
 
 
 def test_model_server_imports_stay_lean() -> None:
-    """The built-in server imports neither pydantic, filelock, psutil nor the daemon package."""
+    """The built-in server imports neither pydantic, filelock, psutil nor the daemon package: only the
+    standard library and what uvicorn imports itself, in every module of its package (listed from the
+    folder, so a new module is covered too) and through every name the package exports."""
+    third_party = (
+        "stdlib = set(sys.stdlib_module_names) | set(sys.builtin_module_names)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} - stdlib - {'__main__', '_modeld_serve'}))"
+    )
     code = (
-        "import runpy, sys; sys.argv=['serve.py','--help']\n"
+        "import importlib, pkgutil, runpy, sys; sys.argv=['serve.py','--help']\n"
         "try:\n    runpy.run_path('daemon/runtime/serve.py', run_name='__main__')\n"
         "except SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('pydantic','filelock','psutil','daemon') if m in sys.modules))"
+        "pkg = sys.modules['_modeld_serve']\n"
+        "names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))\n"
+        "for name in names:\n    importlib.import_module('_modeld_serve.' + name)\n"
+        "for name in pkg.__all__:\n    getattr(pkg, name)\n"
+        "print(names)\n"
+        "print(sorted(m for m in ('pydantic','filelock','psutil','daemon') if m in sys.modules))\n" + third_party
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    modules, heavy, imported = out.stdout.strip().splitlines()[-3:]
+    assert modules == str(sorted(p.stem for p in (REPO / "daemon/runtime/_serve").glob("*.py") if p.stem != "__init__"))
+    assert heavy == "[]"
+    baseline = "import sys, uvicorn, uvicorn.server, uvicorn.config\n" + third_party
+    uvicorn_alone = subprocess.run([sys.executable, "-c", baseline], cwd=REPO, capture_output=True, text=True, check=True)
+    assert set(ast.literal_eval(imported)) <= set(ast.literal_eval(uvicorn_alone.stdout.strip().splitlines()[-1]))

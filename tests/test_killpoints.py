@@ -23,7 +23,7 @@ from conftest import REPO, processes_of, wait_for
 from daemon import DaemonClient, ServiceConfig
 from daemon.exceptions import DaemonError
 from daemon.killpoints import KILL_POINTS
-from daemon.runtime._serve import FORK_SERVER_NAME
+from daemon.runtime._serve import FORK_SERVER_NAME, forkserver
 
 sys.path.insert(0, str(REPO / "scripts"))
 import chaos  # noqa: E402
@@ -152,7 +152,7 @@ def check_killed_at(name: str, home: Path, tmp_path: Path, warm: bool) -> None:
     run_until_killed(name, home, tmp_path, warm)
     before = the_server(home)
     if warm:  # the server killed at the step (the newest, in a replace) was forked, not spawned
-        assert (home / "run" / f"forked-{max(before, key=chaos.start_ticks)}").exists(), before
+        assert os.path.exists(forkserver.record_path(home / "run", max(before, key=chaos.start_ticks))), before
 
     assert chaos.DaemonProcess(home).start()
     with DaemonClient(home, auto_start=False) as client:

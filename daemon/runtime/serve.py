@@ -26,14 +26,19 @@ sys.path.insert(0, os.getcwd())
 
 
 def load():
-    """The server module, _serve.py beside this file.
+    """The server package, _serve/ beside this file, under the name ``_modeld_serve``.
 
     A script run by path is compiled on every start (~6 ms of a ~100 ms spawn);
-    a module loaded from its file uses its cached bytecode. This file stays small.
+    modules loaded from their files use their cached bytecode. This file stays small.
+    The daemon's package is not importable here, so the package is loaded by its path;
+    its modules import one another relatively.
     """
     from importlib.util import module_from_spec, spec_from_file_location
 
-    spec = spec_from_file_location("_modeld_serve", os.path.join(_HERE, "_serve.py"))
+    folder = os.path.join(_HERE, "_serve")
+    spec = spec_from_file_location(
+        "_modeld_serve", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
     module = module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -41,6 +46,6 @@ def load():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--fork-server"]:  # started by the daemon for warm starts, see _serve.fork_server
+    if sys.argv[1:2] == ["--fork-server"]:  # started by the daemon for warm starts, see _serve/forkserver.py
         sys.exit(load().fork_server(int(sys.argv[2])))
     sys.exit(load().main())

@@ -1,0 +1,233 @@
+"""The draining uvicorn server, and the hand-over of its listening socket to the next version.
+
+A stop must fail no request, also while a new version takes over the same TCP
+socket: ``Server`` first stops accepting (the kernel backlog stays with any other
+process holding the socket), then drains, then exits (see its docstring).
+``FdHandoff`` gives the listening fd to a same-uid peer over a private Unix
+socket (SCM_RIGHTS), so a restarted daemon can take it back from a live server.
+
+``Server`` subclasses uvicorn's ``Server`` and replaces its ``main_loop``,
+``shutdown`` and ``handle_exit``, reading its internals (``servers``,
+``server_state``, ``started``, ``force_exit``, ``lifespan``): pyproject.toml
+bounds uvicorn to the versions this was tested with.
+"""
+
+import asyncio
+import os
+import socket
+
+import uvicorn
+
+from .identity import log
+
+
+class Server(uvicorn.Server):
+    """uvicorn server whose first SIGTERM/SIGINT stops accepting, drains, then exits promptly.
+
+    Stock uvicorn resets connections it accepted but has not parsed yet when
+    the signal arrives. Here the listening sockets are closed first (the kernel
+    backlog stays with any other process sharing the TCP fd, e.g. the next
+    version during a hand-over), and uvicorn's shutdown starts once no
+    connection has been open for ``QUIET`` seconds, or after ``drain`` seconds
+    at most (idle keep-alive clients). A stop with no request in flight thus
+    takes a few ms, not the whole drain. uvicorn's own loop wakes every 0.1 s
+    and its shutdown polls every 0.1 s; both are replaced so the exit follows
+    at once. A second signal forces the exit. Captured signals are not
+    re-raised, so a graceful stop exits 0.
+    """
+
+    QUIET = 0.02  # seconds with no open connection that end a drain early
+    POLL = 0.005
+
+    def __init__(self, config, app, drain, on_drain=None, on_started=None):
+        super().__init__(config)
+        self.app = app
+        self.drain = drain
+        self.on_drain = on_drain
+        self.on_started = on_started
+        self.loop = None
+        self.draining = False
+        self._wake = None
+        self._drain_deadline = 0.0
+        self._quiet_since = None
+
+    async def serve(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        await super().serve(sockets=sockets)
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+    async def main_loop(self):
+        # uvicorn's loop, but woken at once when it should exit instead of at its next tick, and
+        # ticking once a second instead of ten times: the exit has its own wake-up, and what
+        # uvicorn does on a tick (the Date header) it does every tenth one. An idle server then
+        # costs the machine one wake-up a second (a thousand of them: a thousand, not ten thousand).
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 10) % 864000
+            try:
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def shutdown(self, sockets=None):
+        # uvicorn's shutdown without its fixed 0.1 s sleep and 0.1 s polls.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        deadline = self.loop.time() + self.config.timeout_graceful_shutdown
+        state = self.server_state
+        while (state.connections or state.tasks) and not self.force_exit and self.loop.time() < deadline:
+            await asyncio.sleep(self.POLL)
+        for task in state.tasks:
+            task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    def _exit_now(self):
+        self.should_exit = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def handle_exit(self, sig, frame):
+        # Never appended to self._captured_signals: nothing is re-raised later.
+        if self.draining or self.should_exit:
+            self.should_exit = True
+            self.force_exit = True
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._exit_now)
+            return
+        self.draining = True
+        if self.loop is None or not self.started:
+            self.should_exit = True
+            return
+        self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self):
+        self.app.draining = True
+        servers = list(getattr(self, "servers", ()))
+        # Stop accepting now, but close the listening sockets one loop iteration
+        # later: connections accepted just before still have their transport-
+        # creation tasks queued, and asyncio (3.11) silently drops them (leaking
+        # the socket until exit, when the client sees a reset) if the server is
+        # already closed when those tasks run. The ready queue is FIFO, so a
+        # call_soon here runs after them.
+        for server in servers:
+            for sock in server.sockets:
+                self.loop.remove_reader(sock.fileno())
+        self.loop.call_soon(self._close_servers, servers)
+        if self.on_drain is not None:
+            self.on_drain()
+        self._drain_deadline = self.loop.time() + self.drain
+        self.loop.call_later(self.POLL, self._check_drain)
+
+    def _close_servers(self, servers):
+        for server in servers:
+            server.close()
+
+    def _check_drain(self):
+        # An accepted connection reaches server_state.connections a few loop iterations
+        # after its accept; QUIET (many iterations) covers that gap.
+        now = self.loop.time()
+        if self.server_state.connections:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = now
+        if now >= self._drain_deadline or (self._quiet_since is not None and now - self._quiet_since >= self.QUIET):
+            self._exit_now()
+        else:
+            self.loop.call_later(self.POLL, self._check_drain)
+
+
+class FdHandoff:
+    """Unix socket that hands our TCP listening fd to a same-uid peer (SCM_RIGHTS)."""
+
+    def __init__(self, path, tcp_sock):
+        self.path = path
+        self.tcp_sock = tcp_sock
+        self.sock = bind_unix(path)
+        self.sock.setblocking(False)
+        self.ino = os.stat(path).st_ino
+        self.loop = None
+
+    def start(self, loop):
+        self.loop = loop
+        loop.add_reader(self.sock.fileno(), self._on_accept)
+
+    def _on_accept(self):
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            log(f"fd handoff: accept failed: {exc}")
+            return
+        with conn:
+            try:
+                if hasattr(socket, "SO_PEERCRED"):
+                    import struct
+
+                    size = struct.calcsize("3i")
+                    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+                    if uid != os.getuid():
+                        return
+                fd = self.tcp_sock.fileno()
+                if fd < 0:  # already closed while draining: nothing to hand over
+                    return
+                conn.settimeout(1.0)
+                socket.send_fds(conn, [b"fd"], [fd])
+            except OSError as exc:
+                log(f"fd handoff failed: {exc}")
+
+    def close(self):
+        if self.loop is not None and self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        unlink_if_ours(self.path, self.ino)
+
+
+def bind_unix(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    return sock
+
+
+def unlink_if_ours(path, ino):
+    # A newer process may have re-created the path already; leave that alone.
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def listening_socket(fd, host, port):
+    """The TCP listening socket: the inherited ``fd`` (listening, or made so), else ``host``:``port`` bound here."""
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(f"fd {fd} is not a stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(2048)
+        return sock
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return socket.create_server(info[0][4][:2], family=info[0][0], backlog=2048)
