@@ -13,6 +13,7 @@ import sys
 import pytest
 
 import daemon
+import daemon.client
 import deployers
 from daemon import exceptions
 
@@ -67,6 +68,14 @@ def test_an_unknown_error_type_falls_back_by_status() -> None:
     assert type(exceptions.error_from_dict(418, unknown)) is exceptions.RequestError
     assert type(exceptions.error_from_dict(500, unknown)) is exceptions.ServiceError
     assert type(exceptions.error_from_dict(500, {"no": "error"})) is exceptions.ProtocolError
+
+
+def test_client_exports() -> None:
+    assert daemon.client.__all__ == sorted(daemon.client.__all__)
+    for name in daemon.client.__all__:
+        assert getattr(daemon.client, name) is not None, name
+    assert daemon.DaemonClient is daemon.client.DaemonClient
+    assert daemon.VersionMismatchWarning is daemon.client.VersionMismatchWarning
 
 
 def test_deployers_exports() -> None:
