@@ -92,6 +92,13 @@ def test_daemon_package_import_is_lazy() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_client_import_costs_no_asyncio() -> None:
+    """Every `modeld` command imports the client; its in-memory transport for tests must not pull asyncio in."""
+    code = "import sys, daemon.client, deployers.cli; print('asyncio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_model_server_imports_stay_lean() -> None:
     """The built-in server imports neither pydantic, filelock, psutil nor the daemon package."""
     code = (

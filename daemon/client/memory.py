@@ -11,12 +11,11 @@ Invariants: requests go through the same error mapping and version check as
 over the socket (``DaemonClient`` does both), so a test of a caller sees what
 it would see from a daemon; a handler that raises a ``ModeldError`` has it
 returned as the daemon's JSON error, so it travels as over the wire; nothing
-here opens a file, a socket or a process.
+here opens a file, a socket or a process, and importing it costs the client no asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -62,6 +61,8 @@ class AsgiHandler:
     """A handler that runs an ASGI app for each request, on an event loop of its own (one request at a time)."""
 
     def __init__(self, app: Callable[..., Any]):
+        import asyncio  # here, not at the top: every client imports this module, and the client needs no asyncio
+
         self.app = app
         self.loop = asyncio.new_event_loop()
 
@@ -72,6 +73,8 @@ class AsgiHandler:
         self.loop.close()
 
     async def _run(self, request: Request) -> Response:
+        import asyncio
+
         path, _, query = request.target.partition("?")
         content = request.content or b""
         headers = [(b"content-length", str(len(content)).encode())]
