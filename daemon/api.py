@@ -17,7 +17,8 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
 
 A service is the JSON of ``BaseService`` (secret env values masked); find
 answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
-with a 4xx or 5xx status; ``type`` names a class of ``daemon.exceptions``.
+(and ``log_excerpt`` when the error carries a server's last log lines) with a
+4xx or 5xx status; ``type`` names a class of ``daemon.exceptions``.
 Request bodies are capped at ``MAX_BODY`` bytes.
 """
 
@@ -39,7 +40,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
-from .exceptions import DaemonError, InvalidRequest, ModeldError, PayloadTooLarge, ServiceNotFound
+from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
 from .logs import read_log
 from .manager import FIND_FILTERS, Manager
 from .models import BaseService, ServiceConfig, ServiceState, changes
@@ -270,7 +271,7 @@ class Api:
             await self._send_json(send, 400, {"error": InvalidRequest(validation_message(exc)).to_dict()})
         except Exception as exc:  # the daemon answers, logs and keeps running, whatever broke
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
-            await self._send_json(send, 500, {"error": {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}})
+            await self._send_json(send, 500, {"error": InternalError(f"{type(exc).__name__}: {exc}").to_dict()})
 
     def _route(self, request: Request) -> tuple[Callable[..., Awaitable[Any]], dict[str, Any]]:
         # A path a route spells out (/v1/services/start) is that route's, not a {uuid} of another.
@@ -285,8 +286,8 @@ class Api:
                 params = {k: _uuid(v) for k, v in match.groupdict().items()}
                 return handler, params
         if path_known:
-            raise _MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        raise _NotFound(f"no route {request.path!r}; see GET /v1/services")
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        raise NotFound(f"no route {request.path!r}; see GET /v1/services")
 
     @staticmethod
     async def _send_json(send: Send, status: int, payload: Any) -> None:
@@ -399,16 +400,3 @@ async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
-
-class _NotFound(ServiceNotFound):
-    @property
-    def type(self) -> str:
-        return "NotFound"
-
-
-class _MethodNotAllowed(InvalidRequest):
-    status_code = 405
-
-    @property
-    def type(self) -> str:
-        return "MethodNotAllowed"

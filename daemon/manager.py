@@ -39,7 +39,7 @@ from uuid import UUID
 from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
 from .addresses import Address, literal_address, resolve
-from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StorageError
+from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StillStarting, StorageError
 from .health import (
     Batch, Prober, ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, fetch_listeners, probe, probe_all,
 )
@@ -72,10 +72,6 @@ def describe_exit(code: int | None) -> str:
     if code < 0:
         return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-class StillStarting(DeployError):
-    """The caller's timeout ran out while the server may still become healthy within its startup_timeout."""
 
 
 _state_of = operator.attrgetter("svc.status.state")

@@ -25,7 +25,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from .exceptions import DeployError
+from .exceptions import DeployError, ForkServerError
 from .containment import Containment, Group
 from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
 from .logs import marker
@@ -258,10 +258,6 @@ def spawn(
     # subprocess never adds it to its own list of children to reap (two reapers lose statuses).
     handle.exited.add_done_callback(lambda fut: setattr(proc, "returncode", fut.result() if not fut.cancelled() else 0))
     return handle
-
-
-class ForkServerError(OSError):
-    """The fork server cannot start a server now (not started, gone, or not answering); spawn cold instead."""
 
 
 class ForkServer:

@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
-from .exceptions import DaemonAlreadyRunning, ModeldError
+from .exceptions import DaemonAlreadyRunning, Forbidden, InvalidRequest, ModeldError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .process import keep_server_umask
 from .manager import Manager
@@ -35,7 +35,7 @@ from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")
 
-_FORBIDDEN = b'{"error": {"type": "Forbidden", "message": "this daemon serves only its own user"}}'
+_FORBIDDEN = json.dumps({"error": Forbidden("this daemon serves only its own user").to_dict()}).encode()
 _BAD_HTTP = ("not a valid HTTP/1.1 request (request line, header or body framing); "
              "send e.g. GET /v1/services HTTP/1.1 with a Host header")
 
@@ -57,7 +57,7 @@ class PeerCheckedProtocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers a request h11 cannot parse in plain text; answer in JSON, as every error."""
-        body = json.dumps({"error": {"type": "InvalidRequest", "message": _BAD_HTTP}}).encode()
+        body = json.dumps({"error": InvalidRequest(_BAD_HTTP).to_dict()}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"x-modeld-version", __version__.encode()), (b"connection", b"close")]
         try:

@@ -54,8 +54,9 @@ class UsageError(exc.RequestError):
     pass
 
 
-def _client(args: argparse.Namespace, auto_start: bool = True) -> DaemonClient:
-    return DaemonClient(home=args.home, auto_start=auto_start)
+def _client(args: argparse.Namespace, auto_start: bool = True, timeout: float | None = None) -> DaemonClient:
+    """Every client the command makes comes from here (tests replace it with one on an in-memory transport)."""
+    return DaemonClient(home=args.home, auto_start=auto_start, timeout=timeout)
 
 
 def _print_json(data: Any) -> None:
@@ -109,7 +110,7 @@ def cmd_daemon_start(args: argparse.Namespace) -> int:
         ensure_daemon(paths)
     except exc.StorageError as error:
         raise exc.DaemonStartError(f"cannot start the daemon: {error.message}") from error
-    info = DaemonClient(home=args.home, auto_start=False).daemon_info()
+    info = _client(args, auto_start=False).daemon_info()
     if args.json:
         _print_json({"running": True, **info})
     else:
@@ -247,7 +248,7 @@ def _progress(args: argparse.Namespace, label: str, call: Callable[[], BaseServi
     worker = threading.Thread(target=work, daemon=True)
     started = time.monotonic()
     worker.start()
-    watcher = DaemonClient(home=args.home, auto_start=False, timeout=5)
+    watcher = _client(args, auto_start=False, timeout=5)
     width = shutil.get_terminal_size((100, 20)).columns - 1
     try:
         while worker.is_alive():
@@ -354,7 +355,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             for svc in started:
                 print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
             for uuid, error in failed.items():
-                print(f"modeld: {uuid}: {_one_line(error.message)}", file=sys.stderr)
+                print(f"modeld: {uuid}: {_one_line(error)}", file=sys.stderr)
             if not started and not failed:
                 print("every service runs already", file=sys.stderr)
         return 5 if failed else 0
@@ -633,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             print("modeld: interrupted", file=sys.stderr)
             code = 130
         except exc.ModeldError as error:
-            print(f"modeld: {_one_line(error.message)}", file=sys.stderr)
+            print(f"modeld: {_one_line(error)}", file=sys.stderr)
             code = next(c for cls, c in EXIT_CODES if isinstance(error, cls))
         except BrokenPipeError:
             code = 0
@@ -645,10 +646,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _one_line(message: str) -> str:
-    """A daemon message on one line: an excerpt of a server's log keeps only its last line."""
-    head, _, excerpt = message.partition("; last log lines:\n")
-    lines = [line.strip() for line in excerpt.splitlines() if line.strip()]
+def _one_line(error: exc.ModeldError | str) -> str:
+    """An error on one line: of the server's log excerpt it carries (``log_excerpt``), only the last line.
+
+    A service's ``last_error`` is text (the status records no excerpt apart): read as the error it was.
+    """
+    if isinstance(error, str):
+        error = exc.ModeldError(error)
+    lines = [line.strip() for line in (error.log_excerpt or "").splitlines() if line.strip()]
+    head = error.headline
     return f"{head} (last log line: {lines[-1]})" if lines else " ".join(head.split())
 
 

@@ -20,6 +20,8 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import pytest
 
 from conftest import IRIS, iris_config, predict, wait_for
@@ -373,3 +375,56 @@ def test_daemon_counts_follow_every_change_of_state(client):
              timeout=30, what="the crashed server restarted and counted active")
     client.delete(svc.uuid, force=True)
     assert counts()["total"] == 0
+
+
+def test_every_error_travels_as_its_class_through_the_app_in_memory(tmp_path):
+    """The daemon's ASGI app, over a manager-like object, driven without a socket: each error the
+    client receives is the class the daemon raised, the log excerpt in its own field."""
+    from types import SimpleNamespace
+
+    from daemon import (
+        DaemonClient, DeployError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, ServiceConfig,
+        ServiceNotFound, StillStarting,
+    )
+    from daemon.api import Api
+    from daemon.client import AsgiHandler, InMemoryTransport
+
+    raised: list[Exception] = []
+
+    def get(uuid):
+        raise ServiceNotFound(f"no service with uuid {uuid}")
+
+    async def deploy(config, replace, timeout, uuid):
+        raise raised.pop()
+
+    def describe():
+        raise KeyError("counts")
+
+    manager = SimpleNamespace(services={}, get=get, deploy=deploy, describe=describe, started_at=0.0,
+                              paths=Paths(tmp_path / "home"))
+    handler = AsgiHandler(Api(manager, lambda stop_services: None))  # type: ignore[arg-type]
+    client = DaemonClient(transport=InMemoryTransport(handler))
+    try:
+        assert client.find() == []
+        unknown = str(uuidlib.uuid4())
+        with pytest.raises(ServiceNotFound, match=unknown):
+            client.get(unknown)
+        with pytest.raises(NotFound, match="no route '/v1/nowhere'"):
+            client._call("GET", "/v1/nowhere")
+        with pytest.raises(MethodNotAllowed, match="PUT is not allowed on /v1/daemon"):
+            client._call("PUT", "/v1/daemon")
+        with pytest.raises(InvalidRequest, match="running"):
+            client._call("GET", "/v1/services", query={"running": "maybe"})
+        with pytest.raises(InternalError, match="KeyError: 'counts'"):
+            client.daemon_info()
+        config = ServiceConfig(model_name="m", model_uri="/tmp/m.py:model", python=sys.executable, working_dir="/tmp")
+        raised.append(DeployError("service x: the server exited with code 1; last log lines:\nloading\nkaboom"))
+        with pytest.raises(DeployError) as info:
+            client.deploy(config)
+        assert info.value.message == "service x: the server exited with code 1; last log lines:\nloading\nkaboom"
+        assert (info.value.headline, info.value.log_excerpt) == ("service x: the server exited with code 1", "loading\nkaboom")
+        raised.append(StillStarting("not healthy after 1s"))
+        with pytest.raises(StillStarting):
+            client.deploy(config)
+    finally:
+        handler.close()

@@ -2,6 +2,8 @@
 
 Data goes to stdout (tables, or JSON with ``--json``); errors are one line on
 stderr starting with ``modeld:`` and a documented exit code, never a traceback.
+Tests of the command's own logic (name resolution, error lines, exit codes)
+run it in this process on an in-memory transport instead, with no daemon.
 """
 
 from __future__ import annotations
@@ -9,13 +11,21 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 import psutil
 import pytest
 
 from conftest import http_get, modeld, pid_alive, port_open, predict, wait_for
+from daemon.client import DaemonClient, InMemoryTransport, Request, Response, json_response
+from daemon.exceptions import (
+    Conflict, DaemonAlreadyRunning, DaemonStartError, DeployError, Forbidden, InternalError, InvalidRequest,
+    MethodNotAllowed, NotFound, PayloadTooLarge, ProtocolError, ServiceNotFound, StillStarting, StopError, StorageError,
+)
+from daemon.models import LocalModelService, ServiceConfig
 from daemon.paths import Paths
 from daemon.server import daemon_pid
+from deployers import cli
 
 UUID_RE = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
@@ -265,13 +275,100 @@ def test_unusable_home_is_one_line(tmp_path):
     one_line_error(modeld("ls", home=blocker / "home"), 1, "cannot create the modeld home")
 
 
-def test_an_exact_name_wins_over_a_uuid_prefix(home):
+# ------------------------------------------------- in memory: no daemon, no socket
+#
+# What these check is the command's own logic (name resolution, error lines, exit codes);
+# the daemon's answers come from an in-memory transport, as a daemon would send them.
+
+
+def run_in_memory(monkeypatch, capsys, handler, *argv: str) -> tuple[int, str, str, InMemoryTransport]:
+    """``modeld *argv`` in this process, every client on ``InMemoryTransport(handler)``: (exit code, stdout, stderr, transport)."""
+    transport = InMemoryTransport(handler)
+    monkeypatch.setattr(cli, "_client", lambda args, auto_start=True, timeout=None: DaemonClient(transport=transport, timeout=timeout))
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err, transport
+
+
+def _service(uuid: str, name: str) -> dict:
+    svc = LocalModelService(uuid=uuid, config=ServiceConfig(model_name=name, model_uri="/tmp/m.py:model",
+                                                            python=sys.executable, working_dir="/tmp"))
+    return svc.public().model_dump(mode="json")
+
+
+def test_an_exact_name_wins_over_a_uuid_prefix(monkeypatch, capsys):
     """`modeld rm d` must not delete the service whose uuid starts with d when one is named d."""
     prod, named_d = "dead0000-0000-4000-8000-000000000001", "11110000-0000-4000-8000-000000000002"
-    ok(modeld("deploy", "--model-name", "prod", "--uuid", prod, "--model-uri", "examples/iris.py:model", home=home))
-    ok(modeld("deploy", "--model-name", "d", "--uuid", named_d, "--model-uri", "examples/iris.py:model", home=home))
-    assert json.loads(ok(modeld("info", "d", "--json", home=home)))["uuid"] == named_d
-    assert json.loads(ok(modeld("info", "dead", "--json", home=home)))["uuid"] == prod
-    ok(modeld("rm", "d", "--force", home=home))
-    remaining = json.loads(ok(modeld("ls", "--json", home=home)))
-    assert [s["uuid"] for s in remaining] == [prod]
+    services = {prod: _service(prod, "prod"), named_d: _service(named_d, "d")}
+
+    def daemon(request: Request) -> Response:
+        if request.method == "GET" and request.path == "/v1/services":
+            return json_response({"services": list(services.values())})
+        uuid = request.path.split("/")[3]
+        if uuid not in services:
+            raise ServiceNotFound(f"no service with uuid {uuid}")
+        if request.method == "DELETE":
+            return json_response({"deleted": services.pop(uuid)["uuid"]})
+        return json_response(services[uuid])
+
+    for ref, expected in (("d", named_d), ("dead", prod), ("1111", named_d), ("prod", prod)):
+        code, out, err, _ = run_in_memory(monkeypatch, capsys, daemon, "info", ref, "--json")
+        assert (code, err) == (0, "") and json.loads(out)["uuid"] == expected, (ref, code, err)
+    code, out, err, transport = run_in_memory(monkeypatch, capsys, daemon, "rm", "d", "--force")
+    assert (code, err) == (0, "") and out == f"{named_d} deleted\n"
+    assert [(r.method, r.path, r.query) for r in transport.requests][-1] == (
+        "DELETE", f"/v1/services/{named_d}", {"timeout": 300.0, "force": "true"})
+    assert list(services) == [prod]
+
+    code, _, err, _ = run_in_memory(monkeypatch, capsys, daemon, "info", "zzzz")
+    assert code == 4 and err.startswith("modeld: no service whose uuid starts with 'zzzz'")
+    services[named_d] = _service(named_d, "prod")  # two services named prod
+    code, _, err, _ = run_in_memory(monkeypatch, capsys, daemon, "rm", "prod")
+    assert code == 2 and "'prod' matches 2 services" in err
+    assert len(services) == 2
+
+
+@pytest.mark.parametrize("error, code", [
+    (ServiceNotFound("no service with uuid x"), 4),
+    (DeployError("service x: the server did not start"), 5),
+    (StillStarting("service x: not healthy after 1s"), 5),
+    (StopError("service x: could not be stopped"), 5),
+    (DaemonStartError("the daemon exited"), 3),
+    (DaemonAlreadyRunning("a modeld daemon is already running"), 3),
+    (InvalidRequest("config.port: bad"), 2),
+    (Forbidden("this daemon serves only its own user"), 2),
+    (NotFound("no route '/v1/x'"), 2),
+    (MethodNotAllowed("PUT is not allowed"), 2),
+    (Conflict("uuid taken"), 2),
+    (PayloadTooLarge("too large"), 2),
+    (InternalError("KeyError: 'x'"), 1),
+    (StorageError("disk full"), 1),
+    (ProtocolError("the daemon closed the connection"), 1),
+])
+def test_every_error_from_the_daemon_is_one_line_and_its_exit_code(monkeypatch, capsys, error, code):
+    def daemon(request: Request) -> Response:
+        raise error
+
+    got, out, err, _ = run_in_memory(monkeypatch, capsys, daemon, "ls")
+    assert (got, out, err) == (code, "", f"modeld: {error.message}\n")
+
+
+def test_a_servers_log_excerpt_is_printed_from_its_own_field(monkeypatch, capsys):
+    """The CLI prints the last line of ``log_excerpt``, not of a message it would have to take apart."""
+    message = "service x: the server exited with code 1 before it answered its health check; last log lines:\n" \
+              "Traceback (most recent call last):\n  ...\nRuntimeError: kaboom: the weights are missing\n"
+
+    def daemon(request: Request) -> Response:
+        return json_response({"error": {"type": "DeployError", "message": message,
+                                         "log_excerpt": "loading\nRuntimeError: from the field\n"}}, 500)
+
+    code, _, err, _ = run_in_memory(monkeypatch, capsys, daemon, "start", "11110000-0000-4000-8000-000000000002")
+    assert code == 5
+    assert err == ("modeld: service x: the server exited with code 1 before it answered its health check "
+                   "(last log line: RuntimeError: from the field)\n")
+
+    def old_daemon(request: Request) -> Response:  # no log_excerpt field: the excerpt is read from the message
+        return json_response({"error": {"type": "DeployError", "message": message}}, 500)
+
+    code, _, err, _ = run_in_memory(monkeypatch, capsys, old_daemon, "start", "11110000-0000-4000-8000-000000000002")
+    assert code == 5 and err.endswith("(last log line: RuntimeError: kaboom: the weights are missing)\n")

@@ -613,3 +613,36 @@ def test_uuid_filters_reach_the_client_unchanged() -> None:
     wanted = uuid4()
     deployer.find_model_server(service_uuid=wanted)
     assert client.calls[0][2]["service_uuid"] is wanted
+
+
+def test_local_deployer_over_the_real_client_in_memory() -> None:
+    """The deployer's calls as the daemon receives them (query, body, method), and its errors as the daemon
+    sends them, through the real DaemonClient on an in-memory transport: no daemon needed."""
+    from daemon.client import DaemonClient, InMemoryTransport, Request, Response, json_response
+    from daemon.exceptions import DeployError, ServiceNotFound
+    from daemon.models import LocalModelService
+
+    config = ServiceConfig(model_name="iris", model_uri="/tmp/m.py:model", pipeline_name="train",
+                           python=sys.executable, working_dir="/tmp")
+    served = LocalModelService(config=config)
+
+    def daemon(request: Request) -> Response:
+        if request.path == "/v1/services" and request.method == "GET":
+            return json_response({"services": [served.public().model_dump(mode="json")]})
+        if request.path == "/v1/services":
+            raise DeployError("the server exited with code 1; last log lines:\nkaboom")
+        raise ServiceNotFound(f"no service with uuid {request.path.split('/')[3]}")
+
+    transport = InMemoryTransport(daemon)
+    deployer = LocalDaemonModelDeployer(client=DaemonClient(transport=transport))
+    found = deployer.find_model_server(running=True, pipeline_name="train")
+    assert [s.uuid for s in found] == [served.uuid] and found[0].config.model_name == "iris"
+    assert transport.requests[-1].target == "/v1/services?running=true&pipeline_name=train"
+    with pytest.raises(DeployError) as info:
+        deployer.deploy_model(config, replace=True, timeout=60)
+    assert info.value.log_excerpt == "kaboom"
+    body = transport.requests[-1].body
+    assert (body["replace"], body["timeout"], body["config"]["model_name"]) == (True, 60, "iris")
+    with pytest.raises(ServiceNotFound):
+        deployer.stop_model_server(served.uuid, timeout=5, force=True)
+    assert transport.requests[-1].target == f"/v1/services/{served.uuid}/stop?timeout=5&force=true"

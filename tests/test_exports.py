@@ -1,13 +1,22 @@
-"""The public API of both packages: sorted ``__all__``, every name importable, nothing heavy at import."""
+"""The public API of both packages: sorted ``__all__``, every name importable, nothing heavy at import.
+
+``daemon`` exports the service model, the client and the whole exception tree, and no plumbing;
+every error a client can receive is a class under ``ModeldError`` that survives the wire.
+"""
 
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 
+import pytest
+
 import daemon
+import daemon.client
 import deployers
+from daemon import exceptions
 
 from conftest import REPO
 
@@ -19,6 +28,55 @@ def test_daemon_exports() -> None:
     for name in ("ServiceState", "ServiceConfig", "ServiceStatus", "ServiceEndpoint", "BaseService", "DaemonClient"):
         assert name in daemon.__all__
     assert [m.value for m in daemon.ServiceState] == ["inactive", "pending_startup", "active", "pending_shutdown", "error"]
+    # Plumbing is imported from its module, not from the package.
+    for name in ("Paths", "default_home", "Manager", "Store"):
+        assert name not in daemon.__all__
+        with pytest.raises(AttributeError):
+            getattr(daemon, name)
+
+
+def test_the_whole_exception_tree_is_exported_and_closed() -> None:
+    """Every ModeldError class of daemon.exceptions is in ERRORS (so the client maps its type back) and in daemon."""
+    defined = {name: cls for name, cls in vars(exceptions).items()
+               if inspect.isclass(cls) and issubclass(cls, exceptions.ModeldError)}
+    assert defined == exceptions.ERRORS
+    assert len({cls.status_code for cls in defined.values()} - set(range(400, 600))) == 0
+    for name, cls in defined.items():
+        assert name in daemon.__all__ and getattr(daemon, name) is cls, name
+    assert issubclass(daemon.StillStarting, daemon.DeployError)
+    assert issubclass(daemon.ForkServerError, OSError)  # as it was before it joined the tree
+    assert {"Forbidden", "NotFound", "MethodNotAllowed", "InternalError", "StillStarting", "ForkServerError"} <= set(defined)
+
+
+@pytest.mark.parametrize("cls", sorted(exceptions.ERRORS.values(), key=lambda c: c.__name__))
+def test_every_error_survives_the_wire(cls: type[exceptions.ModeldError]) -> None:
+    import json
+
+    plain = cls("what went wrong")
+    assert plain.to_dict() == {"type": cls.__name__, "message": "what went wrong"}  # as before: no new field unless needed
+    error = cls("the server exited; last log lines:\nloading\nkaboom")
+    wire = json.loads(json.dumps({"error": error.to_dict()}))
+    assert wire["error"] == {"type": cls.__name__, "message": "the server exited; last log lines:\nloading\nkaboom",
+                             "log_excerpt": "loading\nkaboom"}
+    back = exceptions.error_from_dict(cls.status_code, wire)
+    assert type(back) is cls
+    assert (back.message, back.log_excerpt, back.headline) == (error.message, "loading\nkaboom", "the server exited")
+
+
+def test_an_unknown_error_type_falls_back_by_status() -> None:
+    """A newer daemon's type this client does not know: a 4xx is a RequestError, anything else a ServiceError."""
+    unknown = {"error": {"type": "SomethingNew", "message": "m"}}
+    assert type(exceptions.error_from_dict(418, unknown)) is exceptions.RequestError
+    assert type(exceptions.error_from_dict(500, unknown)) is exceptions.ServiceError
+    assert type(exceptions.error_from_dict(500, {"no": "error"})) is exceptions.ProtocolError
+
+
+def test_client_exports() -> None:
+    assert daemon.client.__all__ == sorted(daemon.client.__all__)
+    for name in daemon.client.__all__:
+        assert getattr(daemon.client, name) is not None, name
+    assert daemon.DaemonClient is daemon.client.DaemonClient
+    assert daemon.VersionMismatchWarning is daemon.client.VersionMismatchWarning
 
 
 def test_deployers_exports() -> None:
@@ -31,6 +89,13 @@ def test_deployers_exports() -> None:
 def test_daemon_package_import_is_lazy() -> None:
     """``python -m daemon`` and the model server must not pay for pydantic on import of the package."""
     code = "import sys, daemon; print('pydantic' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_client_import_costs_no_asyncio() -> None:
+    """Every `modeld` command imports the client; its in-memory transport for tests must not pull asyncio in."""
+    code = "import sys, daemon.client, deployers.cli; print('asyncio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

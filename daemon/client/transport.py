@@ -1,0 +1,214 @@
+"""Transports: how a client's request reaches the daemon and its answer comes back.
+
+A :class:`Transport` takes a :class:`Request` and returns a :class:`Response`
+(``handle``), or the chunks of a streamed body (``stream``). It knows nothing
+of the calls (``DaemonClient`` does) nor of how a daemon is started
+(``autostart``): :class:`UnixSocketTransport` is handed a ``start_daemon``
+callable, or none when auto-start is off.
+
+Invariants of :class:`UnixSocketTransport`:
+
+* one keep-alive connection, re-opened when the daemon closed it; a
+  connection the daemon closed while idle is dropped before a request is
+  written on it, so no request needs sending twice;
+* a read (``GET``) that meets a closed connection is sent again on a new one,
+  backing off, for up to ``READ_RETRY_SECONDS``; a deploy, stop or delete is
+  never sent twice (it may have been done): the caller is told instead;
+* whether a call may start a daemon is decided per request
+  (``Request.start`` and the transport's ``start_daemon``), never by
+  changing the transport's state around a call;
+* every OS or ``http.client`` error leaves as a class of
+  ``daemon.exceptions`` (``raise … from exc``), and an error answer (status
+  >= 400) as the class its JSON ``type`` names (:func:`raise_for_status`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from ..exceptions import DaemonError, DaemonNotRunning, ProtocolError, error_from_dict
+from ..paths import Paths
+
+READ_RETRY_SECONDS = 5.0  # how long a read is retried while a killed daemon resets connections in its backlog
+
+
+@dataclass
+class Request:
+    """One call to the daemon's API."""
+
+    method: str
+    path: str  # without the query string; it names the call in error messages
+    query: dict[str, Any] | None = None  # items that are None are left out
+    body: Any = None  # JSON-able; None: no body
+    timeout: float | None = None  # seconds the socket waits for the answer; None: as long as it takes
+    start: bool = True  # this call may start a daemon (if the transport may)
+
+    @property
+    def target(self) -> str:
+        items = {k: v for k, v in (self.query or {}).items() if v is not None}
+        return f"{self.path}?{urlencode(items)}" if items else self.path
+
+    @property
+    def content(self) -> bytes | None:
+        return json.dumps(self.body).encode() if self.body is not None else None
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
+
+    def json(self) -> Any:
+        return decode_json(self.body)
+
+
+def decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise ProtocolError(f"the daemon answered something that is not JSON: {raw[:200]!r}") from exc
+
+
+def raise_for_status(status: int, raw: bytes) -> None:
+    """Raise the daemon's error answer as the class of ``daemon.exceptions`` its ``type`` names."""
+    if status >= 400:
+        raise error_from_dict(status, decode_json(raw))
+
+
+class Transport:
+    """Carries requests to a daemon. Subclasses implement ``handle`` and ``stream``."""
+
+    def handle(self, request: Request) -> Response:
+        raise NotImplementedError
+
+    def stream(self, request: Request) -> Iterator[bytes]:
+        """The body of a 200 answer, chunk by chunk (an error answer is raised); ends when the daemon goes."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None):
+        super().__init__("modeld", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class UnixSocketTransport(Transport):
+    """HTTP/1.1 on the daemon's Unix socket, with one keep-alive connection."""
+
+    def __init__(self, paths: Paths, start_daemon: Callable[[], None] | None = None):
+        self.paths = paths
+        self.start_daemon = start_daemon
+        self._conn: _UnixConnection | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _open(self, timeout: float | None, start: bool) -> _UnixConnection:
+        self.paths.check_socket()
+        conn = _UnixConnection(str(self.paths.socket), timeout)
+        try:
+            conn.connect()
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            if self.start_daemon is None or not start:
+                raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}; start one with `modeld daemon start`") from exc
+            self.start_daemon()
+            conn.connect()
+        return conn
+
+    def handle(self, request: Request) -> Response:
+        method, path, timeout = request.method, request.path, request.timeout
+        payload = request.content
+        headers = {"content-type": "application/json"} if payload is not None else {}
+        retry_reads_until = time.monotonic() + READ_RETRY_SECONDS
+        for attempt in itertools.count(1):
+            self._drop_if_closed()
+            try:
+                if self._conn is None:
+                    self._conn = self._open(timeout, request.start)
+                self._conn.timeout = timeout
+                if self._conn.sock is not None:
+                    self._conn.sock.settimeout(timeout)
+                self._conn.request(method, request.target, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                raw = response.read()
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                self.close()
+                raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}") from exc
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                # The daemon closed the connection: idle, restarting, or killed. A daemon killed
+                # with -9 goes on accepting connections into its backlog until its last thread has
+                # exited (its main thread already shows as a zombie), then resets them all. A read
+                # is sent again on a new connection, backing off, until it is answered or the
+                # socket refuses (then a daemon is auto-started). A deploy, stop or delete is not:
+                # it may have been done before the daemon went, and sending it again could start a
+                # second server, so the caller is told instead.
+                self.close()
+                if method == "GET" and time.monotonic() < retry_reads_until:
+                    time.sleep(min(0.002 * 2**attempt, 0.1))
+                    continue
+                raise ProtocolError(
+                    f"the daemon closed the connection during {method} {path}: {exc}"
+                    + ("" if method == "GET" else "; it may or may not have been done (check with `modeld ls`)")
+                ) from exc
+            except TimeoutError as exc:
+                self.close()
+                raise ProtocolError(f"no answer from the daemon to {method} {path} within {timeout:g}s") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise DaemonError(f"cannot talk to the daemon on {self.paths.socket}: {exc}") from exc
+            return Response(response.status, raw, {k.lower(): v for k, v in response.getheaders()})
+        raise AssertionError("unreachable")  # (the loop returns or raises)
+
+    def stream(self, request: Request) -> Iterator[bytes]:
+        conn = self._open(None, request.start)  # its own connection, for as long as the stream lasts
+        try:
+            conn.request(request.method, request.target)
+            response = conn.getresponse()
+            if response.status != 200:
+                raise_for_status(response.status, response.read())
+            while chunk := response.read1(65536):
+                yield chunk
+        except (http.client.IncompleteRead, ConnectionError):
+            return  # the daemon went away (stopped or restarted): the stream simply ends
+        finally:
+            conn.close()
+
+    def _drop_if_closed(self) -> None:
+        """Forget a kept-alive connection the daemon has closed meanwhile (idle timeout, restart),
+        so that no request is sent on it and none needs sending twice."""
+        sock = self._conn.sock if self._conn is not None else None
+        if sock is None:
+            return
+        try:
+            poller = select.poll()  # (select() takes no fd past 1023: a client in a busy process may have them)
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        except (OSError, ValueError):
+            readable = True
+        if readable:  # an idle HTTP connection is readable only once closed (or with bytes nobody asked for)
+            self.close()
