@@ -39,7 +39,7 @@ from uuid import UUID
 from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
 from .addresses import Address, literal_address, resolve
-from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StillStarting, StorageError
+from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StillStarting, StorageError, with_log_excerpt
 from .health import (
     Batch, Prober, ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, fetch_listeners, probe, probe_all,
 )
@@ -960,17 +960,18 @@ class Manager:
                 code = proc.exited.result() if not proc.exited.cancelled() else None
                 m.svc.status.exit_code = code
                 await self._end_launch(m, proc)
-                raise DeployError(
-                    f"the server {describe_exit(code)} before it answered its health check"
-                    + await self._log_excerpt(m)
-                )
+                lines = await self._last_log_lines(m)
+                raise DeployError(with_log_excerpt(f"the server {describe_exit(code)} before it answered its health check", lines),
+                                  log_excerpt=lines or None)
             healthy, seen = await probe(target, timeout=max(0.05, min(2.0, deadline - time.monotonic())))
             if healthy:
                 return proc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                lines = await self._last_log_lines(m)
                 raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(
-                    f"the server did not become healthy within {timeout:g}s (last probe: {seen})" + await self._log_excerpt(m))
+                    with_log_excerpt(f"the server did not become healthy within {timeout:g}s (last probe: {seen})", lines),
+                    log_excerpt=lines or None)
             await proc.wait(min(delay, remaining))
             if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
                 delay = min(delay * 1.5, 0.25)
@@ -982,8 +983,8 @@ class Manager:
         except StorageError as exc:
             log.error("%s: %s", svc.uuid, exc)
 
-    async def _log_excerpt(self, m: ServiceRuntime) -> str:
-        """The server's last log lines, secrets masked, for an error message."""
+    async def _last_log_lines(self, m: ServiceRuntime) -> str:
+        """The server's last log lines, secrets masked, for an error (its ``log_excerpt``)."""
         also = (m.previous_config,) if m.previous_config is not None else ()
         path = self.paths.service_log(m.uuid)
 
@@ -991,8 +992,7 @@ class Manager:
             self.logs.flush(str(m.uuid))  # what the server wrote before it went is in the file
             return tail_text(path)
 
-        lines = m.svc.config.scrub(await asyncio.to_thread(read), *also)
-        return f"; last log lines:\n{lines}" if lines else ""
+        return m.svc.config.scrub(await asyncio.to_thread(read), *also)
 
     async def _start_locked(self, m: ServiceRuntime, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
         await self._cancel_supervision(m)
@@ -1046,7 +1046,7 @@ class Manager:
             svc.desired_state = failing_state
             svc.status.moved_to(ServiceState.ERROR, str(exc))
             self._save_if_possible(svc)
-            raise type(exc)(f"service {svc.uuid}: {exc}") from exc
+            raise type(exc)(f"service {svc.uuid}: {exc}", log_excerpt=exc.log_excerpt) from exc
         svc.status.moved_to(ServiceState.ACTIVE, "")
         # Best effort: service.json (desired running) and service.pid name the server already, so a
         # failed write here costs only a stale "pending" on disk, which supervision or the next
@@ -1196,7 +1196,7 @@ class Manager:
                 note = "the previous version was started again"
             except (DeployError, StorageError) as restore_exc:
                 note = f"the previous version could not be started again either: {restore_exc}"
-            raise type(exc)(f"{exc}; {note}") from exc
+            raise type(exc)(f"{exc}; {note}", log_excerpt=exc.log_excerpt) from exc
 
     # -------------------------------------------------------------- supervision
 
@@ -1330,14 +1330,15 @@ class Manager:
             policy.mode == "on-failure" and code == 0 and not unhealthy
         ):
             svc.status.moved_to(ServiceState.INACTIVE if code == 0 and not unhealthy else ServiceState.ERROR,
-                                f"the server {what}" + await self._log_excerpt(m))
+                                with_log_excerpt(f"the server {what}", await self._last_log_lines(m)))
             self._save_if_possible(svc, step="restart.exited")
             return False
         m.failures += 1
         if m.failures > policy.max_restarts:
             svc.status.moved_to(
                 ServiceState.ERROR,
-                f"the server {what}; gave up after {policy.max_restarts} restarts in a row" + await self._log_excerpt(m),
+                with_log_excerpt(f"the server {what}; gave up after {policy.max_restarts} restarts in a row",
+                                 await self._last_log_lines(m)),
             )
             self._save_if_possible(svc, step="restart.gave-up")
             m.close_listener()
