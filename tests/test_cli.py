@@ -13,9 +13,10 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import http_get, modeld, pid_alive, port_open, predict, wait_for
+from conftest import http_get, modeld, port_open, predict
 from daemon.paths import Paths
 from daemon.server import daemon_pid
+from daemon.testing import pid_alive, wait_for
 
 UUID_RE = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]

@@ -8,7 +8,7 @@ import sys
 import daemon
 import deployers
 
-from conftest import REPO
+from daemon.testing import REPO
 
 
 def test_daemon_exports() -> None:
