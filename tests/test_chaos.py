@@ -1,4 +1,4 @@
-"""A short run of scripts/harness.py: random operations, server kills and daemon kills (some in the
+"""A short run of scripts/chaos.py: random operations, server kills and daemon kills (some in the
 middle of an operation or at an armed kill point) against a real daemon, with every invariant
 checked after each step, over every kind of server (built-in, a leader that forks its worker,
 servers with a detached helper, with or without an environment, and one that floods its log).
@@ -29,8 +29,9 @@ SEED = int(os.environ.get("MODELD_CHAOS_SEED", 20261123))  # replay another run 
 
 @pytest.mark.slow
 def test_short_chaos_run_loses_nothing_and_signals_no_stranger(home):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "harness.py"), "--ops", "40", "--seed", str(SEED),
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "chaos.py"), "--ops", "40", "--seed", str(SEED),
                            "--home", str(home), "--keep"], capture_output=True, text=True, timeout=900)
+    assert proc.stdout, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
     assert proc.returncode == 0, result  # 1 when any of its bad counts is not 0
     assert result["services_lost"] == result["untracked_servers"] == result["strangers_signalled"] == 0, result
