@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -52,16 +53,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from daemon import DaemonClient, DesiredState, LocalModelService, ServiceConfig, ServiceState  # noqa: E402
-from daemon.linux import ProcessIdentity  # noqa: E402
+from daemon import DaemonClient, DesiredState, LocalModelService, ServiceConfig, ServiceState
+from daemon.linux import ProcessIdentity
+from daemon.testing import UnixHTTP, free_port, read_pid, reap, reap_home, wait_for
 
 BARE_APP = """
 import sys, uvicorn
@@ -94,6 +93,8 @@ out = sys.stdout.buffer
 while True:
     out.write(line * 64)
 """
+# The figures poll every 5 ms: the interval bounds how precisely a wait is timed.
+poll = functools.partial(wait_for, timeout=30, interval=0.005)
 SCALE = 1000  # live servers from which the scale targets apply
 
 TARGETS = {  # figure -> (description, check on the result)
@@ -126,14 +127,6 @@ def summary(values: list[float], scale: float) -> dict[str, float]:
     return {"p50": round(statistics.median(xs), 1), "p99": round(p99, 1), "n": len(xs)}
 
 
-def wait(cond: Callable[[], object], timeout: float = 30, what: str = "condition", every: float = 0.005) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
-
-
 def healthy(port: int, path: str = "/health") -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -149,32 +142,6 @@ def port_closed(port: int) -> bool:
             return False
     except OSError:
         return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class UnixHTTP(http.client.HTTPConnection):
-    """A keep-alive HTTP connection over a Unix socket (the same code for the floor and the daemon)."""
-
-    def __init__(self, path: str):
-        super().__init__("localhost", timeout=30)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-    def get(self, url: str) -> bytes:
-        self.request("GET", url)
-        response = self.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"GET {url}: {response.status} {body[:200]!r}")
-        return body
 
 
 def cpu_seconds(pid: int) -> float:
@@ -195,7 +162,8 @@ def rss_mb(pid: int) -> float:
 
 
 class Reaper:
-    """Every process group the benchmark started or saw, killed at the end by pid (checked by start time)."""
+    """Every process the benchmark started or saw, and its homes: killed at the end by pid checked
+    with its start time, or by the group it leads (``daemon.testing.reap``)."""
 
     def __init__(self) -> None:
         self.idents: set[ProcessIdentity] = set()
@@ -207,39 +175,14 @@ class Reaper:
             if ident is not None:
                 self.idents.add(ident)
 
-    def _recorded(self) -> set[ProcessIdentity]:
-        found = set(self.idents)
-        for home in self.homes:
-            for pidfile in [home / "daemon.pid", *home.glob("services/*/service.pid")]:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    lines = pidfile.read_text().split()
-                    found.add(ProcessIdentity(int(lines[0]), int(lines[1]), lines[2]))
-        return found
-
-    def wait_daemons(self, folder: Path, timeout: float) -> None:
+    def wait_daemons(self, timeout: float) -> None:
         """Give daemons asked to shut down time to stop their servers themselves."""
-        daemons = [ident for ident in self._recorded() if ident.is_alive() and _is_daemon(ident.pid)]
+        daemons = [i for home in self.homes for i in read_pid(home / "daemon.pid") if i.is_alive()]
         with contextlib.suppress(TimeoutError):
-            wait(lambda: not any(d.is_alive() for d in daemons), timeout=timeout, what="the daemons to exit", every=0.02)
+            wait_for(lambda: not any(d.is_alive() for d in daemons), timeout, interval=0.02, what="the daemons to exit")
 
     def kill_all(self) -> int:
-        killed = 0
-        for ident in self._recorded():
-            if not ident.is_alive():
-                continue
-            for kill, sig_target in ((os.killpg, ident.pid), (os.kill, ident.pid)):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    kill(sig_target, signal.SIGKILL)
-            killed += 1
-        return killed
-
-
-def _is_daemon(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"\0-m\0daemon\0" in f.read()
-    except OSError:
-        return False
+        return reap(self.idents) + sum(reap_home(home) for home in self.homes)
 
 
 # ------------------------------------------------------------------ figures
@@ -261,7 +204,7 @@ def cold_floor(folder: Path, reaper: Reaper) -> float:
     port = free_port()
     start = time.perf_counter()
     with bare_server(folder, str(port), reaper):
-        wait(lambda: healthy(port), what="the bare uvicorn server")
+        poll(lambda: healthy(port), what="the bare uvicorn server")
         return time.perf_counter() - start
 
 
@@ -278,7 +221,7 @@ def lifecycle_runs(client: DaemonClient, folder: Path, runs: int, reaper: Reaper
         assert pid and healthy(port), "deploy returned before the server answered"
         start = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
-        wait(lambda: healthy(port) and client.get(svc.uuid).status.pid not in (None, pid), what="crash recovery")
+        poll(lambda: healthy(port) and client.get(svc.uuid).status.pid not in (None, pid), what="crash recovery")
         figures["crash_recover_ms"].append(time.perf_counter() - start)
         reaper.note(client.get(svc.uuid).status.pid)
         start = time.perf_counter()
@@ -309,9 +252,9 @@ def socket_runs(socket_path: str, folder: Path, registered: int, runs: int, reap
     floor_path = str(folder / "bare.sock")
     figures: dict[str, list[float]] = {"uds_floor_us": [], "find_one_us": [], "list_all_ms": []}
     with bare_server(folder, floor_path, reaper):
-        wait(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
+        poll(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
         floor, daemon = UnixHTTP(floor_path), UnixHTTP(socket_path)
-        wait(lambda: _tries(floor, "/health"), what="the bare uvicorn Unix socket to answer")
+        poll(lambda: _tries(floor, "/health"), what="the bare uvicorn Unix socket to answer")
         wanted = f"/v1/services?model_name=reg{registered // 2}"
         assert len(json.loads(daemon.get(wanted))["services"]) == 1
         for _ in range(20):  # warm both
@@ -378,7 +321,7 @@ def readopt(home: Path, before: dict[str, tuple[int, int]], reaper: Reaper) -> t
     old = client.daemon_info()["pid"]
     old_ident = ProcessIdentity.of(old)
     client.shutdown(stop_services=False)
-    wait(lambda: old_ident is None or not old_ident.is_alive(), timeout=30, what="the daemon to exit")
+    poll(lambda: old_ident is None or not old_ident.is_alive(), timeout=30, what="the daemon to exit")
     start = time.perf_counter()
     services = client.find(running=True)  # starts the daemon, answered once every service is rebuilt
     deadline = time.monotonic() + 60
@@ -437,7 +380,7 @@ def replace_under_load(client: DaemonClient, svc: Any, folder: Path, seconds_aft
         config = svc.config.model_copy(update={"python": "", "working_dir": ""})
         new = client.deploy(config, replace=True, timeout=60)
         end = time.perf_counter()
-        time.sleep(seconds_after)
+        time.sleep(seconds_after)  # the measurement window: load after the replace too
     finally:
         stop.set()
         thread.join(15)
@@ -451,9 +394,9 @@ def list_runs(socket_path: str, folder: Path, runs: int, reaper: Reaper) -> tupl
     app sending a body of the same size over a Unix socket, alternating (the same client code)."""
     floor_path = str(folder / "bare-list.sock")
     with bare_server(folder, floor_path, reaper):
-        wait(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
+        poll(lambda: os.path.exists(floor_path), what="the bare uvicorn Unix socket")
         floor, daemon = UnixHTTP(floor_path), UnixHTTP(socket_path)
-        wait(lambda: _tries(floor, "/health"), what="the bare uvicorn Unix socket to answer")
+        poll(lambda: _tries(floor, "/health"), what="the bare uvicorn Unix socket to answer")
         size = len(daemon.get("/v1/services"))
         for _ in range(5):
             daemon.get("/v1/services")
@@ -672,7 +615,7 @@ def main() -> int:
         for home in reaper.homes:
             with contextlib.suppress(Exception):
                 DaemonClient(home=home, auto_start=False, timeout=30).shutdown(stop_services=True)
-        reaper.wait_daemons(folder, timeout=20)  # they stop their servers; then the safety net
+        reaper.wait_daemons(timeout=20)  # they stop their servers; then the safety net
         killed = reaper.kill_all()
         if killed:
             progress(f"killed {killed} leftover process groups")

@@ -74,8 +74,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import http.client
 import json
 import os
 import random
@@ -92,496 +90,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import psutil
 
-import psutil  # noqa: E402
-
-from daemon import DaemonClient, ServiceConfig  # noqa: E402
-from daemon.exceptions import DaemonError, ModeldError, ServiceNotFound  # noqa: E402
-from daemon.killpoints import KILL_POINTS  # noqa: E402
-from daemon.linux import ProcessIdentity, boot_id, cgroup2_mount, start_ticks  # noqa: E402
-from daemon.models import BaseService, DesiredState, ServiceState  # noqa: E402
-from daemon.paths import Paths  # noqa: E402
-from daemon.runtime._serve import forkserver  # noqa: E402
+from daemon import DaemonClient, ServiceConfig
+from daemon.exceptions import DaemonError, ModeldError, ServiceNotFound
+from daemon.killpoints import KILL_POINTS
+from daemon.linux import boot_id, start_ticks
+from daemon.models import BaseService, ServiceState
+from daemon.paths import Paths
+from daemon.testing import (
+    CONVERGE_TIMEOUT, FLOOD_SERVER, HELPER_SERVER, HELPERS, TINY_SERVER, DaemonProcess, Helper, ServerProcess, Snapshot,
+    cgroup_members, check, config_tag, daemon_side, describe, forked_tags, helpers, kill_verified, log_faults, read_pid,
+    reap_home, server_processes, ticks_alive, wait_for, wait_settled,
+)
 
 BAD = (
     "services_lost", "resurrected", "stopped_unasked", "untracked_servers", "duplicates", "stale_states",
     "version_mismatches", "unconverged", "strangers_signalled", "logs_over_cap",
 )
-CONVERGE_TIMEOUT = 15.0
 KINDS = ("python", "command", "helper", "envless", "flood")
-HELPERS = "helpers.log"  # in the models folder (the command servers' working directory)
-LOG_SLACK = 64 * 1024  # a log file may pass log_max_bytes by one chunk of the log writer
-
-# A command server whose leader forks the worker that serves (so a kill -9 of the leader alone
-# leaves a worker holding the port, as gunicorn or mlflow would); it answers GET with its tag.
-TINY_SERVER = '''\
-import http.server, os, sys
-port, tag = int(sys.argv[1]), sys.argv[2].encode()
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", str(len(tag)))
-        self.end_headers()
-        self.wfile.write(tag)
-    def log_message(self, *args):
-        pass
-server = http.server.HTTPServer(("127.0.0.1", port), Handler)
-if os.fork() == 0:
-    server.serve_forever()
-else:
-    _, status = os.wait()
-    sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
-'''
-
-# TINY_SERVER's shape, whose leader first starts a helper in a session of its own (with
-# --envless, with an empty environment). The helper records itself (pid, start ticks, service,
-# launch, kind) in the file named by argv[2], then becomes a long sleep: no record is missing for
-# a helper that runs, whenever its server dies.
-HELPER_SERVER = '''\
-import http.server, json, os, subprocess, sys
-port, record, tag = int(sys.argv[1]), os.path.abspath(sys.argv[2]), sys.argv[-1].encode()
-envless = "--envless" in sys.argv
-launch = json.loads(os.environ.get("MODELD_PROCESS") or "{}").get("launch") or "-"
-script = ('read -r f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 f11 f12 f13 f14 f15 f16 f17 f18 f19 f20 f21 ticks rest < /proc/$$/stat; '
-          'echo "$$ $ticks $1 $2 $3" >> "$4"; exec /bin/sleep 100000')
-subprocess.Popen(["/bin/sh", "-c", script, "helper", os.environ.get("MODELD_SERVICE_UUID") or "-", launch,
-                  "envless" if envless else "tagged", record],
-                 start_new_session=True, env={} if envless else None, stdin=subprocess.DEVNULL)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", str(len(tag)))
-        self.end_headers()
-        self.wfile.write(tag)
-    def log_message(self, *args):
-        pass
-server = http.server.HTTPServer(("127.0.0.1", port), Handler)
-worker = os.fork()
-if worker == 0:
-    server.serve_forever()
-else:
-    _, status = os.waitpid(worker, 0)
-    sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
-'''
-
-# A server with a child (forked before the port is bound, so it never serves) that writes its
-# log as fast as it can: 60 KiB blocks of short lines and, now and then, a line longer than the
-# log writer's 64 KiB chunk. Niced, so that it takes the CPU that is idle (the machine has 2 cores).
-FLOOD_SERVER = '''\
-import http.server, os, sys
-port, tag = int(sys.argv[1]), sys.argv[-1].encode()
-if os.fork() == 0:
-    os.nice(10)
-    block = b"".join(b"flood %06d %s\\n" % (i, b"." * 72) for i in range(720))
-    long_line = b"L" * (100 * 1024) + b"\\n"
-    n = 0
-    try:
-        while True:
-            os.write(1, block)
-            n += 1
-            if n % 64 == 0:
-                os.write(1, long_line)
-    except OSError:
-        os._exit(1)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", str(len(tag)))
-        self.end_headers()
-        self.wfile.write(tag)
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
-'''
 
 
 # ---------------------------------------------------------------- processes
 
 
-@dataclass(frozen=True)
-class ServerProcess:
-    """A live process of a model server of one home: tagged as such in its environment (or in the
-    record its fork server wrote), or found in one of the home's cgroups. ``uuid`` and ``launch``
-    are what its cgroup says when it is in one (the kernel's word), else what its tag says."""
-
-    pid: int
-    pgid: int
-    ppid: int
-    uuid: str
-    create_time: float
-    launch: str | None = None
-    tagged: bool = True
-    in_cgroup: bool = False
-
-    @property
-    def key(self) -> tuple[str, str | None]:
-        return self.uuid, self.launch
-
-
-def forked_tags(home: Path, pid: int) -> dict[str, str]:
-    """The tags a fork server recorded for a server it forked (whose own environ is the fork
-    server's), if the record is about this very process (same start ticks)."""
-    try:
-        ticks, tags = forkserver.read_record(forkserver.record_path(home / "run", pid))
-    except OSError:
-        return {}
-    if ticks != start_ticks(pid):
-        return {}
-    return dict(item.decode().partition("=")[::2] for item in tags if item)
-
-
-def launch_of(info: str | None) -> str | None:
-    """The launch token in a MODELD_PROCESS tag."""
-    try:
-        value = json.loads(info or "").get("launch")
-    except (ValueError, AttributeError):
-        return None
-    return str(value) if value else None
-
-
-def role_of(info: str | None) -> str | None:
-    """The role in a MODELD_PROCESS tag (``logd`` for the log writer)."""
-    try:
-        value = json.loads(info or "").get("role")
-    except (ValueError, AttributeError):
-        return None
-    return str(value) if value else None
-
-
-def home_cgroups(home: Path) -> list[Path]:
-    """The cgroup folders of ``home``'s services that exist: ``modeld-<sha256(home)[:16]>`` under the
-    base a daemon run from here uses (the cgroup2 mount as root, else ``MODELD_CGROUP`` or this
-    process's own cgroup). Both the home as given and its real path are tried."""
-    mount = cgroup2_mount()
-    setting = os.environ.get("MODELD_CGROUP", "").strip()
-    if mount is None or setting.lower() in ("off", "tag", "0", "no"):
-        return []
-    if setting:
-        base = setting[len(mount):] if setting.startswith(mount) else setting
-    elif os.geteuid() == 0:
-        base = "/"
-    else:
-        base = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
-    found = []
-    for name in dict.fromkeys((str(Paths(home).home), os.path.realpath(home))):
-        path = Path(mount) / base.lstrip("/") / f"modeld-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
-        if path.is_dir():
-            found.append(path)
-    return found
-
-
-def cgroup_members(home: Path) -> dict[int, tuple[str, str | None]]:
-    """Every process in one of ``home``'s cgroups: pid -> (service uuid, launch) as the cgroup's path
-    says (``<uuid>/<launch>``; a process higher up has no launch, or no uuid: "")."""
-    members: dict[int, tuple[str, str | None]] = {}
-    for parent in home_cgroups(home):
-        folders = [parent]
-        for folder in folders:
-            with contextlib.suppress(OSError):
-                folders.extend(entry for entry in folder.iterdir() if entry.is_dir())
-        for folder in folders:
-            parts = folder.relative_to(parent).parts
-            try:
-                pids = [int(line) for line in (folder / "cgroup.procs").read_text().split()]
-            except (OSError, ValueError):
-                continue
-            for pid in pids:
-                members[pid] = (parts[0] if parts else "", parts[1] if len(parts) > 1 else None)
-    return members
-
-
-def daemon_side(home: Path, pid: int, env: dict[str, str]) -> bool:
-    """The daemon (which steps into a launch's cgroup for the instant of a spawn), its fork server
-    or its log writer: never a server, wherever it is."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        if int((home / "daemon.pid").read_text().split()[0]) == pid:
-            return True
-    if role_of(env.get("MODELD_PROCESS")) == "logd":
-        return True
-    with contextlib.suppress(psutil.Error):
-        return "--fork-server" in psutil.Process(pid).cmdline()
-    return False
-
-
-def stowaways(home: Path) -> set[tuple[int, float, str]]:
+def stowaways(home: Path) -> set[tuple[int, int, str]]:
     """The daemon, its fork server or its log writer found in a cgroup of ``home``'s services (the
     daemon steps into one for the instant of a spawn; anything longer would be killed with that
-    launch): (pid, its create time, the cgroup)."""
+    launch): (pid, its start ticks, the cgroup)."""
     found = set()
     for pid, (uuid, launch) in cgroup_members(home).items():
         with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            env = proc.environ()
-            if not env.get("MODELD_SERVICE_UUID") and not forked_tags(home, pid) and daemon_side(home, pid, env):
-                found.add((pid, proc.create_time(), f"{uuid}/{launch}"))
+            env = psutil.Process(pid).environ()
+            ticks = start_ticks(pid)
+            if ticks is not None and not env.get("MODELD_SERVICE_UUID") and not forked_tags(home, pid) and daemon_side(home, pid, env):
+                found.add((pid, ticks, f"{uuid}/{launch}"))
     return found
-
-
-def server_processes(home: Path) -> list[ServerProcess]:
-    """Every live process of ``home``'s model servers: carrying ``MODELD_HOME=home`` and a
-    ``MODELD_SERVICE_UUID`` in its environment (or in the record a fork server wrote for it), or in
-    one of the home's cgroups (then whatever its environment). Read here with psutil and the
-    cgroup files, independently of the daemon's own scan."""
-    members = cgroup_members(home)
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid == os.getpid():
-                continue
-            where = members.get(proc.pid)
-            if where is None and proc.uids().real != os.getuid():
-                continue
-            created = proc.create_time()
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            env = proc.environ()
-            if not env.get("MODELD_SERVICE_UUID"):
-                env = forked_tags(home, proc.pid) or env
-            tagged = env.get("MODELD_HOME") == str(home) and bool(env.get("MODELD_SERVICE_UUID"))
-            if where is not None and not tagged and daemon_side(home, proc.pid, env):
-                continue
-            if where is None and not tagged:
-                continue
-            uuid, launch = where if where is not None else (env["MODELD_SERVICE_UUID"], launch_of(env.get("MODELD_PROCESS")))
-            if proc.create_time() != created:
-                continue
-            found.append(ServerProcess(proc.pid, os.getpgid(proc.pid), proc.ppid(), uuid, created, launch,
-                                       tagged=tagged, in_cgroup=where is not None))
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return found
-
-
-def server_leaders(procs: list[ServerProcess]) -> dict[str, list[int]]:
-    """The servers themselves (group leaders), by service uuid, without their workers and helpers
-    (a process whose parent is a process of the same service)."""
-    by_pid = {p.pid: p for p in procs}
-    leaders: dict[str, list[int]] = {}
-    for p in procs:
-        parent = by_pid.get(p.ppid)
-        if p.pid == p.pgid and not (parent is not None and parent.uuid == p.uuid):
-            leaders.setdefault(p.uuid, []).append(p.pid)
-    return leaders
-
-
-def launches(procs: list[ServerProcess]) -> dict[str, dict[str | None, list[ServerProcess]]]:
-    """The live launches, by service uuid: launch -> its processes."""
-    found: dict[str, dict[str | None, list[ServerProcess]]] = {}
-    for p in procs:
-        found.setdefault(p.uuid, {}).setdefault(p.launch, []).append(p)
-    return found
-
-
-@dataclass(frozen=True)
-class Helper:
-    """A helper a ``helper`` or ``envless`` server started, as it recorded itself."""
-
-    pid: int
-    ticks: int
-    uuid: str
-    launch: str
-    kind: str  # "tagged" or "envless"
-
-    def alive(self) -> bool:
-        return ticks_alive(self.pid, self.ticks)
-
-
-def ticks_alive(pid: int, ticks: int) -> bool:
-    """``pid`` is alive (not a zombie) and started at ``ticks``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return fields[0] not in (b"Z", b"X") and int(fields[19]) == ticks
-
-
-def helpers(home: Path) -> list[Helper]:
-    """Every helper recorded in ``home``'s models folder (alive or not)."""
-    try:
-        text = (home / "models" / HELPERS).read_text()
-    except OSError:
-        return []
-    found = []
-    for line in text.splitlines(keepends=True):
-        parts = line.split()
-        if line.endswith("\n") and len(parts) == 5:
-            with contextlib.suppress(ValueError):
-                found.append(Helper(int(parts[0]), int(parts[1]), *parts[2:]))
-    return found
-
-
-def kill_verified(pid: int, create_time: float, sig: int = signal.SIGKILL) -> bool:
-    """Send ``sig`` to ``pid`` if it is still the process that started at ``create_time`` (through a
-    pidfd, so the pid cannot be reused in between)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if psutil.Process(pid).create_time() != create_time:
-            return False
-        signal.pidfd_send_signal(fd, sig)
-        return True
-    except (OSError, psutil.Error):
-        return False
-    finally:
-        os.close(fd)
 
 
 def kill_helper(h: Helper) -> bool:
-    try:
-        fd = os.pidfd_open(h.pid)
-    except OSError:
-        return False
-    try:
-        if not h.alive():
-            return False
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def kill_servers(home: Path) -> None:
-    """Kill every process of ``home``'s servers (by pid, checked against its start time), every helper
-    they recorded, and the home's log writer; then remove the home's cgroups."""
-    for p in server_processes(home):
-        kill_verified(p.pid, p.create_time)
-    for h in helpers(home):
-        kill_helper(h)
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            env = proc.environ()
-            if env.get("MODELD_HOME") == str(home) and role_of(env.get("MODELD_PROCESS")) == "logd":
-                kill_verified(proc.pid, proc.create_time())
-    for parent in home_cgroups(home):
-        folders = [parent]
-        for folder in folders:
-            with contextlib.suppress(OSError):
-                folders.extend(entry for entry in folder.iterdir() if entry.is_dir())
-        for folder in reversed(folders):
-            with contextlib.suppress(OSError):
-                (folder / "cgroup.kill").write_text("1")
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError):
-                    if "populated 0" in (folder / "cgroup.events").read_text():
-                        break
-                time.sleep(0.01)
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-class DaemonProcess:
-    """The daemon of one home, started in its own session; its identity comes from daemon.pid."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.paths = Paths(home)
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.ident: ProcessIdentity | None = None
-        self.die_at: str | None = None
-        self.started_at = 0.0
-        self.containment: str | None = None  # as GET /v1/daemon says: "cgroup" or "tag"
-
-    def env(self, die_at: str | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_") or k == "MODELD_CGROUP"}
-        env.update(MODELD_HOME=str(self.home), PYTHONPATH=str(REPO))
-        if die_at:
-            env["MODELD_DIE_AT"] = die_at
-        return env
-
-    def start(self, die_at: str | None = None) -> bool:
-        """Start it and wait until it answers (its rebuild is done); False if it died first."""
-        self.die_at = die_at
-        self.started_at = time.monotonic()
-        with open(self.paths.daemon_log, "ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "--home", str(self.home)],
-                env=self.env(die_at), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self.wait_answering()
-
-    def adopt_autostarted(self) -> bool:
-        """A daemon some client auto-started: track it through daemon.pid."""
-        self.popen, self.die_at = None, None
-        self.started_at = time.monotonic()
-        return self.wait_answering()
-
-    def wait_answering(self, timeout: float = 30) -> bool:
-        deadline = time.monotonic() + timeout
-        with DaemonClient(self.home, auto_start=False, timeout=timeout) as client:
-            while time.monotonic() < deadline:
-                if self.popen is not None and self.popen.poll() is not None:
-                    return False
-                try:
-                    info = client.daemon_info()
-                except DaemonError:
-                    time.sleep(0.005)
-                    continue
-                self.ident = ProcessIdentity.of(int(info["pid"]))
-                self.containment = info.get("containment")
-                return self.ident is not None
-        raise RuntimeError(f"the daemon of {self.home} did not answer within {timeout}s")
-
-    def alive(self) -> bool:
-        if self.popen is not None and self.popen.poll() is not None:
-            return False
-        return self.ident is not None and self.ident.is_alive()
-
-    def gone_after_error(self, grace: float = 1.0) -> bool:
-        """After a failed call: did the daemon die? A dying process closes its sockets before
-        /proc shows it dead, so give it a moment."""
-        deadline = time.monotonic() + grace
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
-    def signal(self, sig: int) -> None:
-        if self.ident is not None and self.ident.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.ident.pid, sig)
-
-    def wait_dead(self, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon {self.ident} still alive after {timeout}s")
-            time.sleep(0.005)
-        if self.popen is not None:
-            self.popen.wait()
-
-    def kill9(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.wait_dead()
-
-    def died_at_kill_point(self, offset: int) -> str | None:
-        """The kill point named in daemon.log after ``offset``, if the daemon died at one."""
-        try:
-            with open(self.paths.daemon_log, "rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return None
-        for line in text.splitlines():
-            if "kill point " in line and " reached" in line:
-                return line.split("kill point ", 1)[1].split()[0]
-        return None
-
-    def log_size(self) -> int:
-        try:
-            return self.paths.daemon_log.stat().st_size
-        except FileNotFoundError:
-            return 0
+    return kill_verified(h.pid, h.ticks)
 
 
 class Strangers:
@@ -590,7 +138,7 @@ class Strangers:
     def __init__(self, home: Path, other_home: Path):
         base = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.watched: list[tuple[int, float]] = []
+        self.watched: list[tuple[int, int]] = []  # (pid, start ticks)
         self.plants: list[tuple[int, int]] = []  # (pid, start ticks) to write into pid files
         envs = [
             base,                                                      # a plain process
@@ -616,58 +164,29 @@ class Strangers:
         self.plants.append((leader.pid, member_ticks - 1))
 
     def watch(self, pid: int) -> None:
-        self.watched.append((pid, psutil.Process(pid).create_time()))
+        ticks = wait_for(lambda: start_ticks(pid), 5, what=f"pid {pid} to start")
+        self.watched.append((pid, ticks))
 
     def signalled(self) -> int:
-        """How many were killed or stopped."""
+        """How many were killed or stopped (each known by its pid and start ticks)."""
         count = 0
-        for pid, created in self.watched:
+        for pid, ticks in self.watched:
             try:
                 proc = psutil.Process(pid)
-                if proc.create_time() != created or proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED, psutil.STATUS_DEAD):
+                if not ticks_alive(pid, ticks) or proc.status() in (psutil.STATUS_STOPPED, psutil.STATUS_DEAD):
                     count += 1
             except psutil.NoSuchProcess:
                 count += 1
         return count
 
     def close(self) -> None:
-        for pid, created in self.watched:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                if proc.create_time() == created:
-                    proc.kill()
+        for pid, ticks in self.watched:
+            kill_verified(pid, ticks)
         for proc in self.procs:
             proc.wait()
 
 
 # ------------------------------------------------------------------ checking
-
-
-def answer_tag(svc: BaseService, timeout: float = 2.0) -> str | None:
-    """What the server answers: its tag (command servers: GET /, built-in: one prediction)."""
-    conn = http.client.HTTPConnection(svc.endpoint.host, svc.endpoint.port, timeout=timeout)
-    try:
-        if svc.config.model_type == "command":
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            body = response.read().decode()
-        else:
-            conn.request("POST", f"/v1/models/{svc.config.model_name}:predict", body=b'{"instances": [1]}',
-                         headers={"content-type": "application/json"})
-            response = conn.getresponse()
-            body = json.loads(response.read())["predictions"][0] if response.status == 200 else ""
-        return body if response.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError):
-        return None
-    finally:
-        conn.close()
-
-
-def config_tag(svc: BaseService) -> str:
-    """The tag the service's config says its server answers with."""
-    if svc.config.model_type == "command":
-        return svc.config.command[-1]
-    return Path(svc.config.model_uri.rsplit(":", 1)[0]).stem
 
 
 def kind_of(config: ServiceConfig) -> str:
@@ -678,156 +197,6 @@ def kind_of(config: ServiceConfig) -> str:
     if script == "helper.py":
         return "envless" if "--envless" in config.command else "helper"
     return "flood" if script == "flood.py" else "command"
-
-
-def log_faults(home: Path, services: dict[str, BaseService]) -> set[Any]:
-    """Log files over their cap: in each service's folder, a ``service.log*`` file other than
-    ``service.log`` and ``.1`` … ``.N`` (N = its ``log_backups``), or one larger than its
-    ``log_max_bytes`` + 64 KiB; each as (uuid, file name, inode), so one file counts once."""
-    faults: set[Any] = set()
-    for uuid, svc in services.items():
-        allowed = {"service.log", *(f"service.log.{i}" for i in range(1, svc.config.log_backups + 1))}
-        cap = svc.config.log_max_bytes + LOG_SLACK
-        try:
-            entries = list(os.scandir(home / "services" / uuid))
-        except OSError:
-            continue
-        for entry in entries:
-            if not entry.name.startswith("service.log"):
-                continue
-            with contextlib.suppress(OSError):
-                stat = entry.stat()
-                if entry.name not in allowed or stat.st_size > cap:
-                    faults.add((uuid, entry.name, stat.st_ino, stat.st_size))
-    return faults
-
-
-@dataclass
-class Snapshot:
-    services: dict[str, BaseService]
-    procs: list[ServerProcess]
-    helpers: list[Helper] = field(default_factory=list)  # as recorded before ``procs`` were read
-    containment: str | None = None  # "cgroup" or "tag", as the daemon said
-
-    @property
-    def leaders(self) -> dict[str, list[int]]:
-        return server_leaders(self.procs)
-
-    @property
-    def launches(self) -> dict[str, dict[str | None, list[ServerProcess]]]:
-        return launches(self.procs)
-
-    def tracked(self) -> dict[str, str | None]:
-        """Each service's tracked launch: the launch of the live process its ``status.pid`` names
-        (services whose pid names none of their processes are left out)."""
-        by_pid = {p.pid: p for p in self.procs}
-        tracked = {}
-        for uuid, svc in self.services.items():
-            p = by_pid.get(svc.status.pid) if svc.status.pid else None
-            if p is not None and p.uuid == uuid:
-                tracked[uuid] = p.launch
-        return tracked
-
-    def settled(self) -> bool:
-        """Every service is what its desired state says: one that should run is active with exactly
-        its tracked launch alive; any other has no process; no process belongs to no service.
-        (``wait_settled`` also wants the active ones to answer.)"""
-        by_service = self.launches
-        if set(by_service) - set(self.services):
-            return False
-        tracked = self.tracked()
-        for uuid, svc in self.services.items():
-            mine = list(by_service.get(uuid, {}))
-            if svc.status.state == ServiceState.ERROR:
-                if mine:
-                    return False
-            elif svc.desired_state == DesiredState.RUNNING:
-                if svc.status.state != ServiceState.ACTIVE or uuid not in tracked or mine != [tracked[uuid]]:
-                    return False
-            elif svc.status.state != ServiceState.INACTIVE or mine:
-                return False
-        return True
-
-    def answering(self) -> bool:
-        return all(answer_tag(svc) is not None for svc in self.services.values() if svc.status.state == ServiceState.ACTIVE)
-
-    def escaped_envless(self) -> list[Helper]:
-        """Live envless helpers of a launch that ended, which tag containment cannot find (its
-        documented limit; a cgroup finds them: there they count as untracked)."""
-        if self.containment == "cgroup":
-            return []
-        seen, tracked = {p.pid for p in self.procs}, self.tracked()
-        return [h for h in self.helpers
-                if h.kind == "envless" and h.pid not in seen and tracked.get(h.uuid, "") != h.launch and h.alive()]
-
-
-def snapshot(client: DaemonClient, home: Path, containment: str | None = None) -> Snapshot:
-    recorded = helpers(home)  # before the scan: a helper recorded and alive after it was alive during it
-    return Snapshot({str(s.uuid): s for s in client.find()}, server_processes(home), recorded, containment)
-
-
-def wait_settled(client: DaemonClient, home: Path, timeout: float = CONVERGE_TIMEOUT) -> tuple[Snapshot, bool]:
-    deadline = time.monotonic() + timeout
-    containment = client.daemon_info().get("containment")
-    while True:
-        snap = snapshot(client, home, containment)
-        if snap.settled() and snap.answering():
-            return snap, True
-        if time.monotonic() > deadline:
-            return snap, False
-        time.sleep(0.01)
-
-
-def check(snap: Snapshot) -> dict[str, set[Any]]:
-    """Untracked servers, duplicates, stale states and version mismatches in one snapshot, each as
-    a set of what is wrong (launches, helpers, or services at a version), so one fault seen by
-    several checks counts once."""
-    found: dict[str, set[Any]] = {key: set() for key in ("untracked_servers", "duplicates", "stale_states", "version_mismatches")}
-
-    def fault(procs: list[ServerProcess]) -> set[Any]:
-        launch = procs[0].launch
-        if launch is not None:
-            return {(procs[0].uuid, launch)}
-        return {(p.uuid, None, p.pid, p.create_time) for p in procs}
-
-    tracked = snap.tracked()
-    for uuid, by_launch in snap.launches.items():
-        svc = snap.services.get(uuid)
-        if svc is None:
-            for procs in by_launch.values():
-                found["untracked_servers"] |= fault(procs)
-        elif len(by_launch) > 1:
-            for launch, procs in by_launch.items():
-                if uuid not in tracked or launch != tracked[uuid]:
-                    found["duplicates"] |= fault(procs)
-        elif uuid not in tracked or tracked[uuid] not in by_launch:
-            for procs in by_launch.values():
-                found["untracked_servers"] |= fault(procs)
-    seen = {p.pid for p in snap.procs}
-    for h in snap.helpers:
-        # A live helper that containment cannot see (in tag mode an envless one may be out of
-        # sight; once its launch ended, that is tag mode's limit: see Snapshot.escaped_envless).
-        if h.pid in seen or (h.kind == "envless" and snap.containment != "cgroup") or not h.alive():
-            continue
-        found["untracked_servers"].add(("helper", h.pid, h.ticks))
-    for svc in snap.services.values():
-        if svc.status.state != ServiceState.ACTIVE:
-            continue
-        tag = answer_tag(svc)
-        if tag is None:
-            found["stale_states"].add((str(svc.uuid), svc.status.pid, svc.status.updated_at))
-        elif tag != config_tag(svc):
-            found["version_mismatches"].add((str(svc.uuid), svc.status.pid, svc.version))
-    return found
-
-
-def describe(snap: Snapshot) -> str:
-    services = {u[:8]: (s.status.state.value, s.desired_state.value, s.status.pid, kind_of(s.config)) for u, s in snap.services.items()}
-    tracked = {u[:8]: launch for u, launch in snap.tracked().items()}
-    found = {u[:8]: {launch: sorted(p.pid for p in procs) for launch, procs in by_launch.items()}
-             for u, by_launch in snap.launches.items()}
-    alive = [(h.pid, h.uuid[:8], h.launch, h.kind) for h in snap.helpers if h.alive()]
-    return f"services={services} tracked={tracked} launches={found} helpers_alive={alive} containment={snap.containment}"
 
 
 # -------------------------------------------------------------------- chaos
@@ -1028,11 +397,9 @@ class Chaos:
         procs = server_processes(self.home)
         targets = []
         for uuid in sorted(self.expect):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                lines = Paths(self.home).service_pid(uuid).read_text().split("\n")
-                pid, ticks = int(lines[0]), int(lines[1])
-                p = next((p for p in procs if p.pid == pid and p.uuid == uuid), None)
-                if p is not None and start_ticks(pid) == ticks:
+            for ident in read_pid(Paths(self.home).service_pid(uuid))[:1]:
+                p = next((p for p in procs if p.pid == ident.pid and p.uuid == uuid), None)
+                if p is not None and p.ticks == ident.start_ticks:
                     targets.append(p)
         if targets:
             self.kill(self.rng.choice(targets), group=self.rng.random() < 0.5)
@@ -1043,8 +410,8 @@ class Chaos:
         stopped first (checked through a pidfd): while it exists its group does, so the pgid
         cannot have been reused when the group is killed."""
         if not group:
-            kill_verified(p.pid, p.create_time)
-        elif kill_verified(p.pid, p.create_time, signal.SIGSTOP):
+            kill_verified(p.pid, p.ticks)
+        elif kill_verified(p.pid, p.ticks, signal.SIGSTOP):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pgid, signal.SIGKILL)
 
@@ -1077,7 +444,7 @@ class Chaos:
         faults = check(snap)
         faults["logs_over_cap"] = log_faults(self.home, snap.services)
         if snap.containment == "cgroup":
-            faults["tagged_outside_cgroup"] = {(p.pid, p.create_time) for p in snap.procs if not p.in_cgroup}
+            faults["tagged_outside_cgroup"] = {(p.pid, p.ticks) for p in snap.procs if not p.in_cgroup}
             faults["stowaways"] = stowaways(self.home)
         for key, found in faults.items():
             new = found - self.seen.setdefault(key, set())
@@ -1250,7 +617,7 @@ class Chaos:
         """kill -9 of every process of its launch that chaos can see: a crash."""
         _, procs = self.target(self.pick())
         for q in procs:
-            kill_verified(q.pid, q.create_time)
+            kill_verified(q.pid, q.ticks)
 
     def op_kill_daemon(self) -> None:
         self.daemon.kill9()
@@ -1347,7 +714,7 @@ class Chaos:
             self.client.close()
             with contextlib.suppress(Exception):
                 self.daemon.kill9()
-            kill_servers(self.home)
+            reap_home(self.home)  # its servers, helpers, log writer and cgroups (the daemon is dead)
             self.strangers.close()
             shutil.rmtree(other, ignore_errors=True)
         ms = sorted(self.converge_ms)

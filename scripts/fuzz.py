@@ -44,6 +44,7 @@ Its report is under ``configs``: ``inputs``, ``accepted`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -59,11 +60,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-IRIS = str(REPO / "examples" / "iris.py") + ":model"
+from daemon.testing import COMMAND_SERVER, IRIS, REPO, UnixHTTP, free_port, wait_for
 
 # ---------------------------------------------------------------- the routes
 
@@ -417,70 +414,6 @@ class Generator:
 # ------------------------------------------------------------------- the wire
 
 
-class Conn:
-    """One keep-alive connection to the daemon's socket, reading answers by content-length."""
-
-    def __init__(self, path: str, timeout: float = 10.0):
-        self.path = path
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def open(self) -> socket.socket:
-        if self.sock is None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(self.timeout)
-            self.sock.connect(self.path)
-            self.buf = b""
-        return self.sock
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def exchange(self, raw: bytes, half_close: bool = False) -> tuple[int, dict[str, str], bytes] | None:
-        """Send ``raw``, read one answer; None if the daemon closed the connection without one."""
-        sock = self.open()
-        try:
-            sock.sendall(raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it answered and closed before reading everything (a refused huge body): read the answer
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        try:
-            answer = self._read()
-        except (ConnectionResetError, BrokenPipeError):
-            answer = None
-        if answer is None or answer[1].get("connection") == "close" or half_close:
-            self.close()
-        return answer
-
-    def _fill(self) -> bool:
-        assert self.sock is not None
-        chunk = self.sock.recv(65536)
-        self.buf += chunk
-        return bool(chunk)
-
-    def _read(self) -> tuple[int, dict[str, str], bytes] | None:
-        while b"\r\n\r\n" not in self.buf:
-            if not self._fill():
-                return None
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "0"))
-        while len(self.buf) < length:
-            if not self._fill():
-                break
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return status, headers, body
-
-
 def check(case: Case, answer: tuple[int, dict[str, str], bytes] | None) -> str | None:
     """What is wrong with the answer to ``case``; None if it is right."""
     if answer is None:
@@ -538,7 +471,7 @@ def diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 
 def daemon_info(sock_path: str) -> dict[str, Any]:
-    conn = Conn(sock_path)
+    conn = UnixHTTP(sock_path, timeout=10.0)
     try:
         answer = conn.exchange(request("GET", "/v1/daemon"))
     finally:
@@ -554,7 +487,7 @@ def fuzz(home: Path, count: int = 10_000, seed: int = 1, real_uuids: list[str] |
     gen = Generator(seed, real_uuids or [])
     pid = daemon_info(sock_path)["pid"]
     before = snapshot(home)
-    conn = Conn(sock_path)
+    conn = UnixHTTP(sock_path, timeout=10.0)
     by_kind: Counter[str] = Counter()
     routes_hit: Counter[str] = Counter()
     failures: list[dict[str, Any]] = []
@@ -565,7 +498,7 @@ def fuzz(home: Path, count: int = 10_000, seed: int = 1, real_uuids: list[str] |
         if case.route:
             routes_hit[case.route] += 1
         if case.garbage:  # on a connection of its own, closed for writing after it
-            one = Conn(sock_path)
+            one = UnixHTTP(sock_path, timeout=10.0)
             try:
                 answer = one.exchange(case.raw, half_close=True)
             except socket.timeout:
@@ -611,21 +544,6 @@ def fuzz(home: Path, count: int = 10_000, seed: int = 1, real_uuids: list[str] |
 # wrong-type value. Both answers are fine, a 4xx naming the field or a 200 with the server
 # healthy; a 5xx never is. See fuzz_configs.
 
-# A command server answering 200 on every path: argv is {port} {host} and anything after them.
-COMMAND_SERVER = """\
-import http.server, socket, sys
-port, host = int(sys.argv[1]), sys.argv[2]
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-class Server(http.server.HTTPServer):
-    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-Server((host, port), Handler).serve_forever()
-"""
 MAX_ARG = 128 * 1024 - 1  # bytes of one argv item or env entry the kernel takes (MAX_ARG_STRLEN less its NUL)
 
 
@@ -652,12 +570,6 @@ def dumps(body: Any) -> bytes:
     for i, raw in enumerate(raws):
         text = text.replace(json.dumps(f"\x00raw{i}\x00"), raw)
     return text.encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -856,7 +768,7 @@ class ConfigGenerator:
         return mutation, kind, dumps(body)
 
 
-def _answer(conn: Conn, method: str, target: str, body: bytes | None = None) -> tuple[int, Any]:
+def _answer(conn: UnixHTTP, method: str, target: str, body: bytes | None = None) -> tuple[int, Any]:
     try:
         answer = conn.exchange(request(method, target, body))
     except socket.timeout:
@@ -887,11 +799,8 @@ def restart_daemon(home: Path, timeout: float = 60.0) -> None:
         client.shutdown(stop_services=False)
     finally:
         client.close()
-    deadline = time.monotonic() + timeout
-    while (home / "daemon.pid").exists() or (home / "modeld.sock").exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon of {home} did not stop within {timeout:g}s")
-        time.sleep(0.02)
+    wait_for(lambda: not (home / "daemon.pid").exists() and not (home / "modeld.sock").exists(), timeout, 0.02,
+             what=f"the daemon of {home} to stop")
     client = DaemonClient(home=home)  # auto-starts a new daemon
     try:
         client.daemon_info()
@@ -915,7 +824,7 @@ def fuzz_configs(home: Path, count: int = 200, seed: int = 1, restart: bool = Tr
     workdir = Path(tempfile.mkdtemp(prefix="mdfzw-")) / "目录 🙂"
     workdir.mkdir()
     gen = ConfigGenerator(seed, workdir)
-    conn = Conn(sock_path, timeout=180.0)
+    conn = UnixHTTP(sock_path, timeout=180.0)
     status, listing = _answer(conn, "GET", "/v1/services")
     assert status == 200, (status, listing)
     known = len(listing["services"])
@@ -968,7 +877,7 @@ def fuzz_configs(home: Path, count: int = 200, seed: int = 1, restart: bool = Tr
         conn.close()
         if restart and accepted:
             restart_daemon(home)
-            conn = Conn(sock_path, timeout=60.0)
+            conn = UnixHTTP(sock_path, timeout=60.0)
             status, listing = _answer(conn, "GET", "/v1/services")
             info_status, info = _answer(conn, "GET", "/v1/daemon")
             conn.close()
@@ -1025,7 +934,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.home:
         home = Path(args.home)
-        services = json.loads(Conn(str(home / "modeld.sock")).exchange(request("GET", "/v1/services"))[2])["services"]  # type: ignore[index]
+        services = json.loads(UnixHTTP(str(home / "modeld.sock"), timeout=10.0).exchange(request("GET", "/v1/services"))[2])["services"]  # type: ignore[index]
         report = fuzz(home, args.count, args.seed, [s["uuid"] for s in services])
         if args.configs:
             report["configs"] = fuzz_configs(home, args.configs, args.seed)
@@ -1048,9 +957,8 @@ def main() -> int:
     finally:
         client.shutdown(stop_services=True)
         client.close()
-        deadline = time.monotonic() + 30
-        while (home / "daemon.pid").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not (home / "daemon.pid").exists(), 30, 0.05, what="the daemon to stop")
         shutil.rmtree(home, ignore_errors=True)
     print(json.dumps(report))
     return 1 if report["failures"] or report.get("configs", {}).get("failures") else 0

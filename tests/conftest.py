@@ -1,9 +1,10 @@
 """Shared fixtures: a private modeld home per test, and cleanup of every process it started.
 
 Each test gets a short temp ``MODELD_HOME`` (a Unix socket path is limited to
-108 bytes). Cleanup finds the daemon and the model servers by the pids the
-home records and by the ``MODELD_HOME`` tag in their environment, and kills
-their process groups: never by name.
+108 bytes). Cleanup is the harness's reaper (``daemon.testing.reap_home``): it
+finds the daemon and the model servers by the pids the home records, by the
+``MODELD_HOME`` tag in their environment and by the home's cgroups, and kills
+them by pid checked with start time or by process group: never by name.
 
 Markers (registered in pyproject.toml): ``slow`` for the tests of several seconds each that
 ``-m "not slow"`` leaves out (the fast subset CI runs on each extra Python), and
@@ -13,99 +14,18 @@ Markers (registered in pyproject.toml): ``slow`` for the tests of several second
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from daemon import DaemonClient, ServiceConfig
-from daemon.linux import ProcessIdentity, cgroup2_mount
-
-REPO = Path(__file__).resolve().parent.parent
-IRIS = str(REPO / "examples" / "iris.py") + ":model"
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> object:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def processes_of(home: Path) -> list[psutil.Process]:
-    """Every live process whose environment names this home (daemon, servers and their children)."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid == os.getpid():
-                continue
-            if proc.environ().get("MODELD_HOME") == str(home):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def kill_home(home: Path) -> None:
-    """Kill the daemon and every server of ``home``, by recorded pid and by environment tag."""
-    pids: set[int] = set()
-    for pidfile in [home / "daemon.pid", *home.glob("services/*/service.pid")]:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            lines = pidfile.read_text().split()
-            ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
-            if ident.is_alive():
-                pids.add(ident.pid)
-    pids.update(p.pid for p in processes_of(home))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    for pid in pids:
-        # Dead is enough: a zombie whose parent is init may wait a while to be reaped here.
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not pid_alive(pid), 5, interval=0.005, what=f"pid {pid} to die")
-    remove_cgroups(home)
-
-
-def remove_cgroups(home: Path) -> None:
-    """Kill what is left in the cgroups of ``home``'s services and remove them (the daemon keeps its
-    parent cgroup, named from the home, while the home exists)."""
-    mount = cgroup2_mount()
-    if mount is None:
-        return
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(home))).hexdigest()[:16]
-    parent = Path(mount) / f"modeld-{digest}"
-    if not parent.is_dir():
-        return
-    for cgroup in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [parent]:
-        with contextlib.suppress(OSError):
-            (cgroup / "cgroup.kill").write_text("1")
-        with contextlib.suppress(AssertionError, OSError):
-            wait_for(lambda: "populated 0" in (cgroup / "cgroup.events").read_text(), 5, what=f"{cgroup} to empty")
-        with contextlib.suppress(OSError):
-            cgroup.rmdir()
+from daemon.testing import IRIS, REPO, reap_home
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -166,7 +86,7 @@ def home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Ite
             # The daemon's side of a failure, in the test's report, before the home goes.
             with contextlib.suppress(OSError):
                 print(f"--- tail of {path}/daemon.log ---\n" + (path / "daemon.log").read_text(errors="replace")[-4000:])
-        kill_home(path)
+        reap_home(path)
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -8,7 +8,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import http.client
 import os
 import json
 import shutil
@@ -24,25 +23,14 @@ import sys
 
 import pytest
 
-from conftest import IRIS, iris_config, predict, wait_for
+from conftest import iris_config, predict
 from daemon import __version__
 from daemon.paths import Paths
 from daemon.server import daemon_pid
+from daemon.testing import IRIS, UnixHTTP, wait_for
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str | Path, timeout: float = 30):
-        super().__init__("modeld", timeout=timeout)
-        self.unix_path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
 
 
 def call(home: Path, method: str, path: str, body: bytes | str | dict | list | None = None,
@@ -53,7 +41,7 @@ def call(home: Path, method: str, path: str, body: bytes | str | dict | list | N
     headers = dict(headers or {})
     if body is not None:
         headers.setdefault("content-type", "application/json")
-    conn = UnixHTTPConnection(home / "modeld.sock")
+    conn = UnixHTTP(home / "modeld.sock")
     try:
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
@@ -279,7 +267,7 @@ def test_logs_tail_and_follow(client, home):
     assert status == 200 and body.splitlines() == ["line 18", "line 19"]
 
     # follow: the existing lines first, then what is appended, until the client goes away.
-    conn = UnixHTTPConnection(home / "modeld.sock", timeout=10)
+    conn = UnixHTTP(home / "modeld.sock", timeout=10)
     try:
         conn.request("GET", f"/v1/services/{uuid}/logs?tail=1&follow=true")
         response = conn.getresponse()
@@ -304,7 +292,7 @@ def test_logs_tail_and_follow(client, home):
 
 def test_follow_ends_when_the_service_is_deleted(client, home):
     svc = client.deploy(iris_config(), timeout=60)
-    conn = UnixHTTPConnection(home / "modeld.sock", timeout=20)
+    conn = UnixHTTP(home / "modeld.sock", timeout=20)
     try:
         conn.request("GET", f"/v1/services/{svc.uuid}/logs?follow=true")
         response = conn.getresponse()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from daemon.testing import REPO
 
 FIGURES = (
     "cold_floor_ms", "deploy_ms", "uds_floor_us", "find_one_us", "list_all_ms", "stop_ms", "crash_recover_ms",

@@ -16,7 +16,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import http_get, modeld, pid_alive, port_open, predict, wait_for
+from conftest import http_get, modeld, port_open, predict
 from daemon.client import DaemonClient, InMemoryTransport, Request, Response, json_response
 from daemon.exceptions import (
     Conflict, DaemonAlreadyRunning, DaemonStartError, DeployError, Forbidden, InternalError, InvalidRequest,
@@ -25,6 +25,7 @@ from daemon.exceptions import (
 from daemon.models import LocalModelService, ServiceConfig
 from daemon.paths import Paths
 from daemon.server import daemon_pid
+from daemon.testing import pid_alive, wait_for
 from deployers import cli
 
 UUID_RE = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, pid_alive, wait_for
-from daemon import DaemonClient, ServiceConfig
 
-sys.path.insert(0, str(REPO / "scripts"))
-import chaos  # noqa: E402
+from daemon import DaemonClient, ServiceConfig
+from daemon import testing as harness
+from daemon.testing import pid_alive, wait_for
+
 
 OWNERS = 30  # each deploys its own service, replaces it, stops and starts it; every third deletes it
 SHARED = 10  # each deploys the same uuid with replace: one creates it, the others replace it in turn
@@ -40,7 +40,7 @@ def config(folder: Path, name: str, tag: str, kind: str = "command", **extra: ob
 
 @pytest.mark.slow
 def test_fifty_concurrent_clients(home, tmp_path):
-    (tmp_path / "tiny.py").write_text(chaos.TINY_SERVER)
+    (tmp_path / "tiny.py").write_text(harness.TINY_SERVER)
     for tag in ("a", "b"):
         (tmp_path / f"{tag}.py").write_text(f"def model(instances):\n    return [{tag!r} for _ in instances]\n")
     owners = [str(uuidlib.uuid4()) for _ in range(OWNERS)]
@@ -103,17 +103,17 @@ def test_fifty_concurrent_clients(home, tmp_path):
     assert sorted(same_versions) == list(range(1, SAME_NAME + 1))
 
     def check_state(client: DaemonClient) -> None:
-        snap, settled = chaos.wait_settled(client, home, timeout=30)
-        assert settled, chaos.describe(snap)
-        assert not any(chaos.check(snap).values()), chaos.check(snap)
+        snap, settled = harness.wait_settled(client, home, timeout=30)
+        assert settled, harness.describe(snap)
+        assert not any(harness.check(snap).values()), harness.check(snap)
         services = snap.services
         kept = {owners[i] for i in range(OWNERS) if i % 3}
         assert {owners[i] for i in range(OWNERS)} & set(services) == kept
         for uuid in kept:
             svc = services[uuid]
-            assert (svc.status.state.value, svc.version, chaos.answer_tag(svc)) == ("active", 2, "b")
+            assert (svc.status.state.value, svc.version, harness.answer_tag(svc)) == ("active", 2, "b")
         assert services[shared].version == SHARED and services[shared].status.state.value == "active"
-        assert chaos.answer_tag(services[shared]) == chaos.config_tag(services[shared])
+        assert harness.answer_tag(services[shared]) == harness.config_tag(services[shared])
         same = [s for s in services.values() if s.config.model_name == "same"]
         assert len(same) == 1 and same[0].version == SAME_NAME
         assert services[toggled].status.state.value == "active"

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import http_get, modeld, pid_alive, wait_for
+from conftest import http_get, modeld
 from daemon import DaemonClient, ServiceConfig, ServiceState
 from daemon.linux import cgroup2_mount
+from daemon.testing import pid_alive, wait_for
 
 MODES = ["default", "tag"]
 

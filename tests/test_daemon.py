@@ -20,14 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, iris_config, modeld, pid_alive, port_open, predict, processes_of, wait_for
+from conftest import iris_config, modeld, port_open, predict
 from daemon import DaemonClient, DaemonStartError, ServiceState, VersionMismatchWarning
 from daemon.linux import start_ticks
 from daemon.paths import Paths
 from daemon.server import daemon_pid
+from daemon import testing as harness
+from daemon.testing import REPO, pid_alive, processes_of, wait_for
 
-sys.path.insert(0, str(REPO / "scripts"))
-import chaos  # noqa: E402
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 
@@ -139,7 +139,7 @@ def test_many_clients_auto_start_one_daemon(home, tmp_path):
     """10 processes call at the same moment with no daemon running: all succeed, through one
     daemon, and the services they deploy all live in it (none with a second, orphaned daemon)."""
     clients = 10
-    (tmp_path / "tiny.py").write_text(chaos.TINY_SERVER)
+    (tmp_path / "tiny.py").write_text(harness.TINY_SERVER)
     go = tmp_path / "go"
     os.mkfifo(go)
     snippet = (
@@ -180,10 +180,10 @@ def test_many_clients_auto_start_one_daemon(home, tmp_path):
     pid = int(outputs[0][0])
     assert [p.pid for p in daemon_processes(home)] == [pid]
     with DaemonClient(home, auto_start=False) as client:
-        snap, settled = chaos.wait_settled(client, home)
-    assert settled, chaos.describe(snap)
+        snap, settled = harness.wait_settled(client, home)
+    assert settled, harness.describe(snap)
     assert set(snap.services) == {uuid for _, uuid in outputs}
-    assert not any(chaos.check(snap).values()), chaos.check(snap)
+    assert not any(harness.check(snap).values()), harness.check(snap)
     assert [p.pid for p in daemon_processes(home)] == [pid]
 
 

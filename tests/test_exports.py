@@ -18,7 +18,7 @@ import daemon.client
 import deployers
 from daemon import exceptions
 
-from conftest import REPO
+from daemon.testing import REPO
 
 
 def test_daemon_exports() -> None:

@@ -21,30 +21,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, iris_config, kill_home, pid_alive, predict, wait_for
+from conftest import iris_config, predict
 from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, ServiceState
 from daemon.exceptions import StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.paths import MAX_SOCKET_PATH, Paths
 from daemon.server import daemon_pid
-
-sys.path.insert(0, str(REPO / "scripts"))
-import chaos  # noqa: E402
-
-SERVER = """\
-import http.server, os, sys
-print("starting with token", os.environ.get("API_TOKEN", "-"), flush=True)
-if sys.argv[2] == "fail":
-    sys.exit(3)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-"""
+from daemon import testing as harness
+from daemon.testing import REPO, pid_alive, reap_home, wait_for
 
 
 @pytest.fixture
@@ -53,11 +37,11 @@ def long_home(home: Path, tmp_path: Path) -> Iterator[Path]:
     path = home / ("h" * (MAX_SOCKET_PATH - 50 - len(str(home))))
     path.mkdir(mode=0o700)
     assert len(str(path / "modeld.sock")) <= MAX_SOCKET_PATH < len(str(path)) + len("/services/") + 36 + len("/model.sock")
-    (tmp_path / "srv.py").write_text(SERVER)
+    (tmp_path / "srv.py").write_text(harness.TOKEN_SERVER)
     try:
         yield path
     finally:
-        kill_home(path)
+        reap_home(path)
 
 
 @contextlib.contextmanager
@@ -88,7 +72,7 @@ def command(folder: Path, mode: str = "serve", **overrides: object) -> ServiceCo
 
 def servers(home: Path, uuid: object) -> list[int]:
     """The live server leaders tagged with this service."""
-    return chaos.server_leaders(chaos.server_processes(home)).get(str(uuid), [])
+    return harness.server_leaders(harness.server_processes(home)).get(str(uuid), [])
 
 
 def pid_file(home: Path, uuid: object) -> Path:

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import IRIS, REPO, kill_home, modeld, pid_alive, predict, wait_for
+from conftest import modeld, predict
 from daemon import DaemonClient, ServiceConfig, ServiceState
 from daemon.addresses import Address, literal_address
 from daemon.exceptions import Conflict, InvalidRequest
@@ -38,26 +38,10 @@ from daemon.linux import tagged_processes
 from daemon.models import MAX_ARG_STRLEN
 from daemon.paths import MAX_SOCKET_PATH, Paths
 from daemon.process import exec_limit
+from daemon.testing import COMMAND_SERVER, IRIS, REPO, pid_alive, reap_home, wait_for
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 FLOAT_FIELDS = ("startup_timeout", "stop_timeout", "restart.backoff_initial", "restart.backoff_max", "restart.healthy_reset")
-# A command server answering 200 on every path; argv: {port} {host}, then anything. It prints
-# the size of FZ_BIG and of its last argument, so a test can see what exec gave it.
-SERVER = """\
-import http.server, os, socket, sys
-port, host = int(sys.argv[1]), sys.argv[2]
-print("env", len(os.environ.get("FZ_BIG", "")), "arg", len(sys.argv[-1]), flush=True)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "0")
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-class Server(http.server.HTTPServer):
-    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-Server((host, port), Handler).serve_forever()
-"""
 
 IPV6 = socket.has_ipv6
 try:
@@ -97,7 +81,7 @@ def builtin(**fields: Any) -> dict[str, Any]:
 
 
 def command(tmp: Path, *extra: str, **fields: Any) -> dict[str, Any]:
-    (tmp / "srv.py").write_text(SERVER)
+    (tmp / "srv.py").write_text(COMMAND_SERVER)
     return {"model_name": "web", "command": [sys.executable, "srv.py", "{port}", "{host}", *extra], "health_path": "/",
             "working_dir": str(tmp), "pipeline_name": "input", "stop_timeout": 5, **fields}
 
@@ -423,7 +407,7 @@ def test_one_home_however_spelled(home, tmp_path, monkeypatch):
 
         # A daemon started through the symlink: everything it names is the canonical home.
         via_link = DaemonClient(home=link)
-        (tmp_path / "srv.py").write_text(SERVER)
+        (tmp_path / "srv.py").write_text(COMMAND_SERVER)
         iris = via_link.deploy(ServiceConfig(**builtin()), timeout=60)
         web = via_link.deploy(ServiceConfig(**command(tmp_path)), timeout=60)
         info = via_link.daemon_info()
@@ -504,7 +488,7 @@ def test_a_long_canonical_home_binds_sockets_as_long_homes_do(home, tmp_path):
             client.deploy(ServiceConfig(**builtin(bind_unix=True, model_name="u")), timeout=60)
     finally:
         client.close()
-        kill_home(deep)
+        reap_home(deep)
         link.unlink()
     too_long = home / ("t" * (MAX_SOCKET_PATH - len(str(home))))
     too_long.mkdir(mode=0o700)

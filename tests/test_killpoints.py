@@ -19,14 +19,15 @@ import pytest
 
 import psutil
 
-from conftest import REPO, processes_of, wait_for
+
 from daemon import DaemonClient, ServiceConfig
 from daemon.exceptions import DaemonError
 from daemon.killpoints import KILL_POINTS
+from daemon import testing as harness
+from daemon.linux import start_ticks
 from daemon.runtime._serve import FORK_SERVER_NAME, forkserver
+from daemon.testing import processes_of, wait_for
 
-sys.path.insert(0, str(REPO / "scripts"))
-import chaos  # noqa: E402
 
 # step -> (the operation is done after the restart, the server alive before the restart is kept)
 EXPECTED: dict[str, tuple[bool, bool]] = {
@@ -71,7 +72,7 @@ def config(folder: Path, kind: str, tag: str, model_name: str = "m") -> ServiceC
 
 
 def the_server(home: Path) -> list[int]:
-    return chaos.server_leaders(chaos.server_processes(home)).get(UUID, [])
+    return harness.server_leaders(harness.server_processes(home)).get(UUID, [])
 
 
 def fork_server_ready(home: Path) -> bool:
@@ -87,7 +88,7 @@ def run_until_killed(name: str, home: Path, folder: Path, warm: bool = False) ->
     """
     op = name.split(".")[0]
     kind = "python" if op in BUILTIN_OPS or warm else "command"
-    daemon = chaos.DaemonProcess(home)
+    daemon = harness.DaemonProcess(home)
     assert daemon.start(None if op == "restore" else f"{name}@2" if warm and op == "deploy" else name)
     client = DaemonClient(home, auto_start=False)
     try:
@@ -145,20 +146,20 @@ def check_killed_at(name: str, home: Path, tmp_path: Path, warm: bool) -> None:
     assert name in EXPECTED, f"kill point {name} has no expected outcome in this test: add one"
     done, kept = EXPECTED[name]
     op = name.split(".")[0]
-    (tmp_path / "tiny.py").write_text(chaos.TINY_SERVER)
+    (tmp_path / "tiny.py").write_text(harness.TINY_SERVER)
     for tag in ("a", "b"):
         (tmp_path / f"{tag}.py").write_text(f"def model(instances):\n    return [{tag!r} for _ in instances]\n")
 
     run_until_killed(name, home, tmp_path, warm)
     before = the_server(home)
     if warm:  # the server killed at the step (the newest, in a replace) was forked, not spawned
-        assert os.path.exists(forkserver.record_path(home / "run", max(before, key=chaos.start_ticks))), before
+        assert os.path.exists(forkserver.record_path(home / "run", max(before, key=start_ticks))), before
 
-    assert chaos.DaemonProcess(home).start()
+    assert harness.DaemonProcess(home).start()
     with DaemonClient(home, auto_start=False) as client:
-        snap, settled = chaos.wait_settled(client, home, timeout=15)
-    assert settled, chaos.describe(snap)
-    assert not any(chaos.check(snap).values()), chaos.check(snap)
+        snap, settled = harness.wait_settled(client, home, timeout=15)
+    assert settled, harness.describe(snap)
+    assert not any(harness.check(snap).values()), harness.check(snap)
 
     # Every file on disk is whole and no half-deleted folder is left.
     services = home / "services"
@@ -177,9 +178,9 @@ def check_killed_at(name: str, home: Path, tmp_path: Path, warm: bool) -> None:
         return
     assert svc.status.state.value == "active" and server == [svc.status.pid]
     if op.startswith("replace"):
-        assert (svc.version, chaos.answer_tag(svc)) == ((2, "b") if done else (1, "a"))
+        assert (svc.version, harness.answer_tag(svc)) == ((2, "b") if done else (1, "a"))
     else:
-        assert chaos.answer_tag(svc) == "a"
+        assert harness.answer_tag(svc) == "a"
     if kept:
         assert svc.status.pid in before, (svc.status.pid, before)
     else:
@@ -190,7 +191,7 @@ def test_a_call_cut_by_the_daemons_death_is_not_sent_again(home, tmp_path):
     """A deploy done just before the daemon died must not be re-sent to the next daemon, which an
     auto-starting client would reach: that would deploy a second server."""
     (tmp_path / "a.py").write_text("def model(instances):\n    return ['a' for _ in instances]\n")
-    assert chaos.DaemonProcess(home).start("deploy.after-healthy")
+    assert harness.DaemonProcess(home).start("deploy.after-healthy")
     client = DaemonClient(home)  # auto-start on, as a user's
     try:
         client.daemon_info()  # the connection is kept alive: a reconnect would be a "retry"
@@ -206,4 +207,4 @@ def test_a_call_cut_by_the_daemons_death_is_not_sent_again(home, tmp_path):
 
 
 def the_server_of(home: Path, uuid) -> list[int]:
-    return chaos.server_leaders(chaos.server_processes(home)).get(str(uuid), [])
+    return harness.server_leaders(harness.server_processes(home)).get(str(uuid), [])

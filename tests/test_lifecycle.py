@@ -22,8 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import IRIS, REPO, http_get, pid_alive, port_open, predict, wait_for
+from conftest import http_get, port_open, predict
 from daemon import Conflict, DaemonClient, DeployError, InvalidRequest, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
+from daemon.testing import IRIS, REPO, pid_alive, server_script, wait_for
 
 SETOSA = [5.0, 3.4, 1.5, 0.2]
 
@@ -642,28 +643,9 @@ def test_replace_after_daemon_kill_keeps_port_and_fails_no_request(client, home,
 
 # ------------------------------------------------- timeouts: stop grace, slow loads
 
-STUBBORN = '''
-import http.server, signal, sys
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-'''
-
-SLOW = '''
-import http.server, sys, time
-print("loading weights", flush=True)
-time.sleep(1.5)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-'''
+# Tiny servers answering "ok": one that ignores SIGTERM, one that takes 1.5 s to load before it binds.
+STUBBORN = server_script('PORT, BODY = int(sys.argv[1]), b"ok"\nimport signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n')
+SLOW = server_script('PORT, BODY = int(sys.argv[1]), b"ok"\nimport time\nprint("loading weights", flush=True)\ntime.sleep(1.5)\n')
 
 
 def test_stop_kills_after_the_services_stop_timeout(client, tmp_path):

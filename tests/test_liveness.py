@@ -18,8 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import http_get, iris_config, modeld, pid_alive, predict, wait_for
+from conftest import http_get, iris_config, modeld, predict
 from daemon import DaemonClient, ServiceConfig, ServiceState
+from daemon.testing import pid_alive, wait_for
 
 # /health answers 500 while the file named by argv[2] exists; SIGTERM is ignored if argv[3] is "stubborn".
 SICKLY = textwrap.dedent('''

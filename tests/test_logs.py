@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import predict, wait_for
+from conftest import predict
 from daemon import ServiceConfig
+from daemon.testing import wait_for
 
 CHATTY = '''
 def model(instances):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import psutil
 
-from conftest import modeld, pid_alive, wait_for
+from conftest import modeld
 from daemon import DaemonClient, ServiceConfig, ServiceState
+from daemon.testing import pid_alive, wait_for
 
 # Numbered lines, as fast as it can (or every ``pause`` seconds), each with the time it was written.
 COUNTER = textwrap.dedent('''

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import iris_config, modeld, pid_alive, port_open, predict, processes_of, wait_for
+from conftest import iris_config, modeld, port_open, predict
 from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, ServiceState
 from daemon.exceptions import Conflict, StorageError
 from daemon.linux import boot_id, start_ticks
@@ -31,6 +31,7 @@ from daemon.models import DesiredState
 from daemon.paths import Paths
 from daemon.runtime._serve import FORK_SERVER_NAME
 from daemon.server import daemon_pid
+from daemon.testing import pid_alive, processes_of, wait_for
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 

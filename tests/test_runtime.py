@@ -15,21 +15,12 @@ import time
 
 import pytest
 
+from daemon.testing import UnixHTTP, wait_for
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = os.path.join(ROOT, "daemon", "runtime", "serve.py")
 SETOSA = [5.0, 3.4, 1.5, 0.2]
 VIRGINICA = [6.7, 3.0, 5.4, 2.2]
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout=5.0):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
 
 
 def listening_socket():
@@ -94,7 +85,7 @@ class Proc:
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.stderr}")
             try:
-                status, body, _ = request(UnixHTTPConnection(self.unix, timeout=1.0), "GET", "/health")
+                status, body, _ = request(UnixHTTP(self.unix, timeout=1.0), "GET", "/health")
                 if status == 200:
                     return self
             except OSError:
@@ -174,8 +165,8 @@ def test_predict_iris(iris):
 
 def test_health_tcp_and_unix(iris):
     assert request(iris.tcp(), "GET", "/health")[:2] == (200, {"status": "ok"})
-    assert request(UnixHTTPConnection(iris.unix), "GET", "/health")[:2] == (200, {"status": "ok"})
-    assert request(UnixHTTPConnection(iris.unix), "POST", "/v1/models/iris:predict", {"instances": [SETOSA]})[:2] == (
+    assert request(UnixHTTP(iris.unix, timeout=5.0), "GET", "/health")[:2] == (200, {"status": "ok"})
+    assert request(UnixHTTP(iris.unix, timeout=5.0), "POST", "/v1/models/iris:predict", {"instances": [SETOSA]})[:2] == (
         200,
         {"predictions": ["setosa"]},
     )
@@ -390,12 +381,11 @@ def test_zero_failure_handover(spawn):
         for t in threads:
             t.start()
         try:
-            time.sleep(0.3)
-            before = ok[0]
+            before = wait_for(lambda: ok[0] >= 10 and ok[0], 10, what="requests to flow")
             old.proc.send_signal(signal.SIGTERM)
             assert old.wait_exit(5) == 0
             after_exit = ok[0]
-            time.sleep(0.3)
+            wait_for(lambda: ok[0] >= after_exit + 10, 10, what="the new server to answer after the old one exited")
         finally:
             stop.set()
             for t in threads:

@@ -12,10 +12,11 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import pid_alive, port_open, predict, wait_for
+from conftest import port_open, predict
 
 from daemon import DaemonClient, DeployError, ServiceConfig, ServiceState
 from daemon.linux import holds_socket, listening_inodes
+from daemon.testing import pid_alive, wait_for
 
 MODEL = """
 import os, sys

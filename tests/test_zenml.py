@@ -27,8 +27,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import REPO, kill_home, port_open, predict
+from conftest import port_open, predict
 from daemon import DaemonClient, ServiceState
+from daemon.testing import REPO, reap_home
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("zenml") is None, reason="ZenML is not installed: pip install 'modeld[zenml]'"),
@@ -130,7 +131,7 @@ def project() -> Iterator[Project]:
         p.run_pipeline()
         yield p
     finally:
-        kill_home(home)
+        reap_home(home)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

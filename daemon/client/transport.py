@@ -99,7 +99,7 @@ class Transport:
         pass
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float | None):
         super().__init__("modeld", timeout=timeout)
         self.socket_path = path
@@ -121,16 +121,16 @@ class UnixSocketTransport(Transport):
     def __init__(self, paths: Paths, start_daemon: Callable[[], None] | None = None):
         self.paths = paths
         self.start_daemon = start_daemon
-        self._conn: _UnixConnection | None = None
+        self._conn: UnixConnection | None = None
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
-    def _open(self, timeout: float | None, start: bool) -> _UnixConnection:
+    def _open(self, timeout: float | None, start: bool) -> UnixConnection:
         self.paths.check_socket()
-        conn = _UnixConnection(str(self.paths.socket), timeout)
+        conn = UnixConnection(str(self.paths.socket), timeout)
         try:
             conn.connect()
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
