@@ -141,9 +141,9 @@ def test_the_zenml_config_is_made_from_the_fields():
     for name, (annotation, info) in settings.run_settings().items():
         field = ModeldDeploymentConfig.model_fields[name]
         assert (field.annotation, field.default, field.description) == (annotation, info.default, info.description)
-    config = ModeldDeploymentConfig(model_uri="m.py:x", service_name="s", port=8123, restart={"mode": "never"})
+    config = ModeldDeploymentConfig(model_name="m", model_uri="m.py:x", service_name="s", port=8123, restart={"mode": "never"})
     modeld = config.to_modeld()
-    assert (modeld.name, modeld.port, modeld.restart.mode, modeld.stop_timeout) == ("s", 8123, "never", 10.0)
+    assert (modeld.name, modeld.model_name, modeld.port, modeld.restart.mode, modeld.stop_timeout) == ("s", "m", 8123, "never", 10.0)
 
 
 # ------------------------------------------------------------------ find's filters
