@@ -4,7 +4,7 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
 
     GET    /v1/daemon                       version, pid, home, counts, problems, containment
     POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
-    GET    /v1/services                     find; filters as query parameters:
+    GET    /v1/services                     find; filters as query parameters (daemon.filters.FIND_PARAMS):
                                             running, service_uuid, pipeline_name, pipeline_run_id,
                                             pipeline_step_name, model_name, model_uri, model_type
     POST   /v1/services                     deploy: {"config": {...}, "replace": bool, "timeout": s, "uuid": opt}
@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._version import __version__
 from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
 from .logs import read_log
-from .manager import FIND_FILTERS, Manager
+from .filters import FIND_FILTERS, FIND_PARAMS
+from .manager import Manager
 from .models import BaseService, ServiceConfig, ServiceState, changes
 
 log = logging.getLogger("modeld.api")
@@ -324,8 +325,7 @@ class Api:
         return 202, {"shutting_down": True, "stop_services": stop_services}
 
     async def find(self, request: Request) -> tuple[int, Any]:
-        types: dict[str, type] = {"running": bool, "service_uuid": UUID, **{name: str for name in FIND_FILTERS}}
-        found = self.views.find(**request.params(**types))
+        found = self.views.find(**request.params(**FIND_PARAMS))
         return 200, self.views.list_json(found)
 
     async def deploy(self, request: Request) -> tuple[int, Any]:

@@ -63,7 +63,6 @@ WARM_START = os.environ.get("MODELD_WARM_START", "1") != "0"  # built-in servers
 STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
 SUPERVISION_RETRY = 0.1  # seconds before supervision goes on after an exception, doubling
 SUPERVISION_RETRY_MAX = 30.0
-FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
 
 
 def describe_exit(code: int | None) -> str:

@@ -31,6 +31,9 @@ MAX_PATH = 4096  # PATH_MAX: no longer file name can be opened
 NUL_MESSAGE = "a NUL byte cannot be part of a path, an argument or an environment variable"
 # Longest text a {host} or {port} in a command's argv becomes (an IPv6 address with a zone; 65535).
 _FILLED = {"{host}": 64, "{port}": 5, "{uuid}": 36, "{name}": 200}
+# A field's unit, for those who write its value (the CLI reads 10M, and shows the default so).
+SECONDS: dict[str, Any] = {"unit": "seconds"}
+BYTES: dict[str, Any] = {"unit": "bytes"}
 
 
 class ServiceState(str, enum.Enum):
@@ -68,11 +71,13 @@ class RestartPolicy(BaseModel):
     def _stored_infinity(cls, data: Any, info: ValidationInfo) -> Any:
         return _infinity_read_back(data, info, ("backoff_initial", "backoff_max", "healthy_reset"))
 
-    mode: Literal["on-failure", "always", "never"] = "on-failure"
+    mode: Literal["on-failure", "always", "never"] = Field(
+        "on-failure", description="when an exited server is started again: on-failure (an exit code other than 0), always, or never")
     max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
-    backoff_initial: float = Field(0.1, ge=0, description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
-    backoff_max: float = Field(10.0, ge=0, description="cap of the doubling backoff")
-    healthy_reset: float = Field(10.0, ge=0, description="seconds of healthy run that reset the restart count")
+    backoff_initial: float = Field(0.1, ge=0, json_schema_extra=SECONDS,
+                                   description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
+    backoff_max: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="cap of the doubling backoff, in seconds")
+    healthy_reset: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="seconds of healthy run that reset the restart count")
     liveness_failures: int = Field(3, ge=1, le=1_000_000, description="failed health probes in a row after which a server that was healthy counts as hung")
     on_unhealthy: bool = Field(True, description="restart a hung server (stop, then start: a restart with the usual backoff); false: report it in error and leave it")
 
@@ -83,38 +88,48 @@ class ServiceConfig(BaseModel):
     The first eight fields are ZenML's; the rest say how to run it.
     ``python`` and ``working_dir`` are filled in by the deploying client
     (its interpreter and its working directory) unless given.
+
+    This is the one definition of a service's settings: ``modeld deploy``'s
+    options (deployers/cli.py) and the ZenML deployment config
+    (modeld_zenml/settings.py) are made from these fields, their types,
+    defaults and descriptions (each field needs one: it is the option's
+    help). ``json_schema_extra`` says what else they need to know:
+    ``unit`` ("seconds", "bytes") picks how a value is written on the
+    command line.
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
-    service_type: str = "model-server"
-    name: str = Field("", max_length=200)
-    description: str = Field("", max_length=10_000)
-    pipeline_name: str = Field("", max_length=1000)
-    pipeline_run_id: str = Field("", max_length=1000)
-    pipeline_step_name: str = Field("", max_length=1000)
-    model_name: str = Field("", max_length=200, description="the KServe route /v1/models/<model_name>")
-    model_uri: str = Field("", max_length=4096)
-    model_type: Literal["python", "pickle", "command"] = "python"
-    command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri}")
-    health_path: str = Field("/health", max_length=MAX_PATH)
-    prediction_path: str = Field("", description="path of predictions; default: KServe's /v1/models/<model_name>:predict")
-    host: str = Field("127.0.0.1", description="an IP address, or a name (the daemon resolves it, IPv4 first)")
-    port: int = Field(0, ge=0, le=65535, description="0: pick a free port once, then keep it")
+    service_type: str = Field("model-server", description="ZenML's service type name (kept as given)")
+    name: str = Field("", max_length=200, description="service name, shown by `modeld ls` and usable instead of the uuid")
+    description: str = Field("", max_length=10_000, description="free text")
+    pipeline_name: str = Field("", max_length=1000, description="pipeline that deployed it")
+    pipeline_run_id: str = Field("", max_length=1000, description="pipeline run id")
+    pipeline_step_name: str = Field("", max_length=1000, description="pipeline step that deployed it")
+    model_name: str = Field("", max_length=200, description="model name: the KServe route is /v1/models/<model_name>")
+    model_uri: str = Field("", max_length=4096, description="module:attr, path/file.py:attr, a .pkl/.joblib file, or what a command server loads")
+    model_type: Literal["python", "pickle", "command"] = Field(
+        "python", description="runtime: the built-in server for a python or pickle model, or any argv (command); "
+                              "without it, command if an argv is given, pickle for a .pkl/.pickle/.joblib model_uri")
+    command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri} {uuid} {name}")
+    health_path: str = Field("/health", max_length=MAX_PATH, description="path probed for health")
+    prediction_path: str = Field("", description="path of predictions, e.g. /invocations for mlflow; default: KServe's /v1/models/<model_name>:predict")
+    host: str = Field("127.0.0.1", description="address the server binds: an IP address, or a name (the daemon resolves it, IPv4 first)")
+    port: int = Field(0, ge=0, le=65535, description="port the server binds; 0: pick a free one once, then keep it")
     bind_unix: bool = Field(False, description="serve a built-in model on a Unix socket private to the user, not on TCP")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the server")
     secret_env: list[str] = Field(default_factory=list, description="env keys never echoed, beside those that look secret")
     python: str = Field("", max_length=MAX_PATH, description="interpreter for python/pickle models; default: the deploying client's")
     working_dir: str = Field("", max_length=MAX_PATH, description="cwd of the server; default: the deploying client's")
-    restart: RestartPolicy = Field(default_factory=RestartPolicy)
-    startup_timeout: float = Field(300.0, gt=0, description="seconds a starting server may take to answer its health probe")
-    stop_timeout: float = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL on stop")
+    restart: RestartPolicy = Field(default_factory=RestartPolicy, description="when and how fast a crashed or hung server is started again")
+    startup_timeout: float = Field(300.0, gt=0, json_schema_extra=SECONDS, description="seconds a starting server may take to answer its health probe")
+    stop_timeout: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="seconds between SIGTERM and SIGKILL on stop")
     stop_command: list[str] = Field(
         default_factory=list,
         description="argv run before the signals on every stop, and after an unexpected exit before a restart "
                     "(e.g. docker stop {name}); placeholders as command's plus {uuid} and {name}; bounded by stop_timeout",
     )
-    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, le=1 << 40, description="size at which service.log is rotated")
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, le=1 << 40, json_schema_extra=BYTES, description="size at which service.log is rotated")
     log_backups: int = Field(2, ge=0, le=1000, description="rotated files kept: service.log.1 … service.log.N")
 
     @field_validator("health_path", "prediction_path")

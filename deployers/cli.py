@@ -17,13 +17,19 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal, get_args, get_origin
 from uuid import UUID
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from daemon import exceptions as exc
 from daemon.client import DaemonClient, VersionMismatchWarning, ensure_daemon
-from daemon.models import BaseService, RestartPolicy, ServiceConfig
+from daemon.filters import FIND_FILTERS
+from daemon.models import BaseService, ServiceConfig
 from daemon.paths import Paths
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
@@ -173,42 +179,24 @@ def cmd_daemon_run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ services
 
 
-def _deploy_config(args: argparse.Namespace) -> ServiceConfig:
+def _deploy_config(args: argparse.Namespace, config: type[ServiceConfig] = ServiceConfig) -> ServiceConfig:
+    """The config the deploy options describe: only the fields given, so every other one takes its default."""
     fields: dict[str, Any] = {}
-    for name in ("name", "description", "pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name",
-                 "model_uri", "model_type", "health_path", "prediction_path", "host", "port", "python", "working_dir",
-                 "startup_timeout", "stop_timeout", "service_type"):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    if args.command:
-        fields["command"] = args.command
-        fields.setdefault("model_type", "command")
-    if args.env:
-        fields["env"] = dict(_env_item(item) for item in args.env)
-    if args.secret_env:
-        fields["secret_env"] = args.secret_env
-    if args.unix_socket:
-        fields["bind_unix"] = True
-    if args.stop_command is not None:
-        try:
-            fields["stop_command"] = shlex.split(args.stop_command)
-        except ValueError as error:
-            raise UsageError(f"--stop-command: {error}") from None
-    for name in ("log_max_bytes", "log_backups"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    restart = {
-        k: v
-        for k, v in (("mode", args.restart), ("max_restarts", args.max_restarts), ("backoff_initial", args.backoff),
-                     ("backoff_max", args.backoff_max), ("healthy_reset", args.healthy_reset),
-                     ("liveness_failures", args.liveness_failures),
-                     ("on_unhealthy", False if args.no_restart_on_unhealthy else None))
-        if v is not None
-    }
-    if restart:
-        fields["restart"] = RestartPolicy(**restart)
-    return ServiceConfig(**fields)
+    for option in deploy_options(config):
+        value = getattr(args, option.dest)
+        if value is not None and option.read:
+            value = option.read(value)
+        if value is None:
+            continue
+        *groups, name = option.path
+        place = fields
+        for group in groups:
+            place = place.setdefault(group, {})
+        place[name] = value
+    for name, field in config.model_fields.items():  # a nested model (restart) from the options given of it
+        if isinstance(fields.get(name), dict) and _model_class(field.annotation):
+            fields[name] = field.annotation(**fields[name])  # type: ignore[misc]
+    return config(**fields)
 
 
 def _env_item(item: str) -> tuple[str, str]:
@@ -307,8 +295,7 @@ def _validation_line(error: Exception) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     client = _client(args)
-    filters = {name: getattr(args, name) for name in ("pipeline_name", "pipeline_run_id", "pipeline_step_name",
-                                                      "model_name", "model_uri", "model_type")}
+    filters = {name: getattr(args, name) for name in FIND_FILTERS}
     service_uuid = _resolve(client, args.uuid) if args.uuid else None
     found = client.find(running=args.running, service_uuid=service_uuid, **filters)
     if args.json:
@@ -452,7 +439,8 @@ def cmd_deployer_rm(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.ArgumentParser:
+    """The parser of every command; ``config``: the class whose fields are ``deploy``'s options."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON")
@@ -487,52 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("deploy", cmd_deploy, "deploy a model (or replace the running version with --replace)",
             epilog="For a command server give its argv after --; {port}, {host} and {model_uri} are filled in.",
             usage="modeld deploy [options] [-- COMMAND ARG ...]")
-    for flag, helptext in (
-        ("--name", "service name"), ("--description", "free text"), ("--pipeline-name", "pipeline that deployed it"),
-        ("--pipeline-run-id", "pipeline run id"), ("--pipeline-step-name", "pipeline step"),
-        ("--model-name", "model name (the KServe route is /v1/models/NAME)"),
-        ("--model-uri", "module:attr, path/file.py:attr, a .pkl/.joblib file, or what a command server loads"),
-        ("--health-path", "path probed for health (default /health)"),
-        ("--prediction-path", "path of predictions, e.g. /invocations for mlflow (default: KServe's)"), ("--host", "address to bind (default 127.0.0.1)"),
-        ("--python", "interpreter for python/pickle models (default: this one)"),
-        ("--working-dir", "working directory of the server (default: the current one)"),
-    ):
-        p.add_argument(flag, help=helptext)
-    p.add_argument("--model-type", choices=["python", "pickle", "command"], help="runtime (default python; command if argv given)")
-    p.add_argument("--port", type=int, help="port (default 0: a free one, kept for the service's life)")
-    p.add_argument("--env", action="append", metavar="KEY[=VALUE]",
-                   help="environment of the server (repeatable); KEY alone takes its value from your environment, keeping a secret out of the command line")
-    p.add_argument("--secret-env", action="append", metavar="KEY", help="env key never shown (repeatable)")
-    p.add_argument("--unix-socket", action="store_true",
-                   help="serve a python/pickle model on a Unix socket only you can reach, not on a TCP port")
-    p.add_argument("--restart", choices=["on-failure", "always", "never"], help="restart policy (default on-failure)")
-    p.add_argument("--max-restarts", type=int, help="restarts in a row before giving up (default 5)")
-    p.add_argument("--backoff", type=_seconds, help="seconds before the second restart in a row, doubled each time after (default 0.1); a server that dies after a healthy run restarts at once")
-    p.add_argument("--backoff-max", type=_seconds, help="cap of the restart backoff in seconds (default 10)")
-    p.add_argument("--healthy-reset", type=_seconds, help="seconds of healthy run that reset the restart count (default 10)")
-    p.add_argument("--service-type", help=argparse.SUPPRESS)
-    p.add_argument("--startup-timeout", type=_seconds, help="seconds a starting server may take to be healthy (default 300)")
-    p.add_argument("--stop-timeout", type=_seconds, help="seconds between SIGTERM and SIGKILL (default 10)")
-    p.add_argument("--stop-command", metavar="'COMMAND ARG ...'",
-                   help="run before the signals on every stop, and after an unexpected exit (e.g. 'docker stop {name}'); "
-                        "split as a shell would, run without one; placeholders as the server's plus {uuid} and {name}")
-    p.add_argument("--liveness-failures", type=int,
-                   help="failed health checks in a row after which a server that was healthy is hung and restarted (default 3)")
-    p.add_argument("--no-restart-on-unhealthy", action="store_true",
-                   help="leave a hung server running and report it in error instead of restarting it")
-    p.add_argument("--log-max-bytes", type=_size, help="rotate service.log past this size (bytes, or 10M, 512K; default 10M)")
-    p.add_argument("--log-backups", type=int, help="rotated logs kept, service.log.1 … .N (default 2)")
+    for option in deploy_options(config):
+        p.add_argument(*option.flags, **option.kwargs)
     p.add_argument("--replace", action="store_true", help="update the service of the same pipeline, step and model in place")
     p.add_argument("--timeout", type=_seconds, default=300, help="seconds to wait for the server to be healthy (default 300)")
     p.add_argument("--uuid", help="the uuid to give the service")
-    p.add_argument("command", nargs="*", help=argparse.SUPPRESS)
 
     p = add("ls", cmd_ls, "list services, with the find filters")
     p.add_argument("--running", action="store_true", help="only services that are active")
     p.add_argument("--uuid", help="service uuid (or prefix)")
-    for flag in ("--pipeline-name", "--pipeline-run-id", "--pipeline-step-name", "--model-name", "--model-uri"):
-        p.add_argument(flag)
-    p.add_argument("--model-type", choices=["python", "pickle", "command"])
+    for name in FIND_FILTERS:
+        p.add_argument(_flag(name), choices=_choices(ServiceConfig.model_fields[name].annotation),
+                       help=f"only services whose {name} is this")
 
     p = add("info", cmd_info, "show one service: URLs, state, pid, paths")
     p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
@@ -599,6 +553,142 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
     return value
+
+
+# ------------------------------------------------------------- deploy options
+#
+# `modeld deploy` has one option per ServiceConfig field (and per field of a nested model, such
+# as restart), made from the field: --field-name, its type, its description as help and its
+# default shown. DEPLOY_OVERRIDES says, beside nothing else, where a field is spelled or read
+# otherwise; a new field needs no entry unless it wants one.
+
+
+def _stop_command(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise UsageError(f"--stop-command: {error}") from None
+
+
+# Keyed by the field's path (restart.mode). flag: its spelling; read: turns what argparse gives
+# into the field's value (None: not given); note: added to the field's description; help: instead
+# of it; argv: the argv after `--`; any other key goes to argparse's add_argument.
+DEPLOY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "service_type": {"help": argparse.SUPPRESS},
+    "command": {"argv": True},
+    "env": {"metavar": "KEY[=VALUE]", "read": lambda items: dict(_env_item(item) for item in items),
+            "note": "repeatable; KEY alone takes its value from your environment, keeping a secret out of the command line"},
+    "secret_env": {"metavar": "KEY", "note": "repeatable"},
+    "bind_unix": {"flag": "--unix-socket", "help": "serve a python/pickle model on a Unix socket only you can reach, not on a TCP port"},
+    "stop_command": {"metavar": "'COMMAND ARG ...'", "action": "store", "read": _stop_command, "note": "split as a shell would, run without one"},
+    "restart.mode": {"flag": "--restart"},
+    "restart.backoff_initial": {"flag": "--backoff"},
+    "restart.on_unhealthy": {"flag": "--no-restart-on-unhealthy",
+                             "help": "leave a hung server running and report it in error instead of restarting it"},
+}
+UNITS: dict[str, Callable[[str], Any]] = {"seconds": _seconds, "bytes": _size}
+
+
+@dataclass(frozen=True)
+class DeployOption:
+    """One option of ``modeld deploy``: the field it sets and how argparse reads it."""
+
+    path: tuple[str, ...]  # ("restart", "max_restarts")
+    flags: tuple[str, ...]  # ("command",) for the argv after --
+    kwargs: dict[str, Any]
+    read: Callable[[Any], Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        return str(self.kwargs.get("dest", self.flags[0]))
+
+
+@cache
+def deploy_options(config: type[BaseModel] = ServiceConfig) -> tuple[DeployOption, ...]:
+    """The options of ``modeld deploy``: one for every field of ``config``, and of its nested models."""
+    return tuple(_options(config, ()))
+
+
+def _options(model: type[BaseModel], prefix: tuple[str, ...]) -> Iterator[DeployOption]:
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        nested = _model_class(field.annotation)
+        if nested and ".".join(path) not in DEPLOY_OVERRIDES:
+            yield from _options(nested, path)
+        else:
+            yield _overridden(_deploy_option(path, field))
+
+
+def _deploy_option(path: tuple[str, ...], field: FieldInfo) -> DeployOption:
+    name = path[-1]
+    kwargs: dict[str, Any] = {"dest": "config:" + ".".join(path), "default": None, "metavar": name.upper()}
+    annotation, default = field.annotation, field.get_default(call_default_factory=True)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    unit = extra.get("unit")
+    description = field.description or ""
+    read = None
+    flag = _flag(name)
+    if annotation is bool:  # a flag that sets the other value than the default
+        kwargs.update(action="store_const", const=not default, metavar=None)
+        flag = "--no-" + flag[2:] if default else flag
+        del kwargs["metavar"]
+    elif _choices(annotation):
+        kwargs.update(choices=_choices(annotation), metavar=None)
+    elif get_origin(annotation) is list:
+        kwargs.update(action="append")
+    elif get_origin(annotation) is dict:
+        kwargs.update(action="append", metavar="KEY=VALUE")
+        read = lambda items: dict(_key_value(item, flag) for item in items)  # noqa: E731
+    elif unit in UNITS:
+        kwargs.update(type=UNITS[unit])
+        description += "; bytes, or with K, M or G (512K, 10M)" if unit == "bytes" else ""
+    elif annotation in (int, float):
+        kwargs.update(type=annotation)
+    elif annotation is not str:
+        raise TypeError(f"{'.'.join(path)}: no command-line form for {annotation}; give it one in DEPLOY_OVERRIDES")
+    kwargs["help"] = _help(description, _default_text(default, unit, annotation))
+    return DeployOption(path, (flag,), kwargs, read)
+
+
+def _overridden(option: DeployOption) -> DeployOption:
+    over = dict(DEPLOY_OVERRIDES.get(".".join(option.path), {}))
+    if over.pop("argv", False):  # main() puts the argv after -- in args.command
+        return DeployOption(option.path, ("command",), {"nargs": "*", "help": argparse.SUPPRESS}, lambda argv: argv or None)
+    kwargs = dict(option.kwargs)
+    flags = (over.pop("flag"),) if "flag" in over else option.flags
+    read = over.pop("read", option.read)
+    if "note" in over:
+        description, paren, default = kwargs["help"].partition(" (default ")
+        kwargs["help"] = f"{description}; {over.pop('note')}{paren}{default}"
+    kwargs.update(over)
+    return DeployOption(option.path, flags, kwargs, read)
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    return [str(a) for a in get_args(annotation)] if get_origin(annotation) is Literal else None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_text(default: Any, unit: str | None, annotation: Any) -> str:
+    """The default as one writes it, or "" when there is none to show (empty, or a flag's)."""
+    if annotation is bool or default in ("", None) or default == [] or default == {}:
+        return ""
+    if unit == "bytes":
+        return next((f"{default // size}{suffix}" for suffix, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+                     if default % size == 0), str(default))
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def _help(description: str, default: str) -> str:
+    text = description.replace("%", "%%")  # argparse formats help with %
+    return f"{text} (default {default.replace('%', '%%')})" if default else text
 
 
 def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -18,7 +18,7 @@ deploys the service again from the config ZenML kept, under the same uuid.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -36,19 +36,19 @@ from zenml.services.service_endpoint import (
 from zenml.services.service_monitor import HTTPEndpointHealthMonitor, HTTPEndpointHealthMonitorConfig
 from zenml.services.service_status import ServiceStatus
 
+from modeld_zenml.settings import modeld_fields, run_settings, with_run_settings
+
 if TYPE_CHECKING:
     import daemon
     from daemon.client import DaemonClient
 
-# modeld's own run settings; None leaves modeld's default (ServiceConfig in daemon/models.py).
-_RUN_SETTINGS = (
-    "model_type", "command", "health_path", "prediction_path", "host", "port", "env", "secret_env",
-    "python", "working_dir", "restart", "startup_timeout", "stop_timeout", "bind_unix",
-    "stop_command", "log_max_bytes", "log_backups",
-)
+# modeld's run settings (every field of daemon.models.ServiceConfig that ZenML's ServiceConfig lacks),
+# made from modeld's fields: None leaves modeld's default.
+ModeldRunSettings = with_run_settings(ServiceConfig, "ModeldRunSettings", __name__)
+_RUN_SETTINGS = tuple(run_settings())
 
 
-class ModeldDeploymentConfig(ServiceConfig):
+class ModeldDeploymentConfig(ModeldRunSettings):  # type: ignore[misc,valid-type]
     """What to serve and how: ZenML's service fields plus modeld's run settings.
 
     ``model_uri`` is ``path/to/file.py:attr``, ``package.module:attr`` or a
@@ -59,25 +59,6 @@ class ModeldDeploymentConfig(ServiceConfig):
     the daemon that runs the service.
     """
 
-    pipeline_run_id: str = ""
-    model_uri: str = ""
-    model_type: Optional[Literal["python", "pickle", "command"]] = None
-    command: Optional[List[str]] = None
-    health_path: Optional[str] = None
-    prediction_path: Optional[str] = None
-    host: Optional[str] = None
-    port: Optional[int] = None
-    env: Optional[Dict[str, str]] = None
-    secret_env: Optional[List[str]] = None
-    python: Optional[str] = None
-    working_dir: Optional[str] = None
-    restart: Optional[Dict[str, Any]] = None
-    startup_timeout: Optional[float] = None
-    stop_timeout: Optional[float] = None
-    bind_unix: Optional[bool] = None
-    stop_command: Optional[List[str]] = None
-    log_max_bytes: Optional[int] = None
-    log_backups: Optional[int] = None
     modeld_home: str = ""
     modeld_socket: str = ""
 
@@ -91,16 +72,7 @@ class ModeldDeploymentConfig(ServiceConfig):
         """The modeld ``ServiceConfig`` this describes (raises pydantic's ValidationError if it cannot run)."""
         from daemon.models import ServiceConfig as ModeldConfig
 
-        fields: Dict[str, Any] = {
-            "name": self.service_name,
-            "description": self.description,
-            "pipeline_name": self.pipeline_name,
-            "pipeline_run_id": self.pipeline_run_id,
-            "pipeline_step_name": self.pipeline_step_name,
-            "model_name": self.model_name,
-            "model_uri": self.model_uri,
-        }
-        fields.update({key: getattr(self, key) for key in _RUN_SETTINGS if getattr(self, key) is not None})
+        fields = modeld_fields(self, _RUN_SETTINGS)
         return ModeldConfig(**fields)
 
 

@@ -1,0 +1,21 @@
+"""The find filters: the one list of ``ServiceConfig`` fields a find can match exactly.
+
+Everything that offers find's filters takes them from here: the API's query
+parameters and its index (``daemon/api.py``), ``modeld ls`` (its options, their
+help and choices come from the fields), and the keyword arguments of
+``DaemonClient.find`` and ``find_model_server``, which spell them out for
+readers and type checkers and are held to this list by ``tests/test_schema.py``.
+Besides these, a find takes ``running`` (active services only) and
+``service_uuid``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+# Each a ServiceConfig field matched for equality; the API keeps an index on each.
+FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
+
+# What the API's GET /v1/services takes, with the type each query parameter is read as.
+FIND_PARAMS: dict[str, type[Any]] = {"running": bool, "service_uuid": UUID, **{name: str for name in FIND_FILTERS}}
