@@ -18,18 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
-import json
 import logging
 import operator
 import os
-import secrets
 import shlex
-import shutil
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,71 +32,32 @@ from uuid import UUID
 
 from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
-from .addresses import Address, literal_address, resolve
-from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, ServiceNotFound, StillStarting, StorageError, with_log_excerpt
+from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StillStarting, StorageError, with_log_excerpt
 from .health import (
-    Batch, Prober, ProbeTarget, bind_listener, bind_unclaimed, fetch_listener, fetch_listeners, probe, probe_all,
+    Batch, Prober, ProbeTarget, fetch_listener, fetch_listeners, probe, probe_all,
 )
 from .linux import (
     ProcessIdentity, TaggedProcess, holds_socket, listening_inodes, listening_unix_inodes, signal_verified, tagged_processes,
 )
 from .logs import LogWriterClient, marker, tail_text
-from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceEndpoint, ServiceState, changes
-from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
-from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
+from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceState, changes
+from .paths import Paths
+from .process import ProcessHandle, spawn
 from .runtime._serve import forkserver
+from .launch import Launcher
+from .service import ServiceRuntime, describe_exit, fill, is_builtin
 from .store import LaunchInfo, PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
 
-SERVE_PY = str(Path(__file__).with_name("runtime") / "serve.py")
-BUILTIN_TYPES = ("python", "pickle")
 HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # seconds between probes of a healthy server
 FAST_PROBING = 1.0  # seconds a starting server is probed every 5 ms before the probes back off
-WARM_START = os.environ.get("MODELD_WARM_START", "1") != "0"  # built-in servers forked from a pre-imported process
 STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
 SUPERVISION_RETRY = 0.1  # seconds before supervision goes on after an exception, doubling
 SUPERVISION_RETRY_MAX = 30.0
 
 
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exited (its exit code is unknown: it was adopted from an earlier daemon)"
-    if code < 0:
-        return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 _state_of = operator.attrgetter("svc.status.state")
-
-
-def is_builtin(config: ServiceConfig) -> bool:
-    return config.model_type in BUILTIN_TYPES
-
-
-class ServiceRuntime:
-    """A service and what the daemon holds for it while it lives."""
-
-    def __init__(self, svc: BaseService):
-        self.svc = svc
-        self.lock = asyncio.Lock()
-        self.proc: ProcessHandle | None = None
-        self.listener: socket.socket | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.failures = 0  # exits in a row without a healthy run long enough to count
-        # The config before the last replace: its secrets may be in the log (printed by the old
-        # version), so log excerpts mask them too.
-        self.previous_config: ServiceConfig | None = None
-        self.replacing: ProcessHandle | None = None  # the old version, while a hand-over is under way
-
-    @property
-    def uuid(self) -> UUID:
-        return self.svc.uuid
-
-    def close_listener(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
 
 
 class Manager:
@@ -114,14 +69,13 @@ class Manager:
         self.started_at = time.time()
         self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self._create_lock = asyncio.Lock()
-        self._addresses: dict[str, Address] = {}  # each host of a config, resolved (see _resolve_hosts)
-        self.fork_servers = ForkServers(SERVE_PY, paths.home / "forkserver.log")
         self.containment: Containment = choose_containment(paths.home, paths.run)
         if self.containment.reason:
             log.info("containment: tag (%s)", self.containment.reason)
         else:
             log.info("containment: %s", self.containment.kind)
         self.logs = LogWriterClient(paths)
+        self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services)
         self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
         # Re-adoption: all servers probed in one job.
         self._probe_batch = Batch(_probe_list)
@@ -153,18 +107,18 @@ class Manager:
 
     async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
         fresh = False
-        await self._resolve_hosts([config.host])  # before the create lock: a lookup may be slow
+        await self.launcher.resolve_hosts([config.host])  # before the create lock: a lookup may be slow
         while True:
             async with self._create_lock:
                 target = self._replace_target(config, replace, uuid)
-                self._precheck(config, fresh=target is None, owner=target)
+                self.launcher.precheck(config, fresh=target is None, owner=target)
                 if target is None:
                     svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
-                    svc.endpoint = self._endpoint(config, config.port)
+                    svc.endpoint = self.launcher.endpoint(config, config.port)
                     target = ServiceRuntime(svc)
                     try:
-                        self._ensure_port(target, config)
+                        self.launcher.ensure_port(target, config)
                     except DeployError as exc:
                         raise Conflict(str(exc)) from exc
                     await target.lock.acquire()  # free: nobody else knows it yet
@@ -247,7 +201,7 @@ class Manager:
             for proc in (m.replacing, m.proc):
                 if proc is not None:
                     await self._terminate(m, proc, min(timeout, m.svc.config.stop_timeout), force)
-                    self._unlink_sockets(proc)
+                    self.launcher.unlink_sockets(proc)
             m.replacing = m.proc = None
             m.close_listener()
             await asyncio.to_thread(self.containment.remove_service, str(uuid))  # and anything its launches left
@@ -280,7 +234,7 @@ class Manager:
         # stranger, never signalled.
         self._ours = {(p.service_uuid, p.ident) for p in tagged}
         await asyncio.gather(*(self._stop_orphan(problem) for problem in self.problems))
-        await self._resolve_hosts([svc.config.host for svc in services])  # before anything binds or claims
+        await self.launcher.resolve_hosts([svc.config.host for svc in services])  # before anything binds or claims
         records = {svc.uuid: self.store.read_pid(svc.uuid) for svc in services}  # read once, for both steps
         untracked = await self._untracked(services, tagged, records)
         took("untracked")
@@ -359,7 +313,7 @@ class Manager:
             if m.proc is not None:
                 m.proc.close()
             m.close_listener()
-        self.fork_servers.close()
+        self.launcher.fork_servers.close()
         self.prober.close()
         self.logs.close()
         await asyncio.to_thread(self.containment.prune)
@@ -373,10 +327,10 @@ class Manager:
             svc.desired_reason = STOPPED_BY_STOP_ALL
         if m.replacing is not None and m.replacing.alive:  # a hand-over cut short by the shutdown
             await m.replacing.terminate(svc.config.stop_timeout)
-            self._unlink_sockets(m.replacing)
+            self.launcher.unlink_sockets(m.replacing)
         if m.proc is not None and m.proc.alive:
             await self._terminate(m, m.proc, svc.config.stop_timeout)
-            self._forget_process(m, m.proc)
+            self.launcher.forget_process(m, m.proc)
         svc.status.pid = None
         if svc.status.state != ServiceState.ERROR:
             svc.status.moved_to(ServiceState.INACTIVE)
@@ -540,7 +494,7 @@ class Manager:
             log.warning("%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
                         svc.uuid, loser.pid, drop.info.version, keep.info.version)
             await loser.terminate(svc.config.stop_timeout)
-            self._unlink_sockets(loser)
+            self.launcher.unlink_sockets(loser)
         try:
             self.store.write_pid(svc.uuid, keep, step="restore.settle-pid")
         except StorageError as exc:  # the record still names both: the next daemon settles it the same way
@@ -570,7 +524,7 @@ class Manager:
             if proc is not None:
                 log.warning("%s: its server (pid %d) is gone; pid %d, which it started, serves: following it",
                             svc.uuid, record.ident.pid, proc.pid)
-                self._save_pid(svc.uuid, proc, step="restore.follow-pid")
+                self.launcher.save_pid(svc.uuid, proc, step="restore.follow-pid")
                 return proc
         await asyncio.to_thread(_kill_and_remove, group)
         return None
@@ -605,7 +559,7 @@ class Manager:
                 m.proc = proc
                 # (the services restored at once are probed in one batch; their listening
                 # sockets are fetched after the rebuild: _fetch_adopted_listeners)
-                healthy, seen = await self._probe_batch(self._target(m, proc))
+                healthy, seen = await self._probe_batch(self.launcher.target(m, proc))
                 recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
@@ -616,7 +570,7 @@ class Manager:
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
-                    self._launch(m, svc.config, "restore")
+                    self.launcher.launch(m, svc.config, "restore")
                 except ModeldError as exc:
                     await self._abandon_launch(m)
                     svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
@@ -654,253 +608,6 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
-    async def _resolve_hosts(self, hosts: list[str]) -> None:
-        """Resolve hosts (names in threads, all at once) into the map the port functions read.
-
-        A name is looked up again on each deploy that names it; the daemon binds, probes and
-        claims on what it resolved to, never looking a name up on the event loop.
-        """
-        names = sorted({h for h in hosts if literal_address(h) is None})
-        for address in await asyncio.gather(*(resolve(h) for h in names)):
-            self._addresses[address.host] = address
-
-    def _address(self, host: str) -> Address:
-        """What ``host`` binds: an IP address is itself; a name as last resolved (see _resolve_hosts)."""
-        address = self._addresses.get(host)
-        if address is None:
-            address = literal_address(host)
-            if address is None:
-                return Address(host, error=f"{host!r} was not resolved")
-            self._addresses[host] = address  # parsed once: claims read every service's address
-        return address
-
-    def _claimed_ports(self, host: str, owner: ServiceRuntime | None) -> dict[int, UUID]:
-        """The ports other services keep for life (also while their server is down) on an address
-        the kernel would not let ``host`` share a port with, and whose (see daemon/addresses.py)."""
-        mine = self._address(host)
-        return {o.svc.endpoint.port: o.uuid for o in self.services.values()
-                if o is not owner and o.svc.endpoint.port and mine.conflicts(self._address(o.svc.config.host))}
-
-    def _check_port_unclaimed(self, config: ServiceConfig, owner: ServiceRuntime | None) -> None:
-        other = self._claimed_ports(config.host, owner).get(config.port)
-        if other is not None:
-            raise Conflict(f"port {config.port} on {config.host} belongs to service {other}")
-
-    def _precheck(self, config: ServiceConfig, fresh: bool, owner: ServiceRuntime | None = None) -> None:
-        """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error).
-
-        ``owner``: the service a replace updates (its own port claim is no conflict).
-        """
-        address = self._address(config.host)
-        if not address.resolved:
-            raise InvalidRequest(f"config.host: {address.error}")
-        cwd = config.working_dir
-        if cwd and not os.path.isdir(cwd):
-            raise InvalidRequest(f"working_dir {cwd!r} does not exist")
-        env = {**os.environ, **config.env}
-        try:
-            resolve_executable(config.python or sys.executable if is_builtin(config) else config.command[0], env, cwd)
-        except DeployError as exc:
-            raise InvalidRequest(f"{'python' if is_builtin(config) else 'command'}: {exc}") from None
-        # exec refuses more than its argument space (E2BIG): say so here, not with a record in error.
-        if is_builtin(config):
-            argv = [config.python or sys.executable, SERVE_PY, config.model_uri, config.model_name]
-        else:
-            argv = [_fill(arg, {"{port}": "65535", "{host}": address.ip, "{model_uri}": config.model_uri}) for arg in config.command]
-        margin = 4096 + 2 * len(os.fsencode(self.paths.home))  # the rest of a built-in's argv, the MODELD_* tags
-        needed, limit = exec_size(argv, env) + margin, exec_limit()
-        if needed > limit:
-            field = "env" if exec_size([], config.env) > exec_size(argv, {}) else "command"
-            raise InvalidRequest(f"config.{field}: the server's arguments and environment would take {needed} bytes "
-                                 f"(with {len(argv) + len(env)} pointers); exec takes at most {limit} (ARG_MAX)")
-        if is_builtin(config):
-            path = config.model_uri if config.model_type == "pickle" else config.model_uri.rsplit(":", 1)[0]
-            if config.model_type == "pickle" or path.endswith(".py") or os.sep in path:
-                full = os.path.join(cwd, path) if cwd else path
-                if not os.path.exists(full) and not os.path.exists(full + ".py"):
-                    raise InvalidRequest(f"model file {full!r} does not exist")
-        # The port it asks for, or the one a replace keeps (its host may change).
-        port = config.port or (owner.svc.endpoint.port if owner is not None else 0)
-        if port and not config.bind_unix:
-            self._check_port_unclaimed(config.model_copy(update={"port": port}), owner)
-        if not is_builtin(config) and config.port and fresh:
-            try:
-                free = bind_listener(address.ip, config.port)
-            except DeployError as exc:
-                raise Conflict(str(exc)) from exc
-            free.close()
-
-    @staticmethod
-    def _endpoint(config: ServiceConfig, port: int) -> ServiceEndpoint:
-        return ServiceEndpoint(
-            host=config.host,
-            port=port,
-            health_path=config.health_path,
-            prediction_path=config.prediction_path,
-            model_name=config.model_name or "model",
-        )
-
-    def _target(self, m: ServiceRuntime, proc: ProcessHandle) -> ProbeTarget:
-        config = m.svc.config
-        if is_builtin(config) and proc.info.health_socket:
-            return ProbeTarget(config.health_path, unix=proc.info.health_socket)
-        return ProbeTarget(config.health_path, host=self._address(config.host).ip or config.host, port=m.svc.endpoint.port)
-
-    def _ensure_port(self, m: ServiceRuntime, config: ServiceConfig) -> None:
-        """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
-        port = m.svc.endpoint.port or config.port
-        if is_builtin(config) and config.bind_unix:
-            path = self.paths.model_socket(m.uuid)
-            if m.listener is None:
-                if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-                    raise InvalidRequest(f"bind_unix: the socket path {path} would be longer than {MAX_SOCKET_PATH} "
-                                         "bytes; set MODELD_HOME to a shorter path")
-                directory = self.paths.service_dir(m.uuid)
-                created = not directory.exists()
-                try:
-                    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    m.listener = bind_private_socket(path)
-                except (OSError, StorageError) as exc:
-                    if created:  # leave no folder behind for a service that was never created
-                        shutil.rmtree(directory, ignore_errors=True)
-                    if isinstance(exc, StorageError):
-                        raise DeployError(str(exc)) from exc
-                    raise StorageError(f"cannot create {directory}: {exc.strerror or exc}") from exc
-            m.svc.endpoint = self._endpoint(config, 0)
-            m.svc.endpoint.unix_socket = str(path)
-            return
-        address = self._address(config.host)
-        if not address.resolved and not (is_builtin(config) and m.listener is not None):
-            raise DeployError(f"cannot listen on {config.host}: {address.error}")
-        if is_builtin(config):
-            if m.listener is None:
-                if port:  # a kept port: another service may have claimed it on an address it now conflicts with
-                    self._check_port_free_for(m, config, port)
-                m.listener = bind_listener(address.ip, port) if port else bind_unclaimed(address.ip, self._claimed_ports(config.host, m))
-            port = int(m.listener.getsockname()[1])
-        elif port == 0:
-            with bind_unclaimed(address.ip, self._claimed_ports(config.host, m)) as sock:
-                port = int(sock.getsockname()[1])
-        else:
-            # A command server binds its port itself: if someone else holds it, its health
-            # probe would reach that stranger and report it as ours.
-            self._check_port_free_for(m, config, port)
-            bind_listener(address.ip, port).close()
-        m.svc.endpoint = self._endpoint(config, port)
-
-    def _check_port_free_for(self, m: ServiceRuntime, config: ServiceConfig, port: int) -> None:
-        try:
-            self._check_port_unclaimed(config.model_copy(update={"port": port}), m)
-        except Conflict as exc:
-            raise DeployError(str(exc)) from None
-
-    def _launch(
-        self, m: ServiceRuntime, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
-    ) -> ProcessHandle:
-        """Spawn one server process for ``config`` and record its pid; does not wait.
-
-        ``version`` is the service version the process runs; during a hand-over the pid
-        file also names the ``previous`` process, so that a daemon killed halfway keeps
-        the one that matches service.json and stops the other (see _settle_replace).
-        The server's environment names its home, its service and what the pid file will
-        say about it (with its launch's token), so a daemon killed before writing the pid
-        file finds it on restart (see _untracked). It is born in its launch's group (see
-        containment.py), with its stdout and stderr going to the log writer.
-        ``op`` names the operation, for its kill points.
-        """
-        self._ensure_port(m, config)
-        launch = secrets.token_hex(4)
-        info = LaunchInfo(version=str(version if version is not None else m.svc.version), launch=launch)
-        pass_fds: tuple[int, ...] = ()
-        if is_builtin(config):
-            assert m.listener is not None
-            info = dataclasses.replace(info, health_socket=str(self.paths.process_socket(m.uuid, launch, "h")),
-                                       fd_socket=str(self.paths.process_socket(m.uuid, launch, "f")))
-            argv = [
-                config.python or sys.executable,
-                SERVE_PY,
-                "--model-uri", config.model_uri,
-                "--model-type", config.model_type,
-                "--model-name", config.model_name or "model",
-                "--fd", str(m.listener.fileno()),
-                "--unix", str(info.health_socket),
-                "--fd-socket", str(info.fd_socket),
-            ]
-            pass_fds = (m.listener.fileno(),)
-        else:
-            argv = [_fill(arg, self._placeholders(m, config)) for arg in config.command]
-        env = {
-            **os.environ, **config.env, "PYTHONUNBUFFERED": "1",
-            "MODELD_HOME": str(self.paths.home), "MODELD_SERVICE_UUID": str(m.uuid), "MODELD_PROCESS": json.dumps(info.fields()),
-        }
-        self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
-        group = self.containment.create(str(m.uuid), launch)
-        log_path = self.paths.service_log(m.uuid)
-
-        def open_log(first_line: bytes) -> int:
-            return self.logs.open(str(m.uuid), log_path, config.log_max_bytes, config.log_backups, first_line)
-
-        proc = None
-        try:
-            if WARM_START and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
-                # Forked from a warm process that has imported uvicorn already (env that changes how
-                # an interpreter starts, PYTHONPATH and such, needs a cold one).
-                proc = self.fork_servers.spawn(argv[0], argv[2:], env=env, cwd=config.working_dir, open_log=open_log,
-                                               listen_fd=pass_fds[0], info=info, group=group, containment=self.containment)
-            if proc is None:
-                proc = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log, pass_fds=pass_fds, info=info,
-                             group=group, containment=self.containment)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                group.remove()
-            raise
-        killpoints.reached(f"{op}.after-spawn")
-        record = PidRecord(proc.ident, info)
-        if previous is not None:
-            record = record.with_previous(PidRecord(previous.ident, previous.info))
-        m.proc = proc  # first: if the pid file cannot be written (disk full), the caller's cleanup stops it
-        self.store.write_pid(m.uuid, record, step=f"{op}.pid")
-        killpoints.reached(f"{op}.after-pid")
-        m.svc.status.pid = proc.pid
-        m.svc.status.exit_code = None
-        m.svc.status.started_at = time.time()
-        log.info("started %s pid %d: %s", m.uuid, proc.pid, " ".join(argv[:2]))
-        return proc
-
-    def _placeholders(self, m: ServiceRuntime, config: ServiceConfig) -> dict[str, str]:
-        """What ``{port}`` and the other placeholders of ``command`` and ``stop_command`` stand for."""
-        # {host}: the address the port is claimed and probed on (a name as resolved, IPv4 first).
-        return {"{port}": str(m.svc.endpoint.port), "{host}": self._address(config.host).ip or config.host, "{model_uri}": config.model_uri,
-                "{uuid}": str(m.uuid), "{name}": config.name or config.model_name or "model"}
-
-    @staticmethod
-    def _unlink_sockets(proc: ProcessHandle) -> None:
-        for path in (proc.info.health_socket, proc.info.fd_socket):
-            if path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-
-    def _forget_process(self, m: ServiceRuntime, proc: ProcessHandle) -> None:
-        """Clean up after a process whose group is gone: its sockets, its cgroup, its pid file."""
-        self._unlink_sockets(proc)
-        if proc.group is not None:
-            with contextlib.suppress(OSError):
-                proc.group.remove()
-        if m.proc is proc:
-            m.proc = None
-            with contextlib.suppress(FileNotFoundError):
-                record = self.store.read_pid(m.uuid)
-                if record is None or record.ident == proc.ident:
-                    self.store.clear_pid(m.uuid)
-
-    def _save_pid(self, uuid: UUID | str, proc: ProcessHandle, step: str = "") -> None:
-        """Name a process in service.pid; if that cannot be written, the daemon's log says so (its tags
-        and its group still let the next daemon find it)."""
-        try:
-            self.store.write_pid(uuid, PidRecord(proc.ident, proc.info), step=step)
-        except StorageError as exc:
-            log.error("%s: %s", uuid, exc)
-
     async def _successor(self, m: ServiceRuntime, proc: ProcessHandle, deadline: float) -> ProcessHandle | None:
         """The server's process exited: if a process it started serves the service (it daemonized:
         forked, left its session, serves from a grandchild), that one is the server now.
@@ -922,7 +629,7 @@ class Manager:
                                  m.uuid, proc.pid, successor.pid)
                         if m.proc is proc:
                             m.proc = successor
-                        self._save_pid(m.uuid, successor, step="follow.pid")
+                        self.launcher.save_pid(m.uuid, successor, step="follow.pid")
                         m.svc.status.pid = successor.pid
                         return successor
             else:
@@ -947,7 +654,7 @@ class Manager:
         """
         started = time.monotonic()
         deadline = started + timeout
-        target = self._target(m, proc)
+        target = self.launcher.target(m, proc)
         delay = 0.005
         seen = "no answer yet"
         while True:
@@ -1003,11 +710,11 @@ class Manager:
             stale = m.proc
             log.warning("%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.info.version, svc.version)
             await stale.terminate(0, force=True)
-            self._forget_process(m, stale)
+            self.launcher.forget_process(m, stale)
         if m.proc is not None and m.proc.alive and svc.status.state in (ServiceState.ACTIVE, ServiceState.ERROR):
             # Alive: if it answers, there is nothing to start; if it does not (it hangs, or was
             # reported failing its health check), it is restarted, as a start is asked to.
-            healthy, seen = (False, "") if svc.status.state == ServiceState.ERROR else await probe(self._target(m, m.proc), timeout=1.0)
+            healthy, seen = (False, "") if svc.status.state == ServiceState.ERROR else await probe(self.launcher.target(m, m.proc), timeout=1.0)
             if healthy or healthy is None:  # (None: the daemon could not probe; no reason to restart it)
                 self._supervise(m)  # first: a write that fails must not leave it unsupervised
                 self.store.save(svc, step=f"{op}.json")
@@ -1016,7 +723,7 @@ class Manager:
                         f" ({seen})" if seen else "")
             hung = m.proc
             await self._terminate(m, hung, svc.config.stop_timeout)
-            self._forget_process(m, hung)
+            self.launcher.forget_process(m, hung)
         try:
             proc = m.proc if m.proc is not None and m.proc.alive else None
             svc.status.moved_to(ServiceState.PENDING_STARTUP, "")
@@ -1027,7 +734,7 @@ class Manager:
             self.store.save(svc, step=f"{op}.json")
             if proc is None:
                 killpoints.reached(f"{op}.after-json")
-                proc = self._launch(m, svc.config, op)
+                proc = self.launcher.launch(m, svc.config, op)
             proc = await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
         except StillStarting as exc:
             # The caller stopped waiting, the server may still load (startup_timeout is longer):
@@ -1071,7 +778,7 @@ class Manager:
                 await self._terminate(m, proc, min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()
-            self._forget_process(m, proc)
+            self.launcher.forget_process(m, proc)
             killpoints.reached("stop.after-exit")
         m.close_listener()
         svc.status.pid = None
@@ -1130,7 +837,7 @@ class Manager:
         m.replacing = old
         previous_version = svc.version
         try:
-            new = self._launch(m, config, "replace", version=svc.version + 1, previous=old)
+            new = self.launcher.launch(m, config, "replace", version=svc.version + 1, previous=old)
             await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
             svc.version += 1
             svc.status.moved_to(ServiceState.ACTIVE, "")
@@ -1142,7 +849,7 @@ class Manager:
                 await failed.terminate(0, force=True)
                 # Not _forget_process: that would unlink service.pid, which names the old server
                 # (as ``prev``) until the write below replaces it in one rename.
-                self._unlink_sockets(failed)
+                self.launcher.unlink_sockets(failed)
             svc.config = previous
             svc.version = previous_version
             m.proc = old
@@ -1165,7 +872,7 @@ class Manager:
         # caller gets the answer new connections reach only the new version.
         await old.terminate(previous.stop_timeout)
         m.replacing = None
-        self._forget_process(m, old)
+        self.launcher.forget_process(m, old)
         killpoints.reached("replace.after-old-stopped")
         self.store.write_pid(m.uuid, PidRecord(new.ident, new.info))  # the old one is gone: forget it here too
         m.failures = 0
@@ -1176,7 +883,7 @@ class Manager:
         previous, previous_version = svc.config, svc.version
         if old is not None:
             await self._terminate(m, old, previous.stop_timeout, config=previous)
-            self._forget_process(m, old)
+            self.launcher.forget_process(m, old)
             killpoints.reached("replace-restart.after-old-stopped")
         if is_builtin(previous) != is_builtin(config) or previous.host != config.host:
             m.close_listener()
@@ -1256,7 +963,7 @@ class Manager:
                     continue
             code = proc.exited.result() if proc.exited.done() and not proc.exited.cancelled() else None
             await self._end_launch(m, proc)
-            self._forget_process(m, proc)
+            self.launcher.forget_process(m, proc)
             svc.status.exit_code = code
             svc.status.pid = None
             if unhealthy is None and svc.config.stop_command:
@@ -1304,7 +1011,7 @@ class Manager:
                 self._save_if_possible(svc, step="supervise.unhealthy")
 
         key = (m.uuid, proc.pid)
-        self.prober.watch(key, self._target(m, proc), on_result)
+        self.prober.watch(key, self.launcher.target(m, proc), on_result)
         try:
             await asyncio.wait((proc.exited, hung), return_when=asyncio.FIRST_COMPLETED)  # (cancels neither)
         finally:
@@ -1352,7 +1059,7 @@ class Manager:
         """Start the service's server again under supervision (a restart); True if it was started."""
         svc = m.svc
         try:
-            self._launch(m, svc.config, "restart")
+            self.launcher.launch(m, svc.config, "restart")
         except ModeldError as exc:
             await self._abandon_launch(m)
             if _out_of_resources(exc):  # the daemon's own fds or memory ran out: try again, backing off
@@ -1373,7 +1080,7 @@ class Manager:
         if proc is None:
             return
         await proc.kill()
-        self._forget_process(m, proc)
+        self.launcher.forget_process(m, proc)
         m.svc.status.pid = None
 
     async def _terminate(
@@ -1390,7 +1097,7 @@ class Manager:
         """Run the service's ``stop_command`` (e.g. ``docker stop {name}``) with the service's env, for
         ``timeout`` seconds at most; True if it exited 0. Its output goes to the service's log. It is
         not part of the server's group (stopping the server must not stop it)."""
-        argv = [_fill(arg, self._placeholders(m, config)) for arg in config.stop_command]
+        argv = [fill(arg, self.launcher.placeholders(m, config)) for arg in config.stop_command]
         env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
         for key in ("MODELD_SERVICE_UUID", "MODELD_PROCESS"):
             env.pop(key, None)
@@ -1467,7 +1174,3 @@ def _kill_and_remove(group: Group, timeout: float = 10.0) -> None:
         group.remove()
 
 
-def _fill(arg: str, values: dict[str, str]) -> str:
-    for key, value in values.items():
-        arg = arg.replace(key, value)
-    return arg

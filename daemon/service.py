@@ -1,0 +1,65 @@
+"""What the daemon holds for one service while it lives (``ServiceRuntime``), and the small
+facts about services that the manager, the launcher and supervision share.
+
+Invariants: a runtime's ``svc`` is never replaced (it is edited, and its config and status
+objects are replaced or edited; see ``models.changes``); ``proc`` is the process that serves
+the service, or None; ``listener`` is the listening socket the daemon holds for a built-in
+server (kept across restarts, so the port is never given up), or None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from uuid import UUID
+
+from .models import BaseService, ServiceConfig
+from .process import ProcessHandle
+
+BUILTIN_TYPES = ("python", "pickle")  # model types run by the built-in server (runtime/serve.py)
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (its exit code is unknown: it was adopted from an earlier daemon)"
+    if code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+
+def is_builtin(config: ServiceConfig) -> bool:
+    return config.model_type in BUILTIN_TYPES
+
+
+
+class ServiceRuntime:
+    """A service and what the daemon holds for it while it lives."""
+
+    def __init__(self, svc: BaseService):
+        self.svc = svc
+        self.lock = asyncio.Lock()
+        self.proc: ProcessHandle | None = None
+        self.listener: socket.socket | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.failures = 0  # exits in a row without a healthy run long enough to count
+        # The config before the last replace: its secrets may be in the log (printed by the old
+        # version), so log excerpts mask them too.
+        self.previous_config: ServiceConfig | None = None
+        self.replacing: ProcessHandle | None = None  # the old version, while a hand-over is under way
+
+    @property
+    def uuid(self) -> UUID:
+        return self.svc.uuid
+
+    def close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+
+
+
+def fill(arg: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace(key, value)
+    return arg
