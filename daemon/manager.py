@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import operator
 import os
-import shlex
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -32,29 +30,27 @@ from uuid import UUID
 
 from . import killpoints
 from .containment import Containment, Group, choose as choose_containment, launch_of
-from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StillStarting, StorageError, with_log_excerpt
+from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StillStarting, StorageError
 from .health import (
     Batch, Prober, ProbeTarget, fetch_listener, fetch_listeners, probe, probe_all,
 )
 from .linux import (
-    ProcessIdentity, TaggedProcess, holds_socket, listening_inodes, listening_unix_inodes, signal_verified, tagged_processes,
+    ProcessIdentity, TaggedProcess, signal_verified, tagged_processes,
 )
-from .logs import LogWriterClient, marker, tail_text
-from .models import BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig, ServiceState, changes
+from .logs import LogWriterClient
+from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
-from .process import ProcessHandle, spawn
+from .process import ProcessHandle
 from .runtime._serve import forkserver
 from .launch import Launcher
-from .service import ServiceRuntime, describe_exit, fill, is_builtin
+from .supervise import Supervisor
+from .service import ServiceRuntime, is_builtin, serves, serving_member
 from .store import LaunchInfo, PidRecord, Problem, Store
 
 log = logging.getLogger("modeld.manager")
 
 HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # seconds between probes of a healthy server
-FAST_PROBING = 1.0  # seconds a starting server is probed every 5 ms before the probes back off
 STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
-SUPERVISION_RETRY = 0.1  # seconds before supervision goes on after an exception, doubling
-SUPERVISION_RETRY_MAX = 30.0
 
 
 _state_of = operator.attrgetter("svc.status.state")
@@ -77,6 +73,7 @@ class Manager:
         self.logs = LogWriterClient(paths)
         self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services)
         self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
+        self.supervisor = Supervisor(paths, self.store, self.logs, self.launcher, self.prober)
         # Re-adoption: all servers probed in one job.
         self._probe_batch = Batch(_probe_list)
         self._listeners_task: asyncio.Future[None] | None = None
@@ -194,13 +191,13 @@ class Manager:
         Nothing is written, so a delete works on a full disk too.
         """
         async with self._locked(uuid) as m:
-            await self._cancel_supervision(m)
+            await self.supervisor.cancel_supervision(m)
             trash = self.store.retire(uuid)
             killpoints.reached("delete.after-rename")
             m.svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
             for proc in (m.replacing, m.proc):
                 if proc is not None:
-                    await self._terminate(m, proc, min(timeout, m.svc.config.stop_timeout), force)
+                    await self.supervisor.terminate(m, proc, min(timeout, m.svc.config.stop_timeout), force)
                     self.launcher.unlink_sockets(proc)
             m.replacing = m.proc = None
             m.close_listener()
@@ -305,7 +302,7 @@ class Manager:
         if self._listeners_task is not None:
             self._listeners_task.cancel()
         for m in self.services.values():
-            await self._cancel_supervision(m)
+            await self.supervisor.cancel_supervision(m)
         if stop_services:
             await asyncio.gather(*(self._halt(m) for m in self.services.values()))
             await asyncio.to_thread(self.logs.stop)  # last, once every server has written its last line
@@ -329,12 +326,12 @@ class Manager:
             await m.replacing.terminate(svc.config.stop_timeout)
             self.launcher.unlink_sockets(m.replacing)
         if m.proc is not None and m.proc.alive:
-            await self._terminate(m, m.proc, svc.config.stop_timeout)
+            await self.supervisor.terminate(m, m.proc, svc.config.stop_timeout)
             self.launcher.forget_process(m, m.proc)
         svc.status.pid = None
         if svc.status.state != ServiceState.ERROR:
             svc.status.moved_to(ServiceState.INACTIVE)
-        self._save_if_possible(svc, step="halt")
+        self.supervisor.save_if_possible(svc, step="halt")
 
     async def _tagged(self) -> list[TaggedProcess]:
         """Every live process tagged as a server (or a server's child) of this home."""
@@ -445,7 +442,7 @@ class Manager:
             for p in candidates:
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
                     info = LaunchInfo.from_tag(p.info)
-                    if info.version == str(svc.version) and await asyncio.to_thread(self._serves, svc, p.ident.pid):
+                    if info.version == str(svc.version) and await asyncio.to_thread(serves, svc, p.ident.pid):
                         serving.append((p, info))
             if len(serving) == 1:
                 p, info = serving[0]
@@ -460,27 +457,6 @@ class Manager:
             except StorageError as exc:  # it is adopted all the same; its tags let the next daemon find it again
                 log.error("%s: %s", svc.uuid, exc)
         return keep
-
-    def _serves(self, svc: BaseService, pid: int) -> bool:
-        """Whether ``pid`` holds the service's listening socket: the serving process of its group (in a thread)."""
-        if svc.endpoint.unix_socket:
-            inodes = listening_unix_inodes(svc.endpoint.unix_socket)
-        else:
-            inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
-        return holds_socket(pid, inodes)
-
-    def _serving_member(self, svc: BaseService, group: Group) -> ProcessIdentity | None:
-        """The member of ``group`` that serves the service, if one does (in a thread)."""
-        if svc.endpoint.unix_socket:
-            inodes = listening_unix_inodes(svc.endpoint.unix_socket)
-        else:
-            inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
-        if not inodes:
-            return None
-        for ident in group.members():
-            if holds_socket(ident.pid, inodes):
-                return ident
-        return None
 
     async def _settle_replace(self, svc: BaseService, record: PidRecord) -> PidRecord:
         """A daemon died in the middle of a hand-over: keep the process whose version service.json
@@ -518,7 +494,7 @@ class Manager:
         service (a server that daemonized), that is the server now; else what is left of its
         launch is stopped, so that a new server finds its port free."""
         group = self._group_of(svc.uuid, record.info)
-        serving = None if is_builtin(svc.config) else await asyncio.to_thread(self._serving_member, svc, group)
+        serving = None if is_builtin(svc.config) else await asyncio.to_thread(serving_member, svc, group)
         if serving is not None:  # a member of the launch: started by the recorded server
             proc = ProcessHandle.adopt(serving, record.info, group)
             if proc is not None:
@@ -564,22 +540,22 @@ class Manager:
                 svc.status.pid = proc.pid
                 svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
                 log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
-                self._supervise(m)
+                self.supervisor.supervise(m)
                 if (svc.status.state, svc.status.pid) != recorded:  # (as recorded: no write, no fsync)
-                    self._save_if_possible(svc, step="restore.adopted")
+                    self.supervisor.save_if_possible(svc, step="restore.adopted")
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
                     self.launcher.launch(m, svc.config, "restore")
                 except ModeldError as exc:
-                    await self._abandon_launch(m)
+                    await self.supervisor.abandon_launch(m)
                     svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
                     svc.status.pid = None
-                    self._save_if_possible(svc, step="restore.failed")
+                    self.supervisor.save_if_possible(svc, step="restore.failed")
                     return
                 svc.status.moved_to(ServiceState.PENDING_STARTUP)
-                self._supervise(m)
-                self._save_if_possible(svc, step="restore.pending")
+                self.supervisor.supervise(m)
+                self.supervisor.save_if_possible(svc, step="restore.pending")
             else:
                 # An error (a crash loop, a failed start) stays until someone acts on it: a
                 # restart of the daemon is no reason to run a crash loop again.
@@ -608,100 +584,8 @@ class Manager:
                         config.pipeline_name, config.pipeline_step_name, config.model_name)
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
-    async def _successor(self, m: ServiceRuntime, proc: ProcessHandle, deadline: float) -> ProcessHandle | None:
-        """The server's process exited: if a process it started serves the service (it daemonized:
-        forked, left its session, serves from a grandchild), that one is the server now.
-
-        While the service starts, the members are watched until ``deadline`` for one that binds
-        the port; none serving (or none left) means the exit stands. Built-in servers never hand
-        their socket on.
-        """
-        if is_builtin(m.svc.config) or proc.group is None:
-            return None
-        delay = 0.01
-        while True:
-            if not await asyncio.to_thread(proc.group.empty):
-                serving = await asyncio.to_thread(self._serving_member, m.svc, proc.group)
-                if serving is not None:
-                    successor = ProcessHandle.adopt(serving, proc.info, proc.group)
-                    if successor is not None:
-                        log.info("%s: pid %d exited; pid %d, which it started, serves: following it",
-                                 m.uuid, proc.pid, successor.pid)
-                        if m.proc is proc:
-                            m.proc = successor
-                        self.launcher.save_pid(m.uuid, successor, step="follow.pid")
-                        m.svc.status.pid = successor.pid
-                        return successor
-            else:
-                return None
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.2)
-
-    async def _end_launch(self, m: ServiceRuntime, proc: ProcessHandle) -> None:
-        """After the server's process exited with no successor: stop the rest of its group (workers,
-        helpers), so that nothing of it is left and its port is free for a restart."""
-        if proc.group is not None and not await asyncio.to_thread(proc.group.empty):
-            log.info("%s: stopping what pid %d left running", m.uuid, proc.pid)
-            await proc.kill()
-
-    async def _wait_healthy(self, m: ServiceRuntime, proc: ProcessHandle, timeout: float) -> ProcessHandle:
-        """Probe every few ms (backing off) until healthy; DeployError if it exits or times out.
-
-        A server that daemonizes is followed to the process that serves (see _successor): the
-        process returned is the one that answered.
-        """
-        started = time.monotonic()
-        deadline = started + timeout
-        target = self.launcher.target(m, proc)
-        delay = 0.005
-        seen = "no answer yet"
-        while True:
-            if not proc.alive:
-                successor = await self._successor(m, proc, deadline)
-                if successor is not None:
-                    proc = successor
-                    continue
-                code = proc.exited.result() if not proc.exited.cancelled() else None
-                m.svc.status.exit_code = code
-                await self._end_launch(m, proc)
-                lines = await self._last_log_lines(m)
-                raise DeployError(with_log_excerpt(f"the server {describe_exit(code)} before it answered its health check", lines),
-                                  log_excerpt=lines or None)
-            healthy, seen = await probe(target, timeout=max(0.05, min(2.0, deadline - time.monotonic())))
-            if healthy:
-                return proc
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                lines = await self._last_log_lines(m)
-                raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(
-                    with_log_excerpt(f"the server did not become healthy within {timeout:g}s (last probe: {seen})", lines),
-                    log_excerpt=lines or None)
-            await proc.wait(min(delay, remaining))
-            if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
-                delay = min(delay * 1.5, 0.25)
-
-    def _save_if_possible(self, svc: BaseService, step: str = "") -> None:
-        """Record a state that the daemon acts on anyway; if the write fails (disk full), say so in the log and go on."""
-        try:
-            self.store.save(svc, step=step)
-        except StorageError as exc:
-            log.error("%s: %s", svc.uuid, exc)
-
-    async def _last_log_lines(self, m: ServiceRuntime) -> str:
-        """The server's last log lines, secrets masked, for an error (its ``log_excerpt``)."""
-        also = (m.previous_config,) if m.previous_config is not None else ()
-        path = self.paths.service_log(m.uuid)
-
-        def read() -> str:
-            self.logs.flush(str(m.uuid))  # what the server wrote before it went is in the file
-            return tail_text(path)
-
-        return m.svc.config.scrub(await asyncio.to_thread(read), *also)
-
     async def _start_locked(self, m: ServiceRuntime, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
-        await self._cancel_supervision(m)
+        await self.supervisor.cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.RUNNING
         svc.desired_reason = ""
@@ -716,13 +600,13 @@ class Manager:
             # reported failing its health check), it is restarted, as a start is asked to.
             healthy, seen = (False, "") if svc.status.state == ServiceState.ERROR else await probe(self.launcher.target(m, m.proc), timeout=1.0)
             if healthy or healthy is None:  # (None: the daemon could not probe; no reason to restart it)
-                self._supervise(m)  # first: a write that fails must not leave it unsupervised
+                self.supervisor.supervise(m)  # first: a write that fails must not leave it unsupervised
                 self.store.save(svc, step=f"{op}.json")
                 return
             log.warning("%s: its server (pid %d) is alive but unhealthy%s; restarting it", svc.uuid, m.proc.pid,
                         f" ({seen})" if seen else "")
             hung = m.proc
-            await self._terminate(m, hung, svc.config.stop_timeout)
+            await self.supervisor.terminate(m, hung, svc.config.stop_timeout)
             self.launcher.forget_process(m, hung)
         try:
             proc = m.proc if m.proc is not None and m.proc.alive else None
@@ -735,35 +619,35 @@ class Manager:
             if proc is None:
                 killpoints.reached(f"{op}.after-json")
                 proc = self.launcher.launch(m, svc.config, op)
-            proc = await self._wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
+            proc = await self.supervisor.wait_healthy(m, proc, min(timeout, svc.config.startup_timeout))
         except StillStarting as exc:
             # The caller stopped waiting, the server may still load (startup_timeout is longer):
             # leave it starting under supervision, as a loading vLLM or llama-server needs.
             svc.status.last_error = str(exc)
-            self._supervise(m)
-            self._save_if_possible(svc, step=f"{op}.still-starting")  # desired running and pid are on disk already
+            self.supervisor.supervise(m)
+            self.supervisor.save_if_possible(svc, step=f"{op}.still-starting")  # desired running and pid are on disk already
             raise DeployError(
                 f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
             ) from exc
         except ModeldError as exc:  # a write that failed (disk full), a bad socket path: the server is stopped too
-            await self._abandon_launch(m)
+            await self.supervisor.abandon_launch(m)
             m.close_listener()
             svc.desired_state = failing_state
             svc.status.moved_to(ServiceState.ERROR, str(exc))
-            self._save_if_possible(svc)
+            self.supervisor.save_if_possible(svc)
             raise type(exc)(f"service {svc.uuid}: {exc}", log_excerpt=exc.log_excerpt) from exc
         svc.status.moved_to(ServiceState.ACTIVE, "")
         # Best effort: service.json (desired running) and service.pid name the server already, so a
         # failed write here costs only a stale "pending" on disk, which supervision or the next
         # daemon corrects; failing the start would leave a healthy server that no record names.
-        self._save_if_possible(svc, step=f"{op}.active")
+        self.supervisor.save_if_possible(svc, step=f"{op}.active")
         killpoints.reached(f"{op}.after-healthy")
-        self._supervise(m)
+        self.supervisor.supervise(m)
 
     async def _stop_locked(self, m: ServiceRuntime, timeout: float, force: bool) -> None:
         """Stop the process: SIGTERM, then SIGKILL after the service's stop_timeout (or the call's timeout, if shorter)."""
-        await self._cancel_supervision(m)
+        await self.supervisor.cancel_supervision(m)
         svc = m.svc
         svc.desired_state = DesiredState.STOPPED
         svc.desired_reason = ""
@@ -773,9 +657,9 @@ class Manager:
                 svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
                 # Best effort: on a full disk the server is stopped all the same (supervision is
                 # cancelled already); the final write below says whether the stop is recorded.
-                self._save_if_possible(svc, step="stop.json")
+                self.supervisor.save_if_possible(svc, step="stop.json")
                 killpoints.reached("stop.after-json")
-                await self._terminate(m, proc, min(timeout, svc.config.stop_timeout), force)
+                await self.supervisor.terminate(m, proc, min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()
             self.launcher.forget_process(m, proc)
@@ -799,7 +683,7 @@ class Manager:
             raise Conflict(f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}")
         if config.bind_unix != svc.config.bind_unix:
             raise Conflict(f"service {svc.uuid} keeps its endpoint for life; bind_unix cannot change on replace (deploy a new service)")
-        await self._cancel_supervision(m)
+        await self.supervisor.cancel_supervision(m)
         previous = svc.config
         m.previous_config = previous
         try:
@@ -808,7 +692,7 @@ class Manager:
             if m.task is None and m.proc is not None and m.proc.alive:
                 if svc.config is not previous and m.proc.info.version == str(svc.version):
                     svc.config = previous  # the running process is still the previous version
-                self._supervise(m)
+                self.supervisor.supervise(m)
             raise
 
     async def _replace_unsupervised(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> None:
@@ -838,7 +722,7 @@ class Manager:
         previous_version = svc.version
         try:
             new = self.launcher.launch(m, config, "replace", version=svc.version + 1, previous=old)
-            await self._wait_healthy(m, new, min(timeout, config.startup_timeout))
+            await self.supervisor.wait_healthy(m, new, min(timeout, config.startup_timeout))
             svc.version += 1
             svc.status.moved_to(ServiceState.ACTIVE, "")
             self.store.save(svc, step="replace.commit")  # the commit point: a daemon restarted after it keeps the new version
@@ -861,8 +745,8 @@ class Manager:
                 # service.pid still names the old server as ``prev`` (or only it, if the new one was
                 # never recorded); a restarted daemon keeps it, as service.json has its version.
                 log.error("%s: %s", svc.uuid, pid_exc)
-            self._save_if_possible(svc, step="replace.failed")
-            self._supervise(m)
+            self.supervisor.save_if_possible(svc, step="replace.failed")
+            self.supervisor.supervise(m)
             what = "could not be recorded" if isinstance(exc, StorageError) else "failed"
             raise (StorageError if isinstance(exc, StorageError) else DeployError)(
                 f"service {svc.uuid}: the new version {what} and the previous version keeps serving: {exc}"
@@ -876,13 +760,13 @@ class Manager:
         killpoints.reached("replace.after-old-stopped")
         self.store.write_pid(m.uuid, PidRecord(new.ident, new.info))  # the old one is gone: forget it here too
         m.failures = 0
-        self._supervise(m)
+        self.supervisor.supervise(m)
 
     async def _replace_stop_start(self, m: ServiceRuntime, old: ProcessHandle | None, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
         previous, previous_version = svc.config, svc.version
         if old is not None:
-            await self._terminate(m, old, previous.stop_timeout, config=previous)
+            await self.supervisor.terminate(m, old, previous.stop_timeout, config=previous)
             self.launcher.forget_process(m, old)
             killpoints.reached("replace-restart.after-old-stopped")
         if is_builtin(previous) != is_builtin(config) or previous.host != config.host:
@@ -906,221 +790,6 @@ class Manager:
 
     # -------------------------------------------------------------- supervision
 
-    def _supervise(self, m: ServiceRuntime) -> None:
-        m.task = asyncio.get_running_loop().create_task(self._guarded_supervision(m), name=f"supervise-{m.uuid}")
-
-    async def _guarded_supervision(self, m: ServiceRuntime) -> None:
-        """Supervision that never dies: an exception (a full fd table, a bug) is logged and supervision
-        goes on after a backoff, so a service is never left unsupervised while its record says otherwise."""
-        delay = SUPERVISION_RETRY
-        while True:
-            try:
-                await self._supervision(m)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("supervision of %s failed; going on in %gs", m.uuid, delay)
-                m.svc.status.last_error = f"supervision failed (going on in {delay:g}s): {type(exc).__name__}: {exc}"
-                self._save_if_possible(m.svc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, SUPERVISION_RETRY_MAX)
-
-    async def _cancel_supervision(self, m: ServiceRuntime) -> None:
-        task, m.task = m.task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.wait({task})  # unlike `await task`, a cancellation of the caller still propagates
-
-    async def _supervision(self, m: ServiceRuntime) -> None:
-        svc = m.svc
-        while True:
-            proc = m.proc
-            if proc is None:
-                # Only after an exception between an exit and its restart (see _guarded_supervision):
-                # the service should still run, so the restart happens now.
-                if svc.desired_state != DesiredState.RUNNING or svc.status.state in (ServiceState.ERROR, ServiceState.INACTIVE):
-                    return
-                if not await self._relaunch(m, "supervision was interrupted"):
-                    return
-                continue
-            if svc.status.state != ServiceState.ACTIVE:
-                try:
-                    proc = await self._wait_healthy(m, proc, svc.config.startup_timeout)
-                except DeployError as exc:
-                    log.warning("%s did not come up: %s", svc.uuid, exc)
-                    svc.status.last_error = str(exc)
-                    proc = m.proc or proc  # (it may have been followed to a process it started)
-                    await proc.kill()
-                else:
-                    svc.status.moved_to(ServiceState.ACTIVE, "")
-                    self._save_if_possible(svc, step="supervise.active")
-            healthy_since = time.monotonic() if proc.alive else None
-            unhealthy = await self._watch(m, proc, healthy_since)
-            if unhealthy is None and not proc.alive:
-                successor = await self._successor(m, proc, time.monotonic())
-                if successor is not None:
-                    continue
-            code = proc.exited.result() if proc.exited.done() and not proc.exited.cancelled() else None
-            await self._end_launch(m, proc)
-            self.launcher.forget_process(m, proc)
-            svc.status.exit_code = code
-            svc.status.pid = None
-            if unhealthy is None and svc.config.stop_command:
-                await self._run_stop_command(m, svc.config, svc.config.stop_timeout)  # a dead `docker run` leaves its container
-            if not await self._restart_after_exit(m, code, unhealthy):
-                return
-
-    async def _watch(self, m: ServiceRuntime, proc: ProcessHandle, healthy_since: float | None) -> str | None:
-        """Wait for the process to exit, its health probed on the shared beat meanwhile (see Prober).
-
-        A server that was healthy and then fails ``restart.liveness_failures`` probes in a row is
-        hung (a llama-server after a CUDA OOM, a frozen process): unless ``restart.on_unhealthy`` is
-        off or ``restart.mode`` is ``never`` (then it is reported in error and left alone), it is
-        stopped here and the reason returned, for supervision to restart it. None: it exited.
-        """
-        svc = m.svc
-        hung: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        failed = 0
-        was_healthy = svc.status.state == ServiceState.ACTIVE
-
-        def on_result(healthy: bool | None, seen: str) -> None:  # on the loop, once a beat
-            nonlocal failed, was_healthy
-            if hung.done() or not proc.alive:
-                return
-            if healthy is None:  # the daemon could not probe (out of fds): says nothing of the server
-                log.warning("%s: cannot probe: %s", svc.uuid, seen)
-                return
-            policy = svc.config.restart
-            if healthy:
-                failed, was_healthy = 0, True
-                if svc.status.state != ServiceState.ACTIVE:
-                    svc.status.moved_to(ServiceState.ACTIVE, "")
-                    self._save_if_possible(svc, step="supervise.active")
-                if healthy_since is not None and time.monotonic() - healthy_since >= policy.healthy_reset:
-                    m.failures = 0
-                return
-            failed += 1
-            if failed < policy.liveness_failures:
-                return
-            if was_healthy and policy.on_unhealthy and policy.mode != "never":
-                hung.set_result(f"it failed {failed} health checks in a row (last: {seen})")
-            elif failed == policy.liveness_failures:
-                log.warning("%s is failing its health check: %s", svc.uuid, seen)
-                svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
-                self._save_if_possible(svc, step="supervise.unhealthy")
-
-        key = (m.uuid, proc.pid)
-        self.prober.watch(key, self.launcher.target(m, proc), on_result)
-        try:
-            await asyncio.wait((proc.exited, hung), return_when=asyncio.FIRST_COMPLETED)  # (cancels neither)
-        finally:
-            self.prober.unwatch(key)
-        if not hung.done():
-            hung.cancel()
-            return None
-        reason = hung.result()
-        log.warning("%s is hung: %s; restarting it", svc.uuid, reason)
-        svc.status.moved_to(ServiceState.PENDING_STARTUP, f"restarting: {reason}")
-        self._save_if_possible(svc, step="supervise.unhealthy")
-        await self._terminate(m, proc, svc.config.stop_timeout)
-        return reason
-
-    async def _restart_after_exit(self, m: ServiceRuntime, code: int | None, unhealthy: str | None = None) -> bool:
-        """Apply the restart policy after an exit (or a stop for hanging: ``unhealthy``); True if a new process was started."""
-        svc = m.svc
-        policy = svc.config.restart
-        what = f"was stopped: {unhealthy}" if unhealthy else describe_exit(code)
-        log.warning("%s: server %s", svc.uuid, what)
-        if svc.desired_state != DesiredState.RUNNING or policy.mode == "never" or (
-            policy.mode == "on-failure" and code == 0 and not unhealthy
-        ):
-            svc.status.moved_to(ServiceState.INACTIVE if code == 0 and not unhealthy else ServiceState.ERROR,
-                                with_log_excerpt(f"the server {what}", await self._last_log_lines(m)))
-            self._save_if_possible(svc, step="restart.exited")
-            return False
-        m.failures += 1
-        if m.failures > policy.max_restarts:
-            svc.status.moved_to(
-                ServiceState.ERROR,
-                with_log_excerpt(f"the server {what}; gave up after {policy.max_restarts} restarts in a row",
-                                 await self._last_log_lines(m)),
-            )
-            self._save_if_possible(svc, step="restart.gave-up")
-            m.close_listener()
-            return False
-        delay = backoff_delay(policy, m.failures)
-        svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
-        self._save_if_possible(svc, step="restart.pending")
-        await asyncio.sleep(delay)
-        return await self._relaunch(m, what)
-
-    async def _relaunch(self, m: ServiceRuntime, why: str) -> bool:
-        """Start the service's server again under supervision (a restart); True if it was started."""
-        svc = m.svc
-        try:
-            self.launcher.launch(m, svc.config, "restart")
-        except ModeldError as exc:
-            await self._abandon_launch(m)
-            if _out_of_resources(exc):  # the daemon's own fds or memory ran out: try again, backing off
-                svc.status.moved_to(ServiceState.PENDING_STARTUP)
-                raise
-            svc.status.moved_to(ServiceState.ERROR, f"could not be restarted ({why}): {exc}")
-            self._save_if_possible(svc, step="restart.failed")
-            return False
-        svc.status.restarts += 1
-        svc.status.moved_to(ServiceState.PENDING_STARTUP)
-        self._save_if_possible(svc, step="restart.restarted")
-        return True
-
-    async def _abandon_launch(self, m: ServiceRuntime) -> None:
-        """After a _launch that failed: stop the server it may have spawned (its pid file could not be
-        written, say), so that no server runs that no record names and no one supervises."""
-        proc = m.proc
-        if proc is None:
-            return
-        await proc.kill()
-        self.launcher.forget_process(m, proc)
-        m.svc.status.pid = None
-
-    async def _terminate(
-        self, m: ServiceRuntime, proc: ProcessHandle, timeout: float, force: bool = False, config: ServiceConfig | None = None
-    ) -> None:
-        """Stop a server and everything it started: its ``stop_command`` first (if any), then the
-        signals (SIGTERM, SIGCONT, ``timeout``, SIGKILL; ``force``: SIGKILL at once)."""
-        config = config or m.svc.config
-        if config.stop_command and proc.alive:
-            await self._run_stop_command(m, config, timeout)
-        await proc.terminate(timeout, force)
-
-    async def _run_stop_command(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> bool:
-        """Run the service's ``stop_command`` (e.g. ``docker stop {name}``) with the service's env, for
-        ``timeout`` seconds at most; True if it exited 0. Its output goes to the service's log. It is
-        not part of the server's group (stopping the server must not stop it)."""
-        argv = [fill(arg, self.launcher.placeholders(m, config)) for arg in config.stop_command]
-        env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
-        for key in ("MODELD_SERVICE_UUID", "MODELD_PROCESS"):
-            env.pop(key, None)
-        path = self.paths.service_log(m.uuid)
-
-        def open_log(first_line: bytes) -> int:
-            return self.logs.open(str(m.uuid), path, config.log_max_bytes, config.log_backups,
-                                  marker(f"stop command {shlex.join(argv)}"))
-
-        try:
-            helper = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log)
-        except DeployError as exc:
-            log.warning("%s: stop command: %s; the signals follow", m.uuid, exc)
-            return False
-        if not await helper.wait(timeout):
-            log.warning("%s: stop command %s did not finish within %gs; the signals follow", m.uuid, argv[0], timeout)
-            await helper.kill()
-            return False
-        code = helper.exited.result()
-        if code != 0:
-            log.warning("%s: stop command %s %s; the signals follow", m.uuid, argv[0], describe_exit(code))
-        return code == 0
-
     def describe(self) -> dict[str, Any]:
         return {
             "counts": self.counts(),
@@ -1135,25 +804,6 @@ def _probe_list(targets: list[ProbeTarget]) -> list[tuple[bool | None, str]]:
     """Probe every target at once (in a thread), 1 s at most; the results in the same order."""
     results = probe_all(dict(enumerate(targets)), 1.0)
     return [results[i] for i in range(len(targets))]
-
-
-def backoff_delay(policy: RestartPolicy, failures: int) -> float:
-    """Seconds before restart number ``failures`` in a row: the first exit after a healthy run
-    restarts at once (a one-off crash costs only a spawn); exits in a row back off from
-    ``backoff_initial``, doubling, up to ``backoff_max``. The exponent is capped, so no count of
-    restarts overflows (2.0 ** 64 times any float is still a float, or inf, which min() caps)."""
-    if failures <= 1:
-        return 0.0
-    return min(policy.backoff_initial * 2.0 ** min(failures - 2, 64), policy.backoff_max)
-
-
-def _out_of_resources(exc: BaseException) -> bool:
-    """An error caused by the daemon running out of fds or memory, not by the server."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
 
 
 def _log_failures(doing: str, results: list[object]) -> None:

@@ -13,6 +13,8 @@ import asyncio
 import socket
 from uuid import UUID
 
+from .containment import Group
+from .linux import ProcessIdentity, holds_socket, listening_inodes, listening_unix_inodes
 from .models import BaseService, ServiceConfig
 from .process import ProcessHandle
 
@@ -63,3 +65,25 @@ def fill(arg: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         arg = arg.replace(key, value)
     return arg
+
+
+def serves(svc: BaseService, pid: int) -> bool:
+    """Whether ``pid`` holds the service's listening socket: the serving process of its group (in a thread)."""
+    if svc.endpoint.unix_socket:
+        inodes = listening_unix_inodes(svc.endpoint.unix_socket)
+    else:
+        inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
+    return holds_socket(pid, inodes)
+
+def serving_member(svc: BaseService, group: Group) -> ProcessIdentity | None:
+    """The member of ``group`` that serves the service, if one does (in a thread)."""
+    if svc.endpoint.unix_socket:
+        inodes = listening_unix_inodes(svc.endpoint.unix_socket)
+    else:
+        inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
+    if not inodes:
+        return None
+    for ident in group.members():
+        if holds_socket(ident.pid, inodes):
+            return ident
+    return None

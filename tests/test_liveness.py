@@ -148,7 +148,7 @@ def test_supervision_survives_the_daemon_running_out_of_fds(client, home, tmp_pa
 
 
 def test_backoff_arithmetic_cannot_overflow():
-    from daemon.manager import backoff_delay
+    from daemon.supervise import backoff_delay
     from daemon.models import RestartPolicy
 
     policy = RestartPolicy(mode="always", max_restarts=100000, backoff_max=0)
