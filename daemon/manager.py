@@ -42,6 +42,7 @@ from .models import BaseService, DesiredState, LocalModelService, ServiceConfig,
 from .paths import Paths
 from .process import ProcessHandle
 from .runtime._serve import forkserver
+from .adopt import classify_untracked
 from .launch import Launcher
 from .supervise import Supervisor
 from .service import ServiceRuntime, is_builtin, serves, serving_member
@@ -367,40 +368,13 @@ class Manager:
         names go with that launch; those of services that are gone are stopped here, before any
         server starts (they may hold its port); what else no service keeps is stopped by _sweep.
         """
-        tracked: set[ProcessIdentity] = set()
-        launches: dict[str, set[str | None]] = {}
-        for uuid, record in records.items():
-            if record is None:
-                continue
-            for rec in (record, record.split_previous()[1]):
-                if rec is not None:
-                    tracked.add(rec.ident)
-                    launches.setdefault(str(uuid), set()).add(rec.info.launch)
-        by_pid = {p.ident.pid: p for p in tagged}
         known = {str(svc.uuid) for svc in services}
-        wanted: dict[str, list[TaggedProcess]] = {}
-        doomed: list[TaggedProcess] = []
-        for p in tagged:
-            if p.ident in tracked:
-                continue
-            if p.service_uuid not in known:
-                doomed.append(p)
-                continue
-            if launch_of(p.info) in launches.get(p.service_uuid, set()):
-                continue  # part of a launch a pid file names: adopted, followed or stopped with it
-            if not p.leads_group:
-                if p.pgid not in by_pid:
-                    doomed.append(p)  # a worker whose server is gone
-                continue  # else its group goes with its leader
-            parent = by_pid.get(p.ppid)
-            if parent is not None and parent.service_uuid == p.service_uuid:
-                continue  # a server's child in a session of its own: it goes with its server
-            wanted.setdefault(p.service_uuid, []).append(p)
+        found = classify_untracked(known, tagged, records)
         gone = [uuid for uuid in self.containment.services() if uuid not in known]
         _log_failures("stopping an untracked process", await asyncio.gather(
-            *(self._kill_untracked(p) for p in doomed),
+            *(self._kill_untracked(p) for p in found.doomed),
             *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True))
-        return wanted
+        return found.candidates
 
     async def _kill_untracked(self, p: TaggedProcess) -> None:
         """SIGKILL an untracked server's group (or one stray worker) and wait until it is gone.
