@@ -63,7 +63,8 @@ class Project:
     service: str = ""  # the ZenML service id the last pipeline run reported
     url: str = ""  # the prediction URL it reported
 
-    def run(self, *argv: str, timeout: float = 120) -> str:
+    # A bound, not a wait: ZenML's import and `zenml init` alone took 80 s on a loaded 2-core machine.
+    def run(self, *argv: str, timeout: float = 300) -> str:
         proc = subprocess.run(argv, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{' '.join(argv)} exited with {proc.returncode}:\n{out}"
