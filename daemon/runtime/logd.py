@@ -30,6 +30,8 @@ It exits by itself once it has had no pipe and no connection for ``IDLE_EXIT``
 seconds (a daemon keeps a connection open while it runs).
 """
 
+from __future__ import annotations
+
 import argparse
 import errno
 import json
@@ -41,19 +43,27 @@ import struct
 import sys
 import time
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, which this process otherwise never loads
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+    # A decoded request: a JSON object from a client, its values checked where they are used (str(), int()).
+    Request = dict[str, Any]
+
 CHUNK = 64 * 1024
 IDLE_EXIT = 2.0
 NAME = "modeld-logd"
 
 
-def _log(msg):
+def _log(msg: str) -> None:
     print(f"modeld-logd: {msg}", file=sys.stderr, flush=True)
 
 
 class Sink:
     """One service's log file."""
 
-    def __init__(self, path, max_bytes, backups):
+    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -61,17 +71,17 @@ class Sink:
         self.size = 0
         self.readers = 0
 
-    def open(self):
+    def open(self) -> None:
         if self.fd < 0:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.size = os.fstat(self.fd).st_size
 
-    def close(self):
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         try:
             self.open()
             self.size = os.fstat(self.fd).st_size  # (someone else may have appended: a test, a user)
@@ -88,7 +98,7 @@ class Sink:
                 _log(f"cannot write {self.path}: {exc}")
             self.close()
 
-    def rotate(self):
+    def rotate(self) -> None:
         self.close()
         for i in range(self.backups, 1, -1):
             try:
@@ -105,13 +115,13 @@ class Sink:
 class Reader:
     """The read end of one server's pipe; keeps a partial last line until its newline comes."""
 
-    def __init__(self, fd, key, sink):
+    def __init__(self, fd: int, key: str, sink: Sink) -> None:
         self.fd = fd
         self.key = key
         self.sink = sink
         self.partial = b""
 
-    def drain(self, limit):
+    def drain(self, limit: int) -> bool:
         """Read what is there (up to ``limit`` bytes); False once the writers are all gone."""
         done = 0
         while done < limit:
@@ -139,18 +149,18 @@ class Reader:
 
 
 class LogWriter:
-    def __init__(self, control):
+    def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.selector = selectors.DefaultSelector()
-        self.sinks = {}  # key -> Sink
-        self.readers = {}  # fd -> Reader
-        self.connections = set()
+        self.sinks: dict[str, Sink] = {}  # key -> Sink
+        self.readers: dict[int, Reader] = {}  # fd -> Reader
+        self.connections: set[socket.socket] = set()
         self.idle_since = time.monotonic()
         self.exiting = False
         control.setblocking(False)
         self.selector.register(control, selectors.EVENT_READ, ("accept", None))
 
-    def run(self):
+    def run(self) -> int:
         while True:
             events = self.selector.select(timeout=0.5)
             for key, _mask in events:
@@ -169,7 +179,7 @@ class LogWriter:
             elif time.monotonic() - self.idle_since > IDLE_EXIT:
                 return 0
 
-    def _accept(self):
+    def _accept(self) -> None:
         try:
             conn, _ = self.control.accept()
         except (BlockingIOError, InterruptedError):
@@ -182,7 +192,7 @@ class LogWriter:
         self.connections.add(conn)
         self.selector.register(conn, selectors.EVENT_READ, ("conn", conn))
 
-    def _request(self, conn):
+    def _request(self, conn: socket.socket) -> None:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
         except (BlockingIOError, InterruptedError):
@@ -198,7 +208,7 @@ class LogWriter:
             return
         try:
             reply = self._handle(json.loads(msg), fds)
-        except Exception as exc:  # a bad request is answered, never fatal
+        except Exception as exc:  # noqa: BLE001  (a bad request is answered, never fatal)
             for fd in fds:
                 os.close(fd)
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -211,7 +221,7 @@ class LogWriter:
         finally:
             conn.setblocking(False)
 
-    def _handle(self, req, fds):
+    def _handle(self, req: Request, fds: list[int]) -> dict[str, object]:
         op = req.get("op")
         if op == "attach":
             if len(fds) != 1:
@@ -241,7 +251,7 @@ class LogWriter:
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
 
-    def _sink(self, key, req):
+    def _sink(self, key: str, req: Request) -> Sink:
         sink = self.sinks.get(key)
         max_bytes, backups = int(req["max_bytes"]), int(req["backups"])
         if sink is None or (req.get("path") and sink.path != req["path"]):
@@ -251,7 +261,7 @@ class LogWriter:
         sink.max_bytes, sink.backups = max_bytes, backups
         return sink
 
-    def _drain(self, reader, limit):
+    def _drain(self, reader: Reader, limit: int) -> None:
         if reader.drain(limit):
             return
         self.selector.unregister(reader.fd)
@@ -261,7 +271,7 @@ class LogWriter:
         if reader.sink.readers == 0:
             reader.sink.close()  # reopened by the next attach: an idle service holds no fd here
 
-    def _drain_all(self):
+    def _drain_all(self) -> None:
         for reader in list(self.readers.values()):
             while reader.fd in self.readers:
                 before = len(reader.partial)
@@ -272,7 +282,7 @@ class LogWriter:
             sink.close()
 
 
-def _set_name(name):
+def _set_name(name: str) -> None:
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(name)
@@ -280,7 +290,7 @@ def _set_name(name):
         pass
 
 
-def _write_record(path):
+def _write_record(path: str) -> None:
     """pid, start time (clock ticks), boot id: as the daemon's own daemon.pid."""
     with open(f"/proc/{os.getpid()}/stat", "rb") as f:
         ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
@@ -296,7 +306,7 @@ def _write_record(path):
     os.replace(tmp, path)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="logd.py", description="modeld's log writer (started by the daemon)")
     p.add_argument("--socket", required=True, help="control socket path (SOCK_SEQPACKET)")
     p.add_argument("--record", required=True, help="where to write pid, start ticks and boot id")

@@ -14,8 +14,14 @@ Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 2 for bad arguments or
 sockets, 3 when the model cannot be loaded.
 """
 
+from __future__ import annotations
+
 import os
 import sys
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up (type checkers treat it as True)
+if TYPE_CHECKING:
+    from types import ModuleType
 
 # Running as a script puts this file's directory on sys.path[0]; the user's
 # code must instead resolve against the working directory the daemon gave us.
@@ -25,7 +31,7 @@ if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
 sys.path.insert(0, os.getcwd())
 
 
-def load():
+def load() -> ModuleType:
     """The server package, _serve/ beside this file, under the name ``_modeld_serve``.
 
     A script run by path is compiled on every start (~6 ms of a ~100 ms spawn);
@@ -39,6 +45,8 @@ def load():
     spec = spec_from_file_location(
         "_modeld_serve", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
     )
+    # Never None here: __init__.py has a source loader.
+    assert spec is not None and spec.loader is not None
     module = module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -21,7 +21,23 @@ server's formats without loading uvicorn's server and the app, and a cold server
 does not load the fork server.
 """
 
+from __future__ import annotations
+
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ below resolves, named for type checkers (imported on first use at run time)
+    from .app import App as App
+    from .cli import main as main
+    from .cli import parse_args as parse_args
+    from .forkserver import fork_server as fork_server
+    from .identity import EXIT_LOAD as EXIT_LOAD
+    from .identity import EXIT_USAGE as EXIT_USAGE
+    from .identity import FORK_SERVER_NAME as FORK_SERVER_NAME
+    from .identity import SERVER_NAME as SERVER_NAME
+    from .loading import load_model as load_model
+    from .server import FdHandoff as FdHandoff
+    from .server import Server as Server
 
 _EXPORTS = {
     "App": "app",
@@ -37,10 +53,10 @@ _EXPORTS = {
     "parse_args": "cli",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605  (a list all the same: sorted() returns one; the names above re-export for checkers)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -49,5 +65,5 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))

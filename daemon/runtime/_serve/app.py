@@ -9,32 +9,56 @@ says ``Connection: close`` so keep-alive clients reconnect to whichever process
 keeps serving (a hand-over).
 """
 
+from __future__ import annotations
+
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 from .identity import log
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import Any, Protocol
+
+    from .loading import Predict
+
+    # ASGI (https://asgi.readthedocs.io): a scope and a message are dicts whose values differ in type by key
+    # (str, bytes, int, lists of header pairs, server-specific extensions), hence Any.
+    Scope = dict[str, Any]
+    Message = dict[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+
+    class Respond(Protocol):
+        """The answer to one request: ``obj`` is JSON-encoded unless it is bytes already."""
+
+        def __call__(
+            self, status: int, obj: bytes | dict[str, object], close: bool = False, allow: str | None = None
+        ) -> Awaitable[None]: ...
 
 MAX_BODY = 64 * 1024 * 1024
 
 
-def _json_type(value):
+def _json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, (int, float)):
         return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    names: dict[type[object], str] = {str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
-def _json_default(obj):
-    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
+def _json_default(obj: object) -> object:
+    tolist: object = getattr(obj, "tolist", None)  # numpy arrays and scalars
     if callable(tolist):
         return tolist()
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def _error(exc):
+def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -43,17 +67,17 @@ class _Disconnected(Exception):
 
 
 class App:
-    def __init__(self, name, predict):
+    def __init__(self, name: str, predict: Predict) -> None:
         self.name = name
         self.predict = predict
         self.draining = False
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         started = False
 
-        async def respond(status, obj, close=False, allow=None):
+        async def respond(status: int, obj: bytes | dict[str, object], close: bool = False, allow: str | None = None) -> None:
             nonlocal started
             body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -71,17 +95,17 @@ class App:
             await self._route(scope, receive, respond)
         except _Disconnected:
             pass
-        except Exception as exc:  # a bug here must still give a JSON answer
+        except Exception as exc:  # noqa: BLE001  (a bug here must still give a JSON answer)
             import traceback
 
             traceback.print_exc()
             if not started:
                 await respond(500, {"error": f"internal server error: {_error(exc)}"})
 
-    async def _route(self, scope, receive, respond):
+    async def _route(self, scope: Scope, receive: Receive, respond: Respond) -> None:
         method, path = scope["method"], scope["path"]
 
-        def wrong_method(allowed):
+        def wrong_method(allowed: str) -> Awaitable[None]:
             return respond(405, {"error": f"method {method} not allowed for {path}; use {allowed}"}, allow=allowed)
 
         if path == "/health":
@@ -110,10 +134,10 @@ class App:
                 return await respond(200, {"name": self.name, "ready": True})
         return await respond(404, {"error": f"not found: {path}"})
 
-    async def _not_found(self, name, respond):
+    async def _not_found(self, name: str, respond: Respond) -> None:
         await respond(404, {"error": f"model '{name}' not found; this server serves '{self.name}'"})
 
-    async def _predict(self, scope, receive, respond):
+    async def _predict(self, scope: Scope, receive: Receive, respond: Respond) -> None:
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:
@@ -122,7 +146,8 @@ class App:
                     too_big = False
                 if too_big:
                     return await respond(413, {"error": f"request body larger than {MAX_BODY} bytes"}, close=True)
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -154,7 +179,7 @@ class App:
             result = await asyncio.to_thread(self.predict, instances)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  (whatever the model's code raises is a 500, and the server keeps serving)
             import traceback
 
             traceback.print_exc()
@@ -167,6 +192,6 @@ class App:
             elif isinstance(result, tuple):
                 result = list(result)
             body = json.dumps({"predictions": result}, default=_json_default, allow_nan=False).encode()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (tolist() is the model's code; any failure is a 500)
             return await respond(500, {"error": f"model output is not JSON-serialisable: {_error(exc)}"})
         await respond(200, body)

@@ -7,9 +7,12 @@ usage error even for a model that fails; the model's code runs before the
 Unix sockets exist, so nothing is left behind when it fails.
 """
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import os
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -18,8 +21,11 @@ from .identity import EXIT_LOAD, EXIT_USAGE, SERVER_NAME, log, set_title
 from .loading import load_model
 from .server import FdHandoff, Server, bind_unix, listening_socket, unlink_if_ours
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def parse_args(argv=None):
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description="modeld built-in model server (KServe V1)")
     p.add_argument("--model-uri", required=True, help="module:attr, path/file.py:attr, or a .pkl/.pickle/.joblib file")
     p.add_argument("--model-type", required=True, choices=["python", "pickle"])
@@ -41,7 +47,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     service = os.environ.get("MODELD_SERVICE_UUID", "")
     set_title(f"{SERVER_NAME} {args.model_name} {service[:8]}".strip())
@@ -56,7 +62,7 @@ def main(argv=None):
         predict = load_model(args.model_uri, args.model_type)
     except KeyboardInterrupt:
         return 130
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001  (whatever the model's code raises is reported, as EXIT_LOAD)
         import traceback
 
         traceback.print_exc()
@@ -65,7 +71,8 @@ def main(argv=None):
         return EXIT_LOAD
 
     sockets = [tcp]
-    unix_ino = handoff = None
+    unix_ino: int | None = None
+    handoff: FdHandoff | None = None
     try:
         if args.unix:
             unix = bind_unix(args.unix)
@@ -90,12 +97,12 @@ def main(argv=None):
         timeout_graceful_shutdown=5,
     )
 
-    def started():
+    def started() -> None:
         log(f"serving model '{args.model_name}' ({args.model_uri}) pid {os.getpid()}")
 
     server = Server(config, app, args.drain, on_started=started)
 
-    async def run():
+    async def run() -> None:
         if handoff is not None:
             handoff.start(asyncio.get_running_loop())
         try:

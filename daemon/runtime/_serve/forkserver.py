@@ -35,12 +35,41 @@ once. This module imports only the standard library at import time: the daemon
 imports it too.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from .identity import EXIT_USAGE, FORK_SERVER_NAME, log, set_comm
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Literal, TypedDict
+
+    StrPath = str | os.PathLike[str]
+
+    class SpawnRequest(TypedDict):
+        """daemon -> us: one server to fork (see the wire format above)."""
+
+        argv: list[str]
+        env: dict[str, str]
+        cwd: str
+        cgroup: str
+
+    class ReplyMessage(TypedDict, total=False):
+        """us -> daemon, as sent: {"ready": true}, {"pid": N, "ticks": T} or {"exit": N, "code": C}."""
+
+        ready: bool
+        pid: int
+        ticks: int
+        exit: int
+        code: int
+
+    # us -> daemon, parsed: ("ready", 0, 0), ("exit", pid, code) or ("spawned", pid, ticks)
+    Reply = tuple[Literal["ready", "exit", "spawned"], int, int]
 
 MAX_REQUEST = 1 << 20  # bytes of one request
 MAX_REPLY = 4096  # bytes of one message to the daemon
@@ -55,31 +84,34 @@ RECORD_TAGS = ("MODELD_HOME", "MODELD_SERVICE_UUID", "MODELD_PROCESS")
 # Wire format
 
 
-def send_request(sock, argv, env, cwd, cgroup, log_fd, listen_fd):
+def send_request(
+    sock: socket.socket, argv: list[str], env: Mapping[str, str], cwd: str, cgroup: str, log_fd: int, listen_fd: int
+) -> None:
     """The daemon asks for a server."""
     request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "cgroup": cgroup}).encode()
     socket.send_fds(sock, [request], [log_fd, listen_fd])
 
 
-def recv_request(sock):
+def recv_request(sock: socket.socket) -> tuple[SpawnRequest | None, list[int]]:
     """The fork server takes a request: (request, fds), or (None, []) once the daemon is gone."""
     msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
     if not msg:
         return None, fds
-    return json.loads(msg), fds
+    request: SpawnRequest = json.loads(msg)  # the daemon's send_request wrote it
+    return request, fds
 
 
-def encode_spawned(pid, ticks):
+def encode_spawned(pid: int, ticks: int) -> bytes:
     return json.dumps({"pid": pid, "ticks": ticks}).encode()
 
 
-def encode_exit(pid, code):
+def encode_exit(pid: int, code: int) -> bytes:
     return json.dumps({"exit": pid, "code": code}).encode()
 
 
-def parse_reply(msg):
+def parse_reply(msg: bytes) -> Reply | None:
     """A message to the daemon: ("ready", 0, 0), ("exit", pid, code), ("spawned", pid, ticks), or None if unknown."""
-    message = json.loads(msg)
+    message: ReplyMessage = json.loads(msg)
     if message.get("ready"):
         return "ready", 0, 0
     if "exit" in message:
@@ -93,12 +125,12 @@ def parse_reply(msg):
 # Record format
 
 
-def record_path(run, pid):
+def record_path(run: StrPath, pid: int) -> str:
     """``run/forked-<pid>``: the record of the server ``pid`` a fork server forked."""
     return os.path.join(run, f"{RECORD_PREFIX}{pid}")
 
 
-def write_record(env, pid, ticks):
+def write_record(env: Mapping[str, str], pid: int, ticks: int) -> str | None:
     """Say who a forked server is, in ``$MODELD_HOME/run/forked-<pid>``, before the daemon hears of it."""
     home = env.get("MODELD_HOME")
     if not home:
@@ -117,7 +149,7 @@ def write_record(env, pid, ticks):
     return path
 
 
-def remove_record(path):
+def remove_record(path: str | None) -> None:
     if path:
         try:
             os.unlink(path)
@@ -125,16 +157,16 @@ def remove_record(path):
             pass
 
 
-def read_record(path):
+def read_record(path: StrPath) -> tuple[int, list[bytes]]:
     """(start ticks, the environ entries ``b"KEY=value"``) of a record; OSError or ValueError if unreadable."""
     with open(path, "rb") as f:
         ticks, _, tags = f.read().partition(b"\n")
     return int(ticks), tags.split(b"\0")
 
 
-def read_records(run):
+def read_records(run: StrPath) -> dict[int, tuple[int, list[bytes]]]:
     """Every record in the folder ``run``: {pid: (start ticks, environ entries)}, unreadable ones left out."""
-    records = {}
+    records: dict[int, tuple[int, list[bytes]]] = {}
     try:
         names = os.listdir(run)
     except OSError:
@@ -153,7 +185,7 @@ def read_records(run):
 # The fork server
 
 
-def fork_server(control_fd):
+def fork_server(control_fd: int) -> int:
     """Serve spawn requests from the daemon on ``control_fd``, forking a server for each (see the module docstring)."""
     import gc
     import signal
@@ -161,10 +193,10 @@ def fork_server(control_fd):
     from .cli import main  # noqa: F401  (the whole runtime and uvicorn, imported once here for every child)
 
     ctl = socket.socket(fileno=control_fd)
-    children = set()
-    records = {}  # pid -> its record file
+    children: set[int] = set()
+    records: dict[int, str | None] = {}  # pid -> its record file
 
-    def reap(*_):
+    def reap(*_: object) -> None:
         for pid in list(children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -206,7 +238,7 @@ def fork_server(control_fd):
                     code = _forked(ctl, request, fds)
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
-                except BaseException:
+                except BaseException:  # noqa: BLE001  (the child's error is printed to its log; it exits with 1)
                     import traceback
 
                     traceback.print_exc()
@@ -227,7 +259,7 @@ def fork_server(control_fd):
         reap()
 
 
-def _start_ticks(pid):
+def _start_ticks(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return int(f.read().rsplit(b")", 1)[1].split()[19])
@@ -235,7 +267,7 @@ def _start_ticks(pid):
         return -1
 
 
-def _forked(ctl, request, fds):
+def _forked(ctl: socket.socket, request: SpawnRequest, fds: list[int]) -> int:
     """In the child: become what a cold spawn would have been, then run the server."""
     import signal
 

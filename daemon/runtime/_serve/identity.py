@@ -7,6 +7,8 @@ Exit codes: 0 after a graceful stop, ``EXIT_USAGE`` for bad arguments or
 sockets, ``EXIT_LOAD`` when the model cannot be loaded (see ``serve.py``).
 """
 
+from __future__ import annotations
+
 import sys
 
 FORK_SERVER_NAME = "modeld-fork"  # the fork server's process name (comm), so it is told from the servers it forks
@@ -16,11 +18,11 @@ EXIT_USAGE = 2
 EXIT_LOAD = 3
 
 
-def log(msg):
+def log(msg: str) -> None:
     print(f"modeld: {msg}", file=sys.stderr, flush=True)
 
 
-def set_comm(name):
+def set_comm(name: str) -> None:
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(name[:15])
@@ -28,7 +30,7 @@ def set_comm(name):
         pass
 
 
-def set_title(title):
+def set_title(title: str) -> None:
     """Name this process in ps: ``comm`` (what ``ps -o comm``, top and pgrep show) and the command line.
 
     The command line is rewritten in place, in the memory the kernel shows as

@@ -7,13 +7,25 @@ one, else the object itself, called once per request with the list of instances.
 This runs the model's own code, after the server's sockets are set up.
 """
 
+from __future__ import annotations
+
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any
+
+    # The model's predict: called with the request's "instances" (a list of decoded JSON values, each
+    # whatever the client sent) and returning whatever the model returns (made JSON by the app).
+    Predict = Callable[[list[Any]], Any]
 
 DEFAULT_ATTR = "model"
 
 
-def _import_file(path):
+def _import_file(path: str) -> ModuleType:
     import importlib.util
 
     if not os.path.isfile(path) and os.path.isfile(path + ".py"):
@@ -41,7 +53,7 @@ def _import_file(path):
     return module
 
 
-def _load_python(uri):
+def _load_python(uri: str) -> object:
     target, sep, attr = uri.rpartition(":")
     if not sep:
         target, attr = uri, DEFAULT_ATTR
@@ -55,7 +67,7 @@ def _load_python(uri):
         import importlib
 
         module = importlib.import_module(target)
-    obj = module
+    obj: object = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -65,12 +77,12 @@ def _load_python(uri):
     return obj
 
 
-def _load_pickle(uri):
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+def _load_pickle(uri: str) -> object:
+    path = uri.removeprefix("file://")
     path = os.path.abspath(path)
     if path.endswith(".joblib"):
         try:
-            import joblib
+            import joblib  # type: ignore[import-not-found]  # optional (.joblib models only), not installed to type-check
         except ImportError as exc:
             raise ModuleNotFoundError(
                 f"loading .joblib models needs the 'joblib' package, which is not installed for {sys.executable}"
@@ -82,12 +94,12 @@ def _load_pickle(uri):
         return pickle.load(f)
 
 
-def load_model(uri, model_type):
+def load_model(uri: str, model_type: str) -> Predict:
     """Return a callable taking the list of instances and returning predictions."""
     obj = _load_python(uri) if model_type == "python" else _load_pickle(uri)
     if isinstance(obj, type):
         obj = obj()
-    predict = getattr(obj, "predict", None)
+    predict: object = getattr(obj, "predict", None)
     if callable(predict):
         return predict
     if callable(obj):

@@ -12,13 +12,22 @@ socket (SCM_RIGHTS), so a restarted daemon can take it back from a live server.
 bounds uvicorn to the versions this was tested with.
 """
 
+from __future__ import annotations
+
 import asyncio
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from .identity import log
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+
+    from .app import App
 
 
 class Server(uvicorn.Server):
@@ -39,42 +48,50 @@ class Server(uvicorn.Server):
     QUIET = 0.02  # seconds with no open connection that end a drain early
     POLL = 0.005
 
-    def __init__(self, config, app, drain, on_drain=None, on_started=None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: App,
+        drain: float,
+        on_drain: Callable[[], None] | None = None,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self.app = app
         self.drain = drain
         self.on_drain = on_drain
         self.on_started = on_started
-        self.loop = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by serve()
         self.draining = False
-        self._wake = None
+        self._wake: asyncio.Event | None = None
         self._drain_deadline = 0.0
-        self._quiet_since = None
+        self._quiet_since: float | None = None
 
-    async def serve(self, sockets=None):
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         await super().serve(sockets=sockets)
 
-    async def startup(self, sockets=None):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started and self.on_started is not None:
             self.on_started()
 
-    async def main_loop(self):
+    async def main_loop(self) -> None:
         # uvicorn's loop, but woken at once when it should exit instead of at its next tick, and
         # ticking once a second instead of ten times: the exit has its own wake-up, and what
         # uvicorn does on a tick (the Date header) it does every tenth one. An idle server then
         # costs the machine one wake-up a second (a thousand of them: a thousand, not ten thousand).
+        assert self._wake is not None  # set by serve(), which runs this
         counter = 0
         while not await self.on_tick(counter):
             counter = (counter + 10) % 864000
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
-    async def shutdown(self, sockets=None):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's shutdown without its fixed 0.1 s sleep and 0.1 s polls.
         for server in self.servers:
             server.close()
@@ -82,7 +99,10 @@ class Server(uvicorn.Server):
             sock.close()
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        deadline = self.loop.time() + self.config.timeout_graceful_shutdown
+        assert self.loop is not None  # set by serve(), which runs this
+        timeout = self.config.timeout_graceful_shutdown
+        assert timeout is not None  # cli.main sets it (None, uvicorn's 'wait for ever', is not supported here)
+        deadline = self.loop.time() + timeout
         state = self.server_state
         while (state.connections or state.tasks) and not self.force_exit and self.loop.time() < deadline:
             await asyncio.sleep(self.POLL)
@@ -91,12 +111,12 @@ class Server(uvicorn.Server):
         if not self.force_exit:
             await self.lifespan.shutdown()
 
-    def _exit_now(self):
+    def _exit_now(self) -> None:
         self.should_exit = True
         if self._wake is not None:
             self._wake.set()
 
-    def handle_exit(self, sig, frame):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Never appended to self._captured_signals: nothing is re-raised later.
         if self.draining or self.should_exit:
             self.should_exit = True
@@ -110,7 +130,8 @@ class Server(uvicorn.Server):
             return
         self.loop.call_soon_threadsafe(self._start_drain)
 
-    def _start_drain(self):
+    def _start_drain(self) -> None:
+        assert self.loop is not None  # called by the loop
         self.app.draining = True
         servers = list(getattr(self, "servers", ()))
         # Stop accepting now, but close the listening sockets one loop iteration
@@ -128,11 +149,12 @@ class Server(uvicorn.Server):
         self._drain_deadline = self.loop.time() + self.drain
         self.loop.call_later(self.POLL, self._check_drain)
 
-    def _close_servers(self, servers):
+    def _close_servers(self, servers: list[asyncio.Server]) -> None:
         for server in servers:
             server.close()
 
-    def _check_drain(self):
+    def _check_drain(self) -> None:
+        assert self.loop is not None  # called by the loop
         # An accepted connection reaches server_state.connections a few loop iterations
         # after its accept; QUIET (many iterations) covers that gap.
         now = self.loop.time()
@@ -149,19 +171,19 @@ class Server(uvicorn.Server):
 class FdHandoff:
     """Unix socket that hands our TCP listening fd to a same-uid peer (SCM_RIGHTS)."""
 
-    def __init__(self, path, tcp_sock):
+    def __init__(self, path: str, tcp_sock: socket.socket) -> None:
         self.path = path
         self.tcp_sock = tcp_sock
         self.sock = bind_unix(path)
         self.sock.setblocking(False)
         self.ino = os.stat(path).st_ino
-        self.loop = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, loop):
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         loop.add_reader(self.sock.fileno(), self._on_accept)
 
-    def _on_accept(self):
+    def _on_accept(self) -> None:
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -186,14 +208,14 @@ class FdHandoff:
             except OSError as exc:
                 log(f"fd handoff failed: {exc}")
 
-    def close(self):
+    def close(self) -> None:
         if self.loop is not None and self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         unlink_if_ours(self.path, self.ino)
 
 
-def bind_unix(path):
+def bind_unix(path: str) -> socket.socket:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -211,7 +233,7 @@ def bind_unix(path):
     return sock
 
 
-def unlink_if_ours(path, ino):
+def unlink_if_ours(path: str, ino: int) -> None:
     # A newer process may have re-created the path already; leave that alone.
     try:
         if os.stat(path).st_ino == ino:
@@ -220,7 +242,7 @@ def unlink_if_ours(path, ino):
         pass
 
 
-def listening_socket(fd, host, port):
+def listening_socket(fd: int | None, host: str | None, port: int | None) -> socket.socket:
     """The TCP listening socket: the inherited ``fd`` (listening, or made so), else ``host``:``port`` bound here."""
     if fd is not None:
         sock = socket.socket(fileno=fd)
