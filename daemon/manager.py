@@ -111,7 +111,7 @@ class Manager:
                 target = self._replace_target(config, replace, uuid)
                 self.launcher.precheck(config, fresh=target is None, owner=target)
                 if target is None:
-                    svc = LocalModelService(config=config, **({"uuid": uuid} if uuid else {}))
+                    svc = LocalModelService(config=config) if uuid is None else LocalModelService(config=config, uuid=uuid)
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
                     svc.endpoint = self.launcher.endpoint(config, config.port)
                     target = ServiceRuntime(svc)
@@ -393,7 +393,12 @@ class Manager:
             log.warning("killed pid %d of service %s: no pid file names it", p.ident.pid, p.service_uuid)
             loop = asyncio.get_running_loop()
             gone = loop.create_future()
-            loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+
+            def on_exit() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            loop.add_reader(fd, on_exit)
             try:
                 await asyncio.wait_for(gone, 10)
             except TimeoutError:

@@ -79,9 +79,9 @@ class Paths:
         """The Unix socket a ``bind_unix`` service serves on (inside its private folder)."""
         return self.service_dir(uuid) / "model.sock"
 
-    def process_socket(self, uuid: UUID | str, generation: int, kind: str) -> Path:
-        """Private socket of one server process: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""
-        return self.run / f"{str(uuid)[:13]}-{generation}.{kind}"
+    def process_socket(self, uuid: UUID | str, launch: str, kind: str) -> Path:
+        """Private socket of one launch's server: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""
+        return self.run / f"{str(uuid)[:13]}-{launch}.{kind}"
 
     def ensure(self) -> None:
         """Create the home and its folders, private to this user."""
