@@ -29,28 +29,38 @@ from typing import Any
 from uuid import UUID
 
 from . import killpoints
-from .containment import Containment, Group, choose as choose_containment, launch_of
+from .adopt import classify_untracked
+from .containment import Containment, Group, launch_of
+from .containment import choose as choose_containment
 from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StillStarting, StorageError
 from .health import (
-    Batch, Prober, ProbeTarget, fetch_listener, fetch_listeners, probe, probe_all,
+    Batch,
+    Prober,
+    ProbeTarget,
+    fetch_listener,
+    fetch_listeners,
+    probe,
+    probe_all,
 )
+from .launch import Launcher
 from .linux import (
-    ProcessIdentity, TaggedProcess, signal_verified, tagged_processes,
+    ProcessIdentity,
+    TaggedProcess,
+    signal_verified,
+    tagged_processes,
 )
 from .logs import LogWriterClient
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
 from .process import ProcessHandle
 from .runtime._serve import forkserver
-from .adopt import classify_untracked
-from .launch import Launcher
-from .supervise import Supervisor
 from .service import ServiceRuntime, is_builtin, serves, serving_member
 from .store import LaunchInfo, PidRecord, Problem, Store
+from .supervise import Supervisor
 
 log = logging.getLogger("modeld.manager")
 
-HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", 5.0))  # seconds between probes of a healthy server
+HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", "5"))  # seconds between probes of a healthy server
 STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
 
 
