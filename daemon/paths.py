@@ -54,14 +54,37 @@ class Paths:
         sock = socket or (os.environ.get("MODELD_SOCKET") if not home else None)
         self.socket = canonical_socket(sock) if sock else self.home / "modeld.sock"
 
-    daemon_lock = property(lambda self: self.home / "daemon.lock")
-    daemon_pid = property(lambda self: self.home / "daemon.pid")
-    daemon_log = property(lambda self: self.home / "daemon.log")
-    autostart_lock = property(lambda self: self.home / "autostart.lock")
-    flavors = property(lambda self: self.home / "flavors.json")
-    deployers = property(lambda self: self.home / "deployers.json")
-    services = property(lambda self: self.home / "services")
-    run = property(lambda self: self.home / "run")
+    @property
+    def daemon_lock(self) -> Path:
+        return self.home / "daemon.lock"
+
+    @property
+    def daemon_pid(self) -> Path:
+        return self.home / "daemon.pid"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.home / "daemon.log"
+
+    @property
+    def autostart_lock(self) -> Path:
+        return self.home / "autostart.lock"
+
+    @property
+    def flavors(self) -> Path:
+        return self.home / "flavors.json"
+
+    @property
+    def deployers(self) -> Path:
+        return self.home / "deployers.json"
+
+    @property
+    def services(self) -> Path:
+        return self.home / "services"
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
 
     def service_dir(self, uuid: UUID | str) -> Path:
         return self.services / str(uuid)
@@ -79,9 +102,9 @@ class Paths:
         """The Unix socket a ``bind_unix`` service serves on (inside its private folder)."""
         return self.service_dir(uuid) / "model.sock"
 
-    def process_socket(self, uuid: UUID | str, generation: int, kind: str) -> Path:
-        """Private socket of one server process: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""
-        return self.run / f"{str(uuid)[:13]}-{generation}.{kind}"
+    def process_socket(self, uuid: UUID | str, launch: str, kind: str) -> Path:
+        """Private socket of one server process (``launch``: its launch id): ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""
+        return self.run / f"{str(uuid)[:13]}-{launch}.{kind}"
 
     def ensure(self) -> None:
         """Create the home and its folders, private to this user."""
