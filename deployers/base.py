@@ -20,10 +20,9 @@ A flavor ties three things together, each imported only when needed:
 
 from __future__ import annotations
 
-import builtins
 import enum
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
@@ -82,12 +81,12 @@ class Flavor(ABC):
 
     @property
     @abstractmethod
-    def config_class(self) -> builtins.type[StackComponentConfig]:
+    def config_class(self) -> Type[StackComponentConfig]:
         """The pydantic class that validates a component's settings."""
 
     @property
     @abstractmethod
-    def implementation_class(self) -> builtins.type[StackComponent]:
+    def implementation_class(self) -> Type[StackComponent]:
         """The class that does the work; import its module here, not at the top."""
 
 
@@ -106,7 +105,7 @@ class BaseModelDeployer(StackComponent, ABC):
 
     TYPE: ClassVar[StackComponentType] = StackComponentType.MODEL_DEPLOYER
     # Subclasses name their flavor (ZenML's guide asks for it).
-    FLAVOR: ClassVar[type[BaseModelDeployerFlavor]]
+    FLAVOR: ClassVar[Type[BaseModelDeployerFlavor]]
 
     config: BaseModelDeployerConfig
 
@@ -124,7 +123,7 @@ class BaseModelDeployer(StackComponent, ABC):
     @abstractmethod
     def get_model_server_info(
         service: BaseService,
-    ) -> dict[str, str | None]:
+    ) -> Dict[str, Optional[str]]:
         """Give implementation-specific way to extract relevant model server
         properties for the user."""
 
@@ -132,14 +131,14 @@ class BaseModelDeployer(StackComponent, ABC):
     def find_model_server(
         self,
         running: bool = False,
-        service_uuid: UUID | None = None,
-        pipeline_name: str | None = None,
-        pipeline_run_id: str | None = None,
-        pipeline_step_name: str | None = None,
-        model_name: str | None = None,
-        model_uri: str | None = None,
-        model_type: str | None = None,
-    ) -> list[BaseService]:
+        service_uuid: Optional[UUID] = None,
+        pipeline_name: Optional[str] = None,
+        pipeline_run_id: Optional[str] = None,
+        pipeline_step_name: Optional[str] = None,
+        model_name: Optional[str] = None,
+        model_uri: Optional[str] = None,
+        model_type: Optional[str] = None,
+    ) -> List[BaseService]:
         """Find the model servers that match all the given criteria
         (``None`` matches anything; ``running`` keeps only active ones)."""
 
@@ -183,10 +182,10 @@ class BaseModelDeployerFlavor(Flavor):
         return StackComponentType.MODEL_DEPLOYER
 
     @property
-    def config_class(self) -> builtins.type[BaseModelDeployerConfig]:
+    def config_class(self) -> Type[BaseModelDeployerConfig]:
         return BaseModelDeployerConfig
 
     @property
     @abstractmethod
-    def implementation_class(self) -> builtins.type[BaseModelDeployer]:
+    def implementation_class(self) -> Type[BaseModelDeployer]:
         """The class that implements the model deployer."""

@@ -9,7 +9,7 @@ so building a deployer (e.g. to show its config) never touches the socket.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from daemon.models import BaseService, ServiceConfig
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class LocalDaemonModelDeployer(BaseModelDeployer):
     """Deploys model servers as processes supervised by the local modeld daemon."""
 
-    FLAVOR: ClassVar[type[LocalDaemonModelDeployerFlavor]] = LocalDaemonModelDeployerFlavor
+    FLAVOR: ClassVar[Type[LocalDaemonModelDeployerFlavor]] = LocalDaemonModelDeployerFlavor
 
     config: LocalDaemonModelDeployerConfig
 
@@ -61,7 +61,7 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
     @staticmethod
     def get_model_server_info(
         service: BaseService,
-    ) -> dict[str, str | None]:
+    ) -> Dict[str, Optional[str]]:
         # URLs are only meaningful once the daemon has given the server a port (or its Unix socket).
         port = service.endpoint.port
         bound = port or service.endpoint.unix_socket
@@ -82,14 +82,14 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
     def find_model_server(
         self,
         running: bool = False,
-        service_uuid: UUID | None = None,
-        pipeline_name: str | None = None,
-        pipeline_run_id: str | None = None,
-        pipeline_step_name: str | None = None,
-        model_name: str | None = None,
-        model_uri: str | None = None,
-        model_type: str | None = None,
-    ) -> list[BaseService]:
+        service_uuid: Optional[UUID] = None,
+        pipeline_name: Optional[str] = None,
+        pipeline_run_id: Optional[str] = None,
+        pipeline_step_name: Optional[str] = None,
+        model_name: Optional[str] = None,
+        model_uri: Optional[str] = None,
+        model_type: Optional[str] = None,
+    ) -> List[BaseService]:
         return self.client.find(
             running=running,
             service_uuid=service_uuid,
