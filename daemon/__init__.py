@@ -14,19 +14,50 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .client import DaemonClient, VersionMismatchWarning
+    # "X as X": an explicit re-export (mypy --strict re-exports no plain import; see __all__).
+    from .client import (
+        DaemonClient as DaemonClient,
+        VersionMismatchWarning as VersionMismatchWarning,
+    )
     from .exceptions import (
-        Conflict, DaemonAlreadyRunning, DaemonError, DaemonNotRunning, DaemonStartError, DeployError, FlavorError,
-        Forbidden, ForkServerError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound,
-        PayloadTooLarge, ProtocolError, RequestError, ServiceError, ServiceNotFound, StillStarting, StopError,
-        StorageError,
+        Conflict as Conflict,
+        DaemonAlreadyRunning as DaemonAlreadyRunning,
+        DaemonError as DaemonError,
+        DaemonNotRunning as DaemonNotRunning,
+        DaemonStartError as DaemonStartError,
+        DeployError as DeployError,
+        FlavorError as FlavorError,
+        Forbidden as Forbidden,
+        ForkServerError as ForkServerError,
+        InternalError as InternalError,
+        InvalidRequest as InvalidRequest,
+        MethodNotAllowed as MethodNotAllowed,
+        ModeldError as ModeldError,
+        NotFound as NotFound,
+        PayloadTooLarge as PayloadTooLarge,
+        ProtocolError as ProtocolError,
+        RequestError as RequestError,
+        ServiceError as ServiceError,
+        ServiceNotFound as ServiceNotFound,
+        StillStarting as StillStarting,
+        StopError as StopError,
+        StorageError as StorageError,
     )
     from .models import (
-        SERVICE_REGISTRY, BaseService, DesiredState, LocalModelService, RestartPolicy, ServiceConfig,
-        ServiceEndpoint, ServiceRegistry, ServiceState, ServiceStatus, ServiceType,
+        SERVICE_REGISTRY as SERVICE_REGISTRY,
+        BaseService as BaseService,
+        DesiredState as DesiredState,
+        LocalModelService as LocalModelService,
+        RestartPolicy as RestartPolicy,
+        ServiceConfig as ServiceConfig,
+        ServiceEndpoint as ServiceEndpoint,
+        ServiceRegistry as ServiceRegistry,
+        ServiceState as ServiceState,
+        ServiceStatus as ServiceStatus,
+        ServiceType as ServiceType,
     )
 
 _EXPORTS = {

@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
 from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
-from .logs import read_log
 from .filters import FIND_FILTERS, FIND_PARAMS
+from .logs import read_log
 from .manager import Manager
 from .models import BaseService, ServiceConfig, ServiceState, changes
 

@@ -52,6 +52,7 @@ async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None,
         host = "127.0.0.1" if target.host in ("0.0.0.0", "") else ("::1" if target.host == "::" else target.host)
         if ip_literal(host) is None:  # a name would be looked up here, on the event loop: never
             return False, f"{target}: {host!r} is not an IP address (a name is probed at the address it resolved to)"
+    address: str | tuple[str, int]
     try:
         if target.unix:
             sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix
@@ -226,7 +227,7 @@ class Batch:
                 if not future.done():
                     future.set_exception(exc)
             raise
-        for (_, future), result in zip(items, results):
+        for (_, future), result in zip(items, results, strict=False):
             if not future.done():
                 future.set_result(result)
 
@@ -322,6 +323,7 @@ class _Exchange:
 
     def start(self) -> tuple[bool | None, str] | None:
         target = self.target
+        address: str | tuple[str, int]
         try:
             if target.unix:
                 self.sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK), target.unix

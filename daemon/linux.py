@@ -20,7 +20,9 @@ import resource
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -55,7 +57,8 @@ def _stat_fields(pid: int | str) -> list[bytes] | None:
     return stat[stat.rindex(b")") + 2 :].split()
 
 
-_malloc_trim = None
+# glibc's malloc_trim(pad) -> int, False where there is none, None until looked up.
+_malloc_trim: Callable[[int], int] | Literal[False] | None = None
 
 
 def trim_heap() -> None:
@@ -68,7 +71,8 @@ def trim_heap() -> None:
     if _malloc_trim is None:
         import ctypes  # only now: ~0.4 MiB the daemon need not carry if it never gets here
 
-        _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
+        libc = ctypes.CDLL(None)
+        _malloc_trim = libc.malloc_trim if hasattr(libc, "malloc_trim") else False
     if _malloc_trim:
         _malloc_trim(0)
 
@@ -127,7 +131,7 @@ def send_group_signal(ident: ProcessIdentity, sig: int) -> bool:
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,8 @@ class LogWriterClient:
         except (OSError, ValueError, IndexError):
             self._known = None
             return None
-        ident = self._known[1]
-        return ident if ident is not None and ident.is_alive() else None
+        known = self._known[1]
+        return known if known is not None and known.is_alive() else None
 
     def _spawn(self) -> None:
         env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_PROCESS": json.dumps({"role": "logd"})}

@@ -54,14 +54,37 @@ class Paths:
         sock = socket or (os.environ.get("MODELD_SOCKET") if not home else None)
         self.socket = canonical_socket(sock) if sock else self.home / "modeld.sock"
 
-    daemon_lock = property(lambda self: self.home / "daemon.lock")
-    daemon_pid = property(lambda self: self.home / "daemon.pid")
-    daemon_log = property(lambda self: self.home / "daemon.log")
-    autostart_lock = property(lambda self: self.home / "autostart.lock")
-    flavors = property(lambda self: self.home / "flavors.json")
-    deployers = property(lambda self: self.home / "deployers.json")
-    services = property(lambda self: self.home / "services")
-    run = property(lambda self: self.home / "run")
+    @property
+    def daemon_lock(self) -> Path:
+        return self.home / "daemon.lock"
+
+    @property
+    def daemon_pid(self) -> Path:
+        return self.home / "daemon.pid"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.home / "daemon.log"
+
+    @property
+    def autostart_lock(self) -> Path:
+        return self.home / "autostart.lock"
+
+    @property
+    def flavors(self) -> Path:
+        return self.home / "flavors.json"
+
+    @property
+    def deployers(self) -> Path:
+        return self.home / "deployers.json"
+
+    @property
+    def services(self) -> Path:
+        return self.home / "services"
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
 
     def service_dir(self, uuid: UUID | str) -> Path:
         return self.services / str(uuid)

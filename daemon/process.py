@@ -21,12 +21,12 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from .exceptions import DeployError, ForkServerError
 from .containment import Containment, Group
+from .exceptions import DeployError, ForkServerError
 from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
 from .logs import marker
 from .runtime._serve import forkserver as wire

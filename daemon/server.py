@@ -28,9 +28,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, Forbidden, InvalidRequest, ModeldError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
-from .process import keep_server_umask
 from .manager import Manager
 from .paths import Paths, bind_private_socket
+from .process import keep_server_umask
 from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")

@@ -309,7 +309,7 @@ def remove_cgroups(home: Path) -> None:
             with contextlib.suppress(OSError):
                 (folder / "cgroup.kill").write_text("1")
             with contextlib.suppress(AssertionError, OSError):
-                wait_for(lambda: "populated 0" in (folder / "cgroup.events").read_text(), 5, what=f"{folder} to empty")
+                wait_for(lambda: "populated 0" in (folder / "cgroup.events").read_text(), 5, what=f"{folder} to empty")  # noqa: B023 (called in this iteration only)
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
@@ -326,7 +326,7 @@ def reap(idents: set[ProcessIdentity]) -> int:
     for ident in alive:
         # Dead is enough: a zombie whose parent is init may wait a while to be reaped here.
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: not ticks_alive(ident.pid, ident.start_ticks), 5, interval=0.005, what=f"pid {ident.pid} to die")
+            wait_for(lambda: not ticks_alive(ident.pid, ident.start_ticks), 5, interval=0.005, what=f"pid {ident.pid} to die")  # noqa: B023 (called in this iteration only)
     return len(alive)
 
 
@@ -549,7 +549,8 @@ def wait_settled(client: DaemonClient, home: Path, timeout: float = CONVERGE_TIM
         last[:] = [snapshot(client, home, containment)]
         return last[0].settled() and last[0].answering()
     with contextlib.suppress(WaitTimeout):
-        return wait_for(lambda: settled() and last[0], timeout), True
+        wait_for(settled, timeout)
+        return last[0], True
     return last[0], False
 
 

@@ -70,9 +70,9 @@ def _print_json(data: Any) -> None:
 
 
 def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
     for row in (headers, *rows):
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
 
 
 def _resolve(client: DaemonClient, ref: str) -> UUID:
@@ -225,13 +225,14 @@ def _progress(args: argparse.Namespace, label: str, call: Callable[[], BaseServi
     """
     if args.json or not sys.stderr.isatty():
         return call()
-    outcome: dict[str, Any] = {}
+    value: list[BaseService] = []
+    error: list[BaseException] = []
 
     def work() -> None:
         try:
-            outcome["value"] = call()
-        except BaseException as error:  # handed to the main thread, which raises it
-            outcome["error"] = error
+            value.append(call())
+        except BaseException as exc:  # handed to the main thread, which raises it
+            error.append(exc)
 
     worker = threading.Thread(target=work, daemon=True)
     started = time.monotonic()
@@ -256,9 +257,9 @@ def _progress(args: argparse.Namespace, label: str, call: Callable[[], BaseServi
     finally:
         watcher.close()
     sys.stderr.write("\r" + " " * width + "\r")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    if error:
+        raise error[0]
+    return value[0]
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -319,13 +320,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
-    extra = {"UNIX_SOCKET": svc.endpoint.unix_socket or None, "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None}
-    extra = {k: v for k, v in extra.items() if v is not None} | {"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)}
+    given = {"UNIX_SOCKET": svc.endpoint.unix_socket or None, "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None}
+    extra: dict[str, str | int | None] = {k: v for k, v in given.items() if v is not None}
+    extra.update({"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)})
     extra["DESIRED"] = str(svc.desired_state) + (f" ({svc.desired_reason})" if svc.desired_reason else "")
     if svc.status.last_error:
         extra["LAST_ERROR"] = _one_line(svc.status.last_error)
-    for key, value in extra.items():
-        print(f"{key.ljust(width)}  {value if value is not None else '-'}")
+    for key, item in extra.items():
+        print(f"{key.ljust(width)}  {item if item is not None else '-'}")
     return 0
 
 
@@ -341,8 +343,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         else:
             for svc in started:
                 print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
-            for uuid, error in failed.items():
-                print(f"modeld: {uuid}: {_one_line(error)}", file=sys.stderr)
+            for failed_uuid, error in failed.items():
+                print(f"modeld: {failed_uuid}: {_one_line(error)}", file=sys.stderr)
             if not started and not failed:
                 print("every service runs already", file=sys.stderr)
         return 5 if failed else 0
@@ -456,7 +458,7 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     # default set on them would let a subcommand overwrite `modeld --home X ls` with None.
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub, **kw: Any) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help, parents=[common], **kw)
         p.set_defaults(func=func)
         return p
@@ -622,9 +624,13 @@ def _options(model: type[BaseModel], prefix: tuple[str, ...]) -> Iterator[Deploy
 def _deploy_option(path: tuple[str, ...], field: FieldInfo) -> DeployOption:
     name = path[-1]
     kwargs: dict[str, Any] = {"dest": "config:" + ".".join(path), "default": None, "metavar": name.upper()}
-    annotation, default = field.annotation, field.get_default(call_default_factory=True)
+    # A class or a typing form (list[str], Literal[...]): more than pydantic's "type[Any] | None" says.
+    annotation: Any = field.annotation
+    default = field.get_default(call_default_factory=True)
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     unit = extra.get("unit")
+    if not isinstance(unit, str):  # json_schema_extra's "unit" is a name (one of UNITS) or absent
+        unit = None
     description = field.description or ""
     read = None
     flag = _flag(name)

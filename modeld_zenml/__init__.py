@@ -15,10 +15,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .deployer import ModeldModelDeployer
-    from .flavor import MODELD_FLAVOR, ModeldModelDeployerConfig, ModeldModelDeployerFlavor
+    # "X as X": an explicit re-export (mypy --strict re-exports no plain import; see __all__).
+    from .deployer import ModeldModelDeployer as ModeldModelDeployer
+    from .flavor import (
+        MODELD_FLAVOR as MODELD_FLAVOR,
+        ModeldModelDeployerConfig as ModeldModelDeployerConfig,
+        ModeldModelDeployerFlavor as ModeldModelDeployerFlavor,
+    )
     from .service import (
-        ModeldDeploymentConfig, ModeldDeploymentEndpoint, ModeldDeploymentService, ModeldDeploymentServiceStatus,
+        ModeldDeploymentConfig as ModeldDeploymentConfig,
+        ModeldDeploymentEndpoint as ModeldDeploymentEndpoint,
+        ModeldDeploymentService as ModeldDeploymentService,
+        ModeldDeploymentServiceStatus as ModeldDeploymentServiceStatus,
     )
 
 _EXPORTS = {

@@ -22,7 +22,7 @@ ZenML asked.
 from __future__ import annotations
 
 import sys
-from typing import ClassVar, Dict, List, Optional, Type, cast
+from typing import ClassVar, cast
 from uuid import UUID
 
 from zenml.client import Client
@@ -43,10 +43,10 @@ class ModeldModelDeployer(BaseModelDeployer):
     """Deploys model servers as processes supervised by the local modeld daemon."""
 
     NAME: ClassVar[str] = "modeld"
-    FLAVOR: ClassVar[Type[BaseModelDeployerFlavor]] = ModeldModelDeployerFlavor
+    FLAVOR: ClassVar[type[BaseModelDeployerFlavor]] = ModeldModelDeployerFlavor
 
     # Old services whose delete is deferred during a continuous deployment (None: not in one).
-    _retiring: Optional[List[ModeldDeploymentService]] = None
+    _retiring: list[ModeldDeploymentService] | None = None
 
     @property
     def config(self) -> ModeldModelDeployerConfig:
@@ -98,7 +98,7 @@ class ModeldModelDeployer(BaseModelDeployer):
     @staticmethod
     def get_model_server_info(  # type: ignore[override]
         service: ModeldDeploymentService,
-    ) -> Dict[str, Optional[str]]:
+    ) -> dict[str, str | None]:
         return {
             "PREDICTION_URL": service.prediction_url,
             "HEALTH_CHECK_URL": service.healthcheck_url,
@@ -145,7 +145,7 @@ class ModeldModelDeployer(BaseModelDeployer):
         """Record which daemon, interpreter and folder serve it, so ZenML's record alone can restart it."""
         from daemon.paths import Paths
 
-        update = {}
+        update: dict[str, str] = {}
         if not config.modeld_home:
             paths = Paths(self.config.home, self.config.socket)
             update.update(modeld_home=str(paths.home), modeld_socket=str(paths.socket))
@@ -156,7 +156,7 @@ class ModeldModelDeployer(BaseModelDeployer):
             update["python"] = sys.executable
         return config.model_copy(update=update) if update else config
 
-    def _claim_retiring(self, config: ModeldDeploymentConfig) -> Optional[ModeldDeploymentService]:
+    def _claim_retiring(self, config: ModeldDeploymentConfig) -> ModeldDeploymentService | None:
         for old in self._retiring or []:
             same_model = (old.config.pipeline_name, old.config.pipeline_step_name, old.config.model_name) == (
                 config.pipeline_name, config.pipeline_step_name, config.model_name)

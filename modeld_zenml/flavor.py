@@ -8,7 +8,7 @@ to the daemon, is imported only when the deployer is used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Type
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 from zenml.model_deployers.base_model_deployer import BaseModelDeployerConfig, BaseModelDeployerFlavor
@@ -22,13 +22,13 @@ MODELD_FLAVOR = "modeld"
 class ModeldModelDeployerConfig(BaseModelDeployerConfig):
     """Which modeld daemon the deployer talks to (it starts by itself on first use)."""
 
-    home: Optional[str] = Field(
+    home: str | None = Field(
         default=None,
         description="The daemon's state folder (MODELD_HOME). Default: $MODELD_HOME of the process that "
         "deploys, else ~/.local/state/modeld. Each deployed service records the resolved folder, so the "
         "ZenML CLI finds its daemon from any shell.",
     )
-    socket: Optional[str] = Field(
+    socket: str | None = Field(
         default=None,
         description="The daemon's control socket. Default: <home>/modeld.sock (or $MODELD_SOCKET).",
     )
@@ -51,11 +51,11 @@ class ModeldModelDeployerFlavor(BaseModelDeployerFlavor):
         return "modeld"
 
     @property
-    def config_class(self) -> Type[ModeldModelDeployerConfig]:
+    def config_class(self) -> type[ModeldModelDeployerConfig]:
         return ModeldModelDeployerConfig
 
     @property
-    def implementation_class(self) -> Type[ModeldModelDeployer]:
+    def implementation_class(self) -> type[ModeldModelDeployer]:
         from modeld_zenml.deployer import ModeldModelDeployer
 
         return ModeldModelDeployer

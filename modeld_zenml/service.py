@@ -18,7 +18,7 @@ deploys the service again from the config ZenML kept, under the same uuid.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -79,8 +79,8 @@ class ModeldDeploymentConfig(ModeldRunSettings):  # type: ignore[misc,valid-type
 class ModeldDeploymentServiceStatus(ServiceStatus):
     """ZenML's last view of the service, plus the modeld service it maps to."""
 
-    modeld_uuid: Optional[UUID] = None
-    pid: Optional[int] = None
+    modeld_uuid: UUID | None = None
+    pid: int | None = None
 
 
 class ModeldDeploymentEndpointConfig(ServiceEndpointConfig):
@@ -97,7 +97,7 @@ class ModeldDeploymentEndpoint(BaseServiceEndpoint):
     monitor: HTTPEndpointHealthMonitor = Field(default_factory=HTTPEndpointHealthMonitor)
 
     @property
-    def prediction_url(self) -> Optional[str]:
+    def prediction_url(self) -> str | None:
         uri = self.status.uri
         return f"{uri}{self.config.prediction_path}" if uri and self.config.prediction_path else None
 
@@ -134,7 +134,7 @@ class ModeldDeploymentService(BaseDeploymentService):
 
     # ------------------------------------------------------------ ZenML's hooks
 
-    def check_status(self) -> Tuple[ServiceState, str]:
+    def check_status(self) -> tuple[ServiceState, str]:
         """The state modeld observes (it probes the server and restarts it; ZenML only reads)."""
         from daemon.exceptions import ModeldError, ServiceNotFound
 
@@ -152,11 +152,11 @@ class ModeldDeploymentService(BaseDeploymentService):
         self._sync(svc)
         return ServiceState(svc.status.state.value), svc.status.last_error
 
-    def get_logs(self, follow: bool = False, tail: Optional[int] = None) -> Generator[str, bool, None]:
+    def get_logs(self, follow: bool = False, tail: int | None = None) -> Generator[str, bool, None]:
         """The server's stdout and stderr from its ``service.log``, one line at a time."""
         return _lines(self._log_chunks(follow, tail))
 
-    def _log_chunks(self, follow: bool, tail: Optional[int]) -> Iterator[str]:
+    def _log_chunks(self, follow: bool, tail: int | None) -> Iterator[str]:
         with self.client() as client:
             yield from client.logs(self.modeld_uuid, tail=tail, follow=follow)
 
@@ -216,14 +216,14 @@ class ModeldDeploymentService(BaseDeploymentService):
         super().stop(timeout=timeout, force=force)
 
     @property
-    def prediction_url(self) -> Optional[str]:
+    def prediction_url(self) -> str | None:
         """Where to POST ``{"instances": [...]}``, as the daemon last reported it (asked if not known yet)."""
         if self.endpoint.prediction_url is None:
             self.update_status()
         return self.endpoint.prediction_url
 
     @property
-    def healthcheck_url(self) -> Optional[str]:
+    def healthcheck_url(self) -> str | None:
         return self.endpoint.monitor.get_healthcheck_uri(self.endpoint)
 
     # ---------------------------------------------------------------- helpers

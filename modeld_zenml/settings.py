@@ -11,7 +11,7 @@ no ZenML: the fields are made, and tested, without it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Dict, Optional, TypeVar
+from typing import Any, Optional, TypeVar, cast
 
 from pydantic import BaseModel, Field
 
@@ -40,8 +40,9 @@ def run_settings(config: type[ServiceConfig] = ServiceConfig) -> dict[str, tuple
             continue
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            annotation = Dict[str, Any]  # a nested model (restart) is kept as given, a dict; modeld validates it
-        fields[name] = (Optional[annotation], Field(None, description=field.description))
+            annotation = dict[str, Any]  # a nested model (restart) is kept as given, a dict; modeld validates it
+        # Optional[], not "annotation | None": an annotation may be None or a string, which have no "|".
+        fields[name] = (Optional[annotation], Field(None, description=field.description))  # noqa: UP045
     return fields
 
 
@@ -56,7 +57,9 @@ def with_run_settings(base: type[M], name: str, module: str, config: type[Servic
         "__annotations__": {key: annotation for key, (annotation, _) in fields.items()},
         **{key: info for key, (_, info) in fields.items()},
     }
-    return type(base)(name, (base,), namespace)  # type: ignore[return-value]
+    metaclass: type[type] = type(base)
+    # A subclass of base, which mypy cannot see through a metaclass called by hand.
+    return cast("type[M]", metaclass(name, (base,), namespace))
 
 
 def modeld_fields(zenml_config: Any, settings: Iterable[str]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
             "PORT": str(port) if port else None,
             "MODEL_URI": service.config.model_uri or None,
             "MODEL_NAME": service.config.model_name or None,
-            "MODEL_TYPE": service.config.model_type or None,
+            "MODEL_TYPE": service.config.model_type,  # never empty (python, pickle or command)
             "SERVICE_PATH": service.service_path or None,
             "LOG_PATH": service.log_path or None,
             "PID": str(service.status.pid) if service.status.pid is not None else None,
