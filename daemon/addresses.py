@@ -63,8 +63,10 @@ def host_syntax_error(host: str) -> str | None:
     if host.startswith("[") and host.endswith("]") and ip_literal(host[1:-1]) is not None:
         return f"write the address {host[1:-1]!r} without brackets"
     shown = repr(host) if len(host) <= 80 else repr(host[:80]) + f"... ({len(host)} characters)"
-    return (f"must be an IP address or a host name (letters, digits, '-', '_', '.', at most {MAX_HOSTNAME} "
-            f"characters; an international name in its xn-- form), not {shown}")
+    return (
+        f"must be an IP address or a host name (letters, digits, '-', '_', '.', at most {MAX_HOSTNAME} "
+        f"characters; an international name in its xn-- form), not {shown}"
+    )
 
 
 _v6only_default: bool | None = None

@@ -122,7 +122,9 @@ def _convert(name: str, value: str, kind: type) -> Any:
             raise ValueError
         return converted
     except ValueError:
-        what = {bool: "true or false", UUID: "a uuid", int: "a whole number >= 0", float: "a number >= 0"}.get(kind, kind.__name__)
+        what = {bool: "true or false", UUID: "a uuid", int: "a whole number >= 0", float: "a number >= 0"}.get(
+            kind, kind.__name__
+        )
         raise InvalidRequest(f"query parameter {name!r} must be {what}, not {value!r}") from None
 
 
@@ -251,7 +253,9 @@ class Api:
         if scope["type"] != "http":
             return
         try:
-            query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()}
+            query = {
+                k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()
+            }
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             request = Request(scope["method"], scope["path"], query, receive, send, headers)
             handler, params = self._route(request)
@@ -262,7 +266,9 @@ class Api:
         except asyncio.CancelledError:
             # The daemon is shutting down under a long call (a deploy waiting for health): say
             # so in JSON; the operation goes on from disk when the daemon starts again.
-            error = DaemonError("the daemon shut down during this call; the service goes on from where it was when it starts again")
+            error = DaemonError(
+                "the daemon shut down during this call; the service goes on from where it was when it starts again"
+            )
             with contextlib.suppress(Exception):
                 await self._send_json(send, 503, {"error": error.to_dict()})
             raise
@@ -348,8 +354,10 @@ class Api:
     async def start_all(self, request: Request) -> tuple[int, Any]:
         params = request.params(timeout=float)
         started, failed = await self.manager.start_all(params.get("timeout", DEFAULT_TIMEOUT))
-        return 200, {"services": [service_json(svc) for svc in started],
-                     "failed": {str(uuid): error.to_dict() for uuid, error in failed.items()}}
+        return 200, {
+            "services": [service_json(svc) for svc in started],
+            "failed": {str(uuid): error.to_dict() for uuid, error in failed.items()},
+        }
 
     async def stop(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         params = request.params(timeout=float, force=bool)
@@ -399,4 +407,3 @@ async def _wait_disconnect(receive: Receive) -> None:
     """Return once the client has gone; the request's own (empty) body messages come first and are skipped."""
     while (await receive())["type"] != "http.disconnect":
         pass
-

@@ -351,7 +351,6 @@ class Cgroups(Containment):
             if exc.errno not in _GONE:  # (else removed meanwhile)
                 log.warning("cannot remove %s: %s", path, exc)
 
-
     def prune(self) -> None:
         for directory in reversed(_walk(self.parent)):
             with contextlib.suppress(OSError):  # (one with processes stays)
@@ -386,7 +385,7 @@ def choose(home: Path, run: Path) -> Containment:
     if setting:
         base = setting
         if setting.startswith(mount):
-            base = setting[len(mount):] or "/"
+            base = setting[len(mount) :] or "/"
     elif os.geteuid() == 0:
         base = "/"
     else:
@@ -398,8 +397,10 @@ def choose(home: Path, run: Path) -> Containment:
             fallback.reason = f"cannot read this process's cgroup {directory}: {exc.strerror}"
             return fallback
         if owner != os.getuid() or not os.access(directory / "cgroup.procs", os.W_OK):
-            fallback.reason = (f"this process's cgroup {base} is not delegated to uid {os.getuid()} "
-                               "(run the daemon in a unit with Delegate=yes, or set MODELD_CGROUP)")
+            fallback.reason = (
+                f"this process's cgroup {base} is not delegated to uid {os.getuid()} "
+                "(run the daemon in a unit with Delegate=yes, or set MODELD_CGROUP)"
+            )
             return fallback
     try:
         containment = Cgroups(home, run, mount, base)

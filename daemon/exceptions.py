@@ -182,10 +182,28 @@ class FlavorError(ModeldError):
 ERRORS: dict[str, type[ModeldError]] = {
     cls.__name__: cls
     for cls in (
-        ModeldError, DaemonError, DaemonNotRunning, DaemonStartError, DaemonAlreadyRunning, ProtocolError,
-        RequestError, InvalidRequest, Forbidden, ServiceNotFound, NotFound, MethodNotAllowed, Conflict,
-        PayloadTooLarge, ServiceError, DeployError, StillStarting, StopError, ForkServerError, InternalError,
-        StorageError, FlavorError,
+        ModeldError,
+        DaemonError,
+        DaemonNotRunning,
+        DaemonStartError,
+        DaemonAlreadyRunning,
+        ProtocolError,
+        RequestError,
+        InvalidRequest,
+        Forbidden,
+        ServiceNotFound,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        PayloadTooLarge,
+        ServiceError,
+        DeployError,
+        StillStarting,
+        StopError,
+        ForkServerError,
+        InternalError,
+        StorageError,
+        FlavorError,
     )
 }
 

@@ -49,8 +49,9 @@ WARM_START = os.environ.get("MODELD_WARM_START", "1") != "0"  # built-in servers
 class Launcher:
     """Starts servers for the services of one home (see the module docstring)."""
 
-    def __init__(self, paths: Paths, store: Store, containment: Containment, logs: LogWriterClient,
-                 services: Mapping[UUID, ServiceRuntime]):
+    def __init__(
+        self, paths: Paths, store: Store, containment: Containment, logs: LogWriterClient, services: Mapping[UUID, ServiceRuntime]
+    ):
         self.paths = paths
         self.store = store
         self.containment = containment
@@ -83,8 +84,11 @@ class Launcher:
         """The ports other services keep for life (also while their server is down) on an address
         the kernel would not let ``host`` share a port with, and whose (see daemon/addresses.py)."""
         mine = self.address(host)
-        return {o.svc.endpoint.port: o.uuid for o in self.services.values()
-                if o is not owner and o.svc.endpoint.port and mine.conflicts(self.address(o.svc.config.host))}
+        return {
+            o.svc.endpoint.port: o.uuid
+            for o in self.services.values()
+            if o is not owner and o.svc.endpoint.port and mine.conflicts(self.address(o.svc.config.host))
+        }
 
     def check_port_unclaimed(self, config: ServiceConfig, owner: ServiceRuntime | None) -> None:
         other = self.claimed_ports(config.host, owner).get(config.port)
@@ -111,13 +115,17 @@ class Launcher:
         if is_builtin(config):
             argv = [config.python or sys.executable, SERVE_PY, config.model_uri, config.model_name]
         else:
-            argv = [fill(arg, {"{port}": "65535", "{host}": address.ip, "{model_uri}": config.model_uri}) for arg in config.command]
+            argv = [
+                fill(arg, {"{port}": "65535", "{host}": address.ip, "{model_uri}": config.model_uri}) for arg in config.command
+            ]
         margin = 4096 + 2 * len(os.fsencode(self.paths.home))  # the rest of a built-in's argv, the MODELD_* tags
         needed, limit = exec_size(argv, env) + margin, exec_limit()
         if needed > limit:
             field = "env" if exec_size([], config.env) > exec_size(argv, {}) else "command"
-            raise InvalidRequest(f"config.{field}: the server's arguments and environment would take {needed} bytes "
-                                 f"(with {len(argv) + len(env)} pointers); exec takes at most {limit} (ARG_MAX)")
+            raise InvalidRequest(
+                f"config.{field}: the server's arguments and environment would take {needed} bytes "
+                f"(with {len(argv) + len(env)} pointers); exec takes at most {limit} (ARG_MAX)"
+            )
         if is_builtin(config):
             path = config.model_uri if config.model_type == "pickle" else config.model_uri.rsplit(":", 1)[0]
             if config.model_type == "pickle" or path.endswith(".py") or os.sep in path:
@@ -158,8 +166,10 @@ class Launcher:
             path = self.paths.model_socket(m.uuid)
             if m.listener is None:
                 if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-                    raise InvalidRequest(f"bind_unix: the socket path {path} would be longer than {MAX_SOCKET_PATH} "
-                                         "bytes; set MODELD_HOME to a shorter path")
+                    raise InvalidRequest(
+                        f"bind_unix: the socket path {path} would be longer than {MAX_SOCKET_PATH} "
+                        "bytes; set MODELD_HOME to a shorter path"
+                    )
                 directory = self.paths.service_dir(m.uuid)
                 created = not directory.exists()
                 try:
@@ -181,7 +191,9 @@ class Launcher:
             if m.listener is None:
                 if port:  # a kept port: another service may have claimed it on an address it now conflicts with
                     self.check_port_free_for(m, config, port)
-                m.listener = bind_listener(address.ip, port) if port else bind_unclaimed(address.ip, self.claimed_ports(config.host, m))
+                m.listener = (
+                    bind_listener(address.ip, port) if port else bind_unclaimed(address.ip, self.claimed_ports(config.host, m))
+                )
             port = int(m.listener.getsockname()[1])
         elif port == 0:
             with bind_unclaimed(address.ip, self.claimed_ports(config.host, m)) as sock:
@@ -219,24 +231,37 @@ class Launcher:
         pass_fds: tuple[int, ...] = ()
         if is_builtin(config):
             assert m.listener is not None
-            info = dataclasses.replace(info, health_socket=str(self.paths.process_socket(m.uuid, launch, "h")),
-                                       fd_socket=str(self.paths.process_socket(m.uuid, launch, "f")))
+            info = dataclasses.replace(
+                info,
+                health_socket=str(self.paths.process_socket(m.uuid, launch, "h")),
+                fd_socket=str(self.paths.process_socket(m.uuid, launch, "f")),
+            )
             argv = [
                 config.python or sys.executable,
                 SERVE_PY,
-                "--model-uri", config.model_uri,
-                "--model-type", config.model_type,
-                "--model-name", config.model_name or "model",
-                "--fd", str(m.listener.fileno()),
-                "--unix", str(info.health_socket),
-                "--fd-socket", str(info.fd_socket),
+                "--model-uri",
+                config.model_uri,
+                "--model-type",
+                config.model_type,
+                "--model-name",
+                config.model_name or "model",
+                "--fd",
+                str(m.listener.fileno()),
+                "--unix",
+                str(info.health_socket),
+                "--fd-socket",
+                str(info.fd_socket),
             ]
             pass_fds = (m.listener.fileno(),)
         else:
             argv = [fill(arg, self.placeholders(m, config)) for arg in config.command]
         env = {
-            **os.environ, **config.env, "PYTHONUNBUFFERED": "1",
-            "MODELD_HOME": str(self.paths.home), "MODELD_SERVICE_UUID": str(m.uuid), "MODELD_PROCESS": json.dumps(info.fields()),
+            **os.environ,
+            **config.env,
+            "PYTHONUNBUFFERED": "1",
+            "MODELD_HOME": str(self.paths.home),
+            "MODELD_SERVICE_UUID": str(m.uuid),
+            "MODELD_PROCESS": json.dumps(info.fields()),
         }
         self.paths.service_dir(m.uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
         group = self.containment.create(str(m.uuid), launch)
@@ -250,11 +275,28 @@ class Launcher:
             if WARM_START and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
                 # Forked from a warm process that has imported uvicorn already (env that changes how
                 # an interpreter starts, PYTHONPATH and such, needs a cold one).
-                proc = self.fork_servers.spawn(argv[0], argv[2:], env=env, cwd=config.working_dir, open_log=open_log,
-                                               listen_fd=pass_fds[0], info=info, group=group, containment=self.containment)
+                proc = self.fork_servers.spawn(
+                    argv[0],
+                    argv[2:],
+                    env=env,
+                    cwd=config.working_dir,
+                    open_log=open_log,
+                    listen_fd=pass_fds[0],
+                    info=info,
+                    group=group,
+                    containment=self.containment,
+                )
             if proc is None:
-                proc = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log, pass_fds=pass_fds, info=info,
-                             group=group, containment=self.containment)
+                proc = spawn(
+                    argv,
+                    env=env,
+                    cwd=config.working_dir,
+                    open_log=open_log,
+                    pass_fds=pass_fds,
+                    info=info,
+                    group=group,
+                    containment=self.containment,
+                )
         except BaseException:
             with contextlib.suppress(OSError):
                 group.remove()
@@ -275,8 +317,13 @@ class Launcher:
     def placeholders(self, m: ServiceRuntime, config: ServiceConfig) -> dict[str, str]:
         """What ``{port}`` and the other placeholders of ``command`` and ``stop_command`` stand for."""
         # {host}: the address the port is claimed and probed on (a name as resolved, IPv4 first).
-        return {"{port}": str(m.svc.endpoint.port), "{host}": self.address(config.host).ip or config.host, "{model_uri}": config.model_uri,
-                "{uuid}": str(m.uuid), "{name}": config.name or config.model_name or "model"}
+        return {
+            "{port}": str(m.svc.endpoint.port),
+            "{host}": self.address(config.host).ip or config.host,
+            "{model_uri}": config.model_uri,
+            "{uuid}": str(m.uuid),
+            "{name}": config.name or config.model_name or "model",
+        }
 
     @staticmethod
     def unlink_sockets(proc: ProcessHandle) -> None:

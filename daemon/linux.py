@@ -182,19 +182,23 @@ def tagged_processes(home: str, forked: dict[int, tuple[int, list[bytes]]] | Non
             environ = record[1]
         if want_home not in environ and not _same_home(environ, home):
             continue
-        tags = {k: v for k, _, v in (item.partition(b"=") for item in environ) if k in (b"MODELD_SERVICE_UUID", b"MODELD_PROCESS")}
+        tags = {
+            k: v for k, _, v in (item.partition(b"=") for item in environ) if k in (b"MODELD_SERVICE_UUID", b"MODELD_PROCESS")
+        }
         if not tags.get(b"MODELD_SERVICE_UUID"):
             continue
         after = _stat_fields(entry)
         if after is None or after[19] != before[19]:
             continue
-        found.append(TaggedProcess(
-            ident=ProcessIdentity(int(entry), int(before[19]), boot),
-            pgid=int(before[2]),
-            ppid=int(before[1]),
-            service_uuid=tags[b"MODELD_SERVICE_UUID"].decode(errors="replace"),
-            info=tags.get(b"MODELD_PROCESS", b"").decode(errors="replace"),
-        ))
+        found.append(
+            TaggedProcess(
+                ident=ProcessIdentity(int(entry), int(before[19]), boot),
+                pgid=int(before[2]),
+                ppid=int(before[1]),
+                service_uuid=tags[b"MODELD_SERVICE_UUID"].decode(errors="replace"),
+                info=tags.get(b"MODELD_PROCESS", b"").decode(errors="replace"),
+            )
+        )
     return found
 
 
@@ -203,7 +207,7 @@ def _same_home(environ: list[bytes], home: str) -> bool:
     the tag of a server started before homes were made canonical (daemon/paths.py)."""
     for item in environ:
         if item.startswith(b"MODELD_HOME="):
-            spelled = os.fsdecode(item[len(b"MODELD_HOME="):])
+            spelled = os.fsdecode(item[len(b"MODELD_HOME=") :])
             return os.path.isabs(spelled) and os.path.realpath(spelled) == home
     return False
 

@@ -155,8 +155,13 @@ class LogWriterClient:
             with open(self.paths.home / "logd.log", "ab") as out:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-I", LOGD_PY, "--socket", str(self.socket_path), "--record", str(self.record)],
-                    env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True,
+                    env=env,
+                    cwd="/",
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
                 )
         except OSError as exc:
             log.error("cannot start the log writer: %s", exc)
@@ -189,7 +194,9 @@ class LogWriterClient:
 
     # -------------------------------------------------------------------- requests
 
-    def _request(self, message: dict[str, object], fds: tuple[int, ...] = (), retry: bool = True, start: bool = True) -> dict[str, object]:
+    def _request(
+        self, message: dict[str, object], fds: tuple[int, ...] = (), retry: bool = True, start: bool = True
+    ) -> dict[str, object]:
         with self._lock:
             return self._exchange(message, fds, retry, start)
 
@@ -281,7 +288,7 @@ def tail_start(sources: list[tuple[int, int]], n: int) -> tuple[int, int]:
             cut = data.rfind(b"\n")
             while cut >= 0 or start == 0:
                 line_start = start + cut + 1
-                line = data[cut + 1:]
+                line = data[cut + 1 :]
                 # (after a final newline there is no line)
                 if not (line_start == end and not line) and not _is_marker(line):
                     wanted -= 1
@@ -458,7 +465,7 @@ def _newer_than(path: Path, backups: int, inode: int) -> list[tuple[int, int, in
         if ino == inode:
             for fd, _, _ in opened[: i + 1]:
                 os.close(fd)
-            return opened[i + 1:]
+            return opened[i + 1 :]
     return opened
 
 

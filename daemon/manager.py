@@ -30,8 +30,7 @@ from uuid import UUID
 
 from . import killpoints
 from .adopt import classify_untracked
-from .containment import Containment, Group, launch_of
-from .containment import choose as choose_containment
+from .containment import Containment, Group, choose as choose_containment, launch_of
 from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StillStarting, StorageError
 from .health import (
     Batch,
@@ -174,11 +173,14 @@ class Manager:
     async def start_all(self, timeout: float) -> tuple[list[BaseService], dict[UUID, ModeldError]]:
         """Start every service that is not running (as ``start`` of each, all at once): the way back
         after ``modeld daemon stop --all``. (the services started, the errors of those that failed)"""
-        wanted = [uuid for uuid, m in self.services.items()
-                  if not (m.svc.desired_state == DesiredState.RUNNING and m.svc.status.state == ServiceState.ACTIVE)]
+        wanted = [
+            uuid
+            for uuid, m in self.services.items()
+            if not (m.svc.desired_state == DesiredState.RUNNING and m.svc.status.state == ServiceState.ACTIVE)
+        ]
         results = await asyncio.gather(*(self.start(uuid, timeout) for uuid in wanted), return_exceptions=True)
         started, failed = [], {}
-        for uuid, result in zip(wanted, results):
+        for uuid, result in zip(wanted, results, strict=True):
             if isinstance(result, ServiceNotFound):
                 continue  # deleted meanwhile
             if isinstance(result, ModeldError):
@@ -250,7 +252,7 @@ class Manager:
             *(self._restore(svc, records[svc.uuid], untracked.get(str(svc.uuid), [])) for svc in services),
             return_exceptions=True,
         )
-        for svc, result in zip(services, results):
+        for svc, result in zip(services, results, strict=True):
             if isinstance(result, Exception):
                 log.error("could not restore %s: %s", svc.uuid, result, exc_info=result)
                 self.problems.append(Problem(svc.service_path, f"could not be restored: {type(result).__name__}: {result}"))
@@ -258,8 +260,13 @@ class Manager:
         await self._sweep(tagged)
         took("sweep")
         self._listeners_task = asyncio.ensure_future(self._fetch_adopted_listeners())
-        log.info("rebuilt %d services in %.2f s (%s; %s)", len(self.services), clock[-1] - clock[0],
-                 ", ".join(f"{step} {seconds:.2f}" for step, seconds in spent.items()), self.counts())
+        log.info(
+            "rebuilt %d services in %.2f s (%s; %s)",
+            len(self.services),
+            clock[-1] - clock[0],
+            ", ".join(f"{step} {seconds:.2f}" for step, seconds in spent.items()),
+            self.counts(),
+        )
 
     async def _fetch_adopted_listeners(self) -> None:
         """Hold the listening sockets of the re-adopted built-in servers again, all in one job.
@@ -268,12 +275,15 @@ class Manager:
         it slowed their probes): until then a crash restart binds the port anew, as it would
         for a server whose socket cannot be fetched, and a replace fetches its own.
         """
-        wanted = [(m, m.proc) for m in self.services.values()
-                  if m.proc is not None and m.listener is None and is_builtin(m.svc.config) and m.proc.info.fd_socket]
+        wanted = [
+            (m, m.proc)
+            for m in self.services.values()
+            if m.proc is not None and m.listener is None and is_builtin(m.svc.config) and m.proc.info.fd_socket
+        ]
         if not wanted:
             return
         socks = await asyncio.to_thread(fetch_listeners, [proc.info.fd_socket or "" for _, proc in wanted])
-        for (m, proc), sock in zip(wanted, socks):
+        for (m, proc), sock in zip(wanted, socks, strict=True):
             if sock is None:
                 continue
             if m.proc is proc and m.listener is None:  # (else it was restarted or replaced meanwhile)
@@ -302,12 +312,21 @@ class Manager:
         strays = [p for p in tagged if launch_of(p.info) not in keep.get(p.service_uuid, set()) and p.ident.is_alive()]
         for group in doomed:
             log.warning("stopping what is left of launch %s of service %s", group.launch, group.uuid)
-        _log_failures("sweeping", await asyncio.gather(
-            *(self._kill_untracked(p) for p in strays),
-            *(asyncio.to_thread(_kill_and_remove, group) for group in doomed), return_exceptions=True))
+        _log_failures(
+            "sweeping",
+            await asyncio.gather(
+                *(self._kill_untracked(p) for p in strays),
+                *(asyncio.to_thread(_kill_and_remove, group) for group in doomed),
+                return_exceptions=True,
+            ),
+        )
         gone = [uuid for uuid in self.containment.services() if uuid not in keep]
-        _log_failures("removing the cgroup of a deleted service", await asyncio.gather(
-            *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True))
+        _log_failures(
+            "removing the cgroup of a deleted service",
+            await asyncio.gather(
+                *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True
+            ),
+        )
 
     async def shutdown(self, stop_services: bool) -> None:
         if self._listeners_task is not None:
@@ -360,8 +379,11 @@ class Manager:
         """Adopt the process a pid file names, if it is alive and tagged as this service's (see rebuild)."""
         if (str(uuid), ident) not in self._ours:
             if ident.is_alive():
-                log.warning("%s: pid %d named by its pid file is not its server (no tag of the service); "
-                            "leaving it alone", uuid, ident.pid)
+                log.warning(
+                    "%s: pid %d named by its pid file is not its server (no tag of the service); leaving it alone",
+                    uuid,
+                    ident.pid,
+                )
             return None
         info = info or LaunchInfo()
         return ProcessHandle.adopt(ident, info, self._group_of(uuid, info))
@@ -381,9 +403,14 @@ class Manager:
         known = {str(svc.uuid) for svc in services}
         found = classify_untracked(known, tagged, records)
         gone = [uuid for uuid in self.containment.services() if uuid not in known]
-        _log_failures("stopping an untracked process", await asyncio.gather(
-            *(self._kill_untracked(p) for p in found.doomed),
-            *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True))
+        _log_failures(
+            "stopping an untracked process",
+            await asyncio.gather(
+                *(self._kill_untracked(p) for p in found.doomed),
+                *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone),
+                return_exceptions=True,
+            ),
+        )
         return found.candidates
 
     async def _kill_untracked(self, p: TaggedProcess) -> None:
@@ -456,8 +483,13 @@ class Manager:
         keep, drop = (main, prev) if main.info.version == str(svc.version) else (prev, main)
         loser = self._adopt_recorded(svc.uuid, drop.ident, drop.info)
         if loser is not None:
-            log.warning("%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
-                        svc.uuid, loser.pid, drop.info.version, keep.info.version)
+            log.warning(
+                "%s: a replace was cut short; stopping pid %d (version %s), keeping version %s",
+                svc.uuid,
+                loser.pid,
+                drop.info.version,
+                keep.info.version,
+            )
             await loser.terminate(svc.config.stop_timeout)
             self.launcher.unlink_sockets(loser)
         try:
@@ -487,8 +519,12 @@ class Manager:
         if serving is not None:  # a member of the launch: started by the recorded server
             proc = ProcessHandle.adopt(serving, record.info, group)
             if proc is not None:
-                log.warning("%s: its server (pid %d) is gone; pid %d, which it started, serves: following it",
-                            svc.uuid, record.ident.pid, proc.pid)
+                log.warning(
+                    "%s: its server (pid %d) is gone; pid %d, which it started, serves: following it",
+                    svc.uuid,
+                    record.ident.pid,
+                    proc.pid,
+                )
                 self.launcher.save_pid(svc.uuid, proc, step="restore.follow-pid")
                 return proc
         await asyncio.to_thread(_kill_and_remove, group)
@@ -569,8 +605,13 @@ class Manager:
             == (config.pipeline_name, config.pipeline_step_name, config.model_name)
         ]
         if len(same) > 1:
-            log.warning("%d services match %s/%s/%s; replacing the newest", len(same),
-                        config.pipeline_name, config.pipeline_step_name, config.model_name)
+            log.warning(
+                "%d services match %s/%s/%s; replacing the newest",
+                len(same),
+                config.pipeline_name,
+                config.pipeline_step_name,
+                config.model_name,
+            )
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
     async def _start_locked(self, m: ServiceRuntime, timeout: float, failing_state: DesiredState, op: str = "start") -> None:
@@ -581,19 +622,29 @@ class Manager:
         if m.proc is not None and m.proc.alive and (m.proc.info.version or str(svc.version)) != str(svc.version):
             # Another version's server (a replace that is being undone): never taken over as this one.
             stale = m.proc
-            log.warning("%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.info.version, svc.version)
+            log.warning(
+                "%s: stopping pid %d, which runs version %s, not %d", svc.uuid, stale.pid, stale.info.version, svc.version
+            )
             await stale.terminate(0, force=True)
             self.launcher.forget_process(m, stale)
         if m.proc is not None and m.proc.alive and svc.status.state in (ServiceState.ACTIVE, ServiceState.ERROR):
             # Alive: if it answers, there is nothing to start; if it does not (it hangs, or was
             # reported failing its health check), it is restarted, as a start is asked to.
-            healthy, seen = (False, "") if svc.status.state == ServiceState.ERROR else await probe(self.launcher.target(m, m.proc), timeout=1.0)
+            healthy, seen = (
+                (False, "")
+                if svc.status.state == ServiceState.ERROR
+                else await probe(self.launcher.target(m, m.proc), timeout=1.0)
+            )
             if healthy or healthy is None:  # (None: the daemon could not probe; no reason to restart it)
                 self.supervisor.supervise(m)  # first: a write that fails must not leave it unsupervised
                 self.store.save(svc, step=f"{op}.json")
                 return
-            log.warning("%s: its server (pid %d) is alive but unhealthy%s; restarting it", svc.uuid, m.proc.pid,
-                        f" ({seen})" if seen else "")
+            log.warning(
+                "%s: its server (pid %d) is alive but unhealthy%s; restarting it",
+                svc.uuid,
+                m.proc.pid,
+                f" ({seen})" if seen else "",
+            )
             hung = m.proc
             await self.supervisor.terminate(m, hung, svc.config.stop_timeout)
             self.launcher.forget_process(m, hung)
@@ -659,8 +710,9 @@ class Manager:
         try:
             self.store.save(svc, step="stop.stopped")
         except StorageError as exc:
-            raise StorageError(f"service {svc.uuid} was stopped, but that could not be recorded "
-                               f"(a restarted daemon may start it again): {exc}") from exc
+            raise StorageError(
+                f"service {svc.uuid} was stopped, but that could not be recorded (a restarted daemon may start it again): {exc}"
+            ) from exc
         log.info("stopped %s", svc.uuid)
 
     async def _replace_locked(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> None:
@@ -669,9 +721,13 @@ class Manager:
         if config.port == 0 or config.port == svc.endpoint.port:
             config = config.model_copy(update={"port": svc.endpoint.port})
         elif svc.endpoint.port:
-            raise Conflict(f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}")
+            raise Conflict(
+                f"service {svc.uuid} keeps port {svc.endpoint.port} for life; cannot replace it with port {config.port}"
+            )
         if config.bind_unix != svc.config.bind_unix:
-            raise Conflict(f"service {svc.uuid} keeps its endpoint for life; bind_unix cannot change on replace (deploy a new service)")
+            raise Conflict(
+                f"service {svc.uuid} keeps its endpoint for life; bind_unix cannot change on replace (deploy a new service)"
+            )
         await self.supervisor.cancel_supervision(m)
         previous = svc.config
         m.previous_config = previous
@@ -687,12 +743,7 @@ class Manager:
     async def _replace_unsupervised(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> None:
         svc = m.svc
         old = m.proc if m.proc is not None and m.proc.alive else None
-        handover = (
-            old is not None
-            and is_builtin(svc.config)
-            and is_builtin(config)
-            and config.host == svc.config.host
-        )
+        handover = old is not None and is_builtin(svc.config) and is_builtin(config) and config.host == svc.config.host
         if handover and m.listener is None and old is not None and old.info.fd_socket:
             m.listener = await asyncio.to_thread(fetch_listener, old.info.fd_socket)
         if handover and m.listener is not None and old is not None:
@@ -751,7 +802,9 @@ class Manager:
         m.failures = 0
         self.supervisor.supervise(m)
 
-    async def _replace_stop_start(self, m: ServiceRuntime, old: ProcessHandle | None, config: ServiceConfig, timeout: float) -> None:
+    async def _replace_stop_start(
+        self, m: ServiceRuntime, old: ProcessHandle | None, config: ServiceConfig, timeout: float
+    ) -> None:
         svc = m.svc
         previous, previous_version = svc.config, svc.version
         if old is not None:
@@ -811,5 +864,3 @@ def _kill_and_remove(group: Group, timeout: float = 10.0) -> None:
         time.sleep(0.005)
     with contextlib.suppress(OSError):
         group.remove()
-
-

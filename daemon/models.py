@@ -72,14 +72,27 @@ class RestartPolicy(BaseModel):
         return _infinity_read_back(data, info, ("backoff_initial", "backoff_max", "healthy_reset"))
 
     mode: Literal["on-failure", "always", "never"] = Field(
-        "on-failure", description="when an exited server is started again: on-failure (an exit code other than 0), always, or never")
+        "on-failure",
+        description="when an exited server is started again: on-failure (an exit code other than 0), always, or never",
+    )
     max_restarts: int = Field(5, ge=0, description="restarts in a row without a healthy run before giving up")
-    backoff_initial: float = Field(0.1, ge=0, json_schema_extra=SECONDS,
-                                   description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)")
+    backoff_initial: float = Field(
+        0.1,
+        ge=0,
+        json_schema_extra=SECONDS,
+        description="seconds before the second restart in a row, doubled each time after (the first exit after a healthy run restarts at once)",
+    )
     backoff_max: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="cap of the doubling backoff, in seconds")
-    healthy_reset: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="seconds of healthy run that reset the restart count")
-    liveness_failures: int = Field(3, ge=1, le=1_000_000, description="failed health probes in a row after which a server that was healthy counts as hung")
-    on_unhealthy: bool = Field(True, description="restart a hung server (stop, then start: a restart with the usual backoff); false: report it in error and leave it")
+    healthy_reset: float = Field(
+        10.0, ge=0, json_schema_extra=SECONDS, description="seconds of healthy run that reset the restart count"
+    )
+    liveness_failures: int = Field(
+        3, ge=1, le=1_000_000, description="failed health probes in a row after which a server that was healthy counts as hung"
+    )
+    on_unhealthy: bool = Field(
+        True,
+        description="restart a hung server (stop, then start: a restart with the usual backoff); false: report it in error and leave it",
+    )
 
 
 class ServiceConfig(BaseModel):
@@ -107,29 +120,47 @@ class ServiceConfig(BaseModel):
     pipeline_run_id: str = Field("", max_length=1000, description="pipeline run id")
     pipeline_step_name: str = Field("", max_length=1000, description="pipeline step that deployed it")
     model_name: str = Field("", max_length=200, description="model name: the KServe route is /v1/models/<model_name>")
-    model_uri: str = Field("", max_length=4096, description="module:attr, path/file.py:attr, a .pkl/.joblib file, or what a command server loads")
+    model_uri: str = Field(
+        "", max_length=4096, description="module:attr, path/file.py:attr, a .pkl/.joblib file, or what a command server loads"
+    )
     model_type: Literal["python", "pickle", "command"] = Field(
-        "python", description="runtime: the built-in server for a python or pickle model, or any argv (command); "
-                              "without it, command if an argv is given, pickle for a .pkl/.pickle/.joblib model_uri")
-    command: list[str] = Field(default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri} {uuid} {name}")
+        "python",
+        description="runtime: the built-in server for a python or pickle model, or any argv (command); "
+        "without it, command if an argv is given, pickle for a .pkl/.pickle/.joblib model_uri",
+    )
+    command: list[str] = Field(
+        default_factory=list, description="argv of a `command` server; may use {port} {host} {model_uri} {uuid} {name}"
+    )
     health_path: str = Field("/health", max_length=MAX_PATH, description="path probed for health")
-    prediction_path: str = Field("", description="path of predictions, e.g. /invocations for mlflow; default: KServe's /v1/models/<model_name>:predict")
-    host: str = Field("127.0.0.1", description="address the server binds: an IP address, or a name (the daemon resolves it, IPv4 first)")
+    prediction_path: str = Field(
+        "", description="path of predictions, e.g. /invocations for mlflow; default: KServe's /v1/models/<model_name>:predict"
+    )
+    host: str = Field(
+        "127.0.0.1", description="address the server binds: an IP address, or a name (the daemon resolves it, IPv4 first)"
+    )
     port: int = Field(0, ge=0, le=65535, description="port the server binds; 0: pick a free one once, then keep it")
     bind_unix: bool = Field(False, description="serve a built-in model on a Unix socket private to the user, not on TCP")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the server")
     secret_env: list[str] = Field(default_factory=list, description="env keys never echoed, beside those that look secret")
-    python: str = Field("", max_length=MAX_PATH, description="interpreter for python/pickle models; default: the deploying client's")
+    python: str = Field(
+        "", max_length=MAX_PATH, description="interpreter for python/pickle models; default: the deploying client's"
+    )
     working_dir: str = Field("", max_length=MAX_PATH, description="cwd of the server; default: the deploying client's")
-    restart: RestartPolicy = Field(default_factory=RestartPolicy, description="when and how fast a crashed or hung server is started again")
-    startup_timeout: float = Field(300.0, gt=0, json_schema_extra=SECONDS, description="seconds a starting server may take to answer its health probe")
+    restart: RestartPolicy = Field(
+        default_factory=RestartPolicy, description="when and how fast a crashed or hung server is started again"
+    )
+    startup_timeout: float = Field(
+        300.0, gt=0, json_schema_extra=SECONDS, description="seconds a starting server may take to answer its health probe"
+    )
     stop_timeout: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="seconds between SIGTERM and SIGKILL on stop")
     stop_command: list[str] = Field(
         default_factory=list,
         description="argv run before the signals on every stop, and after an unexpected exit before a restart "
-                    "(e.g. docker stop {name}); placeholders as command's plus {uuid} and {name}; bounded by stop_timeout",
+        "(e.g. docker stop {name}); placeholders as command's plus {uuid} and {name}; bounded by stop_timeout",
     )
-    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, le=1 << 40, json_schema_extra=BYTES, description="size at which service.log is rotated")
+    log_max_bytes: int = Field(
+        10 * 1024 * 1024, ge=4096, le=1 << 40, json_schema_extra=BYTES, description="size at which service.log is rotated"
+    )
     log_backups: int = Field(2, ge=0, le=1000, description="rotated files kept: service.log.1 … service.log.N")
 
     @field_validator("health_path", "prediction_path")
@@ -193,11 +224,17 @@ class ServiceConfig(BaseModel):
             if _stored(info):
                 continue
             # As exec will see it: {model_uri}, {host}, {port} filled in (at their longest).
-            size = _os_size(item, f"item {i}") + 1 + item.count("{model_uri}") * (_os_size(model_uri, "model_uri") - len("{model_uri}"))
+            size = (
+                _os_size(item, f"item {i}")
+                + 1
+                + item.count("{model_uri}") * (_os_size(model_uri, "model_uri") - len("{model_uri}"))
+            )
             size += sum(item.count(key) * (longest - len(key)) for key, longest in _FILLED.items())
             if size > MAX_ARG_STRLEN:
-                raise ValueError(f"item {i} is {size - 1} bytes as the server gets it; the kernel takes at most "
-                                 f"{MAX_ARG_STRLEN - 1} bytes per argument (MAX_ARG_STRLEN)")
+                raise ValueError(
+                    f"item {i} is {size - 1} bytes as the server gets it; the kernel takes at most "
+                    f"{MAX_ARG_STRLEN - 1} bytes per argument (MAX_ARG_STRLEN)"
+                )
         return value
 
     @field_validator("env")
@@ -215,8 +252,10 @@ class ServiceConfig(BaseModel):
                 raise ValueError(f"{shown}: {NUL_MESSAGE}")
             size = _os_size(key, f"the name {shown}") + 1 + _os_size(text, f"the value of {shown}") + 1
             if size > MAX_ARG_STRLEN:  # the value is never shown: it may be a secret
-                raise ValueError(f"{shown}: the entry NAME=VALUE is {size - 1} bytes; the kernel takes at most "
-                                 f"{MAX_ARG_STRLEN - 1} bytes per environment entry (MAX_ARG_STRLEN, 128 KiB)")
+                raise ValueError(
+                    f"{shown}: the entry NAME=VALUE is {size - 1} bytes; the kernel takes at most "
+                    f"{MAX_ARG_STRLEN - 1} bytes per environment entry (MAX_ARG_STRLEN, 128 KiB)"
+                )
         return value
 
     @model_validator(mode="after")
@@ -226,7 +265,9 @@ class ServiceConfig(BaseModel):
         if self.model_type != "command" and not self.model_uri:
             raise ValueError(f"model_type {self.model_type!r} needs a model_uri")
         if self.bind_unix and self.model_type == "command":
-            raise ValueError("bind_unix works with the built-in python and pickle servers; a command server binds what its argv says")
+            raise ValueError(
+                "bind_unix works with the built-in python and pickle servers; a command server binds what its argv says"
+            )
         if self.bind_unix and self.port:
             raise ValueError("bind_unix serves on a Unix socket: leave port at 0")
         return self
@@ -398,8 +439,11 @@ class BaseService(_Counted):
     status: ServiceStatus = Field(default_factory=ServiceStatus)
     endpoint: ServiceEndpoint = Field(default_factory=ServiceEndpoint)
     desired_state: DesiredState = DesiredState.RUNNING
-    desired_reason: str = Field("", description="why the desired state is what it is, when not asked for this service alone "
-                                                  "(e.g. stopped by `modeld daemon stop --all`)")
+    desired_reason: str = Field(
+        "",
+        description="why the desired state is what it is, when not asked for this service alone "
+        "(e.g. stopped by `modeld daemon stop --all`)",
+    )
     created_at: float = Field(default_factory=time.time)
     version: int = Field(1, description="bumped on every replace")
     service_path: str = Field("", description="the service's folder in the daemon's store")

@@ -1,13 +1,13 @@
 """Where modeld keeps its state: one folder, ``$MODELD_HOME``, spelled one way (its real path).
 
-    $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
-      daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
-      modeld.sock                     unless $MODELD_SOCKET says otherwise
-      run/                            private per-process sockets of built-in servers
-      services/<uuid>/service.json    the whole BaseService
-      services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
-      services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
-      services/<uuid>/model.sock      the server's socket, for a service deployed with bind_unix
+$MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
+  daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
+  modeld.sock                     unless $MODELD_SOCKET says otherwise
+  run/                            private per-process sockets of built-in servers
+  services/<uuid>/service.json    the whole BaseService
+  services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
+  services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
+  services/<uuid>/model.sock      the server's socket, for a service deployed with bind_unix
 """
 
 from __future__ import annotations

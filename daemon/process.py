@@ -39,8 +39,12 @@ class ProcessHandle:
     """A running server process: its identity, its group (everything it started), a future for its exit code."""
 
     def __init__(
-        self, ident: ProcessIdentity, pidfd: int, loop: asyncio.AbstractEventLoop,
-        info: LaunchInfo | None = None, group: Group | None = None,
+        self,
+        ident: ProcessIdentity,
+        pidfd: int,
+        loop: asyncio.AbstractEventLoop,
+        info: LaunchInfo | None = None,
+        group: Group | None = None,
     ):
         self.ident = ident
         self.pidfd = pidfd
@@ -281,8 +285,15 @@ class ForkServer:
             with open(log_path, "ab", buffering=0) as log_file:
                 self._proc = subprocess.Popen(
                     [python, serve_py, "--fork-server", str(theirs.fileno())],
-                    env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=_server_umask,
+                    env=env,
+                    cwd="/",
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(theirs.fileno(),),
+                    umask=_server_umask,
                 )
         except OSError:
             self._sock.close()
@@ -336,7 +347,9 @@ class ForkServer:
             self._waiting[pid] = future
         return future
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str, log_fd: int, listen_fd: int, cgroup: str = "") -> tuple[int, int]:
+    def spawn(
+        self, argv: list[str], env: dict[str, str], cwd: str, log_fd: int, listen_fd: int, cgroup: str = ""
+    ) -> tuple[int, int]:
         """Fork a server; (pid, start ticks). Blocks the loop for the fork (a few ms) at most.
 
         ``cgroup``: the ``cgroup.procs`` file the child writes itself into first ('' for none).

@@ -36,8 +36,9 @@ from .store import atomic_write
 log = logging.getLogger("modeld.daemon")
 
 _FORBIDDEN = json.dumps({"error": Forbidden("this daemon serves only its own user").to_dict()}).encode()
-_BAD_HTTP = ("not a valid HTTP/1.1 request (request line, header or body framing); "
-             "send e.g. GET /v1/services HTTP/1.1 with a Host header")
+_BAD_HTTP = (
+    "not a valid HTTP/1.1 request (request line, header or body framing); send e.g. GET /v1/services HTTP/1.1 with a Host header"
+)
 
 
 class PeerCheckedProtocol(H11Protocol):
@@ -58,8 +59,12 @@ class PeerCheckedProtocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers a request h11 cannot parse in plain text; answer in JSON, as every error."""
         body = json.dumps({"error": InvalidRequest(_BAD_HTTP).to_dict()}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"x-modeld-version", __version__.encode()), (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-modeld-version", __version__.encode()),
+            (b"connection", b"close"),
+        ]
         try:
             self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")) or b"")
             self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
@@ -92,7 +97,8 @@ def take_lock(paths: Paths) -> int:
         os.close(fd)
         pid = daemon_pid(paths)
         raise DaemonAlreadyRunning(
-            f"a modeld daemon is already running for {paths.home}" + (f" (pid {pid})" if pid else "")
+            f"a modeld daemon is already running for {paths.home}"
+            + (f" (pid {pid})" if pid else "")
             + "; stop it with `modeld daemon stop`"
         ) from None
     return fd

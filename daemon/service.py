@@ -20,6 +20,7 @@ from .process import ProcessHandle
 
 BUILTIN_TYPES = ("python", "pickle")  # model types run by the built-in server (runtime/serve.py)
 
+
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "exited (its exit code is unknown: it was adopted from an earlier daemon)"
@@ -28,10 +29,8 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-
 def is_builtin(config: ServiceConfig) -> bool:
     return config.model_type in BUILTIN_TYPES
-
 
 
 class ServiceRuntime:
@@ -59,8 +58,6 @@ class ServiceRuntime:
             self.listener = None
 
 
-
-
 def fill(arg: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         arg = arg.replace(key, value)
@@ -74,6 +71,7 @@ def serves(svc: BaseService, pid: int) -> bool:
     else:
         inodes = listening_inodes(svc.endpoint.port) if svc.endpoint.port else set()
     return holds_socket(pid, inodes)
+
 
 def serving_member(svc: BaseService, group: Group) -> ProcessIdentity | None:
     """The member of ``group`` that serves the service, if one does (in a thread)."""

@@ -64,7 +64,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, step: str = "") -> 
             os.fchmod(fd, mode)  # whatever the umask
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fdatasync(fd)  # the data and the size: all a rename needs
         finally:
             os.close(fd)
@@ -158,8 +158,10 @@ class PidRecord:
         previous = None
         try:  # (an unreadable previous server is no previous server)
             pid, ticks, boot = fields["prev"].split(":", 2)
-            previous = PidRecord(ProcessIdentity(int(pid), int(ticks), boot),
-                                 LaunchInfo.from_fields({k[5:]: v for k, v in fields.items() if k.startswith("prev_")}))
+            previous = PidRecord(
+                ProcessIdentity(int(pid), int(ticks), boot),
+                LaunchInfo.from_fields({k[5:]: v for k, v in fields.items() if k.startswith("prev_")}),
+            )
         except (KeyError, ValueError):
             pass
         return cls(ident, LaunchInfo.from_fields(fields), previous)

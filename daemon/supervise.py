@@ -65,8 +65,9 @@ class Supervisor:
                 if serving is not None:
                     successor = ProcessHandle.adopt(serving, proc.info, proc.group)
                     if successor is not None:
-                        log.info("%s: pid %d exited; pid %d, which it started, serves: following it",
-                                 m.uuid, proc.pid, successor.pid)
+                        log.info(
+                            "%s: pid %d exited; pid %d, which it started, serves: following it", m.uuid, proc.pid, successor.pid
+                        )
                         if m.proc is proc:
                             m.proc = successor
                         self.launcher.save_pid(m.uuid, successor, step="follow.pid")
@@ -107,8 +108,10 @@ class Supervisor:
                 m.svc.status.exit_code = code
                 await self.end_launch(m, proc)
                 lines = await self.last_log_lines(m)
-                raise DeployError(with_log_excerpt(f"the server {describe_exit(code)} before it answered its health check", lines),
-                                  log_excerpt=lines or None)
+                raise DeployError(
+                    with_log_excerpt(f"the server {describe_exit(code)} before it answered its health check", lines),
+                    log_excerpt=lines or None,
+                )
             healthy, seen = await probe(target, timeout=max(0.05, min(2.0, deadline - time.monotonic())))
             if healthy:
                 return proc
@@ -117,7 +120,8 @@ class Supervisor:
                 lines = await self.last_log_lines(m)
                 raise (StillStarting if timeout < m.svc.config.startup_timeout else DeployError)(
                     with_log_excerpt(f"the server did not become healthy within {timeout:g}s (last probe: {seen})", lines),
-                    log_excerpt=lines or None)
+                    log_excerpt=lines or None,
+                )
             await proc.wait(min(delay, remaining))
             if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
                 delay = min(delay * 1.5, 0.25)
@@ -266,19 +270,24 @@ class Supervisor:
         policy = svc.config.restart
         what = f"was stopped: {unhealthy}" if unhealthy else describe_exit(code)
         log.warning("%s: server %s", svc.uuid, what)
-        if svc.desired_state != DesiredState.RUNNING or policy.mode == "never" or (
-            policy.mode == "on-failure" and code == 0 and not unhealthy
+        if (
+            svc.desired_state != DesiredState.RUNNING
+            or policy.mode == "never"
+            or (policy.mode == "on-failure" and code == 0 and not unhealthy)
         ):
-            svc.status.moved_to(ServiceState.INACTIVE if code == 0 and not unhealthy else ServiceState.ERROR,
-                                with_log_excerpt(f"the server {what}", await self.last_log_lines(m)))
+            svc.status.moved_to(
+                ServiceState.INACTIVE if code == 0 and not unhealthy else ServiceState.ERROR,
+                with_log_excerpt(f"the server {what}", await self.last_log_lines(m)),
+            )
             self.save_if_possible(svc, step="restart.exited")
             return False
         m.failures += 1
         if m.failures > policy.max_restarts:
             svc.status.moved_to(
                 ServiceState.ERROR,
-                with_log_excerpt(f"the server {what}; gave up after {policy.max_restarts} restarts in a row",
-                                 await self.last_log_lines(m)),
+                with_log_excerpt(
+                    f"the server {what}; gave up after {policy.max_restarts} restarts in a row", await self.last_log_lines(m)
+                ),
             )
             self.save_if_possible(svc, step="restart.gave-up")
             m.close_listener()
@@ -338,8 +347,9 @@ class Supervisor:
         path = self.paths.service_log(m.uuid)
 
         def open_log(first_line: bytes) -> int:
-            return self.logs.open(str(m.uuid), path, config.log_max_bytes, config.log_backups,
-                                  marker(f"stop command {shlex.join(argv)}"))
+            return self.logs.open(
+                str(m.uuid), path, config.log_max_bytes, config.log_backups, marker(f"stop command {shlex.join(argv)}")
+            )
 
         try:
             helper = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log)
@@ -368,8 +378,9 @@ def backoff_delay(policy: RestartPolicy, failures: int) -> float:
 
 def _out_of_resources(exc: BaseException) -> bool:
     """An error caused by the daemon running out of fds or memory, not by the server."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS):
+    seen: BaseException | None = exc
+    while seen is not None:  # the error, then what caused it
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS):
             return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen = seen.__cause__ or seen.__context__
     return False

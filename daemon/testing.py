@@ -172,11 +172,13 @@ def home_cgroups(home: Path) -> list[Path]:
     if mount is None or setting.lower() in ("off", "tag", "0", "no"):
         return []
     if setting:
-        base = setting[len(mount):] if setting.startswith(mount) else setting
+        base = setting[len(mount) :] if setting.startswith(mount) else setting
     elif os.geteuid() == 0:
         base = "/"
     else:
-        base = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/")
+        base = next(
+            (line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")), "/"
+        )
     found = []
     for name in dict.fromkeys((str(Paths(home).home), os.path.realpath(home))):
         path = Path(mount) / base.lstrip("/") / f"modeld-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
@@ -240,11 +242,16 @@ def server_processes(home: Path) -> list[ServerProcess]:
             tagged = env.get("MODELD_HOME") == str(home) and bool(env.get("MODELD_SERVICE_UUID"))
             if (where is not None and not tagged and daemon_side(home, proc.pid, env)) or (where is None and not tagged):
                 continue
-            uuid, launch = where if where is not None else (env["MODELD_SERVICE_UUID"], tag_field(env.get("MODELD_PROCESS"), "launch"))
+            uuid, launch = (
+                where if where is not None else (env["MODELD_SERVICE_UUID"], tag_field(env.get("MODELD_PROCESS"), "launch"))
+            )
             if start_ticks(proc.pid) != ticks:  # the pid was reused while it was read
                 continue
-            found.append(ServerProcess(proc.pid, os.getpgid(proc.pid), proc.ppid(), uuid, ticks, launch,
-                                       tagged=tagged, in_cgroup=where is not None))
+            found.append(
+                ServerProcess(
+                    proc.pid, os.getpgid(proc.pid), proc.ppid(), uuid, ticks, launch, tagged=tagged, in_cgroup=where is not None
+                )
+            )
         except (psutil.Error, ProcessLookupError):
             continue
     return found
@@ -372,7 +379,11 @@ class DaemonProcess:
         with open(self.paths.daemon_log, "ab") as log:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "--home", str(self.home)],
-                env=self.env(die_at), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env(die_at),
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self.wait_answering()
@@ -385,12 +396,14 @@ class DaemonProcess:
 
     def wait_answering(self, timeout: float = 30) -> bool:
         with DaemonClient(self.home, auto_start=False, timeout=timeout) as client:
+
             def answered() -> dict[str, Any] | bool | None:
                 if self.popen is not None and self.popen.poll() is not None:
                     return True  # died first
                 with contextlib.suppress(DaemonError):
                     return client.daemon_info()
                 return None
+
             info = wait_for(answered, timeout, interval=0.005, what=f"the daemon of {self.home} to answer")
         if info is True:
             return False
@@ -455,8 +468,12 @@ def answer_tag(svc: BaseService, timeout: float = 2.0) -> str | None:
             response = conn.getresponse()
             body = response.read().decode()
         else:
-            conn.request("POST", f"/v1/models/{svc.config.model_name}:predict", body=b'{"instances": [1]}',
-                         headers={"content-type": "application/json"})
+            conn.request(
+                "POST",
+                f"/v1/models/{svc.config.model_name}:predict",
+                body=b'{"instances": [1]}',
+                headers={"content-type": "application/json"},
+            )
             response = conn.getresponse()
             body = json.loads(response.read())["predictions"][0] if response.status == 200 else ""
         return body if response.status == 200 else None
@@ -531,8 +548,11 @@ class Snapshot:
         if self.containment == "cgroup":
             return []
         seen, tracked = {p.pid for p in self.procs}, self.tracked()
-        return [h for h in self.helpers
-                if h.kind == "envless" and h.pid not in seen and tracked.get(h.uuid, "") != h.launch and h.alive()]
+        return [
+            h
+            for h in self.helpers
+            if h.kind == "envless" and h.pid not in seen and tracked.get(h.uuid, "") != h.launch and h.alive()
+        ]
 
 
 def snapshot(client: DaemonClient, home: Path, containment: str | None = None) -> Snapshot:
@@ -548,6 +568,7 @@ def wait_settled(client: DaemonClient, home: Path, timeout: float = CONVERGE_TIM
     def settled() -> bool:
         last[:] = [snapshot(client, home, containment)]
         return last[0].settled() and last[0].answering()
+
     with contextlib.suppress(WaitTimeout):
         wait_for(settled, timeout)
         return last[0], True
@@ -620,11 +641,15 @@ def log_faults(home: Path, services: dict[str, BaseService]) -> set[Any]:
 
 
 def describe(snap: Snapshot) -> str:
-    services = {u[:8]: (s.status.state.value, s.desired_state.value, s.status.pid, (s.config.command or [s.config.model_uri])[-1])
-                for u, s in snap.services.items()}
+    services = {
+        u[:8]: (s.status.state.value, s.desired_state.value, s.status.pid, (s.config.command or [s.config.model_uri])[-1])
+        for u, s in snap.services.items()
+    }
     tracked = {u[:8]: launch for u, launch in snap.tracked().items()}
-    found = {u[:8]: {launch: sorted(p.pid for p in procs) for launch, procs in by_launch.items()}
-             for u, by_launch in snap.launches.items()}
+    found = {
+        u[:8]: {launch: sorted(p.pid for p in procs) for launch, procs in by_launch.items()}
+        for u, by_launch in snap.launches.items()
+    }
     alive = [(h.pid, h.uuid[:8], h.launch, h.kind) for h in snap.helpers if h.alive()]
     return f"services={services} tracked={tracked} launches={found} helpers_alive={alive} containment={snap.containment}"
 
@@ -681,7 +706,7 @@ class UnixHTTP(UnixConnection):
 
 # Every command server the tests and scripts deploy: http.server answering 200 with BODY on every
 # GET. argv[1] is the port; each script's own setup says what else it reads.
-_HANDLER = '''
+_HANDLER = """
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
@@ -693,17 +718,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server(http.server.HTTPServer):
     address_family = socket.AF_INET6 if ":" in HOST else socket.AF_INET
 server = Server((HOST, PORT), Handler)
-'''
+"""
 _SERVE = "server.serve_forever()\n"
 # The leader forks the worker that serves (so a kill -9 of the leader alone leaves a worker
 # holding the port, as gunicorn or mlflow would) and exits as it does.
-_FORKED = '''worker = os.fork()
+_FORKED = """worker = os.fork()
 if worker == 0:
     server.serve_forever()
 else:
     _, status = os.waitpid(worker, 0)
     sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
-'''
+"""
 
 
 def server_script(setup: str, forked: bool = False) -> str:
@@ -722,7 +747,8 @@ TINY_SERVER = _server("PORT, BODY = int(sys.argv[1]), sys.argv[2].encode()\n", _
 # empty environment); argv: {port} {record file} [--envless] {tag}. The helper records itself
 # (pid, start ticks, service, launch, kind) in the record file, then becomes a long sleep: no
 # record is missing for a helper that runs, whenever its server dies.
-HELPER_SERVER = _server('''PORT, record, BODY = int(sys.argv[1]), os.path.abspath(sys.argv[2]), sys.argv[-1].encode()
+HELPER_SERVER = _server(
+    """PORT, record, BODY = int(sys.argv[1]), os.path.abspath(sys.argv[2]), sys.argv[-1].encode()
 envless = "--envless" in sys.argv
 launch = json.loads(os.environ.get("MODELD_PROCESS") or "{}").get("launch") or "-"
 script = ('read -r f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 f11 f12 f13 f14 f15 f16 f17 f18 f19 f20 f21 ticks rest < /proc/$$/stat; '
@@ -730,11 +756,13 @@ script = ('read -r f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 f11 f12 f13 f14 f15 f16 f17 f1
 subprocess.Popen(["/bin/sh", "-c", script, "helper", os.environ.get("MODELD_SERVICE_UUID") or "-", launch,
                   "envless" if envless else "tagged", record],
                  start_new_session=True, env={} if envless else None, stdin=subprocess.DEVNULL)
-''', _FORKED)
+""",
+    _FORKED,
+)
 # argv: {port} ... {tag}; a child (forked before the port is bound, so it never serves) writes the
 # log as fast as it can: 60 KiB blocks of short lines and, now and then, a line longer than the
 # log writer's 64 KiB chunk. Niced, so that it takes the CPU that is idle.
-FLOOD_SERVER = _server('''PORT, BODY = int(sys.argv[1]), sys.argv[-1].encode()
+FLOOD_SERVER = _server("""PORT, BODY = int(sys.argv[1]), sys.argv[-1].encode()
 if os.fork() == 0:
     os.nice(10)
     block = b"".join(b"flood %06d %s\\n" % (i, b"." * 72) for i in range(720))
@@ -748,15 +776,15 @@ if os.fork() == 0:
                 os.write(1, long_line)
     except OSError:
         os._exit(1)
-''')
+""")
 # argv: {port} {host} [anything]; an empty 200. It prints the size of FZ_BIG and of its last
 # argument, so a test can see what exec gave it.
-COMMAND_SERVER = _server('''PORT, HOST, BODY = int(sys.argv[1]), sys.argv[2], b""
+COMMAND_SERVER = _server("""PORT, HOST, BODY = int(sys.argv[1]), sys.argv[2], b""
 print("env", len(os.environ.get("FZ_BIG", "")), "arg", len(sys.argv[-1]), flush=True)
-''')
+""")
 # argv: {port} ok|fail; prints API_TOKEN (to see it masked in logs), exits 3 at once with "fail".
-TOKEN_SERVER = _server('''PORT, BODY = int(sys.argv[1]), b""
+TOKEN_SERVER = _server("""PORT, BODY = int(sys.argv[1]), b""
 print("starting with token", os.environ.get("API_TOKEN", "-"), flush=True)
 if sys.argv[2] == "fail":
     sys.exit(3)
-''')
+""")

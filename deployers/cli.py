@@ -160,7 +160,11 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
     print(f"modeld {info['version']} running, pid {info['pid']}, home {info['home']}")
     note = f" ({info['containment_note']})" if info.get("containment_note") else ""
     print(f"containment: {info.get('containment', 'unknown')}{note}")
-    print("services: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "total") if counts["total"] else "services: none")
+    print(
+        "services: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "total")
+        if counts["total"]
+        else "services: none"
+    )
     for problem in info["problems"]:
         aside = f" (set aside as {problem['set_aside_as']})" if problem.get("set_aside_as") else ""
         print(f"problem: {problem['path']}: {problem['message']}{aside}")
@@ -218,7 +222,9 @@ def _key_value(item: str, option: str) -> tuple[str, str]:
     return key, value
 
 
-def _progress(args: argparse.Namespace, label: str, call: Callable[[], BaseService], find: Callable[[DaemonClient], BaseService | None]) -> BaseService:
+def _progress(
+    args: argparse.Namespace, label: str, call: Callable[[], BaseService], find: Callable[[DaemonClient], BaseService | None]
+) -> BaseService:
     """Run a slow call; on a terminal, show the service's state, the time and its latest log line meanwhile.
 
     Piped output and --json stay quiet.
@@ -273,17 +279,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     def find(watcher: DaemonClient) -> BaseService | None:
         if args.uuid:
             return watcher.get(args.uuid)
-        same = watcher.find(pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name,
-                            model_name=config.model_name)
+        same = watcher.find(
+            pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name, model_name=config.model_name
+        )
         return max(same, key=lambda s: s.status.updated_at) if same else None
 
-    svc = _progress(args, f"deploying {config.model_name or config.model_uri or config.command[0]}",
-                    lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid), find)
+    svc = _progress(
+        args,
+        f"deploying {config.model_name or config.model_uri or config.command[0]}",
+        lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid),
+        find,
+    )
     if args.json:
         _print_json(svc.model_dump(mode="json"))
     else:
         print(f"{svc.uuid} {svc.status.state} in {time.monotonic() - started:.2f}s")
-        print(f"prediction url: {svc.endpoint.prediction_url}" if config.model_type != "command" else f"url: {svc.endpoint.base_url}")
+        print(
+            f"prediction url: {svc.endpoint.prediction_url}"
+            if config.model_type != "command"
+            else f"url: {svc.endpoint.base_url}"
+        )
     return 0
 
 
@@ -320,7 +335,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
-    given = {"UNIX_SOCKET": svc.endpoint.unix_socket or None, "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None}
+    given = {
+        "UNIX_SOCKET": svc.endpoint.unix_socket or None,
+        "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None,
+    }
     extra: dict[str, str | int | None] = {k: v for k, v in given.items() if v is not None}
     extra.update({"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)})
     extra["DESIRED"] = str(svc.desired_state) + (f" ({svc.desired_reason})" if svc.desired_reason else "")
@@ -338,8 +356,12 @@ def cmd_start(args: argparse.Namespace) -> int:
             raise UsageError("give a service or --all, not both")
         started, failed = client.start_all(timeout=args.timeout)
         if args.json:
-            _print_json({"started": [s.model_dump(mode="json") for s in started],
-                         "failed": {uuid: error.message for uuid, error in failed.items()}})
+            _print_json(
+                {
+                    "started": [s.model_dump(mode="json") for s in started],
+                    "failed": {uuid: error.message for uuid, error in failed.items()},
+                }
+            )
         else:
             for svc in started:
                 print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
@@ -359,8 +381,12 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     client = _client(args)
     uuid = _resolve(client, args.uuid)
-    svc = _progress(args, f"stopping {str(uuid)[:8]}", lambda: client.stop(uuid, timeout=args.timeout, force=args.force),
-                    lambda w: w.get(uuid))
+    svc = _progress(
+        args,
+        f"stopping {str(uuid)[:8]}",
+        lambda: client.stop(uuid, timeout=args.timeout, force=args.force),
+        lambda w: w.get(uuid),
+    )
     _print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
     return 0
 
@@ -401,7 +427,9 @@ def _registry(args: argparse.Namespace) -> Any:
 def cmd_flavor_register(args: argparse.Namespace) -> int:
     flavor = _registry(args).register_flavor(args.source)
     name = flavor["name"]
-    print(json.dumps({"registered": name, "source": args.source}) if args.json else f"flavor {name!r} registered from {args.source}")
+    print(
+        json.dumps({"registered": name, "source": args.source}) if args.json else f"flavor {name!r} registered from {args.source}"
+    )
     return 0
 
 
@@ -419,7 +447,11 @@ def cmd_deployer_register(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     registry.register_deployer(args.name, args.flavor, parse_key_values(args.values))
-    print(json.dumps({"registered": args.name, "flavor": args.flavor}) if args.json else f"deployer {args.name!r} registered with flavor {args.flavor!r}")
+    print(
+        json.dumps({"registered": args.name, "flavor": args.flavor})
+        if args.json
+        else f"deployer {args.name!r} registered with flavor {args.flavor!r}"
+    )
     return 0
 
 
@@ -444,7 +476,9 @@ def cmd_deployer_rm(args: argparse.Namespace) -> int:
 def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.ArgumentParser:
     """The parser of every command; ``config``: the class whose fields are ``deploy``'s options."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", default=argparse.SUPPRESS, help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)")
+    common.add_argument(
+        "--home", default=argparse.SUPPRESS, help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)"
+    )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON")
 
     parser = argparse.ArgumentParser(
@@ -458,7 +492,13 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     # default set on them would let a subcommand overwrite `modeld --home X ls` with None.
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub, **kw: Any) -> argparse.ArgumentParser:
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub,
+        **kw: Any,
+    ) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help, parents=[common], **kw)
         p.set_defaults(func=func)
         return p
@@ -467,16 +507,23 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     dsub = daemon.add_subparsers(dest="daemon_command", metavar="ACTION", required=True)
     add("start", cmd_daemon_start, "start the daemon in the background (a no-op if it runs)", dsub)
     p = add("stop", cmd_daemon_stop, "stop the daemon; model servers keep running unless --all", dsub)
-    p.add_argument("--all", action="store_true",
-                   help="stop every model server too; they stay stopped (also when a later call starts the daemon) "
-                        "until `modeld start --all`, a start or a deploy of each")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="stop every model server too; they stay stopped (also when a later call starts the daemon) "
+        "until `modeld start --all`, a start or a deploy of each",
+    )
     p.add_argument("--timeout", type=_seconds, default=60, help="seconds to wait (default 60)")
     add("status", cmd_daemon_status, "is the daemon running; version, pid, counts, problems found on disk", dsub)
     add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
 
-    p = add("deploy", cmd_deploy, "deploy a model (or replace the running version with --replace)",
-            epilog="For a command server give its argv after --; {port}, {host} and {model_uri} are filled in.",
-            usage="modeld deploy [options] [-- COMMAND ARG ...]")
+    p = add(
+        "deploy",
+        cmd_deploy,
+        "deploy a model (or replace the running version with --replace)",
+        epilog="For a command server give its argv after --; {port}, {host} and {model_uri} are filled in.",
+        usage="modeld deploy [options] [-- COMMAND ARG ...]",
+    )
     for option in deploy_options(config):
         p.add_argument(*option.flags, **option.kwargs)
     p.add_argument("--replace", action="store_true", help="update the service of the same pipeline, step and model in place")
@@ -487,21 +534,30 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     p.add_argument("--running", action="store_true", help="only services that are active")
     p.add_argument("--uuid", help="service uuid (or prefix)")
     for name in FIND_FILTERS:
-        p.add_argument(_flag(name), choices=_choices(ServiceConfig.model_fields[name].annotation),
-                       help=f"only services whose {name} is this")
+        p.add_argument(
+            _flag(name), choices=_choices(ServiceConfig.model_fields[name].annotation), help=f"only services whose {name} is this"
+        )
 
     p = add("info", cmd_info, "show one service: URLs, state, pid, paths")
     p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
     p = add("start", cmd_start, "start a stopped service (or restart a hung one) and wait until it is healthy")
     p.add_argument("uuid", nargs="?", help="service uuid (or a unique prefix, or a unique name)")
-    p.add_argument("--all", action="store_true", help="start every service that is not running (e.g. after `modeld daemon stop --all`)")
+    p.add_argument(
+        "--all", action="store_true", help="start every service that is not running (e.g. after `modeld daemon stop --all`)"
+    )
     p.add_argument("--timeout", type=_seconds, default=300, help="seconds to wait for it to be healthy (default 300)")
-    for name, func, helptext in (("stop", cmd_stop, "stop a service: SIGTERM to its process group, SIGKILL after a grace period"),
-                                 ("rm", cmd_rm, "stop a service and delete it with its files")):
+    for name, func, helptext in (
+        ("stop", cmd_stop, "stop a service: SIGTERM to its process group, SIGKILL after a grace period"),
+        ("rm", cmd_rm, "stop a service and delete it with its files"),
+    ):
         p = add(name, func, helptext)
         p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
-        p.add_argument("--timeout", type=_seconds, default=300,
-                       help="grace period before SIGKILL, if shorter than the service's stop_timeout (default: that, 10 s)")
+        p.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=300,
+            help="grace period before SIGKILL, if shorter than the service's stop_timeout (default: that, 10 s)",
+        )
         p.add_argument("--force", action="store_true", help="SIGKILL at once")
 
     p = add("logs", cmd_logs, "print a service's log (stdout and stderr of its server)")
@@ -515,7 +571,9 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     p.add_argument("source")
     add("list", cmd_flavor_list, "list the flavors", fsub)
 
-    deployer = sub.add_parser("deployer", help="register and list model deployers", description="Model deployers (a flavor plus its config).")
+    deployer = sub.add_parser(
+        "deployer", help="register and list model deployers", description="Model deployers (a flavor plus its config)."
+    )
     dpsub = deployer.add_subparsers(dest="deployer_command", metavar="ACTION", required=True)
     p = add("register", cmd_deployer_register, "register a deployer: modeld deployer register NAME --flavor F key=value …", dpsub)
     p.add_argument("name")
@@ -578,15 +636,28 @@ def _stop_command(text: str) -> list[str]:
 DEPLOY_OVERRIDES: dict[str, dict[str, Any]] = {
     "service_type": {"help": argparse.SUPPRESS},
     "command": {"argv": True},
-    "env": {"metavar": "KEY[=VALUE]", "read": lambda items: dict(_env_item(item) for item in items),
-            "note": "repeatable; KEY alone takes its value from your environment, keeping a secret out of the command line"},
+    "env": {
+        "metavar": "KEY[=VALUE]",
+        "read": lambda items: dict(_env_item(item) for item in items),
+        "note": "repeatable; KEY alone takes its value from your environment, keeping a secret out of the command line",
+    },
     "secret_env": {"metavar": "KEY", "note": "repeatable"},
-    "bind_unix": {"flag": "--unix-socket", "help": "serve a python/pickle model on a Unix socket only you can reach, not on a TCP port"},
-    "stop_command": {"metavar": "'COMMAND ARG ...'", "action": "store", "read": _stop_command, "note": "split as a shell would, run without one"},
+    "bind_unix": {
+        "flag": "--unix-socket",
+        "help": "serve a python/pickle model on a Unix socket only you can reach, not on a TCP port",
+    },
+    "stop_command": {
+        "metavar": "'COMMAND ARG ...'",
+        "action": "store",
+        "read": _stop_command,
+        "note": "split as a shell would, run without one",
+    },
     "restart.mode": {"flag": "--restart"},
     "restart.backoff_initial": {"flag": "--backoff"},
-    "restart.on_unhealthy": {"flag": "--no-restart-on-unhealthy",
-                             "help": "leave a hung server running and report it in error instead of restarting it"},
+    "restart.on_unhealthy": {
+        "flag": "--no-restart-on-unhealthy",
+        "help": "leave a hung server running and report it in error instead of restarting it",
+    },
 }
 UNITS: dict[str, Callable[[str], Any]] = {"seconds": _seconds, "bytes": _size}
 
@@ -687,8 +758,14 @@ def _default_text(default: Any, unit: str | None, annotation: Any) -> str:
     if annotation is bool or default in ("", None) or default == [] or default == {}:
         return ""
     if unit == "bytes":
-        return next((f"{default // size}{suffix}" for suffix, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
-                     if default % size == 0), str(default))
+        return next(
+            (
+                f"{default // size}{suffix}"
+                for suffix, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+                if default % size == 0
+            ),
+            str(default),
+        )
     return f"{default:g}" if isinstance(default, float) else str(default)
 
 
@@ -756,4 +833,3 @@ def _one_line(error: exc.ModeldError | str) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
-

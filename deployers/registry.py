@@ -98,9 +98,7 @@ def _validation_message(exc: ValidationError, config_class: type[BaseModelDeploy
     return "; ".join(problems)
 
 
-def _validate_config(
-    flavor: BaseModelDeployerFlavor, values: Mapping[str, Any], what: str
-) -> BaseModelDeployerConfig:
+def _validate_config(flavor: BaseModelDeployerFlavor, values: Mapping[str, Any], what: str) -> BaseModelDeployerConfig:
     config_class: type[BaseModelDeployerConfig] = flavor.config_class
     try:
         return config_class.model_validate(dict(values))
@@ -210,9 +208,7 @@ class FlavorRegistry:
         source = str(stored[name].get("source", ""))
         flavor = load_flavor(source)
         if flavor.name != name:
-            raise FlavorError(
-                f"flavor {name!r} (from {source!r}) now calls itself {flavor.name!r}; register it again"
-            )
+            raise FlavorError(f"flavor {name!r} (from {source!r}) now calls itself {flavor.name!r}; register it again")
         return flavor
 
     @staticmethod
@@ -288,8 +284,7 @@ class FlavorRegistry:
             return implementation(config=config, name=name)
         except Exception as exc:
             raise FlavorError(
-                f"deployer {name!r}: {source_of(implementation)}(config=..., name=...) failed: "
-                f"{type(exc).__name__}: {exc}"
+                f"deployer {name!r}: {source_of(implementation)}(config=..., name=...) failed: {type(exc).__name__}: {exc}"
             ) from exc
 
     def delete_deployer(self, name: str) -> None:

@@ -37,8 +37,7 @@ def _split(source: str) -> tuple[str, str]:
     parts = module.split(".") + attr.split(".")
     if not module or not attr or not all(part.isidentifier() for part in parts):
         raise FlavorError(
-            f"invalid source path {source!r}: expected 'package.module.ClassName' "
-            "(dotted Python identifiers, the class last)"
+            f"invalid source path {source!r}: expected 'package.module.ClassName' (dotted Python identifiers, the class last)"
         )
     return module, attr
 
@@ -54,9 +53,7 @@ def import_source(source: str) -> Any:
             "is it installed, or on PYTHONPATH?"
         ) from exc
     except Exception as exc:  # a module that breaks on import, whatever the way
-        raise FlavorError(
-            f"importing module {module_name!r} (from {source!r}) failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise FlavorError(f"importing module {module_name!r} (from {source!r}) failed: {type(exc).__name__}: {exc}") from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -105,8 +102,7 @@ def check_flavor(flavor: BaseModelDeployerFlavor, source: str) -> None:
     config_class = _read(flavor, "config_class", source)
     if not (inspect.isclass(config_class) and issubclass(config_class, BaseModelDeployerConfig)):
         raise FlavorError(
-            f"flavor {source!r}: config_class {config_class!r} is not a subclass of "
-            "deployers.BaseModelDeployerConfig"
+            f"flavor {source!r}: config_class {config_class!r} is not a subclass of deployers.BaseModelDeployerConfig"
         )
 
 
@@ -119,13 +115,9 @@ def implementation_of(flavor: BaseModelDeployerFlavor, what: str = "") -> type[B
     try:
         impl = flavor.implementation_class
     except Exception as exc:  # ImportError above all: its dependencies are missing here
-        raise FlavorError(
-            f"{what}: cannot load its implementation: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise FlavorError(f"{what}: cannot load its implementation: {type(exc).__name__}: {exc}") from exc
     if not (inspect.isclass(impl) and issubclass(impl, BaseModelDeployer)):
-        raise FlavorError(
-            f"{what}: implementation_class {impl!r} is not a subclass of deployers.BaseModelDeployer"
-        )
+        raise FlavorError(f"{what}: implementation_class {impl!r} is not a subclass of deployers.BaseModelDeployer")
     if inspect.isabstract(impl):
         missing = ", ".join(sorted(impl.__abstractmethods__))
         raise FlavorError(f"{what}: implementation {source_of(impl)} does not implement {missing}")

@@ -89,7 +89,9 @@ class ModeldModelDeployer(BaseModelDeployer):
         if old is not None:
             service.status.modeld_uuid = old.modeld_uuid
             service._handover = True
-            logger.info("Replacing modeld service %s in place; the old version serves until the new one is healthy.", old.modeld_uuid)
+            logger.info(
+                "Replacing modeld service %s in place; the old version serves until the new one is healthy.", old.modeld_uuid
+            )
         service.start(timeout=timeout)
         if old is not None and self._retiring is not None:
             self._retiring.remove(old)
@@ -159,7 +161,10 @@ class ModeldModelDeployer(BaseModelDeployer):
     def _claim_retiring(self, config: ModeldDeploymentConfig) -> ModeldDeploymentService | None:
         for old in self._retiring or []:
             same_model = (old.config.pipeline_name, old.config.pipeline_step_name, old.config.model_name) == (
-                config.pipeline_name, config.pipeline_step_name, config.model_name)
+                config.pipeline_name,
+                config.pipeline_step_name,
+                config.model_name,
+            )
             if same_model and old.config.modeld_home == config.modeld_home:
                 return old
         return None
@@ -183,12 +188,15 @@ class ModeldModelDeployer(BaseModelDeployer):
         except Exception as exc:  # the deploy's own error is the one to raise; say what is left behind
             logger.error(
                 "The previous version still serves as modeld service %s, but ZenML could not record it again (%s); "
-                "see `modeld ls`.", old.modeld_uuid, exc,
+                "see `modeld ls`.",
+                old.modeld_uuid,
+                exc,
             )
             return
         logger.warning(
-            "The new version did not take over; the previous one keeps serving (modeld service %s), "
-            "now ZenML service %s.", old.modeld_uuid, response.id,
+            "The new version did not take over; the previous one keeps serving (modeld service %s), now ZenML service %s.",
+            old.modeld_uuid,
+            response.id,
         )
 
 

@@ -144,8 +144,7 @@ class ModeldDeploymentService(BaseDeploymentService):
         except ServiceNotFound:
             self.status.pid = None
             return ServiceState.INACTIVE, (
-                f"the modeld daemon has no service {self.modeld_uuid} (deleted outside ZenML); "
-                "starting it deploys it again"
+                f"the modeld daemon has no service {self.modeld_uuid} (deleted outside ZenML); starting it deploys it again"
             )
         except ModeldError as exc:
             return ServiceState.ERROR, f"cannot ask the modeld daemon: {exc}"

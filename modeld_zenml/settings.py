@@ -20,8 +20,13 @@ from daemon.models import ServiceConfig
 M = TypeVar("M", bound=BaseModel)
 
 # modeld's fields that ZenML's ServiceConfig has already, by the name ZenML gives them.
-FROM_ZENML = {"name": "service_name", "description": "description", "pipeline_name": "pipeline_name",
-              "pipeline_step_name": "pipeline_step_name", "model_name": "model_name"}
+FROM_ZENML = {
+    "name": "service_name",
+    "description": "description",
+    "pipeline_name": "pipeline_name",
+    "pipeline_step_name": "pipeline_step_name",
+    "model_name": "model_name",
+}
 # Not a setting of a ZenML deployment: ZenML names its service types itself.
 LEFT_OUT = ("service_type",)
 # Always recorded as modeld types them ("" when not given). Every other setting is None unless

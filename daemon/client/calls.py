@@ -104,7 +104,9 @@ class DaemonClient:
         return self._service(self._call("GET", f"/v1/services/{_quote(uuid)}"))
 
     def start(self, uuid: UUID | str, timeout: float = DEFAULT_TIMEOUT) -> BaseService:
-        return self._service(self._call("POST", f"/v1/services/{_quote(uuid)}/start", query={"timeout": timeout}, timeout=timeout))
+        return self._service(
+            self._call("POST", f"/v1/services/{_quote(uuid)}/start", query={"timeout": timeout}, timeout=timeout)
+        )
 
     def start_all(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[BaseService], dict[str, ModeldError]]:
         """Start every service that is not running (after ``modeld daemon stop --all``, say):

@@ -80,8 +80,14 @@ class AsgiHandler:
         headers = [(b"content-length", str(len(content)).encode())]
         if content:
             headers.append((b"content-type", b"application/json"))
-        scope = {"type": "http", "method": request.method, "path": unquote(path), "raw_path": path.encode(),
-                 "query_string": query.encode(), "headers": headers}
+        scope = {
+            "type": "http",
+            "method": request.method,
+            "path": unquote(path),
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "headers": headers,
+        }
         sent_body = False
         finished = asyncio.Event()
 

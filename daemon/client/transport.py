@@ -135,7 +135,9 @@ class UnixSocketTransport(Transport):
             conn.connect()
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
             if self.start_daemon is None or not start:
-                raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}; start one with `modeld daemon start`") from exc
+                raise DaemonNotRunning(
+                    f"no modeld daemon answers on {self.paths.socket}; start one with `modeld daemon start`"
+                ) from exc
             self.start_daemon()
             conn.connect()
         return conn

@@ -89,7 +89,7 @@ class Sink:
                 self.rotate()
             view = memoryview(data)
             while view:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
             self.size += len(data)
         except OSError as exc:
             # A full disk, a deleted folder: the lines are dropped, the pipe keeps being drained

@@ -42,9 +42,7 @@ def load() -> ModuleType:
     from importlib.util import module_from_spec, spec_from_file_location
 
     folder = os.path.join(_HERE, "_serve")
-    spec = spec_from_file_location(
-        "_modeld_serve", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
-    )
+    spec = spec_from_file_location("_modeld_serve", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
     # Never None here: __init__.py has a source loader.
     assert spec is not None and spec.loader is not None
     module = module_from_spec(spec)

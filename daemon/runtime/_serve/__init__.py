@@ -28,16 +28,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ below resolves, named for type checkers (imported on first use at run time)
     from .app import App as App
-    from .cli import main as main
-    from .cli import parse_args as parse_args
+    from .cli import main as main, parse_args as parse_args
     from .forkserver import fork_server as fork_server
-    from .identity import EXIT_LOAD as EXIT_LOAD
-    from .identity import EXIT_USAGE as EXIT_USAGE
-    from .identity import FORK_SERVER_NAME as FORK_SERVER_NAME
-    from .identity import SERVER_NAME as SERVER_NAME
+    from .identity import (
+        EXIT_LOAD as EXIT_LOAD,
+        EXIT_USAGE as EXIT_USAGE,
+        FORK_SERVER_NAME as FORK_SERVER_NAME,
+        SERVER_NAME as SERVER_NAME,
+    )
     from .loading import load_model as load_model
-    from .server import FdHandoff as FdHandoff
-    from .server import Server as Server
+    from .server import FdHandoff as FdHandoff, Server as Server
 
 _EXPORTS = {
     "App": "app",

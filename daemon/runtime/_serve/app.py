@@ -37,6 +37,7 @@ if TYPE_CHECKING:
             self, status: int, obj: bytes | dict[str, object], close: bool = False, allow: str | None = None
         ) -> Awaitable[None]: ...
 
+
 MAX_BODY = 64 * 1024 * 1024
 
 
@@ -118,7 +119,7 @@ class App:
             return await respond(200, {"models": [self.name]})
         prefix = "/v1/models/"
         if path.startswith(prefix):
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if rest.endswith(":predict"):
                 if method != "POST":
                     return await wrong_method("POST")

@@ -35,8 +35,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="bind this port instead of using --fd")
     p.add_argument("--unix", help="also serve on a private Unix socket at this path")
     p.add_argument("--fd-socket", help="Unix socket path handing the TCP listening fd to same-uid peers")
-    p.add_argument("--drain", type=float, default=0.3,
-                   help="at most this many seconds between stop-accepting and shutdown (less once no connection is open)")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=0.3,
+        help="at most this many seconds between stop-accepting and shutdown (less once no connection is open)",
+    )
     args = p.parse_args(argv)
     if args.fd is None and (args.host is None or args.port is None):
         p.error("either --fd or both --host and --port are required")

@@ -175,7 +175,7 @@ def read_records(run: StrPath) -> dict[int, tuple[int, list[bytes]]]:
         if not name.startswith(RECORD_PREFIX):
             continue
         try:
-            records[int(name[len(RECORD_PREFIX):])] = read_record(os.path.join(run, name))
+            records[int(name[len(RECORD_PREFIX) :])] = read_record(os.path.join(run, name))
         except (OSError, ValueError):
             pass
     return records
