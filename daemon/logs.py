@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+from .detached import start_detached
 from .linux import ProcessIdentity
 from .paths import Paths
 
@@ -152,17 +153,11 @@ class LogWriterClient:
         env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_PROCESS": json.dumps({"role": "logd"})}
         env.pop("MODELD_SERVICE_UUID", None)
         try:
-            with open(self.paths.home / "logd.log", "ab") as out:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-I", LOGD_PY, "--socket", str(self.socket_path), "--record", str(self.record)],
-                    env=env,
-                    cwd="/",
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            self._proc = start_detached(
+                [sys.executable, "-I", LOGD_PY, "--socket", str(self.socket_path), "--record", str(self.record)],
+                env=env,
+                log_path=self.paths.home / "logd.log",
+            )
         except OSError as exc:
             log.error("cannot start the log writer: %s", exc)
             self._proc = None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .containment import Containment, Group
+from .detached import start_detached
 from .exceptions import DeployError, ForkServerError
 from .linux import ProcessIdentity, boot_id, pidfd_open, reap, send_group_signal
 from .logs import marker
@@ -282,19 +283,13 @@ class ForkServer:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            with open(log_path, "ab", buffering=0) as log_file:
-                self._proc = subprocess.Popen(
-                    [python, serve_py, "--fork-server", str(theirs.fileno())],
-                    env=env,
-                    cwd="/",
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                    pass_fds=(theirs.fileno(),),
-                    umask=_server_umask,
-                )
+            self._proc = start_detached(
+                [python, serve_py, "--fork-server", str(theirs.fileno())],
+                env=env,
+                log_path=log_path,
+                pass_fds=(theirs.fileno(),),
+                umask=_server_umask,
+            )
         except OSError:
             self._sock.close()
             raise

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from ..detached import start_detached
 from ..exceptions import DaemonStartError
 from ..paths import Paths
 
@@ -93,17 +94,11 @@ def _spawn_daemon(paths: Paths) -> subprocess.Popen[bytes]:
     # (this file is daemon/client/autostart.py: the folder that holds daemon/ is three levels up).
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    with open(paths.daemon_log, "ab") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--home", str(paths.home), "--socket", str(paths.socket)],
-            env=env,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+    return start_detached(
+        [sys.executable, "-m", "daemon", "--home", str(paths.home), "--socket", str(paths.socket)],
+        env=env,
+        log_path=paths.daemon_log,
+    )
 
 
 def _size(path: os.PathLike[str]) -> int:
