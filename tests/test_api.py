@@ -26,7 +26,7 @@ import pytest
 from conftest import iris_config, predict
 from daemon import __version__
 from daemon.paths import Paths
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon.testing import IRIS, UnixHTTP, wait_for
 
 CURL = shutil.which("curl") or "/usr/bin/curl"

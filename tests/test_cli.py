@@ -24,7 +24,7 @@ from daemon.exceptions import (
 )
 from daemon.models import LocalModelService, ServiceConfig
 from daemon.paths import Paths
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon.testing import pid_alive, wait_for
 from deployers import cli
 

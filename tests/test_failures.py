@@ -26,7 +26,7 @@ from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, Ser
 from daemon.exceptions import StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.paths import MAX_SOCKET_PATH, Paths
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon import testing as harness
 from daemon.testing import REPO, pid_alive, reap_home, wait_for
 
