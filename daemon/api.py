@@ -40,11 +40,12 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
+from .config import ServiceConfig
 from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
 from .filters import FIND_FILTERS, FIND_PARAMS
 from .logs import read_log
 from .manager import Manager
-from .models import BaseService, ServiceConfig, ServiceState, changes
+from .models import BaseService, ServiceState, changes
 
 log = logging.getLogger("modeld.api")
 

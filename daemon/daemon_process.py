@@ -29,8 +29,9 @@ from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, Forbidden, InvalidRequest, ModeldError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .manager import Manager
-from .paths import Paths, bind_private_socket
+from .paths import Paths
 from .process import keep_server_umask
+from .sockets import bind_private_socket
 from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")

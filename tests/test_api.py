@@ -317,7 +317,8 @@ def test_cached_answers_follow_every_edit_of_a_service():
     from types import SimpleNamespace
 
     from daemon.api import ServiceViews
-    from daemon.models import LocalModelService, ServiceConfig, ServiceState
+    from daemon.config import ServiceConfig
+    from daemon.models import LocalModelService, ServiceState
 
     services = {}
     for i in range(5):
