@@ -50,7 +50,7 @@ class ForkServer:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            self._proc = start_detached(
+            self._process = start_detached(
                 [python, serve_py, "--fork-server", str(theirs.fileno())],
                 env=env,
                 log_path=log_path,
@@ -123,7 +123,7 @@ class ForkServer:
             deadline = time.monotonic() + self.REPLY_TIMEOUT
             while not self._replies:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not _readable(self._sock, remaining):
+                if remaining <= 0 or not _wait_readable(self._sock, remaining):
                     self.close()
                     raise ForkServerError("the fork server did not answer")
                 self._on_message()
@@ -147,13 +147,13 @@ class ForkServer:
                 waiter.set_result(None)
         self._waiting.clear()
         with contextlib.suppress(OSError):
-            self._proc.wait(timeout=2)
-        if self._proc.returncode is None:
-            self._proc.kill()
-            self._proc.wait()
+            self._process.wait(timeout=2)
+        if self._process.returncode is None:
+            self._process.kill()
+            self._process.wait()
 
 
-def _readable(sock: socket.socket, timeout: float) -> bool:
+def _wait_readable(sock: socket.socket, timeout: float) -> bool:
     """Whether ``sock`` becomes readable within ``timeout`` (poll: select() takes no fd past 1023,
     and a daemon with a thousand services has fds well past that)."""
     poller = select.poll()

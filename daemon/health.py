@@ -68,20 +68,20 @@ async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None,
                 await loop.sock_connect(sock, address)  # TCP in progress, or a full Unix backlog
             request = f"GET {target.path} HTTP/1.1\r\nHost: modeld\r\nConnection: close\r\n\r\n".encode()
             await loop.sock_sendall(sock, request)
-            status_line = await _read_line(loop, sock)
+            status_line = await _read_status_line(loop, sock)
     except (OSError, TimeoutError) as exc:
         return False, f"{target}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}"
     finally:
         sock.close()
-    return _verdict(target, status_line)
+    return _verdict_of_status_line(target, status_line)
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
+def _resolve_ready(ready: asyncio.Future[None]) -> None:
     if not ready.done():
         ready.set_result(None)
 
 
-async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+async def _read_status_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     """The first line the peer sends (up to 4 KiB), read as it becomes readable."""
     data = b""
     while b"\n" not in data and len(data) < 4096:
@@ -89,7 +89,7 @@ async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> by
             chunk = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             ready = loop.create_future()
-            loop.add_reader(sock.fileno(), _wake, ready)
+            loop.add_reader(sock.fileno(), _resolve_ready, ready)
             try:
                 await ready
             finally:
@@ -120,11 +120,11 @@ class Batch:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._items:
-            loop.call_soon(lambda: loop.create_task(self._run()))  # after the tasks ready now have run
+            loop.call_soon(lambda: loop.create_task(self._run_batch()))  # after the tasks ready now have run
         self._items.append((item, future))
         return await future
 
-    async def _run(self) -> None:
+    async def _run_batch(self) -> None:
         items, self._items = self._items, []
         try:
             results = await asyncio.to_thread(self.work, [item for item, _ in items])
@@ -184,10 +184,10 @@ class Prober:
 def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tuple[bool | None, str]]:
     """Probe every target at once (in a thread): ``GET path`` on each, first line of each answer."""
     poller = select.poll()
-    pending: dict[int, _Exchange] = {}
+    pending: dict[int, _ProbeExchange] = {}
     results: dict[Any, tuple[bool | None, str]] = {}
     for key, target in targets.items():
-        exchange = _Exchange(key, target)
+        exchange = _ProbeExchange(key, target)
         failure = exchange.start()
         if failure is not None:
             results[key] = failure
@@ -217,7 +217,7 @@ def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tupl
     return results
 
 
-class _Exchange:
+class _ProbeExchange:
     """One probe, as a few non-blocking steps: connect, send, read the status line."""
 
     def __init__(self, key: Any, target: ProbeTarget):
@@ -278,10 +278,10 @@ class _Exchange:
         self.data += chunk
         if chunk and b"\n" not in self.data and len(self.data) < 4096:
             return None
-        return _verdict(self.target, self.data.split(b"\n", 1)[0])
+        return _verdict_of_status_line(self.target, self.data.split(b"\n", 1)[0])
 
 
-def _verdict(target: ProbeTarget, status_line: bytes) -> tuple[bool, str]:
+def _verdict_of_status_line(target: ProbeTarget, status_line: bytes) -> tuple[bool, str]:
     parts = status_line.split()
     if len(parts) >= 2 and parts[1].startswith(b"2"):
         return True, "ok"

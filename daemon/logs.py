@@ -185,7 +185,7 @@ async def read_log(
                 idle = FOLLOW_POLL[0]
                 yield data
                 continue
-            rotated = _inode(path) not in (inode, None)
+            rotated = _inode_of(path) not in (inode, None)
             if rotated:
                 # Ours was renamed away: finish it, then the files written after it, oldest first.
                 while data := os.read(fd, CHUNK):
@@ -230,7 +230,7 @@ def _newer_than(path: Path, backups: int, inode: int) -> list[tuple[int, int, in
     names = [path.with_name(f"{path.name}.{i}") for i in range(max(backups, 0), 0, -1)] + [path]
     for _attempt in range(20):
         opened = _open_snapshot(names)
-        if [_inode(p) for p in names if _inode(p) is not None] == [ino for _, _, ino in opened]:
+        if [_inode_of(p) for p in names if _inode_of(p) is not None] == [ino for _, _, ino in opened]:
             break
         for fd, _, _ in opened:
             os.close(fd)
@@ -254,7 +254,7 @@ async def _wait_open(path: Path, keep_going: Callable[[float], Awaitable[bool]])
                 return None
 
 
-def _inode(path: Path) -> int | None:
+def _inode_of(path: Path) -> int | None:
     try:
         return os.stat(path).st_ino
     except FileNotFoundError:

@@ -42,9 +42,9 @@ class LogWriterClient:
         self.socket_path = paths.run / "logd.sock"
         self.record = paths.run / "logd.pid"
         self._conn: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._writer_proc: subprocess.Popen[bytes] | None = None
         self.failure = ""  # why servers write their files directly, if they do
-        self._known: tuple[tuple[int, int, int], ProcessIdentity | None] | None = None  # pid(): the record as last read
+        self._record_cache: tuple[tuple[int, int, int], ProcessIdentity | None] | None = None  # pid(): the record as last read
         self._lock = threading.RLock()  # one request at a time on the connection (flushes come from threads)
 
     # ----------------------------------------------------------------- writer life
@@ -66,7 +66,7 @@ class LogWriterClient:
             self._spawn()
             deadline = time.monotonic() + 5.0
             while conn is None and time.monotonic() < deadline:
-                if self._proc is None or self._proc.poll() is not None:
+                if self._writer_proc is None or self._writer_proc.poll() is not None:
                     break  # it could not be started, or exited
                 time.sleep(0.005)
                 conn = self._connect()
@@ -115,35 +115,35 @@ class LogWriterClient:
         try:
             st = os.stat(self.record)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if self._known is None or self._known[0] != stamp:
+            if self._record_cache is None or self._record_cache[0] != stamp:
                 lines = self.record.read_text().split()
                 ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
                 with open(f"/proc/{ident.pid}/environ", "rb") as f:
                     tagged = f"MODELD_HOME={self.paths.home}".encode() in f.read().split(b"\0")
-                self._known = (stamp, ident if tagged else None)
+                self._record_cache = (stamp, ident if tagged else None)
         except (OSError, ValueError, IndexError):
-            self._known = None
+            self._record_cache = None
             return None
-        known = self._known[1]
+        known = self._record_cache[1]
         return known if known is not None and known.is_alive() else None
 
     def _spawn(self) -> None:
         env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_PROCESS": json.dumps({"role": "logd"})}
         env.pop("MODELD_SERVICE_UUID", None)
         try:
-            self._proc = start_detached(
+            self._writer_proc = start_detached(
                 [sys.executable, "-I", LOGD_PY, "--socket", str(self.socket_path), "--record", str(self.record)],
                 env=env,
                 log_path=self.paths.home / "logd.log",
             )
         except OSError as exc:
             log.error("cannot start the log writer: %s", exc)
-            self._proc = None
+            self._writer_proc = None
 
     def reap(self) -> None:
         """Collect a writer we started that has exited (it is our child)."""
-        if self._proc is not None:
-            self._proc.poll()
+        if self._writer_proc is not None:
+            self._writer_proc.poll()
 
     def close(self) -> None:
         """Disconnect (the writer carries on for the servers)."""
@@ -161,8 +161,8 @@ class LogWriterClient:
         self.close()
         deadline = time.monotonic() + timeout
         while ident is not None and ident.is_alive() and time.monotonic() < deadline:
-            if self._proc is not None:
-                self._proc.poll()
+            if self._writer_proc is not None:
+                self._writer_proc.poll()
             time.sleep(0.005)
 
     # -------------------------------------------------------------------- requests

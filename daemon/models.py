@@ -46,7 +46,7 @@ class DesiredState(str, enum.Enum):
         return self.value
 
 
-_changes = [0]  # moved by every attribute set on a service, its status or its endpoint
+_edit_count = [0]  # moved by every attribute set on a service, its status or its endpoint
 
 
 def changes() -> int:
@@ -56,13 +56,13 @@ def changes() -> int:
     they are asked about the same objects: new objects are made by replacing a field (an edit)
     or a whole service (a new object, told apart by identity).
     """
-    return _changes[0]
+    return _edit_count[0]
 
 
 class _EditCounted(BaseModel):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        _changes[0] += 1
+        _edit_count[0] += 1
 
 
 class ServiceStatus(_EditCounted):

@@ -316,7 +316,7 @@ def test_cached_answers_follow_every_edit_of_a_service():
     import sys as _sys
     from types import SimpleNamespace
 
-    from daemon.api import ServiceViews
+    from daemon.views import ServiceViews
     from daemon.config import ServiceConfig
     from daemon.models import LocalModelService, ServiceState
 
