@@ -22,6 +22,10 @@ if TYPE_CHECKING:
         DaemonClient as DaemonClient,
         VersionMismatchWarning as VersionMismatchWarning,
     )
+    from .config import (
+        RestartPolicy as RestartPolicy,
+        ServiceConfig as ServiceConfig,
+    )
     from .exceptions import (
         Conflict as Conflict,
         DaemonAlreadyRunning as DaemonAlreadyRunning,
@@ -51,8 +55,6 @@ if TYPE_CHECKING:
         BaseService as BaseService,
         DesiredState as DesiredState,
         LocalModelService as LocalModelService,
-        RestartPolicy as RestartPolicy,
-        ServiceConfig as ServiceConfig,
         ServiceEndpoint as ServiceEndpoint,
         ServiceRegistry as ServiceRegistry,
         ServiceState as ServiceState,
@@ -82,9 +84,9 @@ _EXPORTS = {
     "PayloadTooLarge": "exceptions",
     "ProtocolError": "exceptions",
     "RequestError": "exceptions",
-    "RestartPolicy": "models",
+    "RestartPolicy": "config",
     "SERVICE_REGISTRY": "models",
-    "ServiceConfig": "models",
+    "ServiceConfig": "config",
     "ServiceEndpoint": "models",
     "ServiceError": "exceptions",
     "ServiceNotFound": "exceptions",

@@ -29,6 +29,6 @@ def _without_tls() -> None:
 
 _without_tls()
 
-from .server import main  # noqa: E402
+from .daemon_process import main  # noqa: E402
 
 sys.exit(main())

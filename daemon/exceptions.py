@@ -25,7 +25,7 @@
 
 OS and library errors are converted where they are caught, with ``raise … from exc``.
 
-Wire format (the daemon's ``api.py`` and ``server.py`` write it, the client's
+Wire format (the daemon's ``api.py`` and ``daemon_process.py`` write it, the client's
 transport reads it)::
 
     {"error": {"type": "<class name>", "message": "<text>", "log_excerpt": "<lines>"}}

@@ -1,7 +1,7 @@
 """The find filters: the one list of ``ServiceConfig`` fields a find can match exactly.
 
 Everything that offers find's filters takes them from here: the API's query
-parameters and its index (``daemon/api.py``), ``modeld ls`` (its options, their
+parameters (``daemon/api.py``) and its index (``daemon/views.py``), ``modeld ls`` (its options, their
 help and choices come from the fields), and the keyword arguments of
 ``DaemonClient.find`` and ``find_model_server``, which spell them out for
 readers and type checkers and are held to this list by ``tests/test_schema.py``.

@@ -1,4 +1,4 @@
-"""HTTP health probes and the listening sockets of model servers.
+"""HTTP health probes: one now (``probe``), or every watched server on one shared beat (``Prober``).
 
 A probe is one ``GET`` with ``Connection: close``; any 2xx is healthy. It
 goes to a built-in server's private Unix socket (so the new version of a
@@ -15,12 +15,11 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .addresses import ip_literal
-from .exceptions import DeployError
 
 log = logging.getLogger("modeld.health")
 
@@ -69,20 +68,20 @@ async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None,
                 await loop.sock_connect(sock, address)  # TCP in progress, or a full Unix backlog
             request = f"GET {target.path} HTTP/1.1\r\nHost: modeld\r\nConnection: close\r\n\r\n".encode()
             await loop.sock_sendall(sock, request)
-            status_line = await _read_line(loop, sock)
+            status_line = await _read_status_line(loop, sock)
     except (OSError, TimeoutError) as exc:
         return False, f"{target}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}"
     finally:
         sock.close()
-    return _verdict(target, status_line)
+    return _verdict_of_status_line(target, status_line)
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
+def _resolve_ready(ready: asyncio.Future[None]) -> None:
     if not ready.done():
         ready.set_result(None)
 
 
-async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+async def _read_status_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     """The first line the peer sends (up to 4 KiB), read as it becomes readable."""
     data = b""
     while b"\n" not in data and len(data) < 4096:
@@ -90,7 +89,7 @@ async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> by
             chunk = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             ready = loop.create_future()
-            loop.add_reader(sock.fileno(), _wake, ready)
+            loop.add_reader(sock.fileno(), _resolve_ready, ready)
             try:
                 await ready
             finally:
@@ -100,99 +99,6 @@ async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> by
             break
         data += chunk
     return data.split(b"\n", 1)[0]
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """Bind and listen on ``host:port`` (0: a free port); the daemon holds it for the service's life.
-
-    ``host`` is an IP address (the manager resolves names first, see daemon/addresses.py): a
-    name given here would be looked up by ``bind``, blocking the caller.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise DeployError(f"port {port} on {host} is already in use by another process") from exc
-        raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return sock
-
-
-def bind_unclaimed(host: str, claimed: Collection[int]) -> socket.socket:
-    """A listener on a free port that is none of ``claimed``.
-
-    A service keeps its port for life, but a command server's port is free while it is
-    down (stopped, restarting, being replaced): the kernel may offer it to a new service
-    then. Ports it offers that are claimed are held while another is asked for.
-    """
-    held: list[socket.socket] = []
-    try:
-        while True:
-            sock = bind_listener(host, 0)
-            if int(sock.getsockname()[1]) not in claimed or len(held) >= 64:
-                return sock
-            held.append(sock)
-    finally:
-        for other in held:
-            other.close()
-
-
-def fetch_listener(fd_socket: str, timeout: float = 1.0) -> socket.socket | None:
-    """Take a built-in server's listening socket back over its hand-over socket (SCM_RIGHTS).
-
-    A restarted daemon uses it to keep the port held across a replace. None if it cannot.
-    """
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(fd_socket)
-            _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
-    except OSError:
-        return None
-    if not fds:
-        return None
-    sock = socket.socket(fileno=fds[0])
-    sock.set_inheritable(False)
-    return sock
-
-
-def fetch_listeners(fd_sockets: list[str], timeout: float = 1.0) -> list[socket.socket | None]:
-    """``fetch_listener`` of each, all at once (a daemon re-adopting many servers), in the same order."""
-    poller = select.poll()
-    conns: dict[int, tuple[int, socket.socket]] = {}
-    results: list[socket.socket | None] = [None] * len(fd_sockets)
-    for i, path in enumerate(fd_sockets):
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        try:
-            conn.connect(path)  # (a Unix socket connects at once, or its backlog is full)
-        except OSError:
-            conn.close()
-            continue
-        conns[conn.fileno()] = (i, conn)
-        poller.register(conn, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    try:
-        while conns and (remaining := deadline - time.monotonic()) > 0:
-            for fd, _events in poller.poll(remaining * 1000):
-                i, conn = conns.pop(fd)
-                poller.unregister(fd)
-                with conn:
-                    try:
-                        _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
-                    except OSError:
-                        continue
-                if fds:
-                    sock = socket.socket(fileno=fds[0])
-                    sock.set_inheritable(False)
-                    results[i] = sock
-    finally:
-        for _, conn in conns.values():
-            conn.close()
-    return results
 
 
 # ------------------------------------------------------------------ the shared beat
@@ -214,11 +120,11 @@ class Batch:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._items:
-            loop.call_soon(lambda: loop.create_task(self._run()))  # after the tasks ready now have run
+            loop.call_soon(lambda: loop.create_task(self._run_batch()))  # after the tasks ready now have run
         self._items.append((item, future))
         return await future
 
-    async def _run(self) -> None:
+    async def _run_batch(self) -> None:
         items, self._items = self._items, []
         try:
             results = await asyncio.to_thread(self.work, [item for item, _ in items])
@@ -278,10 +184,10 @@ class Prober:
 def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tuple[bool | None, str]]:
     """Probe every target at once (in a thread): ``GET path`` on each, first line of each answer."""
     poller = select.poll()
-    pending: dict[int, _Exchange] = {}
+    pending: dict[int, _ProbeExchange] = {}
     results: dict[Any, tuple[bool | None, str]] = {}
     for key, target in targets.items():
-        exchange = _Exchange(key, target)
+        exchange = _ProbeExchange(key, target)
         failure = exchange.start()
         if failure is not None:
             results[key] = failure
@@ -311,7 +217,7 @@ def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tupl
     return results
 
 
-class _Exchange:
+class _ProbeExchange:
     """One probe, as a few non-blocking steps: connect, send, read the status line."""
 
     def __init__(self, key: Any, target: ProbeTarget):
@@ -372,10 +278,10 @@ class _Exchange:
         self.data += chunk
         if chunk and b"\n" not in self.data and len(self.data) < 4096:
             return None
-        return _verdict(self.target, self.data.split(b"\n", 1)[0])
+        return _verdict_of_status_line(self.target, self.data.split(b"\n", 1)[0])
 
 
-def _verdict(target: ProbeTarget, status_line: bytes) -> tuple[bool, str]:
+def _verdict_of_status_line(target: ProbeTarget, status_line: bytes) -> tuple[bool, str]:
     parts = status_line.split()
     if len(parts) >= 2 and parts[1].startswith(b"2"):
         return True, "ok"

@@ -30,14 +30,17 @@ from uuid import UUID
 
 from . import killpoints
 from .addresses import Address, literal_address, resolve
+from .config import ServiceConfig
 from .containment import Containment
 from .exceptions import Conflict, DeployError, InvalidRequest, StorageError
-from .health import ProbeTarget, bind_listener, bind_unclaimed
-from .logs import LogWriterClient
-from .models import ServiceConfig, ServiceEndpoint
-from .paths import MAX_SOCKET_PATH, Paths, bind_private_socket
-from .process import ForkServers, ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
+from .forkservers import ForkServers
+from .health import ProbeTarget
+from .logwriter import LogWriterClient
+from .models import ServiceEndpoint
+from .paths import Paths
+from .process import ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
 from .service import ServiceRuntime, fill, is_builtin
+from .sockets import MAX_SOCKET_PATH, bind_listener, bind_private_socket, bind_unclaimed
 from .store import LaunchInfo, PidRecord, Store
 
 log = logging.getLogger("modeld.manager")

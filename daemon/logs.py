@@ -1,12 +1,10 @@
-"""The servers' logs: the daemon's end of the log writer, and reading logs in bounded memory.
+"""The servers' logs, read in bounded memory, and the marker lines the daemon writes into them.
 
-Servers never write their log files themselves: each writes into a pipe whose
-read end belongs to the log writer (``runtime/logd.py``, one process per home,
-see there), which appends whole lines to ``service.log`` and rotates it. The
-writer outlives the daemon, so a daemon restart or kill -9 loses no line and
-never leaves a server blocked on a full pipe. If the writer cannot be had, a
-server is given its log file directly (unbounded, as before the writer existed)
-and the daemon's log says why.
+The files themselves are written by the log writer (``runtime/logd.py``; the daemon's end of it
+is ``logwriter.py``), which appends whole lines to ``service.log`` and rotates it by rename to
+``service.log.1`` … ``.N``. This module is the one place they are read: the API's
+``GET /v1/services/{uuid}/logs`` (what ``modeld logs`` and ``DaemonClient.logs`` get) streams
+``read_log``, and supervision quotes ``tail_text`` in errors.
 
 Reading never loads a whole file: ``tail`` scans back from the end in 64 KiB
 blocks until it has counted enough of the server's lines (the daemon's own
@@ -18,29 +16,13 @@ tail), and a stream goes forward in 64 KiB chunks, across ``service.log.N`` …
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from .detached import start_detached
-from .linux import ProcessIdentity
-from .paths import Paths
-
-log = logging.getLogger("modeld.logs")
-
-LOGD_PY = str(Path(__file__).with_name("runtime") / "logd.py")
 CHUNK = 64 * 1024
 MARKER = b"--- modeld: "
-FLUSH_LIMIT = 1 << 20
 FOLLOW_POLL = (0.01, 0.2)  # seconds a follower waits for new lines: at first, and at most
 
 
@@ -52,208 +34,6 @@ def marker(text: str) -> bytes:
     if len(text) > MARKER_TEXT_MAX:
         text = text[:MARKER_TEXT_MAX] + "…"
     return f"--- modeld: {text} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode()
-
-
-class LogWriterClient:
-    """The daemon's connection to the log writer of its home; starts the writer when there is none."""
-
-    REPLY_TIMEOUT = 2.0
-
-    def __init__(self, paths: Paths):
-        self.paths = paths
-        self.socket_path = paths.run / "logd.sock"
-        self.record = paths.run / "logd.pid"
-        self._conn: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.failure = ""  # why servers write their files directly, if they do
-        self._known: tuple[tuple[int, int, int], ProcessIdentity | None] | None = None  # pid(): the record as last read
-        self._lock = threading.RLock()  # one request at a time on the connection (flushes come from threads)
-
-    # ----------------------------------------------------------------- writer life
-
-    def ensure(self, start: bool = True) -> bool:
-        """Connected to a live writer (started if needed and ``start``); False if none can be had.
-
-        Only the event loop's thread starts one (``start``): a spawn from another thread could
-        happen while the daemon stands in a service's cgroup for a spawn of its own (see
-        containment.py), and the writer must never be part of a service.
-        """
-        if self._conn is not None:
-            return True
-        conn = self._connect()
-        if conn is None and not start:
-            return False
-        if conn is None:
-            self._stop_unanswering()
-            self._spawn()
-            deadline = time.monotonic() + 5.0
-            while conn is None and time.monotonic() < deadline:
-                if self._proc is None or self._proc.poll() is not None:
-                    break  # it could not be started, or exited
-                time.sleep(0.005)
-                conn = self._connect()
-        if conn is None:
-            self.failure = f"the log writer did not start (see {self.paths.home / 'logd.log'})"
-            log.error("%s; servers write their logs directly, unbounded", self.failure)
-            return False
-        self._conn = conn
-        self.failure = ""
-        return True
-
-    def _connect(self) -> socket.socket | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.REPLY_TIMEOUT)
-        try:
-            sock.connect(str(self.socket_path))
-            sock.send(b'{"op": "ping"}')
-            reply = json.loads(sock.recv(65536) or b"{}")
-            if reply.get("ok"):
-                return sock
-        except (OSError, ValueError):
-            pass
-        sock.close()
-        return None
-
-    def _stop_unanswering(self) -> None:
-        """A writer whose record says it lives but who does not answer is stopped (its pipes are lost)."""
-        ident = self.pid()
-        if ident is None:
-            return
-        log.warning("the log writer (pid %d) does not answer; starting another", ident.pid)
-        with contextlib.suppress(OSError):
-            fd = os.pidfd_open(ident.pid)
-            try:
-                if ident.is_alive():
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-            finally:
-                os.close(fd)
-
-    def pid(self) -> ProcessIdentity | None:
-        """The live writer's identity from its record (checked against its start time and tag).
-
-        The record is read and the tag checked again only when the record file changed (GET
-        /v1/daemon asks this on every call); whether the process lives is checked every time.
-        """
-        try:
-            st = os.stat(self.record)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if self._known is None or self._known[0] != stamp:
-                lines = self.record.read_text().split()
-                ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
-                with open(f"/proc/{ident.pid}/environ", "rb") as f:
-                    tagged = f"MODELD_HOME={self.paths.home}".encode() in f.read().split(b"\0")
-                self._known = (stamp, ident if tagged else None)
-        except (OSError, ValueError, IndexError):
-            self._known = None
-            return None
-        known = self._known[1]
-        return known if known is not None and known.is_alive() else None
-
-    def _spawn(self) -> None:
-        env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_PROCESS": json.dumps({"role": "logd"})}
-        env.pop("MODELD_SERVICE_UUID", None)
-        try:
-            self._proc = start_detached(
-                [sys.executable, "-I", LOGD_PY, "--socket", str(self.socket_path), "--record", str(self.record)],
-                env=env,
-                log_path=self.paths.home / "logd.log",
-            )
-        except OSError as exc:
-            log.error("cannot start the log writer: %s", exc)
-            self._proc = None
-
-    def reap(self) -> None:
-        """Collect a writer we started that has exited (it is our child)."""
-        if self._proc is not None:
-            self._proc.poll()
-
-    def close(self) -> None:
-        """Disconnect (the writer carries on for the servers)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-        self.reap()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the writer to drain every pipe and exit (after every server has stopped)."""
-        ident = self.pid()
-        with contextlib.suppress(OSError, ValueError, LogWriterError):
-            self._request({"op": "exit"}, retry=False, start=False)
-        self.close()
-        deadline = time.monotonic() + timeout
-        while ident is not None and ident.is_alive() and time.monotonic() < deadline:
-            if self._proc is not None:
-                self._proc.poll()
-            time.sleep(0.005)
-
-    # -------------------------------------------------------------------- requests
-
-    def _request(
-        self, message: dict[str, object], fds: tuple[int, ...] = (), retry: bool = True, start: bool = True
-    ) -> dict[str, object]:
-        with self._lock:
-            return self._exchange(message, fds, retry, start)
-
-    def _exchange(self, message: dict[str, object], fds: tuple[int, ...], retry: bool, start: bool) -> dict[str, object]:
-        for attempt in (1, 2):
-            if not self.ensure(start):
-                raise LogWriterError(self.failure)
-            assert self._conn is not None
-            try:
-                data = json.dumps(message).encode()
-                if fds:
-                    socket.send_fds(self._conn, [data], list(fds))
-                else:
-                    self._conn.send(data)
-                reply = json.loads(self._conn.recv(65536) or b"null")
-            except (OSError, ValueError) as exc:
-                self.close()  # a writer that went away: the next attempt starts another
-                if attempt == 2 or not retry:
-                    raise LogWriterError(f"the log writer failed: {exc}") from exc
-                continue
-            if not isinstance(reply, dict) or not reply.get("ok"):
-                raise LogWriterError(f"the log writer refused {message.get('op')}: {reply}")
-            return reply
-        raise AssertionError("unreachable")
-
-    def open(self, key: str, path: Path, max_bytes: int, backups: int, first_line: bytes) -> int:
-        """A fd for a server's stdout and stderr (the caller passes it on and closes it).
-
-        The write end of a new pipe whose read end the writer appends to ``path``; ``first_line``
-        goes in before anything the server writes. Without a writer, ``path`` itself, appended to.
-        """
-        r, w = os.pipe2(os.O_CLOEXEC)
-        first_line = first_line[:4096]  # a pipe takes this much at once with no reader yet (64 KiB, at least a page)
-        try:
-            os.write(w, first_line)
-            self._request({"op": "attach", "key": key, "path": str(path), "max_bytes": max_bytes, "backups": backups}, (r,))
-        except LogWriterError as exc:
-            os.close(w)
-            log.warning("%s: %s; the server writes its log directly", key, exc)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            with contextlib.suppress(OSError):
-                os.write(fd, first_line)
-            return fd
-        finally:
-            os.close(r)
-        return w
-
-    def limits(self, key: str, path: Path, max_bytes: int, backups: int) -> None:
-        with contextlib.suppress(LogWriterError):
-            self._request({"op": "limits", "key": key, "path": str(path), "max_bytes": max_bytes, "backups": backups})
-
-    def flush(self, key: str) -> None:
-        """Everything the service's servers have written so far is in its file (best effort)."""
-        with contextlib.suppress(LogWriterError):
-            self._request({"op": "flush", "key": key}, retry=False, start=False)  # (called from threads)
-
-
-class LogWriterError(OSError):
-    pass
-
-
-# ------------------------------------------------------------------------ reading
 
 
 def log_files(path: Path, backups: int) -> list[Path]:
@@ -301,7 +81,7 @@ def tail_start(sources: list[tuple[int, int]], n: int) -> tuple[int, int]:
     return 0, 0
 
 
-def _open_all(files: list[Path]) -> list[tuple[int, int, int]]:
+def _open_snapshot(files: list[Path]) -> list[tuple[int, int, int]]:
     """(fd, size, inode) of each file that exists, oldest first: a snapshot of the log."""
     opened = []
     for path in files:
@@ -320,7 +100,7 @@ def tail_text(path: Path, n: int = 20, max_bytes: int = 16384) -> str:
     A line cut by ``max_bytes`` is left out whole: it may start mid-secret, which scrubbing would
     then not recognise.
     """
-    opened = _open_all(log_files(path, 1))
+    opened = _open_snapshot(log_files(path, 1))
     try:
         index, offset = tail_start([(fd, size) for fd, size, _ in opened], n)
         data = b""
@@ -341,7 +121,7 @@ def tail_text(path: Path, n: int = 20, max_bytes: int = 16384) -> str:
     return "\n".join(line for line in lines if not line.startswith(MARKER.decode()))
 
 
-class _Filter:
+class _MarkerFilter:
     """Drops marker lines from a stream of chunks (a line may span chunks)."""
 
     def __init__(self) -> None:
@@ -363,16 +143,16 @@ async def read_log(
     """The log as chunks: everything (oldest file first), or the last ``tail`` server lines, as it
     was when asked; with ``follow``, then what is written next, across rotations, while
     ``keep_going()`` says so."""
-    opened = await asyncio.to_thread(_open_all, log_files(path, backups))
+    opened = await asyncio.to_thread(_open_snapshot, log_files(path, backups))
     try:
         index, offset = 0, 0
-        strip: _Filter | None = None
+        strip: _MarkerFilter | None = None
         if tail is not None and opened:
             if tail == 0:
                 index, offset = len(opened) - 1, opened[-1][1]
             else:
                 index, offset = await asyncio.to_thread(tail_start, [(fd, size) for fd, size, _ in opened], tail)
-                strip = _Filter()
+                strip = _MarkerFilter()
         for i in range(index, len(opened)):
             fd, size, _ = opened[i]
             position = offset if i == index else 0
@@ -405,7 +185,7 @@ async def read_log(
                 idle = FOLLOW_POLL[0]
                 yield data
                 continue
-            rotated = _inode(path) not in (inode, None)
+            rotated = _inode_of(path) not in (inode, None)
             if rotated:
                 # Ours was renamed away: finish it, then the files written after it, oldest first.
                 while data := os.read(fd, CHUNK):
@@ -449,13 +229,13 @@ def _newer_than(path: Path, backups: int, inode: int) -> list[tuple[int, int, in
     """
     names = [path.with_name(f"{path.name}.{i}") for i in range(max(backups, 0), 0, -1)] + [path]
     for _attempt in range(20):
-        opened = _open_all(names)
-        if [_inode(p) for p in names if _inode(p) is not None] == [ino for _, _, ino in opened]:
+        opened = _open_snapshot(names)
+        if [_inode_of(p) for p in names if _inode_of(p) is not None] == [ino for _, _, ino in opened]:
             break
         for fd, _, _ in opened:
             os.close(fd)
     else:
-        opened = _open_all(names)  # (a flood that rotates faster than this can look: best effort)
+        opened = _open_snapshot(names)  # (a flood that rotates faster than this can look: best effort)
     for i, (_, _, ino) in enumerate(opened):
         if ino == inode:
             for fd, _, _ in opened[: i + 1]:
@@ -474,15 +254,8 @@ async def _wait_open(path: Path, keep_going: Callable[[float], Awaitable[bool]])
                 return None
 
 
-def _inode(path: Path) -> int | None:
+def _inode_of(path: Path) -> int | None:
     try:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0

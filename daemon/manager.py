@@ -36,8 +36,6 @@ from .health import (
     Batch,
     Prober,
     ProbeTarget,
-    fetch_listener,
-    fetch_listeners,
     probe,
     probe_all,
 )
@@ -48,12 +46,13 @@ from .linux import (
     signal_verified,
     tagged_processes,
 )
-from .logs import LogWriterClient
+from .logwriter import LogWriterClient
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
 from .process import ProcessHandle
 from .runtime._serve import forkserver
 from .service import ServiceRuntime, is_builtin, serves, serving_member
+from .sockets import fetch_listener, fetch_listeners
 from .store import LaunchInfo, PidRecord, Problem, Store
 from .supervise import Supervisor
 

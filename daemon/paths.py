@@ -13,15 +13,11 @@ $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/stat
 from __future__ import annotations
 
 import os
-import socket
-import stat
 from pathlib import Path
 from uuid import UUID
 
 from .exceptions import StorageError
-
-# A Unix socket path is limited to 108 bytes including the NUL.
-MAX_SOCKET_PATH = 107
+from .sockets import MAX_SOCKET_PATH
 
 
 def canonical(path: str | os.PathLike[str]) -> Path:
@@ -123,31 +119,3 @@ class Paths:
                 f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes; "
                 "set MODELD_HOME (or MODELD_SOCKET) to a shorter path"
             )
-
-
-def bind_private_socket(path: Path, hint: str = "") -> socket.socket:
-    """Bind and listen on a Unix socket at ``path`` that only this user can connect to (0600).
-
-    A socket file already there is a leftover of a server that is gone (the caller owns the
-    path); anything else is not ours to replace.
-    """
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise StorageError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set MODELD_HOME to a shorter path")
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise StorageError(f"{path} exists and is not a socket{hint}")
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise StorageError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-    finally:
-        os.umask(old_umask)
-    return sock

@@ -13,9 +13,10 @@ import asyncio
 import socket
 from uuid import UUID
 
+from .config import ServiceConfig
 from .containment import Group
 from .linux import ProcessIdentity, holds_socket, listening_inodes, listening_unix_inodes
-from .models import BaseService, ServiceConfig
+from .models import BaseService
 from .process import ProcessHandle
 
 BUILTIN_TYPES = ("python", "pickle")  # model types run by the built-in server (runtime/serve.py)

@@ -24,7 +24,8 @@ import time
 from .exceptions import DeployError, ModeldError, StillStarting, StorageError, with_log_excerpt
 from .health import Prober, probe
 from .launch import Launcher
-from .logs import LogWriterClient, marker, tail_text
+from .logs import marker, tail_text
+from .logwriter import LogWriterClient
 from .models import BaseService, DesiredState, RestartPolicy, ServiceConfig, ServiceState
 from .paths import Paths
 from .process import ProcessHandle, spawn

@@ -27,7 +27,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from daemon.models import BaseService, ServiceConfig
+from daemon.config import ServiceConfig
+from daemon.models import BaseService
 
 DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT = 300
 

@@ -129,7 +129,7 @@ def cmd_daemon_stop(args: argparse.Namespace) -> int:
     if not client.is_running():
         print("modeld daemon is not running")
         return 0
-    from daemon.server import daemon_pid
+    from daemon.daemon_process import daemon_pid
 
     pid = client.daemon_info()["pid"]
     client.shutdown(stop_services=args.all)
@@ -172,7 +172,7 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon_run(args: argparse.Namespace) -> int:
-    from daemon.server import run
+    from daemon.daemon_process import run
 
     try:
         return run(Paths(args.home))

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import daemon
     from daemon.client import DaemonClient
 
-# modeld's run settings (every field of daemon.models.ServiceConfig that ZenML's ServiceConfig lacks),
+# modeld's run settings (every field of daemon.config.ServiceConfig that ZenML's ServiceConfig lacks),
 # made from modeld's fields: None leaves modeld's default.
 ModeldRunSettings = with_run_settings(ServiceConfig, "ModeldRunSettings", __name__)
 _RUN_SETTINGS = tuple(run_settings())
@@ -70,7 +70,7 @@ class ModeldDeploymentConfig(ModeldRunSettings):  # type: ignore[misc,valid-type
 
     def to_modeld(self) -> daemon.ServiceConfig:
         """The modeld ``ServiceConfig`` this describes (raises pydantic's ValidationError if it cannot run)."""
-        from daemon.models import ServiceConfig as ModeldConfig
+        from daemon.config import ServiceConfig as ModeldConfig
 
         fields = modeld_fields(self, _RUN_SETTINGS)
         return ModeldConfig(**fields)

@@ -1,4 +1,4 @@
-"""modeld's settings as fields of the ZenML deployment config, made from ``daemon.models.ServiceConfig``.
+"""modeld's settings as fields of the ZenML deployment config, made from ``daemon.config.ServiceConfig``.
 
 ZenML's own ``ServiceConfig`` has a service's identity (``service_name``,
 ``description``, ``pipeline_name``, ``pipeline_step_name``, ``model_name``);
@@ -15,7 +15,7 @@ from typing import Any, Optional, TypeVar, cast
 
 from pydantic import BaseModel, Field
 
-from daemon.models import ServiceConfig
+from daemon.config import ServiceConfig
 
 M = TypeVar("M", bound=BaseModel)
 

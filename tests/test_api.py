@@ -26,7 +26,7 @@ import pytest
 from conftest import iris_config, predict
 from daemon import __version__
 from daemon.paths import Paths
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon.testing import IRIS, UnixHTTP, wait_for
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
@@ -316,8 +316,9 @@ def test_cached_answers_follow_every_edit_of_a_service():
     import sys as _sys
     from types import SimpleNamespace
 
-    from daemon.api import ServiceViews
-    from daemon.models import LocalModelService, ServiceConfig, ServiceState
+    from daemon.views import ServiceViews
+    from daemon.config import ServiceConfig
+    from daemon.models import LocalModelService, ServiceState
 
     services = {}
     for i in range(5):

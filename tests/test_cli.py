@@ -22,9 +22,10 @@ from daemon.exceptions import (
     Conflict, DaemonAlreadyRunning, DaemonStartError, DeployError, Forbidden, InternalError, InvalidRequest,
     MethodNotAllowed, NotFound, PayloadTooLarge, ProtocolError, ServiceNotFound, StillStarting, StopError, StorageError,
 )
-from daemon.models import LocalModelService, ServiceConfig
+from daemon.config import ServiceConfig
+from daemon.models import LocalModelService
 from daemon.paths import Paths
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon.testing import pid_alive, wait_for
 from deployers import cli
 

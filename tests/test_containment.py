@@ -282,8 +282,9 @@ def test_a_daemon_of_an_ordinary_user_contains_its_servers_in_its_delegated_cgro
     import uvicorn.protocols.http.h11_impl  # noqa: F401
 
     import daemon.api  # noqa: F401
+    import daemon.daemon_process  # noqa: F401
     import daemon.logs  # noqa: F401
-    import daemon.server  # noqa: F401
+    import daemon.logwriter  # noqa: F401
 
     daemon_pid = os.fork()
     if daemon_pid == 0:
@@ -302,7 +303,7 @@ def test_a_daemon_of_an_ordinary_user_contains_its_servers_in_its_delegated_cgro
             sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
             logging.root.handlers.clear()  # (pytest's): the daemon logs to its daemon.log
             from daemon.paths import Paths
-            from daemon.server import run
+            from daemon.daemon_process import run
 
             code = run(Paths(user_home))
         except BaseException:

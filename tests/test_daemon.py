@@ -24,7 +24,7 @@ from conftest import iris_config, modeld, port_open, predict
 from daemon import DaemonClient, DaemonStartError, ServiceState, VersionMismatchWarning
 from daemon.linux import start_ticks
 from daemon.paths import Paths
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon import testing as harness
 from daemon.testing import REPO, pid_alive, processes_of, wait_for
 

@@ -21,7 +21,8 @@ import pytest
 
 import deployers
 from daemon.exceptions import FlavorError, StorageError
-from daemon.models import BaseService, ServiceConfig, ServiceEndpoint, ServiceState, ServiceStatus
+from daemon.config import ServiceConfig
+from daemon.models import BaseService, ServiceEndpoint, ServiceState, ServiceStatus
 from deployers import (
     DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
     BaseModelDeployer,

@@ -35,6 +35,16 @@ def test_daemon_exports() -> None:
             getattr(daemon, name)
 
 
+def test_service_config_is_still_importable_from_models() -> None:
+    """ServiceConfig and RestartPolicy live in daemon.config; daemon.models, where flavors and users
+    have imported them from, re-exports the very same classes."""
+    import daemon.config
+    import daemon.models
+
+    for name in ("ServiceConfig", "RestartPolicy"):
+        assert getattr(daemon.models, name) is getattr(daemon.config, name) is getattr(daemon, name), name
+
+
 def test_the_whole_exception_tree_is_exported_and_closed() -> None:
     """Every ModeldError class of daemon.exceptions is in ERRORS (so the client maps its type back) and in daemon."""
     defined = {name: cls for name, cls in vars(exceptions).items()

@@ -25,8 +25,9 @@ from conftest import iris_config, predict
 from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, ServiceState
 from daemon.exceptions import StorageError
 from daemon.linux import boot_id, start_ticks
-from daemon.paths import MAX_SOCKET_PATH, Paths
-from daemon.server import daemon_pid
+from daemon.paths import Paths
+from daemon.sockets import MAX_SOCKET_PATH
+from daemon.daemon_process import daemon_pid
 from daemon import testing as harness
 from daemon.testing import REPO, pid_alive, reap_home, wait_for
 

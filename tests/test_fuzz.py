@@ -96,7 +96,7 @@ def test_fuzz_configs_accepted_ones_run_and_survive_a_restart(client, home, caps
     assert report["accepted_fraction"] >= 0.2, report
     # Every field of ServiceConfig (and of its restart policy) was fuzzed, and most were also accepted.
     from daemon import ServiceConfig
-    from daemon.models import RestartPolicy
+    from daemon.config import RestartPolicy
 
     fields = {*ServiceConfig.model_fields, *(f"restart.{name}" for name in RestartPolicy.model_fields)} - {"restart"}
     assert fields <= set(report["by_field"]), sorted(fields - set(report["by_field"]))

@@ -35,8 +35,9 @@ from daemon import DaemonClient, ServiceConfig, ServiceState
 from daemon.addresses import Address, literal_address
 from daemon.exceptions import Conflict, InvalidRequest
 from daemon.linux import tagged_processes
-from daemon.models import MAX_ARG_STRLEN
-from daemon.paths import MAX_SOCKET_PATH, Paths
+from daemon.config import MAX_ARG_STRLEN
+from daemon.paths import Paths
+from daemon.sockets import MAX_SOCKET_PATH
 from daemon.process import exec_limit
 from daemon.testing import COMMAND_SERVER, IRIS, REPO, pid_alive, reap_home, wait_for
 

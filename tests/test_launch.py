@@ -14,8 +14,9 @@ import pytest
 from daemon.containment import Containment
 from daemon.exceptions import Conflict, InvalidRequest
 from daemon.launch import Launcher
-from daemon.logs import LogWriterClient
-from daemon.models import LocalModelService, ServiceConfig
+from daemon.logwriter import LogWriterClient
+from daemon.config import ServiceConfig
+from daemon.models import LocalModelService
 from daemon.paths import Paths
 from daemon.service import ServiceRuntime
 from daemon.store import Store

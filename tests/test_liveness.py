@@ -149,7 +149,7 @@ def test_supervision_survives_the_daemon_running_out_of_fds(client, home, tmp_pa
 
 def test_backoff_arithmetic_cannot_overflow():
     from daemon.supervise import backoff_delay
-    from daemon.models import RestartPolicy
+    from daemon.config import RestartPolicy
 
     policy = RestartPolicy(mode="always", max_restarts=100000, backoff_max=0)
     assert [backoff_delay(policy, n) for n in (1, 2, 1025, 100000)] == [0.0, 0.0, 0.0, 0.0]

@@ -30,7 +30,7 @@ from daemon.linux import boot_id, start_ticks
 from daemon.models import DesiredState
 from daemon.paths import Paths
 from daemon.runtime._serve import FORK_SERVER_NAME
-from daemon.server import daemon_pid
+from daemon.daemon_process import daemon_pid
 from daemon.testing import pid_alive, processes_of, wait_for
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]

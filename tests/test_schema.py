@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from daemon.filters import FIND_FILTERS, FIND_PARAMS
-from daemon.models import RestartPolicy, ServiceConfig
+from daemon.config import RestartPolicy, ServiceConfig
 from deployers import cli
 from modeld_zenml import settings
 

@@ -39,7 +39,7 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
     """Start a daemon for ``paths`` unless one answers; return once its socket answers."""
     from filelock import FileLock, Timeout
 
-    from ..server import daemon_pid
+    from ..daemon_process import daemon_pid
 
     paths.ensure()
     try:

@@ -22,8 +22,9 @@ from urllib.parse import quote
 from uuid import UUID
 
 from .._version import __version__
+from ..config import ServiceConfig
 from ..exceptions import DaemonNotRunning, ModeldError, error_from_dict
-from ..models import SERVICE_REGISTRY, BaseService, ServiceConfig
+from ..models import SERVICE_REGISTRY, BaseService
 from ..paths import Paths
 from .autostart import ensure_daemon
 from .transport import Request, Transport, UnixSocketTransport

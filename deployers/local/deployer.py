@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
-from daemon.models import BaseService, ServiceConfig
+from daemon.config import ServiceConfig
+from daemon.models import BaseService
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
 from deployers.local.flavor import LocalDaemonModelDeployerConfig, LocalDaemonModelDeployerFlavor
 

@@ -1,7 +1,7 @@
 """Warm starts: the fork server, and its wire and record formats (written and parsed only here).
 
 One fork server per interpreter (``serve.py --fork-server FD``, started by the
-daemon, see ``daemon/process.py``) has imported uvicorn and the whole runtime
+daemon, see ``daemon/forkservers.py``) has imported uvicorn and the whole runtime
 already, so a server forked from it skips the ~100 ms of a cold interpreter
 start. It stays single-threaded with no event loop (forking is safe), and each
 child starts its own session, so a server is the leader of its own process group
@@ -29,7 +29,7 @@ the fork server's environ instead, and this file stands in for it: the start
 ticks, a newline, then the ``RECORD_TAGS`` as environ has them (``KEY=value``,
 NUL-separated). A record is about a process only if the ticks match.
 
-Both ends use the functions below (the daemon's in ``daemon/process.py``,
+Both ends use the functions below (the daemon's in ``daemon/forkservers.py``,
 ``daemon/containment.py`` and ``daemon/manager.py``), so the formats are defined
 once. This module imports only the standard library at import time: the daemon
 imports it too.

@@ -29,14 +29,15 @@ from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, Forbidden, InvalidRequest, ModeldError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .manager import Manager
-from .paths import Paths, bind_private_socket
+from .paths import Paths
 from .process import keep_server_umask
+from .sockets import bind_private_socket
 from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")
 
-_FORBIDDEN = json.dumps({"error": Forbidden("this daemon serves only its own user").to_dict()}).encode()
-_BAD_HTTP = (
+_FORBIDDEN_BODY = json.dumps({"error": Forbidden("this daemon serves only its own user").to_dict()}).encode()
+_BAD_HTTP_MESSAGE = (
     "not a valid HTTP/1.1 request (request line, header or body framing); send e.g. GET /v1/services HTTP/1.1 with a Host header"
 )
 
@@ -51,14 +52,14 @@ class PeerCheckedProtocol(H11Protocol):
             log.warning("refused a connection from uid %d", peer_uid(sock))
             transport.write(
                 b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                + f"content-length: {len(_FORBIDDEN)}\r\n\r\n".encode()
-                + _FORBIDDEN
+                + f"content-length: {len(_FORBIDDEN_BODY)}\r\n\r\n".encode()
+                + _FORBIDDEN_BODY
             )
             transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn answers a request h11 cannot parse in plain text; answer in JSON, as every error."""
-        body = json.dumps({"error": InvalidRequest(_BAD_HTTP).to_dict()}).encode()
+        body = json.dumps({"error": InvalidRequest(_BAD_HTTP_MESSAGE).to_dict()}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -110,7 +111,7 @@ def bind_socket(paths: Paths) -> socket.socket:
     return bind_private_socket(paths.socket, hint="; set MODELD_SOCKET to another path")
 
 
-class _Server(uvicorn.Server):
+class _UvicornWithoutSignals(uvicorn.Server):
     """uvicorn's server without its own signal handling: the daemon's loop handles signals."""
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
@@ -140,7 +141,7 @@ class Daemon:
         self.paths = paths
         self.manager = Manager(paths)
         self.stop_services = False
-        self.server: _Server | None = None
+        self.server: _UvicornWithoutSignals | None = None
 
     def request_shutdown(self, stop_services: bool) -> None:
         self.stop_services = self.stop_services or stop_services
@@ -162,7 +163,7 @@ class Daemon:
             timeout_graceful_shutdown=2,
             timeout_keep_alive=60,
         )
-        self.server = _Server(config)
+        self.server = _UvicornWithoutSignals(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, False)
