@@ -77,7 +77,7 @@ class ServiceConfig(BaseModel):
     (its interpreter and its working directory) unless given.
 
     This is the one definition of a service's settings: ``modeld deploy``'s
-    options (deployers/cli.py) and the ZenML deployment config
+    options (deployers/cli/options.py) and the ZenML deployment config
     (modeld_zenml/settings.py) are made from these fields, their types,
     defaults and descriptions (each field needs one: it is the option's
     help). ``json_schema_extra`` says what else they need to know:

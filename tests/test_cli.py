@@ -27,7 +27,7 @@ from daemon.models import LocalModelService
 from daemon.paths import Paths
 from daemon.daemon_process import daemon_pid
 from daemon.testing import pid_alive, wait_for
-from deployers import cli
+from deployers.cli import connect, main
 
 UUID_RE = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
@@ -286,8 +286,8 @@ def test_unusable_home_is_one_line(tmp_path):
 def run_in_memory(monkeypatch, capsys, handler, *argv: str) -> tuple[int, str, str, InMemoryTransport]:
     """``modeld *argv`` in this process, every client on ``InMemoryTransport(handler)``: (exit code, stdout, stderr, transport)."""
     transport = InMemoryTransport(handler)
-    monkeypatch.setattr(cli, "_client", lambda args, auto_start=True, timeout=None: DaemonClient(transport=transport, timeout=timeout))
-    code = cli.main(list(argv))
+    monkeypatch.setattr(connect, "client", lambda args, auto_start=True, timeout=None: DaemonClient(transport=transport, timeout=timeout))
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err, transport
 

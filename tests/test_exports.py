@@ -103,6 +103,15 @@ def test_daemon_package_import_is_lazy() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_harness_exports() -> None:
+    """``daemon.testing`` is one harness to its users, whichever of its modules holds a name."""
+    import daemon.testing
+
+    assert daemon.testing.__all__ == sorted(daemon.testing.__all__)
+    for name in daemon.testing.__all__:
+        assert getattr(daemon.testing, name) is not None, name
+
+
 def test_client_import_costs_no_asyncio() -> None:
     """Every `modeld` command imports the client; its in-memory transport for tests must not pull asyncio in."""
     code = "import sys, daemon.client, deployers.cli; print('asyncio' in sys.modules)"

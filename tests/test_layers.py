@@ -54,7 +54,9 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                     if child.level:
                         parent = package[: len(package) - (child.level - 1)]
                         base = ".".join(parent + ([base] if base else []))
-                    names = [base] + [f"{base}.{alias.name}" for alias in child.names]
+                    # ``from package import module`` depends on that module, not on what the package's
+                    # __init__ imports (Python runs the parent first anyway, whatever the import).
+                    names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in child.names]
                 for name in names:
                     target = known(name)
                     if target and target != module:

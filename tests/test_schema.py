@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from daemon.filters import FIND_FILTERS, FIND_PARAMS
 from daemon.config import RestartPolicy, ServiceConfig
-from deployers import cli
+from deployers.cli import options as cli_options, parser as cli_parser
 from modeld_zenml import settings
 
 
@@ -27,16 +27,16 @@ class ExtendedConfig(ServiceConfig):
 
 
 def _deploy_help(config: type[ServiceConfig] = ServiceConfig) -> str:
-    parser = cli.build_parser(config)
+    parser = cli_parser.build_parser(config)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return " ".join(sub.choices["deploy"].format_help().split())  # unwrapped
 
 
 def _deploy(*argv: str, config: type[ServiceConfig] = ServiceConfig) -> ServiceConfig:
-    own, command = cli._split_command(["deploy", *argv])
-    args = cli.build_parser(config).parse_args(own)
+    own, command = cli_parser._split_command(["deploy", *argv])
+    args = cli_parser.build_parser(config).parse_args(own)
     args.command = command
-    return cli._deploy_config(args, config)
+    return cli_options.deploy_config(args, config)
 
 
 # ------------------------------------------------------------------ the CLI
@@ -54,7 +54,7 @@ def test_a_new_field_is_a_deploy_option():
 
 
 def test_every_field_is_a_deploy_option_with_its_description_and_default():
-    options = {".".join(o.path): o for o in cli.deploy_options()}
+    options = {".".join(o.path): o for o in cli_options.deploy_options()}
     nested = {f"restart.{name}" for name in RestartPolicy.model_fields}
     assert set(options) == (set(ServiceConfig.model_fields) - {"restart"}) | nested
     help_text = _deploy_help()
@@ -73,7 +73,7 @@ def test_every_field_is_a_deploy_option_with_its_description_and_default():
 
 
 def test_the_flags_keep_their_names_and_forms():
-    flags = {o.flags[0] for o in cli.deploy_options()}
+    flags = {o.flags[0] for o in cli_options.deploy_options()}
     assert flags == {
         "--name", "--description", "--pipeline-name", "--pipeline-run-id", "--pipeline-step-name", "--model-name",
         "--model-uri", "--model-type", "command", "--health-path", "--prediction-path", "--host", "--port",
@@ -96,8 +96,8 @@ def test_the_flags_keep_their_names_and_forms():
 
 
 def test_ls_takes_the_find_filters():
-    parser = cli.build_parser()
-    args = parser.parse_args(["ls", *[arg for name in FIND_FILTERS for arg in (cli._flag(name), "python")]])
+    parser = cli_parser.build_parser()
+    args = parser.parse_args(["ls", *[arg for name in FIND_FILTERS for arg in (cli_options.flag_of(name), "python")]])
     assert {name: getattr(args, name) for name in FIND_FILTERS} == dict.fromkeys(FIND_FILTERS, "python")
     with pytest.raises(SystemExit):
         parser.parse_args(["ls", "--model-type", "nope"])  # choices from the field's Literal

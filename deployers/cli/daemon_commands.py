@@ -1,0 +1,82 @@
+"""The commands on the daemon itself: ``modeld daemon start|stop|status|run``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from daemon import exceptions as exc
+from daemon.client import ensure_daemon
+from daemon.paths import Paths
+from deployers.cli import connect
+from deployers.cli.output import print_json
+
+
+def cmd_daemon_start(args: argparse.Namespace) -> int:
+    paths = Paths(args.home)
+    try:
+        ensure_daemon(paths)
+    except exc.StorageError as error:
+        raise exc.DaemonStartError(f"cannot start the daemon: {error.message}") from error
+    info = connect.client(args, auto_start=False).daemon_info()
+    if args.json:
+        print_json({"running": True, **info})
+    else:
+        print(f"modeld daemon running (pid {info['pid']}) on {info['socket']}")
+    return 0
+
+
+def cmd_daemon_stop(args: argparse.Namespace) -> int:
+    client = connect.client(args, auto_start=False)
+    if not client.is_running():
+        print("modeld daemon is not running")
+        return 0
+    from daemon.daemon_process import daemon_pid
+
+    pid = client.daemon_info()["pid"]
+    client.shutdown(stop_services=args.all)
+    deadline = time.monotonic() + args.timeout
+    # The socket closes first; the process exits after it has stopped (with --all) the servers.
+    while time.monotonic() < deadline and (client.is_running() or daemon_pid(client.paths) == pid):
+        time.sleep(0.02)
+    if client.is_running() or daemon_pid(client.paths) == pid:
+        raise exc.StopError(f"the daemon (pid {pid}) did not stop within {args.timeout:g}s")
+    print(f"modeld daemon stopped (pid {pid})" + ("; every model server stopped" if args.all else "; model servers keep running"))
+    return 0
+
+
+def cmd_daemon_status(args: argparse.Namespace) -> int:
+    client = connect.client(args, auto_start=False)
+    try:
+        info = client.daemon_info()
+    except exc.DaemonNotRunning:
+        if args.json:
+            print_json({"running": False, "home": str(client.paths.home)})
+        else:
+            print(f"modeld daemon is not running (home {client.paths.home})")
+        return 3
+    if args.json:
+        print_json({"running": True, **info})
+        return 0
+    counts = info["counts"]
+    print(f"modeld {info['version']} running, pid {info['pid']}, home {info['home']}")
+    note = f" ({info['containment_note']})" if info.get("containment_note") else ""
+    print(f"containment: {info.get('containment', 'unknown')}{note}")
+    print(
+        "services: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "total")
+        if counts["total"]
+        else "services: none"
+    )
+    for problem in info["problems"]:
+        aside = f" (set aside as {problem['set_aside_as']})" if problem.get("set_aside_as") else ""
+        print(f"problem: {problem['path']}: {problem['message']}{aside}")
+    return 0
+
+
+def cmd_daemon_run(args: argparse.Namespace) -> int:
+    from daemon.daemon_process import run
+
+    try:
+        return run(Paths(args.home))
+    except exc.StorageError as error:
+        raise exc.DaemonStartError(f"cannot start the daemon: {error.message}") from error

@@ -1,0 +1,174 @@
+"""The commands on services: deploy, ls, info, start, stop, rm and logs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from daemon.client import DaemonClient
+from daemon.filters import FIND_FILTERS
+from daemon.models import BaseService
+from deployers.cli import connect
+from deployers.cli.connect import resolve
+from deployers.cli.errors import UsageError, one_line
+from deployers.cli.options import deploy_config
+from deployers.cli.output import print_json, table
+from deployers.cli.progress import progress
+
+
+def summary(svc: BaseService) -> list[str]:
+    c = svc.config
+    return [
+        str(svc.uuid)[:8],
+        c.name or c.model_name or "-",
+        c.model_type,
+        str(svc.status.state),
+        str(svc.status.pid or "-"),
+        svc.endpoint.base_url if svc.endpoint.port else "-",
+        c.pipeline_name or "-",
+        c.pipeline_step_name or "-",
+    ]
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    try:
+        config = deploy_config(args)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise UsageError(_validation_line(error)) from error
+    client = connect.client(args)
+    started = time.monotonic()
+
+    def find(watcher: DaemonClient) -> BaseService | None:
+        if args.uuid:
+            return watcher.get(args.uuid)
+        same = watcher.find(
+            pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name, model_name=config.model_name
+        )
+        return max(same, key=lambda s: s.status.updated_at) if same else None
+
+    svc = progress(
+        args,
+        f"deploying {config.model_name or config.model_uri or config.command[0]}",
+        lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid),
+        find,
+    )
+    if args.json:
+        print_json(svc.model_dump(mode="json"))
+    else:
+        print(f"{svc.uuid} {svc.status.state} in {time.monotonic() - started:.2f}s")
+        print(
+            f"prediction url: {svc.endpoint.prediction_url}"
+            if config.model_type != "command"
+            else f"url: {svc.endpoint.base_url}"
+        )
+    return 0
+
+
+def _validation_line(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errors())
+    return str(error)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    client = connect.client(args)
+    filters = {name: getattr(args, name) for name in FIND_FILTERS}
+    service_uuid = resolve(client, args.uuid) if args.uuid else None
+    found = client.find(running=args.running, service_uuid=service_uuid, **filters)
+    if args.json:
+        print_json([s.model_dump(mode="json") for s in found])
+    elif found:
+        table([summary(s) for s in found], ["UUID", "NAME", "TYPE", "STATE", "PID", "URL", "PIPELINE", "STEP"])
+    else:
+        print("no services" + (" match" if any(filters.values()) or args.running or service_uuid else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from deployers.local.deployer import LocalDaemonModelDeployer
+
+    client = connect.client(args)
+    svc = client.get(resolve(client, args.uuid))
+    if args.json:
+        print_json(svc.model_dump(mode="json"))
+        return 0
+    info = LocalDaemonModelDeployer.get_model_server_info(svc)
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key.ljust(width)}  {value if value is not None else '-'}")
+    given = {
+        "UNIX_SOCKET": svc.endpoint.unix_socket or None,
+        "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None,
+    }
+    extra: dict[str, str | int | None] = {k: v for k, v in given.items() if v is not None}
+    extra.update({"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)})
+    extra["DESIRED"] = str(svc.desired_state) + (f" ({svc.desired_reason})" if svc.desired_reason else "")
+    if svc.status.last_error:
+        extra["LAST_ERROR"] = one_line(svc.status.last_error)
+    for key, item in extra.items():
+        print(f"{key.ljust(width)}  {item if item is not None else '-'}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    client = connect.client(args)
+    if args.all:
+        if args.uuid:
+            raise UsageError("give a service or --all, not both")
+        started, failed = client.start_all(timeout=args.timeout)
+        if args.json:
+            print_json(
+                {
+                    "started": [s.model_dump(mode="json") for s in started],
+                    "failed": {uuid: error.message for uuid, error in failed.items()},
+                }
+            )
+        else:
+            for svc in started:
+                print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+            for failed_uuid, error in failed.items():
+                print(f"modeld: {failed_uuid}: {one_line(error)}", file=sys.stderr)
+            if not started and not failed:
+                print("every service runs already", file=sys.stderr)
+        return 5 if failed else 0
+    if not args.uuid:
+        raise UsageError("start which service? give its uuid, prefix or name, or --all")
+    uuid = resolve(client, args.uuid)
+    svc = progress(args, f"starting {str(uuid)[:8]}", lambda: client.start(uuid, timeout=args.timeout), lambda w: w.get(uuid))
+    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    client = connect.client(args)
+    uuid = resolve(client, args.uuid)
+    svc = progress(
+        args,
+        f"stopping {str(uuid)[:8]}",
+        lambda: client.stop(uuid, timeout=args.timeout, force=args.force),
+        lambda w: w.get(uuid),
+    )
+    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    client = connect.client(args)
+    uuid = resolve(client, args.uuid)
+    client.delete(uuid, timeout=args.timeout, force=args.force)
+    print_json({"deleted": str(uuid)}) if args.json else print(f"{uuid} deleted")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = connect.client(args)
+    uuid = resolve(client, args.uuid)
+    try:
+        for chunk in client.logs(uuid, tail=args.n, follow=args.follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
