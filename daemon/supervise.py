@@ -95,7 +95,7 @@ class Supervisor:
         """
         started = time.monotonic()
         deadline = started + timeout
-        target = self.launcher.target(m, proc)
+        target = self.launcher.probe_target(m, proc)
         delay = 0.005
         seen = "no answer yet"
         while True:
@@ -249,7 +249,7 @@ class Supervisor:
                 self.save_if_possible(svc, step="supervise.unhealthy")
 
         key = (m.uuid, proc.pid)
-        self.prober.watch(key, self.launcher.target(m, proc), on_result)
+        self.prober.watch(key, self.launcher.probe_target(m, proc), on_result)
         try:
             await asyncio.wait((proc.exited, hung), return_when=asyncio.FIRST_COMPLETED)  # (cancels neither)
         finally:
