@@ -39,6 +39,7 @@ from .service import ServiceRuntime
 from .startstop import StartStop
 from .store import Problem, Store
 from .supervise import Supervisor
+from .transitions import change_state, move, save
 
 log = logging.getLogger("modeld.manager")
 
@@ -191,7 +192,7 @@ class Manager:
             await self.supervisor.cancel_supervision(m)
             trash = self.store.retire(uuid)
             killpoints.reached("delete.after-rename")
-            m.svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
+            move(m.svc, ServiceState.PENDING_SHUTDOWN)  # (not written: the folder is gone)
             for proc in (m.replacing, m.proc):
                 if proc is not None:
                     await self.supervisor.terminate(m, proc, min(timeout, m.svc.config.stop_timeout), force)
@@ -248,9 +249,10 @@ class Manager:
             await self.supervisor.terminate(m, m.proc, svc.config.stop_timeout)
             self.launcher.forget_process(m, m.proc)
         svc.status.pid = None
-        if svc.status.state != ServiceState.ERROR:
-            svc.status.moved_to(ServiceState.INACTIVE)
-        self.supervisor.save_if_possible(svc, step="halt")
+        if svc.status.state == ServiceState.ERROR:  # (an error stays, as at a rebuild)
+            save(self.store, svc, step="halt", strict=False)
+        else:
+            change_state(self.store, svc, ServiceState.INACTIVE, step="halt", strict=False)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,7 @@ from .service import ServiceRuntime, is_builtin, serves, serving_member
 from .startstop import StartStop
 from .store import LaunchInfo, PidRecord, Problem, Store
 from .supervise import Supervisor
+from .transitions import change_state, move, save
 
 log = logging.getLogger("modeld.manager")
 
@@ -377,31 +378,32 @@ class Rebuilder:
                 healthy, seen = await self.probe_batch(self.launcher.probe_target(m, proc))
                 recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
-                svc.status.moved_to(ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
+                move(svc, ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
                 log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
                 self.supervisor.supervise(m)
                 if (svc.status.state, svc.status.pid) != recorded:  # (as recorded: no write, no fsync)
-                    self.supervisor.save_if_possible(svc, step="restore.adopted")
+                    save(self.store, svc, step="restore.adopted", strict=False)
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:
                     self.launcher.launch(m, svc.config, "restore")
                 except ModeldError as exc:
                     await self.supervisor.abandon_launch(m)
-                    svc.status.moved_to(ServiceState.ERROR, f"could not be restarted: {exc}")
                     svc.status.pid = None
-                    self.supervisor.save_if_possible(svc, step="restore.failed")
+                    change_state(
+                        self.store, svc, ServiceState.ERROR, f"could not be restarted: {exc}", step="restore.failed", strict=False
+                    )
                     return
-                svc.status.moved_to(ServiceState.PENDING_STARTUP)
+                change_state(self.store, svc, ServiceState.PENDING_STARTUP, step="restore.pending", strict=False)
                 self.supervisor.supervise(m)
-                self.supervisor.save_if_possible(svc, step="restore.pending")
             else:
                 # An error (a crash loop, a failed start) stays until someone acts on it: a
                 # restart of the daemon is no reason to run a crash loop again.
                 svc.status.pid = None
-                if svc.status.state != ServiceState.ERROR:
-                    svc.status.moved_to(ServiceState.INACTIVE)
-                self.store.save(svc)
+                if svc.status.state == ServiceState.ERROR:
+                    save(self.store, svc, strict=True)
+                else:
+                    change_state(self.store, svc, ServiceState.INACTIVE, strict=True)
 
 
 def _probe_list(targets: list[ProbeTarget]) -> list[tuple[bool | None, str]]:

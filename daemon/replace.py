@@ -32,6 +32,7 @@ from .service import ServiceRuntime, is_builtin
 from .startstop import StartStop
 from .store import PidRecord, Store
 from .supervise import Supervisor
+from .transitions import change_state, save
 
 log = logging.getLogger("modeld.manager")
 
@@ -127,8 +128,8 @@ class Replacer:
             new = self.launcher.launch(m, config, "replace", version=svc.version + 1, previous=old)
             await self.supervisor.wait_healthy(m, new, min(timeout, config.startup_timeout))
             svc.version += 1
-            svc.status.moved_to(ServiceState.ACTIVE, "")
-            self.store.save(svc, step="replace.commit")  # the commit point: a daemon restarted after it keeps the new version
+            # The commit point: a daemon restarted after it keeps the new version.
+            change_state(self.store, svc, ServiceState.ACTIVE, "", step="replace.commit", strict=True)
         except ModeldError as exc:
             m.replacing = None
             failed = m.proc if m.proc is not old else None
@@ -148,7 +149,7 @@ class Replacer:
                 # service.pid still names the old server as ``prev`` (or only it, if the new one was
                 # never recorded); a restarted daemon keeps it, as service.json has its version.
                 log.error("%s: %s", svc.uuid, pid_exc)
-            self.supervisor.save_if_possible(svc, step="replace.failed")
+            save(self.store, svc, step="replace.failed", strict=False)
             self.supervisor.supervise(m)
             what = "could not be recorded" if isinstance(exc, StorageError) else "failed"
             raise (StorageError if isinstance(exc, StorageError) else DeployError)(

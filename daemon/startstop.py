@@ -23,6 +23,7 @@ from .models import DesiredState, ServiceState
 from .service import ServiceRuntime
 from .store import Store
 from .supervise import Supervisor
+from .transitions import change_state, save
 
 log = logging.getLogger("modeld.manager")
 
@@ -76,12 +77,11 @@ class StartStop:
             self.launcher.forget_process(m, hung)
         try:
             proc = m.proc if m.proc is not None and m.proc.alive else None
-            svc.status.moved_to(ServiceState.PENDING_STARTUP, "")
             if proc is None:
                 svc.status.pid = None
             # The intent is on disk before any process exists: a daemon killed from here on
             # finds the service (desired running) and adopts or starts its server.
-            self.store.save(svc, step=f"{op}.json")
+            change_state(self.store, svc, ServiceState.PENDING_STARTUP, "", step=f"{op}.json", strict=True)
             if proc is None:
                 killpoints.reached(f"{op}.after-json")
                 proc = self.launcher.launch(m, svc.config, op)
@@ -91,7 +91,7 @@ class StartStop:
             # leave it starting under supervision, as a loading vLLM or llama-server needs.
             svc.status.last_error = str(exc)
             self.supervisor.supervise(m)
-            self.supervisor.save_if_possible(svc, step=f"{op}.still-starting")  # desired running and pid are on disk already
+            save(self.store, svc, step=f"{op}.still-starting", strict=False)  # desired running and pid are on disk already
             raise DeployError(
                 f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"
@@ -100,14 +100,12 @@ class StartStop:
             await self.supervisor.abandon_launch(m)
             m.close_listener()
             svc.desired_state = failing_state
-            svc.status.moved_to(ServiceState.ERROR, str(exc))
-            self.supervisor.save_if_possible(svc)
+            change_state(self.store, svc, ServiceState.ERROR, str(exc), strict=False)
             raise type(exc)(f"service {svc.uuid}: {exc}", log_excerpt=exc.log_excerpt) from exc
-        svc.status.moved_to(ServiceState.ACTIVE, "")
         # Best effort: service.json (desired running) and service.pid name the server already, so a
         # failed write here costs only a stale "pending" on disk, which supervision or the next
         # daemon corrects; failing the start would leave a healthy server that no record names.
-        self.supervisor.save_if_possible(svc, step=f"{op}.active")
+        change_state(self.store, svc, ServiceState.ACTIVE, "", step=f"{op}.active", strict=False)
         killpoints.reached(f"{op}.after-healthy")
         self.supervisor.supervise(m)
 
@@ -120,10 +118,9 @@ class StartStop:
         if m.proc is not None:
             proc = m.proc
             if proc.alive:
-                svc.status.moved_to(ServiceState.PENDING_SHUTDOWN)
                 # Best effort: on a full disk the server is stopped all the same (supervision is
                 # cancelled already); the final write below says whether the stop is recorded.
-                self.supervisor.save_if_possible(svc, step="stop.json")
+                change_state(self.store, svc, ServiceState.PENDING_SHUTDOWN, step="stop.json", strict=False)
                 killpoints.reached("stop.after-json")
                 await self.supervisor.terminate(m, proc, min(timeout, svc.config.stop_timeout), force)
             if proc.exited.done() and not proc.exited.cancelled():
@@ -132,9 +129,8 @@ class StartStop:
             killpoints.reached("stop.after-exit")
         m.close_listener()
         svc.status.pid = None
-        svc.status.moved_to(ServiceState.INACTIVE)
         try:
-            self.store.save(svc, step="stop.stopped")
+            change_state(self.store, svc, ServiceState.INACTIVE, step="stop.stopped", strict=True)
         except StorageError as exc:
             raise StorageError(
                 f"service {svc.uuid} was stopped, but that could not be recorded (a restarted daemon may start it again): {exc}"
