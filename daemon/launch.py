@@ -222,8 +222,8 @@ class Launcher:
         the one that matches service.json and stops the other (see rebuild.Rebuilder.settle_replace).
         The server's environment names its home, its service and what the pid file will
         say about it (with its launch's token), so a daemon killed before writing the pid
-        file finds it on restart (see _untracked). It is born in its launch's group (see
-        containment.py), with its stdout and stderr going to the log writer.
+        file finds it on restart (see rebuild.Rebuilder.untracked_candidates). It is born in
+        its launch's group (see containment.py), with its stdout and stderr going to the log writer.
         ``op`` names the operation, for its kill points.
         """
         self.ensure_port(m, config)

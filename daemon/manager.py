@@ -224,7 +224,7 @@ class Manager:
         for m in self.services.values():
             await self.supervisor.cancel_supervision(m)
         if stop_services:
-            await asyncio.gather(*(self._halt(m) for m in self.services.values()))
+            await asyncio.gather(*(self._stop_for_shutdown(m) for m in self.services.values()))
             await asyncio.to_thread(self.logs.stop)  # last, once every server has written its last line
         for m in self.services.values():
             if m.proc is not None:
@@ -235,7 +235,7 @@ class Manager:
         self.logs.close()
         await asyncio.to_thread(self.containment.prune)
 
-    async def _halt(self, m: ServiceRuntime) -> None:
+    async def _stop_for_shutdown(self, m: ServiceRuntime) -> None:
         """Stop the service for ``daemon stop --all``: it stays stopped, also when a later call starts the daemon
         again, until someone asks for it (start, start --all, a deploy or replace of it)."""
         svc = m.svc

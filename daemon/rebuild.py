@@ -11,7 +11,7 @@ groups) and acts on them. Invariants:
   short, the version service.json has), else the one spawned before its pid file was written,
   else a process its dead server left serving (it daemonized); any other is stopped.
 - What no service keeps (launches of deleted services, what a dead server left behind) is
-  stopped once every service is restored (``sweep_leftovers``), before a new server needs its port.
+  stopped once every service is restored (``strays.sweep_leftovers``), before a new server needs its port.
 - One service that cannot be restored is a problem reported, never a daemon that does not start.
 """
 
@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from uuid import UUID
@@ -31,7 +30,7 @@ from .containment import Containment, Group, launch_of
 from .exceptions import ModeldError, StorageError
 from .health import Batch, ProbeTarget, fetch_listeners, probe_all
 from .launch import Launcher
-from .linux import ProcessIdentity, TaggedProcess, signal_verified, tagged_processes
+from .linux import ProcessIdentity, TaggedProcess, tagged_processes
 from .logs import LogWriterClient
 from .models import BaseService, DesiredState, ServiceState
 from .paths import Paths
@@ -40,6 +39,7 @@ from .runtime._serve import forkserver
 from .service import ServiceRuntime, is_builtin, serves, serving_member
 from .startstop import StartStop
 from .store import LaunchInfo, PidRecord, Problem, Store
+from .strays import kill_and_remove, kill_untracked, log_failures, sweep_leftovers
 from .supervise import Supervisor
 from .transitions import change_state, move, save
 
@@ -113,7 +113,7 @@ class Rebuilder:
                 log.error("could not restore %s: %s", svc.uuid, result, exc_info=result)
                 self.problems.append(Problem(svc.service_path, f"could not be restored: {type(result).__name__}: {result}"))
         took("restore")
-        await self.sweep_leftovers(tagged)
+        await sweep_leftovers(self.containment, self.services.values(), tagged)
         took("sweep")
         self.listeners_task = asyncio.ensure_future(self.fetch_adopted_listeners())
         return self.problems, spent
@@ -140,43 +140,6 @@ class Rebuilder:
                 m.listener = sock
             else:
                 sock.close()
-
-    async def sweep_leftovers(self, tagged: list[TaggedProcess]) -> None:
-        """Stop every process of this home's services that belongs to no launch a service keeps.
-
-        Run once every service is restored: what is left is what a server started and left
-        behind when it died while no daemon watched (a helper in a session of its own, a
-        daemonized child), launches a kill -9 of the daemon cut short, and services deleted
-        meanwhile. Cgroups are swept by their folders; processes by their tags (``tagged``:
-        the scan made at the start of the rebuild; what was started since is kept).
-        """
-        keep: dict[str, set[str | None]] = {}
-        for m in self.services.values():
-            keep[str(m.uuid)] = {p.info.launch for p in (m.proc, m.replacing) if p is not None and p.alive}
-        doomed = [
-            self.containment.group(uuid, launch)
-            for uuid in self.containment.services()
-            for launch in self.containment.launches(uuid)
-            if launch not in keep.get(uuid, set())
-        ]
-        strays = [p for p in tagged if launch_of(p.info) not in keep.get(p.service_uuid, set()) and p.ident.is_alive()]
-        for group in doomed:
-            log.warning("stopping what is left of launch %s of service %s", group.launch, group.uuid)
-        _log_failures(
-            "sweeping",
-            await asyncio.gather(
-                *(self.kill_untracked(p) for p in strays),
-                *(asyncio.to_thread(_kill_and_remove, group) for group in doomed),
-                return_exceptions=True,
-            ),
-        )
-        gone = [uuid for uuid in self.containment.services() if uuid not in keep]
-        _log_failures(
-            "removing the cgroup of a deleted service",
-            await asyncio.gather(
-                *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone), return_exceptions=True
-            ),
-        )
 
     async def scan_tagged_processes(self) -> list[TaggedProcess]:
         """Every live process tagged as a server (or a server's child) of this home."""
@@ -218,50 +181,15 @@ class Rebuilder:
         known = {str(svc.uuid) for svc in services}
         found = classify_untracked(known, tagged, records)
         gone = [uuid for uuid in self.containment.services() if uuid not in known]
-        _log_failures(
+        log_failures(
             "stopping an untracked process",
             await asyncio.gather(
-                *(self.kill_untracked(p) for p in found.doomed),
+                *(kill_untracked(self.containment, p) for p in found.doomed),
                 *(asyncio.to_thread(self.containment.remove_service, uuid) for uuid in gone),
                 return_exceptions=True,
             ),
         )
         return found.candidates
-
-    async def kill_untracked(self, p: TaggedProcess) -> None:
-        """SIGKILL an untracked server's group (or one stray worker) and wait until it is gone.
-
-        The leader is first stopped through a pidfd checked against its start time: stopped, it
-        cannot exit and free its pgid for someone else before the group is killed. With cgroups,
-        the whole launch it belongs to goes too.
-        """
-        fd = signal_verified(p.ident, signal.SIGSTOP if p.leads_group else signal.SIGKILL)
-        if fd is None:
-            return
-        try:
-            if p.leads_group:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.ident.pid, signal.SIGKILL)
-            log.warning("killed pid %d of service %s: no pid file names it", p.ident.pid, p.service_uuid)
-            loop = asyncio.get_running_loop()
-            gone = loop.create_future()
-
-            def on_exit() -> None:
-                if not gone.done():
-                    gone.set_result(None)
-
-            loop.add_reader(fd, on_exit)
-            try:
-                await asyncio.wait_for(gone, 10)
-            except TimeoutError:
-                log.error("pid %d did not exit within 10s of SIGKILL", p.ident.pid)
-            finally:
-                loop.remove_reader(fd)
-        finally:
-            os.close(fd)
-        launch = launch_of(p.info)
-        if self.containment.kind == "cgroup" and launch is not None:
-            await asyncio.to_thread(_kill_and_remove, self.containment.group(p.service_uuid, launch))
 
     async def adopt_untracked(self, svc: BaseService, candidates: list[TaggedProcess]) -> ProcessHandle | None:
         """Adopt the one server spawned for this version of the service whose pid file was never
@@ -280,7 +208,7 @@ class Rebuilder:
                 keep = ProcessHandle.adopt(p.ident, info, self.launch_group(svc.uuid, info))
         for p in candidates:
             if keep is None or p.ident != keep.ident:
-                await self.kill_untracked(p)
+                await kill_untracked(self.containment, p)
         if keep is not None:
             log.warning("%s: adopting pid %d, spawned before its pid file was written", svc.uuid, keep.pid)
             try:
@@ -342,7 +270,7 @@ class Rebuilder:
                 )
                 self.launcher.save_pid(svc.uuid, proc, step="restore.follow-pid")
                 return proc
-        await asyncio.to_thread(_kill_and_remove, group)
+        await asyncio.to_thread(kill_and_remove, group)
         return None
 
     async def restore(self, svc: BaseService, record: PidRecord | None, untracked: list[TaggedProcess]) -> None:
@@ -364,7 +292,7 @@ class Rebuilder:
             launch = proc.info.launch
             for p in untracked:
                 if launch is None or launch_of(p.info) != launch:
-                    await self.kill_untracked(p)
+                    await kill_untracked(self.containment, p)
         async with m.lock:
             if proc is not None and svc.desired_state == DesiredState.STOPPED:
                 log.info("%s should be stopped; stopping the server left running (pid %d)", svc.uuid, proc.pid)
@@ -410,21 +338,3 @@ def _probe_list(targets: list[ProbeTarget]) -> list[tuple[bool | None, str]]:
     """Probe every target at once (in a thread), 1 s at most; the results in the same order."""
     results = probe_all(dict(enumerate(targets)), 1.0)
     return [results[i] for i in range(len(targets))]
-
-
-def _log_failures(doing: str, results: list[object]) -> None:
-    """Log what failed in a gather(return_exceptions=True) of the rebuild: one stray that cannot
-    be reached (a cgroup removed under us, a process gone) never stops the daemon from starting."""
-    for result in results:
-        if isinstance(result, Exception):
-            log.error("%s failed: %s: %s", doing, type(result).__name__, result, exc_info=result)
-
-
-def _kill_and_remove(group: Group, timeout: float = 10.0) -> None:
-    """SIGKILL every process of a group, wait until they are gone, and remove the group (in a thread)."""
-    group.kill()
-    deadline = time.monotonic() + timeout
-    while not group.empty() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    with contextlib.suppress(OSError):
-        group.remove()

@@ -135,7 +135,7 @@ class Replacer:
             failed = m.proc if m.proc is not old else None
             if failed is not None:
                 await failed.terminate(0, force=True)
-                # Not _forget_process: that would unlink service.pid, which names the old server
+                # Not Launcher.forget_process: that would unlink service.pid, which names the old server
                 # (as ``prev``) until the write below replaces it in one rename.
                 self.launcher.unlink_sockets(failed)
             svc.config = previous
