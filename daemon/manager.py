@@ -185,8 +185,8 @@ class Manager:
         """Decide the delete on disk first (the folder is renamed away), then stop the server.
 
         A daemon killed at any step finishes the delete when it restarts: the renamed folder
-        is removed and the server, which no service tracks any more, is killed (see rebuild.Rebuilder.untracked_candidates).
-        Nothing is written, so a delete works on a full disk too.
+        is removed and the server, which no service tracks any more, is killed (see
+        rebuild.Rebuilder.untracked_candidates). Nothing is written, so a delete works on a full disk too.
         """
         async with self._locked(uuid) as m:
             await self.supervisor.cancel_supervision(m)
