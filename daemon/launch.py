@@ -156,7 +156,8 @@ class Launcher:
             model_name=config.model_name or "model",
         )
 
-    def target(self, m: ServiceRuntime, proc: ProcessHandle) -> ProbeTarget:
+    def probe_target(self, m: ServiceRuntime, proc: ProcessHandle) -> ProbeTarget:
+        """Where ``proc``'s health is probed: its private health socket (built-in servers), else its port."""
         config = m.svc.config
         if is_builtin(config) and proc.info.health_socket:
             return ProbeTarget(config.health_path, unix=proc.info.health_socket)
@@ -221,11 +222,11 @@ class Launcher:
 
         ``version`` is the service version the process runs; during a hand-over the pid
         file also names the ``previous`` process, so that a daemon killed halfway keeps
-        the one that matches service.json and stops the other (see _settle_replace).
+        the one that matches service.json and stops the other (see rebuild.Rebuilder.settle_replace).
         The server's environment names its home, its service and what the pid file will
         say about it (with its launch's token), so a daemon killed before writing the pid
-        file finds it on restart (see _untracked). It is born in its launch's group (see
-        containment.py), with its stdout and stderr going to the log writer.
+        file finds it on restart (see rebuild.Rebuilder.untracked_candidates). It is born in
+        its launch's group (see containment.py), with its stdout and stderr going to the log writer.
         ``op`` names the operation, for its kill points.
         """
         self.ensure_port(m, config)

@@ -81,7 +81,7 @@ class ProcessHandle:
 
     def _on_exit(self) -> None:
         # What the server left behind (workers, helpers) is its group's: whoever acts on the exit
-        # decides whether one of them serves on (see Manager._successor) or all are stopped.
+        # decides whether one of them serves on (see Supervisor.successor) or all are stopped.
         self._loop.remove_reader(self.pidfd)
         code = reap(self.pidfd)
         os.close(self.pidfd)

@@ -21,16 +21,17 @@ import os
 import shlex
 import time
 
-from .exceptions import DeployError, ModeldError, StillStarting, StorageError, with_log_excerpt
+from .exceptions import DeployError, ModeldError, StillStarting, with_log_excerpt
 from .health import Prober, probe
 from .launch import Launcher
 from .logs import marker, tail_text
 from .logwriter import LogWriterClient
-from .models import BaseService, DesiredState, RestartPolicy, ServiceConfig, ServiceState
+from .models import DesiredState, RestartPolicy, ServiceConfig, ServiceState
 from .paths import Paths
 from .process import ProcessHandle, spawn
 from .service import ServiceRuntime, describe_exit, fill, is_builtin, serving_member
 from .store import Store
+from .transitions import change_state, move, save
 
 log = logging.getLogger("modeld.manager")
 
@@ -96,7 +97,7 @@ class Supervisor:
         """
         started = time.monotonic()
         deadline = started + timeout
-        target = self.launcher.target(m, proc)
+        target = self.launcher.probe_target(m, proc)
         delay = 0.005
         seen = "no answer yet"
         while True:
@@ -127,13 +128,6 @@ class Supervisor:
             if time.monotonic() - started > FAST_PROBING:  # every 5 ms for a second, then backing off
                 delay = min(delay * 1.5, 0.25)
 
-    def save_if_possible(self, svc: BaseService, step: str = "") -> None:
-        """Record a state that the daemon acts on anyway; if the write fails (disk full), say so in the log and go on."""
-        try:
-            self.store.save(svc, step=step)
-        except StorageError as exc:
-            log.error("%s: %s", svc.uuid, exc)
-
     async def last_log_lines(self, m: ServiceRuntime) -> str:
         """The server's last log lines, secrets masked, for an error (its ``log_excerpt``)."""
         also = (m.previous_config,) if m.previous_config is not None else ()
@@ -161,7 +155,7 @@ class Supervisor:
             except Exception as exc:
                 log.exception("supervision of %s failed; going on in %gs", m.uuid, delay)
                 m.svc.status.last_error = f"supervision failed (going on in {delay:g}s): {type(exc).__name__}: {exc}"
-                self.save_if_possible(m.svc)
+                save(self.store, m.svc, strict=False)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SUPERVISION_RETRY_MAX)
 
@@ -192,8 +186,7 @@ class Supervisor:
                     proc = m.proc or proc  # (it may have been followed to a process it started)
                     await proc.kill()
                 else:
-                    svc.status.moved_to(ServiceState.ACTIVE, "")
-                    self.save_if_possible(svc, step="supervise.active")
+                    change_state(self.store, svc, ServiceState.ACTIVE, "", step="supervise.active", strict=False)
             healthy_since = time.monotonic() if proc.alive else None
             unhealthy = await self.watch(m, proc, healthy_since)
             if unhealthy is None and not proc.alive:
@@ -234,8 +227,7 @@ class Supervisor:
             if healthy:
                 failed, was_healthy = 0, True
                 if svc.status.state != ServiceState.ACTIVE:
-                    svc.status.moved_to(ServiceState.ACTIVE, "")
-                    self.save_if_possible(svc, step="supervise.active")
+                    change_state(self.store, svc, ServiceState.ACTIVE, "", step="supervise.active", strict=False)
                 if healthy_since is not None and time.monotonic() - healthy_since >= policy.healthy_reset:
                     m.failures = 0
                 return
@@ -246,11 +238,12 @@ class Supervisor:
                 hung.set_result(f"it failed {failed} health checks in a row (last: {seen})")
             elif failed == policy.liveness_failures:
                 log.warning("%s is failing its health check: %s", svc.uuid, seen)
-                svc.status.moved_to(ServiceState.ERROR, f"health check failing: {seen}")
-                self.save_if_possible(svc, step="supervise.unhealthy")
+                change_state(
+                    self.store, svc, ServiceState.ERROR, f"health check failing: {seen}", step="supervise.unhealthy", strict=False
+                )
 
         key = (m.uuid, proc.pid)
-        self.prober.watch(key, self.launcher.target(m, proc), on_result)
+        self.prober.watch(key, self.launcher.probe_target(m, proc), on_result)
         try:
             await asyncio.wait((proc.exited, hung), return_when=asyncio.FIRST_COMPLETED)  # (cancels neither)
         finally:
@@ -260,8 +253,9 @@ class Supervisor:
             return None
         reason = hung.result()
         log.warning("%s is hung: %s; restarting it", svc.uuid, reason)
-        svc.status.moved_to(ServiceState.PENDING_STARTUP, f"restarting: {reason}")
-        self.save_if_possible(svc, step="supervise.unhealthy")
+        change_state(
+            self.store, svc, ServiceState.PENDING_STARTUP, f"restarting: {reason}", step="supervise.unhealthy", strict=False
+        )
         await self.terminate(m, proc, svc.config.stop_timeout)
         return reason
 
@@ -276,26 +270,38 @@ class Supervisor:
             or policy.mode == "never"
             or (policy.mode == "on-failure" and code == 0 and not unhealthy)
         ):
-            svc.status.moved_to(
+            change_state(
+                self.store,
+                svc,
                 ServiceState.INACTIVE if code == 0 and not unhealthy else ServiceState.ERROR,
                 with_log_excerpt(f"the server {what}", await self.last_log_lines(m)),
+                step="restart.exited",
+                strict=False,
             )
-            self.save_if_possible(svc, step="restart.exited")
             return False
         m.failures += 1
         if m.failures > policy.max_restarts:
-            svc.status.moved_to(
+            change_state(
+                self.store,
+                svc,
                 ServiceState.ERROR,
                 with_log_excerpt(
                     f"the server {what}; gave up after {policy.max_restarts} restarts in a row", await self.last_log_lines(m)
                 ),
+                step="restart.gave-up",
+                strict=False,
             )
-            self.save_if_possible(svc, step="restart.gave-up")
             m.close_listener()
             return False
         delay = backoff_delay(policy, m.failures)
-        svc.status.moved_to(ServiceState.PENDING_STARTUP, f"the server {what}; restarting in {delay:.2g}s")
-        self.save_if_possible(svc, step="restart.pending")
+        change_state(
+            self.store,
+            svc,
+            ServiceState.PENDING_STARTUP,
+            f"the server {what}; restarting in {delay:.2g}s",
+            step="restart.pending",
+            strict=False,
+        )
         await asyncio.sleep(delay)
         return await self.relaunch(m, what)
 
@@ -307,14 +313,14 @@ class Supervisor:
         except ModeldError as exc:
             await self.abandon_launch(m)
             if _out_of_resources(exc):  # the daemon's own fds or memory ran out: try again, backing off
-                svc.status.moved_to(ServiceState.PENDING_STARTUP)
+                move(svc, ServiceState.PENDING_STARTUP)  # (not written: supervision goes on in a moment)
                 raise
-            svc.status.moved_to(ServiceState.ERROR, f"could not be restarted ({why}): {exc}")
-            self.save_if_possible(svc, step="restart.failed")
+            change_state(
+                self.store, svc, ServiceState.ERROR, f"could not be restarted ({why}): {exc}", step="restart.failed", strict=False
+            )
             return False
         svc.status.restarts += 1
-        svc.status.moved_to(ServiceState.PENDING_STARTUP)
-        self.save_if_possible(svc, step="restart.restarted")
+        change_state(self.store, svc, ServiceState.PENDING_STARTUP, step="restart.restarted", strict=False)
         return True
 
     async def abandon_launch(self, m: ServiceRuntime) -> None:

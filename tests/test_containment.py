@@ -416,7 +416,7 @@ def test_a_cgroup_removed_while_another_thread_kills_it_is_gone_not_an_error(tmp
     import threading
 
     from daemon.containment import Cgroups, choose
-    from daemon.manager import _kill_and_remove
+    from daemon.strays import kill_and_remove
 
     home = tmp_path / "h"
     (home / "run").mkdir(parents=True)
@@ -439,7 +439,7 @@ def test_a_cgroup_removed_while_another_thread_kills_it_is_gone_not_an_error(tmp
             try:
                 (group.path / "cgroup.procs").write_text(str(child.pid))
                 threads = [threading.Thread(target=guarded, args=(containment.remove_service, uuid)),
-                           threading.Thread(target=guarded, args=(_kill_and_remove, containment.group(uuid, "l1")))]
+                           threading.Thread(target=guarded, args=(kill_and_remove, containment.group(uuid, "l1")))]
                 for t in threads:
                     t.start()
                 for t in threads:

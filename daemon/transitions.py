@@ -1,0 +1,90 @@
+"""A service's observed state changes in one place: ``change_state`` moves its status (state, last
+state, error, time), writes service.json, and refuses a move the daemon never makes.
+
+``ALLOWED`` is the table of moves, each with where the daemon makes it. A move outside it is a
+bug: ``ImpossibleTransition`` is raised before anything is changed or written (as supervisor's
+``change_state`` asserts the state it leaves). A move to the same state is always allowed: it
+records a new error. The table has to allow every move made from a state read from disk too:
+the rebuild moves a service from whatever the previous daemon recorded.
+
+What cannot happen: a service with no server (``inactive``) answers its health check without
+being started first (``pending_startup``), and a stop under way (``pending_shutdown``) ends
+stopped (``inactive``), or its service is started again (``pending_startup``): it never turns
+``active`` or ``error`` on its own.
+
+Two ways to save, as each call site needs (its ``step=`` names the write for tests, see store.py):
+- ``strict=True``: a failed write raises StorageError, for a state the caller must not go on
+  without (a start's intent, a stop's result, a replace's commit);
+- ``strict=False``: a state the daemon acts on anyway; a failed write (disk full) is logged and
+  the daemon goes on: the next write, or the next daemon, corrects it.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import MappingProxyType
+
+from .exceptions import StorageError
+from .models import BaseService, ServiceState
+from .store import Store
+
+log = logging.getLogger("modeld.manager")
+
+_ANY = frozenset(ServiceState)
+
+ALLOWED: MappingProxyType[ServiceState, frozenset[ServiceState]] = MappingProxyType(
+    {
+        # To pending_startup: a start, deploy or restore; to pending_shutdown: a stop or delete; to
+        # error: a restore whose launch fails (a service that exited 0 and should run).
+        ServiceState.INACTIVE: _ANY - {ServiceState.ACTIVE},
+        # To active: healthy; to error: it failed to start; to inactive: it exited 0, or it was
+        # stopped; to pending_shutdown: a stop or delete.
+        ServiceState.PENDING_STARTUP: _ANY,
+        # To pending_startup: restarted after an exit or a hang, or a start of one that does not
+        # answer; to error: its health check fails, or a crash loop; to inactive: it exited 0,
+        # or it was stopped.
+        ServiceState.ACTIVE: _ANY,
+        # To inactive: stopped; to pending_startup: a start after a stop cut short.
+        ServiceState.PENDING_SHUTDOWN: frozenset(
+            {ServiceState.PENDING_SHUTDOWN, ServiceState.INACTIVE, ServiceState.PENDING_STARTUP}
+        ),
+        # To active: its health check answers again, a hand-over, or a re-adopted server that
+        # answers; to pending_startup: a start or a restart; to inactive: a stop.
+        ServiceState.ERROR: _ANY,
+    }
+)
+
+
+class ImpossibleTransition(RuntimeError):
+    """A move of a service's state that the daemon never makes (see ``ALLOWED``): a bug."""
+
+    def __init__(self, svc: BaseService, state: ServiceState) -> None:
+        super().__init__(f"service {svc.uuid}: no move from {svc.status.state} to {state}")
+        self.current = svc.status.state
+        self.state = state
+
+
+def move(svc: BaseService, state: ServiceState, error: str | None = None) -> None:
+    """Move the service's status to ``state`` (and ``error``, if given) in memory only; ImpossibleTransition
+    if the table has no such move, with nothing changed. For the few moves nothing is written for."""
+    if state not in ALLOWED[svc.status.state]:
+        raise ImpossibleTransition(svc, state)
+    svc.status.moved_to(state, error)
+
+
+def save(store: Store, svc: BaseService, *, step: str = "", strict: bool) -> None:
+    """Write service.json: ``strict`` raises StorageError if it fails, else the failure is logged."""
+    try:
+        store.save(svc, step=step)
+    except StorageError as exc:
+        if strict:
+            raise
+        log.error("%s: %s", svc.uuid, exc)
+
+
+def change_state(
+    store: Store, svc: BaseService, state: ServiceState, error: str | None = None, *, step: str = "", strict: bool
+) -> None:
+    """Move the service's status to ``state`` (see ``move``) and write service.json (see ``save``)."""
+    move(svc, state, error)
+    save(store, svc, step=step, strict=strict)

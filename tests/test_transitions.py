@@ -1,0 +1,79 @@
+"""The state changes of a service alone (daemon/transitions.py), on a real store in a temp home:
+every move the table allows is made and written, a move it does not allow raises and changes
+nothing in memory or on disk, and the two ways to save (strict, best effort) on a failing write."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+
+from daemon.exceptions import StorageError
+from daemon.models import BaseService, LocalModelService, ServiceConfig, ServiceState
+from daemon.paths import Paths
+from daemon.store import Store
+from daemon.transitions import ALLOWED, ImpossibleTransition, change_state, move
+
+PAIRS = list(itertools.product(ServiceState, repeat=2))
+ALLOWED_PAIRS = [(a, b) for a, b in PAIRS if b in ALLOWED[a]]
+FORBIDDEN_PAIRS = [(a, b) for a, b in PAIRS if b not in ALLOWED[a]]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(Paths(tmp_path / "h"))
+
+
+def service_in(store: Store, state: ServiceState) -> BaseService:
+    """A service recorded on disk in ``state``."""
+    svc = LocalModelService(config=ServiceConfig(model_uri="m.py:model"))
+    svc.status.state = state
+    svc.status.last_error = "before"
+    store.save(svc)
+    return svc
+
+
+def test_the_table_names_every_state_and_every_state_may_stay():
+    assert set(ALLOWED) == set(ServiceState)
+    assert all(state in ALLOWED[state] for state in ServiceState)  # (a new error, same state)
+    assert FORBIDDEN_PAIRS, "a table that allows everything refuses nothing"
+
+
+@pytest.mark.parametrize(("current", "new"), ALLOWED_PAIRS, ids=[f"{a}-to-{b}" for a, b in ALLOWED_PAIRS])
+def test_every_allowed_move_is_made_and_written(store, current, new):
+    svc = service_in(store, current)
+    change_state(store, svc, new, "why", step="test.move", strict=True)
+    (recorded,), _ = store.load_all()
+    on_disk = recorded.status
+    assert (svc.status.state, svc.status.last_error) == (on_disk.state, on_disk.last_error) == (new, "why")
+    if new != current:
+        assert svc.status.last_state == on_disk.last_state == current
+
+
+@pytest.mark.parametrize(("current", "new"), FORBIDDEN_PAIRS, ids=[f"{a}-to-{b}" for a, b in FORBIDDEN_PAIRS])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_forbidden_move_raises_and_changes_nothing(store, current, new, strict):
+    svc = service_in(store, current)
+    path = store.paths.service_json(svc.uuid)
+    before, status = path.read_bytes(), svc.status.model_copy()
+    with pytest.raises(ImpossibleTransition, match=f"no move from {current} to {new}"):
+        change_state(store, svc, new, "why", strict=strict)
+    with pytest.raises(ImpossibleTransition):
+        move(svc, new)
+    assert path.read_bytes() == before
+    assert svc.status == status
+
+
+def test_a_failed_write_raises_when_strict_and_is_logged_otherwise(store, caplog):
+    svc = LocalModelService(config=ServiceConfig(model_uri="m.py:model"))
+    store.paths.service_dir(svc.uuid).parent.mkdir(parents=True)
+    store.paths.service_dir(svc.uuid).write_text("a file where the service's folder should be")
+    with pytest.raises(StorageError):
+        change_state(store, svc, ServiceState.PENDING_STARTUP, step="test.strict", strict=True)
+    assert svc.status.state == ServiceState.PENDING_STARTUP  # moved: the caller decides what a failed write undoes
+    with caplog.at_level(logging.ERROR, logger="modeld.manager"):
+        change_state(store, svc, ServiceState.ACTIVE, step="test.best-effort", strict=False)
+    assert svc.status.state == ServiceState.ACTIVE
+    assert any(str(svc.uuid) in r.getMessage() for r in caplog.records)
