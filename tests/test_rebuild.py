@@ -10,61 +10,23 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 
-from daemon.containment import Containment
-from daemon.health import Prober
 from daemon.launch import Launcher
 from daemon.linux import ProcessIdentity
 from daemon.logwriter import LogWriterClient
 from daemon.models import DesiredState, LocalModelService, ServiceConfig, ServiceState
 from daemon.paths import Paths
-from daemon.rebuild import Rebuilder
 from daemon.service import ServiceRuntime
-from daemon.startstop import StartStop
 from daemon.store import LaunchInfo, PidRecord, Store
-from daemon.supervise import Supervisor
-from daemon.testing import pid_alive, reap, reap_home
+from daemon.testing import pid_alive, reap, reap_home, server_script
+from daemon.testing.units import Units
 
-SERVES = textwrap.dedent('''
-    import http.server, sys
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
-        def log_message(self, *a):
-            pass
-    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-''')
-
-
-@dataclass
-class Daemon:
-    """The units a daemon builds over one home, without its manager."""
-
-    services: dict[UUID, ServiceRuntime]
-    store: Store
-    launcher: Launcher
-    prober: Prober
-    supervisor: Supervisor
-    startstop: StartStop
-    rebuilder: Rebuilder
-
-    async def die(self) -> None:
-        """Let go of everything, as a daemon killed with kill -9 does: nothing is stopped."""
-        self.rebuilder.close()
-        for m in self.services.values():
-            await self.supervisor.cancel_supervision(m)
-            if m.proc is not None:
-                m.proc.close()
-            m.close_listener()
-        self.launcher.fork_servers.close()
-        self.prober.close()
+SERVES = server_script("PORT, BODY = int(sys.argv[1]), b''\n")  # 200 on every GET
 
 
 @pytest.fixture
@@ -78,25 +40,12 @@ def home(tmp_path: Path) -> Iterator[Paths]:
         reap_home(paths.home)
 
 
-def daemon(paths: Paths) -> Daemon:
-    store = Store(paths)
-    logs = LogWriterClient(paths)
-    services: dict[UUID, ServiceRuntime] = {}
-    containment = Containment(paths.home, paths.run)
-    launcher = Launcher(paths, store, containment, logs, services)
-    prober = Prober(5.0)
-    supervisor = Supervisor(paths, store, logs, launcher, prober)
-    startstop = StartStop(store, launcher, supervisor)
-    rebuilder = Rebuilder(paths, store, containment, logs, launcher, supervisor, startstop, services)
-    return Daemon(services, store, launcher, prober, supervisor, startstop, rebuilder)
-
-
 def deploy(paths: Paths, tmp_path: Path) -> tuple[UUID, ProcessIdentity]:
     """A first daemon deploys a command server and dies (its server keeps running): (the service, its server)."""
     (tmp_path / "s.py").write_text(SERVES)
     config = ServiceConfig(model_type="command", model_name="m", command=[sys.executable, "s.py", "{port}"],
                            working_dir=str(tmp_path), health_path="/", stop_timeout=5)
-    first = daemon(paths)
+    first = Units.over(paths)
 
     async def go() -> tuple[UUID, ProcessIdentity]:
         svc = LocalModelService(config=config)
@@ -116,9 +65,9 @@ def deploy(paths: Paths, tmp_path: Path) -> tuple[UUID, ProcessIdentity]:
     return asyncio.run(go())
 
 
-def rebuilt(paths: Paths) -> tuple[Daemon, list[str]]:
+def rebuilt(paths: Paths) -> tuple[Units, list[str]]:
     """A second daemon rebuilds from the home: (it, its problems' messages), its supervision stopped."""
-    second = daemon(paths)
+    second = Units.over(paths)
 
     async def go() -> list[str]:
         try:

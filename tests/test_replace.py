@@ -9,68 +9,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from uuid import UUID
 
 import pytest
 
-from daemon.containment import Containment
 from daemon.exceptions import Conflict, DeployError
-from daemon.health import Prober
 from daemon.launch import Launcher
-from daemon.logwriter import LogWriterClient
 from daemon.models import DesiredState, LocalModelService, ServiceConfig, ServiceState
 from daemon.paths import Paths
-from daemon.replace import Replacer
 from daemon.service import ServiceRuntime
-from daemon.startstop import StartStop
-from daemon.store import Store
-from daemon.supervise import Supervisor
-from daemon.testing import IRIS, reap_home
+from daemon.testing import IRIS, reap_home, server_script
+from daemon.testing.units import Units
 
 # A command server that answers its health check; argv: port, then anything (its "version").
-SERVES = textwrap.dedent('''
-    import http.server, sys
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
-        def log_message(self, *a):
-            pass
-    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-''')
-
-
-@dataclass
-class Units:
-    paths: Paths
-    store: Store
-    services: dict[UUID, ServiceRuntime]
-    supervisor: Supervisor
-    startstop: StartStop
-    replacer: Replacer
+SERVES = server_script("PORT, BODY = int(sys.argv[1]), b''\n")  # 200 on every GET
 
 
 @pytest.fixture
 def units(tmp_path: Path) -> Iterator[Units]:
-    paths = Paths(tmp_path / "h")
-    paths.run.mkdir(parents=True)
-    store = Store(paths)
-    logs = LogWriterClient(paths)
-    services: dict[UUID, ServiceRuntime] = {}
-    launcher = Launcher(paths, store, Containment(paths.home, paths.run), logs, services)
-    prober = Prober(5.0)
-    supervisor = Supervisor(paths, store, logs, launcher, prober)
-    startstop = StartStop(store, launcher, supervisor)
+    units = Units.over(Paths(tmp_path / "h"))
     try:
-        yield Units(paths, store, services, supervisor, startstop, Replacer(services, store, launcher, supervisor, startstop))
+        yield units
     finally:
-        launcher.fork_servers.close()
-        prober.close()
-        logs.stop()
-        reap_home(paths.home)
+        units.close()
+        reap_home(units.paths.home)
 
 
 def command(tmp_path: Path, *argv: str) -> ServiceConfig:

@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.containment import Containment
-from daemon.exceptions import DeployError
-from daemon.health import Prober
-from daemon.launch import Launcher
-from daemon.logwriter import LogWriterClient
 from daemon.config import ServiceConfig
+from daemon.exceptions import DeployError
 from daemon.models import LocalModelService
 from daemon.paths import Paths
 from daemon.service import ServiceRuntime
-from daemon.store import Store
-from daemon.supervise import Supervisor
 from daemon.testing import pid_alive, reap_home
+from daemon.testing.units import Units
 
 DIES = "import sys; print('no model here, giving up', flush=True); sys.exit(4)"
 # Serves, starts a child in a session of its own, and ignores SIGTERM (only SIGKILL ends it).
@@ -42,16 +37,12 @@ STUBBORN = textwrap.dedent('''
 
 @pytest.fixture
 def units(tmp_path: Path):
-    paths = Paths(tmp_path / "h")
-    paths.run.mkdir(parents=True)
-    store = Store(paths)
-    logs = LogWriterClient(paths)
-    launcher = Launcher(paths, store, Containment(paths.home, paths.run), logs, {})
+    units = Units.over(Paths(tmp_path / "h"))
     try:
-        yield paths, launcher, Supervisor(paths, store, logs, launcher, Prober(5.0))
+        yield units.paths, units.launcher, units.supervisor
     finally:
-        logs.stop()
-        reap_home(paths.home)
+        units.close()
+        reap_home(units.paths.home)
 
 
 def runtime(paths: Paths, tmp_path: Path, script: str, *args: str, **kw: object) -> ServiceRuntime:
