@@ -52,13 +52,13 @@ from .paths import Paths
 from .process import ProcessHandle
 from .runtime._serve import forkserver
 from .service import ServiceRuntime, is_builtin, serves, serving_member
+from .settings import DaemonSettings
 from .sockets import fetch_listener, fetch_listeners
 from .store import LaunchInfo, PidRecord, Problem, Store
 from .supervise import Supervisor
 
 log = logging.getLogger("modeld.manager")
 
-HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", "5"))  # seconds between probes of a healthy server
 STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
 
 
@@ -66,22 +66,23 @@ _state_of = operator.attrgetter("svc.status.state")
 
 
 class Manager:
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, settings: DaemonSettings):
         self.paths = paths
+        self.settings = settings
         self.store = Store(paths)
         self.services: dict[UUID, ServiceRuntime] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
         self._ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self._create_lock = asyncio.Lock()
-        self.containment: Containment = choose_containment(paths.home, paths.run)
+        self.containment: Containment = choose_containment(paths.home, paths.run, settings.cgroup, settings.named("cgroup"))
         if self.containment.reason:
             log.info("containment: tag (%s)", self.containment.reason)
         else:
             log.info("containment: %s", self.containment.kind)
         self.logs = LogWriterClient(paths)
-        self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services)
-        self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
+        self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services, settings.warm_start)
+        self.prober = Prober(settings.health_interval)  # every healthy server, on one shared beat
         self.supervisor = Supervisor(paths, self.store, self.logs, self.launcher, self.prober)
         # Re-adoption: all servers probed in one job.
         self._probe_batch = Batch(_probe_list)
