@@ -2,7 +2,8 @@
 
 Routes (all under ``/v1``; every response carries ``x-modeld-version``):
 
-    GET    /v1/daemon                       version, pid, home, counts, problems, containment
+    GET    /v1/daemon                       version, pid, home, counts, problems, containment,
+                                            settings (effective) and settings_sources (where each came from)
     POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
     GET    /v1/services                     find; filters as query parameters (daemon.filters.FIND_PARAMS):
                                             running, service_uuid, pipeline_name, pipeline_run_id,
@@ -234,6 +235,8 @@ class Api:
             "home": str(self.manager.paths.home),
             "socket": str(self.manager.paths.socket),
             "started_at": self.manager.started_at,
+            "settings": self.manager.settings.public(),
+            "settings_sources": self.manager.settings.sources,
             **self.manager.describe(),
         }
 

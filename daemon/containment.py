@@ -17,8 +17,8 @@ spawn (a child starts in its parent's cgroup) and back, and a server forked
 warm by the fork server enters it before it runs anything of the model's.
 ``<base>`` is the cgroup2 mount when the daemon runs as root; for a user it is
 the daemon's own cgroup when that is delegated to the user (owned by it and
-writable, as systemd's ``Delegate=yes`` leaves it). ``MODELD_CGROUP`` names
-another base, or ``off``.
+writable, as systemd's ``Delegate=yes`` leaves it). The ``cgroup`` setting
+(``MODELD_CGROUP``, see ``settings.py``) names another base, or ``off``.
 
 ``tag``, where no cgroup can be had. Every server's environment carries
 ``MODELD_HOME``, ``MODELD_SERVICE_UUID`` and ``MODELD_PROCESS`` (with the
@@ -51,8 +51,6 @@ from .linux import ProcessIdentity, cgroup2_mount, children_map, descendants, ow
 from .runtime._serve import forkserver
 
 log = logging.getLogger("modeld.containment")
-
-ENV = "MODELD_CGROUP"
 
 
 class Group:
@@ -371,12 +369,14 @@ def _wait_empty(group: Group, timeout: float = 5.0) -> bool:
     return True
 
 
-def choose(home: Path, run: Path) -> Containment:
-    """Cgroups where one can be had (see the module docstring), else tags; never raises."""
-    setting = os.environ.get(ENV, "").strip()
+def choose(home: Path, run: Path, setting: str, named: str) -> Containment:
+    """Cgroups where one can be had (see the module docstring), else tags; never raises.
+
+    ``setting`` is the ``cgroup`` setting, ``named`` where it was set (``MODELD_CGROUP``, or the file and key).
+    """
     fallback = Containment(home, run)
     if setting.lower() in ("off", "tag", "0", "no"):
-        fallback.reason = f"{ENV}={setting}"
+        fallback.reason = f"{named}={setting}"
         return fallback
     mount = cgroup2_mount()
     if mount is None:

@@ -1,6 +1,8 @@
-"""The daemon process: take the lock, bind the socket, rebuild, serve, shut down.
+"""The daemon process: read the settings, take the lock, bind the socket, rebuild, serve, shut down.
 
-Order matters. The lock on ``daemon.lock`` is taken before the socket is
+Order matters. The settings are read first, once (``settings.py``): a bad one stops the daemon
+before it touches anything, with exit code 3 and one line naming the key, which the client's
+auto-start reports as it is (:data:`CANNOT_START`). The lock on ``daemon.lock`` is taken before the socket is
 touched (asyncio would delete a live daemon's socket file when binding).
 The socket is bound under ``umask 077`` and listens before the rebuild, so a
 client that connects meanwhile waits in the backlog and is answered only
@@ -26,15 +28,20 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
-from .exceptions import DaemonAlreadyRunning, Forbidden, InvalidRequest, ModeldError
+from .exceptions import DaemonAlreadyRunning, DaemonStartError, Forbidden, InvalidRequest, ModeldError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .manager import Manager
 from .paths import Paths
 from .process import keep_server_umask
+from .settings import DaemonSettings, load_settings
 from .sockets import bind_private_socket
 from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")
+
+# A daemon that cannot start because of its settings says so on its last line of stderr, and exits 3.
+CANNOT_START = "modeld: cannot start the daemon: "
+CANNOT_START_EXIT = 3
 
 _FORBIDDEN_BODY = json.dumps({"error": Forbidden("this daemon serves only its own user").to_dict()}).encode()
 _BAD_HTTP_MESSAGE = (
@@ -137,9 +144,9 @@ class TrimWhenIdle:
 
 
 class Daemon:
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, settings: DaemonSettings):
         self.paths = paths
-        self.manager = Manager(paths)
+        self.manager = Manager(paths, settings)
         self.stop_services = False
         self.server: _UvicornWithoutSignals | None = None
 
@@ -176,10 +183,14 @@ class Daemon:
 
 
 def run(paths: Paths | None = None) -> int:
-    """Run the daemon in the foreground until SIGTERM, SIGINT or a shutdown request."""
+    """Run the daemon in the foreground until SIGTERM, SIGINT or a shutdown request.
+
+    Raises ``DaemonStartError`` for a bad setting (before anything else is done).
+    """
     paths = paths or Paths()
+    settings = load_settings(paths)
     logging.basicConfig(
-        level=os.environ.get("MODELD_LOG_LEVEL", "INFO").upper(),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -187,6 +198,9 @@ def run(paths: Paths | None = None) -> int:
     old_soft, soft = raise_nofile_limit()
     if soft != old_soft:
         log.info("open files limit raised from %d to %d", old_soft, soft)
+    for key, source in settings.sources.items():
+        if source != "default" and key not in settings.LOCATION:
+            log.info("setting %s = %r (from %s)", key, getattr(settings, key), source)
     paths.ensure()
     with contextlib.suppress(FileNotFoundError):
         os.chmod(paths.daemon_log, 0o600)  # created by the client that started us, under its umask
@@ -196,7 +210,7 @@ def run(paths: Paths | None = None) -> int:
         assert ident is not None
         atomic_write(paths.daemon_pid, f"{ident.pid}\n{ident.start_ticks}\n{ident.boot_id}\n".encode())
         sock = bind_socket(paths)
-        daemon = Daemon(paths)
+        daemon = Daemon(paths, settings)
         try:
             asyncio.run(daemon.serve(sock))
         finally:
@@ -224,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonAlreadyRunning as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return 3
+    except DaemonStartError as exc:  # a bad setting: the message starts with "cannot start the daemon: "
+        print("modeld: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # one line: auto-start reports it
+        return CANNOT_START_EXIT
     except (ModeldError, ValueError, OSError) as exc:
         print(f"modeld: cannot start the daemon: {exc}", file=sys.stderr)
         return 1

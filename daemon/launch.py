@@ -46,16 +46,22 @@ from .store import LaunchInfo, PidRecord, Store
 log = logging.getLogger("modeld.manager")
 
 SERVE_PY = str(Path(__file__).with_name("runtime") / "serve.py")
-WARM_START = os.environ.get("MODELD_WARM_START", "1") != "0"  # built-in servers forked from a pre-imported process
 
 
 class Launcher:
     """Starts servers for the services of one home (see the module docstring)."""
 
     def __init__(
-        self, paths: Paths, store: Store, containment: Containment, logs: LogWriterClient, services: Mapping[UUID, ServiceRuntime]
+        self,
+        paths: Paths,
+        store: Store,
+        containment: Containment,
+        logs: LogWriterClient,
+        services: Mapping[UUID, ServiceRuntime],
+        warm_start: bool = True,
     ):
         self.paths = paths
+        self.warm_start = warm_start  # built-in servers forked from a pre-imported process (the warm_start setting)
         self.store = store
         self.containment = containment
         self.logs = logs
@@ -276,7 +282,7 @@ class Launcher:
 
         proc = None
         try:
-            if WARM_START and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
+            if self.warm_start and pass_fds and not any(key.startswith("PYTHON") for key in config.env):
                 # Forked from a warm process that has imported uvicorn already (env that changes how
                 # an interpreter starts, PYTHONPATH and such, needs a cold one).
                 proc = self.fork_servers.spawn(

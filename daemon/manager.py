@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import operator
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +35,7 @@ from .paths import Paths
 from .rebuild import Rebuilder
 from .replace import Replacer
 from .service import ServiceRuntime
+from .settings import DaemonSettings
 from .startstop import StartStop
 from .store import Problem, Store
 from .supervise import Supervisor
@@ -43,7 +43,6 @@ from .transitions import change_state, move, save
 
 log = logging.getLogger("modeld.manager")
 
-HEALTH_INTERVAL = float(os.environ.get("MODELD_HEALTH_INTERVAL", "5"))  # seconds between probes of a healthy server
 STOPPED_BY_STOP_ALL = "stopped by `modeld daemon stop --all`"
 
 
@@ -51,21 +50,22 @@ _state_of = operator.attrgetter("svc.status.state")
 
 
 class Manager:
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, settings: DaemonSettings):
         self.paths = paths
+        self.settings = settings
         self.store = Store(paths)
         self.services: dict[UUID, ServiceRuntime] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
         self._create_lock = asyncio.Lock()
-        self.containment: Containment = choose_containment(paths.home, paths.run)
+        self.containment: Containment = choose_containment(paths.home, paths.run, settings.cgroup, settings.named("cgroup"))
         if self.containment.reason:
             log.info("containment: tag (%s)", self.containment.reason)
         else:
             log.info("containment: %s", self.containment.kind)
         self.logs = LogWriterClient(paths)
-        self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services)
-        self.prober = Prober(HEALTH_INTERVAL)  # every healthy server, on one shared beat
+        self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services, settings.warm_start)
+        self.prober = Prober(settings.health_interval)  # every healthy server, on one shared beat
         self.supervisor = Supervisor(paths, self.store, self.logs, self.launcher, self.prober)
         self.startstop = StartStop(self.store, self.launcher, self.supervisor)
         self.replacer = Replacer(self.services, self.store, self.launcher, self.supervisor, self.startstop)

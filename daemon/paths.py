@@ -1,6 +1,7 @@
 """Where modeld keeps its state: one folder, ``$MODELD_HOME``, spelled one way (its real path).
 
 $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
+  daemon.toml                     the daemon's settings (optional; see settings.py)
   daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
   modeld.sock                     unless $MODELD_SOCKET says otherwise
   run/                            private per-process sockets of built-in servers
@@ -49,6 +50,9 @@ class Paths:
         self.home = canonical(home) if home else default_home()
         sock = socket or (os.environ.get("MODELD_SOCKET") if not home else None)
         self.socket = canonical_socket(sock) if sock else self.home / "modeld.sock"
+        # How each was given (the daemon shows it with its settings): "argument", the variable, or "default".
+        self.home_from = "argument" if home else "MODELD_HOME" if os.environ.get("MODELD_HOME") else "default"
+        self.socket_from = "argument" if socket else "MODELD_SOCKET" if sock else "default"
 
     @property
     def daemon_lock(self) -> Path:

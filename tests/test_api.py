@@ -377,6 +377,7 @@ def test_every_error_travels_as_its_class_through_the_app_in_memory(tmp_path):
     )
     from daemon.api import Api
     from daemon.client import AsgiHandler, InMemoryTransport
+    from daemon.settings import load_settings
 
     raised: list[Exception] = []
 
@@ -389,8 +390,9 @@ def test_every_error_travels_as_its_class_through_the_app_in_memory(tmp_path):
     def describe():
         raise KeyError("counts")
 
+    paths = Paths(tmp_path / "home")
     manager = SimpleNamespace(services={}, get=get, deploy=deploy, describe=describe, started_at=0.0,
-                              paths=Paths(tmp_path / "home"))
+                              paths=paths, settings=load_settings(paths, environ={}))
     handler = AsgiHandler(Api(manager, lambda stop_services: None))  # type: ignore[arg-type]
     client = DaemonClient(transport=InMemoryTransport(handler))
     try:

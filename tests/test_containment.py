@@ -416,11 +416,14 @@ def test_a_cgroup_removed_while_another_thread_kills_it_is_gone_not_an_error(tmp
     import threading
 
     from daemon.containment import Cgroups, choose
+    from daemon.paths import Paths
+    from daemon.settings import load_settings
     from daemon.strays import kill_and_remove
 
     home = tmp_path / "h"
     (home / "run").mkdir(parents=True)
-    containment = choose(home, home / "run")
+    settings = load_settings(Paths(home))  # the cgroup setting a daemon started from here would use
+    containment = choose(home, home / "run", settings.cgroup, settings.named("cgroup"))
     if not isinstance(containment, Cgroups):
         pytest.skip(f"no cgroups here: {containment.reason}")
     errors: list[BaseException] = []

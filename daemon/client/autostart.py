@@ -8,7 +8,9 @@ Invariants:
   ``/``) and runs under this interpreter, with ``daemon/`` importable from
   where this client found it;
 * if it exits instead of answering, the reason from its log is raised at
-  once (``DaemonStartError``), not after a timeout.
+  once (``DaemonStartError``), not after a timeout; a daemon stopped by a
+  bad setting is reported by its own line ("cannot start the daemon:
+  daemon.toml: health_interval: ..."), see ``daemon_process.CANNOT_START``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
     """Start a daemon for ``paths`` unless one answers; return once its socket answers."""
     from filelock import FileLock, Timeout
 
-    from ..daemon_process import daemon_pid
+    from ..daemon_process import CANNOT_START, CANNOT_START_EXIT, daemon_pid
 
     paths.ensure()
     try:
@@ -61,6 +63,9 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
                     proc = _spawn_daemon(paths)
                 if proc is not None and proc.poll() is not None:
                     reason = _read_from(paths.daemon_log, log_offset).strip().splitlines()
+                    if proc.returncode == CANNOT_START_EXIT and reason and reason[-1].startswith(CANNOT_START):
+                        said = reason[-1].removeprefix("modeld: ")
+                        raise DaemonStartError(f"{said} (the modeld daemon exited with code {proc.returncode})")
                     raise DaemonStartError(
                         f"the modeld daemon exited with code {proc.returncode} instead of starting: "
                         + (reason[-1] if reason else f"see {paths.daemon_log}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from daemon import exceptions as exc
@@ -67,6 +68,14 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
         if counts["total"]
         else "services: none"
     )
+    settings, sources = info.get("settings", {}), info.get("settings_sources", {})
+    if settings:
+        print("settings (daemon.toml, then MODELD_* of the daemon's environment):")
+        width = max(map(len, settings))
+        for key, value in settings.items():
+            shown = json.dumps(value) if not isinstance(value, str) else value if value else '""'
+            source = sources.get(key, "default")
+            print(f"  {key:<{width}}  {shown}  ({source if source == 'default' else 'from ' + source})")
     for problem in info["problems"]:
         aside = f" (set aside as {problem['set_aside_as']})" if problem.get("set_aside_as") else ""
         print(f"problem: {problem['path']}: {problem['message']}{aside}")

@@ -1,0 +1,167 @@
+"""The daemon's settings, in one place: :class:`DaemonSettings`, read once when the daemon starts.
+
+Where a setting comes from; a later one wins::
+
+    1. its default here (the same as before settings had a home);
+    2. $MODELD_HOME/daemon.toml (optional), keys as the field names:   health_interval = 2
+    3. the daemon process's environment, MODELD_<KEY>:                MODELD_HEALTH_INTERVAL=2
+
+An empty environment variable counts as unset. An auto-started daemon inherits the environment of
+the client that started it, so ``daemon.toml`` is the place for lasting settings.
+
+``home`` and ``socket`` say where the daemon is, so neither comes from the file: they are what the
+daemon was started with (``--home``/``MODELD_HOME``/default, ``--socket``/``MODELD_SOCKET``/
+``<home>/modeld.sock``, see :class:`~daemon.paths.Paths`). The home cannot come from a file inside
+it, and a client must find the socket before it could read any file (it reads no daemon.toml), so
+a socket set there would be one no client finds. They are shown with the others all the same.
+
+Invariants:
+
+* a typo is never silent: a key in the file that is not a setting, a value that does not parse, a
+  file that is not TOML, and a bad ``MODELD_<KEY>`` value each raise ``DaemonStartError`` naming
+  the key and where it came from (the file's path and the key, or the variable's name); the
+  daemon exits with 3 ("cannot start", the CLI's table) and the client's auto-start reports that
+  line as it is;
+* the units never read ``os.environ`` for a setting: the daemon builds this object once
+  (``daemon_process.run``) and hands each unit what it needs.
+
+Not settings (read where they are used, and left there):
+
+* ``MODELD_DIE_AT`` and ``MODELD_FAIL_WRITE_AT``: fault injection for tests (``killpoints.py``,
+  ``store.py``);
+* ``MODELD_SERVICE_UUID`` and ``MODELD_PROCESS``: the tags the daemon sets for its children;
+* ``MODELD_START_TIMEOUT``: how long a client waits for the daemon it auto-starts (the client's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .exceptions import DaemonStartError
+from .paths import Paths
+
+FILE_NAME = "daemon.toml"
+ENV_PREFIX = "MODELD_"
+DEFAULT = "default"  # the source of a setting nobody set
+
+
+class DaemonSettings(BaseModel):
+    """Every daemon-level setting (see the module docstring for where each comes from)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # Where the daemon is: from how it was started, never from daemon.toml.
+    LOCATION: ClassVar[tuple[str, ...]] = ("home", "socket")
+
+    home: Path = Field(description="the state folder (--home, MODELD_HOME; not in daemon.toml)")
+    socket: Path = Field(description="the control socket (--socket, MODELD_SOCKET; not in daemon.toml)")
+    log_level: str = Field("INFO", description="the daemon's log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    cgroup: str = Field(
+        "",
+        description="containment: empty picks cgroups where they can be had; a cgroup path names their base; "
+        "off (or tag, 0, no) uses tags",
+    )
+    health_interval: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="seconds between health probes of a healthy server"
+    )
+    warm_start: bool = Field(True, description="fork built-in servers from a pre-imported process (false: spawn cold)")
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @field_validator("cgroup")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        return value.strip()
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each setting came from: ``default``, the file's path, an environment variable's name,
+        or for ``home`` and ``socket`` how the daemon was started (see ``Paths``)."""
+        return {key: self._sources.get(key, DEFAULT) for key in type(self).model_fields}
+
+    def named(self, key: str) -> str:
+        """How a person would name where ``key`` was set: ``MODELD_CGROUP`` or ``<file>: cgroup``."""
+        return _named(key, self.sources[key])
+
+    def public(self) -> dict[str, Any]:
+        """The effective settings as JSON (``GET /v1/daemon``'s ``settings``)."""
+        return self.model_dump(mode="json")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _named(key: str, source: str) -> str:
+    return f"{source}: {key}" if source not in (DEFAULT, env_name(key)) else env_name(key)
+
+
+def file_keys() -> list[str]:
+    return [key for key in DaemonSettings.model_fields if key not in DaemonSettings.LOCATION]
+
+
+def load_settings(paths: Paths, environ: Mapping[str, str] | None = None) -> DaemonSettings:
+    """The effective settings of the daemon of ``paths``: defaults, then daemon.toml, then ``environ``.
+
+    Raises ``DaemonStartError`` ("cannot start the daemon: <where>: <problem>") for a bad file or value.
+    """
+    environ = os.environ if environ is None else environ
+    path = paths.home / FILE_NAME
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, value in _read_file(path).items():
+        values[key], sources[key] = value, str(path)
+    for key in file_keys():
+        if environ.get(env_name(key)):  # an empty variable counts as unset
+            values[key], sources[key] = environ[env_name(key)], env_name(key)
+    try:
+        settings = DaemonSettings(home=paths.home, socket=paths.socket, **values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error["loc"] else "?"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{_named(key, sources.get(key, DEFAULT))}: {message} (got {values.get(key)!r})")
+        raise DaemonStartError("cannot start the daemon: " + "; ".join(problems)) from None
+    settings._sources.update(sources, home=paths.home_from, socket=paths.socket_from)
+    return settings
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """daemon.toml's keys (none if there is no file); every key must be a setting."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise DaemonStartError(f"cannot start the daemon: {path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DaemonStartError(
+            f"cannot start the daemon: {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    known = file_keys()
+    for key in data:
+        if key in DaemonSettings.LOCATION:
+            how = "--home or MODELD_HOME" if key == "home" else "--socket or MODELD_SOCKET (clients look for it there)"
+            raise DaemonStartError(f"cannot start the daemon: {path}: {key}: not read from {FILE_NAME}; set {how}")
+        if key not in known:
+            raise DaemonStartError(
+                f"cannot start the daemon: {path}: {key}: unknown setting (the settings are {', '.join(known)})"
+            )
+    return data
