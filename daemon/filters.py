@@ -11,6 +11,7 @@ Besides these, a find takes ``running`` (active services only) and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -19,3 +20,9 @@ FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model
 
 # What the API's GET /v1/services takes, with the type each query parameter is read as.
 FIND_PARAMS: dict[str, type[Any]] = {"running": bool, "service_uuid": UUID, **{name: str for name in FIND_FILTERS}}
+
+
+def filters_given(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The find filters among a call's arguments (``filters_given(locals())`` in a method that spells
+    them out), in ``FIND_FILTERS``' order: a filter its signature lacks fails at once (KeyError)."""
+    return {name: arguments[name] for name in FIND_FILTERS}

@@ -8,7 +8,7 @@ operations on a service are serialised by its ``asyncio.Lock`` and cancel
 its supervision task first, so the two never act on a process at once.
 
 The manager decides which service an operation is about and holds its lock; the work is done
-by one object per concept, each built here over the same registry: ``Launcher`` (launch.py),
+by one object per concept, each wired over the same registry by ``Units.wire`` (units.py): ``Launcher`` (launch.py),
 ``Supervisor`` (supervise.py), ``StartStop`` (startstop.py), ``Replacer`` (replace.py) and
 ``Rebuilder`` (rebuild.py).
 """
@@ -27,19 +27,13 @@ from uuid import UUID
 from . import killpoints
 from .containment import Containment, choose as choose_containment
 from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StorageError
-from .health import Prober
-from .launch import Launcher
-from .logwriter import LogWriterClient
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
-from .rebuild import Rebuilder
-from .replace import Replacer
 from .service import ServiceRuntime
 from .settings import DaemonSettings
-from .startstop import StartStop
-from .store import Problem, Store
-from .supervise import Supervisor
+from .store import Problem
 from .transitions import change_state, move, save
+from .units import Units
 
 log = logging.getLogger("modeld.manager")
 
@@ -53,7 +47,6 @@ class Manager:
     def __init__(self, paths: Paths, settings: DaemonSettings):
         self.paths = paths
         self.settings = settings
-        self.store = Store(paths)
         self.services: dict[UUID, ServiceRuntime] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
@@ -63,15 +56,22 @@ class Manager:
             log.info("containment: tag (%s)", self.containment.reason)
         else:
             log.info("containment: %s", self.containment.kind)
-        self.logs = LogWriterClient(paths)
-        self.launcher = Launcher(paths, self.store, self.containment, self.logs, self.services, settings.warm_start)
-        self.prober = Prober(settings.health_interval)  # every healthy server, on one shared beat
-        self.supervisor = Supervisor(paths, self.store, self.logs, self.launcher, self.prober)
-        self.startstop = StartStop(self.store, self.launcher, self.supervisor)
-        self.replacer = Replacer(self.services, self.store, self.launcher, self.supervisor, self.startstop)
-        self.rebuilder = Rebuilder(
-            paths, self.store, self.containment, self.logs, self.launcher, self.supervisor, self.startstop, self.services
+        self.units = Units.wire(
+            paths,
+            self.containment,
+            self.services,
+            warm_start=settings.warm_start,
+            health_interval=settings.health_interval,
         )
+        # Each unit by its name, as the operations below use them.
+        self.store = self.units.store
+        self.logs = self.units.logs
+        self.launcher = self.units.launcher
+        self.prober = self.units.prober
+        self.supervisor = self.units.supervisor
+        self.startstop = self.units.startstop
+        self.replacer = self.units.replacer
+        self.rebuilder = self.units.rebuilder
         self._counted: tuple[int, list[ServiceRuntime], dict[str, int]] = (-1, [], {})
 
     # ------------------------------------------------------------------ queries
@@ -220,19 +220,11 @@ class Manager:
         )
 
     async def shutdown(self, stop_services: bool) -> None:
-        self.rebuilder.close()
-        for m in self.services.values():
-            await self.supervisor.cancel_supervision(m)
+        await self.units.stop_watching()
         if stop_services:
             await asyncio.gather(*(self._stop_for_shutdown(m) for m in self.services.values()))
             await asyncio.to_thread(self.logs.stop)  # last, once every server has written its last line
-        for m in self.services.values():
-            if m.proc is not None:
-                m.proc.close()
-            m.close_listener()
-        self.launcher.fork_servers.close()
-        self.prober.close()
-        self.logs.close()
+        self.units.let_go()
         await asyncio.to_thread(self.containment.prune)
 
     async def _stop_for_shutdown(self, m: ServiceRuntime) -> None:

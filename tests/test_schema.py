@@ -168,3 +168,19 @@ def test_find_filters_are_one_list():
     from daemon import manager
 
     assert not hasattr(manager, "FIND_FILTERS")  # defined once, in daemon.filters
+
+
+@pytest.mark.parametrize("name", FIND_FILTERS)
+def test_each_find_filter_reaches_the_daemon(name):
+    """Not only the keyword: each filter given to the client or the local deployer is sent as its query parameter."""
+    from daemon.client import DaemonClient, InMemoryTransport, json_response
+    from deployers.local.deployer import LocalDaemonModelDeployer
+
+    transport = InMemoryTransport(lambda request: json_response({"services": []}))
+    client = DaemonClient(transport=transport)
+    assert client.find(**{name: "wanted"}) == []
+    deployer = LocalDaemonModelDeployer(client=client)
+    assert deployer.find_model_server(**{name: "wanted"}) == []
+    for request in transport.requests:
+        assert request.path == "/v1/services"
+        assert {k: v for k, v in (request.query or {}).items() if v is not None} == {name: "wanted"}

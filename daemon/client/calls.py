@@ -24,6 +24,7 @@ from uuid import UUID
 from .._version import __version__
 from ..config import ServiceConfig
 from ..exceptions import DaemonNotRunning, ModeldError, error_from_dict
+from ..filters import filters_given
 from ..models import SERVICE_REGISTRY, BaseService
 from ..paths import Paths
 from .autostart import ensure_daemon
@@ -91,12 +92,7 @@ class DaemonClient:
         query = {
             "running": "true" if running else None,
             "service_uuid": str(service_uuid) if service_uuid is not None else None,
-            "pipeline_name": pipeline_name,
-            "pipeline_run_id": pipeline_run_id,
-            "pipeline_step_name": pipeline_step_name,
-            "model_name": model_name,
-            "model_uri": model_uri,
-            "model_type": model_type,
+            **filters_given(locals()),
         }
         data = self._call("GET", "/v1/services", query=query)
         return [self._service(item) for item in data["services"]]

@@ -6,6 +6,7 @@ from typing import ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from daemon.exceptions import ServiceNotFound
+from daemon.filters import filters_given
 from daemon.models import BaseService, ServiceConfig, ServiceState
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
 from tests.flavor_fixtures.memory_flavor import InMemoryModelDeployerConfig, InMemoryModelDeployerFlavor
@@ -55,14 +56,7 @@ class InMemoryModelDeployer(BaseModelDeployer):
         model_uri: Optional[str] = None,
         model_type: Optional[str] = None,
     ) -> List[BaseService]:
-        wanted = {
-            "pipeline_name": pipeline_name,
-            "pipeline_run_id": pipeline_run_id,
-            "pipeline_step_name": pipeline_step_name,
-            "model_name": model_name,
-            "model_uri": model_uri,
-            "model_type": model_type,
-        }
+        wanted = filters_given(locals())
         return [
             svc
             for svc in self.services.values()
