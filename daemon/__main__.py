@@ -19,12 +19,12 @@ def _without_tls() -> None:
 
     stand_in = types.ModuleType("ssl", "stand-in for uvicorn.config's import-time constants")
     stand_in.PROTOCOL_TLS_SERVER = 17  # type: ignore[attr-defined]  # the values ssl has
-    stand_in.CERT_NONE = 0  # type: ignore[attr-defined]
+    stand_in.CERT_NONE = 0  # type: ignore[attr-defined]  # a plain module given ssl's attribute
     sys.modules["ssl"] = stand_in
     try:
         import uvicorn.config  # noqa: F401
     finally:
-        sys.modules["ssl"] = None  # type: ignore[assignment]
+        sys.modules["ssl"] = None  # type: ignore[assignment]  # None in sys.modules: import raises
 
 
 _without_tls()

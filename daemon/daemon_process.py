@@ -52,7 +52,8 @@ _BAD_HTTP_MESSAGE = (
 class PeerCheckedProtocol(H11Protocol):
     """uvicorn's h11 protocol, refusing peers of another uid (SO_PEERCRED)."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    # uvicorn types the parameter as BaseTransport; a stream connection always gets a Transport here
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # see above
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX and peer_uid(sock) != os.getuid():
@@ -121,7 +122,8 @@ def bind_socket(paths: Paths) -> socket.socket:
 class _UvicornWithoutSignals(uvicorn.Server):
     """uvicorn's server without its own signal handling: the daemon's loop handles signals."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+    # uvicorn's is a generator-based contextmanager; a nullcontext is the same to its one caller
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]  # see above
         return contextlib.nullcontext()
 
 

@@ -110,13 +110,13 @@ class ServiceEndpoint(_EditCounted):
         host = f"[{host}]" if ":" in host else host
         return f"{self.protocol}://{host}:{self.port}"
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over a property (pydantic docs)
     @property
     def prediction_url(self) -> str:
         path = self.prediction_path or f"/v1/models/{quote(self.model_name, safe='')}:predict"
         return f"{self.base_url}{path}"
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over a property (pydantic docs)
     @property
     def health_check_url(self) -> str:
         return f"{self.base_url}{self.health_path}"

@@ -282,7 +282,7 @@ class Store:
                 svc = SERVICE_REGISTRY.load_json(path.read_bytes())
                 if str(svc.uuid) != directory.name:
                     raise ValueError(f"uuid {svc.uuid} does not match its folder")
-            except Exception as exc:  # any unreadable file is set aside, whatever broke
+            except Exception as exc:  # noqa: BLE001  (any unreadable file is set aside, whatever broke)
                 problems.append(self._set_aside(path, exc))
                 continue
             svc.service_path = str(directory)

@@ -98,7 +98,7 @@ class ModeldModelDeployer(BaseModelDeployer):
         return service
 
     @staticmethod
-    def get_model_server_info(  # type: ignore[override]
+    def get_model_server_info(  # type: ignore[override]  # ZenML's takes any BaseService; ours only its own
         service: ModeldDeploymentService,
     ) -> dict[str, str | None]:
         return {
@@ -185,7 +185,7 @@ class ModeldModelDeployer(BaseModelDeployer):
                 prediction_url=old.get_prediction_url(),
                 health_check_url=old.get_healthcheck_url(),
             )
-        except Exception as exc:  # the deploy's own error is the one to raise; say what is left behind
+        except Exception as exc:  # noqa: BLE001  (the deploy's own error is the one to raise; say what is left behind)
             logger.error(
                 "The previous version still serves as modeld service %s, but ZenML could not record it again (%s); "
                 "see `modeld ls`.",

@@ -48,7 +48,7 @@ ModeldRunSettings = with_run_settings(ServiceConfig, "ModeldRunSettings", __name
 _RUN_SETTINGS = tuple(run_settings())
 
 
-class ModeldDeploymentConfig(ModeldRunSettings):  # type: ignore[misc,valid-type]
+class ModeldDeploymentConfig(ModeldRunSettings):  # type: ignore[misc,valid-type]  # a class made at run time
     """What to serve and how: ZenML's service fields plus modeld's run settings.
 
     ``model_uri`` is ``path/to/file.py:attr``, ``package.module:attr`` or a

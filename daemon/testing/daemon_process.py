@@ -72,10 +72,10 @@ class DaemonProcess:
                 return None
 
             info = wait_for(answered, timeout, interval=0.005, what=f"the daemon of {self.home} to answer")
-        if info is True:
-            return False
-        self.ident = ProcessIdentity.of(int(info["pid"]))  # type: ignore[index]
-        self.containment = info.get("containment")  # type: ignore[union-attr]
+        if not isinstance(info, dict):
+            return False  # it died first
+        self.ident = ProcessIdentity.of(int(info["pid"]))
+        self.containment = info.get("containment")
         return self.ident is not None
 
     def alive(self) -> bool:

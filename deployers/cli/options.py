@@ -191,7 +191,7 @@ def deploy_config(args: argparse.Namespace, config: type[ServiceConfig] = Servic
         place[name] = value
     for name, field in config.model_fields.items():  # a nested model (restart) from the options given of it
         if isinstance(fields.get(name), dict) and _model_class(field.annotation):
-            fields[name] = field.annotation(**fields[name])  # type: ignore[misc]
+            fields[name] = field.annotation(**fields[name])  # type: ignore[misc]  # annotation is a model class (checked above)
     return config(**fields)
 
 

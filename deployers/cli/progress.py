@@ -30,7 +30,7 @@ def progress(
     def work() -> None:
         try:
             value.append(call())
-        except BaseException as exc:  # handed to the main thread, which raises it
+        except BaseException as exc:  # noqa: BLE001  (handed to the main thread, which raises it)
             error.append(exc)
 
     worker = threading.Thread(target=work, daemon=True)

@@ -53,7 +53,7 @@ _EXPORTS = {
     "parse_args": "cli",
 }
 
-__all__ = sorted(_EXPORTS)  # noqa: PLE0605  (a list all the same: sorted() returns one; the names above re-export for checkers)
+__all__ = sorted(_EXPORTS)  # a list all the same: sorted() returns one; the names above re-export for checkers)
 
 
 def __getattr__(name: str) -> object:
