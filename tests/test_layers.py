@@ -130,3 +130,17 @@ def test_no_import_time_cycle_anywhere() -> None:
     """A flavor names its implementation lazily (ZenML's design), the only way back up a package is inside a function."""
     eager, _ = import_graph()
     assert cycles(eager) == []
+
+
+def test_the_readme_architecture_names_every_module() -> None:
+    """The README's map of the folders stays true: each module of daemon/ (and each subpackage) is named there."""
+    readme = (REPO / "README.md").read_text()
+    architecture = readme[readme.index("## Architecture") :]
+    architecture = architecture[: architecture.index("\n## ")]
+    missing = [
+        path.name
+        for path in sorted((REPO / "daemon").iterdir())
+        if (path.suffix == ".py" and not path.name.startswith("_") and path.name not in architecture)
+        or (path.is_dir() and (path / "__init__.py").exists() and f"{path.name}/" not in architecture)
+    ]
+    assert missing == []
