@@ -109,7 +109,11 @@ class TagGroup(Group):
 
     def members(self) -> list[ProcessIdentity]:
         tagged = tagged_processes(self.home, self.forked())
-        mine = {p.ident.pid: p.ident for p in tagged if p.service_uuid == self.uuid and LaunchInfo.from_tag(p.info).launch == self.launch}
+        mine = {
+            p.ident.pid: p.ident
+            for p in tagged
+            if p.service_uuid == self.uuid and LaunchInfo.from_tag(p.info).launch == self.launch
+        }
         found: dict[int, ProcessIdentity] = {}
         if mine:
             for pid in descendants(set(mine), children_map()):

@@ -84,7 +84,9 @@ async def sweep_leftovers(containment: Containment, services: Iterable[ServiceRu
         for launch in containment.launches(uuid)
         if launch not in keep.get(uuid, set())
     ]
-    strays = [p for p in tagged if LaunchInfo.from_tag(p.info).launch not in keep.get(p.service_uuid, set()) and p.ident.is_alive()]
+    strays = [
+        p for p in tagged if LaunchInfo.from_tag(p.info).launch not in keep.get(p.service_uuid, set()) and p.ident.is_alive()
+    ]
     for group in doomed:
         log.warning("stopping what is left of launch %s of service %s", group.launch, group.uuid)
     log_failures(
