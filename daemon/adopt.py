@@ -19,9 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from .containment import launch_of
 from .linux import ProcessIdentity, TaggedProcess
-from .store import PidRecord
+from .store import LaunchInfo, PidRecord
 
 
 @dataclass
@@ -55,7 +54,7 @@ def classify_untracked(
         if p.service_uuid not in known:
             result.doomed.append(p)
             continue
-        if launch_of(p.info) in launches.get(p.service_uuid, set()):
+        if LaunchInfo.from_tag(p.info).launch in launches.get(p.service_uuid, set()):
             continue  # part of a launch a pid file names: adopted, followed or stopped with it
         if not p.leads_group:
             if p.pgid not in by_pid:

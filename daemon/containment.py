@@ -1,17 +1,12 @@
 """Containment: every process a server starts goes with it.
 
-Each launch of a server (a first start, a restart, a new version) is a *group*:
-the server process and everything it starts, including processes that leave its
-session or process group (``setsid``, a double fork, a daemonizing server). A
-stop, a crash restart, a replace, a delete and a rebuild act on whole groups,
-with TERM → timeout → KILL for every member. There are two ways to know the
-members, chosen once when the daemon starts (``GET /v1/daemon`` says which):
+Each launch of a server is a *group* (``groups.py``: its members, and
+signalling them); this module makes the groups and removes them, in one of two
+kinds chosen once when the daemon starts (``GET /v1/daemon`` says which):
 
 ``cgroup``, the kernel's tool. Each service has a cgroup v2,
 ``<base>/modeld-<hash of the canonical home>/<uuid>``, and each launch a leaf
-below it, ``<uuid>/<launch>``. A process cannot leave a cgroup without rights a
-server does not have, so the leaf's ``cgroup.procs`` is the whole tree, and
-``cgroup.kill`` kills it at once. A server is born in its leaf, never moved
+below it, ``<uuid>/<launch>``. A server is born in its leaf, never moved
 there after it runs: the daemon steps into the leaf for the instant of the
 spawn (a child starts in its parent's cgroup) and back, and a server forked
 warm by the fork server enters it before it runs anything of the model's.
@@ -20,225 +15,24 @@ the daemon's own cgroup when that is delegated to the user (owned by it and
 writable, as systemd's ``Delegate=yes`` leaves it). The ``cgroup`` setting
 (``MODELD_CGROUP``, see ``settings.py``) names another base, or ``off``.
 
-``tag``, where no cgroup can be had. Every server's environment carries
-``MODELD_HOME``, ``MODELD_SERVICE_UUID`` and ``MODELD_PROCESS`` (with the
-launch's token), which every descendant inherits; members are the live
-processes carrying the launch's tag (found in ``/proc/<pid>/environ``, or in a
-fork server's ``run/forked-<pid>`` record), plus their descendants by parent
-pid (a child that cleared its environment while its parent lives). A process
-that both clears its environment and outlives its parent escapes this mode;
-that is what cgroups are for.
-
-Only verified processes are signalled: a cgroup member after its pidfd is open
-and its ``/proc/<pid>/cgroup`` still names the leaf, a tagged one after its
-start time matched.
+``tag``, where no cgroup can be had: a launch's members are found by the
+environment tag every process it starts inherits (``TagGroup``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .linux import ProcessIdentity, cgroup2_mount, children_map, descendants, own_cgroup, tagged_processes
-from .runtime._serve import forkserver
+from .groups import GONE, CgroupGroup, Forked, Group, TagGroup, subdirs, walk
+from .linux import cgroup2_mount, own_cgroup
 
 log = logging.getLogger("modeld.containment")
-
-
-class Group:
-    """The processes of one launch of a service (the server and all it started)."""
-
-    kind = "tag"
-
-    def __init__(self, uuid: str, launch: str | None):
-        self.uuid = uuid
-        self.launch = launch
-
-    def members(self) -> list[ProcessIdentity]:
-        raise NotImplementedError
-
-    def signal(self, *signals: int) -> int:
-        """Send each of ``signals`` to every member, in order; how many members were signalled."""
-        return self.send(self.members(), *signals)
-
-    def send(self, members: list[ProcessIdentity], *signals: int) -> int:
-        """Send each of ``signals`` to each of ``members`` that still is one (checked through a pidfd)."""
-        sent = 0
-        for ident in members:
-            if self._send(ident, *signals):
-                sent += 1
-        return sent
-
-    def kill(self) -> None:
-        """SIGKILL every member."""
-        self.signal(signal.SIGKILL)
-
-    def empty(self) -> bool:
-        return not self.members()
-
-    def remove(self) -> None:
-        """Forget the group once it is empty (its cgroup is removed)."""
-
-    def _send(self, ident: ProcessIdentity, *signals: int) -> bool:
-        try:
-            fd = os.pidfd_open(ident.pid)
-        except (ProcessLookupError, PermissionError):
-            return False
-        try:
-            if not self._still_member(ident):
-                return False
-            for sig in signals:
-                signal.pidfd_send_signal(fd, sig)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-        finally:
-            os.close(fd)
-
-    def _still_member(self, ident: ProcessIdentity) -> bool:
-        return ident.is_alive()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.uuid} {self.launch}>"
-
-
-class TagGroup(Group):
-    """Members found by the environment tag every descendant inherits (see the module docstring)."""
-
-    def __init__(self, uuid: str, launch: str | None, home: str, forked: Forked):
-        super().__init__(uuid, launch)
-        self.home = home
-        self.forked = forked
-        self._seen: dict[int, ProcessIdentity] = {}  # members found by an earlier scan (by pid)
-
-    def members(self) -> list[ProcessIdentity]:
-        tagged = tagged_processes(self.home, self.forked())
-        mine = {p.ident.pid: p.ident for p in tagged if p.service_uuid == self.uuid and launch_of(p.info) == self.launch}
-        found: dict[int, ProcessIdentity] = {}
-        if mine:
-            for pid in descendants(set(mine), children_map()):
-                ident = mine.get(pid) or ProcessIdentity.of(pid)
-                if ident is not None:
-                    found[pid] = ident
-        # A member found earlier through its parent stays one after that parent died (it is
-        # still the same process: its start time is checked).
-        for pid, ident in self._seen.items():
-            if pid not in found and ident.is_alive():
-                found[pid] = ident
-        self._seen = found
-        return list(found.values())
-
-
-class CgroupGroup(Group):
-    """Members are the processes of a leaf cgroup (and of any cgroup below it)."""
-
-    kind = "cgroup"
-
-    def __init__(self, uuid: str, launch: str | None, path: Path, relative: str):
-        super().__init__(uuid, launch)
-        self.path = path
-        self.relative = relative  # as /proc/<pid>/cgroup names it
-
-    def members(self) -> list[ProcessIdentity]:
-        found = []
-        for directory in _walk(self.path):
-            try:
-                with open(directory / "cgroup.procs") as f:
-                    pids = [int(line) for line in f if line.strip()]
-            except ValueError:
-                continue
-            except OSError as exc:
-                if exc.errno in _GONE:
-                    continue
-                raise
-            for pid in pids:
-                ident = ProcessIdentity.of(pid)
-                if ident is not None:
-                    found.append(ident)
-        return found
-
-    def empty(self) -> bool:
-        try:
-            with open(self.path / "cgroup.events") as f:
-                return "populated 0" in f.read()
-        except OSError as exc:
-            if exc.errno in _GONE:
-                return True
-            raise
-
-    def kill(self) -> None:
-        try:
-            with open(self.path / "cgroup.kill", "w") as f:
-                f.write("1")
-            return
-        except OSError as exc:
-            if exc.errno in _GONE and not self.path.exists():
-                return  # removed meanwhile (by another thread finishing the same delete)
-            log.debug("cgroup.kill of %s: %s", self.path, exc)  # a kernel before 5.14 has no cgroup.kill
-        super().kill()
-
-    def remove(self) -> None:
-        for directory in reversed(_walk(self.path)):
-            try:
-                os.rmdir(directory)
-            except OSError as exc:
-                if exc.errno in _GONE:
-                    continue
-                if exc.errno != errno.EBUSY:
-                    raise
-                log.warning("cannot remove %s yet: it still has processes", directory)
-
-    def _still_member(self, ident: ProcessIdentity) -> bool:
-        cgroup = own_cgroup(ident.pid)
-        return ident.is_alive() and cgroup is not None and (cgroup == self.relative or cgroup.startswith(self.relative + "/"))
-
-
-# A cgroup removed while we use it: its files are gone (ENOENT), or an open one answers ENODEV.
-_GONE = (errno.ENOENT, errno.ENODEV)
-
-
-def _subdirs(path: Path) -> list[Path]:
-    """The folders in ``path`` (a cgroup's children), by the type readdir gives (no stat of each file)."""
-    try:
-        with os.scandir(path) as entries:
-            return [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
-def _walk(path: Path) -> list[Path]:
-    """``path`` and every cgroup below it, parents first."""
-    found = [path]
-    for directory in found:
-        found.extend(_subdirs(directory))
-    return found
-
-
-def launch_of(info: str) -> str | None:
-    """The launch token in a process's MODELD_PROCESS tag (None for servers from before launches had one)."""
-    try:
-        value = json.loads(info).get("launch")
-    except (ValueError, AttributeError):
-        return None
-    return str(value) if value else None
-
-
-class Forked:
-    """What the fork servers recorded about the servers they forked (``run/forked-<pid>``)."""
-
-    def __init__(self, run: Path):
-        self.run = run
-
-    def __call__(self) -> dict[int, tuple[int, list[bytes]]]:
-        return forkserver.read_records(self.run)
 
 
 class Containment:
@@ -331,10 +125,10 @@ class Cgroups(Containment):
         return str(group.path / "cgroup.procs") if isinstance(group, CgroupGroup) else ""
 
     def launches(self, uuid: str) -> list[str]:
-        return sorted(path.name for path in _subdirs(self.parent / str(uuid)))
+        return sorted(path.name for path in subdirs(self.parent / str(uuid)))
 
     def services(self) -> list[str]:
-        return sorted(path.name for path in _subdirs(self.parent))
+        return sorted(path.name for path in subdirs(self.parent))
 
     def remove_service(self, uuid: str) -> None:
         path = self.parent / str(uuid)
@@ -346,11 +140,11 @@ class Cgroups(Containment):
         try:
             os.rmdir(path)
         except OSError as exc:
-            if exc.errno not in _GONE:  # (else removed meanwhile)
+            if exc.errno not in GONE:  # (else removed meanwhile)
                 log.warning("cannot remove %s: %s", path, exc)
 
     def prune(self) -> None:
-        for directory in reversed(_walk(self.parent)):
+        for directory in reversed(walk(self.parent)):
             with contextlib.suppress(OSError):  # (one with processes stays)
                 os.rmdir(directory)
 

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .containment import Containment, Group
+from .containment import Containment
 from .detached import start_detached
 from .exceptions import DeployError, ForkServerError
+from .groups import Group
 from .linux import ProcessIdentity, boot_id, pidfd_open
 from .logs import marker
 from .process import LogOpener, ProcessHandle, server_umask

@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .containment import Containment, Group
+from .containment import Containment
 from .exceptions import DeployError
+from .groups import Group
 from .linux import ProcessIdentity, pidfd_open, reap, send_group_signal
 from .logs import marker
 from .store import LaunchInfo

@@ -26,8 +26,9 @@ from pathlib import Path
 from uuid import UUID
 
 from .adopt import classify_untracked
-from .containment import Containment, Group, launch_of
+from .containment import Containment
 from .exceptions import ModeldError, StorageError
+from .groups import Group
 from .health import Batch, ProbeTarget, probe_all
 from .launch import Launcher
 from .linux import ProcessIdentity, TaggedProcess, tagged_processes
@@ -292,7 +293,7 @@ class Rebuilder:
             # a helper in a session of its own, is not a second server: it goes when it goes.)
             launch = proc.info.launch
             for p in untracked:
-                if launch is None or launch_of(p.info) != launch:
+                if launch is None or LaunchInfo.from_tag(p.info).launch != launch:
                     await kill_untracked(self.containment, p)
         async with m.lock:
             if proc is not None and svc.desired_state == DesiredState.STOPPED:

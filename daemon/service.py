@@ -14,7 +14,7 @@ import socket
 from uuid import UUID
 
 from .config import ServiceConfig
-from .containment import Group
+from .groups import Group
 from .linux import ProcessIdentity, holds_socket, listening_inodes, listening_unix_inodes
 from .models import BaseService
 from .process import ProcessHandle

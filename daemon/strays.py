@@ -21,9 +21,11 @@ import signal
 import time
 from collections.abc import Iterable
 
-from .containment import Containment, Group, launch_of
+from .containment import Containment
+from .groups import Group
 from .linux import TaggedProcess, signal_verified
 from .service import ServiceRuntime
+from .store import LaunchInfo
 
 log = logging.getLogger("modeld.manager")
 
@@ -59,7 +61,7 @@ async def kill_untracked(containment: Containment, p: TaggedProcess) -> None:
             loop.remove_reader(fd)
     finally:
         os.close(fd)
-    launch = launch_of(p.info)
+    launch = LaunchInfo.from_tag(p.info).launch
     if containment.kind == "cgroup" and launch is not None:
         await asyncio.to_thread(kill_and_remove, containment.group(p.service_uuid, launch))
 
@@ -82,7 +84,9 @@ async def sweep_leftovers(containment: Containment, services: Iterable[ServiceRu
         for launch in containment.launches(uuid)
         if launch not in keep.get(uuid, set())
     ]
-    strays = [p for p in tagged if launch_of(p.info) not in keep.get(p.service_uuid, set()) and p.ident.is_alive()]
+    strays = [
+        p for p in tagged if LaunchInfo.from_tag(p.info).launch not in keep.get(p.service_uuid, set()) and p.ident.is_alive()
+    ]
     for group in doomed:
         log.warning("stopping what is left of launch %s of service %s", group.launch, group.uuid)
     log_failures(

@@ -27,9 +27,10 @@ from daemon.exceptions import StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.paths import Paths
 from daemon.sockets import MAX_SOCKET_PATH
+from daemon.store import PidRecord
 from daemon.daemon_process import daemon_pid
 from daemon import testing as harness
-from daemon.testing import REPO, pid_alive, reap_home, wait_for
+from daemon.testing import REPO, pid_alive, read_pid, reap_home, wait_for
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_writes_that_fail_never_leave_a_server_unsupervised_or_unstoppable(long_
         # The last write of a deploy fails: the server runs all the same, and records name it.
         svc = client.deploy(command(tmp_path), timeout=30)
         assert svc.status.state == ServiceState.ACTIVE
-        assert pid_file(long_home, svc.uuid).read_text().split()[0] == str(svc.status.pid)
+        assert PidRecord.loads(pid_file(long_home, svc.uuid).read_text()).ident.pid == svc.status.pid
         assert servers(long_home, svc.uuid) == [svc.status.pid]
 
         # A crash while no write works: supervision restarts the server anyway.
@@ -119,8 +120,8 @@ def test_a_failed_pid_write_or_record_stops_what_it_started_and_keeps_what_serve
         web = client.deploy(iris_config(model_name="web"), timeout=60)
         with pytest.raises(StorageError, match="previous version keeps serving"):
             client.deploy(iris_config(model_name="web", env={"V": "2"}), replace=True, timeout=60)
-        record = pid_file(long_home, web.uuid).read_text()
-        assert record.split()[0] == str(web.status.pid) or f"prev={web.status.pid}:" in record, record
+        record = pid_file(long_home, web.uuid)
+        assert web.status.pid in [i.pid for i in read_pid(record)], record.read_text()
         assert servers(long_home, web.uuid) == [web.status.pid]
         assert predict(web.endpoint.prediction_url, [[5.0, 3.4, 1.5, 0.2]]) == (200, {"predictions": ["setosa"]})
 

@@ -16,7 +16,6 @@ Issue 9, sections 5 and 6, with real daemons, real servers and real sockets:
 from __future__ import annotations
 
 import errno
-import http.client
 import itertools
 import json
 import os
@@ -39,7 +38,7 @@ from daemon.config import MAX_ARG_STRLEN
 from daemon.paths import Paths
 from daemon.sockets import MAX_SOCKET_PATH
 from daemon.process import exec_limit
-from daemon.testing import COMMAND_SERVER, IRIS, REPO, pid_alive, reap_home, wait_for
+from daemon.testing import COMMAND_SERVER, IRIS, REPO, UnixHTTP, pid_alive, reap_home, wait_for
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 FLOAT_FIELDS = ("startup_timeout", "stop_timeout", "restart.backoff_initial", "restart.backoff_max", "restart.healthy_reset")
@@ -58,11 +57,7 @@ needs_ipv6 = pytest.mark.skipif(not IPV6, reason="no IPv6 loopback on this machi
 
 def call(home: Path, method: str, target: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, Any]:
     """One raw request on the daemon's socket: (status, parsed JSON)."""
-    conn = http.client.HTTPConnection("modeld", timeout=timeout)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(str(home / "modeld.sock"))
-    conn.sock = sock
+    conn = UnixHTTP(home / "modeld.sock", timeout)
     try:
         conn.request(method, target, body=body, headers={"content-type": "application/json"} if body is not None else {})
         response = conn.getresponse()

@@ -24,7 +24,8 @@ import pytest
 
 from conftest import http_get, port_open, predict
 from daemon import Conflict, DaemonClient, DeployError, InvalidRequest, RestartPolicy, ServiceConfig, ServiceNotFound, ServiceState
-from daemon.testing import IRIS, REPO, pid_alive, server_script, wait_for
+from daemon.store import PidRecord
+from daemon.testing import IRIS, REPO, pid_alive, read_pid, server_script, wait_for
 
 SETOSA = [5.0, 3.4, 1.5, 0.2]
 
@@ -688,8 +689,8 @@ def slow_replace(client, home, tmp_path, tag: str, load_seconds: float):
     thread = threading.Thread(target=replace)
     thread.start()
     record = home / "services" / str(old.uuid) / "service.pid"
-    wait_for(lambda: "prev=" in record.read_text(), 10, what="the new version to be spawned")
-    return old, thread, int(record.read_text().split()[0]), daemon_pid
+    wait_for(lambda: len(read_pid(record)) == 2, 10, what="the new version to be spawned")  # (with the previous one)
+    return old, thread, read_pid(record)[0].pid, daemon_pid
 
 
 def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, tmp_path):
@@ -705,7 +706,7 @@ def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, 
     assert pid_alive(old.status.pid)
     for _ in range(5):
         assert predict(old.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
-    assert "prev=" not in (home / "services" / str(old.uuid) / "service.pid").read_text()
+    assert PidRecord.loads((home / "services" / str(old.uuid) / "service.pid").read_text()).previous is None
 
 
 def test_a_child_left_serving_by_its_dead_parent_is_followed_then_restarted_when_it_dies(client, tmp_path):

@@ -11,11 +11,10 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 
 import pytest
 
-from daemon.testing import UnixHTTP, wait_for
+from daemon.testing import UnixHTTP, WaitTimeout, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = os.path.join(ROOT, "daemon", "runtime", "serve.py")
@@ -80,18 +79,19 @@ class Proc:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def wait_ready(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready():
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.stderr}")
             try:
-                status, body, _ = request(UnixHTTP(self.unix, timeout=1.0), "GET", "/health")
-                if status == 200:
-                    return self
+                return request(UnixHTTP(self.unix, timeout=1.0), "GET", "/health")[0] == 200
             except OSError:
-                pass
-            time.sleep(0.01)
-        pytest.fail(f"server not ready after {timeout}s:\n{self.stderr}")
+                return False
+
+        try:
+            wait_for(ready, timeout, what="the server to answer /health")
+        except WaitTimeout:
+            pytest.fail(f"server not ready after {timeout}s:\n{self.stderr}")
+        return self
 
     def wait_exit(self, timeout):
         try:

@@ -30,7 +30,7 @@ ticks, a newline, then the ``RECORD_TAGS`` as environ has them (``KEY=value``,
 NUL-separated). A record is about a process only if the ticks match.
 
 Both ends use the functions below (the daemon's in ``daemon/forkservers.py``,
-``daemon/containment.py`` and ``daemon/rebuild.py``), so the formats are defined
+``daemon/groups.py`` and ``daemon/rebuild.py``), so the formats are defined
 once. This module imports only the standard library at import time: the daemon
 imports it too.
 """
