@@ -28,7 +28,7 @@ from .logs import marker, tail_text
 from .logwriter import LogWriterClient
 from .models import DesiredState, RestartPolicy, ServiceConfig, ServiceState
 from .paths import Paths
-from .process import ProcessHandle, spawn
+from .process import ProcessHandle, SpawnError, spawn
 from .service import ServiceRuntime, describe_exit, fill, is_builtin, serving_member
 from .store import Store
 from .transitions import change_state, move, save
@@ -360,7 +360,7 @@ class Supervisor:
 
         try:
             helper = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log)
-        except DeployError as exc:
+        except SpawnError as exc:
             log.warning("%s: stop command: %s; the signals follow", m.uuid, exc)
             return False
         if not await helper.wait(timeout):
