@@ -28,13 +28,13 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
-from .exceptions import DaemonAlreadyRunning, DaemonStartError, Forbidden, InvalidRequest, ModeldError
+from .exceptions import DaemonAlreadyRunning, DaemonStartError, Forbidden, InvalidRequest, ModeldError, StorageError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .manager import Manager
-from .paths import Paths
+from .paths import HomeError, Paths
 from .process import keep_server_umask
 from .settings import DaemonSettings, load_settings
-from .sockets import bind_private_socket
+from .sockets import SocketError, bind_private_socket
 from .store import atomic_write
 
 log = logging.getLogger("modeld.daemon")
@@ -116,7 +116,10 @@ def take_lock(paths: Paths) -> int:
 def bind_socket(paths: Paths) -> socket.socket:
     # Safe only because we hold the lock: a socket file left here belongs to a dead daemon.
     # Anything else at that path is not ours to delete.
-    return bind_private_socket(paths.socket, hint="; set MODELD_SOCKET to another path")
+    try:
+        return bind_private_socket(paths.socket, hint="; set MODELD_SOCKET to another path")
+    except SocketError as exc:
+        raise StorageError(str(exc)) from exc
 
 
 class _UvicornWithoutSignals(uvicorn.Server):
@@ -187,7 +190,8 @@ class Daemon:
 def run(paths: Paths | None = None) -> int:
     """Run the daemon in the foreground until SIGTERM, SIGINT or a shutdown request.
 
-    Raises ``DaemonStartError`` for a bad setting (before anything else is done).
+    Raises ``DaemonStartError`` for a bad setting (before anything else is done), StorageError for
+    a home or control socket it cannot use (the OSErrors of paths.py and sockets.py, converted here).
     """
     paths = paths or Paths()
     settings = load_settings(paths)
@@ -203,7 +207,10 @@ def run(paths: Paths | None = None) -> int:
     for key, source in settings.sources.items():
         if source != "default" and key not in settings.LOCATION:
             log.info("setting %s = %r (from %s)", key, getattr(settings, key), source)
-    paths.ensure()
+    try:
+        paths.ensure()
+    except HomeError as exc:
+        raise StorageError(str(exc)) from exc
     with contextlib.suppress(FileNotFoundError):
         os.chmod(paths.daemon_log, 0o600)  # created by the client that started us, under its umask
     lock = take_lock(paths)

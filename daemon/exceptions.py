@@ -23,7 +23,11 @@
     ├── StorageError                 the state on disk could not be read or written (507)
     └── FlavorError                  a flavor or deployer could not be registered/loaded
 
-OS and library errors are converted where they are caught, with ``raise … from exc``.
+OS and library errors are converted once, at the boundary of the unit that called the helper, with
+``raise … from exc``: the low-level helpers (``sockets.py``, ``process.py``, ``forkservers.py``,
+``paths.py``) raise ``OSError`` subclasses whose text is the sentence a client reads, and the
+Launcher, the Supervisor, the daemon process or the client decides which class it is. The Store
+is a unit of its own: its public reads and writes raise StorageError themselves.
 
 Wire format (the daemon's ``api.py`` and ``daemon_process.py`` write it, the client's
 transport reads it)::

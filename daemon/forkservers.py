@@ -6,6 +6,10 @@ other end and defines the wire format). Until one is ready, ``ForkServers.spawn`
 and the caller starts the server cold (``process.spawn``). A warm server is not the daemon's
 child: it is watched through a pidfd like any other, and its exit code comes from the fork
 server's report.
+
+Errors: ``spawn_warm`` raises ``SpawnError`` (an OSError) as ``process.spawn`` does, for the
+Launcher to convert. ``ForkServerError`` (a ModeldError that is also an OSError) never leaves
+this module: ``ForkServers.spawn`` takes it as "start this one cold".
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ from typing import Any
 
 from .containment import Containment
 from .detached import start_detached
-from .exceptions import DeployError, ForkServerError
+from .exceptions import ForkServerError
 from .groups import Group
 from .linux import ProcessIdentity, boot_id, pidfd_open
 from .logs import marker
-from .process import LogOpener, ProcessHandle, server_umask
+from .process import LogOpener, ProcessHandle, SpawnError, server_umask
 from .runtime._serve import forkserver as wire
 from .store import LaunchInfo
 
@@ -179,11 +183,11 @@ def spawn_warm(
     The child enters ``group``'s cgroup itself, before it runs anything of the model's.
     """
     if cwd and not os.path.isdir(cwd):
-        raise DeployError(f"working directory {cwd!r} does not exist")
+        raise SpawnError(f"working directory {cwd!r} does not exist")
     try:
         log_fd = open_log(marker("starting a warm server"))
     except OSError as exc:
-        raise DeployError(f"cannot open the server's log: {exc.strerror or exc}") from exc
+        raise SpawnError(f"cannot open the server's log: {exc.strerror or exc}") from exc
     cgroup = containment.child_cgroup(group) if containment is not None and group is not None else ""
     try:
         pid, ticks = fork_server.spawn(argv, env, cwd, log_fd, listen_fd, cgroup)

@@ -10,6 +10,11 @@ Invariants:
 - ``launch`` writes the pid file only after the spawn, and sets ``m.proc`` first, so a failed
   write still leaves a process the caller's cleanup stops; every launch has a fresh launch id,
   its own group (cgroup or tag) and the ``MODELD_*`` tags its descendants inherit.
+
+Errors: the Launcher is where the OS errors of its helpers become modeld errors, once each: a
+``SocketError`` (sockets.py) or ``SpawnError`` (process.py, forkservers.py) becomes the error
+its step means to the caller (InvalidRequest or Conflict in ``precheck``, the ``refused`` class of
+``ensure_port``, DeployError in ``launch``), keeping the helper's text.
 """
 
 from __future__ import annotations
@@ -32,15 +37,15 @@ from . import killpoints
 from .addresses import Address, literal_address, resolve
 from .config import ServiceConfig
 from .containment import Containment
-from .exceptions import Conflict, DeployError, InvalidRequest, StorageError
+from .exceptions import Conflict, DeployError, InvalidRequest, ModeldError, StorageError
 from .forkservers import ForkServers
 from .health import ProbeTarget
 from .logwriter import LogWriterClient
 from .models import ServiceEndpoint
 from .paths import Paths
-from .process import ProcessHandle, exec_limit, exec_size, resolve_executable, spawn
+from .process import ProcessHandle, SpawnError, exec_limit, exec_size, resolve_executable, spawn
 from .service import ServiceRuntime, fill, is_builtin
-from .sockets import MAX_SOCKET_PATH, bind_listener, bind_private_socket, bind_unclaimed
+from .sockets import MAX_SOCKET_PATH, SocketError, bind_listener, bind_private_socket, bind_unclaimed
 from .store import LaunchInfo, PidRecord, Store
 
 log = logging.getLogger("modeld.manager")
@@ -99,10 +104,13 @@ class Launcher:
             if o is not owner and o.svc.endpoint.port and mine.conflicts(self.address(o.svc.config.host))
         }
 
-    def check_port_unclaimed(self, config: ServiceConfig, owner: ServiceRuntime | None) -> None:
+    def check_port_unclaimed(
+        self, config: ServiceConfig, owner: ServiceRuntime | None, refused: type[ModeldError] = Conflict
+    ) -> None:
+        """``refused`` if another service than ``owner`` claims ``config.port`` on a conflicting address."""
         other = self.claimed_ports(config.host, owner).get(config.port)
         if other is not None:
-            raise Conflict(f"port {config.port} on {config.host} belongs to service {other}")
+            raise refused(f"port {config.port} on {config.host} belongs to service {other}")
 
     def precheck(self, config: ServiceConfig, fresh: bool, owner: ServiceRuntime | None = None) -> None:
         """Refuse a config that cannot run, before anything is created or replaced (a 400, not a record in error).
@@ -118,7 +126,7 @@ class Launcher:
         env = {**os.environ, **config.env}
         try:
             resolve_executable(config.python or sys.executable if is_builtin(config) else config.command[0], env, cwd)
-        except DeployError as exc:
+        except SpawnError as exc:
             raise InvalidRequest(f"{'python' if is_builtin(config) else 'command'}: {exc}") from None
         # exec refuses more than its argument space (E2BIG): say so here, not with a record in error.
         if is_builtin(config):
@@ -148,7 +156,7 @@ class Launcher:
         if not is_builtin(config) and config.port and fresh:
             try:
                 free = bind_listener(address.ip, config.port)
-            except DeployError as exc:
+            except SocketError as exc:
                 raise Conflict(str(exc)) from exc
             free.close()
 
@@ -169,8 +177,11 @@ class Launcher:
             return ProbeTarget(config.health_path, unix=proc.info.health_socket)
         return ProbeTarget(config.health_path, host=self.address(config.host).ip or config.host, port=m.svc.endpoint.port)
 
-    def ensure_port(self, m: ServiceRuntime, config: ServiceConfig) -> None:
-        """Make sure the service has its port (kept for life) and, for built-in servers, holds it."""
+    def ensure_port(self, m: ServiceRuntime, config: ServiceConfig, refused: type[ModeldError] = DeployError) -> None:
+        """Make sure the service has its port (kept for life) and, for built-in servers, holds it.
+
+        ``refused``: the error for a port or socket it cannot have (a deploy's is a Conflict).
+        """
         port = m.svc.endpoint.port or config.port
         if is_builtin(config) and config.bind_unix:
             path = self.paths.model_socket(m.uuid)
@@ -185,41 +196,43 @@ class Launcher:
                 try:
                     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                     m.listener = bind_private_socket(path)
-                except (OSError, StorageError) as exc:
+                except OSError as exc:
                     if created:  # leave no folder behind for a service that was never created
                         shutil.rmtree(directory, ignore_errors=True)
-                    if isinstance(exc, StorageError):
-                        raise DeployError(str(exc)) from exc
+                    if isinstance(exc, SocketError):
+                        raise refused(str(exc)) from exc
                     raise StorageError(f"cannot create {directory}: {exc.strerror or exc}") from exc
             m.svc.endpoint = self.endpoint(config, 0)
             m.svc.endpoint.unix_socket = str(path)
             return
         address = self.address(config.host)
         if not address.resolved and not (is_builtin(config) and m.listener is not None):
-            raise DeployError(f"cannot listen on {config.host}: {address.error}")
-        if is_builtin(config):
-            if m.listener is None:
-                if port:  # a kept port: another service may have claimed it on an address it now conflicts with
-                    self.check_port_free_for(m, config, port)
-                m.listener = (
-                    bind_listener(address.ip, port) if port else bind_unclaimed(address.ip, self.claimed_ports(config.host, m))
-                )
-            port = int(m.listener.getsockname()[1])
-        elif port == 0:
-            with bind_unclaimed(address.ip, self.claimed_ports(config.host, m)) as sock:
-                port = int(sock.getsockname()[1])
-        else:
-            # A command server binds its port itself: if someone else holds it, its health
-            # probe would reach that stranger and report it as ours.
-            self.check_port_free_for(m, config, port)
-            bind_listener(address.ip, port).close()
+            raise refused(f"cannot listen on {config.host}: {address.error}")
+        try:
+            if is_builtin(config):
+                if m.listener is None:
+                    if port:  # a kept port: another service may have claimed it on an address it now conflicts with
+                        self.check_port_free_for(m, config, port, refused)
+                    m.listener = (
+                        bind_listener(address.ip, port)
+                        if port
+                        else bind_unclaimed(address.ip, self.claimed_ports(config.host, m))
+                    )
+                port = int(m.listener.getsockname()[1])
+            elif port == 0:
+                with bind_unclaimed(address.ip, self.claimed_ports(config.host, m)) as sock:
+                    port = int(sock.getsockname()[1])
+            else:
+                # A command server binds its port itself: if someone else holds it, its health
+                # probe would reach that stranger and report it as ours.
+                self.check_port_free_for(m, config, port, refused)
+                bind_listener(address.ip, port).close()
+        except SocketError as exc:
+            raise refused(str(exc)) from exc
         m.svc.endpoint = self.endpoint(config, port)
 
-    def check_port_free_for(self, m: ServiceRuntime, config: ServiceConfig, port: int) -> None:
-        try:
-            self.check_port_unclaimed(config.model_copy(update={"port": port}), m)
-        except Conflict as exc:
-            raise DeployError(str(exc)) from None
+    def check_port_free_for(self, m: ServiceRuntime, config: ServiceConfig, port: int, refused: type[ModeldError]) -> None:
+        self.check_port_unclaimed(config.model_copy(update={"port": port}), m, refused)
 
     def launch(
         self, m: ServiceRuntime, config: ServiceConfig, op: str, version: int | None = None, previous: ProcessHandle | None = None
@@ -307,9 +320,11 @@ class Launcher:
                     group=group,
                     containment=self.containment,
                 )
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 group.remove()
+            if isinstance(exc, SpawnError):
+                raise DeployError(str(exc)) from exc
             raise
         killpoints.reached(f"{op}.after-spawn")
         record = PidRecord(proc.ident, info)

@@ -26,7 +26,7 @@ from uuid import UUID
 
 from . import killpoints
 from .containment import Containment, choose as choose_containment
-from .exceptions import Conflict, DeployError, ModeldError, ServiceNotFound, StorageError
+from .exceptions import Conflict, ModeldError, ServiceNotFound, StorageError
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
 from .service import ServiceRuntime
@@ -109,10 +109,7 @@ class Manager:
                     svc.service_path = str(self.paths.service_dir(svc.uuid))
                     svc.endpoint = self.launcher.endpoint(config, config.port)
                     deployed = ServiceRuntime(svc)
-                    try:
-                        self.launcher.ensure_port(deployed, config)
-                    except DeployError as exc:
-                        raise Conflict(str(exc)) from exc
+                    self.launcher.ensure_port(deployed, config, refused=Conflict)
                     await deployed.lock.acquire()  # free: nobody else knows it yet
                     self.services[svc.uuid] = deployed
                     fresh = True

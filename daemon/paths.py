@@ -9,6 +9,10 @@ $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/stat
   services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
   services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
   services/<uuid>/model.sock      the server's socket, for a service deployed with bind_unix
+
+Errors: a home that cannot be used raises ``HomeError``, an ``OSError`` whose text is the
+sentence a user reads; the daemon process (``daemon_process.run``) and the client (its transport
+and auto-start) each convert it, once, to a StorageError.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ import os
 from pathlib import Path
 from uuid import UUID
 
-from .exceptions import StorageError
 from .sockets import MAX_SOCKET_PATH
+
+
+class HomeError(OSError):
+    """The home (or its socket path) cannot be used: ``str()`` says why, ``path`` names what."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def canonical(path: str | os.PathLike[str]) -> Path:
@@ -113,13 +124,16 @@ class Paths:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.home, 0o700)
         except OSError as exc:
-            raise StorageError(f"cannot create the modeld home {self.home}: {exc.strerror or exc} ({exc.filename})") from exc
+            raise HomeError(
+                f"cannot create the modeld home {self.home}: {exc.strerror or exc} ({exc.filename})", self.home
+            ) from exc
         self.check_socket()
 
     def check_socket(self) -> None:
         """A Unix socket path longer than the kernel allows is a clear error, not EINVAL later."""
         if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
-            raise StorageError(
+            raise HomeError(
                 f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes; "
-                "set MODELD_HOME (or MODELD_SOCKET) to a shorter path"
+                "set MODELD_HOME (or MODELD_SOCKET) to a shorter path",
+                self.socket,
             )

@@ -7,6 +7,9 @@ whole group. Processes are started by subprocess's C ``fork_exec`` with
 built-in servers, the listening socket. Exit is noticed through a pidfd registered with the
 event loop, for adopted processes as well as our own children; the only
 reaping is ``waitid(P_PIDFD)`` here, so no other reaper can steal a status.
+
+Errors: a server that cannot be started raises ``SpawnError``, an ``OSError`` whose text is the
+sentence a client reads; the Launcher (or the Supervisor, for a stop command) converts it once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .containment import Containment
-from .exceptions import DeployError
 from .groups import Group
 from .linux import ProcessIdentity, pidfd_open, reap, send_group_signal
 from .logs import marker
@@ -169,17 +171,22 @@ class ProcessHandle:
             self.exited.cancel()
 
 
+class SpawnError(OSError):
+    """A process cannot be started (no such command, no working directory, no log, exec failed):
+    ``str()`` says why, in the words a client reads."""
+
+
 def resolve_executable(name: str, env: dict[str, str], cwd: str = "") -> str:
     """The path of ``name`` as exec would find it: relative to ``cwd`` if it has a slash, else on PATH."""
     if os.sep in name:
         if cwd and not os.path.isabs(name):
             name = os.path.join(cwd, name)
         if not os.path.isfile(name) or not os.access(name, os.X_OK):
-            raise DeployError(f"command {name!r} does not exist or is not executable")
+            raise SpawnError(f"command {name!r} does not exist or is not executable")
         return name
     found = shutil.which(name, path=env.get("PATH", os.defpath))
     if not found:
-        raise DeployError(f"command {name!r} not found on PATH")
+        raise SpawnError(f"command {name!r} not found on PATH")
     return found
 
 
@@ -230,12 +237,12 @@ def spawn(
 ) -> ProcessHandle:
     """Start ``argv`` in a new session (and, if given, born in ``group``), stdout and stderr to its log."""
     if cwd and not os.path.isdir(cwd):
-        raise DeployError(f"working directory {cwd!r} does not exist")
+        raise SpawnError(f"working directory {cwd!r} does not exist")
     executable = resolve_executable(argv[0], env, cwd)
     try:
         log_fd = open_log(marker(f"starting {argv[0]}"))
     except OSError as exc:
-        raise DeployError(f"cannot open the server's log: {exc.strerror or exc}") from exc
+        raise SpawnError(f"cannot open the server's log: {exc.strerror or exc}") from exc
     try:
         born_in = containment.born_in(group) if containment is not None and group is not None else contextlib.nullcontext()
         with born_in:
@@ -254,7 +261,7 @@ def spawn(
                 umask=_server_umask,
             )
     except OSError as exc:
-        raise DeployError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+        raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
     finally:
         os.close(log_fd)
     ident = ProcessIdentity.of(proc.pid) or ProcessIdentity(proc.pid, -1, "")
@@ -265,7 +272,7 @@ def spawn(
         proc.wait()
         if group is not None:
             group.kill()
-        raise DeployError(f"cannot watch {argv[0]!r}: {exc.strerror or exc}") from exc
+        raise SpawnError(f"cannot watch {argv[0]!r}: {exc.strerror or exc}") from exc
     handle = ProcessHandle(ident, pidfd, asyncio.get_running_loop(), info, group)
     # Keep the Popen object until we have reaped the child ourselves, then mark it done, so
     # subprocess never adds it to its own list of children to reap (two reapers lose statuses).

@@ -43,7 +43,7 @@ from .startstop import StartStop
 from .store import LaunchInfo, PidRecord, Problem, Store
 from .strays import kill_and_remove, kill_untracked, log_failures, sweep_leftovers
 from .supervise import Supervisor
-from .transitions import change_state, move, save
+from .transitions import change_state, save
 
 log = logging.getLogger("modeld.manager")
 
@@ -308,11 +308,12 @@ class Rebuilder:
                 healthy, seen = await self.probe_batch(self.launcher.probe_target(m, proc))
                 recorded = (svc.status.state, svc.status.pid)
                 svc.status.pid = proc.pid
-                move(svc, ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP)
+                state = ServiceState.ACTIVE if healthy else ServiceState.PENDING_STARTUP
                 log.info("re-adopted %s (pid %d): %s", svc.uuid, proc.pid, "healthy" if healthy else seen)
-                self.supervisor.supervise(m)
-                if (svc.status.state, svc.status.pid) != recorded:  # (as recorded: no write, no fsync)
-                    save(self.store, svc, step="restore.adopted", strict=False)
+                self.supervisor.supervise(m)  # (its task runs at the next await: after the move)
+                change_state(  # (as recorded: no write, no fsync)
+                    self.store, svc, state, step="restore.adopted", strict=False, write=(state, proc.pid) != recorded
+                )
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:

@@ -32,7 +32,7 @@ from .sockets import fetch_listener
 from .startstop import StartStop
 from .store import PidRecord, Store
 from .supervise import Supervisor
-from .transitions import change_state, save
+from .transitions import change_state, restore
 
 log = logging.getLogger("modeld.manager")
 
@@ -141,15 +141,13 @@ class Replacer:
             svc.config = previous
             svc.version = previous_version
             m.proc = old
-            svc.status = previous_status
-            svc.status.last_error = f"replace failed: {exc}"
             try:
                 self.store.write_pid(m.uuid, PidRecord(old.ident, old.info), step="replace.restore-pid")
             except StorageError as pid_exc:
                 # service.pid still names the old server as ``prev`` (or only it, if the new one was
                 # never recorded); a restarted daemon keeps it, as service.json has its version.
                 log.error("%s: %s", svc.uuid, pid_exc)
-            save(self.store, svc, step="replace.failed", strict=False)
+            restore(self.store, svc, previous_status, f"replace failed: {exc}", step="replace.failed", strict=False)
             self.supervisor.supervise(m)
             what = "could not be recorded" if isinstance(exc, StorageError) else "failed"
             raise (StorageError if isinstance(exc, StorageError) else DeployError)(

@@ -9,6 +9,11 @@
   (SCM_RIGHTS), so a restarted daemon keeps the port held across a replace.
 
 Where the socket files live is ``paths.py``'s; probing what listens on them is ``health.py``'s.
+
+Errors: these helpers raise ``OSError`` (``SocketError``, whose text is the sentence a client
+reads), never a modeld error: the unit that asked for the socket converts it once, to what the
+failure means there (the Launcher: a failed deploy or start, a conflict in a precheck; the
+daemon process: its state folder cannot be used).
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-from .exceptions import DeployError, StorageError
-
 # A Unix socket path is limited to 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
+
+
+class SocketError(OSError):
+    """A socket could not be bound: ``str()`` says why, ``address`` names the path or ``host:port``."""
+
+    def __init__(self, message: str, address: str) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 def bind_private_socket(path: Path, hint: str = "") -> socket.socket:
@@ -35,10 +46,12 @@ def bind_private_socket(path: Path, hint: str = "") -> socket.socket:
     path); anything else is not ours to replace.
     """
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise StorageError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set MODELD_HOME to a shorter path")
+        raise SocketError(
+            f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set MODELD_HOME to a shorter path", str(path)
+        )
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise StorageError(f"{path} exists and is not a socket{hint}")
+            raise SocketError(f"{path} exists and is not a socket{hint}", str(path))
         os.unlink(path)
     except FileNotFoundError:
         pass
@@ -50,7 +63,7 @@ def bind_private_socket(path: Path, hint: str = "") -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise StorageError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        raise SocketError(f"cannot listen on {path}: {exc.strerror or exc}", str(path)) from exc
     finally:
         os.umask(old_umask)
     return sock
@@ -71,8 +84,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise DeployError(f"port {port} on {host} is already in use by another process") from exc
-        raise DeployError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            raise SocketError(f"port {port} on {host} is already in use by another process", f"{host}:{port}") from exc
+        raise SocketError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", f"{host}:{port}") from exc
     return sock
 
 

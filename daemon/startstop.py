@@ -64,7 +64,7 @@ class StartStop:
             )
             if healthy or healthy is None:  # (None: the daemon could not probe; no reason to restart it)
                 self.supervisor.supervise(m)  # first: a write that fails must not leave it unsupervised
-                self.store.save(svc, step=f"{op}.json")
+                save(self.store, svc, step=f"{op}.json", strict=True)
                 return
             log.warning(
                 "%s: its server (pid %d) is alive but unhealthy%s; restarting it",
@@ -89,9 +89,9 @@ class StartStop:
         except StillStarting as exc:
             # The caller stopped waiting, the server may still load (startup_timeout is longer):
             # leave it starting under supervision, as a loading vLLM or llama-server needs.
-            svc.status.last_error = str(exc)
             self.supervisor.supervise(m)
-            save(self.store, svc, step=f"{op}.still-starting", strict=False)  # desired running and pid are on disk already
+            # (its state stays; desired running and pid are on disk already)
+            change_state(self.store, svc, svc.status.state, str(exc), step=f"{op}.still-starting", strict=False)
             raise DeployError(
                 f"service {svc.uuid} is not healthy after {timeout:g}s and keeps starting "
                 f"(its startup_timeout is {svc.config.startup_timeout:g}s); watch it with `modeld ls` or `modeld logs`"

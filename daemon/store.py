@@ -12,6 +12,11 @@ For tests, ``MODELD_FAIL_WRITE_AT=<step>[,<step>...]`` makes each named write (t
 caller passes to :meth:`Store.save` or :meth:`Store.write_pid`) fail as a full disk would:
 a real ``OSError`` (ENOSPC) raised where the write would be, turned into a StorageError by the
 same code path. It reaches precise steps that RLIMIT_FSIZE (every write past a size) cannot.
+
+Errors: the store is the persistence unit, and its public API (``Store``'s methods and
+``atomic_write``, which the daemon's pid file and the deployer registry use too) is that unit's
+boundary: an ``OSError`` of the disk becomes a StorageError here, once, naming the file. Every
+caller means the same by it (the state on disk could not be written), so no caller converts again.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from .logs import marker, tail_text
 from .logwriter import LogWriterClient
 from .models import DesiredState, RestartPolicy, ServiceConfig, ServiceState
 from .paths import Paths
-from .process import ProcessHandle, spawn
+from .process import ProcessHandle, SpawnError, spawn
 from .service import ServiceRuntime, describe_exit, fill, is_builtin, serving_member
 from .store import Store
-from .transitions import change_state, move, save
+from .transitions import change_state, move
 
 log = logging.getLogger("modeld.manager")
 
@@ -154,8 +154,8 @@ class Supervisor:
                 raise
             except Exception as exc:
                 log.exception("supervision of %s failed; going on in %gs", m.uuid, delay)
-                m.svc.status.last_error = f"supervision failed (going on in {delay:g}s): {type(exc).__name__}: {exc}"
-                save(self.store, m.svc, strict=False)
+                why = f"supervision failed (going on in {delay:g}s): {type(exc).__name__}: {exc}"
+                change_state(self.store, m.svc, m.svc.status.state, why, strict=False)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SUPERVISION_RETRY_MAX)
 
@@ -182,7 +182,7 @@ class Supervisor:
                     proc = await self.wait_healthy(m, proc, svc.config.startup_timeout)
                 except DeployError as exc:
                     log.warning("%s did not come up: %s", svc.uuid, exc)
-                    svc.status.last_error = str(exc)
+                    move(svc, svc.status.state, str(exc))  # (not written here: the exit that follows is)
                     proc = m.proc or proc  # (it may have been followed to a process it started)
                     await proc.kill()
                 else:
@@ -360,7 +360,7 @@ class Supervisor:
 
         try:
             helper = spawn(argv, env=env, cwd=config.working_dir, open_log=open_log)
-        except DeployError as exc:
+        except SpawnError as exc:
             log.warning("%s: stop command: %s; the signals follow", m.uuid, exc)
             return False
         if not await helper.wait(timeout):

@@ -5,7 +5,10 @@ state, error, time), writes service.json, and refuses a move the daemon never ma
 bug: ``ImpossibleTransition`` is raised before anything is changed or written (as supervisor's
 ``change_state`` asserts the state it leaves). A move to the same state is always allowed: it
 records a new error. The table has to allow every move made from a state read from disk too:
-the rebuild moves a service from whatever the previous daemon recorded.
+the rebuild moves a service from whatever the previous daemon recorded. A roll-back that puts a
+whole status back (``restore``: a replace that failed) is a move too, checked against the table.
+Every edit of a status that is written goes through here; ``move`` alone (in memory) is for the
+few edits nothing is written for.
 
 What cannot happen: a service with no server (``inactive``) answers its health check without
 being started first (``pending_startup``), and a stop under way (``pending_shutdown``) ends
@@ -17,6 +20,10 @@ Two ways to save, as each call site needs (its ``step=`` names the write for tes
   without (a start's intent, a stop's result, a replace's commit);
 - ``strict=False``: a state the daemon acts on anyway; a failed write (disk full) is logged and
   the daemon goes on: the next write, or the next daemon, corrects it.
+``change_state(..., write=False)`` makes the move and skips the write (and its fsync), for a caller
+that knows service.json says so already (a rebuild re-adopting a server as it was recorded).
+
+(The log is "modeld.manager", the name these lines have always had in the daemon's log.)
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import logging
 from types import MappingProxyType
 
 from .exceptions import StorageError
-from .models import BaseService, ServiceState
+from .models import BaseService, ServiceState, ServiceStatus
 from .store import Store
 
 log = logging.getLogger("modeld.manager")
@@ -83,8 +90,31 @@ def save(store: Store, svc: BaseService, *, step: str = "", strict: bool) -> Non
 
 
 def change_state(
-    store: Store, svc: BaseService, state: ServiceState, error: str | None = None, *, step: str = "", strict: bool
+    store: Store,
+    svc: BaseService,
+    state: ServiceState,
+    error: str | None = None,
+    *,
+    step: str = "",
+    strict: bool,
+    write: bool = True,
 ) -> None:
-    """Move the service's status to ``state`` (see ``move``) and write service.json (see ``save``)."""
+    """Move the service's status to ``state`` (see ``move``) and write service.json (see ``save``);
+    ``write=False``: the move only, for a record that says so already (no write, no fsync)."""
     move(svc, state, error)
+    if write:
+        save(store, svc, step=step, strict=strict)
+
+
+def restore(
+    store: Store, svc: BaseService, status: ServiceStatus, error: str | None = None, *, step: str = "", strict: bool
+) -> None:
+    """Put back a whole ``status`` kept from before (a roll-back), with ``error`` as its last error if
+    given, and write service.json (see ``save``). ImpossibleTransition, with nothing changed, if the
+    table has no move from the current state to the restored one."""
+    if status.state not in ALLOWED[svc.status.state]:
+        raise ImpossibleTransition(svc, status.state)
+    svc.status = status
+    if error is not None:
+        status.last_error = error
     save(store, svc, step=step, strict=strict)

@@ -1,6 +1,7 @@
 """The state changes of a service alone (daemon/transitions.py), on a real store in a temp home:
 every move the table allows is made and written, a move it does not allow raises and changes
-nothing in memory or on disk, and the two ways to save (strict, best effort) on a failing write."""
+nothing in memory or on disk, the two ways to save (strict, best effort) on a failing write, a move
+that skips the write, and a roll-back (``restore``) that puts a whole status back."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from daemon.exceptions import StorageError
 from daemon.models import BaseService, LocalModelService, ServiceConfig, ServiceState
 from daemon.paths import Paths
 from daemon.store import Store
-from daemon.transitions import ALLOWED, ImpossibleTransition, change_state, move
+from daemon.transitions import ALLOWED, ImpossibleTransition, change_state, move, restore
 
 PAIRS = list(itertools.product(ServiceState, repeat=2))
 ALLOWED_PAIRS = [(a, b) for a, b in PAIRS if b in ALLOWED[a]]
@@ -77,3 +78,49 @@ def test_a_failed_write_raises_when_strict_and_is_logged_otherwise(store, caplog
         change_state(store, svc, ServiceState.ACTIVE, step="test.best-effort", strict=False)
     assert svc.status.state == ServiceState.ACTIVE
     assert any(str(svc.uuid) in r.getMessage() for r in caplog.records)
+
+
+def test_a_move_without_write_changes_memory_only(store):
+    svc = service_in(store, ServiceState.PENDING_STARTUP)
+    path = store.paths.service_json(svc.uuid)
+    before = path.read_bytes()
+    change_state(store, svc, ServiceState.ACTIVE, step="test.no-write", strict=True, write=False)
+    assert (svc.status.state, svc.status.last_state) == (ServiceState.ACTIVE, ServiceState.PENDING_STARTUP)
+    assert path.read_bytes() == before
+    stopped = service_in(store, ServiceState.INACTIVE)
+    with pytest.raises(ImpossibleTransition):  # the table holds all the same
+        change_state(store, stopped, ServiceState.ACTIVE, strict=True, write=False)
+    assert stopped.status.state == ServiceState.INACTIVE
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_restore_puts_the_whole_status_back_and_writes_it(store, strict):
+    svc = service_in(store, ServiceState.ACTIVE)
+    svc.status.pid, svc.status.exit_code = 1234, None
+    kept = svc.status.model_copy()
+    change_state(store, svc, ServiceState.PENDING_STARTUP, "starting the new version", strict=True)
+    svc.status.pid = 5678
+    restore(store, svc, kept, "replace failed: no", step="test.restore", strict=strict)
+    (recorded,), _ = store.load_all()
+    for status in (svc.status, recorded.status):
+        assert (status.state, status.last_state, status.pid, status.updated_at) == (
+            kept.state,
+            kept.last_state,
+            1234,
+            kept.updated_at,
+        )
+        assert status.last_error == "replace failed: no"
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_restore_to_a_state_the_table_forbids_raises_and_changes_nothing(store, strict):
+    svc = service_in(store, ServiceState.ACTIVE)
+    kept = svc.status.model_copy()
+    change_state(store, svc, ServiceState.PENDING_SHUTDOWN, strict=True)  # a stop under way never turns active
+    path = store.paths.service_json(svc.uuid)
+    before, status = path.read_bytes(), svc.status.model_copy()
+    with pytest.raises(ImpossibleTransition, match=f"no move from {ServiceState.PENDING_SHUTDOWN} to {ServiceState.ACTIVE}"):
+        restore(store, svc, kept, "replace failed", strict=strict)
+    assert path.read_bytes() == before
+    assert svc.status == status
+    assert kept.last_error == "before"  # what it was handed is left as it was, too

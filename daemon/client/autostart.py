@@ -22,8 +22,8 @@ import sys
 import time
 
 from ..detached import start_detached
-from ..exceptions import DaemonStartError
-from ..paths import Paths
+from ..exceptions import DaemonStartError, StorageError
+from ..paths import HomeError, Paths
 
 START_TIMEOUT = float(os.environ.get("MODELD_START_TIMEOUT", 30))
 
@@ -43,7 +43,10 @@ def ensure_daemon(paths: Paths, timeout: float = START_TIMEOUT) -> None:
 
     from ..daemon_process import CANNOT_START, CANNOT_START_EXIT, daemon_pid
 
-    paths.ensure()
+    try:
+        paths.ensure()
+    except HomeError as exc:
+        raise StorageError(str(exc)) from exc
     try:
         with FileLock(paths.autostart_lock, timeout=timeout, mode=0o600):
             if _answers(paths):

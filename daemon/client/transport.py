@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from ..exceptions import DaemonError, DaemonNotRunning, ProtocolError, error_from_dict
-from ..paths import Paths
+from ..exceptions import DaemonError, DaemonNotRunning, ProtocolError, StorageError, error_from_dict
+from ..paths import HomeError, Paths
 
 READ_RETRY_SECONDS = 5.0  # how long a read is retried while a killed daemon resets connections in its backlog
 
@@ -129,7 +129,10 @@ class UnixSocketTransport(Transport):
             self._conn = None
 
     def _open(self, timeout: float | None, start: bool) -> UnixConnection:
-        self.paths.check_socket()
+        try:
+            self.paths.check_socket()
+        except HomeError as exc:  # (not an OSError of the connection: the caller's setting is wrong)
+            raise StorageError(str(exc)) from exc
         conn = UnixConnection(str(self.paths.socket), timeout)
         try:
             conn.connect()
