@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 
 from daemon import DaemonClient, ServiceConfig
+from daemon.paths import Paths
 from daemon.testing import IRIS, REPO, reap_home
+from daemon.testing.units import Units
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -88,6 +90,18 @@ def home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Ite
                 print(f"--- tail of {path}/daemon.log ---\n" + (path / "daemon.log").read_text(errors="replace")[-4000:])
         reap_home(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def units(tmp_path: Path) -> Iterator[Units]:
+    """The units of a daemon over a home of its own, without a manager (``daemon/testing/units.py``);
+    every server they start is reaped by the home afterwards."""
+    units = Units.over(Paths(tmp_path / "h"))
+    try:
+        yield units
+    finally:
+        units.close()
+        reap_home(units.paths.home)
 
 
 @pytest.fixture

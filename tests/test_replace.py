@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,12 @@ import pytest
 from daemon.exceptions import Conflict, DeployError
 from daemon.launch import Launcher
 from daemon.models import DesiredState, LocalModelService, ServiceConfig, ServiceState
-from daemon.paths import Paths
 from daemon.service import ServiceRuntime
-from daemon.testing import IRIS, reap_home, server_script
+from daemon.testing import IRIS, server_script
 from daemon.testing.units import Units
 
 # A command server that answers its health check; argv: port, then anything (its "version").
 SERVES = server_script("PORT, BODY = int(sys.argv[1]), b''\n")  # 200 on every GET
-
-
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    units = Units.over(Paths(tmp_path / "h"))
-    try:
-        yield units
-    finally:
-        units.close()
-        reap_home(units.paths.home)
 
 
 def command(tmp_path: Path, *argv: str) -> ServiceConfig:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ import pytest
 from daemon.exceptions import DeployError
 from daemon.launch import Launcher
 from daemon.models import DesiredState, LocalModelService, ServiceConfig, ServiceState
-from daemon.paths import Paths
 from daemon.service import ServiceRuntime
-from daemon.testing import HELPER_SERVER, pid_alive, reap_home, server_script, ticks_alive, wait_for
+from daemon.testing import HELPER_SERVER, pid_alive, server_script, ticks_alive, wait_for
 from daemon.testing.units import Units
 
 SERVES = server_script("PORT, BODY = int(sys.argv[1]), b''\n")  # 200 on every GET; argv: port
@@ -27,16 +25,6 @@ SERVES = server_script("PORT, BODY = int(sys.argv[1]), b''\n")  # 200 on every G
 DEAF = server_script("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nPORT, BODY = int(sys.argv[1]), b''\n")
 # Prints why, then exits 3 before it serves.
 DIES = "import sys\nprint('cannot load the weights: out of memory', flush=True)\nsys.exit(3)\n"
-
-
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    units = Units.over(Paths(tmp_path / "h"))
-    try:
-        yield units
-    finally:
-        units.close()
-        reap_home(units.paths.home)
 
 
 def command(tmp_path: Path, script: str, *argv: str, stop_timeout: float = 5) -> ServiceConfig:
@@ -125,7 +113,7 @@ def test_a_stop_stops_the_whole_group_and_records_the_service_inactive(units, tm
     server, started = asyncio.run(go())
     assert not pid_alive(server)
     for pid, ticks in started:
-        wait_for(lambda: not ticks_alive(pid, ticks), 10, what=f"the helper {pid} to go with its server")
+        wait_for(lambda pid=pid, ticks=ticks: not ticks_alive(pid, ticks), 10, what=f"the helper {pid} to go with its server")
 
 
 def test_a_forced_stop_kills_at_once_a_server_that_ignores_sigterm(units, tmp_path):

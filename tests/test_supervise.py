@@ -16,8 +16,7 @@ from daemon.exceptions import DeployError
 from daemon.models import LocalModelService
 from daemon.paths import Paths
 from daemon.service import ServiceRuntime
-from daemon.testing import pid_alive, reap_home
-from daemon.testing.units import Units
+from daemon.testing import pid_alive
 
 DIES = "import sys; print('no model here, giving up', flush=True); sys.exit(4)"
 # Serves, starts a child in a session of its own, and ignores SIGTERM (only SIGKILL ends it).
@@ -35,16 +34,6 @@ STUBBORN = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def units(tmp_path: Path):
-    units = Units.over(Paths(tmp_path / "h"))
-    try:
-        yield units.paths, units.launcher, units.supervisor
-    finally:
-        units.close()
-        reap_home(units.paths.home)
-
-
 def runtime(paths: Paths, tmp_path: Path, script: str, *args: str, **kw: object) -> ServiceRuntime:
     (tmp_path / "s.py").write_text(script)
     config = ServiceConfig(model_type="command", command=[sys.executable, "s.py", "{port}", *args], working_dir=str(tmp_path),
@@ -55,7 +44,7 @@ def runtime(paths: Paths, tmp_path: Path, script: str, *args: str, **kw: object)
 
 
 def test_a_server_that_dies_before_it_answers_is_a_deploy_error_with_its_last_lines(units, tmp_path):
-    paths, launcher, supervisor = units
+    paths, launcher, supervisor = units.paths, units.launcher, units.supervisor
     m = runtime(paths, tmp_path, DIES)
 
     async def go() -> None:
@@ -70,7 +59,7 @@ def test_a_server_that_dies_before_it_answers_is_a_deploy_error_with_its_last_li
 
 
 def test_a_server_ignoring_sigterm_is_killed_at_the_timeout_with_what_it_started(units, tmp_path):
-    paths, launcher, supervisor = units
+    paths, launcher, supervisor = units.paths, units.launcher, units.supervisor
     m = runtime(paths, tmp_path, STUBBORN, str(tmp_path / "child.pid"))
 
     async def go() -> None:
