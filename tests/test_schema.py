@@ -42,6 +42,30 @@ def _deploy(*argv: str, config: type[ServiceConfig] = ServiceConfig) -> ServiceC
 # ------------------------------------------------------------------ the CLI
 
 
+class OptionalFields(ServiceConfig):
+    """New settings that are unset unless given, as most new settings are (``idle_timeout: float | None``)."""
+
+    gpu_memory_mib: int | None = Field(None, ge=0, description="GPU memory to reserve, in MiB")
+    warmup_seconds: Optional[float] = Field(None, description="seconds of warm-up before the first probe")
+    accelerator: str | None = Field(None, description="the accelerator to use")
+
+
+def test_an_optional_new_field_is_a_deploy_option_too():
+    """An ``X | None`` field takes X on the command line and stays None when not given (the whole CLI failed
+    to build before: "no command-line form for int | None")."""
+    help_text = _deploy_help(OptionalFields)
+    for flag in ("--gpu-memory-mib GPU_MEMORY_MIB", "--warmup-seconds WARMUP_SECONDS", "--accelerator ACCELERATOR"):
+        assert flag in help_text
+    config = _deploy("--model-uri", "m.py:x", "--gpu-memory-mib", "512", "--warmup-seconds", "1.5",
+                     "--accelerator", "cuda:0", config=OptionalFields)
+    assert isinstance(config, OptionalFields)
+    assert (config.gpu_memory_mib, config.warmup_seconds, config.accelerator) == (512, 1.5, "cuda:0")
+    unset = _deploy("--model-uri", "m.py:x", config=OptionalFields)
+    assert (unset.gpu_memory_mib, unset.warmup_seconds, unset.accelerator) == (None, None, None)
+    with pytest.raises(SystemExit):  # argparse refuses a value of the wrong type
+        _deploy("--model-uri", "m.py:x", "--gpu-memory-mib", "lots", config=OptionalFields)
+
+
 def test_a_new_field_is_a_deploy_option():
     help_text = _deploy_help(ExtendedConfig)
     assert "--gpu-memory-mib GPU_MEMORY_MIB GPU memory to reserve, in MiB (default 0)" in help_text

@@ -14,7 +14,8 @@ import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, get_args, get_origin
+from types import NoneType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -97,7 +98,7 @@ def _deploy_option(path: tuple[str, ...], field: FieldInfo) -> DeployOption:
     name = path[-1]
     kwargs: dict[str, Any] = {"dest": "config:" + ".".join(path), "default": None, "metavar": name.upper()}
     # A class or a typing form (list[str], Literal[...]): more than pydantic's "type[Any] | None" says.
-    annotation: Any = field.annotation
+    annotation: Any = _not_none(field.annotation)  # an optional field's option takes its value's type
     default = field.get_default(call_default_factory=True)
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     unit = extra.get("unit")
@@ -126,6 +127,15 @@ def _deploy_option(path: tuple[str, ...], field: FieldInfo) -> DeployOption:
         raise TypeError(f"{'.'.join(path)}: no command-line form for {annotation}; give it one in DEPLOY_OVERRIDES")
     kwargs["help"] = _help(description, _default_text(default, unit, annotation))
     return DeployOption(path, (flag,), kwargs, read)
+
+
+def _not_none(annotation: Any) -> Any:
+    """``X`` for ``X | None`` (or ``Optional[X]``); any other annotation as it is."""
+    if get_origin(annotation) in (Union, UnionType):
+        rest = [arg for arg in get_args(annotation) if arg is not NoneType]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation
 
 
 def _overridden(option: DeployOption) -> DeployOption:
