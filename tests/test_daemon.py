@@ -169,7 +169,7 @@ def test_many_clients_auto_start_one_daemon(home, tmp_path):
             pass
         outputs = []
         for proc in procs:
-            out, err = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=150)  # above the deploy's own 60 s, plus a daemon start under load
             assert proc.returncode == 0, err
             outputs.append(out.split())
     finally:
