@@ -149,6 +149,7 @@ class Exchange:
         self.scanner: http1.ChunkedScanner | None = None
         self.until_close = False
         self.backend_close = False
+        self.response_head = b""  # a fixed-length response's head, sent with its first body bytes
         self.connecting: asyncio.Task[None] | None = None
         self.timer = asyncio.get_running_loop().call_later(self.gw.timeout, self._timed_out)
 
@@ -238,7 +239,8 @@ class Exchange:
             self.answered = True
             self.timer.cancel()
         if not self.in_head:
-            self._response_body(data)
+            held, self.response_head = self.response_head, b""
+            self._response_body(data, held)
             return
         self.rbuf += data
         while self.in_head:
@@ -281,6 +283,10 @@ class Exchange:
         if self.scanner is None and not self.until_close and self.remaining == 0:
             self.down.transport.write(out)
             self._finish(leftover=rest)
+        elif not rest and self.scanner is None and not self.until_close:
+            # A fixed-length body is on its way and the client can use the head only with it: send
+            # both at once (a send costs ~0.1 ms on a loaded VM). Streams are never held this way.
+            self.response_head = out
         else:
             self._response_body(rest, out)  # the head and the body bytes that came with it: one send
 
