@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 from . import http1
 from .routes import BY_BODY, Answer, Entry, Forward, Table, error
@@ -45,6 +46,7 @@ class Gateway:
         self.spare = spare  # keep one connection open ahead of need per backend in use (keep_spare)
         self.idle: dict[tuple[str, int], list[Upstream]] = {}
         self.warming: set[tuple[str, int]] = set()  # backends a spare connection is being opened to
+        self.daemon_alive: Callable[[], bool] = lambda: True  # (__main__ reads the home's daemon.pid)
 
     def take(self, key: tuple[str, int]) -> Upstream | None:
         idle = self.idle.get(key)
@@ -87,8 +89,15 @@ class Gateway:
 
     async def connect(self, key: tuple[str, int]) -> Upstream:
         loop = asyncio.get_running_loop()
-        _transport, up = await loop.create_connection(lambda: Upstream(self, key), key[0], key[1])
+        if key[1] == 0:  # a bind_unix service: its socket's path (see home.entry_of)
+            _transport, up = await loop.create_unix_connection(lambda: Upstream(self, key), key[0])
+        else:
+            _transport, up = await loop.create_connection(lambda: Upstream(self, key), key[0], key[1])
         return up
+
+    def unanswered(self) -> str:
+        """Said after a 502: why no one will restart the server, when the daemon is not running."""
+        return "" if self.daemon_alive() else "; the daemon is not running to restart it"
 
 
 class Upstream(asyncio.Protocol):
@@ -151,6 +160,7 @@ class Exchange:
         self.backend_close = False
         self.response_head = b""  # a fixed-length response's head, sent with its first body bytes
         self.connecting: asyncio.Task[None] | None = None
+        self.last_sent = 0.0  # when the last request byte went out: the timeout counts from there
         self.timer = asyncio.get_running_loop().call_later(self.gw.timeout, self._timed_out)
 
     # ------------------------------------------------------------ backend side
@@ -168,7 +178,8 @@ class Exchange:
         try:
             up = await self.gw.connect(self.key)
         except OSError as exc:
-            self._fail(error(502, "BadGateway", f"cannot connect to {self.key[0]}:{self.key[1]}: {exc.strerror or exc}"))
+            where = self.key[0] if self.key[1] == 0 else f"{self.key[0]}:{self.key[1]}"
+            self._fail(error(502, "BadGateway", f"cannot connect to {where}: {exc.strerror or exc}{self.gw.unanswered()}"))
             return
         if self.done:
             self.gw.give(up)
@@ -191,6 +202,7 @@ class Exchange:
                 self.replay.append(data)
             else:
                 self.replay = None
+        self.last_sent = asyncio.get_running_loop().time()
         if self.up is not None:
             self.up.transport.write(data)
         elif self.pending is not None:
@@ -215,7 +227,11 @@ class Exchange:
             return
         if not self.answered:
             self._fail(
-                error(502, "BadGateway", f"the server at {self.key[0]}:{self.key[1]} closed the connection without answering")
+                error(
+                    502,
+                    "BadGateway",
+                    f"the server at {self.key[0]}:{self.key[1]} closed the connection without answering{self.gw.unanswered()}",
+                )
             )
         else:
             self.done = True
@@ -223,6 +239,10 @@ class Exchange:
             self.down.transport.abort()  # a response cut short: the client must see it cut short
 
     def _timed_out(self) -> None:
+        left = self.last_sent + self.gw.timeout - asyncio.get_running_loop().time()
+        if left > 0 and not self.done:  # an upload still coming: the server's time starts at its end
+            self.timer = asyncio.get_running_loop().call_later(left, self._timed_out)
+            return
         if not self.answered and not self.done:
             self._fail(
                 error(
