@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             gw.daemon_alive = DaemonWatch(args.home)
             table = HomeTable(args.home, new_table)
             table.start()
+            gw.refresh = table.refresh
         server = await loop.create_server(lambda: Downstream(gw), sock=sock)
         host, port = sock.getsockname()[:2]
         status = {"pid": os.getpid(), "host": host, "port": port, "timeout": args.timeout, "max_body": args.max_body}

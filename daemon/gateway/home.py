@@ -28,6 +28,7 @@ from typing import Any
 from .routes import Entry, Table
 
 POLL_INTERVAL = 0.5
+RECHECK_GAP = 0.002  # the least time between two rescans made for an answer (see HomeTable.refresh)
 SETTLE = 0.005  # seconds from the first event to the rescan: a burst of events is one rescan
 
 IN_CLOSE_WRITE = 0x008
@@ -92,6 +93,8 @@ class HomeTable:
         self.inotify = -1
         self.mode = "poll"
         self.scans = 0
+        self.changes = 0
+        self._last_scan = 0.0
         self._pending: asyncio.TimerHandle | None = None
         self._libc: Any = None
 
@@ -132,8 +135,20 @@ class HomeTable:
 
     # ------------------------------------------------------------------ reading
 
+    def refresh(self) -> bool:
+        """Rescan now, unless one ran in the last ``RECHECK_GAP`` s (a client asking for a missing
+        model in a loop costs a rescan per RECHECK_GAP at most). True if the table changed."""
+        if time.monotonic() - self._last_scan < RECHECK_GAP:
+            return False
+        before = self.changes
+        self.rescan()
+        return self.changes != before
+
     def rescan(self) -> None:
         """Re-read the records that changed; tell ``on_change`` if the table did."""
+        self._last_scan = time.monotonic()
+        if self._pending is not None:
+            self._pending.cancel()
         self._pending = None
         self.scans += 1
         try:
@@ -168,4 +183,5 @@ class HomeTable:
         for gone in set(self.watches) - set(names):
             del self.watches[gone]  # (the kernel dropped the watch with the folder)
         if changed or self.scans == 1:
+            self.changes += 1
             self.on_change(Table([entry for _key, entry in self.entries.values()]))

@@ -31,6 +31,7 @@ REPLAY_MAX = 64 * 1024
 PENDING_HIGH = 256 * 1024  # body bytes queued for a backend not yet connected, before the client is paused
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY_STATUS = frozenset({204, 304})
+RECHECK = frozenset({404, 409, 503})  # answers that a record written a moment ago could change
 
 
 class Gateway:
@@ -47,6 +48,9 @@ class Gateway:
         self.idle: dict[tuple[str, int], list[Upstream]] = {}
         self.warming: set[tuple[str, int]] = set()  # backends a spare connection is being opened to
         self.daemon_alive: Callable[[], bool] = lambda: True  # (__main__ reads the home's daemon.pid)
+        # Read the records again now, before an answer that may be stale; True if the table changed
+        # (home.HomeTable.refresh: a deploy that has just returned may not have reached the table yet).
+        self.refresh: Callable[[], bool] = lambda: False
 
     def take(self, key: tuple[str, int]) -> Upstream | None:
         idle = self.idle.get(key)
@@ -457,6 +461,8 @@ class Downstream(asyncio.Protocol):
             )
             return
         route = self.gw.table.resolve(head.method, head.target)
+        if isinstance(route, Answer) and route.status in RECHECK and self.gw.refresh():
+            route = self.gw.table.resolve(head.method, head.target)
         if isinstance(route, Answer):
             if has_body:
                 self.answer_and_close(route)
@@ -527,6 +533,8 @@ class Downstream(asyncio.Protocol):
         head, body, rest = self.held_head, bytes(self.held), data[take:]
         self.held = self.held_head = None
         found = self.gw.table.resolve_body(body)
+        if isinstance(found, Answer) and found.status in RECHECK and self.gw.refresh():
+            found = self.gw.table.resolve_body(body)
         if isinstance(found, Answer):
             self.transport.write(found.encode(close=self.close_after))
             self.response_done(False, keep_buf=rest)

@@ -15,6 +15,8 @@ async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     path = scope["path"]
+    if path == "/health":
+        return await _json(send, {"ok": True})
     if path == "/upload":
         n = 0
         while True:
