@@ -398,3 +398,13 @@ def test_gateway_off(home, monkeypatch):
         info = client.daemon_info()
     assert (info["gateway_url"], info["gateway_pid"], info["gateway_error"]) == (None, None, None)
     assert "gateway: off" in modeld("daemon", "status", home=home).stdout
+
+
+def test_a_service_on_a_unix_socket_is_not_reached_through_the_gateway(client, home):
+    from conftest import iris_config
+
+    svc = client.deploy(iris_config(model_name="private", bind_unix=True), timeout=60)
+    _host, port, _info = gateway(client)
+    status, body = request(port, "POST", "/v1/models/private:predict", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    assert status == 403 and "Unix socket only" in body["error"]["message"], body
+    assert request(port, "GET", f"/v1/services/{svc.uuid}/health")[0] == 403

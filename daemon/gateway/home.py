@@ -51,12 +51,10 @@ def entry_of(record: dict[str, Any], created: int = 0) -> Entry:
     state = str(status.get("state", "inactive"))
     if record.get("desired_state") == "stopped" and state == "active":
         state = "inactive"  # (a stop being recorded)
-    if endpoint.get("unix_socket"):
-        host, port = str(endpoint["unix_socket"]), 0  # port 0: a Unix socket (see proxy.Gateway.connect)
-    else:
-        host, port = WILDCARD.get(str(endpoint.get("host", "")), str(endpoint.get("host"))), int(endpoint.get("port") or 0)
-        if port == 0:
-            state = state if state != "active" else "starting"
+    private = bool(endpoint.get("unix_socket"))  # its owner chose a socket only they can reach: not routed
+    host, port = WILDCARD.get(str(endpoint.get("host", "")), str(endpoint.get("host"))), int(endpoint.get("port") or 0)
+    if port == 0 and state == "active" and not private:
+        state = "pending_startup"  # (no port recorded yet)
     return Entry(
         uuid=str(record["uuid"]),
         name=str(config.get("model_name") or ""),
@@ -64,6 +62,7 @@ def entry_of(record: dict[str, Any], created: int = 0) -> Entry:
         port=port,
         state=state,
         last_error=_scrub(str(status.get("last_error") or ""), config),
+        private=private,
         created=created or int(time.time()),
     )
 

@@ -93,10 +93,7 @@ class Gateway:
 
     async def connect(self, key: tuple[str, int]) -> Upstream:
         loop = asyncio.get_running_loop()
-        if key[1] == 0:  # a bind_unix service: its socket's path (see home.entry_of)
-            _transport, up = await loop.create_unix_connection(lambda: Upstream(self, key), key[0])
-        else:
-            _transport, up = await loop.create_connection(lambda: Upstream(self, key), key[0], key[1])
+        _transport, up = await loop.create_connection(lambda: Upstream(self, key), key[0], key[1])
         return up
 
     def unanswered(self) -> str:
@@ -182,7 +179,7 @@ class Exchange:
         try:
             up = await self.gw.connect(self.key)
         except OSError as exc:
-            where = self.key[0] if self.key[1] == 0 else f"{self.key[0]}:{self.key[1]}"
+            where = f"{self.key[0]}:{self.key[1]}"
             self._fail(error(502, "BadGateway", f"cannot connect to {where}: {exc.strerror or exc}{self.gw.unanswered()}"))
             return
         if self.done:

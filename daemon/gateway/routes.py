@@ -28,6 +28,7 @@ class Entry:
     port: int
     state: str = "active"
     last_error: str = ""
+    private: bool = False  # served on a Unix socket only (bind_unix): never reached through the gateway
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -67,6 +68,7 @@ BY_BODY = object()  # the route depends on the JSON body's "model" (OpenAI's POS
 _REASONS = {
     200: b"OK",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     409: b"Conflict",
@@ -102,6 +104,13 @@ class Table:
 
     @staticmethod
     def usable(entry: Entry) -> Entry | Answer:
+        if entry.private:
+            return error(
+                403,
+                "Forbidden",
+                f"service {entry.uuid} ({entry.name}) serves on a Unix socket only (bind_unix), "
+                "which the gateway's port, open to every local user, must not reach",
+            )
         if entry.state != "active":
             return error(
                 503,
