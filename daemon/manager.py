@@ -27,6 +27,7 @@ from uuid import UUID
 from . import killpoints
 from .containment import Containment, choose as choose_containment
 from .exceptions import Conflict, ModeldError, ServiceNotFound, StorageError
+from .gatewayd import GatewaySupervisor
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
 from .service import ServiceRuntime
@@ -73,6 +74,7 @@ class Manager:
         self.replacer = self.units.replacer
         self.rebuilder = self.units.rebuilder
         self._counted: tuple[int, list[ServiceRuntime], dict[str, int]] = (-1, [], {})
+        self.gateway = GatewaySupervisor(paths, settings)
 
     # ------------------------------------------------------------------ queries
 
@@ -208,6 +210,7 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run (see rebuild.py)."""
         self.problems, spent = await self.rebuilder.rebuild()
+        self.gateway.start()  # on the loop's thread, no spawn in flight (see gatewayd.py); it routes from disk
         log.info(
             "rebuilt %d services in %.2f s (%s; %s)",
             len(self.services),
@@ -221,6 +224,8 @@ class Manager:
         if stop_services:
             await asyncio.gather(*(self._stop_for_shutdown(m) for m in self.services.values()))
             await asyncio.to_thread(self.logs.stop)  # last, once every server has written its last line
+            await self.gateway.stop()
+        self.gateway.let_go()  # (a plain stop: it keeps serving the servers that keep running)
         self.units.let_go()
         await asyncio.to_thread(self.containment.prune)
 
@@ -250,4 +255,5 @@ class Manager:
             "containment": self.containment.kind,
             **({"containment_note": self.containment.reason} if self.containment.reason else {}),
             "log_writer": writer.pid if (writer := self.logs.pid()) else None,
+            **self.gateway.describe(),
         }

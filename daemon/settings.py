@@ -35,6 +35,7 @@ Not settings (read where they are used, and left there):
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tomllib
@@ -50,6 +51,7 @@ from .paths import Paths
 FILE_NAME = "daemon.toml"
 ENV_PREFIX = "MODELD_"
 DEFAULT = "default"  # the source of a setting nobody set
+OFF = "off"  # the gateway setting that turns it off
 
 
 class DaemonSettings(BaseModel):
@@ -72,6 +74,17 @@ class DaemonSettings(BaseModel):
         5.0, gt=0, allow_inf_nan=False, description="seconds between health probes of a healthy server"
     )
     warm_start: bool = Field(True, description="fork built-in servers from a pre-imported process (false: spawn cold)")
+    gateway: str = Field(
+        "127.0.0.1:9277",
+        description="the gateway's address, host:port (one port for every model; :0 picks a free port once "
+        "and keeps it); off: no gateway",
+    )
+    gateway_timeout: float = Field(
+        300.0, gt=0, allow_inf_nan=False, description="seconds the gateway waits for a server's response head (then 504)"
+    )
+    gateway_max_body: int = Field(
+        64 * 1024 * 1024, gt=0, description="the largest request body the gateway forwards, in bytes (then 413)"
+    )
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -88,6 +101,18 @@ class DaemonSettings(BaseModel):
     def _stripped(cls, value: str) -> str:
         return value.strip()
 
+    @field_validator("gateway")
+    @classmethod
+    def _gateway_address(cls, value: str) -> str:
+        value = value.strip()
+        gateway_address(value)  # raises ValueError naming what is wrong
+        return value.lower() if value.lower() == OFF else value
+
+    @property
+    def gateway_address(self) -> tuple[str, int] | None:
+        """(host, port) the gateway listens on (port 0: pick one once), or None for ``off``."""
+        return gateway_address(self.gateway)
+
     @property
     def sources(self) -> dict[str, str]:
         """Where each setting came from: ``default``, the file's path, an environment variable's name,
@@ -101,6 +126,26 @@ class DaemonSettings(BaseModel):
     def public(self) -> dict[str, Any]:
         """The effective settings as JSON (``GET /v1/daemon``'s ``settings``)."""
         return self.model_dump(mode="json")
+
+
+def gateway_address(value: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port``; ``:port`` is 127.0.0.1) as (IP address, port), or None for ``off``.
+
+    The host must be an IP address (``localhost`` is 127.0.0.1): the daemon binds it at start,
+    without a lookup that could block it.
+    """
+    if value.strip().lower() == OFF:
+        return None
+    host, colon, port_text = value.strip().rpartition(":")
+    if not colon or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9277, :0 for a free port) or off")
+    host = host.removeprefix("[").removesuffix("]") if host.startswith("[") else host
+    host = {"": "127.0.0.1", "localhost": "127.0.0.1"}.get(host, host)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: the host must be an IP address such as 127.0.0.1, not {host!r}") from None
+    return host, int(port_text)
 
 
 def env_name(key: str) -> str:

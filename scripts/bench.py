@@ -24,6 +24,14 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | fds_per_live_service      | the daemon's open fds, less those it has with no service, per live server |
 | logd_rss_mb, logd_kib_per_live_service | the log writer (one per home) with the live servers    |
 | log_flood_api_p99_ms      | GET /v1/daemon while a server writes its log as fast as it can, beside the same calls with it stopped |
+| gateway_overhead_us       | p50 latency through the gateway minus direct, alternating, keep-alive, small POST, to an ASGI |
+|                           | server deployed as a command service (scripts/gateway_proto/sse_backend.py, answers on its loop) |
+| gateway_rps_ratio         | requests/s through the gateway / direct, 8 keep-alive clients, alternating windows |
+| stream_first_byte_over_direct_ms | first SSE event (events 500 ms apart) through the gateway minus direct, kept-alive connections |
+| gateway_rss_mb, gateway_idle_cpu_pct | the gateway process, with the live servers, idle (beside the daemon's idle figures) |
+
+The daemons here run with a gateway (``MODELD_GATEWAY=:0``), so the daemon's RSS and idle CPU
+are measured with it running.
 
 ``--live 1000`` is the scale run (not in CI): its targets are the scale ones (daemon RSS
 <= 60 MiB, idle CPU <= 2 % of a core, re-adoption of all <= 3 s); up to 100 live servers
@@ -41,6 +49,7 @@ import argparse
 import contextlib
 import functools
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -110,6 +119,9 @@ TARGETS = {  # figure -> (description, check on the result)
     "replace_failed_requests": ("0 failed", lambda r: r["replace_failed_requests"] == 0),
     "list_live_ms": ("p50 <= 5 ms", lambda r: r["list_live_ms"]["p50"] <= 5),
     "log_flood_api_p99_ms": ("p99 <= 50 ms", lambda r: r["log_flood_api_p99_ms"] <= 50),
+    "gateway_overhead_us": ("<= 300 us", lambda r: r["gateway_overhead_us"] <= 300),
+    "gateway_rps_ratio": (">= 0.5", lambda r: r["gateway_rps_ratio"] >= 0.5),
+    "stream_first_byte_over_direct_ms": ("<= 1 ms", lambda r: r["stream_first_byte_over_direct_ms"] <= 1),
 }
 
 
@@ -503,7 +515,11 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
         result["logd_rss_mb"] = round(logd_rss, 1)
         result["logd_kib_per_live_service"] = round((logd_rss - logd_base) * 1024 / args.live, 1)
     progress(f"idle daemon for {args.idle:g}s")
+    gateway_pid = client.daemon_info()["gateway_pid"]
+    gateway_cpu0, t0 = cpu_seconds(gateway_pid), time.monotonic()
     rss, cpu = idle_daemon(client, args.idle)
+    result["gateway_idle_cpu_pct"] = round(100 * (cpu_seconds(gateway_pid) - gateway_cpu0) / (time.monotonic() - t0), 2)
+    result["gateway_rss_mb"] = round(rss_mb(gateway_pid), 1)
     times, restarted = [], 0
     for i in range(args.readopts):
         progress(f"re-adoption {i + 1}/{args.readopts}")
@@ -540,6 +556,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     result["replace_ms"] = summary(took, 1000)
     if failures:
         result["replace_failures_sample"] = failures[:5]
+    progress("gateway beside direct")
+    result.update(gateway_runs(client, folder, args, reaper))
     progress("API latency while a server floods its log")
     flood = log_flood(client, folder, reaper)
     result["log_flood_api_ms"] = flood["flooding"]
@@ -564,6 +582,58 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     return result
 
 
+def _proto() -> Any:
+    """The prototype's measuring clients (scripts/gateway_proto/bench.py), loaded by path."""
+    spec = importlib.util.spec_from_file_location("gateway_proto_bench", Path(__file__).with_name("gateway_proto") / "bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gateway_runs(client: DaemonClient, folder: Path, args: argparse.Namespace, reaper: Reaper) -> dict[str, Any]:
+    """The gateway's figures, each beside direct requests to the same server in the same loop."""
+    proto = _proto()
+    backend = Path(__file__).with_name("gateway_proto")
+    svc = client.deploy(
+        ServiceConfig(
+            model_name="llm",
+            model_type="command",
+            command=[sys.executable, "-m", "uvicorn", "--app-dir", str(backend), "sse_backend:app",
+                     "--host", "{host}", "--port", "{port}", "--log-level", "warning"],
+            health_path="/health",
+        ),
+        timeout=60,
+    )
+    reaper.note(svc.status.pid)
+    info = client.daemon_info()
+    gw_port, direct = int(info["gateway_url"].rsplit(":", 1)[1]), svc.endpoint.port
+    n, seconds, runs = (300, 1.0, 3) if args.quick else (2000, 4.0, 8)
+    lat = proto.latency(direct, gw_port, n, b"/v1/models/llm:predict")
+    rps = proto.rps(direct, gw_port, seconds, b"/v1/models/llm:predict")
+    first, gaps, kept_d, kept_g = [], [], socket.create_connection(("127.0.0.1", direct)), socket.create_connection(("127.0.0.1", gw_port))
+    d_first: list[float] = []
+    for i in range(runs + 1):  # the first opens the pooled backend connection
+        a, _ = proto.first_event(direct, b"/stream?n=2", kept_d)
+        b, gap = proto.first_event(gw_port, b"/v1/services/%s/stream?n=2" % str(svc.uuid).encode(), kept_g)
+        if i:
+            d_first.append(a * 1e3)
+            first.append(b * 1e3)
+            gaps.append(gap * 1e3)
+    kept_d.close()
+    kept_g.close()
+    client.delete(svc.uuid, timeout=30, force=True)
+    return {
+        "gateway_overhead_us": lat["gateway_overhead_us"],
+        "gateway_latency_us": {"direct_p50": lat["direct_p50_us"], "gateway_p50": lat["gateway_p50_us"],
+                               "direct_p99": lat["direct_p99_us"], "gateway_p99": lat["gateway_p99_us"]},
+        "gateway_rps_ratio": rps["gateway_rps_ratio"],
+        "gateway_rps": {"direct": rps["direct_rps"], "gateway": rps["gateway_rps"]},
+        "stream_first_byte_over_direct_ms": round(statistics.median(first) - statistics.median(d_first), 2),
+        "stream_second_event_gap_ms": round(statistics.median(gaps), 1),
+    }
+
+
 def progress(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
@@ -571,7 +641,7 @@ def progress(text: str) -> None:
 def table(result: dict[str, Any]) -> str:
     rows = []
     for key, value in result.items():
-        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle"):
+        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle", "gateway_latency_us", "gateway_rps"):
             continue
         shown = f"{value['p50']:>10} {value['p99']:>10}" if isinstance(value, dict) else f"{value:>10}"
         target = result["targets"].get(key)
@@ -604,6 +674,7 @@ def main() -> int:
     reaper = Reaper()
     folder = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
     os.environ["MODELD_HOME"] = str(folder / "a")  # a stray client call never reaches the user's daemon
+    os.environ["MODELD_GATEWAY"] = ":0"  # the daemons run a gateway (on a free port): its figures, and theirs with it
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         result = run(args, reaper, folder)

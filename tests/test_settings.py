@@ -22,7 +22,15 @@ from daemon.paths import Paths
 from daemon.settings import DaemonSettings, env_name, file_keys, load_settings
 from daemon.testing import REPO, processes_of
 
-DEFAULTS = {"log_level": "INFO", "cgroup": "", "health_interval": 5.0, "warm_start": True}
+DEFAULTS = {
+    "log_level": "INFO",
+    "cgroup": "",
+    "health_interval": 5.0,
+    "warm_start": True,
+    "gateway": "127.0.0.1:9277",
+    "gateway_timeout": 300.0,
+    "gateway_max_body": 64 * 1024 * 1024,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +38,8 @@ def no_settings_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemons here see only the settings a test gives them (the runner's MODELD_CGROUP, say, goes)."""
     for key in file_keys():
         monkeypatch.delenv(env_name(key), raising=False)
+    # Except the gateway: these daemons would race for 127.0.0.1:9277 with every other daemon here.
+    monkeypatch.setenv("MODELD_GATEWAY", "off")
 
 
 def write_settings(home: Path, text: str) -> Path:
@@ -58,6 +68,9 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
         "cgroup": str(toml),
         "health_interval": "MODELD_HEALTH_INTERVAL",
         "warm_start": str(toml),
+        "gateway": "default",
+        "gateway_timeout": "default",
+        "gateway_max_body": "default",
     }
     assert settings.named("cgroup") == f"{toml}: cgroup"
     assert settings.named("health_interval") == "MODELD_HEALTH_INTERVAL"
@@ -67,6 +80,17 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
     old = load_settings(paths, environ={"MODELD_WARM_START": "0", "MODELD_CGROUP": "off", "MODELD_LOG_LEVEL": "warning"})
     assert (old.warm_start, old.cgroup, old.log_level) == (False, "off", "WARNING")
     assert load_settings(paths, environ={"MODELD_WARM_START": "1"}).warm_start is True
+
+
+def test_gateway_addresses():
+    def address(value: str) -> tuple[str, int] | None:
+        return DaemonSettings(home=Path("/h"), socket=Path("/h/s"), gateway=value).gateway_address
+
+    assert address("127.0.0.1:9277") == ("127.0.0.1", 9277)
+    assert address(":0") == ("127.0.0.1", 0)
+    assert address("localhost:8080") == ("127.0.0.1", 8080)
+    assert address("[::1]:9277") == ("::1", 9277)
+    assert address(" OFF ") is None
 
 
 BAD = [
@@ -80,7 +104,15 @@ BAD = [
     ("health_interval = 1\n", {"MODELD_HEALTH_INTERVAL": "abc"}, r"MODELD_HEALTH_INTERVAL: Input should be a valid number"),
     ("", {"MODELD_WARM_START": "maybe"}, r"MODELD_WARM_START: Input should be a valid boolean.*\(got 'maybe'\)"),
 ]
+BAD += [
+    ('gateway = "9277"\n', {}, r"{toml}: gateway: '9277' is not host:port \(e.g. 127.0.0.1:9277, :0 for a free port\) or off"),
+    ("", {"MODELD_GATEWAY": "example.com:80"}, r"MODELD_GATEWAY: 'example.com:80': the host must be an IP address"),
+    ("", {"MODELD_GATEWAY": "127.0.0.1:70000"}, r"MODELD_GATEWAY: '127.0.0.1:70000' is not host:port"),
+    ("gateway_timeout = 0\n", {}, r"{toml}: gateway_timeout: Input should be greater than 0"),
+    ("", {"MODELD_GATEWAY_MAX_BODY": "lots"}, r"MODELD_GATEWAY_MAX_BODY: Input should be a valid integer"),
+]
 BAD_IDS = ["unknown-key", "bad-value", "out-of-range", "bad-level", "broken-toml", "socket-in-file", "bad-env", "bad-env-bool"]
+BAD_IDS += ["gateway-no-port", "gateway-name", "gateway-port-range", "gateway-timeout", "gateway-max-body"]
 
 
 @pytest.mark.parametrize(("text", "environ", "said"), BAD, ids=BAD_IDS)
@@ -104,8 +136,13 @@ def test_readme_lists_every_setting():
 # ------------------------------------------------------------------ real daemons
 
 
-def test_a_daemon_reads_daemon_toml(home, client):
-    toml = write_settings(home, 'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n')
+def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
+    monkeypatch.delenv("MODELD_GATEWAY")
+    toml = write_settings(
+        home,
+        'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n'
+        'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\n',
+    )
     info = client.daemon_info()  # auto-started
     assert info["settings"] == {
         "home": str(Paths(home).home),
@@ -114,6 +151,9 @@ def test_a_daemon_reads_daemon_toml(home, client):
         "cgroup": "off",
         "health_interval": 0.5,
         "warm_start": False,
+        "gateway": "off",
+        "gateway_timeout": 30.0,
+        "gateway_max_body": 1000,
     }
     assert {key: info["settings_sources"][key] for key in file_keys()} == dict.fromkeys(file_keys(), str(toml))
     # They act, not only show: tags, as the file says, and no INFO line in the log.

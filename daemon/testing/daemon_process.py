@@ -33,8 +33,9 @@ class DaemonProcess:
         self.containment: str | None = None  # as GET /v1/daemon says: "cgroup" or "tag"
 
     def env(self, die_at: str | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_") or k == "MODELD_CGROUP"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_") or k in ("MODELD_CGROUP", "MODELD_GATEWAY")}
         env.update(MODELD_HOME=str(self.home), PYTHONPATH=str(REPO))
+        env.setdefault("MODELD_GATEWAY", "off")  # one port per machine: a gateway only where a test asks for one
         if die_at:
             env["MODELD_DIE_AT"] = die_at
         return env

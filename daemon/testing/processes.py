@@ -72,9 +72,12 @@ def tag_field(info: str | None, key: str) -> str | None:
 
 
 def daemon_side(home: Path, pid: int, env: dict[str, str]) -> bool:
-    """The daemon (which steps into a launch's cgroup for the instant of a spawn), its fork server
-    or its log writer: never a server, wherever it is."""
-    if any(i.pid == pid for i in read_pid(home / "daemon.pid")) or tag_field(env.get("MODELD_PROCESS"), "role") == "logd":
+    """The daemon (which steps into a launch's cgroup for the instant of a spawn), its fork server,
+    its log writer or its gateway: never a server, wherever it is."""
+    if any(i.pid == pid for i in read_pid(home / "daemon.pid")) or tag_field(env.get("MODELD_PROCESS"), "role") in (
+        "logd",
+        "gateway",
+    ):
         return True
     with contextlib.suppress(psutil.Error):
         return "--fork-server" in psutil.Process(pid).cmdline()

@@ -63,6 +63,13 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
     print(f"modeld {info['version']} running, pid {info['pid']}, home {info['home']}")
     note = f" ({info['containment_note']})" if info.get("containment_note") else ""
     print(f"containment: {info.get('containment', 'unknown')}{note}")
+    if info.get("gateway_url"):
+        pid = f" (pid {info['gateway_pid']})" if info.get("gateway_pid") else " (not running; restarting)"
+        print(f"gateway: {info['gateway_url']}{pid}")
+    elif info.get("gateway_error"):
+        print(f"gateway: none: {info['gateway_error']}")
+    else:
+        print("gateway: off")
     print(
         "services: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "total")
         if counts["total"]

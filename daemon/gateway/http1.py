@@ -1,0 +1,171 @@
+"""HTTP/1.1 message framing for the gateway: heads parsed by hand, bodies delimited, never decoded.
+
+The gateway forwards bytes; it parses only what it needs to route and to find where each message
+ends (RFC 9112 §6: Content-Length, chunked, or the close of the connection for a response).
+Chunked bodies are forwarded as they came (chunk framing included) and only scanned for their
+end, so a body is never copied whole nor re-framed.
+
+Hop-by-hop fields (RFC 9110 §7.6.1): ``Connection`` and every field it names, plus the fixed
+list below, describe one connection and are dropped before a message is forwarded; the gateway
+sets its own framing (``Transfer-Encoding``/``Content-Length`` are kept as the message's own
+framing, since the body bytes are forwarded unchanged) and its own connection handling.
+
+Standard library only: this runs in the gateway's own process.
+"""
+
+from __future__ import annotations
+
+# RFC 9110 §7.6.1 names Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade; Trailer
+# and Proxy-Authenticate/-Authorization are the rest of RFC 2616's list that proxies still drop.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",  # the gateway answers 100-continue itself (see proxy.py)
+    }
+)
+MAX_HEAD = 64 * 1024  # bytes of request line + header fields (uvicorn/h11 also allow 64 KiB)
+MAX_CHUNK_LINE = 4096
+
+
+class BadMessage(Exception):
+    """A message the gateway cannot frame; the connection ends (400 if nothing was answered yet)."""
+
+
+class Head:
+    """One parsed head. ``headers`` keeps the original lines for forwarding; names lower-cased."""
+
+    __slots__ = ("first", "method", "target", "version", "status", "headers", "length", "chunked", "close", "drop")
+
+    def __init__(self) -> None:
+        self.first = b""
+        self.method = b""
+        self.target = b""
+        self.version = b""
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []  # (lower-cased name, value)
+        self.length: int | None = None
+        self.chunked = False
+        self.close = False  # the peer asked to close after this message (or speaks HTTP/1.0)
+        self.drop: frozenset[bytes] = HOP_BY_HOP
+
+    def get(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+def _parse_fields(head: Head, lines: list[bytes]) -> None:
+    connection_tokens: set[bytes] = set()
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or b" " in name:
+            raise BadMessage(f"bad header line {line[:80]!r}")
+        key = name.lower()
+        value = value.strip()
+        head.headers.append((key, value))
+        if key == b"content-length":
+            if not value.isdigit() or (head.length is not None and head.length != int(value)):
+                raise BadMessage("bad or conflicting content-length")
+            head.length = int(value)
+        elif key == b"transfer-encoding":
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings[-1] != b"chunked":
+                raise BadMessage("a transfer-encoding other than chunked last")  # RFC 9112 §6.3
+            head.chunked = True
+        elif key == b"connection":
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+    if head.chunked:
+        head.length = None  # RFC 9112 §6.3: chunked wins over content-length (and is a smuggling flag)
+    if head.version == b"HTTP/1.0":
+        head.close = b"keep-alive" not in connection_tokens
+    else:
+        head.close = b"close" in connection_tokens
+    if connection_tokens - {b"close", b"keep-alive"}:
+        head.drop = HOP_BY_HOP | connection_tokens
+
+
+def parse_request(data: bytes) -> Head:
+    """The request head in ``data`` (which ends with the blank line, excluded)."""
+    lines = data.split(b"\r\n")
+    head = Head()
+    head.first = lines[0]
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise BadMessage(f"bad request line {lines[0][:80]!r}")
+    head.method, head.target, head.version = parts
+    _parse_fields(head, lines[1:])
+    return head
+
+
+def parse_response(data: bytes) -> Head:
+    lines = data.split(b"\r\n")
+    head = Head()
+    head.first = lines[0]
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise BadMessage(f"bad status line {lines[0][:80]!r}")
+    head.version = parts[0]
+    head.status = int(parts[1])
+    _parse_fields(head, lines[1:])
+    return head
+
+
+def forward_fields(head: Head, extra: bytes = b"") -> bytes:
+    """The head's fields without the hop-by-hop ones, each line ending in CRLF, then ``extra``."""
+    drop = head.drop
+    out = [b"%s: %s\r\n" % (k, v) for k, v in head.headers if k not in drop]
+    out.append(extra)
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+class ChunkedScanner:
+    """Finds where a chunked body ends, across any split of its bytes, without copying them."""
+
+    SIZE, DATA, TRAILER = 0, 1, 2
+
+    def __init__(self) -> None:
+        self.state = self.SIZE
+        self.remaining = 0  # bytes of chunk data + its CRLF still to come
+        self.line = b""  # a size or trailer line split across reads
+
+    def feed(self, data: bytes | memoryview, start: int = 0) -> int:
+        """Consume ``data[start:]``; the offset just past the body's end, or -1 if it goes on."""
+        i, n = start, len(data)
+        while i < n:
+            if self.state == self.DATA:
+                take = min(self.remaining, n - i)
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = self.SIZE
+                continue
+            j = bytes(data[i : i + MAX_CHUNK_LINE + 2]).find(b"\n")
+            if j < 0:
+                self.line += bytes(data[i:])
+                if len(self.line) > MAX_CHUNK_LINE:
+                    raise BadMessage("chunk size line too long")
+                return -1
+            line = (self.line + bytes(data[i : i + j])).rstrip(b"\r")
+            self.line = b""
+            i += j + 1
+            if self.state == self.SIZE:
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise BadMessage(f"bad chunk size {line[:40]!r}") from None
+                if size == 0:
+                    self.state = self.TRAILER
+                else:
+                    self.state, self.remaining = self.DATA, size + 2
+            elif not line:
+                return i
+        return -1

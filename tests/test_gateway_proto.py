@@ -1,0 +1,122 @@
+"""The gateway prototype's framing and routing, without processes (daemon/gateway/http1.py, routes.py).
+
+The end-to-end checks (real backends, curl, the bench) are scripts/gateway_proto/bench.py and the
+curl lines in docs/gateway-design.md; the product's tests/test_gateway.py replaces them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon.gateway import http1
+from daemon.gateway.routes import BY_BODY, Answer, Entry, Forward, Table
+
+CHUNKED = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nx-trailer: 1\r\n\r\n"
+
+
+def test_chunked_end_is_found_across_every_split() -> None:
+    body = CHUNKED + b"GET /next"  # a pipelined request follows
+    for cut in range(len(body) + 1):
+        scanner = http1.ChunkedScanner()
+        first = scanner.feed(body[:cut])
+        if first >= 0:
+            assert first == len(CHUNKED)
+            continue
+        second = scanner.feed(body[cut:])
+        assert second == len(CHUNKED) - cut, cut
+
+
+def test_bad_chunk_size_is_refused() -> None:
+    with pytest.raises(http1.BadMessage):
+        http1.ChunkedScanner().feed(b"zz\r\n")
+
+
+def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped() -> None:
+    head = http1.parse_request(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\n"
+        b"TE: trailers\r\nUpgrade: h2c\r\nExpect: 100-continue\r\nContent-Length: 3\r\nX-Kept: k"
+    )
+    out = http1.forward_fields(head)
+    assert head.close and head.length == 3
+    assert out == b"host: a\r\ncontent-length: 3\r\nx-kept: k\r\n\r\n"
+
+
+def test_framing_is_checked() -> None:
+    with pytest.raises(http1.BadMessage):
+        http1.parse_request(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4")
+    with pytest.raises(http1.BadMessage):
+        http1.parse_request(b"POST / HTTP/1.1\r\nContent-Length : 3")  # whitespace before the colon (smuggling)
+    with pytest.raises(http1.BadMessage):
+        http1.parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip")
+    head = http1.parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3")
+    assert head.chunked and head.length is None
+    assert http1.parse_request(b"GET / HTTP/1.0").close
+    assert not http1.parse_request(b"GET / HTTP/1.0\r\nConnection: keep-alive").close
+
+
+def _table() -> Table:
+    return Table(
+        [
+            Entry("u1", "iris", "127.0.0.1", 1),
+            Entry("u2", "twin", "127.0.0.1", 2),
+            Entry("u3", "twin", "127.0.0.1", 3),
+            Entry("u4", "down", "127.0.0.1", 4, state="error", last_error="exit code 1"),
+        ]
+    )
+
+
+def test_routes_by_name_by_uuid_and_by_body() -> None:
+    t = _table()
+    assert t.resolve(b"POST", b"/v1/models/iris:predict") == Forward(t.by_uuid["u1"], b"/v1/models/iris:predict")
+    assert t.resolve(b"GET", b"/v1/services/u3/health?x=1") == Forward(t.by_uuid["u3"], b"/health?x=1")
+    assert t.resolve(b"POST", b"/v1/chat/completions") is BY_BODY
+    assert t.resolve_body(b'{"messages": [], "model": "iris"}') == t.by_uuid["u1"]
+
+
+def _answer(result: object) -> tuple[int, dict[str, object]]:
+    assert isinstance(result, Answer)
+    return result.status, result.body
+
+
+def test_errors() -> None:
+    t = _table()
+    status, body = _answer(t.resolve(b"POST", b"/v1/models/nope:predict"))
+    assert status == 404 and body["error"]["models"] == ["down", "iris", "twin"]  # type: ignore[index]
+    status, body = _answer(t.resolve(b"POST", b"/v1/models/twin:predict"))
+    assert status == 409 and body["error"]["uuids"] == ["u2", "u3"]  # type: ignore[index]
+    status, body = _answer(t.resolve(b"POST", b"/v1/models/down:predict"))
+    assert status == 503 and body["error"]["state"] == "error" and body["error"]["last_error"] == "exit code 1"  # type: ignore[index]
+    status, _ = _answer(t.resolve_body(b"[1]"))
+    assert status == 400
+
+
+def test_model_objects_speak_both_protocols() -> None:
+    t = _table()
+    status, body = _answer(t.resolve(b"GET", b"/v1/models"))
+    assert status == 200 and body["object"] == "list" and len(body["data"]) == 4  # type: ignore[arg-type]
+    status, body = _answer(t.resolve(b"GET", b"/v1/models/down"))
+    assert status == 200 and body["id"] == body["name"] == "down" and body["object"] == "model" and body["ready"] is False
+    encoded = Answer(404, {"error": {}}).encode(close=True)
+    assert encoded.startswith(b"HTTP/1.1 404 Not Found\r\n") and b"connection: close" in encoded
+    assert json.loads(encoded.split(b"\r\n\r\n", 1)[1]) == {"error": {}}
+
+
+def test_the_gateway_imports_only_the_standard_library() -> None:
+    import ast
+    import sys
+    from pathlib import Path
+
+    folder = Path(http1.__file__).parent
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            for name in names:
+                assert name.split(".")[0] in sys.stdlib_module_names, (path.name, name)
