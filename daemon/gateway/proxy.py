@@ -355,14 +355,7 @@ class Exchange:
         """An error answered to the client in place of the backend's response."""
         if self.done:
             return
-        self.done = True
-        self.timer.cancel()
-        if self.connecting is not None:
-            self.connecting.cancel()
-        if self.up is not None:
-            self.up.exchange = None
-            self.up.transport.close()
-            self.up = None
+        self._let_go_of_backend()
         if self.down.state == Downstream.BODY:
             self.down.answer_and_close(answer)  # the rest of the request body is never read
         else:
@@ -371,6 +364,10 @@ class Exchange:
 
     def abort(self) -> None:
         """The client went away: close the backend connection, so the server sees it."""
+        self._let_go_of_backend()
+
+    def _let_go_of_backend(self) -> None:
+        """This exchange is done: no timer, no connect under way, and its backend connection closed."""
         self.done = True
         self.timer.cancel()
         if self.connecting is not None:
