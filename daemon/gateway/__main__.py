@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from .home import HomeTable
-from .proxy import Downstream, Gateway
+from .pool import Gateway
+from .proxy import Downstream
 from .routes import Entry, Table
 
 
