@@ -23,7 +23,7 @@ import pytest
 
 from conftest import iris_config, predict
 from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, ServiceState
-from daemon.exceptions import StorageError
+from daemon.exceptions import DaemonNotRunning, StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.paths import Paths
 from daemon.sockets import MAX_SOCKET_PATH
@@ -49,14 +49,20 @@ def long_home(home: Path, tmp_path: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def daemon(home: Path, fail_at: str = "") -> Iterator[DaemonClient]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
-    env.update(MODELD_HOME=str(home), MODELD_FAIL_WRITE_AT=fail_at)
+    env.update(MODELD_HOME=str(home), MODELD_FAIL_WRITE_AT=fail_at, MODELD_GATEWAY="off")  # no gateway: one port per machine
     with open(home / "daemon.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "daemon", "--home", str(home)], env=env, cwd=REPO,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for(lambda: daemon_pid(Paths(home)) == proc.pid and (home / "modeld.sock").exists(), 30, what="the daemon")
     client = DaemonClient(home, auto_start=False)
     try:
-        wait_for(lambda: client.daemon_info(), 30, what="the daemon to answer")
+
+        def answers() -> bool:  # the socket file may be the killed daemon's, until this one binds it
+            with contextlib.suppress(DaemonNotRunning):
+                return bool(client.daemon_info())
+            return False
+
+        wait_for(answers, 30, what="the daemon to answer")
         yield client
     finally:
         client.close()
