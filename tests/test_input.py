@@ -315,7 +315,13 @@ def kernel_refuses(first: str, second: str) -> bool:
             raise
         return sock
 
-    with listener(first, 0) as held:
+    # A port free on every address (a dual-stack wildcard bind needs that): an ephemeral port free on
+    # ``first`` alone may be held on ``second``'s address by another process, which is no conflict of the pair.
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    with listener(first, port) as held:
         try:
             listener(second, held.getsockname()[1]).close()
         except OSError as exc:
