@@ -124,11 +124,18 @@ def test_supervision_survives_the_daemon_running_out_of_fds(client, home, tmp_pa
     daemon = psutil.Process(client.daemon_info()["pid"])
     client.close()
     limits = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
-    in_use = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+    log = home / "daemon.log"
+
+    def starve() -> bool:
+        # The soft limit at the lowest free fd number: a new fd takes the lowest free number, so
+        # nothing opens. Set again each round, since an fd closed below it (the daemon's side of the
+        # client's connection, closed a moment after the client) would leave one free number.
+        fds = {int(fd) for fd in os.listdir(f"/proc/{daemon.pid}/fd")}
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (min(set(range(len(fds) + 1)) - fds), limits[1]))
+        return "cannot probe" in log.read_text()
+
     try:
-        log = home / "daemon.log"
-        wait_for(lambda: "cannot probe" in log.read_text(), 10, what="probes to fail for lack of fds")
+        wait_for(starve, 10, interval=0.05, what="probes to fail for lack of fds")
         os.killpg(services[0].status.pid, signal.SIGKILL)  # a crash while the daemon cannot open a file
         wait_for(lambda: not pid_alive(services[0].status.pid), 10, what="the server to die")
         wait_for(lambda: "Too many open files" in log.read_text().split("cannot probe")[-1] or "going on" in log.read_text(),
