@@ -28,6 +28,11 @@ def test_chunked_end_is_found_across_every_split() -> None:
         assert second == len(CHUNKED) - cut, cut
 
 
+def test_a_whole_chunked_body_is_decoded() -> None:
+    assert http1.dechunk(CHUNKED) == b"Wikipedia in\r\n\r\nchunks."
+    assert http1.dechunk(b"0\r\n\r\n") == b""
+
+
 def test_bad_chunk_size_is_refused() -> None:
     with pytest.raises(http1.BadMessage):
         http1.ChunkedScanner().feed(b"zz\r\n")

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -127,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--max-body", type=int, default=64 * 1024 * 1024)
     p.add_argument("--no-spare", action="store_true", help="open backend connections only on demand")
+    p.add_argument("--watch", choices=("auto", "poll"), default="auto", help="how to follow the home's records (auto: inotify)")
     args = p.parse_args(argv)
     if args.timeout <= 0 or args.max_body <= 0:
         p.error("--timeout and --max-body must be more than 0")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # two fds per request in flight (client and backend), and the pooled ones
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     gw = Gateway(Table(args.route), timeout=args.timeout, max_body=args.max_body, spare=not args.no_spare)
 
     def new_table(table: Table) -> None:
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         table: HomeTable | None = None
         if args.home is not None:
             gw.daemon_alive = DaemonWatch(args.home)
-            table = HomeTable(args.home, new_table)
+            table = HomeTable(args.home, new_table, watch=args.watch)
             table.start()
             gw.refresh = table.refresh
         server = await loop.create_server(lambda: Downstream(gw), sock=sock)

@@ -11,6 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from . import http1
+from .http1 import VIA
 from .pool import Upstream
 from .routes import Answer, Entry, error
 
@@ -185,7 +186,7 @@ class Exchange:
             extra = b"connection: close\r\n"
         if self.down.close_after and not extra:
             extra = b"connection: close\r\n"
-        out = head.first + b"\r\n" + http1.forward_fields(head, extra)
+        out = head.first + b"\r\n" + http1.forward_fields(head, extra + VIA)
         if self.scanner is None and not self.until_close and self.remaining == 0:
             self.down.transport.write(out)
             self._finish(leftover=rest)
@@ -244,7 +245,7 @@ class Exchange:
         if self.down.state == self.down.BODY:
             self.down.answer_and_close(answer)  # the rest of the request body is never read
         else:
-            self.down.transport.write(answer.encode(close=self.down.close_after))
+            self.down.transport.write(answer.encode(close=self.down.close_after, head=self.method == b"HEAD"))
             self.down.response_done(False)
 
     def abort(self) -> None:

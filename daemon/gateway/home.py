@@ -8,7 +8,9 @@ Watching: inotify (through ctypes, as ``daemon/linux.py`` would) on ``services/`
 comes or goes: a create, a delete's rename away) and on each ``services/<uuid>/`` (its record
 renamed into place). Any event schedules one rescan a few milliseconds later, which re-reads only
 the records whose (inode, mtime, size) changed, so an idle gateway does not wake at all. Where
-inotify cannot be had, the same rescan runs every ``POLL_INTERVAL`` (a stat per service).
+inotify cannot be had (no instance left, or a folder that cannot be watched: the user's
+``max_user_watches`` spent), or with ``watch="poll"``, the same rescan runs every ``POLL_INTERVAL``
+(a stat per service) instead; ``mode`` says which.
 
 A record that cannot be read keeps its last good entry; the gateway never writes to the home.
 Standard library only.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import json
 import os
 import time
@@ -84,8 +87,9 @@ def _scrub(text: str, config: dict[str, Any]) -> str:
 class HomeTable:
     """Keeps ``on_change(Table)`` fed with the table of ``home``'s services."""
 
-    def __init__(self, home: Path, on_change: Callable[[Table], None]):
+    def __init__(self, home: Path, on_change: Callable[[Table], None], watch: str = "auto"):
         self.services = home / "services"
+        self.watch = watch  # "auto": inotify where it can be had; "poll": never
         self.on_change = on_change
         self.entries: dict[str, tuple[tuple[int, int, int], Entry]] = {}  # by folder name: (stat key, entry)
         self.watches: dict[str, int] = {}
@@ -99,13 +103,23 @@ class HomeTable:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.inotify = self._inotify_init()
+        self.inotify = self._inotify_init() if self.watch != "poll" else -1
         if self.inotify >= 0 and self._add_watch(str(self.services), TOP_MASK) >= 0:
             self.mode = "inotify"
             loop.add_reader(self.inotify, self._events)
         else:
-            loop.call_later(POLL_INTERVAL, self._poll)
+            self._poll_instead()
         self.rescan()
+
+    def _poll_instead(self) -> None:
+        """Give up inotify (if it was on) and rescan every POLL_INTERVAL from now on."""
+        if self.mode == "inotify":
+            asyncio.get_running_loop().remove_reader(self.inotify)
+        if self.inotify >= 0:
+            os.close(self.inotify)
+        self.inotify, self.mode = -1, "poll"
+        self.watches.clear()
+        asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll)
 
     # ------------------------------------------------------------------ inotify
 
@@ -161,7 +175,11 @@ class HomeTable:
         for name in names:
             folder = self.services / name
             if self.mode == "inotify" and name not in self.watches:
-                self.watches[name] = self._add_watch(str(folder), DIR_MASK)
+                wd = self._add_watch(str(folder), DIR_MASK)
+                if wd < 0 and ctypes.get_errno() != errno.ENOENT:  # (ENOENT: deleted meanwhile)
+                    self._poll_instead()  # an unwatched record would never be read again
+                else:
+                    self.watches[name] = wd
             path = folder / "service.json"
             try:
                 st = os.stat(path)

@@ -30,6 +30,7 @@ HOP_BY_HOP = frozenset(
         b"expect",  # the gateway answers 100-continue itself (see proxy.py)
     }
 )
+VIA = b"via: 1.1 modeld\r\n"  # added to every message the gateway forwards (RFC 9110 §7.6.3)
 MAX_HEAD = 64 * 1024  # bytes of request line + header fields (uvicorn/h11 also allow 64 KiB)
 MAX_CHUNK_LINE = 4096
 
@@ -83,13 +84,16 @@ def _parse_fields(head: Head, lines: list[bytes]) -> None:
         elif key == b"connection":
             connection_tokens.update(t.strip().lower() for t in value.split(b","))
     if head.chunked:
-        head.length = None  # RFC 9112 §6.3: chunked wins over content-length (and is a smuggling flag)
+        # RFC 9112 §6.3: chunked wins over content-length, and an intermediary must drop the
+        # content-length before forwarding (a next hop that framed by it would be smuggled to).
+        head.length = None
+        head.drop = head.drop | {b"content-length"}
     if head.version == b"HTTP/1.0":
         head.close = b"keep-alive" not in connection_tokens
     else:
         head.close = b"close" in connection_tokens
     if connection_tokens - {b"close", b"keep-alive"}:
-        head.drop = HOP_BY_HOP | connection_tokens
+        head.drop = head.drop | connection_tokens
 
 
 def parse_request(data: bytes) -> Head:
@@ -169,3 +173,16 @@ class ChunkedScanner:
             elif not line:
                 return i
         return -1
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The payload of a whole chunked body (one ``ChunkedScanner`` found complete); trailers dropped."""
+    out: list[bytes] = []
+    i = 0
+    while True:
+        j = raw.index(b"\n", i)
+        size = int(raw[i:j].rstrip(b"\r").split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(raw[j + 1 : j + 1 + size])
+        i = j + 1 + size + 2

@@ -6,10 +6,14 @@ pooled keep-alive ``Upstream`` connection and the response back, byte for byte a
 nothing is buffered beyond what one ``data_received`` delivered, except
 
 * an OpenAI POST (routed by its JSON body's ``model``), held whole up to ``max_body`` to read
-  that field, as llama-swap does (``io.ReadAll``; the openai client puts ``messages`` first);
+  that field, as llama-swap does (``io.ReadAll``; the openai client puts ``messages`` first); a
+  chunked one is sent on with its payload and a content-length, since it is whole by then;
 * the first ``REPLAY_MAX`` bytes of a request, kept to retry it once on a new connection when a
   reused backend connection closes before any response byte (HTTP/1.1's keep-alive race, RFC 9112
   §9.3.1). A request larger than that is not retried (it got a 502).
+
+Every forwarded request carries ``via: 1.1 modeld`` and ``x-forwarded-for: <client address>``
+(RFC 9110 §7.6.3; the latter as nginx and llama-swap set it), every response ``via`` too.
 
 Flow control both ways: a full write buffer on one side pauses reading on the other. A client
 that disconnects closes its backend connection (the server sees the disconnect); a backend that
@@ -25,6 +29,7 @@ import socket
 
 from . import http1
 from .exchange import Exchange
+from .http1 import VIA
 from .pool import Gateway
 from .routes import BY_BODY, Answer, Entry, Forward, error
 
@@ -47,6 +52,8 @@ class Downstream(asyncio.Protocol):
         self.scanner: http1.ChunkedScanner | None = None
         self.held: bytearray | None = None  # an OpenAI body being read to route it
         self.held_head: http1.Head | None = None
+        self.method = b""  # the request's in flight (a HEAD is answered without a body)
+        self.forwarded = VIA  # the fields the gateway adds to each request (with the client's address)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,6 +61,9 @@ class Downstream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.forwarded = VIA + b"x-forwarded-for: %s\r\n" % str(peer[0]).encode()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = self.CLOSED
@@ -102,6 +112,7 @@ class Downstream(asyncio.Protocol):
 
     def _request(self, head: http1.Head, rest: bytes) -> None:
         self.close_after = head.close
+        self.method = head.method
         has_body = head.chunked or bool(head.length)
         if head.length is not None and head.length > self.gw.max_body:
             self.answer_and_close(
@@ -115,23 +126,23 @@ class Downstream(asyncio.Protocol):
             if has_body:
                 self.answer_and_close(route)
             else:
-                self.transport.write(route.encode(close=self.close_after))
+                self.transport.write(route.encode(close=self.close_after, head=head.method == b"HEAD"))
                 self.response_done(False, keep_buf=rest)
             return
         if (head.get(b"expect") or b"").lower() == b"100-continue":
             self.transport.write(CONTINUE)
         if route is BY_BODY:
-            if head.chunked or head.length is None:
-                self.answer_and_close(error(411, "LengthRequired", "an OpenAI request needs a content-length"))
-                return
-            self.state, self.held, self.held_head, self.remaining = self.BUFFER, bytearray(), head, head.length
+            self.state, self.held, self.held_head, self.remaining = self.BUFFER, bytearray(), head, head.length or 0
+            self.scanner = http1.ChunkedScanner() if head.chunked else None
             self._hold(rest)
             return
         assert isinstance(route, Forward)
         self._forward(head, route.entry, route.target, has_body, rest)
 
-    def _forward(self, head: http1.Head, entry: Entry, target: bytes, has_body: bool, rest: bytes, held: bytes = b"") -> None:
-        out = b"%s %s HTTP/1.1\r\n%s%s" % (head.method, target, http1.forward_fields(head), held)
+    def _forward(
+        self, head: http1.Head, entry: Entry, target: bytes, has_body: bool, rest: bytes, held: bytes = b"", length: bytes = b""
+    ) -> None:
+        out = b"%s %s HTTP/1.1\r\n%s%s" % (head.method, target, http1.forward_fields(head, self.forwarded + length), held)
         self.exchange = exchange = Exchange(self, entry, out, head.method)
         if has_body:
             self.state = self.BODY
@@ -146,7 +157,11 @@ class Downstream(asyncio.Protocol):
     def _body(self, data: bytes) -> None:
         assert self.exchange is not None
         if self.scanner is not None:
-            end = self.scanner.feed(data)
+            try:
+                end = self.scanner.feed(data)
+            except http1.BadMessage as exc:
+                self._bad_body(str(exc))
+                return
             self._counted(len(data) if end < 0 else end)
         else:
             end = self.remaining if len(data) >= self.remaining else -1
@@ -161,6 +176,16 @@ class Downstream(asyncio.Protocol):
         if end < len(data):
             self.buf += data[end:]
 
+    def _bad_body(self, why: str) -> None:
+        """A chunked body that cannot be framed: the backend's request is cut, the client told if it can be."""
+        assert self.exchange is not None
+        exchange, self.exchange = self.exchange, None
+        exchange.abort()
+        if exchange.answered:
+            self.transport.abort()
+            return
+        self.answer_and_close(error(400, "InvalidRequest", why))
+
     def _counted(self, n: int) -> None:
         """A chunked body over the cap: cut it (the backend sees an aborted request)."""
         self.remaining += n
@@ -172,14 +197,36 @@ class Downstream(asyncio.Protocol):
             )
 
     def _hold(self, data: bytes) -> None:
+        """An OpenAI request's body, read whole to find its ``model``, then routed and sent on."""
         assert self.held is not None and self.held_head is not None
-        take = min(self.remaining, len(data))
-        self.held += data[:take]
-        self.remaining -= take
-        if self.remaining:
-            return
-        head, body, rest = self.held_head, bytes(self.held), data[take:]
+        if self.scanner is not None:
+            try:
+                end = self.scanner.feed(data)
+            except http1.BadMessage as exc:
+                self.answer_and_close(error(400, "InvalidRequest", str(exc)))
+                return
+            take = len(data) if end < 0 else end
+            if len(self.held) + take > self.gw.max_body:
+                self.answer_and_close(
+                    error(413, "ContentTooLarge", f"the body is over the gateway's cap of {self.gw.max_body} bytes")
+                )
+                return
+            self.held += data[:take]
+            if end < 0:
+                return
+            head, body, rest = self.held_head, http1.dechunk(bytes(self.held)), data[take:]
+            head.drop = head.drop | {b"transfer-encoding", b"content-length"}
+            length = b"content-length: %d\r\n" % len(body)
+        else:
+            take = min(self.remaining, len(data))
+            self.held += data[:take]
+            self.remaining -= take
+            if self.remaining:
+                return
+            head, body, rest = self.held_head, bytes(self.held), data[take:]
+            length = b""
         self.held = self.held_head = None
+        self.scanner = None
         found = self.gw.table.resolve_body(body)
         if isinstance(found, Answer) and found.status in RECHECK and self.gw.refresh():
             found = self.gw.table.resolve_body(body)
@@ -189,12 +236,13 @@ class Downstream(asyncio.Protocol):
             return
         if rest:
             self.buf += rest
-        self._forward(head, found, head.target, False, b"", body)
+        self._forward(head, found, head.target, False, b"", body, length)
 
     # ------------------------------------------------------------ answering
 
     def response_done(self, close: bool, keep_buf: bytes = b"") -> None:
         self.exchange = None
+        self.method = b""
         if close or self.close_after or self.state == self.BODY:
             self.state = self.CLOSED
             self.transport.close()
@@ -210,5 +258,5 @@ class Downstream(asyncio.Protocol):
         if self.state == self.CLOSED:
             return
         self.state = self.CLOSED
-        self.transport.write(answer.encode(close=True))
+        self.transport.write(answer.encode(close=True, head=self.method == b"HEAD"))
         self.transport.close()

@@ -51,7 +51,8 @@ class Answer:
     status: int
     body: dict[str, object]
 
-    def encode(self, close: bool = False) -> bytes:
+    def encode(self, close: bool = False, head: bool = False) -> bytes:
+        """The response; only its head (with the body's length) for a HEAD request (RFC 9110 §9.3.2)."""
         payload = json.dumps(self.body).encode()
         reason = _REASONS.get(self.status, b"")
         return b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
@@ -59,7 +60,7 @@ class Answer:
             reason,
             len(payload),
             b"connection: close\r\n" if close else b"",
-            payload,
+            b"" if head else payload,
         )
 
 

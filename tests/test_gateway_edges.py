@@ -1,0 +1,308 @@
+"""The gateway's edges, against a gateway process and raw-socket backends written here to misbehave.
+
+The gateway runs as the daemon runs it (``python -m daemon.gateway``), on a listening socket this
+test binds and hands over (``--fd``), with a static table (``--route``) instead of a home, so a
+backend can be a thread here that closes, answers or records exactly as a case needs. The routing
+table's polling mode runs over a real folder of records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.gateway.home import HomeTable
+from daemon.gateway.routes import Table
+
+REPO = Path(__file__).resolve().parent.parent
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+def read_head(conn: socket.socket, buf: bytearray) -> bytes | None:
+    """One request head from ``conn`` (the rest stays in ``buf``); None at EOF."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    buf[:] = rest
+    return head
+
+
+def read_exactly(conn: socket.socket, buf: bytearray, n: int) -> bytes:
+    while len(buf) < n:
+        data = conn.recv(65536)
+        assert data, "the body ended early"
+        buf += data
+    body = bytes(buf[:n])
+    del buf[:n]
+    return body
+
+
+def fields(head: bytes) -> dict[str, str]:
+    lines = head.decode().split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+class Backend:
+    """A listening socket served by a thread: ``serve(conn, n)`` handles the n-th connection."""
+
+    def __init__(self, serve: Callable[[socket.socket, int], None]):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.serve = serve
+        self.connections = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._one, args=(conn, self.connections), daemon=True).start()
+
+    def _one(self, conn: socket.socket, n: int) -> None:
+        with conn:
+            try:
+                self.serve(conn, n)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def gateway() -> Iterator[Callable[..., int]]:
+    """Starts gateway processes routing ``name`` to a backend port; yields their port."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(routes: dict[str, int], *flags: str) -> int:
+        sock = socket.create_server(("127.0.0.1", 0))
+        args = [f"--route=name={name},addr=127.0.0.1:{port}" for name, port in routes.items()]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.gateway", "--fd", str(sock.fileno()), *args, *flags],
+            cwd=REPO, pass_fds=[sock.fileno()], stdout=subprocess.DEVNULL, start_new_session=True,
+        )
+        started.append(proc)
+        port: int = sock.getsockname()[1]
+        sock.close()  # the gateway holds it; clients wait in its backlog until it accepts
+        return port
+
+    yield start
+    for proc in started:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def exchange(port: int, requests: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Send each request on one keep-alive connection, in turn; the (head, body) of each response."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        buf = bytearray()
+        for request in requests:
+            conn.sendall(request)
+            head = read_head(conn, buf)
+            assert head is not None, f"the gateway closed the connection; answered so far: {out}"
+            length = 0 if request.startswith(b"HEAD ") else int(fields(head).get("content-length", "0"))
+            out.append((head, read_exactly(conn, buf, length)))
+    return out
+
+
+def test_a_head_request_gets_no_body_from_the_gateway_itself_nor_through_it(gateway):
+    def serve(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            conn.sendall(OK[: -2] if head.startswith(b"HEAD ") else OK)
+
+    backend = Backend(serve)
+    try:
+        port = gateway({"m": backend.port})
+        answers = exchange(port, [
+            b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",  # answered by the gateway
+            b"HEAD /v1/models/nope:predict HTTP/1.1\r\nhost: x\r\n\r\n",  # its 404
+            b"HEAD /v1/services/m/x HTTP/1.1\r\nhost: x\r\n\r\n",  # the server's
+            b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",  # read right after: no stray body before it
+        ])
+        assert [h.split(b"\r\n")[0] for h, _ in answers] == [
+            b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"
+        ]
+        assert int(fields(answers[0][0])["content-length"]) == len(answers[3][1]) > 0
+        assert json.loads(answers[3][1])["object"] == "list"
+    finally:
+        backend.close()
+
+
+def test_a_reused_backend_connection_that_closes_unanswered_is_retried_once_on_a_new_one(gateway):
+    """HTTP/1.1's keep-alive race: the server closes an idle connection as the gateway reuses it."""
+    seen: list[tuple[int, bytes]] = []
+
+    def serve(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            body = read_exactly(conn, buf, int(fields(head).get("content-length", "0")))
+            seen.append((n, body))
+            if len([s for s in seen if s[0] == n]) > 1:
+                return  # a second request on this connection: closed unanswered, as a server timing it out would
+            conn.sendall(OK)
+
+    backend = Backend(serve)
+    try:
+        port = gateway({"m": backend.port}, "--no-spare")
+        post = b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+        answers = exchange(port, [post % (5, b"first"), post % (6, b"second")])
+        assert [h.split(b"\r\n")[0] for h, _ in answers] == [b"HTTP/1.1 200 OK"] * 2
+        # The second request reached the server twice: on the reused connection, then on a new one.
+        assert seen == [(1, b"first"), (1, b"second"), (2, b"second")]
+    finally:
+        backend.close()
+
+
+def test_a_fresh_backend_connection_that_closes_unanswered_is_a_502_not_a_retry(gateway):
+    seen: list[int] = []
+
+    def serve(conn: socket.socket, n: int) -> None:
+        read_head(conn, bytearray())
+        seen.append(n)  # and closed unanswered
+
+    backend = Backend(serve)
+    try:
+        port = gateway({"m": backend.port}, "--no-spare")
+        [(head, body)] = exchange(port, [b"GET /v1/services/m/health HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert head.startswith(b"HTTP/1.1 502 ") and json.loads(body)["error"]["type"] == "BadGateway", (head, body)
+        assert seen == [1]
+    finally:
+        backend.close()
+
+
+def test_a_chunked_openai_request_is_routed_by_its_body_and_sent_on_with_a_length(gateway):
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    def serve(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            f = fields(head)
+            got.append((f, read_exactly(conn, buf, int(f.get("content-length", "0")))))
+            conn.sendall(OK)
+
+    chosen, other = Backend(serve), Backend(serve)
+    try:
+        port = gateway({"llm": chosen.port, "other": other.port})
+        payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": "llm"}).encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i : i + 7]), payload[i : i + 7]) for i in range(0, len(payload), 7))
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+            b"content-length: 5\r\n\r\n" + chunks + b"0\r\n\r\n"  # (a content-length beside chunked is dropped)
+        )
+        [(head, _)] = exchange(port, [request])
+        assert head.startswith(b"HTTP/1.1 200 ") and fields(head)["via"] == "1.1 modeld"
+        [(sent, body)] = got
+        assert body == payload and sent["content-length"] == str(len(payload)) and "transfer-encoding" not in sent
+        assert sent["via"] == "1.1 modeld" and sent["x-forwarded-for"] == "127.0.0.1"
+        assert other.connections == 0
+    finally:
+        chosen.close()
+        other.close()
+
+
+def test_a_chunked_body_forwarded_as_it_comes_loses_a_smuggled_content_length(gateway):
+    got: list[bytes] = []
+
+    def serve(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        head = read_head(conn, buf)
+        if head is None:
+            return  # (the gateway's spare connection, closed unused)
+        while not buf.endswith(b"0\r\n\r\n"):
+            buf += conn.recv(65536)
+        got.append(head + b"\r\n\r\n" + bytes(buf))
+        conn.sendall(OK)
+
+    backend = Backend(serve)
+    try:
+        port = gateway({"m": backend.port})
+        request = (
+            b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        [(head, _)] = exchange(port, [request])
+        assert head.startswith(b"HTTP/1.1 200 ")
+        [raw] = got
+        sent = fields(raw.partition(b"\r\n\r\n")[0])
+        assert sent["transfer-encoding"] == "chunked" and "content-length" not in sent
+        assert raw.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    finally:
+        backend.close()
+
+
+def test_a_chunked_body_that_cannot_be_framed_is_a_400_and_the_gateway_goes_on(gateway):
+    def serve(conn: socket.socket, n: int) -> None:
+        if read_head(conn, bytearray()) is not None:
+            conn.sendall(OK)
+
+    backend = Backend(serve)
+    try:
+        port = gateway({"m": backend.port})
+        for target in (b"/v1/chat/completions", b"/v1/models/m:predict"):
+            bad = b"POST %s HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n" % target
+            [(head, body)] = exchange(port, [bad])
+            assert head.startswith(b"HTTP/1.1 400 ") and "chunk size" in json.loads(body)["error"]["message"], target
+        [(head, _)] = exchange(port, [b"GET /v1/services/m/health HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert head.startswith(b"HTTP/1.1 200 ")
+    finally:
+        backend.close()
+
+
+def record(home: Path, uuid: str, name: str, port: int) -> None:
+    folder = home / "services" / uuid
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"uuid": uuid, "config": {"model_name": name}, "status": {"state": "active"},
+            "endpoint": {"host": "127.0.0.1", "port": port}}
+    (folder / "service.json.tmp").write_text(json.dumps(data))
+    (folder / "service.json.tmp").rename(folder / "service.json")
+
+
+@pytest.mark.parametrize("watch", ["auto", "poll"])
+def test_the_routing_table_follows_the_records_by_inotify_or_by_polling(tmp_path, watch):
+    (tmp_path / "services").mkdir()
+    record(tmp_path, "u1", "iris", 1001)
+
+    async def scenario() -> list[str]:
+        tables: list[Table] = []
+        table = HomeTable(tmp_path, tables.append, watch=watch)
+        table.start()
+        assert table.mode == ("inotify" if watch == "auto" else "poll")
+
+        async def until(condition: Callable[[], bool], what: str) -> None:
+            try:
+                async with asyncio.timeout(5):
+                    while not condition():
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                raise AssertionError(f"the table did not follow {what} within 5 s ({table.mode})") from None
+
+        await until(lambda: bool(tables) and "iris" in tables[-1].by_name, "the first record")
+        record(tmp_path, "u2", "wine", 1002)
+        await until(lambda: "wine" in tables[-1].by_name, "a new record")
+        record(tmp_path, "u1", "iris", 2001)
+        await until(lambda: tables[-1].by_uuid["u1"].port == 2001, "a changed record")
+        (tmp_path / "services" / "u2" / "service.json").unlink()
+        (tmp_path / "services" / "u2").rmdir()
+        await until(lambda: "wine" not in tables[-1].by_name, "a deleted record")
+        return sorted(tables[-1].by_name)
+
+    assert asyncio.run(scenario()) == ["iris"]
