@@ -184,10 +184,12 @@ def test_find_filters_are_one_list():
     from deployers.local.deployer import LocalDaemonModelDeployer
 
     assert set(FIND_FILTERS) <= set(ServiceConfig.model_fields)
-    assert list(FIND_PARAMS) == ["running", "service_uuid", *FIND_FILTERS]
-    # The Python APIs spell them out as keywords (for readers and type checkers): in the same order.
-    for find in (DaemonClient.find, BaseModelDeployer.find_model_server, LocalDaemonModelDeployer.find_model_server):
-        assert _keywords(find) == list(FIND_PARAMS), find.__qualname__
+    assert list(FIND_PARAMS) == ["running", "service_uuid", *FIND_FILTERS, "state"]
+    # The Python APIs spell them out as keywords (for readers and type checkers): in the same order
+    # (ZenML's find_model_server has no state).
+    assert _keywords(DaemonClient.find) == list(FIND_PARAMS)
+    for find in (BaseModelDeployer.find_model_server, LocalDaemonModelDeployer.find_model_server):
+        assert _keywords(find) == list(FIND_PARAMS)[:-1], find.__qualname__
     assert all(name in (api.__doc__ or "") for name in FIND_PARAMS)
     from daemon import manager
 
