@@ -11,6 +11,9 @@ The rebuild gathers the facts (the pid files, the services on disk, the tagged p
 - A group leader whose parent is a server of the same service (a helper in a session of its
   own) goes with its server: it is never a candidate for adoption.
 - What is left, by service, are the candidates: a server spawned before its pid file was written.
+- A service found with no server that was scaled to zero, or whose wake was cut short (a start
+  from scaled_to_zero), stays scaled to zero: it wakes again on its next request
+  (``stays_scaled_to_zero``); one found with its server is adopted as any other.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from .linux import ProcessIdentity, TaggedProcess
+from .models import DesiredState, ServiceState
 from .store import LaunchInfo, PidRecord
 
 
@@ -65,3 +69,14 @@ def classify_untracked(
             continue  # a server's child in a session of its own: it goes with its server
         result.candidates.setdefault(p.service_uuid, []).append(p)
     return result
+
+
+def stays_scaled_to_zero(state: ServiceState, last_state: ServiceState, desired: DesiredState) -> bool:
+    """Whether a service the rebuild finds without a server stays scaled to zero (and is watched):
+    it was recorded so, or a wake from there was cut short (``pending_startup`` after
+    ``scaled_to_zero``), and it should run. A stop asked for meanwhile wins."""
+    if desired != DesiredState.RUNNING:
+        return False
+    return state == ServiceState.SCALED_TO_ZERO or (
+        state == ServiceState.PENDING_STARTUP and last_state == ServiceState.SCALED_TO_ZERO
+    )

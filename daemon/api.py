@@ -7,12 +7,13 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
     GET    /v1/services                     find; filters as query parameters (daemon.filters.FIND_PARAMS):
                                             running, service_uuid, pipeline_name, pipeline_run_id,
-                                            pipeline_step_name, model_name, model_uri, model_type
+                                            pipeline_step_name, model_name, model_uri, model_type, state
     POST   /v1/services                     deploy: {"config": {...}, "replace": bool, "timeout": s, "uuid": opt}
     GET    /v1/services/{uuid}              one service
     POST   /v1/services/start               start every service: {"services": [...], "failed": {uuid: error}}
     POST   /v1/services/{uuid}/start        ?timeout=s
     POST   /v1/services/{uuid}/stop         ?timeout=s&force=bool
+    POST   /v1/services/{uuid}/unload       scale it to zero now (it wakes on its next request)
     DELETE /v1/services/{uuid}              ?timeout=s&force=bool
     GET    /v1/services/{uuid}/logs         ?tail=N&follow=bool; text/plain, streamed
 
@@ -45,7 +46,7 @@ from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAll
 from .filters import FIND_PARAMS
 from .logs import read_log
 from .manager import Manager
-from .models import BaseService
+from .models import BaseService, ServiceState
 from .views import ServiceViews
 
 log = logging.getLogger("modeld.api")
@@ -124,9 +125,13 @@ def _convert_param(name: str, value: str, kind: type) -> Any:
             raise ValueError
         return converted
     except ValueError:
-        what = {bool: "true or false", UUID: "a uuid", int: "a whole number >= 0", float: "a number >= 0"}.get(
-            kind, kind.__name__
-        )
+        what = {
+            bool: "true or false",
+            UUID: "a uuid",
+            int: "a whole number >= 0",
+            float: "a number >= 0",
+            ServiceState: "one of " + ", ".join(s.value for s in ServiceState),
+        }.get(kind, kind.__name__)
         raise InvalidRequest(f"query parameter {name!r} must be {what}, not {value!r}") from None
 
 
@@ -159,6 +164,7 @@ class Api:
             ("DELETE", re.compile(r"/v1/services/(?P<uuid>[^/]+)"), self.delete),
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/start"), self.start),
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/stop"), self.stop),
+            ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/unload"), self.unload),
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
         ]
 
@@ -278,6 +284,10 @@ class Api:
         params = request.params(timeout=float, force=bool)
         svc = await self.manager.stop(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
         return 200, service_json(svc)
+
+    async def unload(self, request: Request, uuid: UUID) -> tuple[int, Any]:
+        request.params()
+        return 200, service_json(await self.manager.unload(uuid))
 
     async def delete(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         params = request.params(timeout=float, force=bool)

@@ -126,6 +126,13 @@ class ServiceConfig(BaseModel):
     startup_timeout: float = Field(
         300.0, gt=0, json_schema_extra=SECONDS, description="seconds a starting server may take to answer its health probe"
     )
+    idle_timeout: float | None = Field(
+        None,
+        gt=0,
+        json_schema_extra=SECONDS,
+        description="seconds without a request after which the server is stopped (scaled to zero) until the next "
+        "request wakes it; default: never",
+    )
     stop_timeout: float = Field(10.0, ge=0, json_schema_extra=SECONDS, description="seconds between SIGTERM and SIGKILL on stop")
     stop_command: list[str] = Field(
         default_factory=list,

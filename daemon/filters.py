@@ -5,8 +5,9 @@ parameters (``daemon/api.py``) and its index (``daemon/views.py``), ``modeld ls`
 help and choices come from the fields), and the keyword arguments of
 ``DaemonClient.find`` and ``find_model_server``, which spell them out for
 readers and type checkers and are held to this list by ``tests/test_schema.py``.
-Besides these, a find takes ``running`` (active services only) and
-``service_uuid``.
+Besides these, a find takes ``running`` (active services only, ZenML's meaning),
+``service_uuid`` and ``state`` (services in that state, e.g. ``scaled_to_zero``; the ZenML-shaped
+deployer APIs leave it out: ZenML's ``find_model_server`` has no such keyword).
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
+from .models import ServiceState
+
 # Each a ServiceConfig field matched for equality; the API keeps an index on each.
 FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
 
 # What the API's GET /v1/services takes, with the type each query parameter is read as.
-FIND_PARAMS: dict[str, type[Any]] = {"running": bool, "service_uuid": UUID, **{name: str for name in FIND_FILTERS}}
+FIND_PARAMS: dict[str, type[Any]] = {
+    "running": bool,
+    "service_uuid": UUID,
+    **{name: str for name in FIND_FILTERS},
+    "state": ServiceState,
+}
 
 
 def filters_given(arguments: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """HTTP health probes: one now (``probe``), or every watched server on one shared beat (``Prober``).
 
-A probe is one ``GET`` with ``Connection: close``; any 2xx is healthy. It
+A probe is one ``GET`` with ``Connection: close`` and ``x-modeld-probe: 1`` (so an on-demand
+server does not count it as a request: probes never keep a server loaded); any 2xx is healthy. It
 goes to a built-in server's private Unix socket (so the new version of a
 service can be checked while the old one still shares the TCP port), or to
 ``host:port`` for ``command`` servers.
@@ -66,7 +67,7 @@ async def probe(target: ProbeTarget, timeout: float = 2.0) -> tuple[bool | None,
                 sock.connect(address)
             except (BlockingIOError, InterruptedError):
                 await loop.sock_connect(sock, address)  # TCP in progress, or a full Unix backlog
-            request = f"GET {target.path} HTTP/1.1\r\nHost: modeld\r\nConnection: close\r\n\r\n".encode()
+            request = f"GET {target.path} HTTP/1.1\r\nHost: modeld\r\nx-modeld-probe: 1\r\nConnection: close\r\n\r\n".encode()
             await loop.sock_sendall(sock, request)
             status_line = await _read_status_line(loop, sock)
     except (OSError, TimeoutError) as exc:
@@ -252,7 +253,7 @@ class _ProbeExchange:
         return self._send()
 
     def _send(self) -> tuple[bool | None, str] | None:
-        request = f"GET {self.target.path} HTTP/1.1\r\nHost: modeld\r\nConnection: close\r\n\r\n".encode()
+        request = f"GET {self.target.path} HTTP/1.1\r\nHost: modeld\r\nx-modeld-probe: 1\r\nConnection: close\r\n\r\n".encode()
         try:
             self.sock.send(request)  # small: one send on a fresh connection takes it whole
         except OSError as exc:

@@ -275,6 +275,8 @@ class Launcher:
                 "--fd-socket",
                 str(info.fd_socket),
             ]
+            if config.idle_timeout is not None:  # an on-demand server counts its requests (see idle.py)
+                argv += ["--activity", str(self.paths.activity_file(m.uuid))]
             pass_fds = (m.listener.fileno(),)
         else:
             argv = [fill(arg, self.placeholders(m, config)) for arg in config.command]

@@ -26,11 +26,11 @@ from uuid import UUID
 
 from . import killpoints
 from .containment import Containment, choose as choose_containment
-from .exceptions import Conflict, ModeldError, ServiceNotFound, StorageError
+from .exceptions import Conflict, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .gatewayd import GatewaySupervisor
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
-from .service import ServiceRuntime
+from .service import ServiceRuntime, is_builtin
 from .settings import DaemonSettings
 from .store import Problem
 from .transitions import change_state, move, save
@@ -63,6 +63,7 @@ class Manager:
             self.services,
             warm_start=settings.warm_start,
             health_interval=settings.health_interval,
+            wake_timeout=settings.wake_timeout,
         )
         # Each unit by its name, as the operations below use them.
         self.store = self.units.store
@@ -73,6 +74,8 @@ class Manager:
         self.startstop = self.units.startstop
         self.replacer = self.units.replacer
         self.rebuilder = self.units.rebuilder
+        self.ondemand = self.units.ondemand
+        self.idle = self.units.idle
         self._counted: tuple[int, list[ServiceRuntime], dict[str, int]] = (-1, [], {})
         self.gateway = GatewaySupervisor(paths, settings)
 
@@ -101,6 +104,11 @@ class Manager:
 
     async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
         fresh = False  # deployed: the service this deploy updates in place, or the new one it creates
+        if config.idle_timeout is not None and not is_builtin(config) and self.settings.gateway_address is None:
+            raise InvalidRequest(
+                "idle_timeout on a command service needs the gateway: a command server scaled to zero wakes only "
+                "through it, and the gateway is off (the gateway setting); set the gateway, or deploy without idle_timeout"
+            )
         await self.launcher.resolve_hosts([config.host])  # before the create lock: a lookup may be slow
         while True:
             async with self._create_lock:
@@ -134,10 +142,16 @@ class Manager:
                         self.store.delete(deployed.uuid)
                     raise
             else:
-                await self.replacer.replace(deployed, config, timeout)
+                deployed.unwatch()  # a scaled-to-zero service is loaded by the replace's start
+                try:
+                    await self.replacer.replace(deployed, config, timeout)
+                finally:
+                    if deployed.svc.status.state == ServiceState.SCALED_TO_ZERO:  # (refused before anything changed)
+                        self.ondemand.watch(deployed)
             return deployed.svc
         finally:
             deployed.lock.release()
+            self.idle.poke()
 
     @contextlib.asynccontextmanager
     async def _locked(self, uuid: UUID) -> AsyncIterator[ServiceRuntime]:
@@ -150,8 +164,17 @@ class Manager:
 
     async def start(self, uuid: UUID, timeout: float) -> BaseService:
         async with self._locked(uuid) as m:
+            if m.svc.status.state == ServiceState.SCALED_TO_ZERO:
+                await self.ondemand.load(m, timeout)  # (the gateway's wake of a command service comes here)
+                return m.svc
             m.failures = 0
             await self.startstop.start(m, timeout, failing_state=DesiredState.STOPPED)
+            return m.svc
+
+    async def unload(self, uuid: UUID) -> BaseService:
+        """Scale the service to zero now (see ondemand.py): it wakes on its next request."""
+        async with self._locked(uuid) as m:
+            await self.ondemand.unload(m)
             return m.svc
 
     async def start_all(self, timeout: float) -> tuple[list[BaseService], dict[UUID, ModeldError]]:
@@ -198,6 +221,7 @@ class Manager:
                     self.launcher.unlink_sockets(proc)
             m.replacing = m.proc = None
             m.close_listener()
+            self.ondemand.forget(uuid)
             await asyncio.to_thread(self.containment.remove_service, str(uuid))  # and anything its launches left
             killpoints.reached("delete.after-stop")
             self.services.pop(uuid, None)
@@ -210,6 +234,7 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run (see rebuild.py)."""
         self.problems, spent = await self.rebuilder.rebuild()
+        self.idle.poke()
         self.gateway.start()  # on the loop's thread, no spawn in flight (see gatewayd.py); it routes from disk
         log.info(
             "rebuilt %d services in %.2f s (%s; %s)",

@@ -5,6 +5,7 @@ $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/stat
   daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
   modeld.sock                     unless $MODELD_SOCKET says otherwise
   run/                            private per-process sockets of built-in servers
+  run/activity/<uuid>             an on-demand service's requests (see runtime/_serve/activity.py)
   services/<uuid>/service.json    the whole BaseService
   services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
   services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
@@ -112,6 +113,10 @@ class Paths:
     def model_socket(self, uuid: UUID | str) -> Path:
         """The Unix socket a ``bind_unix`` service serves on (inside its private folder)."""
         return self.service_dir(uuid) / "model.sock"
+
+    def activity_file(self, uuid: UUID | str) -> Path:
+        """An on-demand service's activity file (see runtime/_serve/activity.py)."""
+        return self.run / "activity" / str(uuid)
 
     def process_socket(self, uuid: UUID | str, launch: str, kind: str) -> Path:
         """Private socket of one launch's server: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""

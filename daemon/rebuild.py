@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from uuid import UUID
 
-from .adopt import classify_untracked
+from .adopt import classify_untracked, stays_scaled_to_zero
 from .containment import Containment
 from .exceptions import ModeldError, StorageError
 from .groups import Group
@@ -34,6 +34,7 @@ from .launch import Launcher
 from .linux import ProcessIdentity, TaggedProcess, tagged_processes
 from .logwriter import LogWriterClient
 from .models import BaseService, DesiredState, ServiceState
+from .ondemand import OnDemand
 from .paths import Paths
 from .process import ProcessHandle
 from .runtime._serve import forkserver
@@ -60,6 +61,7 @@ class Rebuilder:
         launcher: Launcher,
         supervisor: Supervisor,
         startstop: StartStop,
+        ondemand: OnDemand,
         services: dict[UUID, ServiceRuntime],
     ):
         self.paths = paths
@@ -69,6 +71,7 @@ class Rebuilder:
         self.launcher = launcher
         self.supervisor = supervisor
         self.startstop = startstop
+        self.ondemand = ondemand
         self.services = services  # the manager's registry: each restored service is added to it
         self.problems: list[Problem] = []
         self.tagged_as_ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
@@ -314,6 +317,9 @@ class Rebuilder:
                 change_state(  # (as recorded: no write, no fsync)
                     self.store, svc, state, step="restore.adopted", strict=False, write=(state, proc.pid) != recorded
                 )
+            elif stays_scaled_to_zero(svc.status.state, svc.status.last_state, svc.desired_state):
+                log.info("%s is scaled to zero; watching its socket", svc.uuid)
+                self.ondemand.restore_scaled(m)
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
                 log.info("%s should run but its server is gone; starting it", svc.uuid)
                 try:

@@ -48,12 +48,22 @@ class ServiceRuntime:
         # version), so log excerpts mask them too.
         self.previous_config: ServiceConfig | None = None
         self.replacing: ProcessHandle | None = None  # the old version, while a hand-over is under way
+        # The loop watching ``listener`` for a connection that wakes the service, while it is
+        # scaled to zero (see ondemand.py), or None.
+        self.watching: asyncio.AbstractEventLoop | None = None
 
     @property
     def uuid(self) -> UUID:
         return self.svc.uuid
 
+    def unwatch(self) -> None:
+        """No connection wakes the service any more (see ondemand.py)."""
+        loop, self.watching = self.watching, None
+        if loop is not None and self.listener is not None and not loop.is_closed():
+            loop.remove_reader(self.listener.fileno())
+
     def close_listener(self) -> None:
+        self.unwatch()
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -86,6 +86,14 @@ class DaemonSettings(BaseModel):
         64 * 1024 * 1024, gt=0, description="the largest request body the gateway forwards, in bytes (then 413)"
     )
 
+    wake_timeout: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds a request waits for a scaled-to-zero service to wake (then 504); default: the service's "
+        "startup_timeout",
+    )
+
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("log_level")

@@ -42,22 +42,30 @@ _ANY = frozenset(ServiceState)
 ALLOWED: MappingProxyType[ServiceState, frozenset[ServiceState]] = MappingProxyType(
     {
         # To pending_startup: a start, deploy or restore; to pending_shutdown: a stop or delete; to
-        # error: a restore whose launch fails (a service that exited 0 and should run).
+        # error: a restore whose launch fails (a service that exited 0 and should run); to
+        # scaled_to_zero: an unload (it wakes on its next request).
         ServiceState.INACTIVE: _ANY - {ServiceState.ACTIVE},
         # To active: healthy; to error: it failed to start; to inactive: it exited 0, or it was
-        # stopped; to pending_shutdown: a stop or delete.
+        # stopped; to pending_shutdown: a stop or delete; to scaled_to_zero: an unload, or a
+        # rebuild that finds a wake cut short (no server).
         ServiceState.PENDING_STARTUP: _ANY,
         # To pending_startup: restarted after an exit or a hang, or a start of one that does not
         # answer; to error: its health check fails, or a crash loop; to inactive: it exited 0,
-        # or it was stopped.
+        # or it was stopped; to scaled_to_zero: an idle stop or an unload.
         ServiceState.ACTIVE: _ANY,
         # To inactive: stopped; to pending_startup: a start after a stop cut short.
         ServiceState.PENDING_SHUTDOWN: frozenset(
             {ServiceState.PENDING_SHUTDOWN, ServiceState.INACTIVE, ServiceState.PENDING_STARTUP}
         ),
         # To active: its health check answers again, a hand-over, or a re-adopted server that
-        # answers; to pending_startup: a start or a restart; to inactive: a stop.
+        # answers; to pending_startup: a start or a restart; to inactive: a stop; to
+        # scaled_to_zero: an unload.
         ServiceState.ERROR: _ANY,
+        # No server, stopped for being idle or unloaded (see ondemand.py): to pending_startup: a
+        # wake (a request on its socket, a start, a deploy); to error: a wake whose launch fails;
+        # to pending_shutdown or inactive: a stop or delete; to active: a rebuild that finds a
+        # server of it that answers (as recorded before a kill -9 of the daemon).
+        ServiceState.SCALED_TO_ZERO: _ANY,
     }
 )
 

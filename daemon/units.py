@@ -1,7 +1,8 @@
 """The objects a daemon's work is done by, wired once over one home and one registry.
 
 ``Units.wire`` builds them as the daemon runs them: the store, the log writer's client, the
-launcher, the prober, the supervisor, start/stop, the replacer and the rebuilder, all over the
+launcher, the prober, the supervisor, start/stop, the replacer, on-demand (scale to zero and
+wake), the rebuilder and the idle checker, all over the
 same ``services`` registry. The manager builds its units here, and so do the tests that run the
 units without a manager (``daemon/testing/units.py``), so the two cannot be wired apart.
 
@@ -19,8 +20,10 @@ from uuid import UUID
 
 from .containment import Containment
 from .health import Prober
+from .idle import IdleChecker
 from .launch import Launcher
 from .logwriter import LogWriterClient
+from .ondemand import OnDemand
 from .paths import Paths
 from .rebuild import Rebuilder
 from .replace import Replacer
@@ -45,6 +48,8 @@ class Units:
     startstop: StartStop
     replacer: Replacer
     rebuilder: Rebuilder
+    ondemand: OnDemand
+    idle: IdleChecker
     services: dict[UUID, ServiceRuntime]
 
     @classmethod
@@ -56,6 +61,7 @@ class Units:
         *,
         warm_start: bool = _DEFAULTS["warm_start"].default,
         health_interval: float = _DEFAULTS["health_interval"].default,
+        wake_timeout: float | None = _DEFAULTS["wake_timeout"].default,
     ) -> Self:
         """The units over ``paths`` and the registry ``services`` (a new one if not given); the
         defaults are the settings' (``DaemonSettings``)."""
@@ -67,12 +73,29 @@ class Units:
         supervisor = Supervisor(paths, store, logs, launcher, prober)
         startstop = StartStop(store, launcher, supervisor)
         replacer = Replacer(services, store, launcher, supervisor, startstop)
-        rebuilder = Rebuilder(paths, store, containment, logs, launcher, supervisor, startstop, services)
-        return cls(paths, containment, store, logs, launcher, prober, supervisor, startstop, replacer, rebuilder, services)
+        ondemand = OnDemand(paths, store, launcher, supervisor, startstop, services, wake_timeout)
+        rebuilder = Rebuilder(paths, store, containment, logs, launcher, supervisor, startstop, ondemand, services)
+        idle = IdleChecker(paths, services, ondemand.idle_stop)
+        return cls(
+            paths,
+            containment,
+            store,
+            logs,
+            launcher,
+            prober,
+            supervisor,
+            startstop,
+            replacer,
+            rebuilder,
+            ondemand,
+            idle,
+            services,
+        )
 
     async def stop_watching(self) -> None:
         """Nothing acts on a process any more: the rebuild's jobs and every supervision cancelled."""
         self.rebuilder.close()
+        self.idle.close()
         for m in self.services.values():
             await self.supervisor.cancel_supervision(m)
 

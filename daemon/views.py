@@ -55,8 +55,14 @@ class ServiceViews:
         for uuid in [u for u in self._json if u not in live]:
             del self._json[uuid]
 
-    def find(self, running: bool = False, service_uuid: UUID | None = None, **filters: str | None) -> list[BaseService]:
-        """The services matching every filter given (and ``running``: active only), oldest first."""
+    def find(
+        self,
+        running: bool = False,
+        service_uuid: UUID | None = None,
+        state: ServiceState | None = None,
+        **filters: str | None,
+    ) -> list[BaseService]:
+        """The services matching every filter given (``running``: active only; ``state``: in that state), oldest first."""
         self._refresh_index()
         wanted = {k: v for k, v in filters.items() if v is not None}
         if service_uuid is not None:
@@ -70,6 +76,8 @@ class ServiceViews:
         for m in candidates:
             svc = m.svc
             if running and svc.status.state != ServiceState.ACTIVE:
+                continue
+            if state is not None and svc.status.state != state:
                 continue
             if wanted and any(getattr(svc.config, k) != v for k, v in wanted.items()):
                 continue

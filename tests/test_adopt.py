@@ -60,3 +60,16 @@ def test_a_helper_in_a_session_of_its_own_is_never_a_candidate_for_its_servers_s
     assert found.candidates == {str(A): [server]}  # the helper goes with its server, never adopted as one
     found = classify_untracked({str(A)}, [server, helper], {A: record(600, "h")})
     assert found.candidates == {} and found.doomed == []  # its launch is recorded: it goes with that launch
+
+
+def test_a_service_found_without_its_server_stays_scaled_to_zero_if_it_was_or_was_waking():
+    from daemon.adopt import stays_scaled_to_zero
+    from daemon.models import DesiredState, ServiceState as S
+
+    running, stopped = DesiredState.RUNNING, DesiredState.STOPPED
+    assert stays_scaled_to_zero(S.SCALED_TO_ZERO, S.ACTIVE, running)
+    assert stays_scaled_to_zero(S.PENDING_STARTUP, S.SCALED_TO_ZERO, running)  # a wake cut short
+    assert not stays_scaled_to_zero(S.PENDING_STARTUP, S.INACTIVE, running)  # a start cut short: started
+    assert not stays_scaled_to_zero(S.ACTIVE, S.SCALED_TO_ZERO, running)  # it was loaded: started again
+    assert not stays_scaled_to_zero(S.SCALED_TO_ZERO, S.ACTIVE, stopped)  # a stop asked for wins
+    assert not stays_scaled_to_zero(S.ERROR, S.SCALED_TO_ZERO, running)

@@ -239,7 +239,7 @@ def test_daemon_info(daemon, home):
     assert info["socket"] == str(home / "modeld.sock")
     assert info["started_at"] <= time.time()
     counts = info["counts"]
-    assert set(counts) == {"inactive", "pending_startup", "active", "pending_shutdown", "error", "total"}
+    assert set(counts) == {"inactive", "pending_startup", "active", "pending_shutdown", "error", "scaled_to_zero", "total"}
     assert all(v == 0 for v in counts.values())
     assert info["problems"] == []
 

@@ -103,7 +103,7 @@ def test_the_flags_keep_their_names_and_forms():
         "--model-uri", "--model-type", "command", "--health-path", "--prediction-path", "--host", "--port",
         "--unix-socket", "--env", "--secret-env", "--python", "--working-dir", "--restart", "--max-restarts",
         "--backoff", "--backoff-max", "--healthy-reset", "--liveness-failures", "--no-restart-on-unhealthy",
-        "--startup-timeout", "--stop-timeout", "--stop-command", "--log-max-bytes", "--log-backups", "--service-type",
+        "--startup-timeout", "--idle-timeout", "--stop-timeout", "--stop-command", "--log-max-bytes", "--log-backups", "--service-type",
     }
     config = _deploy("--model-name", "c", "--health-path", "/", "--env", "A=1", "--env", "B=x=y", "--secret-env", "A",
                      "--stop-command", "docker stop '{name}'", "--log-max-bytes", "64K", "--restart", "always",
@@ -184,10 +184,12 @@ def test_find_filters_are_one_list():
     from deployers.local.deployer import LocalDaemonModelDeployer
 
     assert set(FIND_FILTERS) <= set(ServiceConfig.model_fields)
-    assert list(FIND_PARAMS) == ["running", "service_uuid", *FIND_FILTERS]
-    # The Python APIs spell them out as keywords (for readers and type checkers): in the same order.
-    for find in (DaemonClient.find, BaseModelDeployer.find_model_server, LocalDaemonModelDeployer.find_model_server):
-        assert _keywords(find) == list(FIND_PARAMS), find.__qualname__
+    assert list(FIND_PARAMS) == ["running", "service_uuid", *FIND_FILTERS, "state"]
+    # The Python APIs spell them out as keywords (for readers and type checkers): in the same order
+    # (ZenML's find_model_server has no state).
+    assert _keywords(DaemonClient.find) == list(FIND_PARAMS)
+    for find in (BaseModelDeployer.find_model_server, LocalDaemonModelDeployer.find_model_server):
+        assert _keywords(find) == list(FIND_PARAMS)[:-1], find.__qualname__
     assert all(name in (api.__doc__ or "") for name in FIND_PARAMS)
     from daemon import manager
 

@@ -30,6 +30,7 @@ DEFAULTS = {
     "gateway": "127.0.0.1:9277",
     "gateway_timeout": 300.0,
     "gateway_max_body": 64 * 1024 * 1024,
+    "wake_timeout": None,
 }
 
 
@@ -71,6 +72,7 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
         "gateway": "default",
         "gateway_timeout": "default",
         "gateway_max_body": "default",
+        "wake_timeout": "default",
     }
     assert settings.named("cgroup") == f"{toml}: cgroup"
     assert settings.named("health_interval") == "MODELD_HEALTH_INTERVAL"
@@ -141,7 +143,7 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
     toml = write_settings(
         home,
         'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n'
-        'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\n',
+        'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\nwake_timeout = 7\n',
     )
     info = client.daemon_info()  # auto-started
     assert info["settings"] == {
@@ -154,6 +156,7 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         "gateway": "off",
         "gateway_timeout": 30.0,
         "gateway_max_body": 1000,
+        "wake_timeout": 7.0,
     }
     assert {key: info["settings_sources"][key] for key in file_keys()} == dict.fromkeys(file_keys(), str(toml))
     # They act, not only show: tags, as the file says, and no INFO line in the log.

@@ -25,7 +25,7 @@ from .._version import __version__
 from ..config import ServiceConfig
 from ..exceptions import DaemonNotRunning, ModeldError, error_from_dict
 from ..filters import filters_given
-from ..models import SERVICE_REGISTRY, BaseService
+from ..models import SERVICE_REGISTRY, BaseService, ServiceState
 from ..paths import Paths
 from .autostart import ensure_daemon
 from .transport import Request, Transport, UnixSocketTransport
@@ -88,11 +88,14 @@ class DaemonClient:
         model_name: str | None = None,
         model_uri: str | None = None,
         model_type: str | None = None,
+        state: ServiceState | str | None = None,
     ) -> list[BaseService]:
+        """The services matching every filter given: ``running``, active only; ``state``, in that state."""
         query = {
             "running": "true" if running else None,
             "service_uuid": str(service_uuid) if service_uuid is not None else None,
             **filters_given(locals()),
+            "state": str(state) if state is not None else None,
         }
         data = self._call("GET", "/v1/services", query=query)
         return [self._service(item) for item in data["services"]]
@@ -104,6 +107,10 @@ class DaemonClient:
         return self._service(
             self._call("POST", f"/v1/services/{_quote(uuid)}/start", query={"timeout": timeout}, timeout=timeout)
         )
+
+    def unload(self, uuid: UUID | str) -> BaseService:
+        """Scale the service to zero now: its server stops, and its next request wakes it."""
+        return self._service(self._call("POST", f"/v1/services/{_quote(uuid)}/unload"))
 
     def start_all(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[BaseService], dict[str, ModeldError]]:
         """Start every service that is not running (after ``modeld daemon stop --all``, say):

@@ -11,7 +11,7 @@ from typing import Any
 from daemon import exceptions as exc
 from daemon.client import VersionMismatchWarning
 from daemon.filters import FIND_FILTERS
-from daemon.models import ServiceConfig
+from daemon.models import ServiceConfig, ServiceState
 from deployers.cli.daemon_commands import cmd_daemon_run, cmd_daemon_start, cmd_daemon_status, cmd_daemon_stop
 from deployers.cli.errors import EXIT_CODES, one_line
 from deployers.cli.options import choices_of, deploy_options, flag_of
@@ -22,7 +22,7 @@ from deployers.cli.registry_commands import (
     cmd_flavor_list,
     cmd_flavor_register,
 )
-from deployers.cli.service_commands import cmd_deploy, cmd_info, cmd_logs, cmd_ls, cmd_rm, cmd_start, cmd_stop
+from deployers.cli.service_commands import cmd_deploy, cmd_info, cmd_logs, cmd_ls, cmd_rm, cmd_start, cmd_stop, cmd_unload
 from deployers.cli.values import count, seconds
 
 EPILOG = """\
@@ -96,6 +96,7 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
 
     p = add("ls", cmd_ls, "list services, with the find filters")
     p.add_argument("--running", action="store_true", help="only services that are active")
+    p.add_argument("--state", choices=[s.value for s in ServiceState], help="only services in this state (e.g. scaled_to_zero)")
     p.add_argument("--uuid", help="service uuid (or prefix)")
     for name in FIND_FILTERS:
         p.add_argument(
@@ -112,6 +113,8 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
         "--all", action="store_true", help="start every service that is not running (e.g. after `modeld daemon stop --all`)"
     )
     p.add_argument("--timeout", type=seconds, default=300, help="seconds to wait for it to be healthy (default 300)")
+    p = add("unload", cmd_unload, "scale a service to zero now: its server stops, and its next request wakes it")
+    p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
     for name, func, helptext in (
         ("stop", cmd_stop, "stop a service: SIGTERM to its process group, SIGKILL after a grace period"),
         ("rm", cmd_rm, "stop a service and delete it with its files"),

@@ -1,4 +1,4 @@
-"""The commands on services: deploy, ls, info, start, stop, rm and logs."""
+"""The commands on services: deploy, ls, info, start, stop, unload, rm and logs."""
 
 from __future__ import annotations
 
@@ -76,13 +76,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     client = connect.client(args)
     filters = {name: getattr(args, name) for name in FIND_FILTERS}
     service_uuid = resolve(client, args.uuid) if args.uuid else None
-    found = client.find(running=args.running, service_uuid=service_uuid, **filters)
+    found = client.find(running=args.running, service_uuid=service_uuid, **filters, state=args.state)
     if args.json:
         print_json([s.model_dump(mode="json") for s in found])
     elif found:
         table([summary(s) for s in found], ["UUID", "NAME", "TYPE", "STATE", "PID", "URL", "PIPELINE", "STEP"])
     else:
-        print("no services" + (" match" if any(filters.values()) or args.running or service_uuid else ""), file=sys.stderr)
+        given = any(filters.values()) or args.running or service_uuid or args.state
+        print("no services" + (" match" if given else ""), file=sys.stderr)
     return 0
 
 
@@ -150,6 +151,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
         lambda: client.stop(uuid, timeout=args.timeout, force=args.force),
         lambda w: w.get(uuid),
     )
+    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    client = connect.client(args)
+    uuid = resolve(client, args.uuid)
+    svc = client.unload(uuid)
     print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
     return 0
 

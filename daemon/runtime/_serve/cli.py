@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from .activity import ActivityWriter, CountRequests
 from .app import App
 from .identity import EXIT_LOAD, EXIT_USAGE, SERVER_NAME, log, set_title
 from .loading import load_model
@@ -35,6 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="bind this port instead of using --fd")
     p.add_argument("--unix", help="also serve on a private Unix socket at this path")
     p.add_argument("--fd-socket", help="Unix socket path handing the TCP listening fd to same-uid peers")
+    p.add_argument("--activity", help="count requests in this activity file (an on-demand service's, see activity.py)")
     p.add_argument(
         "--drain",
         type=float,
@@ -89,8 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     app = App(args.model_name, predict)
+    asgi: App | CountRequests = app
+    if args.activity:
+        try:
+            asgi = CountRequests(app, ActivityWriter(args.activity))
+        except OSError as exc:
+            log(f"cannot open the activity file {args.activity}: {exc}")
+            return EXIT_USAGE
     config = uvicorn.Config(
-        app,
+        asgi,
         http="h11",
         ws="none",
         lifespan="off",
