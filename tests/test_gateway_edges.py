@@ -9,10 +9,12 @@ table's polling mode runs over a real folder of records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -59,8 +61,8 @@ def fields(head: bytes) -> dict[str, str]:
 class Backend:
     """A listening socket served by a thread: ``serve(conn, n)`` handles the n-th connection."""
 
-    def __init__(self, serve: Callable[[socket.socket, int], None]):
-        self.sock = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, serve: Callable[[socket.socket, int], None], port: int = 0):
+        self.sock = socket.create_server(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.serve = serve
         self.connections = 0
@@ -84,6 +86,8 @@ class Backend:
                 pass
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept: a socket closed under it would stay bound
         self.sock.close()
 
 
@@ -530,4 +534,149 @@ def test_a_starting_service_is_waited_for_only_if_it_is_on_demand(gateway, tmp_p
         assert status_of(head) == 504 and time.monotonic() - started >= 0.5, body  # woken by someone else: waited for
         assert backend.connections == 0
     finally:
+        backend.close()
+
+
+def on_demand_record(home: Path, port: int, state: str, **config: object) -> None:
+    """services/u1/service.json of a command service named m with an idle_timeout, written as the daemon writes it."""
+    folder = home / "services" / "u1"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"uuid": "u1", "desired_state": "running", "status": {"state": state},
+            "config": {"model_name": "m", "model_type": "command", "idle_timeout": 60.0, **config},
+            "endpoint": {"host": "127.0.0.1", "port": port}}
+    (folder / "service.json.tmp").write_text(json.dumps(data))
+    (folder / "service.json.tmp").rename(folder / "service.json")
+
+
+def waking_daemon(home: Path, port: int, seen: list[tuple[float, bytes]]) -> StandInDaemon:
+    """A stand-in daemon whose start opens the server again on ``port`` and records it active, as a wake does."""
+    woken: list[Backend] = []
+
+    def start(path: str) -> bytes:
+        woken.append(Backend(answering(seen), port=port))
+        on_demand_record(home, port, "active")
+        return daemon_reply(200, {"uuid": "u1"})
+
+    daemon = StandInDaemon(home / "modeld.sock", start)
+    daemon.woken = woken  # type: ignore[attr-defined]
+    return daemon
+
+
+def test_a_request_that_races_an_idle_stop_is_sent_again_after_the_wake(gateway, tmp_path):
+    """The server is stopped as the request reaches it: the record says pending_shutdown, the
+    connection (a fresh one) closes unanswered, the port closes, the record says scaled_to_zero.
+    The gateway waits, wakes it, and sends the request again; the client sees only the 200."""
+    got: list[bytes] = []
+    seen: list[tuple[float, bytes]] = []
+
+    def stopping(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        head = read_head(conn, buf)
+        if head is None:
+            return
+        got.append(head)
+        on_demand_record(tmp_path, old.port, "pending_shutdown")  # (the daemon writes it before the signal)
+        old.close()
+        conn.close()
+        time.sleep(0.2)
+        on_demand_record(tmp_path, old.port, "scaled_to_zero")
+
+    old = Backend(stopping)
+    on_demand_record(tmp_path, old.port, "active")
+    daemon = waking_daemon(tmp_path, old.port, seen)
+    try:
+        port = gateway({}, "--home", str(tmp_path), "--no-spare", "--wake-timeout", "10")
+        post = b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n\r\n{\"x\":1}"
+        [(head, body)] = exchange(port, [post])
+        assert status_of(head) == 200, (head, body)
+        assert len(got) == 1 and daemon.calls == ["/v1/services/u1/start?timeout=10.0"]
+        assert [r for _, r in seen] == [b"POST /v1/models/m:predict HTTP/1.1 {\"x\":1}"]
+    finally:
+        daemon.close()
+        for b in daemon.woken:  # type: ignore[attr-defined]
+            b.close()
+
+
+def test_a_refused_connection_to_a_service_just_scaled_to_zero_is_sent_again_after_the_wake(gateway, tmp_path):
+    """The table still says active (polled every 0.5 s here) when the record already says
+    scaled_to_zero and the port is closed: the refused connect reads the records again and wakes it."""
+    seen: list[tuple[float, bytes]] = []
+    closed = socket.create_server(("127.0.0.1", 0))
+    free = closed.getsockname()[1]
+    closed.close()
+    on_demand_record(tmp_path, free, "active")
+    daemon = waking_daemon(tmp_path, free, seen)
+    try:
+        port = gateway({}, "--home", str(tmp_path), "--no-spare", "--watch", "poll")
+        [(head, body)] = exchange(port, [b"GET /v1/models/m HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert json.loads(body)["state"] == "active", body
+        on_demand_record(tmp_path, free, "scaled_to_zero")
+        [(head, body)] = exchange(port, [b"GET /v1/services/u1/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert status_of(head) == 200, (head, body)
+        assert len(daemon.calls) == 1 and len(seen) == 1
+    finally:
+        daemon.close()
+        for b in daemon.woken:  # type: ignore[attr-defined]
+            b.close()
+
+
+def activity_of(home: Path, uuid: str = "u1") -> tuple[float, int, int]:
+    data = (home / "run" / "activity" / uuid).read_bytes()
+    assert len(data) == 16
+    return struct.unpack("<dII", data)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+
+
+def test_the_gateway_writes_a_command_services_activity_and_gives_back_every_count(gateway, tmp_path):
+    release = threading.Event()
+
+    def held(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            if b"/hang" in head:
+                time.sleep(30)  # never answers: its client goes away
+                return
+            release.wait(10)
+            conn.sendall(OK)
+
+    backend = Backend(held)
+    on_demand_record(tmp_path, backend.port, "active")
+    (tmp_path / "services" / "u2").mkdir()  # no idle_timeout: no activity file
+    (tmp_path / "services" / "u2" / "service.json").write_text(json.dumps({
+        "uuid": "u2", "status": {"state": "active"}, "endpoint": {"host": "127.0.0.1", "port": backend.port},
+        "config": {"model_name": "plain", "model_type": "command"}}))
+    (tmp_path / "services" / "u3").mkdir()  # a built-in server writes its own
+    (tmp_path / "services" / "u3" / "service.json").write_text(json.dumps({
+        "uuid": "u3", "status": {"state": "active"}, "endpoint": {"host": "127.0.0.1", "port": backend.port},
+        "config": {"model_name": "iris", "model_type": "python", "idle_timeout": 60}}))
+    try:
+        port = gateway({}, "--home", str(tmp_path))
+        before = time.time()
+        first = threading.Thread(target=exchange, args=(port, [b"GET /v1/services/u1/a HTTP/1.1\r\nhost: x\r\n\r\n"]))
+        first.start()
+        wait_until(lambda: (tmp_path / "run" / "activity" / "u1").exists() and activity_of(tmp_path)[1] == 1, "in_flight 1")
+        last, in_flight, requests = activity_of(tmp_path)
+        assert requests == 1 and last >= before
+        assert os.stat(tmp_path / "run" / "activity" / "u1").st_mode & 0o777 == 0o600
+        release.set()
+        first.join(10)
+        wait_until(lambda: activity_of(tmp_path)[1] == 0, "in_flight back to 0")
+        assert activity_of(tmp_path)[0] >= last and activity_of(tmp_path)[2] == 1
+        # A client that goes away before its answer gives its count back too.
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GET /v1/services/u1/hang HTTP/1.1\r\nhost: x\r\n\r\n")
+            wait_until(lambda: activity_of(tmp_path)[1:] == (1, 2), "the second request counted")
+        wait_until(lambda: activity_of(tmp_path)[1] == 0, "in_flight back to 0 after the client left")
+        for other in ("plain", "iris"):
+            [(head, _)] = exchange(port, [b"GET /v1/models/%s:x HTTP/1.1\r\nhost: x\r\n\r\n" % other.encode()])
+            assert status_of(head) == 200
+        assert sorted(os.listdir(tmp_path / "run" / "activity")) == ["u1"]
+    finally:
+        release.set()
         backend.close()
