@@ -50,8 +50,8 @@ class Entry:
     def waits(self) -> bool:
         """A request to it waits for a wake (proxy.py's Exchange), not a 503: scaled to zero, or an
         on-demand service starting or being scaled to zero while it is meant to run."""
-        return self.state == SCALED_TO_ZERO or (
-            self.idle_timeout is not None and self.desired == "running" and self.state in PASSING
+        return self.desired == "running" and (
+            self.state == SCALED_TO_ZERO or (self.idle_timeout is not None and self.state in PASSING)
         )
 
     @property
