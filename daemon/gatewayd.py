@@ -63,6 +63,8 @@ class GatewaySupervisor:
         self.address = settings.gateway_address  # None: off
         self.timeout = settings.gateway_timeout
         self.max_body = settings.gateway_max_body
+        # Seconds a request waits for its service to wake (0: each service's startup_timeout).
+        self.wake_timeout: float = settings.wake_timeout or 0.0
         self.record = paths.run / "gateway.pid"
         self.state_file = paths.run / "gateway.json"
         self.control = paths.run / "gateway.sock"
@@ -125,7 +127,7 @@ class GatewaySupervisor:
             return True
         host, port = listener.getsockname()[:2]
         same_place = host == self.address[0] and (port == self.address[1] or self.address[1] == 0)
-        wanted = {"timeout": self.timeout, "max_body": self.max_body}
+        wanted = {"timeout": self.timeout, "max_body": self.max_body, "wake_timeout": self.wake_timeout}
         if same_place and {k: started_with.get(k) for k in wanted} == wanted:
             log.info("gateway: re-adopted pid %d on %s:%d", pid, host, port)
             self._write_record()
@@ -173,6 +175,7 @@ class GatewaySupervisor:
         fd = self.listener.fileno()
         argv = [sys.executable, "-m", "daemon.gateway", "--home", str(self.paths.home), "--fd", str(fd)]
         argv += ["--control", str(self.control), "--timeout", repr(self.timeout), "--max-body", str(self.max_body)]
+        argv += ["--wake-timeout", repr(self.wake_timeout)]
         try:
             self._popen = start_detached(argv, env=env, log_path=self.paths.home / "gateway.log", pass_fds=(fd,))
         except OSError as exc:

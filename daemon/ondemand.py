@@ -90,6 +90,9 @@ class OnDemand:
                 # so that the port is never free between the server's exit and the watch.
                 m.listener = await asyncio.to_thread(fetch_listener, proc.info.fd_socket)
             if proc.alive:
+                # Recorded first, as a stop is: the gateway, reading it, holds a request that meets
+                # the closing port for the wake instead of answering 502 (docs/on-demand-design.md).
+                change_state(self.store, svc, ServiceState.PENDING_SHUTDOWN, step="scale-to-zero.stopping", strict=False)
                 await self.supervisor.terminate(m, proc, svc.config.stop_timeout)
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()

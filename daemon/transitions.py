@@ -53,9 +53,11 @@ ALLOWED: MappingProxyType[ServiceState, frozenset[ServiceState]] = MappingProxyT
         # answer; to error: its health check fails, or a crash loop; to inactive: it exited 0,
         # or it was stopped; to scaled_to_zero: an idle stop or an unload.
         ServiceState.ACTIVE: _ANY,
-        # To inactive: stopped; to pending_startup: a start after a stop cut short.
+        # To inactive: stopped; to pending_startup: a start after a stop cut short; to
+        # scaled_to_zero: an idle stop or an unload, which says pending_shutdown while its server
+        # drains (so the gateway holds a request that meets the closing port until the wake).
         ServiceState.PENDING_SHUTDOWN: frozenset(
-            {ServiceState.PENDING_SHUTDOWN, ServiceState.INACTIVE, ServiceState.PENDING_STARTUP}
+            {ServiceState.PENDING_SHUTDOWN, ServiceState.INACTIVE, ServiceState.PENDING_STARTUP, ServiceState.SCALED_TO_ZERO}
         ),
         # To active: its health check answers again, a hand-over, or a re-adopted server that
         # answers; to pending_startup: a start or a restart; to inactive: a stop; to

@@ -9,13 +9,16 @@ table's polling mode runs over a real folder of records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,8 +61,8 @@ def fields(head: bytes) -> dict[str, str]:
 class Backend:
     """A listening socket served by a thread: ``serve(conn, n)`` handles the n-th connection."""
 
-    def __init__(self, serve: Callable[[socket.socket, int], None]):
-        self.sock = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, serve: Callable[[socket.socket, int], None], port: int = 0):
+        self.sock = socket.create_server(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.serve = serve
         self.connections = 0
@@ -83,6 +86,8 @@ class Backend:
                 pass
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept: a socket closed under it would stay bound
         self.sock.close()
 
 
@@ -91,9 +96,11 @@ def gateway() -> Iterator[Callable[..., int]]:
     """Starts gateway processes routing ``name`` to a backend port; yields their port."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(routes: dict[str, int], *flags: str) -> int:
+    def start(routes: dict[str, int], *flags: str, route_extra: str | dict[str, str] = "") -> int:
         sock = socket.create_server(("127.0.0.1", 0))
-        args = [f"--route=name={name},addr=127.0.0.1:{port}" for name, port in routes.items()]
+        extra = route_extra if isinstance(route_extra, dict) else {name: route_extra for name in routes}
+        args = [f"--route=name={name},addr=127.0.0.1:{port}" + (f",{extra[name]}" if extra.get(name) else "")
+                for name, port in routes.items()]
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.gateway", "--fd", str(sock.fileno()), *args, *flags],
             cwd=REPO, pass_fds=[sock.fileno()], stdout=subprocess.DEVNULL, start_new_session=True,
@@ -306,3 +313,372 @@ def test_the_routing_table_follows_the_records_by_inotify_or_by_polling(tmp_path
         return sorted(tables[-1].by_name)
 
     assert asyncio.run(scenario()) == ["iris"]
+
+
+# ---------------------------------------------------------------------------- on demand (issue 12)
+
+
+class StandInDaemon:
+    """A stand-in for the daemon's control socket, ONLY to test the gateway's own wake protocol.
+
+    It answers ``POST /v1/services/{uuid}/start`` as ``answer(path)`` says, after ``delay`` seconds
+    (``answer`` returns the response bytes, or None to never answer), and records each call's path
+    and when it was answered. The daemon's real side of a wake (the start itself, the records it
+    writes) is tested end to end in tests/test_gateway.py once it exists.
+    """
+
+    def __init__(self, path: Path, answer: Callable[[str], bytes | None], delay: float = 0.0):
+        self.path = path
+        self.answer = answer
+        self.delay = delay
+        self.calls: list[str] = []
+        self.answered_at: list[float] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            head = read_head(conn, bytearray())
+            if head is None:
+                return
+            path = head.split(b" ")[1].decode()
+            self.calls.append(path)
+            time.sleep(self.delay)
+            reply = self.answer(path)
+            if reply is None:
+                time.sleep(60)
+                return
+            self.answered_at.append(time.monotonic())
+            conn.sendall(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def daemon_reply(status: int, payload: object) -> bytes:
+    body = json.dumps(payload).encode()
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        status, len(body), body
+    )
+
+
+def answering(seen: list[tuple[float, bytes]]) -> Callable[[socket.socket, int], None]:
+    """A backend that answers every request with OK, noting when and what it got."""
+
+    def serve(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            body = read_exactly(conn, buf, int(fields(head).get("content-length", "0")))
+            seen.append((time.monotonic(), head.split(b"\r\n")[0] + b" " + body))
+            conn.sendall(OK)
+
+    return serve
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b" ")[1])
+
+
+def at_once(port: int, requests: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Each request on its own connection, all at once; their answers in order."""
+    results: list[tuple[bytes, bytes] | BaseException] = [ValueError("no answer")] * len(requests)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = exchange(port, [requests[i]])[0]
+        except BaseException as exc:  # (reported below)
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+def test_a_scaled_to_zero_command_service_is_woken_by_one_start_call_for_all_its_waiting_requests(gateway, tmp_path):
+    seen: list[tuple[float, bytes]] = []
+    backend = Backend(answering(seen))
+    daemon = StandInDaemon(tmp_path / "d.sock", lambda path: daemon_reply(200, {"uuid": "m"}), delay=0.5)
+    try:
+        port = gateway(
+            {"m": backend.port}, "--daemon-socket", str(daemon.path), "--wake-timeout", "7.5",
+            route_extra="state=scaled_to_zero,type=command,idle=60",
+        )
+        post = b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 8\r\n\r\n{\"a\": %d}"
+        answers = at_once(port, [post % i for i in range(8)] + [b"GET /v1/services/m/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert [status_of(h) for h, _ in answers] == [200] * 9, answers
+        assert daemon.calls == ["/v1/services/m/start?timeout=7.5"]
+        # None reached the server before the start call was answered; each reached it once, body whole.
+        assert len(seen) == 9 and min(t for t, _ in seen) >= daemon.answered_at[0]
+        assert sorted(r for _, r in seen if r.startswith(b"POST")) == sorted(
+            b"POST /v1/models/m:predict HTTP/1.1 {\"a\": %d}" % i for i in range(8)
+        )
+    finally:
+        backend.close()
+        daemon.close()
+
+
+def test_a_wake_that_takes_longer_than_the_wake_timeout_is_a_504(gateway, tmp_path):
+    backend = Backend(answering([]))
+    daemon = StandInDaemon(tmp_path / "d.sock", lambda path: None)  # the start never returns
+    try:
+        port = gateway({"m": backend.port}, "--daemon-socket", str(daemon.path), "--wake-timeout", "0.5",
+                       route_extra="state=scaled_to_zero,type=command,idle=60")
+        exchange(port, [b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"])  # (the gateway is up: its start is not timed)
+        started = time.monotonic()
+        [(head, body)] = exchange(port, [b"GET /v1/services/m/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        waited = time.monotonic() - started
+        assert status_of(head) == 504 and json.loads(body)["error"]["type"] == "GatewayTimeout", (head, body)
+        assert 0.5 <= waited < 3, waited
+        assert daemon.calls == ["/v1/services/m/start?timeout=0.5"] and backend.connections == 0
+    finally:
+        backend.close()
+        daemon.close()
+
+
+def test_without_a_wake_timeout_a_wake_waits_the_services_startup_timeout(gateway, tmp_path):
+    daemon = StandInDaemon(tmp_path / "d.sock", lambda path: None)
+    backend = Backend(answering([]))
+    try:
+        port = gateway({"m": backend.port}, "--daemon-socket", str(daemon.path),
+                       route_extra="state=scaled_to_zero,type=command,idle=60,startup=0.4")
+        [(head, body)] = exchange(port, [b"GET /v1/services/m/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert status_of(head) == 504 and "0.4 s" in json.loads(body)["error"]["message"], body
+        assert daemon.calls == ["/v1/services/m/start?timeout=0.4"]
+    finally:
+        backend.close()
+        daemon.close()
+
+
+def test_a_wake_that_fails_is_a_503_with_the_daemons_message(gateway, tmp_path):
+    why = "service m: the server exited with code 1 before answering its health probe"
+    daemon = StandInDaemon(tmp_path / "d.sock", lambda path: daemon_reply(500, {"error": {"type": "DeployError", "message": why}}))
+    backend = Backend(answering([]))
+    try:
+        port = gateway({"m": backend.port}, "--daemon-socket", str(daemon.path),
+                       route_extra="state=scaled_to_zero,type=command,idle=60")
+        upload = b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+        answers = at_once(port, [upload, b"GET /v1/services/m/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        for head, body in answers:
+            error = json.loads(body)["error"]
+            assert status_of(head) == 503 and error["type"] == "ServiceUnavailable" and why in error["message"], body
+            assert error["state"] == "scaled_to_zero"
+        assert 1 <= len(daemon.calls) <= 2 and backend.connections == 0  # (the second may come after the first failed)
+    finally:
+        backend.close()
+        daemon.close()
+
+
+def test_no_daemon_to_wake_a_command_service_is_a_503_that_says_so(gateway, tmp_path):
+    backend = Backend(answering([]))
+    try:
+        port = gateway({"m": backend.port}, "--daemon-socket", str(tmp_path / "none.sock"),
+                       route_extra="state=scaled_to_zero,type=command,idle=60")
+        [(head, body)] = exchange(port, [b"GET /v1/services/m/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert status_of(head) == 503 and "the daemon is not running" in json.loads(body)["error"]["message"], body
+    finally:
+        backend.close()
+
+
+def test_a_scaled_to_zero_built_in_service_is_forwarded_and_the_model_lists_do_not_wake_anything(gateway, tmp_path):
+    seen: list[tuple[float, bytes]] = []
+    builtin, command = Backend(answering(seen)), Backend(answering(seen))
+    daemon = StandInDaemon(tmp_path / "d.sock", lambda path: daemon_reply(200, {}))
+    try:
+        port = gateway({"iris": builtin.port, "llm": command.port}, "--daemon-socket", str(daemon.path),
+                       route_extra={"iris": "state=scaled_to_zero,type=python,idle=60",
+                                    "llm": "state=scaled_to_zero,type=command,idle=60"})
+        answers = exchange(port, [
+            b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"GET /v1/models/llm HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"GET /v1/models/iris HTTP/1.1\r\nhost: x\r\n\r\n",
+        ])
+        assert [status_of(h) for h, _ in answers] == [200] * 3
+        listed = {m["id"]: m for m in json.loads(answers[0][1])["data"]}
+        for one in (listed["llm"], listed["iris"], json.loads(answers[1][1]), json.loads(answers[2][1])):
+            assert one["ready"] is False and one["state"] == "scaled_to_zero", one
+        assert daemon.calls == [] and builtin.connections == command.connections == 0
+        # A built-in server's socket is the daemon's, which wakes it on the connection: sent on at once.
+        [(head, _)] = exchange(port, [b"POST /v1/models/iris:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"])
+        assert status_of(head) == 200 and daemon.calls == [] and len(seen) == 1
+    finally:
+        builtin.close()
+        command.close()
+        daemon.close()
+
+
+def test_a_starting_service_is_waited_for_only_if_it_is_on_demand(gateway, tmp_path):
+    backend = Backend(answering([]))
+    try:
+        port = gateway({"plain": backend.port, "lazy": backend.port}, "--wake-timeout", "1.5",
+                       route_extra={"plain": "state=pending_startup", "lazy": "state=pending_startup,idle=60"})
+        exchange(port, [b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"])  # (the gateway is up: its start is not timed)
+        started = time.monotonic()
+        [(head, body)] = exchange(port, [b"GET /v1/services/plain/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert status_of(head) == 503 and time.monotonic() - started < 1.0, body  # today's answer, at once
+        started = time.monotonic()
+        [(head, body)] = exchange(port, [b"GET /v1/services/lazy/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert status_of(head) == 504 and time.monotonic() - started >= 1.5, body  # woken by someone else: waited for
+        assert backend.connections == 0
+    finally:
+        backend.close()
+
+
+def on_demand_record(home: Path, port: int, state: str, **config: object) -> None:
+    """services/u1/service.json of a command service named m with an idle_timeout, written as the daemon writes it."""
+    folder = home / "services" / "u1"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"uuid": "u1", "desired_state": "running", "status": {"state": state},
+            "config": {"model_name": "m", "model_type": "command", "idle_timeout": 60.0, **config},
+            "endpoint": {"host": "127.0.0.1", "port": port}}
+    (folder / "service.json.tmp").write_text(json.dumps(data))
+    (folder / "service.json.tmp").rename(folder / "service.json")
+
+
+def waking_daemon(home: Path, port: int, seen: list[tuple[float, bytes]]) -> StandInDaemon:
+    """A stand-in daemon whose start opens the server again on ``port`` and records it active, as a wake does."""
+    woken: list[Backend] = []
+
+    def start(path: str) -> bytes:
+        woken.append(Backend(answering(seen), port=port))
+        on_demand_record(home, port, "active")
+        return daemon_reply(200, {"uuid": "u1"})
+
+    daemon = StandInDaemon(home / "modeld.sock", start)
+    daemon.woken = woken  # type: ignore[attr-defined]
+    return daemon
+
+
+def test_a_request_that_races_an_idle_stop_is_sent_again_after_the_wake(gateway, tmp_path):
+    """The server is stopped as the request reaches it: the record says pending_shutdown, the
+    connection (a fresh one) closes unanswered, the port closes, the record says scaled_to_zero.
+    The gateway waits, wakes it, and sends the request again; the client sees only the 200."""
+    got: list[bytes] = []
+    seen: list[tuple[float, bytes]] = []
+
+    def stopping(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        head = read_head(conn, buf)
+        if head is None:
+            return
+        got.append(head)
+        on_demand_record(tmp_path, old.port, "pending_shutdown")  # (the daemon writes it before the signal)
+        old.close()
+        conn.close()
+        time.sleep(0.2)
+        on_demand_record(tmp_path, old.port, "scaled_to_zero")
+
+    old = Backend(stopping)
+    on_demand_record(tmp_path, old.port, "active")
+    daemon = waking_daemon(tmp_path, old.port, seen)
+    try:
+        port = gateway({}, "--home", str(tmp_path), "--no-spare", "--wake-timeout", "10")
+        post = b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ncontent-length: 7\r\n\r\n{\"x\":1}"
+        [(head, body)] = exchange(port, [post])
+        assert status_of(head) == 200, (head, body)
+        assert len(got) == 1 and daemon.calls == ["/v1/services/u1/start?timeout=10.0"]
+        assert [r for _, r in seen] == [b"POST /v1/models/m:predict HTTP/1.1 {\"x\":1}"]
+    finally:
+        daemon.close()
+        for b in daemon.woken:  # type: ignore[attr-defined]
+            b.close()
+
+
+def test_a_refused_connection_to_a_service_just_scaled_to_zero_is_sent_again_after_the_wake(gateway, tmp_path):
+    """The table still says active (polled every 0.5 s here) when the record already says
+    scaled_to_zero and the port is closed: the refused connect reads the records again and wakes it."""
+    seen: list[tuple[float, bytes]] = []
+    closed = socket.create_server(("127.0.0.1", 0))
+    free = closed.getsockname()[1]
+    closed.close()
+    on_demand_record(tmp_path, free, "active")
+    daemon = waking_daemon(tmp_path, free, seen)
+    try:
+        port = gateway({}, "--home", str(tmp_path), "--no-spare", "--watch", "poll")
+        [(head, body)] = exchange(port, [b"GET /v1/models/m HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert json.loads(body)["state"] == "active", body
+        on_demand_record(tmp_path, free, "scaled_to_zero")
+        [(head, body)] = exchange(port, [b"GET /v1/services/u1/x HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert status_of(head) == 200, (head, body)
+        assert len(daemon.calls) == 1 and len(seen) == 1
+    finally:
+        daemon.close()
+        for b in daemon.woken:  # type: ignore[attr-defined]
+            b.close()
+
+
+def activity_of(home: Path, uuid: str = "u1") -> tuple[float, int, int]:
+    data = (home / "run" / "activity" / uuid).read_bytes()
+    assert len(data) == 16
+    return struct.unpack("<dII", data)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+
+
+def test_the_gateway_writes_a_command_services_activity_and_gives_back_every_count(gateway, tmp_path):
+    release = threading.Event()
+
+    def held(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            if b"/hang" in head:
+                time.sleep(30)  # never answers: its client goes away
+                return
+            release.wait(10)
+            conn.sendall(OK)
+
+    backend = Backend(held)
+    on_demand_record(tmp_path, backend.port, "active")
+    (tmp_path / "services" / "u2").mkdir()  # no idle_timeout: no activity file
+    (tmp_path / "services" / "u2" / "service.json").write_text(json.dumps({
+        "uuid": "u2", "status": {"state": "active"}, "endpoint": {"host": "127.0.0.1", "port": backend.port},
+        "config": {"model_name": "plain", "model_type": "command"}}))
+    (tmp_path / "services" / "u3").mkdir()  # a built-in server writes its own
+    (tmp_path / "services" / "u3" / "service.json").write_text(json.dumps({
+        "uuid": "u3", "status": {"state": "active"}, "endpoint": {"host": "127.0.0.1", "port": backend.port},
+        "config": {"model_name": "iris", "model_type": "python", "idle_timeout": 60}}))
+    try:
+        port = gateway({}, "--home", str(tmp_path))
+        before = time.time()
+        first = threading.Thread(target=exchange, args=(port, [b"GET /v1/services/u1/a HTTP/1.1\r\nhost: x\r\n\r\n"]))
+        first.start()
+        wait_until(lambda: (tmp_path / "run" / "activity" / "u1").exists() and activity_of(tmp_path)[1] == 1, "in_flight 1")
+        last, in_flight, requests = activity_of(tmp_path)
+        assert requests == 1 and last >= before
+        assert os.stat(tmp_path / "run" / "activity" / "u1").st_mode & 0o777 == 0o600
+        release.set()
+        first.join(10)
+        wait_until(lambda: activity_of(tmp_path)[1] == 0, "in_flight back to 0")
+        assert activity_of(tmp_path)[0] >= last and activity_of(tmp_path)[2] == 1
+        # A client that goes away before its answer gives its count back too.
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GET /v1/services/u1/hang HTTP/1.1\r\nhost: x\r\n\r\n")
+            wait_until(lambda: activity_of(tmp_path)[1:] == (1, 2), "the second request counted")
+        wait_until(lambda: activity_of(tmp_path)[1] == 0, "in_flight back to 0 after the client left")
+        for other in ("plain", "iris"):
+            [(head, _)] = exchange(port, [b"GET /v1/models/%s:x HTTP/1.1\r\nhost: x\r\n\r\n" % other.encode()])
+            assert status_of(head) == 200
+        assert sorted(os.listdir(tmp_path / "run" / "activity")) == ["u1"]
+    finally:
+        release.set()
+        backend.close()

@@ -125,3 +125,27 @@ def test_the_gateway_imports_only_the_standard_library() -> None:
             )
             for name in names:
                 assert name.split(".")[0] in sys.stdlib_module_names, (path.name, name)
+
+
+def test_on_demand_entries_from_records_wait_or_answer_as_their_state_says() -> None:
+    from daemon.gateway.home import entry_of
+
+    def entry(state: str, desired: str = "running", **config: object) -> Entry:
+        record = {"uuid": "u", "desired_state": desired, "status": {"state": state},
+                  "config": {"model_name": "m", **config}, "endpoint": {"host": "0.0.0.0", "port": 9}}
+        return entry_of(record)
+
+    command = {"model_type": "command", "idle_timeout": 30, "startup_timeout": None}
+    e = entry("scaled_to_zero", **command)
+    assert (e.model_type, e.idle_timeout, e.startup_timeout) == ("command", 30.0, float("inf"))
+    assert e.waits and e.counted and not e.forwarded_asleep and Table.usable(e) is e
+    builtin = entry("scaled_to_zero", model_type="pickle", idle_timeout=30)
+    assert builtin.forwarded_asleep and not builtin.counted
+    assert entry("active", command=["x"]).model_type == "command"  # (an old record: inferred as the daemon infers it)
+    assert entry("active", model_type="command").counted is False  # no idle_timeout: the gateway writes nothing
+    # Starting or stopping: waited for on demand only; a stop the user asked for is today's 503.
+    assert entry("pending_startup", **command).waits and entry("pending_shutdown", **command).waits
+    for e in (entry("pending_startup", model_type="command"), entry("pending_shutdown", "stopped", **command),
+              entry("scaled_to_zero", "stopped", **command), entry("error", **command)):
+        answer = Table.usable(e)
+        assert isinstance(answer, Answer) and answer.status == 503, e

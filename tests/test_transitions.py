@@ -42,15 +42,16 @@ def test_the_table_names_every_state_and_every_state_may_stay():
     assert FORBIDDEN_PAIRS, "a table that allows everything refuses nothing"
 
 
-def test_scaled_to_zero_is_reached_from_a_service_that_may_run_and_never_from_a_stop_under_way():
-    """An idle stop or an unload scales an active (or starting, failed, stopped) service to zero; it
-    leaves by a wake, a stop, an error, or a rebuild that finds a server answering."""
+def test_scaled_to_zero_is_reached_from_a_service_that_may_run_or_whose_server_drains():
+    """An idle stop or an unload scales an active (or starting, failed, stopped) service to zero,
+    through pending_shutdown while its server drains; it leaves by a wake, a stop, an error, or a
+    rebuild that finds a server answering."""
     S = ServiceState
     assert ALLOWED[S.SCALED_TO_ZERO] == set(S)
     assert {s for s in S if S.SCALED_TO_ZERO in ALLOWED[s]} == {
-        S.SCALED_TO_ZERO, S.ACTIVE, S.PENDING_STARTUP, S.ERROR, S.INACTIVE
+        S.SCALED_TO_ZERO, S.ACTIVE, S.PENDING_STARTUP, S.ERROR, S.INACTIVE, S.PENDING_SHUTDOWN
     }
-    assert S.SCALED_TO_ZERO not in ALLOWED[S.PENDING_SHUTDOWN]  # a stop under way ends stopped
+    assert S.ACTIVE not in ALLOWED[S.PENDING_SHUTDOWN] and S.ERROR not in ALLOWED[S.PENDING_SHUTDOWN]
 
 
 @pytest.mark.parametrize(("current", "new"), ALLOWED_PAIRS, ids=[f"{a}-to-{b}" for a, b in ALLOWED_PAIRS])

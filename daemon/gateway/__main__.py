@@ -6,13 +6,15 @@ table (``home.py``), ``--control`` its private control socket.
 
 The control socket (0600 in the home's private ``run/``; a peer of another uid is refused): a
 client that connects gets one message and the listening fd with it (SCM_RIGHTS), then EOF. The
-message is JSON: ``{"pid", "host", "port", "timeout", "max_body", "routes", "watch"}``. A daemon
+message is JSON: ``{"pid", "host", "port", "timeout", "max_body", "wake_timeout", "routes", "watch"}``. A daemon
 restarted after a kill -9 takes the port back this way and checks what the gateway was started
 with; anyone may use it as a health check.
 
 Without ``--home`` (the prototype's bench): ``--listen host:port`` and a static table from
-``--route name=iris,addr=127.0.0.1:8000[,uuid=…,state=…,error=…]`` (repeatable).
-SIGTERM or SIGINT: stop.
+``--route name=iris,addr=127.0.0.1:8000[,uuid=…,state=…,error=…,type=command,idle=S,startup=S]``
+(repeatable; ``--daemon-socket`` says where to ask for wakes, which ``--home`` implies).
+``--wake-timeout S``: how long a request waits for its service to wake (0: the service's
+startup_timeout; see ``wake.py``). SIGTERM or SIGINT: stop.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def parse_route(spec: str) -> Entry:
         port=int(port),
         state=fields.get("state", "active"),
         last_error=fields.get("error", ""),
+        model_type=fields.get("type", "command"),
+        idle_timeout=float(fields["idle"]) if "idle" in fields else None,
+        startup_timeout=float(fields.get("startup", 300.0)),
     )
 
 
@@ -129,16 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-body", type=int, default=64 * 1024 * 1024)
     p.add_argument("--no-spare", action="store_true", help="open backend connections only on demand")
     p.add_argument("--watch", choices=("auto", "poll"), default="auto", help="how to follow the home's records (auto: inotify)")
+    p.add_argument("--wake-timeout", type=float, default=0.0, help="seconds a request waits for a wake (0: startup_timeout)")
+    p.add_argument("--daemon-socket", type=Path, help="the daemon's control socket, for wakes (default: HOME/modeld.sock)")
     args = p.parse_args(argv)
     if args.timeout <= 0 or args.max_body <= 0:
         p.error("--timeout and --max-body must be more than 0")
+    if not 0 <= args.wake_timeout < float("inf"):
+        p.error("--wake-timeout must be 0 or more, and finite")
+    if args.daemon_socket is None and args.home is not None:
+        args.daemon_socket = args.home / "modeld.sock"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # two fds per request in flight (client and backend), and the pooled ones
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    gw = Gateway(Table(args.route), timeout=args.timeout, max_body=args.max_body, spare=not args.no_spare)
-
-    def new_table(table: Table) -> None:
-        gw.table = table
+    gw = Gateway(
+        Table(args.route),
+        timeout=args.timeout,
+        max_body=args.max_body,
+        spare=not args.no_spare,
+        wake_timeout=args.wake_timeout,
+        daemon_socket=args.daemon_socket,
+        activity_folder=args.home / "run" / "activity" if args.home is not None else None,
+    )
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -151,12 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         table: HomeTable | None = None
         if args.home is not None:
             gw.daemon_alive = DaemonWatch(args.home)
-            table = HomeTable(args.home, new_table, watch=args.watch)
+            table = HomeTable(args.home, gw.set_table, watch=args.watch)
             table.start()
             gw.refresh = table.refresh
         server = await loop.create_server(lambda: Downstream(gw), sock=sock)
         host, port = sock.getsockname()[:2]
-        status = {"pid": os.getpid(), "host": host, "port": port, "timeout": args.timeout, "max_body": args.max_body}
+        status = {
+            "pid": os.getpid(),
+            "host": host,
+            "port": port,
+            "timeout": args.timeout,
+            "max_body": args.max_body,
+            "wake_timeout": args.wake_timeout,
+        }
         control = Control(args.control, sock, status, table) if args.control else None
         if control is not None:
             control.start()
@@ -166,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         server.close()
+        gw.activities.close()
         if control is not None:
             control.close()
         log("stopped")

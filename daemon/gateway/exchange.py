@@ -1,6 +1,18 @@
 """One request and its response through the gateway (``Exchange``): the request body streamed to a
-pooled backend connection, the response streamed back as it arrives, the keep-alive race retried
-once, the 504 timer, and the answers the gateway gives itself. See ``proxy.py``.
+pooled backend connection, the response streamed back as it arrives, the 504 timer, and the answers
+the gateway gives itself. See ``proxy.py``.
+
+A backend connection that fails before any response byte (refused, or closed unanswered) is sent
+again, if the request's first ``REPLAY_MAX`` bytes were kept, in two cases (``_unanswered``):
+
+* the keep-alive race (RFC 9112 §9.3.1): a *reused* connection, once, at once;
+* an idle stop (issue 12): the service is, or has just become (the records are read again),
+  on its way to zero or scaled to zero: the request waits for the wake (``wake.py``) and is sent
+  again on a new connection, fresh or reused alike, up to ``WAKE_RETRIES`` times.
+
+A request to a service that must wake first waits in ``wake.py`` before it connects. Requests to a
+``command`` service with an ``idle_timeout`` are counted in its activity file (``activity.py``) from
+the Exchange's start to its end, however it ends (``_end``).
 
 Standard library only (it runs as its own process; the daemon never carries these bytes).
 """
@@ -19,6 +31,7 @@ if TYPE_CHECKING:  # for annotations only: an Exchange is made by its Downstream
     from .proxy import Downstream
 
 REPLAY_MAX = 64 * 1024
+WAKE_RETRIES = 2  # a request sent again after an idle stop it raced, at most this many times
 PENDING_HIGH = 256 * 1024  # body bytes queued for a backend not yet connected, before the client is paused
 NO_BODY_STATUS = frozenset({204, 304})
 
@@ -29,6 +42,7 @@ class Exchange:
     def __init__(self, down: Downstream, entry: Entry, head: bytes, method: bytes):
         self.down = down
         self.gw = down.gw
+        self.entry = entry
         self.key = (entry.host, entry.port)
         self.method = method
         self.up: Upstream | None = None
@@ -37,6 +51,7 @@ class Exchange:
         self.replay: list[bytes] | None = [head]
         self.replay_size = len(head)
         self.retried = False
+        self.wake_retries = 0
         self.answered = False  # any response byte from the backend (then no retry, no error answer)
         self.done = False
         self.in_head = True
@@ -49,10 +64,16 @@ class Exchange:
         self.connecting: asyncio.Task[None] | None = None
         self.last_sent = 0.0  # when the last request byte went out: the timeout counts from there
         self.timer = asyncio.get_running_loop().call_later(self.gw.timeout, self._timed_out)
+        self.activity = self.gw.activities.of(entry.uuid) if entry.counted else None
+        if self.activity is not None:
+            self.activity.begin()
 
     # ------------------------------------------------------------ backend side
 
     def start(self) -> None:
+        if self.entry.state != "active" and not self.entry.forwarded_asleep:
+            self._await_wake()
+            return
         up = self.gw.take(self.key)
         if up is not None:
             self._attach(up)
@@ -65,8 +86,7 @@ class Exchange:
         try:
             up = await self.gw.connect(self.key)
         except OSError as exc:
-            where = f"{self.key[0]}:{self.key[1]}"
-            self._fail(error(502, "BadGateway", f"cannot connect to {where}: {exc.strerror or exc}{self.gw.unanswered()}"))
+            self._unanswered(f"cannot connect to {self.key[0]}:{self.key[1]}: {exc.strerror or exc}", reused=False)
             return
         if self.done:
             self.gw.give(up)
@@ -105,25 +125,64 @@ class Exchange:
         if self.until_close and not self.in_head:
             self._finish(close_client=True)  # a response delimited by the close of its connection
             return
-        if not self.answered and up.reused and not self.retried and self.replay is not None:
-            # RFC 9112 §9.3.1: the server closed an idle connection as we reused it; nothing
-            # was answered, so send it again once on a fresh connection.
-            self.retried = True
-            self.pending, self.pending_size = list(self.replay), self.replay_size
-            self.connecting = asyncio.get_running_loop().create_task(self._connect())
-            return
         if not self.answered:
-            self._fail(
-                error(
-                    502,
-                    "BadGateway",
-                    f"the server at {self.key[0]}:{self.key[1]} closed the connection without answering{self.gw.unanswered()}",
-                )
-            )
+            where = f"the server at {self.key[0]}:{self.key[1]} closed the connection without answering"
+            self._unanswered(where, reused=up.reused)
         else:
-            self.done = True
-            self.timer.cancel()
+            self._end()
             self.down.transport.abort()  # a response cut short: the client must see it cut short
+
+    def _unanswered(self, why: str, reused: bool) -> None:
+        """The backend connection failed before any response byte: send the request again, or a 502."""
+        if self.replay is not None and not self.done:
+            if self.wake_retries < WAKE_RETRIES:
+                stopping = self.gw.stopping(self.entry.uuid)
+                if stopping is not None:
+                    # An idle stop raced this request: wait for the wake, then send it again.
+                    self.wake_retries += 1
+                    self.entry = stopping
+                    self.pending, self.pending_size = list(self.replay), self.replay_size
+                    self._await_wake()
+                    return
+            if reused and not self.retried:
+                # RFC 9112 §9.3.1: the server closed an idle connection as we reused it; nothing
+                # was answered, so send it again once on a fresh connection.
+                self.retried = True
+                self.pending, self.pending_size = list(self.replay), self.replay_size
+                self.connecting = asyncio.get_running_loop().create_task(self._connect())
+                return
+        self._fail(error(502, "BadGateway", why + self.gw.unanswered()))
+
+    # ------------------------------------------------------------ waiting for a wake
+
+    def _await_wake(self) -> None:
+        """Wait in the Waker (no backend yet); body bytes queue in ``pending`` up to PENDING_HIGH."""
+        self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.gw.waker.timeout(self.entry), self._wake_timed_out)
+        self.gw.waker.wait(self)
+
+    def woken(self, entry: Entry) -> None:
+        """The service is up (or the daemon wakes it on the connection): connect and send."""
+        if self.done:
+            return
+        self.entry = entry
+        self.key = (entry.host, entry.port)
+        self.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.last_sent = loop.time()  # (the response's timeout counts from the wake)
+        self.timer = loop.call_later(self.gw.timeout, self._timed_out)
+        self.connecting = loop.create_task(self._connect())
+
+    def wake_failed(self, answer: Answer) -> None:
+        self._fail(answer)
+
+    def _wake_timed_out(self) -> None:
+        if not self.done:
+            e = self.entry
+            timeout = self.gw.waker.timeout(e)
+            self._fail(
+                error(504, "GatewayTimeout", f"service {e.uuid} ({e.name}) did not wake within {timeout:g} s", state=e.state)
+            )
 
     def _timed_out(self) -> None:
         left = self.last_sent + self.gw.timeout - asyncio.get_running_loop().time()
@@ -213,8 +272,7 @@ class Exchange:
         self._finish(leftover=data[end:])
 
     def _finish(self, leftover: bytes = b"", close_client: bool = False) -> None:
-        self.done = True
-        self.timer.cancel()
+        self._end()
         up, self.up = self.up, None
         if up is not None:
             up.exchange = None
@@ -230,8 +288,7 @@ class Exchange:
             self.up.exchange = None
             self.up.transport.close()
             self.up = None
-        self.done = True
-        self.timer.cancel()
+        self._end()
         if self.in_head:
             self.down.answer_and_close(error(502, "BadGateway", "the server sent a response the gateway cannot read"))
         else:
@@ -254,11 +311,18 @@ class Exchange:
 
     def _let_go_of_backend(self) -> None:
         """This exchange is done: no timer, no connect under way, and its backend connection closed."""
-        self.done = True
-        self.timer.cancel()
+        self._end()
         if self.connecting is not None:
             self.connecting.cancel()
         if self.up is not None:
             self.up.exchange = None
             self.up.transport.close()
             self.up = None
+
+    def _end(self) -> None:
+        """Done, however it ended: its timer cancelled and, once, its activity count given back."""
+        self.timer.cancel()
+        if not self.done:
+            self.done = True
+            if self.activity is not None:
+                self.activity.end()

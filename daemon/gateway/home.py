@@ -58,6 +58,7 @@ def entry_of(record: dict[str, Any], created: int = 0) -> Entry:
     host, port = WILDCARD.get(str(endpoint.get("host", "")), str(endpoint.get("host"))), int(endpoint.get("port") or 0)
     if port == 0 and state == "active" and not private:
         state = "pending_startup"  # (no port recorded yet)
+    idle, startup = config.get("idle_timeout"), config.get("startup_timeout", 300.0)
     return Entry(
         uuid=str(record["uuid"]),
         name=str(config.get("model_name") or ""),
@@ -67,6 +68,10 @@ def entry_of(record: dict[str, Any], created: int = 0) -> Entry:
         last_error=_scrub(str(status.get("last_error") or ""), config),
         private=private,
         created=created or int(time.time()),
+        model_type=str(config.get("model_type") or ("command" if config.get("command") else "python")),
+        idle_timeout=None if idle is None else float(idle),
+        startup_timeout=float("inf") if startup is None else float(startup),  # (null: an old record's infinity)
+        desired=str(record.get("desired_state") or "running"),
     )
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .routes import Table
+from .activity import Activities
+from .routes import Entry, Table
+from .wake import Waker
 
 if TYPE_CHECKING:  # for annotations only: an Upstream is handed its Exchange
     from .exchange import Exchange
@@ -21,7 +24,15 @@ class Gateway:
     """What every connection shares: the table, the backend pool, the limits."""
 
     def __init__(
-        self, table: Table, timeout: float = 60.0, max_body: int = 64 * 1024 * 1024, max_idle: int = 64, spare: bool = True
+        self,
+        table: Table,
+        timeout: float = 60.0,
+        max_body: int = 64 * 1024 * 1024,
+        max_idle: int = 64,
+        spare: bool = True,
+        wake_timeout: float = 0.0,
+        daemon_socket: Path | None = None,
+        activity_folder: Path | None = None,
     ):
         self.table = table
         self.timeout = timeout  # seconds to the backend's response head (504 after)
@@ -34,6 +45,21 @@ class Gateway:
         # Read the records again now, before an answer that may be stale; True if the table changed
         # (home.HomeTable.refresh: a deploy that has just returned may not have reached the table yet).
         self.refresh: Callable[[], bool] = lambda: False
+        self.waker = Waker(self, daemon_socket, wake_timeout)  # requests waiting for a service to wake
+        self.activities = Activities(activity_folder)  # the activity files of counted command services
+
+    def set_table(self, table: Table) -> None:
+        """A new routing table (home.HomeTable): waiting requests and activity files follow it."""
+        self.table = table
+        self.activities.keep({uuid for uuid, e in table.by_uuid.items() if e.counted})
+        self.waker.table_changed()
+
+    def stopping(self, uuid: str) -> Entry | None:
+        """After a backend connection failed unanswered: the service's entry if it is (the records read
+        again) on its way to zero, scaled to zero or waking, so the request waits for it; else None."""
+        self.refresh()
+        entry = self.table.by_uuid.get(uuid)
+        return entry if entry is not None and entry.state != "active" and entry.waits else None
 
     def take(self, key: tuple[str, int]) -> Upstream | None:
         idle = self.idle.get(key)

@@ -1,7 +1,8 @@
 """The gateway's routing table and its answers that need no backend (the model lists, the errors).
 
 A route is ``model_name -> [Entry]`` and ``uuid -> Entry``; an Entry has the service's endpoint,
-state and last_error. In the prototype the table comes from the command line
+state and last_error, and what on demand needs (issue 12): the model type, ``idle_timeout`` and
+``startup_timeout``. In the prototype the table comes from the command line
 (``--route name=iris,uuid=...,addr=127.0.0.1:8000``); in the product it is rebuilt from
 ``services/*/service.json`` (see docs/gateway-design.md). ``resolve`` is pure: it maps a request
 line to a backend and a path, or to a local JSON answer.
@@ -19,6 +20,12 @@ OPENAI_BY_BODY = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/e
 _MODELS = b"/v1/models"
 _SERVICES = b"/v1/services/"
 
+SCALED_TO_ZERO = "scaled_to_zero"
+BUILT_IN = frozenset({"python", "pickle"})  # the daemon holds their socket and wakes them itself
+# States of an on-demand service that a request waits through (bounded by the wake timeout)
+# instead of getting a 503: woken by someone else, or being scaled to zero (then woken again).
+PASSING = frozenset({"pending_startup", "pending_shutdown"})
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -30,10 +37,32 @@ class Entry:
     last_error: str = ""
     private: bool = False  # served on a Unix socket only (bind_unix): never reached through the gateway
     created: int = field(default_factory=lambda: int(time.time()))
+    model_type: str = "command"
+    idle_timeout: float | None = None  # on demand: scaled to zero after this long without a request
+    startup_timeout: float = 300.0  # the wake timeout when the gateway's is 0
+    desired: str = "running"
 
     @property
     def ready(self) -> bool:
         return self.state == "active"
+
+    @property
+    def waits(self) -> bool:
+        """A request to it waits for a wake (proxy.py's Exchange), not a 503: scaled to zero, or an
+        on-demand service starting or being scaled to zero while it is meant to run."""
+        return self.desired == "running" and (
+            self.state == SCALED_TO_ZERO or (self.idle_timeout is not None and self.state in PASSING)
+        )
+
+    @property
+    def counted(self) -> bool:
+        """The gateway writes its activity file (the contract's one writer for ``command`` servers)."""
+        return self.idle_timeout is not None and self.model_type == "command"
+
+    @property
+    def forwarded_asleep(self) -> bool:
+        """Scaled to zero, yet forwarded at once: the daemon holds a built-in server's socket and wakes it."""
+        return self.state == SCALED_TO_ZERO and self.model_type in BUILT_IN
 
 
 @dataclass(frozen=True)
@@ -112,7 +141,7 @@ class Table:
                 f"service {entry.uuid} ({entry.name}) serves on a Unix socket only (bind_unix), "
                 "which the gateway's port, open to every local user, must not reach",
             )
-        if entry.state != "active":
+        if entry.state != "active" and not entry.waits:
             return error(
                 503,
                 "ServiceUnavailable",
