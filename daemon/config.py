@@ -136,6 +136,7 @@ class ServiceConfig(BaseModel):
         10 * 1024 * 1024, ge=4096, le=1 << 40, json_schema_extra=BYTES, description="size at which service.log is rotated"
     )
     log_backups: int = Field(2, ge=0, le=1000, description="rotated files kept: service.log.1 … service.log.N")
+    idle_timeout: float | None = None
 
     @field_validator("health_path", "prediction_path")
     @classmethod

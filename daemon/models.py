@@ -31,6 +31,7 @@ class ServiceState(str, enum.Enum):
     ACTIVE = "active"  # process alive and its last health probe answered 200
     PENDING_SHUTDOWN = "pending_shutdown"  # asked to stop, process still alive
     ERROR = "error"  # failed to start, crash loop, or unhealthy; see last_error
+    SCALED_TO_ZERO = "scaled_to_zero"
 
     def __str__(self) -> str:
         return self.value

@@ -27,7 +27,7 @@ def test_daemon_exports() -> None:
         assert getattr(daemon, name) is not None, name
     for name in ("ServiceState", "ServiceConfig", "ServiceStatus", "ServiceEndpoint", "BaseService", "DaemonClient"):
         assert name in daemon.__all__
-    assert [m.value for m in daemon.ServiceState] == ["inactive", "pending_startup", "active", "pending_shutdown", "error"]
+    assert [m.value for m in daemon.ServiceState] == ["inactive", "pending_startup", "active", "pending_shutdown", "error", "scaled_to_zero"]
     # Plumbing is imported from its module, not from the package.
     for name in ("Paths", "default_home", "Manager", "Store"):
         assert name not in daemon.__all__
