@@ -39,6 +39,7 @@ from .exceptions import AdmissionRefused, ModeldError
 from .memory import Sizes
 from .models import ServiceState
 from .service import ServiceRuntime
+from .settings import format_size
 
 log = logging.getLogger("modeld.admission")
 
@@ -161,16 +162,6 @@ def _holder(entry: Loaded, now: float) -> str:
 
 def _budget(size: int) -> str:
     return f"{size}" if size < 1024 else f"{size} ({format_size(size)})"
-
-
-def format_size(size: int) -> str:
-    """Bytes as people read them: 0 B, 512.0 KiB, 1.5 GiB."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 class Gate:

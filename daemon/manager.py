@@ -25,9 +25,11 @@ from typing import Any
 from uuid import UUID
 
 from . import killpoints
+from .admission import Activity, Admission, Loaded, describe as describe_on_demand, loaded_services, no_activity
 from .containment import Containment, choose as choose_containment
 from .exceptions import Conflict, ModeldError, ServiceNotFound, StorageError
 from .gatewayd import GatewaySupervisor
+from .memory import Sizes
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
 from .service import ServiceRuntime
@@ -75,6 +77,10 @@ class Manager:
         self.rebuilder = self.units.rebuilder
         self._counted: tuple[int, list[ServiceRuntime], dict[str, int]] = (-1, [], {})
         self.gateway = GatewaySupervisor(paths, settings)
+        # On demand (admission.py): the caps, each server's size, and each service's last use.
+        self.admission = Admission(settings.max_active, settings.memory_budget)
+        self.sizes = Sizes()
+        self.activity: Activity = no_activity  # the reader of run/activity/<uuid> replaces it
 
     # ------------------------------------------------------------------ queries
 
@@ -83,6 +89,10 @@ class Manager:
             return self.services[uuid]
         except KeyError:
             raise ServiceNotFound(f"no service with uuid {uuid}") from None
+
+    def loaded_on_demand(self) -> list[Loaded]:
+        """The on-demand services whose server is alive, with size and last use, as admission counts them."""
+        return loaded_services(self.services.values(), self.sizes, self.activity)
 
     def counts(self) -> dict[str, int]:
         """Services by state. Counted again only when a service came or went or anything was
@@ -135,6 +145,7 @@ class Manager:
                     raise
             else:
                 await self.replacer.replace(deployed, config, timeout)
+                self.sizes.forget(deployed.uuid)  # another model now: the old one's size says nothing
             return deployed.svc
         finally:
             deployed.lock.release()
@@ -201,6 +212,7 @@ class Manager:
             await asyncio.to_thread(self.containment.remove_service, str(uuid))  # and anything its launches left
             killpoints.reached("delete.after-stop")
             self.services.pop(uuid, None)
+            self.sizes.forget(uuid)
             if trash is not None:
                 self.store.purge(trash)
             log.info("deleted %s", uuid)
@@ -256,4 +268,5 @@ class Manager:
             **({"containment_note": self.containment.reason} if self.containment.reason else {}),
             "log_writer": writer.pid if (writer := self.logs.pid()) else None,
             **self.gateway.describe(),
+            "on_demand": describe_on_demand(self.admission, self.loaded_on_demand()),
         }

@@ -193,6 +193,16 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * unit) if "." in match.group(1) else int(match.group(1)) * unit
 
 
+def format_size(size: int) -> str:
+    """Bytes as people read them: 0 B, 512.0 KiB, 1.5 GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def env_name(key: str) -> str:
     return ENV_PREFIX + key.upper()
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from daemon.admission import Admission, Gate, Loaded, Loading, describe, format_size
+from daemon.admission import Admission, Gate, Loaded, Loading, describe
 from daemon.exceptions import AdmissionRefused, ServiceError
+from daemon.settings import format_size
 
 MiB = 1024 * 1024
 NOW = 1_000_000.0
@@ -334,3 +335,29 @@ async def test_no_cap_no_wait_no_reservation():
     gate = make_gate(world, Admission())
     await gate.make_room(Loading(uid("z"), "z"), time.monotonic())
     assert world.unloaded == [] and gate.current() == world.loaded()
+
+
+# ------------------------------------------------------------------ a real daemon: GET /v1/daemon and `modeld daemon status`
+
+
+def test_the_daemon_shows_the_caps_and_what_is_loaded(home, client, monkeypatch):
+    import re
+
+    from conftest import iris_config, modeld
+
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "2")
+    monkeypatch.setenv("MODELD_MEMORY_BUDGET", "1.5GiB")
+    on_demand = client.deploy(iris_config(idle_timeout=60), timeout=60)
+    client.deploy(iris_config(model_name="always", pipeline_step_name="other"), timeout=60)  # no idle_timeout
+    info = client.daemon_info()
+    assert info["settings"]["max_active"] == 2 and info["settings"]["memory_budget"] == 1610612736
+    shown = info["on_demand"]
+    assert (shown["max_active"], shown["memory_budget"]) == (2, 1610612736)
+    (entry,) = shown["loaded"]  # the service without idle_timeout is not counted
+    assert entry["uuid"] == str(on_demand.uuid) and entry["model_name"] == "iris"
+    assert entry["size_bytes"] >= 0 and abs(entry["last_use"] - time.time()) < 60
+
+    status = modeld("daemon", "status", home=home)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^on demand: max_active 2, memory_budget 1\.5 GiB; loaded 1 \(.*\):$", status.stdout, re.M), status.stdout
+    assert re.search(rf"^  iris  {str(on_demand.uuid)[:8]}  .+  last use \d+\.\d s ago$", status.stdout, re.M), status.stdout

@@ -21,6 +21,7 @@ import pytest
 
 from daemon.groups import CgroupGroup, Forked, TagGroup
 from daemon.memory import Sizes, cgroup_peak, launch_size, pss
+from daemon.testing import server_script
 
 MiB = 1024 * 1024
 
@@ -143,3 +144,57 @@ def test_one_measurement_is_cheap(hog):
     per_look = (time.perf_counter() - began) / 20
     print(f"one look (pid + descendants, 2 processes, 120 MiB): {per_look * 1000:.2f} ms")
     assert per_look < 0.05
+
+
+# ------------------------------------------------------------------ a real server of the daemon's units
+
+# A command server that touches 50 MiB and starts a helper, in a session of its own, that touches 30 MiB
+# (argv: port). Everything it starts is its launch's: the helper's memory is the service's.
+HOGGING_SERVER = server_script(
+    "PORT, BODY = int(sys.argv[1]), b''\n"
+    "block = bytearray(50 * 1024 * 1024)\n"
+    "for i in range(0, len(block), 4096): block[i] = 1\n"
+    "helper = 'b = bytearray(30 * 1024 * 1024)\\nfor i in range(0, len(b), 4096): b[i] = 1\\nimport time; time.sleep(600)'\n"
+    "subprocess.Popen([sys.executable, '-c', helper], start_new_session=True)\n"
+)
+
+
+def test_a_service_of_the_daemon_is_measured_with_its_helper(units, tmp_path):
+    """What the idle checker will do each second: ``Sizes.measure_service`` of a live on-demand service,
+    then admission's view of it (``loaded_services``), which ``GET /v1/daemon``'s on_demand shows."""
+    from daemon.admission import loaded_services
+    from daemon.launch import Launcher
+    from daemon.models import DesiredState, LocalModelService, ServiceConfig
+    from daemon.service import ServiceRuntime
+    from daemon.testing import wait_for
+
+    (tmp_path / "s.py").write_text(HOGGING_SERVER)
+    config = ServiceConfig(model_type="command", model_name="hog", command=[sys.executable, "s.py", "{port}"],
+                           working_dir=str(tmp_path), health_path="/", idle_timeout=60)
+    svc = LocalModelService(config=config)
+    svc.service_path = str(units.paths.service_dir(svc.uuid))
+    svc.endpoint = Launcher.endpoint(config, config.port)
+    m = ServiceRuntime(svc)
+    units.services[m.uuid] = m
+    units.launcher.ensure_port(m, config)
+
+    async def go() -> None:
+        async with m.lock:
+            await units.startstop.start(m, 60, failing_state=DesiredState.STOPPED, op="deploy")
+        sizes = Sizes()
+        assert m.proc is not None and m.proc.group is not None
+        # The helper may still be touching its pages: wait until its 30 MiB are there.
+        await asyncio.to_thread(wait_for, lambda: launch_size(m.proc.group, m.proc.pid) >= 80 * MiB, 20)
+        size = await sizes.measure_service(m)
+        assert size >= 80 * MiB, size
+        (entry,) = loaded_services(units.services.values(), sizes)
+        assert (entry.uuid, entry.model_name, entry.size, entry.busy) == (str(m.uuid), "hog", size, "")
+        assert entry.last_use == m.svc.status.started_at
+        units.services[m.uuid].svc.config = config.model_copy(update={"idle_timeout": None})
+        assert loaded_services(units.services.values(), sizes) == []  # not on demand: never counted
+        async with m.lock:
+            await units.startstop.stop(m, 10, force=True)
+        assert await sizes.measure_service(m) == size  # gone: the size known stays
+        assert loaded_services(units.services.values(), sizes) == []
+
+    asyncio.run(go())
