@@ -96,19 +96,14 @@ class Admission:
     def decide(self, loaded: Iterable[Loaded], loading: Loading, now: float) -> Decision:
         """What to scale to zero before ``loading`` loads, least recently used first (see the module docstring).
 
-        ``loaded`` may hold ``loading`` itself (a start of a service that is starting, a deploy over a
-        loaded one): it is counted once, at the larger of its two sizes, and never chosen.
+        ``loaded`` may hold ``loading`` itself (a start of a service that is loaded or starting, a deploy
+        over a loaded one): it is admitted at once, with nothing unloaded. It holds its room already, and a
+        start that waited here while its own lock is held could keep an unload of it waiting too.
         """
-        others = []
-        for entry in loaded:
-            if not entry.on_demand:
-                continue
-            if entry.uuid == loading.uuid:
-                loading = replace(loading, size=max(loading.size, entry.size))
-            else:
-                others.append(entry)
-        if not self.capped:
+        entries = [e for e in loaded if e.on_demand]
+        if not self.capped or any(e.uuid == loading.uuid for e in entries):
             return Decision()
+        others = entries
         if self.memory_budget is not None and loading.size > self.memory_budget:
             return Decision(
                 refused=f"memory_budget={_budget(self.memory_budget)} is less than {_who(loading)}'s last measured size, "
@@ -181,7 +176,7 @@ class Gate:
         self._unload = unload
         self._clock = clock
         self._reserved: dict[str, Loading] = {}
-        self._lock = asyncio.Lock()  # one decision and its unloads at a time
+        self._leaving: set[str] = set()  # being unloaded by a load: not chosen again meanwhile
         self._changed = asyncio.Event()
 
     def changed(self) -> None:
@@ -189,8 +184,9 @@ class Gate:
         self._changed.set()
 
     def current(self, loading: Loading | None = None) -> list[Loaded]:
-        """What counts as loaded now: the loaded on-demand services and the reservations of other loads."""
-        found = list(self._loaded())
+        """What counts as loaded now: the loaded on-demand services (those another load is unloading
+        cannot be chosen again) and the reservations of the other loads."""
+        found = [replace(e, busy="being unloaded") if e.uuid in self._leaving else e for e in self._loaded()]
         seen = {e.uuid for e in found}
         for uuid, reserved in self._reserved.items():
             if uuid not in seen and (loading is None or uuid != loading.uuid):
@@ -202,23 +198,28 @@ class Gate:
         room; then hold a reservation for it (release it with :meth:`release`, or use :meth:`admit`).
 
         Raises ``AdmissionRefused`` (503) naming the cap and what holds it when there is no room in time.
+
+        No lock is held across an await: a decision and its reservation are taken in one step of the
+        loop (nothing else runs between them), so an unload that waits for a service's own lock (held by
+        a start of that service, itself in here) cannot deadlock with this one.
         """
         if not self.admission.capped:
             return
         while True:
-            async with self._lock:
-                decision = self.admission.decide(self.current(loading), loading, self._clock())
-                for uuid in decision.victims:
-                    log.info("admission: scaling %s to zero to load %s", uuid, loading.uuid)
-                    try:
-                        await self._unload(uuid)
-                    except ModeldError as exc:  # it stays loaded; the next look decides again
-                        log.warning("admission: could not unload %s: %s", uuid, exc)
-                if decision.victims:
-                    decision = self.admission.decide(self.current(loading), loading, self._clock())
-                if decision.admitted and not decision.victims:
-                    self._reserved[loading.uuid] = loading
+            decision = self.admission.decide(self.current(loading), loading, self._clock())
+            if decision.admitted:
+                self._reserved[loading.uuid] = loading  # the room being made is this load's
+                if not decision.victims:
                     return
+                try:
+                    await self._unload_all(decision.victims, loading)
+                except BaseException:
+                    self._reserved.pop(loading.uuid, None)
+                    raise
+                decision = self.admission.decide(self.current(loading), loading, self._clock())
+                if decision.admitted and not decision.victims:
+                    return
+                self._reserved.pop(loading.uuid, None)  # an unload failed, or others came: decide again
             if decision.final:
                 raise AdmissionRefused(decision.refused)
             remaining = deadline - time.monotonic()
@@ -227,6 +228,20 @@ class Gate:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, self.POLL))
+
+    async def _unload_all(self, victims: Sequence[str], loading: Loading) -> None:
+        """Scale ``victims`` to zero, in order; one that fails stays loaded (the caller decides again)."""
+        self._leaving.update(victims)
+        try:
+            for uuid in victims:
+                log.info("admission: scaling %s to zero to load %s", uuid, loading.uuid)
+                try:
+                    await self._unload(uuid)
+                except ModeldError as exc:
+                    log.warning("admission: could not unload %s: %s", uuid, exc)
+        finally:
+            self._leaving.difference_update(victims)
+            self.changed()
 
     def release(self, uuid: str) -> None:
         """The load of ``uuid`` is over (its server is counted as loaded now, or it failed)."""
