@@ -310,3 +310,8 @@ def loaded_services(services: Iterable[ServiceRuntime], sizes: Sizes, activity: 
             )
         )
     return found
+
+
+def loading_of(m: ServiceRuntime, sizes: Sizes) -> Loading:
+    """The service ``m`` about to load, with its last known size, as :meth:`Gate.make_room` takes it."""
+    return Loading(uuid=str(m.uuid), model_name=m.svc.config.model_name or m.svc.config.name, size=sizes.size(m.uuid))

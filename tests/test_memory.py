@@ -162,7 +162,7 @@ HOGGING_SERVER = server_script(
 def test_a_service_of_the_daemon_is_measured_with_its_helper(units, tmp_path):
     """What the idle checker will do each second: ``Sizes.measure_service`` of a live on-demand service,
     then admission's view of it (``loaded_services``), which ``GET /v1/daemon``'s on_demand shows."""
-    from daemon.admission import loaded_services
+    from daemon.admission import Loading, loaded_services, loading_of
     from daemon.launch import Launcher
     from daemon.models import DesiredState, LocalModelService, ServiceConfig
     from daemon.service import ServiceRuntime
@@ -187,6 +187,7 @@ def test_a_service_of_the_daemon_is_measured_with_its_helper(units, tmp_path):
         await asyncio.to_thread(wait_for, lambda: launch_size(m.proc.group, m.proc.pid) >= 80 * MiB, 20)
         size = await sizes.measure_service(m)
         assert size >= 80 * MiB, size
+        assert loading_of(m, sizes) == Loading(str(m.uuid), "hog", size)  # what a wake would ask room for
         (entry,) = loaded_services(units.services.values(), sizes)
         assert (entry.uuid, entry.model_name, entry.size, entry.busy) == (str(m.uuid), "hog", size, "")
         assert entry.last_use == m.svc.status.started_at
