@@ -239,9 +239,10 @@ def test_daemon_info(daemon, home):
     assert info["socket"] == str(home / "modeld.sock")
     assert info["started_at"] <= time.time()
     counts = info["counts"]
-    assert set(counts) == {"inactive", "pending_startup", "active", "pending_shutdown", "error", "total"}
+    assert set(counts) == {"inactive", "pending_startup", "active", "pending_shutdown", "error", "scaled_to_zero", "total"}
     assert all(v == 0 for v in counts.values())
     assert info["problems"] == []
+    assert info["on_demand"] == {"max_active": None, "memory_budget": None, "loaded": []}  # no caps by default
 
 
 def test_logs_tail_and_follow(client, home):
