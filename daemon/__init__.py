@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         ServiceConfig as ServiceConfig,
     )
     from .exceptions import (
+        AdmissionRefused as AdmissionRefused,
         Conflict as Conflict,
         DaemonAlreadyRunning as DaemonAlreadyRunning,
         DaemonError as DaemonError,
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
+    "AdmissionRefused": "exceptions",
     "BaseService": "models",
     "Conflict": "exceptions",
     "DaemonAlreadyRunning": "exceptions",

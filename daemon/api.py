@@ -3,7 +3,8 @@
 Routes (all under ``/v1``; every response carries ``x-modeld-version``):
 
     GET    /v1/daemon                       version, pid, home, counts, problems, containment,
-                                            settings (effective) and settings_sources (where each came from)
+                                            settings (effective) and settings_sources (where each came from),
+                                            on_demand (admission's caps and the on-demand servers loaded)
     POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
     GET    /v1/services                     find; filters as query parameters (daemon.filters.FIND_PARAMS):
                                             running, service_uuid, pipeline_name, pipeline_run_id,

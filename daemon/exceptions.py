@@ -18,6 +18,7 @@
     │   ├── DeployError              failed to start or to become healthy
     │   │   └── StillStarting        the caller's timeout ran out; it may still become healthy
     │   ├── StopError                could not be stopped in time
+    │   ├── AdmissionRefused         503: no room under max_active/memory_budget in time (names the cap and what holds it)
     │   └── ForkServerError          the fork server cannot start a server now (also an OSError)
     ├── InternalError                500: the daemon hit a bug; it logged it and goes on
     ├── StorageError                 the state on disk could not be read or written (507)
@@ -162,6 +163,13 @@ class StopError(ServiceError):
     status_code = 500
 
 
+class AdmissionRefused(ServiceError):
+    """An on-demand service could not be loaded: a cap (``max_active``, ``memory_budget``) stayed held by
+    servers that could not be unloaded until the wait ran out (``admission.py``). The message says which."""
+
+    status_code = 503
+
+
 class ForkServerError(ServiceError, OSError):
     """The fork server cannot start a server now (not started, gone, or not answering); spawn cold instead.
 
@@ -204,6 +212,7 @@ ERRORS: dict[str, type[ModeldError]] = {
         DeployError,
         StillStarting,
         StopError,
+        AdmissionRefused,
         ForkServerError,
         InternalError,
         StorageError,

@@ -37,10 +37,12 @@ class IdleChecker:
         paths: Paths,
         services: Mapping[UUID, ServiceRuntime],
         stop: Callable[[ServiceRuntime, Callable[[ServiceRuntime], bool]], Awaitable[None]],
+        measure: Callable[[ServiceRuntime], Awaitable[int]] | None = None,
     ):
         self.paths = paths
         self.services = services
         self.stop = stop  # OnDemand.idle_stop
+        self.measure = measure  # Sizes.measure_service: each active one's memory, for admission (throttled there)
         self._task: asyncio.Task[None] | None = None
         self._since: dict[UUID, tuple[int, float]] = {}  # uuid: (pid, time.time() it was first seen active)
         self._stopping: set[UUID] = set()
@@ -62,6 +64,10 @@ class IdleChecker:
                 if not ondemand:
                     return
                 self.check(ondemand)
+                if self.measure is not None:
+                    for m in ondemand:
+                        if m.svc.status.state == ServiceState.ACTIVE and m.proc is not None:
+                            await self.measure(m)
                 await asyncio.sleep(min(TICK, *((m.svc.config.idle_timeout or TICK) / 4 for m in ondemand)))
         finally:
             if self._task is asyncio.current_task():

@@ -25,11 +25,13 @@ from typing import Any
 from uuid import UUID
 
 from . import killpoints
+from .admission import Admission, Gate, Loaded, describe as describe_on_demand, loaded_services, loading_of
 from .containment import Containment, choose as choose_containment
 from .exceptions import Conflict, InvalidRequest, ModeldError, ServiceNotFound, StorageError
 from .gatewayd import GatewaySupervisor
 from .models import BaseService, DesiredState, LocalModelService, ServiceConfig, ServiceState, changes
 from .paths import Paths
+from .runtime._serve.activity import read as read_activity
 from .service import ServiceRuntime, is_builtin
 from .settings import DaemonSettings
 from .store import Problem
@@ -78,6 +80,12 @@ class Manager:
         self.idle = self.units.idle
         self._counted: tuple[int, list[ServiceRuntime], dict[str, int]] = (-1, [], {})
         self.gateway = GatewaySupervisor(paths, settings)
+        # On demand (admission.py): the caps, each server's size (units.sizes), each one's last use
+        # (its activity file), and the gate every load of an on-demand service passes.
+        self.admission = Admission(settings.max_active, settings.memory_budget)
+        self.sizes = self.units.sizes
+        self.gate = Gate(self.admission, self.loaded_on_demand, self._unload_for_room)
+        self.ondemand.room = self.room
 
     # ------------------------------------------------------------------ queries
 
@@ -86,6 +94,29 @@ class Manager:
             return self.services[uuid]
         except KeyError:
             raise ServiceNotFound(f"no service with uuid {uuid}") from None
+
+    def loaded_on_demand(self) -> list[Loaded]:
+        """The on-demand services whose server is alive, with size and last use, as admission counts them."""
+        return loaded_services(self.services.values(), self.sizes, self.activity)
+
+    def activity(self, uuid: str) -> tuple[float, int]:
+        """(last request, requests in flight) from the service's activity file; (0.0, 0) if none."""
+        found = read_activity(str(self.paths.activity_file(uuid)))
+        return (found[0], found[1]) if found is not None else (0.0, 0)
+
+    def room(self, m: ServiceRuntime, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
+        """Room for ``m``'s server under the caps, made before it loads (admission.py); waits up to the
+        wake timeout (``timeout`` if shorter), then AdmissionRefused (503). Only on-demand services count."""
+        if m.svc.config.idle_timeout is None or not self.admission.capped:
+            return contextlib.nullcontext()
+        wait = min(timeout, self.ondemand.timeout_of(m))
+        return self.gate.admit(loading_of(m, self.sizes), time.monotonic() + wait)
+
+    async def _unload_for_room(self, uuid: str) -> None:
+        """Admission's unload of a least recently used on-demand service (under its lock)."""
+        async with self._locked(UUID(uuid)) as m:
+            if m.svc.status.state == ServiceState.ACTIVE and m.proc is not None:
+                await self.ondemand.scale_to_zero(m)
 
     def counts(self) -> dict[str, int]:
         """Services by state. Counted again only when a service came or went or anything was
@@ -134,7 +165,8 @@ class Manager:
             if fresh:
                 log.info("deploying %s (%s %s)", deployed.uuid, config.model_type, config.model_uri or config.command)
                 try:
-                    await self.startstop.start(deployed, timeout, failing_state=DesiredState.STOPPED, op="deploy")
+                    async with self.room(deployed, timeout):
+                        await self.startstop.start(deployed, timeout, failing_state=DesiredState.STOPPED, op="deploy")
                 except StorageError:
                     # Its record could not be written (disk full): it must not live on in memory only.
                     self.services.pop(deployed.uuid, None)
@@ -144,7 +176,9 @@ class Manager:
             else:
                 deployed.unwatch()  # a scaled-to-zero service is loaded by the replace's start
                 try:
-                    await self.replacer.replace(deployed, config, timeout)
+                    async with self.room(deployed, timeout):
+                        await self.replacer.replace(deployed, config, timeout)
+                    self.sizes.forget(deployed.uuid)  # another model now: the old one's size says nothing
                 finally:
                     if deployed.svc.status.state == ServiceState.SCALED_TO_ZERO:  # (refused before anything changed)
                         self.ondemand.watch(deployed)
@@ -168,7 +202,8 @@ class Manager:
                 await self.ondemand.load(m, timeout)  # (the gateway's wake of a command service comes here)
                 return m.svc
             m.failures = 0
-            await self.startstop.start(m, timeout, failing_state=DesiredState.STOPPED)
+            async with self.room(m, timeout):
+                await self.startstop.start(m, timeout, failing_state=DesiredState.STOPPED)
             return m.svc
 
     async def unload(self, uuid: UUID) -> BaseService:
@@ -225,6 +260,7 @@ class Manager:
             await asyncio.to_thread(self.containment.remove_service, str(uuid))  # and anything its launches left
             killpoints.reached("delete.after-stop")
             self.services.pop(uuid, None)
+            self.sizes.forget(uuid)
             if trash is not None:
                 self.store.purge(trash)
             log.info("deleted %s", uuid)
@@ -281,4 +317,5 @@ class Manager:
             **({"containment_note": self.containment.reason} if self.containment.reason else {}),
             "log_writer": writer.pid if (writer := self.logs.pid()) else None,
             **self.gateway.describe(),
+            "on_demand": describe_on_demand(self.admission, self.loaded_on_demand()),
         }

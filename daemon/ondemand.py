@@ -31,8 +31,9 @@ import time
 from collections.abc import Callable, Mapping
 from uuid import UUID
 
-from .exceptions import ModeldError, StillStarting, StorageError
+from .exceptions import AdmissionRefused, ModeldError, StillStarting, StorageError
 from .launch import Launcher
+from .memory import Sizes
 from .models import DesiredState, ServiceState
 from .paths import Paths
 from .service import ServiceRuntime, is_builtin
@@ -44,6 +45,10 @@ from .transitions import change_state, move, save
 from .waiting import answer_waiting
 
 log = logging.getLogger("modeld.manager")
+
+
+def _no_cap(m: ServiceRuntime, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext()
 
 
 class OnDemand:
@@ -58,6 +63,7 @@ class OnDemand:
         startstop: StartStop,
         services: Mapping[UUID, ServiceRuntime],
         wake_timeout: float | None = None,
+        sizes: Sizes | None = None,
     ):
         self.paths = paths
         self.store = store
@@ -66,6 +72,10 @@ class OnDemand:
         self.startstop = startstop
         self.services = services
         self.wake_timeout = wake_timeout  # the setting; None: each service's startup_timeout
+        self.sizes = sizes  # measured once more as a server goes (its peak, for admission)
+        # Room for one more loaded server (admission.py's Gate.admit, set by the manager): entered
+        # around every load of an on-demand service; no cap by default.
+        self.room: Callable[[ServiceRuntime, float], contextlib.AbstractAsyncContextManager[None]] = _no_cap
         self._tasks: set[asyncio.Task[None]] = set()
 
     def timeout_of(self, m: ServiceRuntime) -> float:
@@ -89,6 +99,8 @@ class OnDemand:
                 # A re-adopted server whose socket the daemon does not hold yet: take it first,
                 # so that the port is never free between the server's exit and the watch.
                 m.listener = await asyncio.to_thread(fetch_listener, proc.info.fd_socket)
+            if proc.alive and self.sizes is not None:
+                await self.sizes.measure_service(m, force=True)
             if proc.alive:
                 # Recorded first, as a stop is: the gateway, reading it, holds a request that meets
                 # the closing port for the wake instead of answering 502 (docs/on-demand-design.md).
@@ -145,7 +157,9 @@ class OnDemand:
             try:
                 await self.load(m, timeout)
             except ModeldError as exc:
-                if isinstance(exc.__cause__, StillStarting) or time.monotonic() - started >= timeout:
+                if isinstance(exc, AdmissionRefused):
+                    status, kind, message = 503, "ServiceUnavailable", f"service {m.uuid} could not wake: {exc}"
+                elif isinstance(exc.__cause__, StillStarting) or time.monotonic() - started >= timeout:
                     status, kind = 504, "GatewayTimeout"
                     message = f"service {m.uuid} did not wake within {timeout:g} s (wake_timeout)"
                 else:
@@ -153,6 +167,8 @@ class OnDemand:
                     message = f"service {m.uuid} could not wake: {exc}"
                 count = await answer_waiting(held, status, kind, message)
                 log.warning("%s: answered %d waiting requests %d: %s", m.uuid, count, status, exc)
+                if m.svc.status.state == ServiceState.SCALED_TO_ZERO:
+                    self.watch(m)  # (refused room: nothing started) the next request tries again
         finally:
             held.close()
 
@@ -163,7 +179,8 @@ class OnDemand:
         zero (socket wakes, start, the gateway's start, deploy): the caller holds the lock."""
         m.unwatch()
         m.failures = 0
-        await self.startstop.start(m, timeout, failing_state=DesiredState.STOPPED)
+        async with self.room(m, timeout):
+            await self.startstop.start(m, timeout, failing_state=DesiredState.STOPPED)
 
     async def unload(self, m: ServiceRuntime) -> None:
         """Scale the service to zero now, whatever it runs (the caller holds the lock)."""

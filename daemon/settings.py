@@ -38,12 +38,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from .exceptions import DaemonStartError
 from .paths import Paths
@@ -85,6 +86,17 @@ class DaemonSettings(BaseModel):
     gateway_max_body: int = Field(
         64 * 1024 * 1024, gt=0, description="the largest request body the gateway forwards, in bytes (then 413)"
     )
+    max_active: int | None = Field(
+        None,
+        ge=1,
+        description="the most servers of on-demand services (those with an idle_timeout) loaded at once; none: no cap",
+    )
+    memory_budget: int | None = Field(
+        None,
+        ge=1,
+        description="bytes the servers of on-demand services may use together, by each one's peak "
+        "(512MiB, 2GiB, 1.5GB are read too); none: no cap",
+    )
 
     wake_timeout: float | None = Field(
         None,
@@ -115,6 +127,17 @@ class DaemonSettings(BaseModel):
         value = value.strip()
         gateway_address(value)  # raises ValueError naming what is wrong
         return value.lower() if value.lower() == OFF else value
+
+    @field_validator("max_active", "memory_budget", mode="before")
+    @classmethod
+    def _cap(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool):  # TOML's true is not a number (pydantic would take it for 1)
+            raise ValueError("give a number, not true or false")
+        if not isinstance(value, str):
+            return value
+        if value.strip().lower() in (OFF, "none"):  # a cap set in daemon.toml, lifted by MODELD_MAX_ACTIVE=off
+            return None
+        return byte_size(value) if info.field_name == "memory_budget" else value
 
     @property
     def gateway_address(self) -> tuple[str, int] | None:
@@ -154,6 +177,38 @@ def gateway_address(value: str) -> tuple[str, int] | None:
     except ValueError:
         raise ValueError(f"{value!r}: the host must be an IP address such as 127.0.0.1, not {host!r}") from None
     return host, int(port_text)
+
+
+# Units of byte_size: decimal (kB, MB, GB, TB) and binary (KiB … TiB, and K, M, G, T as the CLI reads them).
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    **{f"{p}{s}": 1024 ** (i + 1) for i, p in enumerate("kmgt") for s in ("ib", "")},
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def byte_size(text: str) -> int:
+    """``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"1000"`` as a number of bytes (rounded down); ValueError naming the text."""
+    match = _SIZE.fullmatch(text)
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        raise ValueError(f"{text!r} is not a size: bytes, or a number with B, kB, MB, GB, TB, KiB, MiB, GiB or TiB")
+    return int(float(match.group(1)) * unit) if "." in match.group(1) else int(match.group(1)) * unit
+
+
+def format_size(size: int) -> str:
+    """Bytes as people read them: 0 B, 512.0 KiB, 1.5 GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 def env_name(key: str) -> str:

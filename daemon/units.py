@@ -2,7 +2,7 @@
 
 ``Units.wire`` builds them as the daemon runs them: the store, the log writer's client, the
 launcher, the prober, the supervisor, start/stop, the replacer, on-demand (scale to zero and
-wake), the rebuilder and the idle checker, all over the
+wake), the rebuilder, the idle checker and the sizes of on-demand servers, all over the
 same ``services`` registry. The manager builds its units here, and so do the tests that run the
 units without a manager (``daemon/testing/units.py``), so the two cannot be wired apart.
 
@@ -23,6 +23,7 @@ from .health import Prober
 from .idle import IdleChecker
 from .launch import Launcher
 from .logwriter import LogWriterClient
+from .memory import Sizes
 from .ondemand import OnDemand
 from .paths import Paths
 from .rebuild import Rebuilder
@@ -50,6 +51,7 @@ class Units:
     rebuilder: Rebuilder
     ondemand: OnDemand
     idle: IdleChecker
+    sizes: Sizes
     services: dict[UUID, ServiceRuntime]
 
     @classmethod
@@ -73,9 +75,10 @@ class Units:
         supervisor = Supervisor(paths, store, logs, launcher, prober)
         startstop = StartStop(store, launcher, supervisor)
         replacer = Replacer(services, store, launcher, supervisor, startstop)
-        ondemand = OnDemand(paths, store, launcher, supervisor, startstop, services, wake_timeout)
+        sizes = Sizes()  # each on-demand server's peak memory, for admission (memory.py)
+        ondemand = OnDemand(paths, store, launcher, supervisor, startstop, services, wake_timeout, sizes)
         rebuilder = Rebuilder(paths, store, containment, logs, launcher, supervisor, startstop, ondemand, services)
-        idle = IdleChecker(paths, services, ondemand.idle_stop)
+        idle = IdleChecker(paths, services, ondemand.idle_stop, sizes.measure_service)
         return cls(
             paths,
             containment,
@@ -89,6 +92,7 @@ class Units:
             rebuilder,
             ondemand,
             idle,
+            sizes,
             services,
         )
 

@@ -13,6 +13,12 @@ to a new ZenML record (see :mod:`modeld_zenml.deployer`). Both records
 survive restarts: ZenML's in its store, modeld's on disk; if the daemon's
 record is gone, ``provision`` (``zenml model-deployer models start``)
 deploys the service again from the config ZenML kept, under the same uuid.
+
+Status comes from the daemon only. ZenML's ``update_status()`` would health-check the
+endpoint itself (an HTTP GET of its health URL); here the endpoint's state is what the daemon
+reported (``ModeldDeploymentEndpoint.check_status``), so no code path connects to a model's
+port to learn its state: ``zenml model-deployer models list`` does not wake a service that is
+scaled to zero (ZenML's ``ServiceState.SCALED_TO_ZERO``, the daemon's state of the same name).
 """
 
 from __future__ import annotations
@@ -90,11 +96,22 @@ class ModeldDeploymentEndpointConfig(ServiceEndpointConfig):
 
 
 class ModeldDeploymentEndpoint(BaseServiceEndpoint):
-    """The server's HTTP endpoint, as modeld reports it; ZenML health-checks it over HTTP."""
+    """The server's HTTP endpoint, as modeld reports it. Its state is the daemon's, never a probe of its own."""
 
     config: ModeldDeploymentEndpointConfig = Field(default_factory=ModeldDeploymentEndpointConfig)
     status: ServiceEndpointStatus = Field(default_factory=lambda: ServiceEndpointStatus(protocol=ServiceEndpointProtocol.HTTP))
+    # Kept for the health check's URL (``healthcheck_url``) and for the records ZenML stored with it;
+    # never asked to check anything (see check_status).
     monitor: HTTPEndpointHealthMonitor = Field(default_factory=HTTPEndpointHealthMonitor)
+
+    def check_status(self) -> tuple[ServiceState, str]:
+        """What the daemon last said of the server (``ModeldDeploymentService._sync``), with no connection to it.
+
+        ZenML's own check would GET the health URL of every service it lists: a connection to a
+        scaled-to-zero server's port is what wakes it, so ``zenml model-deployer models list`` would
+        load every model. The daemon probes its servers itself; its answer is the endpoint's state.
+        """
+        return self.status.state, self.status.last_error
 
     @property
     def prediction_url(self) -> str | None:
@@ -143,12 +160,14 @@ class ModeldDeploymentService(BaseDeploymentService):
                 svc = client.get(self.modeld_uuid)
         except ServiceNotFound:
             self.status.pid = None
-            return ServiceState.INACTIVE, (
-                f"the modeld daemon has no service {self.modeld_uuid} (deleted outside ZenML); starting it deploys it again"
-            )
+            message = f"the modeld daemon has no service {self.modeld_uuid} (deleted outside ZenML); starting it deploys it again"
+            self._endpoint_state(ServiceState.INACTIVE, message)
+            return ServiceState.INACTIVE, message
         except ModeldError as exc:
+            self._endpoint_state(ServiceState.ERROR, f"cannot ask the modeld daemon: {exc}")
             return ServiceState.ERROR, f"cannot ask the modeld daemon: {exc}"
         self._sync(svc)
+        # SCALED_TO_ZERO too (ZenML's member of the same name): no server runs; its next request loads it.
         return ServiceState(svc.status.state.value), svc.status.last_error
 
     def get_logs(self, follow: bool = False, tail: int | None = None) -> Generator[str, bool, None]:
@@ -247,6 +266,12 @@ class ModeldDeploymentService(BaseDeploymentService):
         self.endpoint.status.port = port
         self.endpoint.config.prediction_path = urlsplit(svc.endpoint.prediction_url).path
         self.endpoint.monitor.config = HTTPEndpointHealthMonitorConfig(healthcheck_uri_path=svc.endpoint.health_path)
+        self._endpoint_state(ServiceState(svc.status.state.value), svc.status.last_error)
+
+    def _endpoint_state(self, state: ServiceState, error: str) -> None:
+        """The endpoint's state is the daemon's view of the server (see ``ModeldDeploymentEndpoint.check_status``)."""
+        self.endpoint.status.update_state(state)
+        self.endpoint.status.last_error = error
 
 
 def _lines(chunks: Iterator[str]) -> Generator[str, bool, None]:

@@ -242,6 +242,7 @@ def test_daemon_info(daemon, home):
     assert set(counts) == {"inactive", "pending_startup", "active", "pending_shutdown", "error", "scaled_to_zero", "total"}
     assert all(v == 0 for v in counts.values())
     assert info["problems"] == []
+    assert info["on_demand"] == {"max_active": None, "memory_budget": None, "loaded": []}  # no caps by default
 
 
 def test_logs_tail_and_follow(client, home):

@@ -31,6 +31,8 @@ DEFAULTS = {
     "gateway_timeout": 300.0,
     "gateway_max_body": 64 * 1024 * 1024,
     "wake_timeout": None,
+    "max_active": None,
+    "memory_budget": None,
 }
 
 
@@ -73,6 +75,8 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
         "gateway_timeout": "default",
         "gateway_max_body": "default",
         "wake_timeout": "default",
+        "max_active": "default",
+        "memory_budget": "default",
     }
     assert settings.named("cgroup") == f"{toml}: cgroup"
     assert settings.named("health_interval") == "MODELD_HEALTH_INTERVAL"
@@ -115,6 +119,18 @@ BAD += [
 ]
 BAD_IDS = ["unknown-key", "bad-value", "out-of-range", "bad-level", "broken-toml", "socket-in-file", "bad-env", "bad-env-bool"]
 BAD_IDS += ["gateway-no-port", "gateway-name", "gateway-port-range", "gateway-timeout", "gateway-max-body"]
+BAD += [
+    ("max_active = 0\n", {}, r"{toml}: max_active: Input should be greater than or equal to 1 \(got 0\)"),
+    ("max_active = true\n", {}, r"{toml}: max_active: give a number, not true or false"),
+    ("", {"MODELD_MAX_ACTIVE": "three"}, r"MODELD_MAX_ACTIVE: Input should be a valid integer.*\(got 'three'\)"),
+    ("", {"MODELD_MAX_ACTIVE": "2.5"}, r"MODELD_MAX_ACTIVE: Input should be a valid integer"),
+    ('memory_budget = "2 gigs"\n', {}, r"{toml}: memory_budget: '2 gigs' is not a size: bytes, or a number with B, kB"),
+    ("memory_budget = 0\n", {}, r"{toml}: memory_budget: Input should be greater than or equal to 1"),
+    ("", {"MODELD_MEMORY_BUDGET": "-1GiB"}, r"MODELD_MEMORY_BUDGET: '-1GiB' is not a size"),
+    ("memory_budget = 1.5\n", {}, r"{toml}: memory_budget: Input should be a valid integer, got a number with a fractional part"),
+]
+BAD_IDS += ["max-active-0", "max-active-bool", "max-active-word", "max-active-fraction"]
+BAD_IDS += ["budget-unit", "budget-0", "budget-negative", "budget-fraction"]
 
 
 @pytest.mark.parametrize(("text", "environ", "said"), BAD, ids=BAD_IDS)
@@ -124,6 +140,39 @@ def test_loader_names_the_key_and_where(tmp_path, text, environ, said):
         load_settings(Paths(tmp_path), environ=environ)
     assert re.match("cannot start the daemon: " + said.format(toml=re.escape(str(toml))), str(info.value)), str(info.value)
     assert "\n" not in str(info.value)  # one line: the client's auto-start reports the daemon's last line
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (4294967296, 4294967296),
+        ("4294967296", 4294967296),
+        ("512MiB", 512 * 1024**2),
+        ("2GiB", 2 * 1024**3),
+        ("1.5GB", 1_500_000_000),
+        ("1.5 gib", int(1.5 * 1024**3)),
+        ("100kB", 100_000),
+        ("64K", 64 * 1024),  # K, M, G, T alone: binary, as modeld deploy reads --log-max-bytes
+        ("3M", 3 * 1024**2),
+        ("off", None),
+        ("none", None),
+    ],
+)
+def test_memory_budget_takes_bytes_and_sizes_with_units(tmp_path, given, expected):
+    from_file = write_settings(tmp_path, f"memory_budget = {json.dumps(given)}\n")
+    assert load_settings(Paths(tmp_path), environ={}).memory_budget == expected
+    from_file.unlink()
+    from_env = load_settings(Paths(tmp_path), environ={"MODELD_MEMORY_BUDGET": str(given)})
+    assert from_env.memory_budget == expected
+    assert from_env.public()["memory_budget"] == expected  # GET /v1/daemon shows bytes
+
+
+def test_max_active_and_its_lifting_by_the_environment(tmp_path):
+    write_settings(tmp_path, "max_active = 3\nmemory_budget = \"2GiB\"\n")
+    assert load_settings(Paths(tmp_path), environ={}).max_active == 3
+    lifted = load_settings(Paths(tmp_path), environ={"MODELD_MAX_ACTIVE": "off", "MODELD_MEMORY_BUDGET": "1GiB"})
+    assert (lifted.max_active, lifted.memory_budget) == (None, 1024**3)
+    assert lifted.sources["max_active"] == "MODELD_MAX_ACTIVE"
 
 
 def test_readme_lists_every_setting():
@@ -143,7 +192,8 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
     toml = write_settings(
         home,
         'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n'
-        'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\nwake_timeout = 7\n',
+        'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\nwake_timeout = 7\n'
+        'max_active = 3\nmemory_budget = "1.5GiB"\n',
     )
     info = client.daemon_info()  # auto-started
     assert info["settings"] == {
@@ -157,6 +207,8 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         "gateway_timeout": 30.0,
         "gateway_max_body": 1000,
         "wake_timeout": 7.0,
+        "max_active": 3,
+        "memory_budget": 1610612736,
     }
     assert {key: info["settings_sources"][key] for key in file_keys()} == dict.fromkeys(file_keys(), str(toml))
     # They act, not only show: tags, as the file says, and no INFO line in the log.

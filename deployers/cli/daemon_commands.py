@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from daemon import exceptions as exc
 from daemon.client import ensure_daemon
 from daemon.paths import Paths
+from daemon.settings import format_size
 from deployers.cli import connect
 from deployers.cli.output import print_json
 
@@ -75,6 +77,7 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
         if counts["total"]
         else "services: none"
     )
+    print_on_demand(info.get("on_demand"))
     settings, sources = info.get("settings", {}), info.get("settings_sources", {})
     if settings:
         print("settings (daemon.toml, then MODELD_* of the daemon's environment):")
@@ -87,6 +90,33 @@ def cmd_daemon_status(args: argparse.Namespace) -> int:
         aside = f" (set aside as {problem['set_aside_as']})" if problem.get("set_aside_as") else ""
         print(f"problem: {problem['path']}: {problem['message']}{aside}")
     return 0
+
+
+def print_on_demand(on_demand: dict[str, Any] | None) -> None:
+    """The caps of admission and the on-demand servers loaded, least recently used first."""
+    if on_demand is None:  # a daemon from before on-demand services
+        return
+    budget = on_demand.get("memory_budget")
+    caps = [
+        f"max_active {on_demand['max_active']}" if on_demand.get("max_active") else "max_active none",
+        f"memory_budget {format_size(budget)}" if budget else "memory_budget none",
+    ]
+    loaded = on_demand.get("loaded") or []
+    total = sum(entry["size_bytes"] for entry in loaded)
+    print(f"on demand: {', '.join(caps)}; loaded {len(loaded)} ({format_size(total)})" + (":" if loaded else ""))
+    now = time.time()
+    rows = [
+        [
+            entry["model_name"] or "-",
+            entry["uuid"][:8],
+            format_size(entry["size_bytes"]) if entry["size_bytes"] else "not measured yet",
+            f"last use {now - entry['last_use']:.1f} s ago" if entry.get("last_use") else "never used",
+        ]
+        for entry in loaded
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)] if rows else []
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_daemon_run(args: argparse.Namespace) -> int:
