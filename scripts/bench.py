@@ -29,6 +29,7 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | gateway_rps_ratio         | requests/s through the gateway / direct, 8 keep-alive clients, alternating windows |
 | stream_first_byte_over_direct_ms | first SSE event (events 500 ms apart) through the gateway minus direct, kept-alive connections |
 | gateway_rss_mb, gateway_idle_cpu_pct | the gateway process, with the live servers, idle (beside the daemon's idle figures) |
+| wake_ms, wake_via_gateway_ms, idle_cycle_*, admission_* | on demand: see scripts/bench_ondemand.py |
 
 The daemons here run with a gateway (``MODELD_GATEWAY=:0``), so the daemon's RSS and idle CPU
 are measured with it running.
@@ -67,6 +68,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import bench_ondemand
 from daemon import DaemonClient, DesiredState, LocalModelService, ServiceConfig, ServiceState
 from daemon.linux import ProcessIdentity
 from daemon.testing import UnixHTTP, free_port, read_pid, reap, reap_home, wait_for
@@ -122,6 +124,11 @@ TARGETS = {  # figure -> (description, check on the result)
     "gateway_overhead_us": ("<= 300 us", lambda r: r["gateway_overhead_us"] <= 300),
     "gateway_rps_ratio": (">= 0.5", lambda r: r["gateway_rps_ratio"] >= 0.5),
     "stream_first_byte_over_direct_ms": ("<= 1 ms", lambda r: r["stream_first_byte_over_direct_ms"] <= 1),
+    "wake_ms": ("p50 <= 0.5 x the cold floor (wake_over_floor)", lambda r: r["wake_over_floor"] <= 0.5),
+    "idle_cycle_failed_requests": ("0 failed, >= 20 idle cycles", lambda r: r["idle_cycle_failed_requests"] == 0
+                                   and (r["idle_cycles"] >= 20 or r["setup"]["quick"])),
+    "admission_max_alive": ("0 failed, never more than 3 alive", lambda r: r["admission_failed_requests"] == 0
+                            and r["admission_max_alive"] <= 3),
 }
 
 
@@ -558,6 +565,11 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
         result["replace_failures_sample"] = failures[:5]
     progress("gateway beside direct")
     result.update(gateway_runs(client, folder, args, reaper))
+    progress("on demand: wakes, idle cycles, admission")
+    reaper.homes += [folder / "c", folder / "d"]
+    result.update(
+        bench_ondemand.ondemand_runs(folder / "c", folder / "d", folder, args.quick, lambda: cold_floor(folder, reaper), summary)
+    )
     progress("API latency while a server floods its log")
     flood = log_flood(client, folder, reaper)
     result["log_flood_api_ms"] = flood["flooding"]
@@ -641,7 +653,8 @@ def progress(text: str) -> None:
 def table(result: dict[str, Any]) -> str:
     rows = []
     for key, value in result.items():
-        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle", "gateway_latency_us", "gateway_rps"):
+        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle", "gateway_latency_us", "gateway_rps",
+                   "wake_via_gateway_ms", "idle_cycle_failures_sample"):
             continue
         shown = f"{value['p50']:>10} {value['p99']:>10}" if isinstance(value, dict) else f"{value:>10}"
         target = result["targets"].get(key)
