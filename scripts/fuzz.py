@@ -83,13 +83,14 @@ QUERY_PARAMS: dict[str, dict[str, type]] = {
     "daemon_info": {},
     "shutdown": {"stop_services": bool},
     "find": {"running": bool, "service_uuid": uuidlib.UUID, "pipeline_name": str, "pipeline_run_id": str,
-             "pipeline_step_name": str, "model_name": str, "model_uri": str, "model_type": str},
+             "pipeline_step_name": str, "model_name": str, "model_uri": str, "model_type": str, "state": str},
     "deploy": {},
     "get": {},
     "delete": {"timeout": float, "force": bool},
     "start": {"timeout": float},
     "start_all": {"timeout": float},
     "stop": {"timeout": float, "force": bool},
+    "unload": {},
     "logs": {"tail": int, "follow": bool},
 }
 
@@ -703,6 +704,10 @@ class ConfigGenerator:
             add(Mutation("startup_timeout", value))
         for value in (0, -5, INF, NEG_INF, "NaN", "Infinity", "soon", None):
             add(Mutation("startup_timeout", value))
+        for value in (None, 60, 3600, 1e9, 1e308, 10**30):
+            add(Mutation("idle_timeout", value))
+        for value in (0, -5, INF, NEG_INF, "NaN", "Infinity", "soon", []):
+            add(Mutation("idle_timeout", value))
         for value in (0, 1, 10**30, 10**100, "7"):
             add(Mutation("restart.max_restarts", value))
         for value in (-1, 1.5, INF, "NaN", "many", None):
