@@ -82,14 +82,18 @@ def test_bind_unix_service_wakes_on_its_socket(client):
     assert client.get(svc.uuid).is_running
 
 
-def test_requests_racing_idle_stops_never_fail(client):
-    """New connections sent at random gaps around the idle timeout, across several idle stops: none fails."""
-    svc = client.deploy(iris_config(idle_timeout=0.3), timeout=60)
+def test_requests_racing_idle_stops_never_fail(client, tmp_path):
+    """New connections sent at gaps just past the idle timeout, across many idle stops: some land
+    between the daemon's idle decision and its stop signal (a few ms of each stop), are accepted by
+    the server and still running (the model takes 50 ms) when the signal comes. None fails: the
+    server drains what it accepted, and what it did not waits in the backlog for the wake."""
+    slow = write_model(tmp_path, "import time\ndef model(instances):\n    time.sleep(0.05)\n    return instances\n")
+    svc = client.deploy(iris_config(model_uri=slow, idle_timeout=0.3), timeout=60)
     outcomes: list[object] = []
     pids: set[int] = set()
     rng = random.Random(12)
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline or len(pids) < 3:
+    deadline = time.monotonic() + 60
+    while len(pids) < 25:
         try:
             outcomes.append(ask(svc, timeout=30)[0])
         except OSError as exc:
@@ -97,10 +101,9 @@ def test_requests_racing_idle_stops_never_fail(client):
         pid = client.get(svc.uuid).status.pid
         if pid:
             pids.add(pid)
-        time.sleep(rng.choice([0.0, 0.05, 0.25, 0.3, 0.32, 0.35, 0.5]))  # (the traffic's pattern, not a wait)
-        assert time.monotonic() < deadline + 30, "too few idle stops"
+        time.sleep(rng.uniform(0.28, 0.42))  # (the traffic's pattern, around the idle stop: not a wait)
+        assert time.monotonic() < deadline, f"too few idle stops: {len(pids)} servers"
     assert [o for o in outcomes if o != 200] == []
-    assert len(pids) >= 3  # it was stopped and woken again meanwhile
 
 
 def test_an_idle_keep_alive_connection_and_the_probes_do_not_keep_it_loaded(client, monkeypatch):
