@@ -59,11 +59,12 @@ def fields(head: bytes) -> dict[str, str]:
 
 
 class Backend:
-    """A listening socket served by a thread: ``serve(conn, n)`` handles the n-th connection."""
+    """A listening socket (TCP on 127.0.0.1, or ``sock``) served by a thread: ``serve(conn, n)``
+    handles the n-th connection."""
 
-    def __init__(self, serve: Callable[[socket.socket, int], None], port: int = 0):
-        self.sock = socket.create_server(("127.0.0.1", port))
-        self.port = self.sock.getsockname()[1]
+    def __init__(self, serve: Callable[[socket.socket, int], None], port: int = 0, sock: socket.socket | None = None):
+        self.sock = socket.create_server(("127.0.0.1", port)) if sock is None else sock
+        self.port = self.sock.getsockname()[1] if sock is None else 0
         self.serve = serve
         self.connections = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -333,36 +334,27 @@ class StandInDaemon:
         self.delay = delay
         self.calls: list[str] = []
         self.answered_at: list[float] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(16)
-        threading.Thread(target=self._run, daemon=True).start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(16)
+        self.server = Backend(self._one, sock=sock)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            head = read_head(conn, bytearray())
-            if head is None:
-                return
-            path = head.split(b" ")[1].decode()
-            self.calls.append(path)
-            time.sleep(self.delay)
-            reply = self.answer(path)
-            if reply is None:
-                time.sleep(60)
-                return
-            self.answered_at.append(time.monotonic())
-            conn.sendall(reply)
+    def _one(self, conn: socket.socket, _n: int) -> None:
+        head = read_head(conn, bytearray())
+        if head is None:
+            return
+        path = head.split(b" ")[1].decode()
+        self.calls.append(path)
+        time.sleep(self.delay)
+        reply = self.answer(path)
+        if reply is None:
+            time.sleep(60)
+            return
+        self.answered_at.append(time.monotonic())
+        conn.sendall(reply)
 
     def close(self) -> None:
-        self.sock.close()
+        self.server.close()
 
 
 def daemon_reply(status: int, payload: object) -> bytes:
