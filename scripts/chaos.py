@@ -8,7 +8,10 @@ Each step is one of: deploy, deploy with replace, stop, start, delete, start of 
 (``POST /v1/services/start``) (a share of them with a ``kill -9`` of the daemon landing while the
 call is in flight), ``kill -9`` of a service's server process alone, of its process group, or of
 every process of its launch, ``kill -9``, SIGTERM or restart of the daemon, and ``daemon stop
---all`` (sometimes cut short by a ``kill -9``). A daemon is sometimes started with a kill point
+--all`` (sometimes cut short by a ``kill -9``), ``unload`` of a service (of any kind, one without
+an ``idle_timeout`` too), a request that wakes a scaled-to-zero service (on its own URL if built-in,
+and through the gateway), and a burst of 6 requests as an on-demand service is being scaled to zero
+for being idle (chaos watches it leave ``active``, then sends them). A daemon is sometimes started with a kill point
 armed (``MODELD_DIE_AT``, see ``daemon/killpoints.py``) so that it dies at a named durable step of
 whatever operation reaches it first. While a daemon is down, pid files are sometimes overwritten to
 name a stranger's process (a reused pid), and a server is sometimes killed (alone or its group).
@@ -24,6 +27,21 @@ The servers come in five kinds, the first deploys going through each once:
 - ``flood``: a server with a child that writes its log as fast as it can (niced), deployed with
   ``log_max_bytes`` 65536 and ``log_backups`` 1. At most one runs at a time.
 
+On demand (issue 12): a share of the ``python``, ``command`` and ``helper`` deploys and replaces
+get an ``idle_timeout`` of 0.5-2 s, so idle stops happen within the run. Every daemon runs with
+the gateway (``MODELD_GATEWAY=:0``: a free port, kept by the home across daemon restarts; the
+daemons clients auto-start inherit it). When admission is merged (``DaemonSettings`` has
+``max_active``), a run draws one cap (none, 2 or 3) that every daemon it starts gets
+(``MODELD_MAX_ACTIVE``); one cap for the run, so that its invariant holds at every convergence.
+
+All through the run a thread sends requests, one connection each, at random gaps (30-250 ms, at
+most 3 at once) to the services that should serve them: those the last convergence saw with the
+desired state ``running``, ``active`` or ``scaled_to_zero`` (not in error, not being deployed or
+deleted). Each goes on the service's own URL or through the gateway (``/v1/services/<uuid>/...``),
+at random; a ``command`` service that may be scaled to zero gets them through the gateway only
+(its port is closed while it is scaled to zero and only the gateway wakes it). A request succeeds
+with a 200.
+
 Helpers record themselves (pid, start ticks, service, launch) in ``models/helpers.log``. Chaos
 tells processes apart by *launch* (each spawn of a server, ``MODELD_PROCESS``'s ``launch``): a
 process belongs to the launch its environment tag names (or its fork server's ``run/forked-<pid>``
@@ -31,20 +49,26 @@ record), and, with cgroup containment, to the launch whose cgroup
 ``modeld-<sha256(home)[:16]>/<uuid>/<launch>`` holds it, tag or none. A service's tracked launch
 is the launch of the process its ``status.pid`` names. After every step the daemon is given time
 to converge (each service that should run is ``active`` with exactly its tracked launch alive,
-its pid alive and answering; each other has no process), then the invariants are checked. The bad
-counts:
+its pid alive and answering, or ``scaled_to_zero`` with no process; each other has no process),
+then the invariants are checked. An on-demand service may go from ``active`` to ``scaled_to_zero``
+and back on its own at any time (idle stops; wakes by the requests): neither state is a fault. The
+bad counts:
 
 - ``services_lost``: a service deployed (and not deleted) is missing from ``find``;
 - ``resurrected``: a service whose delete returned shows up again, or one stopped (``stop``,
   ``daemon stop --all``) wants to run again though nobody asked (a start, ``start --all``, a deploy);
 - ``stopped_unasked``: a service left running wants to be stopped though nobody asked (a plain
-  daemon stop, kill or SIGTERM taken for ``daemon stop --all``);
+  daemon stop, kill or SIGTERM taken for ``daemon stop --all``), or is scaled to zero though it
+  has no ``idle_timeout`` and chaos did not unload it since it last loaded it;
 - ``untracked_servers``: a live process of a launch that no service tracks (of a service gone,
   stopped or in error, a launch replaced or crashed: a helper that outlived its server counts),
   or a helper alive that containment cannot find (in tag mode, an envless helper whose launch
   ended is the documented limit: counted apart as ``envless_helpers_escaped`` and killed);
 - ``duplicates``: more than one live launch for one service;
-- ``stale_states``: a service reported ``active`` whose port does not answer;
+- ``stale_states``: a service reported ``active`` whose port does not answer (for a service that
+  may be scaled to zero: and the daemon still says ``active`` with the same pid right after; an
+  idle stop records ``pending_shutdown`` before it stops the server, so one seen ``active`` then
+  gone is counted apart, as ``stale_answers_racing_idle_stop``);
 - ``version_mismatches``: a server answers for another version than the one its service reports;
 - ``unconverged``: the services did not settle within 15 s of a step or a daemon start;
 - ``strangers_signalled``: a process modeld did not start (plain, tagged with this home but no
@@ -52,14 +76,36 @@ counts:
   killed or stopped;
 - ``logs_over_cap``: a service's folder holds a log file other than ``service.log`` and
   ``service.log.1`` … ``.N`` (N = its ``log_backups``), or one larger than its ``log_max_bytes``
-  + 64 KiB.
+  + 64 KiB;
+- ``requests_failed``: a request (of the thread, a wake or a burst) to a service that should serve
+  it failed (no 200: refused, reset, timed out after 30 s, a 5xx), except:
+    * while no daemon ran (a daemon was down, being stopped or killed, or a new one not answering
+      yet, at any moment between the request's start and its end), to a service that may be scaled
+      to zero (an ``idle_timeout``, or unloaded by chaos), on any route: its own URL has nobody
+      holding its socket then, and the gateway cannot wake a ``command`` server without a daemon
+      (its 503) nor reach a built-in one's closed port (its 502). Counted apart as
+      ``requests_failed_no_daemon``. A request to a service that cannot be scaled to zero must
+      succeed through daemon kills and restarts: its server keeps serving, and so does the gateway;
+    * racing a step that chaos itself takes against that service: a ``replace``, ``stop``,
+      ``delete``, ``kill_server``/``kill_group``/``kill_launch``, a server killed or a pid file
+      planted while the daemon is down, and ``daemon stop --all`` (every service), from the step's
+      start until the convergence after it (the steps that stop, swap or crash its server; its
+      requests cannot all be served). Counted apart as ``requests_failed_racing_step``. Not
+      excluded: ``unload`` (a graceful stop, as an idle stop), ``start``, ``start --all``, deploys of
+      other services, daemon kills, SIGTERMs and restarts;
+    * on its own URL to a ``command`` service that chaos unloaded in the meantime (only the gateway
+      wakes one: counted with ``requests_failed_no_daemon``);
+- ``over_max_active``: (with admission) at a convergence, more services with an ``idle_timeout``
+  have a server process alive than the run's ``max_active``.
 
 Other counts say what was exercised or seen, and are not faults in themselves: daemon kills
 (mid-operation, in a rebuild, at kill points, with helpers alive), SIGTERMs, restarts, ``stop
 --all`` (cut short), server kills followed or restarted, servers killed while down, helpers started,
 ``envless_helpers_escaped`` (tag mode only), ``tagged_outside_cgroup`` (a tagged server process
 outside the cgroups, in cgroup mode) and ``stowaways`` (the daemon, its fork server or its log
-writer inside a service's cgroup after the services settled), failed calls, services in error.
+writer inside a service's cgroup after the services settled), failed calls, services in error,
+unloads, wakes, bursts (``bursts_in_idle_stop``: sent once the service had left ``active``),
+``requests_sent``, ``idle_stops`` and ``socket_wakes`` (from daemon.log), ``max_active``.
 
 ``converge_ms`` is the time from each daemon start until every service is what it should be
 (running ones answering, stopped ones gone); the goal is within 5 s. The run ends with ``daemon
@@ -74,6 +120,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -89,13 +136,15 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import psutil
 
+import daemon.settings
 from daemon import DaemonClient, ServiceConfig
 from daemon.exceptions import DaemonError, ModeldError, ServiceNotFound
 from daemon.killpoints import KILL_POINTS
-from daemon.linux import boot_id, start_ticks
+from daemon.linux import ProcessIdentity, boot_id, start_ticks
 from daemon.models import BaseService, ServiceState
 from daemon.paths import Paths
 from daemon.testing import (
@@ -106,9 +155,11 @@ from daemon.testing import (
 
 BAD = (
     "services_lost", "resurrected", "stopped_unasked", "untracked_servers", "duplicates", "stale_states",
-    "version_mismatches", "unconverged", "strangers_signalled", "logs_over_cap",
+    "version_mismatches", "unconverged", "strangers_signalled", "logs_over_cap", "requests_failed", "over_max_active",
 )
 KINDS = ("python", "command", "helper", "envless", "flood")
+ON_DEMAND_KINDS = ("python", "command", "helper")  # the kinds that are sometimes deployed with an idle_timeout
+ADMISSION = "max_active" in daemon.settings.DaemonSettings.model_fields  # admission merged: MODELD_MAX_ACTIVE is a setting
 
 
 # ---------------------------------------------------------------- processes
@@ -199,6 +250,230 @@ def kind_of(config: ServiceConfig) -> str:
     return "flood" if script == "flood.py" else "command"
 
 
+# ------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class Target:
+    """A service that should serve requests, as the last convergence saw it."""
+
+    uuid: str
+    name: str
+    builtin: bool  # python/pickle: wakes on its own URL; else a command server, woken by the gateway only
+    host: str
+    port: int
+    may_sleep: bool  # it has an idle_timeout, or chaos unloaded it: it may be scaled to zero
+
+
+def send(host: str, port: int, path_prefix: str, builtin: bool, name: str, timeout: float = 30.0) -> tuple[bool, str]:
+    """One request on a new connection: a prediction (built-in) or GET / (command); (200?, what came)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        if builtin:
+            conn.request("POST", f"{path_prefix}/v1/models/{name}:predict", body=b'{"instances": [1]}',
+                         headers={"content-type": "application/json"})
+        else:
+            conn.request("GET", f"{path_prefix}/")
+        response = conn.getresponse()
+        body = response.read()
+        return response.status == 200, f"{response.status} {body[:300]!r}"
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+
+
+class Traffic:
+    """Requests to the services that should serve them, sent all through the run by a thread (and by
+    the ``wake`` and ``burst`` steps), on their own URL and through the gateway; each failure is
+    judged as it ends (``request``): see the module docstring, "requests_failed"."""
+
+    WORKERS = 3
+
+    def __init__(self, chaos: Chaos, seed: int):
+        self.chaos = chaos
+        self.rng = random.Random(seed * 7919 + 1)  # its own: the steps' choices stay the seed's
+        self.lock = threading.Lock()
+        self.targets: dict[str, Target] = {}
+        self.step = 0
+        self.excluded: dict[int, set[str]] = {}  # step: the services a step stops, replaces, deletes or kills
+        self.all_excluded: set[int] = set()  # steps that stop every service (daemon stop --all)
+        self.paused: set[str] = set()  # not picked by the thread (a burst waits for its idle stop)
+        self.epoch = 0  # + 1 at every "daemon going down" and every "a daemon answers"
+        self.down = True
+        self.gateway: tuple[str, int] | None = None
+        self.counts = dict.fromkeys(("requests_sent", "requests_failed", "requests_failed_no_daemon",
+                                     "requests_failed_racing_step"), 0)
+        self.in_flight = 0
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.workers: list[threading.Thread] = []
+
+    # the main thread's side
+
+    def going_down(self) -> None:
+        with self.lock:
+            self.down, self.epoch = True, self.epoch + 1
+
+    def up(self, gateway_url: str | None) -> None:
+        with self.lock:
+            self.down, self.epoch = False, self.epoch + 1
+            if gateway_url:
+                parts = urlsplit(gateway_url)
+                assert parts.hostname is not None and parts.port is not None
+                self.gateway = (parts.hostname, parts.port)
+
+    def begin_step(self) -> None:
+        with self.lock:
+            self.step += 1
+
+    def exclude(self, uuid: str | None = None) -> None:
+        """Requests to ``uuid`` (every service if None) that fail from now until the step's convergence
+        are not counted (a stop, replace, delete or kill that chaos itself issues)."""
+        with self.lock:
+            if uuid is None:
+                self.all_excluded.add(self.step)
+            else:
+                self.excluded.setdefault(self.step, set()).add(uuid)
+
+    def may_sleep(self, uuid: str) -> None:
+        with self.lock:
+            t = self.targets.get(uuid)
+            if t is not None and not t.may_sleep:
+                self.targets[uuid] = Target(t.uuid, t.name, t.builtin, t.host, t.port, True)
+
+    def publish(self, snap: Snapshot) -> None:
+        """After a convergence: the services that should serve (desired running, active or scaled to
+        zero, not in error, not being deleted or uncertain)."""
+        targets = {}
+        live = {e.uuid: e for e in self.chaos.live()}
+        for uuid, svc in snap.services.items():
+            e = live.get(uuid)
+            if (e is None or svc.desired_state.value != "running"
+                    or svc.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO)
+                    or svc.endpoint is None or not svc.endpoint.port):
+                continue
+            targets[uuid] = Target(uuid, svc.config.model_name, svc.config.model_type != "command", svc.endpoint.host,
+                                   svc.endpoint.port, e.may_sleep or svc.config.idle_timeout is not None)
+        with self.lock:
+            self.targets = targets
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="chaos-traffic", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+        for w in list(self.workers):
+            w.join()
+
+    # the requests
+
+    def routes(self, t: Target) -> list[str]:
+        """Its own URL (not for a command server that may be scaled to zero: its port is then closed,
+        and only the gateway wakes it), and the gateway."""
+        own = ["own"] if t.builtin or not t.may_sleep else []
+        return own + (["gateway"] if self.gateway is not None else [])
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.rng.uniform(0.03, 0.25)):
+            with self.lock:
+                candidates = sorted(u for u in self.targets if u not in self.paused
+                                    and u not in self.excluded.get(self.step, ()) and self.step not in self.all_excluded)
+                if not candidates or self.in_flight >= self.WORKERS:
+                    continue
+                t = self.targets[self.rng.choice(candidates)]
+                routes = self.routes(t)
+                if not routes:
+                    continue
+                via = self.rng.choice(routes)
+                self.in_flight += 1
+            worker = threading.Thread(target=self._one, args=(t, via), daemon=True)
+            self.workers = [w for w in self.workers if w.is_alive()] + [worker]
+            worker.start()
+
+    def _one(self, t: Target, via: str) -> None:
+        try:
+            self.request(t, via)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def daemon_up(self) -> bool:
+        ident = self.chaos.daemon.ident
+        if ident is None or not ident.is_alive():
+            return False
+        with contextlib.suppress(psutil.Error):
+            return psutil.Process(ident.pid).status() != psutil.STATUS_ZOMBIE
+        return False
+
+    def state(self) -> tuple[int, int, bool, ProcessIdentity | None]:
+        with self.lock:
+            return self.step, self.epoch, self.down, self.chaos.daemon.ident
+
+    def request(self, t: Target, via: str, timeout: float = 30.0) -> bool:
+        """Send one request and judge it; whether it succeeded."""
+        step0, epoch0, down0, ident0 = self.state()
+        up0 = self.daemon_up()
+        if via == "gateway":
+            assert self.gateway is not None
+            ok, what = send(*self.gateway, f"/v1/services/{t.uuid}", t.builtin, t.name, timeout)
+        else:
+            ok, what = send(t.host, t.port, "", t.builtin, t.name, timeout)
+        up1 = self.daemon_up()
+        step1, epoch1, down1, ident1 = self.state()
+        with self.lock:
+            self.counts["requests_sent"] += 1
+            if ok:
+                return True
+            latest = self.targets.get(t.uuid, t)
+            may_sleep = t.may_sleep or latest.may_sleep
+            racing = any(t.uuid in self.excluded.get(k, ()) or k in self.all_excluded for k in range(step0, step1 + 1))
+            no_daemon = down0 or down1 or epoch0 != epoch1 or ident0 != ident1 or not (up0 and up1)
+            if racing:
+                self.counts["requests_failed_racing_step"] += 1
+                return False
+            if (no_daemon and may_sleep) or (via == "own" and not t.builtin and may_sleep):
+                self.counts["requests_failed_no_daemon"] += 1
+                return False
+            self.counts["requests_failed"] += 1
+        self.chaos.note(f"request failed: {via} {t.uuid[:8]} ({'built-in' if t.builtin else 'command'}"
+                        f"{', may sleep' if may_sleep else ''}) steps {step0}-{step1}, daemon "
+                        f"{'down' if no_daemon else 'up'}: {what}")
+        return False
+
+
+class ChaosDaemon(DaemonProcess):
+    """The daemon, telling the traffic when it goes down and comes up; MODELD_MAX_ACTIVE passes."""
+
+    traffic: Traffic | None = None
+
+    def env(self, die_at: str | None) -> dict[str, str]:
+        env = super().env(die_at)
+        if "MODELD_MAX_ACTIVE" in os.environ:
+            env["MODELD_MAX_ACTIVE"] = os.environ["MODELD_MAX_ACTIVE"]
+        return env
+
+    def signal(self, sig: int) -> None:
+        if self.traffic is not None and sig in (signal.SIGKILL, signal.SIGTERM):
+            self.traffic.going_down()
+        super().signal(sig)
+
+    def start(self, die_at: str | None = None) -> bool:
+        if self.traffic is not None:
+            self.traffic.going_down()
+        return super().start(die_at)
+
+    def wait_answering(self, timeout: float = 30) -> bool:
+        answered = super().wait_answering(timeout)
+        if answered and self.traffic is not None:
+            with DaemonClient(self.home, auto_start=False) as client, contextlib.suppress(DaemonError):
+                self.traffic.up(client.daemon_info().get("gateway_url"))
+        return answered
+
+
 # -------------------------------------------------------------------- chaos
 
 
@@ -214,6 +489,7 @@ class Expect:
     certain: bool = True
     deleting: bool = False
     desired: str | None = "running"
+    may_sleep: bool = False  # it has an idle_timeout, or chaos unloaded it since it last loaded it
 
 
 @dataclass
@@ -247,7 +523,8 @@ class Chaos:
              "daemon_kills_with_helpers", "daemon_terms", "daemon_terms_mid_operation", "daemon_restarts",
              "stop_alls", "stop_alls_cut_short", "pid_files_planted", "server_kills_followed",
              "server_kills_restarted", "servers_killed_while_down", "helpers_started", "envless_helpers_escaped",
-             "tagged_outside_cgroup", "stowaways", "failed_calls", "services_in_error"), 0)
+             "tagged_outside_cgroup", "stowaways", "failed_calls", "services_in_error", "unloads", "wakes",
+             "bursts", "bursts_in_idle_stop", "stale_answers_racing_idle_stop"), 0)
         self.expect: dict[str, Expect] = {}
         self.seen: dict[str, set[Any]] = {}
         self.deleted: set[str] = set()
@@ -260,9 +537,15 @@ class Chaos:
         (self.models / "flood.py").write_text(FLOOD_SERVER)
         for tag in ("a", "b"):
             (self.models / f"{tag}.py").write_text(f"def model(instances):\n    return [{tag!r} for _ in instances]\n")
-        self.daemon = DaemonProcess(self.home)
+        self.traffic = Traffic(self, self.seed)
+        self.daemon = ChaosDaemon(self.home)
+        self.daemon.traffic = self.traffic
         self.client = DaemonClient(self.home, auto_start=False)
         self.counter = 0
+        # Admission: one cap for the whole run (each daemon it starts has it), so that "never more
+        # than max_active servers of on-demand services alive" holds at every convergence.
+        cap = self.rng.choice((None, 2, 3))
+        self.max_active = cap if ADMISSION else None
 
     # ----------------------------------------------------------- helpers
 
@@ -281,6 +564,8 @@ class Chaos:
         }
         if kind == "flood":
             common.update(log_max_bytes=65536, log_backups=1)
+        if kind in ON_DEMAND_KINDS and self.rng.random() < 0.45:
+            common.update(idle_timeout=round(self.rng.uniform(0.5, 2.0), 2))
         if kind in commands:
             return ServiceConfig(model_type="command", command=commands[kind], health_path="/", **common)
         return ServiceConfig(model_type="python", model_uri=f"{tag}.py:model", python=py, **common)
@@ -387,6 +672,7 @@ class Chaos:
         pid, ticks = self.rng.choice(self.strangers.plants)
         path = Paths(self.home).service_pid(uuid)
         if path.parent.is_dir():
+            self.traffic.exclude(uuid)
             path.write_text(f"{pid}\n{ticks}\n{boot_id()}\nversion=1\n")
             self.counts["pid_files_planted"] += 1
 
@@ -402,7 +688,9 @@ class Chaos:
                 if p is not None and p.ticks == ident.start_ticks:
                     targets.append(p)
         if targets:
-            self.kill(self.rng.choice(targets), group=self.rng.random() < 0.5)
+            victim = self.rng.choice(targets)
+            self.traffic.exclude(victim.uuid)
+            self.kill(victim, group=self.rng.random() < 0.5)
             self.counts["servers_killed_while_down"] += 1
 
     def kill(self, p: ServerProcess, group: bool) -> None:
@@ -442,7 +730,9 @@ class Chaos:
             self.note(f"not settled after {CONVERGE_TIMEOUT}s: {describe(snap)}")
         self.reconcile(snap)
         faults = check(snap)
+        faults["stale_states"] = self.not_racing_idle_stop(snap, faults["stale_states"])
         faults["logs_over_cap"] = log_faults(self.home, snap.services)
+        faults.update(self.ondemand_faults(snap))
         if snap.containment == "cgroup":
             faults["tagged_outside_cgroup"] = {(p.pid, p.ticks) for p in snap.procs if not p.in_cgroup}
             faults["stowaways"] = stowaways(self.home)
@@ -468,6 +758,43 @@ class Chaos:
         if signalled > self.counts["strangers_signalled"]:
             self.note(f"strangers signalled: {signalled}")
             self.counts["strangers_signalled"] = signalled
+        self.traffic.publish(snap)
+
+    def not_racing_idle_stop(self, snap: Snapshot, stale: set[Any]) -> set[Any]:
+        """The stale states that are: an active service that may be scaled to zero (an idle_timeout,
+        or unloaded) whose port did not answer is stale only if the daemon still says it is active
+        with the same server afterwards. (An idle stop records ``pending_shutdown`` before it stops
+        the server, so a port that closes for an idle stop is never seen with ``active``.)"""
+        kept = set()
+        for fault in stale:
+            uuid, pid = fault[0], fault[1]
+            svc, e = snap.services[uuid], self.expect.get(uuid)
+            if svc.config.idle_timeout is not None or (e is not None and e.may_sleep):
+                with contextlib.suppress(DaemonError):
+                    now = self.client.get(uuid)
+                    if now.status.state != ServiceState.ACTIVE or now.status.pid != pid:
+                        self.counts["stale_answers_racing_idle_stop"] += 1
+                        continue
+            kept.add(fault)
+        return kept
+
+    def ondemand_faults(self, snap: Snapshot) -> dict[str, set[Any]]:
+        """A service scaled to zero though it has no idle_timeout and chaos did not unload it
+        (``stopped_unasked``); more servers of on-demand services alive than ``max_active``."""
+        faults: dict[str, set[Any]] = {"stopped_unasked": set(), "over_max_active": set()}
+        for uuid, svc in snap.services.items():
+            e = self.expect.get(uuid)
+            if e is None:
+                continue
+            if svc.config.idle_timeout is not None:
+                e.may_sleep = True
+            elif svc.status.state == ServiceState.SCALED_TO_ZERO and not e.may_sleep:
+                faults["stopped_unasked"].add(("scaled_to_zero", uuid, svc.status.updated_at))
+        if self.max_active is not None:
+            loaded = sorted(u for u in snap.launches if u in snap.services and snap.services[u].config.idle_timeout is not None)
+            if len(loaded) > self.max_active:
+                faults["over_max_active"].add(tuple(loaded))
+        return faults
 
     def reconcile(self, snap: Snapshot) -> None:
         for uuid, e in list(self.expect.items()):
@@ -520,10 +847,12 @@ class Chaos:
             ("delete", 6 if live else 0), ("kill_server", 8 if live else 0), ("kill_group", 5 if live else 0),
             ("kill_launch", 3 if live else 0), ("kill_daemon", 3), ("term_daemon", 4), ("restart_daemon", 4),
             ("stop_all", 3 if live else 0), ("start_all", (5 if stopped else 1) if live else 0),
+            ("unload", 6 if live else 0), ("wake", 6 if live else 0), ("burst", 5 if live else 0),
         ]
         names, weights = zip(*choices)
         op = self.rng.choices(names, weights)[0]
         self.ops[op] = self.ops.get(op, 0) + 1
+        self.traffic.begin_step()
         getattr(self, f"op_{op}")()
 
     def pick(self) -> Expect:
@@ -543,6 +872,7 @@ class Chaos:
         e = Expect(str(uuidlib.uuid4()), kind, f"m{self.counter}", certain=False)
         self.expect[e.uuid] = e
         config = self.config(kind, e.name, "a")
+        e.may_sleep = config.idle_timeout is not None
         out = self.service_call(lambda c: c.deploy(config, uuid=e.uuid, timeout=30))
         e.certain = out.ok  # else: done or not done, the next reconcile sees which
         e.desired = "running" if out.ok else None
@@ -555,11 +885,14 @@ class Chaos:
         tag = "b" if config_tag(current) == "a" else "a"
         kind = self.choose_kind(e.uuid)
         config = self.config(kind, e.name, tag)
+        self.traffic.exclude(e.uuid)
         out = self.service_call(lambda c: c.deploy(config, replace=True, uuid=e.uuid, timeout=30))
         e.desired = "running" if out.ok else None
+        e.may_sleep = config.idle_timeout is not None if out.ok else True  # a replace loads it
 
     def op_stop(self) -> None:
         e = self.pick()
+        self.traffic.exclude(e.uuid)
         out = self.service_call(lambda c: c.stop(e.uuid, timeout=10))
         e.desired = "stopped" if out.ok else None
 
@@ -567,6 +900,8 @@ class Chaos:
         e = self.pick()
         out = self.service_call(lambda c: c.start(e.uuid, timeout=30))
         e.desired = "running" if out.ok else None
+        if out.ok and out.value is not None:
+            e.may_sleep = out.value.config.idle_timeout is not None  # a start loads it
 
     def op_start_all(self) -> None:
         """``POST /v1/services/start``: every service runs again (the way back from ``stop --all``)."""
@@ -577,12 +912,105 @@ class Chaos:
 
     def op_delete(self) -> None:
         e = self.pick()
+        self.traffic.exclude(e.uuid)
         out = self.service_call(lambda c: c.delete(e.uuid, timeout=10))
         if out.ok:
             self.deleted.add(e.uuid)
             del self.expect[e.uuid]
         elif out.daemon_died:
             e.deleting = True
+
+    def op_unload(self) -> None:
+        """``POST /v1/services/{uuid}/unload`` of any service (one without an idle_timeout too): scaled
+        to zero now, it wakes on its next request (a built-in one on its own URL, any through the
+        gateway). Requests racing it are counted: it is a graceful stop, as an idle stop is."""
+        self.unload(self.pick())
+
+    def unload(self, e: Expect) -> Outcome:
+        e.may_sleep = True
+        self.traffic.may_sleep(e.uuid)
+        was = e.desired
+        out = self.service_call(lambda c: c.unload(e.uuid))
+        self.counts["unloads"] += 1
+        # An unload scales to zero with the desired state running; of a stopped service, the next
+        # snapshot says what it did (see the report of issue 12's chaos run).
+        e.desired = "running" if out.ok and was == "running" else None
+        return out
+
+    def scaled(self) -> list[Expect]:
+        with contextlib.suppress(DaemonError):
+            asleep = {str(s.uuid) for s in self.client.find() if s.status.state == ServiceState.SCALED_TO_ZERO
+                      and s.desired_state.value == "running"}
+            return [e for e in sorted(self.live(), key=lambda e: e.uuid) if e.uuid in asleep]
+        return []
+
+    def requests(self, t: Target, routes: list[str], delays: list[float]) -> list[bool]:
+        """Requests to ``t``, one per delay (seconds from now), each by a route at random, at once."""
+        results: list[bool] = []
+        plan = [(delay, self.rng.choice(routes)) for delay in delays]
+
+        def one(delay: float, via: str) -> None:
+            time.sleep(delay)
+            results.append(self.traffic.request(t, via))
+
+        threads = [threading.Thread(target=one, args=p) for p in plan]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return results
+
+    def op_wake(self) -> None:
+        """A request to a scaled-to-zero service (unloaded first if none is): on its own URL (built-in)
+        and through the gateway, at once."""
+        asleep = self.scaled()
+        if asleep:
+            e = self.rng.choice(asleep)
+        else:
+            e = self.pick()
+            if not self.unload(e).ok or e.desired != "running":
+                return
+        with self.traffic.lock:
+            t = self.traffic.targets.get(e.uuid)
+        if t is None:
+            return  # not yet seen to serve (a deploy that had no answer)
+        self.counts["wakes"] += 1
+        self.requests(t, self.traffic.routes(t), [0.0, self.rng.uniform(0.0, 0.05)])
+
+    def op_burst(self) -> None:
+        """A burst of requests as an on-demand service is being scaled to zero for being idle: the
+        thread's requests to it are paused, chaos watches it until it leaves ``active`` (or its
+        idle_timeout + 3 s pass), then sends 6 at once, on its own URL (built-in) and through the
+        gateway."""
+        with contextlib.suppress(DaemonError):
+            awake = {str(s.uuid): s for s in self.client.find() if s.status.state == ServiceState.ACTIVE
+                     and s.config.idle_timeout is not None and s.desired_state.value == "running"}
+            choices = [e for e in sorted(self.live(), key=lambda e: e.uuid) if e.uuid in awake]
+            if not choices:
+                self.op_wake()
+                return
+            e = self.rng.choice(choices)
+            with self.traffic.lock:
+                t = self.traffic.targets.get(e.uuid)
+                self.traffic.paused.add(e.uuid)
+            try:
+                if t is None:
+                    return
+                timeout = awake[e.uuid].config.idle_timeout or 1.0
+                lead = self.rng.uniform(0.0, 0.3)  # sometimes a little after the stop began
+                deadline = time.monotonic() + timeout + 3
+                state = ServiceState.ACTIVE
+                while time.monotonic() < deadline:
+                    state = self.client.get(e.uuid).status.state
+                    if state != ServiceState.ACTIVE:
+                        break
+                    time.sleep(0.01)
+                self.counts["bursts"] += 1
+                self.counts["bursts_in_idle_stop"] += state in (ServiceState.PENDING_SHUTDOWN, ServiceState.SCALED_TO_ZERO)
+                self.requests(t, self.traffic.routes(t), sorted(self.rng.uniform(0.0, lead) for _ in range(6)))
+            finally:
+                with self.traffic.lock:
+                    self.traffic.paused.discard(e.uuid)
 
     def client_get(self, e: Expect) -> BaseService | None:
         try:
@@ -602,20 +1030,26 @@ class Chaos:
     def op_kill_server(self) -> None:
         """kill -9 of the process the service names alone: a worker or a process it started that
         serves is followed (the service stays, its pid changes); else it is a crash."""
-        p, _ = self.target(self.pick())
+        e = self.pick()
+        self.traffic.exclude(e.uuid)
+        p, _ = self.target(e)
         if p is not None:
             self.kill(p, group=False)
             self.killed_alone.append((p.uuid, p.launch, p.pid))
 
     def op_kill_group(self) -> None:
         """kill -9 of its process group: a crash (helpers in sessions of their own outlive it, until the daemon acts)."""
-        p, _ = self.target(self.pick())
+        e = self.pick()
+        self.traffic.exclude(e.uuid)
+        p, _ = self.target(e)
         if p is not None:
             self.kill(p, group=True)
 
     def op_kill_launch(self) -> None:
         """kill -9 of every process of its launch that chaos can see: a crash."""
-        _, procs = self.target(self.pick())
+        e = self.pick()
+        self.traffic.exclude(e.uuid)
+        _, procs = self.target(e)
         for q in procs:
             kill_verified(q.pid, q.ticks)
 
@@ -629,6 +1063,7 @@ class Chaos:
         self.counts["daemon_terms"] += 1
 
     def op_restart_daemon(self) -> None:
+        self.traffic.going_down()
         with contextlib.suppress(DaemonError):
             self.client.shutdown()
         self.daemon.wait_dead()
@@ -639,6 +1074,8 @@ class Chaos:
         """``modeld daemon stop --all``: every service is stopped and stays stopped, also in the next
         daemon, until a start; sometimes a kill -9 lands while the daemon stops them."""
         offset = self.daemon.log_size()
+        self.traffic.exclude(None)
+        self.traffic.going_down()
         with contextlib.suppress(DaemonError):
             self.client.shutdown(stop_services=True)
         self.counts["stop_alls"] += 1
@@ -683,6 +1120,7 @@ class Chaos:
 
     def finish(self) -> None:
         """``daemon stop --all``, nothing left; a daemon started again starts nothing; ``stop --all`` again."""
+        self.traffic.stop()
         for attempt in range(2):
             with contextlib.suppress(DaemonError):
                 self.client.shutdown(stop_services=True)
@@ -701,8 +1139,14 @@ class Chaos:
         started = time.monotonic()
         other = Path(tempfile.mkdtemp(prefix="mdo", dir="/tmp"))
         self.strangers = Strangers(self.home, other)
+        saved = {key: os.environ.get(key) for key in ("MODELD_GATEWAY", "MODELD_MAX_ACTIVE")}
+        os.environ["MODELD_GATEWAY"] = ":0"  # a free port, picked once and kept by the home (auto-started daemons too)
+        os.environ.pop("MODELD_MAX_ACTIVE", None)
+        if self.max_active is not None:
+            os.environ["MODELD_MAX_ACTIVE"] = str(self.max_active)
         try:
             self.start_daemon()
+            self.traffic.start()
             for _ in range(n_ops):
                 self.step()
                 self.ensure_daemon()
@@ -711,6 +1155,12 @@ class Chaos:
             self.counts["strangers_signalled"] = self.strangers.signalled()
             self.counts["helpers_started"] = len(helpers(self.home))
         finally:
+            self.traffic.stop()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             self.client.close()
             with contextlib.suppress(Exception):
                 self.daemon.kill9()
@@ -718,6 +1168,7 @@ class Chaos:
             self.strangers.close()
             shutil.rmtree(other, ignore_errors=True)
         ms = sorted(self.converge_ms)
+        log_lines = self.daemon.paths.daemon_log.read_text(errors="replace") if self.daemon.paths.daemon_log.exists() else ""
         return {
             "seed": self.seed,
             "containment": self.daemon.containment,
@@ -725,6 +1176,10 @@ class Chaos:
             "by_operation": dict(sorted(self.ops.items())),
             "by_kind": dict(sorted(self.kinds.items())),
             **self.counts,
+            **self.traffic.counts,
+            "idle_stops": log_lines.count("scaling it to zero"),
+            "socket_wakes": log_lines.count("a request is waiting; waking it"),
+            "max_active": self.max_active,
             "converge_ms": {
                 "n": len(ms),
                 "p50": round(statistics.median(ms)) if ms else None,

@@ -79,7 +79,11 @@ class Exchange:
             self._attach(up)
         else:
             self.connecting = asyncio.get_running_loop().create_task(self._connect())
-        if self.gw.spare:
+        if self.gw.spare and up is not None:
+            # Only for a backend that keeps connections alive (one came from its pool): a server that
+            # closes after each response (HTTP/1.0, http.server) and serves one connection at a time
+            # would accept the idle spare and block on it, its own port and the daemon's health
+            # probes held up behind it until the daemon killed it as hung.
             self.gw.keep_spare(self.key)
 
     async def _connect(self) -> None:

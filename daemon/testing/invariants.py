@@ -83,15 +83,17 @@ class Snapshot:
 
     def settled(self) -> bool:
         """Every service is what its desired state says: one that should run is active with exactly
-        its tracked launch alive; any other has no process; no process belongs to no service.
-        (``wait_settled`` also wants the active ones to answer.)"""
+        its tracked launch alive, or scaled to zero (idle or unloaded) with no process; any other
+        has no process; no process belongs to no service. (``wait_settled`` also wants the active
+        ones to answer.)"""
         by_service = self.launches
         if set(by_service) - set(self.services):
             return False
         tracked = self.tracked()
         for uuid, svc in self.services.items():
             mine = list(by_service.get(uuid, {}))
-            if svc.status.state == ServiceState.ERROR:
+            asleep = svc.desired_state == DesiredState.RUNNING and svc.status.state == ServiceState.SCALED_TO_ZERO
+            if svc.status.state == ServiceState.ERROR or asleep:
                 if mine:
                     return False
             elif svc.desired_state == DesiredState.RUNNING:
