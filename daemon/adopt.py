@@ -73,10 +73,11 @@ def classify_untracked(
 
 def stays_scaled_to_zero(state: ServiceState, last_state: ServiceState, desired: DesiredState) -> bool:
     """Whether a service the rebuild finds without a server stays scaled to zero (and is watched):
-    it was recorded so, or a wake from there was cut short (``pending_startup`` after
+    it was recorded so, a scale to zero was cut short (``pending_shutdown`` while it should run: a
+    stop records ``stopped`` first), or a wake from there was (``pending_startup`` after
     ``scaled_to_zero``), and it should run. A stop asked for meanwhile wins."""
     if desired != DesiredState.RUNNING:
         return False
-    return state == ServiceState.SCALED_TO_ZERO or (
+    return state in (ServiceState.SCALED_TO_ZERO, ServiceState.PENDING_SHUTDOWN) or (
         state == ServiceState.PENDING_STARTUP and last_state == ServiceState.SCALED_TO_ZERO
     )

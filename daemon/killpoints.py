@@ -36,6 +36,10 @@ KILL_POINTS: tuple[str, ...] = (
     # service.json says stopped (desired), then the server has exited.
     "stop.after-json",
     "stop.after-exit",
+    # A scale to zero (an unload, an idle stop): service.json says pending_shutdown while the
+    # service should run, then the server has exited.
+    "unload.after-json",
+    "unload.after-exit",
     # Hand-over: the new version runs beside the old (untracked), then service.pid names both,
     # then service.json has the new version, then the old one has exited.
     "replace.after-spawn",

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from uuid import UUID
 
+from . import killpoints
 from .exceptions import AdmissionRefused, ModeldError, StillStarting, StorageError
 from .launch import Launcher
 from .memory import Sizes
@@ -105,7 +106,9 @@ class OnDemand:
                 # Recorded first, as a stop is: the gateway, reading it, holds a request that meets
                 # the closing port for the wake instead of answering 502 (docs/on-demand-design.md).
                 change_state(self.store, svc, ServiceState.PENDING_SHUTDOWN, step="scale-to-zero.stopping", strict=False)
+                killpoints.reached("unload.after-json")
                 await self.supervisor.terminate(m, proc, svc.config.stop_timeout)
+                killpoints.reached("unload.after-exit")
             if proc.exited.done() and not proc.exited.cancelled():
                 svc.status.exit_code = proc.exited.result()
             self.launcher.forget_process(m, proc)

@@ -304,6 +304,13 @@ class Rebuilder:
                 m.proc = proc
                 await self.startstop.stop(m, svc.config.stop_timeout, force=False)
                 return
+            if proc is not None and svc.status.state == ServiceState.PENDING_SHUTDOWN:
+                # Should run, yet recorded stopping: a scale to zero (an idle stop, an unload) cut
+                # short (a stop records stopped first). It is finished: the server goes, as asked.
+                log.info("%s was being scaled to zero; finishing it (pid %d)", svc.uuid, proc.pid)
+                m.proc = proc
+                await self.ondemand.scale_to_zero(m)
+                return
             if proc is not None:
                 m.proc = proc
                 # (the services restored at once are probed in one batch; their listening

@@ -69,6 +69,8 @@ def test_a_service_found_without_its_server_stays_scaled_to_zero_if_it_was_or_wa
     running, stopped = DesiredState.RUNNING, DesiredState.STOPPED
     assert stays_scaled_to_zero(S.SCALED_TO_ZERO, S.ACTIVE, running)
     assert stays_scaled_to_zero(S.PENDING_STARTUP, S.SCALED_TO_ZERO, running)  # a wake cut short
+    assert stays_scaled_to_zero(S.PENDING_SHUTDOWN, S.ACTIVE, running)  # a scale to zero cut short
+    assert not stays_scaled_to_zero(S.PENDING_SHUTDOWN, S.ACTIVE, stopped)  # a stop cut short: stopped
     assert not stays_scaled_to_zero(S.PENDING_STARTUP, S.INACTIVE, running)  # a start cut short: started
     assert not stays_scaled_to_zero(S.ACTIVE, S.SCALED_TO_ZERO, running)  # it was loaded: started again
     assert not stays_scaled_to_zero(S.SCALED_TO_ZERO, S.ACTIVE, stopped)  # a stop asked for wins

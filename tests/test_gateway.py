@@ -417,13 +417,6 @@ def test_a_service_on_a_unix_socket_is_not_reached_through_the_gateway(client, h
 
 
 # ------------------------------------------------------------------ on demand (issue 12)
-#
-# These need the daemon's side of issue 12 (the scaled_to_zero state, ServiceConfig.idle_timeout,
-# the idle checker, the start of a scaled-to-zero service); they run once it is merged.
-
-on_demand = pytest.mark.skipif(
-    not hasattr(ServiceState, "SCALED_TO_ZERO"), reason="needs the daemon's side of issue 12 (ServiceState.SCALED_TO_ZERO)"
-)
 
 
 def state_of(client: DaemonClient, uuid: Any) -> str:
@@ -436,7 +429,6 @@ def activity(home: Path, uuid: Any) -> tuple[float, int, int]:
     return struct.unpack("<dII", data)
 
 
-@on_demand
 def test_a_scaled_to_zero_command_service_is_woken_through_the_gateway_with_no_failed_request(client, home):
     svc = deploy_llm(client, home, "sleepy", idle_timeout=1.0)
     first_pid = svc.status.pid
@@ -486,7 +478,6 @@ def test_a_scaled_to_zero_command_service_is_woken_through_the_gateway_with_no_f
     assert activity(home, svc.uuid)[0] > time.time() - 60
 
 
-@on_demand
 def test_requests_racing_idle_stops_through_the_gateway_never_fail(client, home):
     """A client sending requests at random gaps around the idle timeout, a new connection each
     (curl's way): some arrive as the server is being stopped, some after; none fails."""
@@ -509,3 +500,28 @@ def test_requests_racing_idle_stops_through_the_gateway_never_fail(client, home)
         time.sleep(rng.uniform(0.2, 1.6))
     assert failed == []
     assert len(pids) >= 4, f"only {len(pids)} servers in 60 s: the idle stops did not happen"
+
+
+def test_an_unloaded_service_without_idle_timeout_is_woken_by_the_gateway_with_no_failed_request(client, home):
+    """Unload applies to any service: while its wake is under way (pending_startup from zero), the
+    requests that come meanwhile wait for it too, not only those of on-demand services."""
+    svc = deploy_llm(client, home, "plain")
+    host, port, _ = gateway(client)
+    client.unload(svc.uuid)
+    wait_for(lambda: state_of(client, svc.uuid) == "scaled_to_zero", 20, what="the unload")
+    answers: list[object] = []
+
+    def predict() -> None:
+        try:
+            answers.append(curl(f"http://{host}:{port}/v1/models/plain:predict", "-d", '{"instances": [1]}'))
+        except Exception as exc:  # (counted: the test is that there are none)
+            answers.append(repr(exc))
+
+    threads = []
+    for _ in range(4):
+        threads.append(threading.Thread(target=predict))
+        threads[-1].start()
+        time.sleep(0.05)  # (the traffic's pattern: requests that arrive while the wake starts it)
+    for t in threads:
+        t.join(60)
+    assert answers == [(200, {"predictions": ["plain"]})] * 4

@@ -41,6 +41,8 @@ EXPECTED: dict[str, tuple[bool, bool]] = {
     "start.after-healthy": (True, True),
     "stop.after-json": (True, False),  # service.json says stopped: the new daemon stops it
     "stop.after-exit": (True, False),
+    "unload.after-json": (True, False),  # should run, yet pending_shutdown: the scale to zero is finished
+    "unload.after-exit": (True, False),
     "replace.after-spawn": (False, True),  # the new version is not recorded anywhere: killed
     "replace.after-pid": (False, True),  # service.json has the old version: it stays
     "replace.after-json": (True, True),  # service.json has the new version: the old one goes
@@ -60,7 +62,7 @@ EXPECTED: dict[str, tuple[bool, bool]] = {
 }
 
 UUID = "3c0c8f0e-1d7a-4a4b-9c61-5b0f4a1c2d3e"
-BUILTIN_OPS = ("deploy", "replace", "restore")  # the rest use cheaper command servers
+BUILTIN_OPS = ("deploy", "replace", "restore", "unload")  # the rest use cheaper command servers
 
 
 def config(folder: Path, kind: str, tag: str, model_name: str = "m") -> ServiceConfig:
@@ -115,6 +117,7 @@ def run_until_killed(name: str, home: Path, folder: Path, warm: bool = False) ->
                 "replace": lambda: client.deploy(config(folder, kind, "b"), replace=True, uuid=UUID, timeout=30),
                 "replace-restart": lambda: client.deploy(config(folder, kind, "b"), replace=True, uuid=UUID, timeout=30),
                 "delete": lambda: client.delete(UUID, timeout=10),
+                "unload": lambda: client.unload(UUID),
             }
             with pytest.raises(DaemonError):
                 calls[op]()
@@ -175,6 +178,10 @@ def check_killed_at(name: str, home: Path, tmp_path: Path, warm: bool) -> None:
     assert svc is not None
     if op == "stop":
         assert svc.status.state.value == "inactive" and not server
+        return
+    if op == "unload":
+        assert svc.status.state.value == "scaled_to_zero" and not server
+        assert harness.answer_tag(svc) == "a"  # and its next request wakes it
         return
     assert svc.status.state.value == "active" and server == [svc.status.pid]
     if op.startswith("replace"):

@@ -72,6 +72,7 @@ def entry_of(record: dict[str, Any], created: int = 0) -> Entry:
         idle_timeout=None if idle is None else float(idle),
         startup_timeout=float("inf") if startup is None else float(startup),  # (null: an old record's infinity)
         desired=str(record.get("desired_state") or "running"),
+        woken=state == "pending_startup" and status.get("last_state") == "scaled_to_zero",
     )
 
 

@@ -41,6 +41,7 @@ class Entry:
     idle_timeout: float | None = None  # on demand: scaled to zero after this long without a request
     startup_timeout: float = 300.0  # the wake timeout when the gateway's is 0
     desired: str = "running"
+    woken: bool = False  # starting from scaled_to_zero (its record's last_state): a wake, on demand or not
 
     @property
     def ready(self) -> bool:
@@ -48,11 +49,15 @@ class Entry:
 
     @property
     def waits(self) -> bool:
-        """A request to it waits for a wake (proxy.py's Exchange), not a 503: scaled to zero, or an
-        on-demand service starting or being scaled to zero while it is meant to run."""
-        return self.desired == "running" and (
-            self.state == SCALED_TO_ZERO or (self.idle_timeout is not None and self.state in PASSING)
-        )
+        """A request to it waits for a wake (proxy.py's Exchange), not a 503, while it is meant to run
+        and is scaled to zero, being scaled to zero (pending_shutdown is only that while the desired
+        state is running: a stop records stopped first), or starting as an on-demand service or from
+        zero (an unload of any service, then its wake)."""
+        if self.desired != "running":
+            return False
+        if self.state in (SCALED_TO_ZERO, "pending_shutdown"):
+            return True
+        return self.state == "pending_startup" and (self.idle_timeout is not None or self.woken)
 
     @property
     def counted(self) -> bool:
