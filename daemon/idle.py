@@ -43,6 +43,9 @@ class IdleChecker:
         self.services = services
         self.stop = stop  # OnDemand.idle_stop
         self.measure = measure  # Sizes.measure_service: each active one's memory, for admission (throttled there)
+        # Whether something could wake the service again (a command server: only a running gateway);
+        # one that nothing could wake is left loaded (set by the manager).
+        self.can_wake: Callable[[ServiceRuntime], bool] = lambda m: True
         self._task: asyncio.Task[None] | None = None
         self._since: dict[UUID, tuple[int, float]] = {}  # uuid: (pid, time.time() it was first seen active)
         self._stopping: set[UUID] = set()
@@ -86,7 +89,7 @@ class IdleChecker:
             if seen is None or seen[0] != proc.pid:
                 self._since[m.uuid] = (proc.pid, now)
                 continue
-            if m.uuid not in self._stopping and self.idle(m, now):
+            if m.uuid not in self._stopping and self.idle(m, now) and self.can_wake(m):
                 self._stopping.add(m.uuid)
                 task = asyncio.get_running_loop().create_task(self._stop(m), name=f"idle-stop-{m.uuid}")
                 task.add_done_callback(functools.partial(self._stopped, m.uuid))

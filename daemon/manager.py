@@ -86,6 +86,7 @@ class Manager:
         self.sizes = self.units.sizes
         self.gate = Gate(self.admission, self.loaded_on_demand, self._unload_for_room)
         self.ondemand.room = self.room
+        self.idle.can_wake = self.can_wake
 
     # ------------------------------------------------------------------ queries
 
@@ -103,6 +104,14 @@ class Manager:
         """(last request, requests in flight) from the service's activity file; (0.0, 0) if none."""
         found = read_activity(str(self.paths.activity_file(uuid)))
         return (found[0], found[1]) if found is not None else (0.0, 0)
+
+    def gateway_runs(self) -> bool:
+        return self.settings.gateway_address is not None and self.gateway.describe()["gateway_pid"] is not None
+
+    def can_wake(self, m: ServiceRuntime) -> bool:
+        """Whether a scaled-to-zero ``m`` could be woken: a built-in one on its socket, a command one
+        only through a running gateway (the idle checker leaves the others loaded)."""
+        return is_builtin(m.svc.config) or self.gateway_runs()
 
     def room(self, m: ServiceRuntime, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
         """Room for ``m``'s server under the caps, made before it loads (admission.py); waits up to the
@@ -135,10 +144,15 @@ class Manager:
 
     async def deploy(self, config: ServiceConfig, replace: bool, timeout: float, uuid: UUID | None = None) -> BaseService:
         fresh = False  # deployed: the service this deploy updates in place, or the new one it creates
-        if config.idle_timeout is not None and not is_builtin(config) and self.settings.gateway_address is None:
+        if config.idle_timeout is not None and not is_builtin(config) and not self.gateway_runs():
+            why = (
+                "is off (the gateway setting)"
+                if self.settings.gateway_address is None
+                else f"is not running ({self.gateway.error})"
+            )
             raise InvalidRequest(
                 "idle_timeout on a command service needs the gateway: a command server scaled to zero wakes only "
-                "through it, and the gateway is off (the gateway setting); set the gateway, or deploy without idle_timeout"
+                f"through it, and the gateway {why}; set the gateway, or deploy without idle_timeout"
             )
         await self.launcher.resolve_hosts([config.host])  # before the create lock: a lookup may be slow
         while True:
@@ -209,6 +223,9 @@ class Manager:
     async def unload(self, uuid: UUID) -> BaseService:
         """Scale the service to zero now (see ondemand.py): it wakes on its next request."""
         async with self._locked(uuid) as m:
+            if m.svc.status.state == ServiceState.ERROR:
+                # (an error stays until someone starts, replaces or deletes the service)
+                raise Conflict(f"service {uuid} is in error ({m.svc.status.last_error}); start, replace or delete it")
             await self.ondemand.unload(m)
             return m.svc
 

@@ -34,6 +34,7 @@ import json, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 name, events = sys.argv[3], sys.argv[4]
+time.sleep(float(os.environ.get("LOAD_SECS") or 0))  # a model that takes this long to load
 
 
 def note(line):
@@ -525,3 +526,48 @@ def test_an_unloaded_service_without_idle_timeout_is_woken_by_the_gateway_with_n
     for t in threads:
         t.join(60)
     assert answers == [(200, {"predictions": ["plain"]})] * 4
+
+
+def test_a_daemon_killed_during_a_command_wake_leaves_no_request_hanging(client, home):
+    """The gateway's start call dies with the daemon; the server goes on loading with nobody to
+    record it healthy, so the waiting requests try it themselves and are answered once it loads."""
+    svc = deploy_llm(client, home, "slowwake", idle_timeout=3600, env={"LOAD_SECS": "2"})
+    host, port, info = gateway(client)
+    client.unload(svc.uuid)
+    wait_for(lambda: state_of(client, svc.uuid) == "scaled_to_zero", 20, what="the unload")
+    answers: list[object] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(request(port, "POST", "/v1/models/slowwake:predict", {"instances": [1]}, timeout=30))
+    )
+    waiting.start()
+    wait_for(lambda: state_of(client, svc.uuid) == "pending_startup", 10, what="the wake under way")
+    os.kill(info["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(info["pid"]), 10, what="the daemon gone")
+    waiting.join(30)
+    assert answers == [(200, {"predictions": ["slowwake"]})]
+    assert request(port, "POST", "/v1/models/slowwake:predict", {"instances": [1]}) == (200, {"predictions": ["slowwake"]})
+
+
+def test_a_command_wake_refused_by_admission_is_a_503_naming_the_cap(client, home, monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
+    monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\ndef model(instances):\n    time.sleep(4)\n    return instances\n")
+    busy = client.deploy(ServiceConfig(model_name="busy", model_uri=f"{slow}:model", idle_timeout=3600), timeout=60)
+    cc = deploy_llm(client, home, "cc", idle_timeout=3600)  # busy made room: scaled to zero
+    assert state_of(client, busy.uuid) == "scaled_to_zero"
+    client.unload(cc.uuid)
+    host, port, _ = gateway(client)
+    held: list[object] = []
+    holder = threading.Thread(
+        target=lambda: held.append(request(busy.endpoint.port, "POST", "/v1/models/busy:predict", {"instances": [1]}, timeout=30))
+    )
+    holder.start()  # busy wakes and holds the one slot with a 4 s request
+    try:
+        wait_for(lambda: client.daemon_info()["on_demand"]["loaded"], 15, what="busy loaded")
+        status, body = request(port, "POST", "/v1/models/cc:predict", {"instances": [1]}, timeout=30)
+        assert status == 503, body
+        assert "max_active=1" in body["error"]["message"] and "busy" in body["error"]["message"], body
+    finally:
+        holder.join(30)
+    assert held and held[0][0] == 200

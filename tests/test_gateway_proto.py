@@ -149,3 +149,13 @@ def test_on_demand_entries_from_records_wait_or_answer_as_their_state_says() -> 
               entry("scaled_to_zero", "stopped", **command), entry("error", **command)):
         answer = Table.usable(e)
         assert isinstance(answer, Answer) and answer.status == 503, e
+
+
+def test_model_names_are_percent_decoded_and_may_hold_a_colon() -> None:
+    t = Table([Entry("u1", "sp ace", "127.0.0.1", 1), Entry("u2", "m:predict", "127.0.0.1", 2), Entry("u3", "ünï", "127.0.0.1", 3)])
+    assert t.resolve(b"POST", b"/v1/models/sp%20ace:predict") == Forward(t.by_uuid["u1"], b"/v1/models/sp%20ace:predict")
+    assert t.resolve(b"POST", b"/v1/models/%C3%BCn%C3%AF:predict") == Forward(t.by_uuid["u3"], b"/v1/models/%C3%BCn%C3%AF:predict")
+    status, body = _answer(t.resolve(b"GET", b"/v1/models/m:predict"))  # the whole is a name: its model object
+    assert status == 200 and body["id"] == "m:predict"
+    status, body = _answer(t.resolve(b"HEAD", b"/v1/models/sp%20ace"))  # HEAD is answered here too (no wake)
+    assert status == 200 and body["id"] == "sp ace"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import iris_config, modeld
-from daemon import DaemonClient, InvalidRequest, ServiceState
+from daemon import Conflict, DaemonClient, InvalidRequest, ServiceState
 from daemon.models import BaseService
 from daemon.testing import pid_alive, wait_for
 
@@ -175,6 +175,9 @@ def test_a_wake_of_a_model_that_no_longer_loads_answers_503_then_error(client, t
     assert body["error"]["type"] == "ServiceUnavailable" and "could not wake" in body["error"]["message"]
     failed = client.get(svc.uuid)
     assert failed.status.state == ServiceState.ERROR and "the weights are gone" in failed.status.last_error
+    with pytest.raises(Conflict, match="is in error"):  # an error stays until a start, replace or delete
+        client.unload(svc.uuid)
+    assert client.get(svc.uuid).status.state == ServiceState.ERROR
 
 
 def test_a_wake_past_wake_timeout_answers_504(client, tmp_path, monkeypatch):

@@ -60,7 +60,8 @@ def log(message: str) -> None:
 
 
 class DaemonWatch:
-    """Whether the home's daemon lives (daemon.pid checked against its start ticks), for the 502's message."""
+    """Whether the home's daemon lives (daemon.pid checked against its start ticks; a zombie is dead),
+    for the 502's message and for requests waiting on a wake the daemon was making (wake.py)."""
 
     def __init__(self, home: Path):
         self.record = home / "daemon.pid"
@@ -69,7 +70,8 @@ class DaemonWatch:
         try:
             pid, ticks = self.record.read_text().split()[:2]
             with open(f"/proc/{int(pid)}/stat", "rb") as f:
-                return f.read().rpartition(b")")[2].split()[19] == ticks.encode()
+                fields = f.read().rpartition(b")")[2].split()
+            return fields[0] not in (b"Z", b"X") and fields[19] == ticks.encode()
         except (OSError, ValueError, IndexError):
             return False
 

@@ -26,6 +26,7 @@ from . import http1
 from .http1 import VIA
 from .pool import Upstream
 from .routes import Answer, Entry, error
+from .wake import GRACE
 
 if TYPE_CHECKING:  # for annotations only: an Exchange is made by its Downstream
     from .proxy import Downstream
@@ -162,7 +163,7 @@ class Exchange:
     def _await_wake(self) -> None:
         """Wait in the Waker (no backend yet); body bytes queue in ``pending`` up to PENDING_HIGH."""
         self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.gw.waker.timeout(self.entry), self._wake_timed_out)
+        self.timer = asyncio.get_running_loop().call_later(self.gw.waker.timeout(self.entry) + GRACE, self._wake_timed_out)
         self.gw.waker.wait(self)
 
     def woken(self, entry: Entry) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
 
 OPENAI_BY_BODY = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
 _MODELS = b"/v1/models"
@@ -172,12 +173,16 @@ class Table:
         if path == _MODELS:
             return self.model_list() if method in (b"GET", b"HEAD") else error(405, "MethodNotAllowed", "GET /v1/models")
         if path.startswith(_MODELS + b"/"):
-            name, colon, verb = path[len(_MODELS) + 1 :].partition(b":")
-            found = self.named(name.decode("utf-8", "replace"))
-            if not colon and method == b"GET":  # both protocols' model object, answered here
+            # The name as its service has it: percent-decoded (a space is %20); the verb follows the
+            # last colon, unless the whole is a model's name (one may hold a colon).
+            name, colon, verb = path[len(_MODELS) + 1 :].rpartition(b":")
+            if not colon or unquote_to_bytes(path[len(_MODELS) + 1 :]).decode("utf-8", "replace") in self.by_name:
+                name, colon = path[len(_MODELS) + 1 :], b""
+            found = self.named(unquote_to_bytes(name).decode("utf-8", "replace"))
+            if not colon and method in (b"GET", b"HEAD"):  # both protocols' model object, answered here
                 entry = found if isinstance(found, Entry) else None
                 if entry is None and isinstance(found, Answer) and found.status == 503:
-                    entry = self.by_name[name.decode("utf-8", "replace")][0]
+                    entry = self.by_name[unquote_to_bytes(name).decode("utf-8", "replace")][0]
                 if entry is None:
                     return found
                 return Answer(200, self.model_object(entry))

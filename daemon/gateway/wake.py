@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from .pool import Gateway
 
 MAX_WAIT = 30 * 24 * 3600.0  # a startup_timeout of infinity (an old record's null) still needs a number
+# A waiter's own 504 comes this long after the wake timeout, so that the daemon's answer to a start
+# given that same timeout (its 503 when admission found no room, say) reaches the client first.
+GRACE = 1.0
+PROBE = 0.1  # seconds between two connects to a starting server while no daemon runs
 CALL_MARGIN = 30.0  # the daemon answers a start within its timeout; past this much more, it is not answering
 
 
@@ -85,7 +89,11 @@ class Waker:
             if uuid not in self.calls:
                 self.calls[uuid] = asyncio.get_running_loop().create_task(self._wake(entry))
         elif entry.state in PASSING and entry.desired == "running":
-            pass  # starting, or on its way to zero (then woken): they wait on, up to their timeout
+            # Starting, or on its way to zero (then woken): they wait on, up to their timeout. With
+            # no daemon to record the server healthy (it died during the wake), the gateway looks
+            # for the server itself.
+            if entry.state == "pending_startup" and uuid not in self.calls and not self.gw.daemon_alive():
+                self.calls[uuid] = asyncio.get_running_loop().create_task(self._until_it_answers(entry))
         else:
             why = f"could not be woken: {failure}" if failure is not None else f"is {entry.state}"
             self._answer(
@@ -108,6 +116,22 @@ class Waker:
         for exchange in self.waiting.pop(uuid, ()):
             if not exchange.done:
                 exchange.wake_failed(answer)
+
+    async def _until_it_answers(self, entry: Entry) -> None:
+        """No daemon: connect to the starting server every PROBE s until it accepts, then send the
+        waiters on; stop when none wait, or when the table moves on (a daemon is back)."""
+        try:
+            while self._waiters(entry.uuid) and self.gw.table.by_uuid.get(entry.uuid) == entry:
+                try:
+                    _reader, writer = await asyncio.open_connection(entry.host, entry.port)
+                except OSError:
+                    await asyncio.sleep(PROBE)
+                    continue
+                writer.close()
+                self._send_on(entry.uuid, entry)
+                return
+        finally:
+            self.calls.pop(entry.uuid, None)
 
     async def _wake(self, entry: Entry) -> None:
         """One wake call; then the waiters are sent on or answered."""
