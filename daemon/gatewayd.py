@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from subprocess import Popen
 from typing import Any
@@ -53,6 +54,7 @@ BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0
 HEALTHY_RESET = 10.0  # a gateway that ran this long restarts at once when it exits
 STOP_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 35.0  # a gateway replaced by one with other settings drains for up to 30 s (gateway/__main__.py)
 
 
 class GatewaySupervisor:
@@ -133,14 +135,19 @@ class GatewaySupervisor:
             self._write_record()
             return True
         log.info("gateway: pid %d was started with other settings (%s); replacing it", pid, started_with)
-        self._kill_now()
-        if not same_place:
+        old = self.ident
+        self._unwatch()
+        self.ident = None
+        if same_place:
+            self._write_state()
+            self._spawn()  # the new one first, on the same socket: it takes the next connections
+        else:
             listener.close()
             self.listener = None
-            return False
-        self._write_state()
-        self._spawn()
-        return True
+        # The old one finishes the responses in flight (it drains on SIGTERM), then exits; it is
+        # killed if it has not after DRAIN_TIMEOUT. In a thread: the daemon does not wait for it.
+        threading.Thread(target=_terminate, args=(old, DRAIN_TIMEOUT), name="gateway-drain", daemon=True).start()
+        return same_place
 
     def _recorded_port(self, host: str) -> int:
         """The port ``:0`` picked before (run/gateway.json), if it was on this host; else 0."""
@@ -348,8 +355,9 @@ def _wait_exit(pidfd: int, timeout: float) -> bool:
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 
-def _terminate(ident: ProcessIdentity) -> None:
-    """SIGTERM, the grace period, SIGKILL; through a pidfd checked against the start ticks."""
+def _terminate(ident: ProcessIdentity, grace: float = 0.0) -> None:
+    """SIGTERM, the grace period (STOP_TIMEOUT by default), SIGKILL; through a pidfd checked against the start ticks."""
+    grace = grace or STOP_TIMEOUT
     try:
         fd = os.pidfd_open(ident.pid)
     except OSError:
@@ -358,7 +366,7 @@ def _terminate(ident: ProcessIdentity) -> None:
         if not ident.is_alive():
             return
         signal.pidfd_send_signal(fd, signal.SIGTERM)
-        if not _wait_exit(fd, STOP_TIMEOUT):
+        if not _wait_exit(fd, grace):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
             _wait_exit(fd, STOP_TIMEOUT)
         with contextlib.suppress(ChildProcessError, OSError):

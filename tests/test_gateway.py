@@ -94,7 +94,7 @@ class H(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         try:
-            for i in range(4):
+            for i in range(int(body.get("chunks", 4))):
                 chunk = {"id": "x1", "object": "chat.completion.chunk", "created": 1, "model": name,
                          "choices": [{"index": 0, "delta": {"content": f"{i} "}, "finish_reason": None}]}
                 data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
@@ -571,3 +571,22 @@ def test_a_command_wake_refused_by_admission_is_a_503_naming_the_cap(client, hom
     finally:
         holder.join(30)
     assert held and held[0][0] == 200
+
+
+def test_a_gateway_replaced_for_new_settings_finishes_the_responses_in_flight(client, home, monkeypatch):
+    deploy_llm(client, home, "steady")
+    _host, port, info = gateway(client)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = json.dumps({"model": "steady", "stream": True, "chunks": 12, "messages": [{"role": "user", "content": "hi"}]})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+    stream = conn.getresponse()
+    assert stream.status == 200 and stream.readline().startswith(b"data: ")  # in flight: 11 more chunks, 500 ms apart
+    assert modeld("daemon", "stop", home=home).returncode == 0
+    monkeypatch.setenv("MODELD_GATEWAY_TIMEOUT", "6")  # the next daemon's gateway differs: it replaces this one
+    new = client.daemon_info()
+    assert new["gateway_pid"] != info["gateway_pid"] and gateway(client)[1] == port
+    rest = stream.read()  # the old gateway drains: the stream ends whole
+    conn.close()
+    assert rest.count(b"data: ") == 12 and rest.rstrip().endswith(b"data: [DONE]"), rest
+    assert request(port, "POST", "/v1/models/steady:predict", {"instances": [1]}) == (200, {"predictions": ["steady"]})
+    wait_for(lambda: not pid_alive(info["gateway_pid"]), 10, what="the old gateway to exit once drained")

@@ -37,6 +37,8 @@ from .pool import Gateway
 from .proxy import Downstream
 from .routes import Entry, Table
 
+DRAIN = 30.0  # seconds a stopping gateway gives the responses in flight (the daemon's stop: 5, then SIGKILL)
+
 
 def parse_route(spec: str) -> Entry:
     fields = dict(part.split("=", 1) for part in spec.split(","))
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        server.close()
+        server.close()  # no new connection here (the next gateway accepts on the same port)
+        await gw.drain(min(args.timeout, DRAIN))
         gw.activities.close()
         if control is not None:
             control.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .activity import Activities
 from .routes import Entry, Table
@@ -39,6 +39,8 @@ class Gateway:
         self.max_body = max_body
         self.max_idle = max_idle  # idle connections kept per backend
         self.spare = spare  # keep one connection open ahead of need per backend in use (keep_spare)
+        self.clients: set[Any] = set()  # the Downstream connections open now (proxy.py)
+        self.draining = False  # stopping: no new request on a kept-alive connection (see drain)
         self.idle: dict[tuple[str, int], list[Upstream]] = {}
         self.warming: set[tuple[str, int]] = set()  # backends a spare connection is being opened to
         self.daemon_alive: Callable[[], bool] = lambda: True  # (__main__ reads the home's daemon.pid)
@@ -53,6 +55,21 @@ class Gateway:
         self.table = table
         self.activities.keep({uuid for uuid, e in table.by_uuid.items() if e.counted})
         self.waker.table_changed()
+
+    async def drain(self, seconds: float) -> None:
+        """Stopping (SIGTERM: the daemon replaces or stops the gateway): the listener is closed by
+        the caller; idle client connections close now, the others after the response in flight
+        (``connection: close``), for up to ``seconds``. A new gateway on the same port takes the
+        next requests."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        for client in list(self.clients):
+            client.close_after = True
+            if client.exchange is None and not client.buf:
+                client.transport.close()
+        while any(c.exchange is not None for c in self.clients) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     def stopping(self, uuid: str) -> Entry | None:
         """After a backend connection failed unanswered: the service's entry if it is (the records read

@@ -58,6 +58,8 @@ class Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.gw.clients.add(self)
+        self.close_after = self.gw.draining
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -66,6 +68,7 @@ class Downstream(asyncio.Protocol):
                 self.forwarded = VIA + b"x-forwarded-for: %s\r\n" % str(peer[0]).encode()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gw.clients.discard(self)
         self.state = self.CLOSED
         if self.exchange is not None:
             self.exchange.abort()
@@ -111,7 +114,7 @@ class Downstream(asyncio.Protocol):
             self._request(head, rest)
 
     def _request(self, head: http1.Head, rest: bytes) -> None:
-        self.close_after = head.close
+        self.close_after = head.close or self.gw.draining
         self.method = head.method
         has_body = head.chunked or bool(head.length)
         if head.length is not None and head.length > self.gw.max_body:

@@ -41,6 +41,7 @@ MAX_WAIT = 30 * 24 * 3600.0  # a startup_timeout of infinity (an old record's nu
 # given that same timeout (its 503 when admission found no room, say) reaches the client first.
 GRACE = 1.0
 PROBE = 0.1  # seconds between two connects to a starting server while no daemon runs
+RECHECK = 1.0  # seconds between two looks at waiters of a starting service (is its daemon still there?)
 CALL_MARGIN = 30.0  # the daemon answers a start within its timeout; past this much more, it is not answering
 
 
@@ -53,6 +54,7 @@ class Waker:
         self.wake_timeout = wake_timeout  # 0: each service's startup_timeout
         self.waiting: dict[str, list[Exchange]] = {}
         self.calls: dict[str, asyncio.Task[None]] = {}
+        self.rechecks: set[str] = set()  # services whose waiters are looked at again in RECHECK s
         self.calls_made = 0
 
     def timeout(self, entry: Entry) -> float:
@@ -66,6 +68,11 @@ class Waker:
 
     def table_changed(self) -> None:
         for uuid in list(self.waiting):
+            self._look(uuid)
+
+    def _recheck(self, uuid: str) -> None:
+        self.rechecks.discard(uuid)
+        if uuid not in self.calls:
             self._look(uuid)
 
     def _waiters(self, uuid: str) -> list[Exchange]:
@@ -90,10 +97,15 @@ class Waker:
                 self.calls[uuid] = asyncio.get_running_loop().create_task(self._wake(entry))
         elif entry.state in PASSING and entry.desired == "running":
             # Starting, or on its way to zero (then woken): they wait on, up to their timeout. With
-            # no daemon to record the server healthy (it died during the wake), the gateway looks
-            # for the server itself.
-            if entry.state == "pending_startup" and uuid not in self.calls and not self.gw.daemon_alive():
-                self.calls[uuid] = asyncio.get_running_loop().create_task(self._until_it_answers(entry))
+            # no daemon to record the server healthy (the start call got no answer: it died during
+            # the wake), the gateway looks for the server itself; else it looks again in a second,
+            # in case the daemon dies meanwhile.
+            if entry.state == "pending_startup" and uuid not in self.calls:
+                if failure is not None or not self.gw.daemon_alive():
+                    self.calls[uuid] = asyncio.get_running_loop().create_task(self._until_it_answers(entry))
+                elif uuid not in self.rechecks:
+                    self.rechecks.add(uuid)
+                    asyncio.get_running_loop().call_later(RECHECK, self._recheck, uuid)
         else:
             why = f"could not be woken: {failure}" if failure is not None else f"is {entry.state}"
             self._answer(
