@@ -188,8 +188,15 @@ class OnDemand:
         start it again."""
         m.unwatch()
         m.failures = 0
-        async with self.room(m, timeout):
-            await self.startstop.start(m, timeout, failing_state=DesiredState.RUNNING)
+        try:
+            async with self.room(m, timeout):
+                await self.startstop.start(m, timeout, failing_state=DesiredState.RUNNING)
+        except ModeldError as exc:
+            # (said here too: a wake by the gateway's start call leaves no other trace in daemon.log)
+            log.warning(
+                "%s: the load from zero failed (%s): %s", m.uuid, m.svc.status.state.value, (str(exc).splitlines() or [""])[0]
+            )
+            raise
 
     async def unload(self, m: ServiceRuntime) -> None:
         """Scale the service to zero now, whatever it runs (the caller holds the lock)."""
