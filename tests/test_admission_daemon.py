@@ -11,9 +11,11 @@ import threading
 from pathlib import Path
 
 from conftest import iris_config
-from daemon import ServiceState
-from daemon.testing import pid_alive, wait_for
 from test_ondemand import ask, write_model
+
+from daemon import ServiceState
+from daemon.config import RestartPolicy
+from daemon.testing import pid_alive, wait_for
 
 S0 = ServiceState.SCALED_TO_ZERO
 
@@ -123,9 +125,35 @@ def test_a_replace_that_gives_a_service_an_idle_timeout_makes_room_for_it(client
     a = client.deploy(iris_config(model_name="a", pipeline_step_name="a", idle_timeout=3600), timeout=60)
     b = client.deploy(iris_config(model_name="b", pipeline_step_name="b"), timeout=60)
     assert alive(client, [a, b]) == ["a", "b"]  # b does not count
-    b = client.deploy(iris_config(model_name="b", pipeline_step_name="b", idle_timeout=3600), replace=True, uuid=b.uuid, timeout=60)
+    b = client.deploy(
+        iris_config(model_name="b", pipeline_step_name="b", idle_timeout=3600), replace=True, uuid=b.uuid, timeout=60
+    )
     assert client.get(a.uuid).status.state == S0 and alive(client, [a, b]) == ["b"]
     # And back: a replace that drops the idle_timeout unloads nobody.
     assert ask(a)[0] == 200 and alive(client, [a, b]) == ["a"]
     client.deploy(iris_config(model_name="b", pipeline_step_name="b"), replace=True, uuid=b.uuid, timeout=60)
     assert sorted(alive(client, [a, b])) == ["a", "b"]
+
+
+def test_a_crashed_server_being_restarted_holds_its_room(client, monkeypatch):
+    """A crashed on-demand server that supervision restarts after a backoff keeps its room meanwhile:
+    a wake of another waits (and, past wake_timeout, gets the 503 naming it) instead of taking the
+    slot, which the restart would then take too, past max_active."""
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
+    monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
+    b = client.deploy(iris_config(model_name="b", pipeline_step_name="b", idle_timeout=3600), timeout=60)
+    restart = RestartPolicy(backoff_initial=5.0, backoff_max=5.0)
+    a = client.deploy(iris_config(model_name="a", pipeline_step_name="a", idle_timeout=3600, restart=restart), timeout=60)
+    assert client.get(b.uuid).status.state == S0
+    first = client.get(a.uuid).status.pid
+    assert first
+    os.kill(first, signal.SIGKILL)  # the first crash after a healthy run restarts at once
+    second = wait_for(
+        lambda: (p := client.get(a.uuid).status.pid) not in (None, first) and pid_alive(p) and p, 15, what="a restarted"
+    )
+    os.kill(second, signal.SIGKILL)  # the second in a row: 5 s of backoff
+    wait_for(lambda: client.get(a.uuid).status.pid is None, 15, what="a in its backoff")
+    status, body = ask(b)
+    assert status == 503 and "restarting" in body["error"]["message"], body  # type: ignore[index]
+    wait_for(lambda: client.get(a.uuid).status.state == ServiceState.ACTIVE, 20, what="a restarted again")
+    assert alive(client, [a, b]) == ["a"]
