@@ -376,15 +376,21 @@ class Rebuilder:
         (most recently started first), the others left scaled to zero (see the module docstring)."""
         deferred, self.deferred = self.deferred, []
         for m in sorted(deferred, key=lambda m: (-(m.svc.status.started_at or 0.0), str(m.uuid))):
-            async with m.lock:
-                if self.services.get(m.uuid) is not m:
-                    continue
-                if self.fits(m):
-                    log.info("%s should run but its server is gone; starting it", m.uuid)
-                    await self.start_or_error(m)
-                else:
-                    log.info("%s should run but its server is gone; admission's caps are held: it stays scaled to zero", m.uuid)
-                    self.ondemand.restore_scaled(m)
+            try:
+                async with m.lock:
+                    if self.services.get(m.uuid) is not m:
+                        continue
+                    if self.fits(m):
+                        log.info("%s should run but its server is gone; starting it", m.uuid)
+                        await self.start_or_error(m)
+                    else:
+                        log.info(
+                            "%s should run but its server is gone; admission's caps are held: it stays scaled to zero", m.uuid
+                        )
+                        self.ondemand.restore_scaled(m)
+            except Exception as exc:  # one service that cannot be restored is a problem, not a daemon that does not start
+                log.error("could not restore %s: %s", m.uuid, exc, exc_info=exc)
+                self.problems.append(Problem(m.svc.service_path, f"could not be restored: {type(exc).__name__}: {exc}"))
 
 
 def _probe_list(targets: list[ProbeTarget]) -> list[tuple[bool | None, str]]:
