@@ -37,7 +37,7 @@ from typing import Any
 
 from .exceptions import AdmissionRefused, ModeldError
 from .memory import Sizes
-from .models import ServiceState
+from .models import DesiredState, ServiceState
 from .service import ServiceRuntime
 from .settings import format_size
 
@@ -120,6 +120,20 @@ class Admission:
         if self._fits(count, used):
             return Decision(victims=tuple(victims))
         return Decision(refused=self._held(others, loading, now))
+
+    def excess(self, loaded: Iterable[Loaded]) -> tuple[str, ...]:
+        """What to scale to zero, least recently used first among those that can go now, so that what
+        is loaded holds the caps with nothing more loaded (servers found beyond them: a daemon
+        restarted with lower caps, or over servers loaded past them); () if they hold."""
+        entries = [e for e in loaded if e.on_demand]
+        count, used = len(entries), sum(e.size for e in entries)
+        victims: list[str] = []
+        for entry in sorted((e for e in entries if e.unloadable), key=lambda e: (e.last_use, e.uuid)):
+            if self._fits(count, used):
+                break
+            victims.append(entry.uuid)
+            count, used = count - 1, used - entry.size
+        return tuple(victims)
 
     def _fits(self, count: int, used: int) -> bool:
         return (self.max_active is None or count <= self.max_active) and (
@@ -286,11 +300,25 @@ def loaded_services(services: Iterable[ServiceRuntime], sizes: Sizes, activity: 
     found = []
     for m in services:
         svc = m.svc
-        if svc.config.idle_timeout is None or m.proc is None or not m.proc.alive:
+        if svc.config.idle_timeout is None:
+            continue
+        state = svc.status.state
+        alive = m.proc is not None and m.proc.alive
+        # A server that crashed and that supervision restarts (after a backoff) holds its room
+        # meanwhile: else another load would take it and the restart would go past the caps.
+        restarting = (
+            not alive
+            and m.task is not None
+            and not m.task.done()
+            and svc.desired_state == DesiredState.RUNNING
+            and state in (ServiceState.ACTIVE, ServiceState.PENDING_STARTUP)
+        )
+        if not alive and not restarting:
             continue
         last, in_flight = activity(str(svc.uuid))
-        state = svc.status.state
-        if state == ServiceState.PENDING_STARTUP:
+        if restarting:
+            busy = "restarting"
+        elif state == ServiceState.PENDING_STARTUP:
             busy = "starting"
         elif state == ServiceState.PENDING_SHUTDOWN:
             busy = "stopping"

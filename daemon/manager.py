@@ -87,6 +87,7 @@ class Manager:
         self.gate = Gate(self.admission, self.loaded_on_demand, self._unload_for_room)
         self.ondemand.room = self.room
         self.idle.can_wake = self.can_wake
+        self.rebuilder.fits = self.fits_now
 
     # ------------------------------------------------------------------ queries
 
@@ -113,13 +114,36 @@ class Manager:
         only through a running gateway (the idle checker leaves the others loaded)."""
         return is_builtin(m.svc.config) or self.gateway_runs()
 
-    def room(self, m: ServiceRuntime, timeout: float) -> contextlib.AbstractAsyncContextManager[None]:
+    def room(
+        self, m: ServiceRuntime, timeout: float, config: ServiceConfig | None = None
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """Room for ``m``'s server under the caps, made before it loads (admission.py); waits up to the
-        wake timeout (``timeout`` if shorter), then AdmissionRefused (503). Only on-demand services count."""
-        if m.svc.config.idle_timeout is None or not self.admission.capped:
+        wake timeout (``timeout`` if shorter), then AdmissionRefused (503). Only on-demand services count:
+        ``config`` is the one the server loads with (a replace's new one; by default the service's)."""
+        if (config or m.svc.config).idle_timeout is None or not self.admission.capped:
             return contextlib.nullcontext()
         wait = min(timeout, self.ondemand.timeout_of(m))
         return self.gate.admit(loading_of(m, self.sizes), time.monotonic() + wait)
+
+    def fits_now(self, m: ServiceRuntime) -> bool:
+        """Whether ``m``'s server may load now under the caps with nothing unloaded for it (the rebuild's
+        starts of on-demand services: one that does not fit stays scaled to zero)."""
+        if m.svc.config.idle_timeout is None or not self.admission.capped:
+            return True
+        decision = self.admission.decide(self.gate.current(), loading_of(m, self.sizes), time.time())
+        return decision.admitted and not decision.victims
+
+    async def hold_caps(self) -> None:
+        """Scale to zero, least recently used first, the on-demand servers loaded beyond the caps (after
+        a rebuild: re-adopted servers that a daemon with other caps, or one killed mid-way, left)."""
+        if not self.admission.capped:
+            return
+        for uuid in self.admission.excess(self.gate.current()):
+            log.info("admission: scaling %s to zero: the servers found loaded are more than the caps allow", uuid)
+            try:
+                await self._unload_for_room(uuid)
+            except (ModeldError, ServiceNotFound) as exc:
+                log.warning("admission: could not unload %s: %s", uuid, exc)
 
     async def _unload_for_room(self, uuid: str) -> None:
         """Admission's unload of a least recently used on-demand service (under its lock)."""
@@ -190,7 +214,8 @@ class Manager:
             else:
                 deployed.unwatch()  # a scaled-to-zero service is loaded by the replace's start
                 try:
-                    async with self.room(deployed, timeout):
+                    # (the new config says whether it counts: a replace may add or drop its idle_timeout)
+                    async with self.room(deployed, timeout, config):
                         await self.replacer.replace(deployed, config, timeout)
                     self.sizes.forget(deployed.uuid)  # another model now: the old one's size says nothing
                 finally:
@@ -287,6 +312,7 @@ class Manager:
     async def rebuild(self) -> None:
         """Load every service from disk, re-adopt live servers, start those that should run (see rebuild.py)."""
         self.problems, spent = await self.rebuilder.rebuild()
+        await self.hold_caps()
         self.idle.poke()
         self.gateway.start()  # on the loop's thread, no spawn in flight (see gatewayd.py); it routes from disk
         log.info(

@@ -179,11 +179,24 @@ class OnDemand:
 
     async def load(self, m: ServiceRuntime, timeout: float) -> None:
         """Load a scaled-to-zero service: a start, waited for up to ``timeout``. The one way back from
-        zero (socket wakes, start, the gateway's start, deploy): the caller holds the lock."""
+        zero (socket wakes, start, the gateway's start, deploy): the caller holds the lock.
+
+        A load that fails leaves the service in ``error`` with its desired state still ``running``:
+        a scaled-to-zero service is one left running, and a wake that fails (the model no longer
+        loads, its server killed while it loads) is no one asking it to stop. As after a crash loop
+        given up, it stays in error until someone starts (or stops) it; a daemon restart does not
+        start it again."""
         m.unwatch()
         m.failures = 0
-        async with self.room(m, timeout):
-            await self.startstop.start(m, timeout, failing_state=DesiredState.STOPPED)
+        try:
+            async with self.room(m, timeout):
+                await self.startstop.start(m, timeout, failing_state=DesiredState.RUNNING)
+        except ModeldError as exc:
+            # (said here too: a wake by the gateway's start call leaves no other trace in daemon.log)
+            log.warning(
+                "%s: the load from zero failed (%s): %s", m.uuid, m.svc.status.state.value, (str(exc).splitlines() or [""])[0]
+            )
+            raise
 
     async def unload(self, m: ServiceRuntime) -> None:
         """Scale the service to zero now, whatever it runs (the caller holds the lock)."""

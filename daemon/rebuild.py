@@ -13,6 +13,11 @@ groups) and acts on them. Invariants:
 - What no service keeps (launches of deleted services, what a dead server left behind) is
   stopped once every service is restored (``strays.sweep_leftovers``), before a new server needs its port.
 - One service that cannot be restored is a problem reported, never a daemon that does not start.
+- Admission's caps hold from the rebuild on: an on-demand service (``idle_timeout``) that should run
+  but whose server is gone is started only if it fits beside what was re-adopted (``fits``, set by
+  the manager; nothing is unloaded for it), most recently started first; the others stay scaled to
+  zero (their desired state running), as a service that may sleep always can. (Re-adopted servers
+  beyond the caps are scaled to zero by the manager once the rebuild is over.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
 
@@ -77,6 +83,10 @@ class Rebuilder:
         self.tagged_as_ours: set[tuple[str, ProcessIdentity]] = set()  # (service uuid, process) tagged as ours, found at rebuild
         self.probe_batch = Batch(_probe_list)  # re-adoption: all servers probed in one job
         self.listeners_task: asyncio.Future[None] | None = None
+        # Whether an on-demand service's server may be loaded now under admission's caps, with nothing
+        # unloaded for it (the manager's Manager.fits_now); no cap by default.
+        self.fits: Callable[[ServiceRuntime], bool] = lambda m: True
+        self.deferred: list[ServiceRuntime] = []  # on-demand services to start once every server is adopted
 
     def close(self) -> None:
         """Stop fetching the re-adopted servers' listening sockets (at shutdown)."""
@@ -120,6 +130,8 @@ class Rebuilder:
         took("restore")
         await sweep_leftovers(self.containment, self.services.values(), tagged)
         took("sweep")
+        await self.start_deferred()
+        took("on demand")
         self.listeners_task = asyncio.ensure_future(self.fetch_adopted_listeners())
         return self.problems, spent
 
@@ -328,18 +340,12 @@ class Rebuilder:
                 log.info("%s is scaled to zero; watching its socket", svc.uuid)
                 self.ondemand.restore_scaled(m)
             elif svc.desired_state == DesiredState.RUNNING and svc.status.state != ServiceState.ERROR:
-                log.info("%s should run but its server is gone; starting it", svc.uuid)
-                try:
-                    self.launcher.launch(m, svc.config, "restore")
-                except ModeldError as exc:
-                    await self.supervisor.abandon_launch(m)
+                if svc.config.idle_timeout is not None:
                     svc.status.pid = None
-                    change_state(
-                        self.store, svc, ServiceState.ERROR, f"could not be restarted: {exc}", step="restore.failed", strict=False
-                    )
+                    self.deferred.append(m)  # started (or left scaled to zero) once every server is adopted
                     return
-                change_state(self.store, svc, ServiceState.PENDING_STARTUP, step="restore.pending", strict=False)
-                self.supervisor.supervise(m)
+                log.info("%s should run but its server is gone; starting it", svc.uuid)
+                await self.start_or_error(m)
             else:
                 # An error (a crash loop, a failed start) stays until someone acts on it: a
                 # restart of the daemon is no reason to run a crash loop again.
@@ -348,6 +354,43 @@ class Rebuilder:
                     save(self.store, svc, strict=True)
                 else:
                     change_state(self.store, svc, ServiceState.INACTIVE, strict=True)
+
+    async def start_or_error(self, m: ServiceRuntime) -> None:
+        """Start the server of a service that should run but whose server is gone (under supervision);
+        one that cannot be spawned is recorded in error."""
+        svc = m.svc
+        try:
+            self.launcher.launch(m, svc.config, "restore")
+        except ModeldError as exc:
+            await self.supervisor.abandon_launch(m)
+            svc.status.pid = None
+            change_state(
+                self.store, svc, ServiceState.ERROR, f"could not be restarted: {exc}", step="restore.failed", strict=False
+            )
+            return
+        change_state(self.store, svc, ServiceState.PENDING_STARTUP, step="restore.pending", strict=False)
+        self.supervisor.supervise(m)
+
+    async def start_deferred(self) -> None:
+        """The on-demand services that should run but whose server is gone: started within the caps
+        (most recently started first), the others left scaled to zero (see the module docstring)."""
+        deferred, self.deferred = self.deferred, []
+        for m in sorted(deferred, key=lambda m: (-(m.svc.status.started_at or 0.0), str(m.uuid))):
+            try:
+                async with m.lock:
+                    if self.services.get(m.uuid) is not m:
+                        continue
+                    if self.fits(m):
+                        log.info("%s should run but its server is gone; starting it", m.uuid)
+                        await self.start_or_error(m)
+                    else:
+                        log.info(
+                            "%s should run but its server is gone; admission's caps are held: it stays scaled to zero", m.uuid
+                        )
+                        self.ondemand.restore_scaled(m)
+            except Exception as exc:  # one service that cannot be restored is a problem, not a daemon that does not start
+                log.error("could not restore %s: %s", m.uuid, exc, exc_info=exc)
+                self.problems.append(Problem(m.svc.service_path, f"could not be restored: {type(exc).__name__}: {exc}"))
 
 
 def _probe_list(targets: list[ProbeTarget]) -> list[tuple[bool | None, str]]:

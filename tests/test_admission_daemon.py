@@ -5,13 +5,17 @@ daemons, real servers, real sockets; servers are counted by their pids."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 
 from conftest import iris_config
-from daemon import ServiceState
-from daemon.testing import pid_alive, wait_for
 from test_ondemand import ask, write_model
+
+from daemon import ServiceState
+from daemon.config import RestartPolicy
+from daemon.testing import pid_alive, wait_for
 
 S0 = ServiceState.SCALED_TO_ZERO
 
@@ -73,3 +77,83 @@ def test_with_nothing_to_unload_a_wake_waits_wake_timeout_then_gets_a_503_naming
     assert answers and answers[0][0] == 200  # the request in flight was never cut
     assert ask(other)[0] == 200  # busy is idle now: it goes, other loads
     assert client.get(busy.uuid).status.state == S0
+
+
+def _kill_daemon(client) -> None:
+    daemon_pid = client.daemon_info()["pid"]
+    os.kill(daemon_pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(daemon_pid), 10, what="daemon gone")
+
+
+def test_a_restarted_daemon_starts_on_demand_services_whose_server_is_gone_only_within_the_cap(client, monkeypatch):
+    """Chaos's seeds 101 and 202: a daemon's rebuild started every service that should run but whose
+    server was gone, past max_active. Now an on-demand one is started only if it fits beside what is
+    re-adopted; the others stay scaled to zero, still wanted running, and wake on their URL."""
+    a, b, c = (client.deploy(iris_config(model_name=n, pipeline_step_name=n, idle_timeout=3600), timeout=60) for n in "abc")
+    _kill_daemon(client)
+    for svc in (a, b):  # their servers die while no daemon runs; c's lives on
+        pid = svc.status.pid
+        assert pid and pid_alive(pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, what="server gone")
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
+    found = {s.config.model_name: s for s in client.find()}  # (a new daemon, with the cap)
+    assert found["c"].status.state == ServiceState.ACTIVE and alive(client, [a, b, c]) == ["c"]
+    for name in "ab":
+        assert found[name].status.state == S0 and found[name].desired_state.value == "running", found[name]
+    assert ask(a) == (200, {"predictions": ["setosa"]})  # a wakes (c, least recently used, goes)
+    assert alive(client, [a, b, c]) == ["a"] and client.get(c.uuid).status.state == S0
+
+
+def test_a_restarted_daemon_scales_to_zero_the_adopted_servers_beyond_the_cap(client, monkeypatch):
+    a, b, c = (client.deploy(iris_config(model_name=n, pipeline_step_name=n, idle_timeout=3600), timeout=60) for n in "abc")
+    assert ask(c)[0] == 200  # c is the most recently used
+    _kill_daemon(client)
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
+    wait_for(lambda: alive(client, [a, b, c]) == ["c"], 15, what="only c left loaded")
+    for svc in (a, b):
+        got = client.get(svc.uuid)
+        assert got.status.state == S0 and got.desired_state.value == "running", got
+    assert ask(b) == (200, {"predictions": ["setosa"]})
+    assert alive(client, [a, b, c]) == ["b"]
+
+
+def test_a_replace_that_gives_a_service_an_idle_timeout_makes_room_for_it(client, monkeypatch):
+    """Chaos's seed 202: a replace's room was asked for the service's old config; a service replaced
+    from no idle_timeout to one skipped the cap (and one replaced the other way unloaded another for nothing)."""
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
+    a = client.deploy(iris_config(model_name="a", pipeline_step_name="a", idle_timeout=3600), timeout=60)
+    b = client.deploy(iris_config(model_name="b", pipeline_step_name="b"), timeout=60)
+    assert alive(client, [a, b]) == ["a", "b"]  # b does not count
+    b = client.deploy(
+        iris_config(model_name="b", pipeline_step_name="b", idle_timeout=3600), replace=True, uuid=b.uuid, timeout=60
+    )
+    assert client.get(a.uuid).status.state == S0 and alive(client, [a, b]) == ["b"]
+    # And back: a replace that drops the idle_timeout unloads nobody.
+    assert ask(a)[0] == 200 and alive(client, [a, b]) == ["a"]
+    client.deploy(iris_config(model_name="b", pipeline_step_name="b"), replace=True, uuid=b.uuid, timeout=60)
+    assert sorted(alive(client, [a, b])) == ["a", "b"]
+
+
+def test_a_crashed_server_being_restarted_holds_its_room(client, monkeypatch):
+    """A crashed on-demand server that supervision restarts after a backoff keeps its room meanwhile:
+    a wake of another waits (and, past wake_timeout, gets the 503 naming it) instead of taking the
+    slot, which the restart would then take too, past max_active."""
+    monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
+    monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
+    b = client.deploy(iris_config(model_name="b", pipeline_step_name="b", idle_timeout=3600), timeout=60)
+    restart = RestartPolicy(backoff_initial=5.0, backoff_max=5.0)
+    a = client.deploy(iris_config(model_name="a", pipeline_step_name="a", idle_timeout=3600, restart=restart), timeout=60)
+    assert client.get(b.uuid).status.state == S0
+    first = client.get(a.uuid).status.pid
+    assert first
+    os.kill(first, signal.SIGKILL)  # the first crash after a healthy run restarts at once
+    second = wait_for(
+        lambda: (p := client.get(a.uuid).status.pid) not in (None, first) and pid_alive(p) and p, 15, what="a restarted"
+    )
+    os.kill(second, signal.SIGKILL)  # the second in a row: 5 s of backoff
+    wait_for(lambda: client.get(a.uuid).status.pid is None, 15, what="a in its backoff")
+    status, body = ask(b)
+    assert status == 503 and "restarting" in body["error"]["message"], body  # type: ignore[index]
+    wait_for(lambda: client.get(a.uuid).status.state == ServiceState.ACTIVE, 20, what="a restarted again")
+    assert alive(client, [a, b]) == ["a"]

@@ -175,9 +175,41 @@ def test_a_wake_of_a_model_that_no_longer_loads_answers_503_then_error(client, t
     assert body["error"]["type"] == "ServiceUnavailable" and "could not wake" in body["error"]["message"]
     failed = client.get(svc.uuid)
     assert failed.status.state == ServiceState.ERROR and "the weights are gone" in failed.status.last_error
+    assert failed.desired_state.value == "running"  # a failed wake is no one asking it to stop
     with pytest.raises(Conflict, match="is in error"):  # an error stays until a start, replace or delete
         client.unload(svc.uuid)
     assert client.get(svc.uuid).status.state == ServiceState.ERROR
+
+
+def test_a_server_killed_while_it_wakes_leaves_the_service_in_error_still_wanted_running(client, tmp_path):
+    """Chaos's seeds 101 and 202: a wake (here on the service's URL; the gateway's start call of a
+    command service is the same load) whose server is killed before it answers: the waiting request
+    gets a 503, and the service is in error with its desired state still running (it was, as a
+    scaled-to-zero service; nobody asked it to stop), until it is started again."""
+    slow = tmp_path / "slow"
+    uri = write_model(
+        tmp_path,
+        f"import os, time\nif os.path.exists({str(slow)!r}):\n    time.sleep(60)\n"
+        "def model(instances):\n    return ['ok' for _ in instances]\n",
+    )
+    svc = client.deploy(iris_config(model_uri=uri, idle_timeout=0.5), timeout=60)
+    scaled(client, svc)
+    slow.touch()
+    answers: list[tuple[int, object]] = []
+    waking = threading.Thread(target=lambda: answers.append(ask(svc)))
+    waking.start()
+    try:
+        loading = wait_for(lambda: (s := client.get(svc.uuid)).status.pid and s, 15, what="the woken server spawned")
+        os.kill(loading.status.pid, signal.SIGKILL)
+    finally:
+        waking.join(30)
+    assert answers and answers[0][0] == 503, answers
+    failed = client.get(svc.uuid)
+    assert failed.status.state == ServiceState.ERROR
+    assert failed.desired_state.value == "running", (failed.desired_state, failed.desired_reason)
+    slow.unlink()
+    assert client.start(svc.uuid, timeout=60).status.state == ServiceState.ACTIVE
+    assert ask(svc) == (200, {"predictions": ["ok"]})
 
 
 def test_a_wake_past_wake_timeout_answers_504(client, tmp_path, monkeypatch):
