@@ -110,15 +110,9 @@ class Admission:
                 f"{format_size(loading.size)}: it cannot be loaded while the budget is so",
                 final=True,
             )
-        count, used = len(others) + 1, sum(e.size for e in others) + loading.size
-        victims: list[str] = []
-        for entry in sorted((e for e in others if e.unloadable), key=lambda e: (e.last_use, e.uuid)):
-            if self._fits(count, used):
-                break
-            victims.append(entry.uuid)
-            count, used = count - 1, used - entry.size
-        if self._fits(count, used):
-            return Decision(victims=tuple(victims))
+        victims, fits = self._least_recently_used(others, len(others) + 1, sum(e.size for e in others) + loading.size)
+        if fits:
+            return Decision(victims=victims)
         return Decision(refused=self._held(others, loading, now))
 
     def excess(self, loaded: Iterable[Loaded]) -> tuple[str, ...]:
@@ -126,14 +120,18 @@ class Admission:
         is loaded holds the caps with nothing more loaded (servers found beyond them: a daemon
         restarted with lower caps, or over servers loaded past them); () if they hold."""
         entries = [e for e in loaded if e.on_demand]
-        count, used = len(entries), sum(e.size for e in entries)
+        return self._least_recently_used(entries, len(entries), sum(e.size for e in entries))[0]
+
+    def _least_recently_used(self, entries: Sequence[Loaded], count: int, used: int) -> tuple[tuple[str, ...], bool]:
+        """The unloadable ``entries``, least recently used first, that must go for ``count`` servers
+        using ``used`` bytes to fit the caps; and whether they then fit."""
         victims: list[str] = []
         for entry in sorted((e for e in entries if e.unloadable), key=lambda e: (e.last_use, e.uuid)):
             if self._fits(count, used):
                 break
             victims.append(entry.uuid)
             count, used = count - 1, used - entry.size
-        return tuple(victims)
+        return tuple(victims), self._fits(count, used)
 
     def _fits(self, count: int, used: int) -> bool:
         return (self.max_active is None or count <= self.max_active) and (
