@@ -18,7 +18,9 @@ daemon process: its state folder cannot be used).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import os
 import select
 import socket
@@ -29,6 +31,7 @@ from pathlib import Path
 
 # A Unix socket path is limited to 108 bytes including the NUL.
 MAX_SOCKET_PATH = 107
+_TEMPORARY = itertools.count()  # names a socket bound before it is renamed into place
 
 
 class SocketError(OSError):
@@ -55,14 +58,27 @@ def bind_private_socket(path: Path, hint: str = "") -> socket.socket:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    # Bound and listening under a temporary name, then renamed into place: a client that sees the
+    # socket file can connect (between bind and listen it would be refused).
+    temporary = path.with_name(f".{os.getpid():x}.{next(_TEMPORARY)}")
+    if len(os.fsencode(temporary)) > MAX_SOCKET_PATH:
+        temporary = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o077)
     try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            if temporary != path and stat.S_ISSOCK(os.lstat(temporary).st_mode):
+                os.unlink(temporary)  # (left by a process of our pid that is gone)
+        sock.bind(str(temporary))
+        os.chmod(temporary, 0o600)
         sock.listen(1024)
+        if temporary != path:
+            os.rename(temporary, path)
     except OSError as exc:
         sock.close()
+        if temporary != path:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
         raise SocketError(f"cannot listen on {path}: {exc.strerror or exc}", str(path)) from exc
     finally:
         os.umask(old_umask)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from daemon import DaemonClient, DeployError, InvalidRequest, ServiceConfig, Ser
 from daemon.exceptions import DaemonNotRunning, StorageError
 from daemon.linux import boot_id, start_ticks
 from daemon.paths import Paths
-from daemon.sockets import MAX_SOCKET_PATH
+from daemon.sockets import MAX_SOCKET_PATH, bind_private_socket
 from daemon.store import PidRecord
 from daemon.daemon_process import daemon_pid
 from daemon import testing as harness
@@ -69,6 +71,42 @@ def daemon(home: Path, fail_at: str = "") -> Iterator[DaemonClient]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def test_a_socket_file_that_exists_accepts_connections(tmp_path):
+    """The daemon's socket and a bind_unix service's appear only once they listen.
+
+    A client that waits for the file and then connects (the auto-start, a test harness) was refused
+    when it came between bind and listen (a CI run failed so).
+    """
+    path = tmp_path / "s.sock"
+    done = threading.Event()
+    refused = accepted = 0
+
+    def connect() -> None:
+        nonlocal refused, accepted
+        while not done.is_set():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                try:
+                    client.connect(str(path))
+                    accepted += 1
+                except ConnectionRefusedError:
+                    refused += 1
+                except FileNotFoundError:
+                    pass
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    try:
+        for _ in range(2000):
+            listener = bind_private_socket(path)
+            os.unlink(path)  # before the close, so the file never names a closed socket
+            listener.close()
+    finally:
+        done.set()
+        thread.join(10)
+    assert refused == 0 and accepted > 0, (refused, accepted)
+    assert os.listdir(tmp_path) == []  # no temporary name left behind
 
 
 def command(folder: Path, mode: str = "serve", **overrides: object) -> ServiceConfig:
