@@ -19,6 +19,7 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     # "X as X": an explicit re-export (mypy --strict re-exports no plain import; see __all__).
     from .client import (
+        AsyncDaemonClient as AsyncDaemonClient,
         DaemonClient as DaemonClient,
         VersionMismatchWarning as VersionMismatchWarning,
     )
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "AdmissionRefused": "exceptions",
+    "AsyncDaemonClient": "client",
     "BaseService": "models",
     "Conflict": "exceptions",
     "DaemonAlreadyRunning": "exceptions",

@@ -20,6 +20,13 @@ Invariants of :class:`UnixSocketTransport`:
 * every OS or ``http.client`` error leaves as a class of
   ``daemon.exceptions`` (``raise … from exc``), and an error answer (status
   >= 400) as the class its JSON ``type`` names (:func:`raise_for_status`).
+
+The asyncio transport (``async_transport.py``) keeps the same invariants with the
+same code: the :class:`Request` and :class:`Response`, the headers sent
+(:func:`request_headers`), the check of the socket's path (:func:`socket_path`),
+when a read is sent again (:func:`read_retry_delay`) and the error each failure
+becomes (:func:`no_daemon`, :func:`closed_during`, :func:`timed_out`,
+:func:`cannot_talk`) are defined here once; only the I/O is its own.
 """
 
 from __future__ import annotations
@@ -85,6 +92,64 @@ def raise_for_status(status: int, raw: bytes) -> None:
         raise error_from_dict(status, decode_json(raw))
 
 
+# ------------------------------------------------------------------ what every transport does alike
+
+
+def request_headers(request: Request) -> dict[str, str]:
+    """The headers of a request besides those of its framing (host, content-length)."""
+    return {"content-type": "application/json"} if request.body is not None else {}
+
+
+def socket_path(paths: Paths) -> str:
+    """The daemon's socket, once its path is checked (a path too long for a socket is the caller's setting, not the daemon's absence)."""
+    try:
+        paths.check_socket()
+    except HomeError as exc:
+        raise StorageError(str(exc)) from exc
+    return str(paths.socket)
+
+
+NOT_CONNECTED = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)  # no daemon listens: start one, or say so
+CLOSED = (BrokenPipeError, ConnectionResetError)  # the daemon closed the connection (with http.client's RemoteDisconnected)
+
+
+def no_daemon(paths: Paths, hint: bool = True) -> DaemonNotRunning:
+    return DaemonNotRunning(
+        f"no modeld daemon answers on {paths.socket}" + ("; start one with `modeld daemon start`" if hint else "")
+    )
+
+
+def read_retry_delay(request: Request, attempt: int, retry_reads_until: float) -> float | None:
+    """Seconds to wait before sending ``request`` again on a new connection, after the daemon closed
+    one under it; None: tell the caller (:func:`closed_during`).
+
+    The daemon closed the connection: idle, restarting, or killed. A daemon killed with -9 goes on
+    accepting connections into its backlog until its last thread has exited (its main thread
+    already shows as a zombie), then resets them all. A read is sent again on a new connection,
+    backing off, until it is answered or the socket refuses (then a daemon is auto-started). A
+    deploy, stop or delete is not: it may have been done before the daemon went, and sending it
+    again could start a second server, so the caller is told instead.
+    """
+    if request.method == "GET" and time.monotonic() < retry_reads_until:
+        return min(0.002 * 2.0**attempt, 0.1)
+    return None
+
+
+def closed_during(request: Request, exc: BaseException) -> ProtocolError:
+    return ProtocolError(
+        f"the daemon closed the connection during {request.method} {request.path}: {exc}"
+        + ("" if request.method == "GET" else "; it may or may not have been done (check with `modeld ls`)")
+    )
+
+
+def timed_out(request: Request) -> ProtocolError:
+    return ProtocolError(f"no answer from the daemon to {request.method} {request.path} within {request.timeout:g}s")
+
+
+def cannot_talk(paths: Paths, exc: BaseException) -> DaemonError:
+    return DaemonError(f"cannot talk to the daemon on {paths.socket}: {exc}")
+
+
 class Transport:
     """Carries requests to a daemon. Subclasses implement ``handle`` and ``stream``."""
 
@@ -129,63 +194,46 @@ class UnixSocketTransport(Transport):
             self._conn = None
 
     def _open(self, timeout: float | None, start: bool) -> UnixConnection:
-        try:
-            self.paths.check_socket()
-        except HomeError as exc:  # (not an OSError of the connection: the caller's setting is wrong)
-            raise StorageError(str(exc)) from exc
-        conn = UnixConnection(str(self.paths.socket), timeout)
+        conn = UnixConnection(socket_path(self.paths), timeout)
         try:
             conn.connect()
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+        except NOT_CONNECTED as exc:
             if self.start_daemon is None or not start:
-                raise DaemonNotRunning(
-                    f"no modeld daemon answers on {self.paths.socket}; start one with `modeld daemon start`"
-                ) from exc
+                raise no_daemon(self.paths) from exc
             self.start_daemon()
             conn.connect()
         return conn
 
     def handle(self, request: Request) -> Response:
-        method, path, timeout = request.method, request.path, request.timeout
         payload = request.content
-        headers = {"content-type": "application/json"} if payload is not None else {}
         retry_reads_until = time.monotonic() + READ_RETRY_SECONDS
         for attempt in itertools.count(1):
             self._drop_if_closed()
             try:
                 if self._conn is None:
-                    self._conn = self._open(timeout, request.start)
-                self._conn.timeout = timeout
+                    self._conn = self._open(request.timeout, request.start)
+                self._conn.timeout = request.timeout
                 if self._conn.sock is not None:
-                    self._conn.sock.settimeout(timeout)
-                self._conn.request(method, request.target, body=payload, headers=headers)
+                    self._conn.sock.settimeout(request.timeout)
+                self._conn.request(request.method, request.target, body=payload, headers=request_headers(request))
                 response = self._conn.getresponse()
                 raw = response.read()
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 self.close()
-                raise DaemonNotRunning(f"no modeld daemon answers on {self.paths.socket}") from exc
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                # The daemon closed the connection: idle, restarting, or killed. A daemon killed
-                # with -9 goes on accepting connections into its backlog until its last thread has
-                # exited (its main thread already shows as a zombie), then resets them all. A read
-                # is sent again on a new connection, backing off, until it is answered or the
-                # socket refuses (then a daemon is auto-started). A deploy, stop or delete is not:
-                # it may have been done before the daemon went, and sending it again could start a
-                # second server, so the caller is told instead.
+                raise no_daemon(self.paths, hint=False) from exc
+            except (http.client.RemoteDisconnected, *CLOSED) as exc:
                 self.close()
-                if method == "GET" and time.monotonic() < retry_reads_until:
-                    time.sleep(min(0.002 * 2**attempt, 0.1))
+                delay = read_retry_delay(request, attempt, retry_reads_until)
+                if delay is not None:
+                    time.sleep(delay)
                     continue
-                raise ProtocolError(
-                    f"the daemon closed the connection during {method} {path}: {exc}"
-                    + ("" if method == "GET" else "; it may or may not have been done (check with `modeld ls`)")
-                ) from exc
+                raise closed_during(request, exc) from exc
             except TimeoutError as exc:
                 self.close()
-                raise ProtocolError(f"no answer from the daemon to {method} {path} within {timeout:g}s") from exc
+                raise timed_out(request) from exc
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise DaemonError(f"cannot talk to the daemon on {self.paths.socket}: {exc}") from exc
+                raise cannot_talk(self.paths, exc) from exc
             return Response(response.status, raw, {k.lower(): v for k, v in response.getheaders()})
         raise AssertionError("unreachable")  # (the loop returns or raises)
 
