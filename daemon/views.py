@@ -34,7 +34,8 @@ class ServiceViews:
         self._members: list[Any] = []
         self._configs_seen: list[Any] = []
         self._ordered: list[Any] = []  # by created_at, as find answers
-        self._index: dict[str, dict[str, list[Any]]] = {}
+        # Empty as _refresh_index would make it for no services (it returns early while there are none).
+        self._index: dict[str, dict[str, list[Any]]] = {name: {} for name in FIND_FILTERS}
         self._json: dict[UUID, tuple[int, BaseService, tuple[Any, ...], bytes]] = {}
         self._list: tuple[list[bytes], bytes] = ([], b'{"services": []}')
         self._list_stamp = -1
