@@ -17,12 +17,16 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     POST   /v1/services/{uuid}/unload       scale it to zero now (it wakes on its next request)
     DELETE /v1/services/{uuid}              ?timeout=s&force=bool
     GET    /v1/services/{uuid}/logs         ?tail=N&follow=bool; text/plain, streamed
+    GET    /v1/openapi.json                 this API as OpenAPI 3.1, made from the route table (daemon/openapi.py)
 
 A service is the JSON of ``BaseService`` (secret env values masked); find
 answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
 (and ``log_excerpt`` when the error carries a server's last log lines) with a
 4xx or 5xx status; ``type`` names a class of ``daemon.exceptions``.
 Request bodies are capped at ``MAX_BODY`` bytes.
+
+Each handler carries its spec (``@described``: summary, query parameters, body and answer models),
+from which ``GET /v1/openapi.json`` is made; a request's query parameters are checked against it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 from uuid import UUID
@@ -48,6 +52,7 @@ from .filters import FIND_PARAMS
 from .logs import read_log
 from .manager import Manager
 from .models import BaseService, ServiceState
+from .openapi import DaemonInfo, Deleted, ServiceList, ShutdownAnswer, StartAllAnswer, described, document, spec_of
 from .views import ServiceViews
 
 log = logging.getLogger("modeld.api")
@@ -83,6 +88,7 @@ class Request:
     receive: Receive
     send: Send
     headers: dict[str, str]
+    accepts: dict[str, type] = field(default_factory=dict)  # the query parameters of its route's spec
 
     async def body(self) -> bytes:
         declared = self.headers.get("content-length", "0")
@@ -102,7 +108,8 @@ class Request:
                 return b"".join(chunks)
 
     def params(self, **types: type) -> dict[str, Any]:
-        """The query parameters, checked against the names and types a route accepts."""
+        """The query parameters, checked against the names and types a route accepts (by default, its spec's)."""
+        types = types or self.accepts
         unknown = sorted(set(self.query) - set(types))
         if unknown:
             allowed = ", ".join(sorted(types)) or "none"
@@ -155,6 +162,7 @@ class Api:
         self.request_shutdown = request_shutdown
         self.closing = asyncio.Event()
         self.views = ServiceViews(manager)
+        self._openapi: bytes | None = None
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Awaitable[Any]]]] = [
             ("GET", re.compile(r"/v1/daemon"), self.daemon_info),
             ("POST", re.compile(r"/v1/daemon/shutdown"), self.shutdown),
@@ -167,6 +175,7 @@ class Api:
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/stop"), self.stop),
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/unload"), self.unload),
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
+            ("GET", re.compile(r"/v1/openapi\.json"), self.openapi),
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -179,6 +188,8 @@ class Api:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             request = Request(scope["method"], scope["path"], query, receive, send, headers)
             handler, params = self._route(request)
+            if spec := spec_of(handler):
+                request.accepts = dict(spec.query)
             result = await handler(request, **params)
             if result is not None:
                 status, payload = result
@@ -234,6 +245,7 @@ class Api:
 
     # ----------------------------------------------------------------- routes
 
+    @described("The daemon: version, pid, home, effective settings and where each came from, counts", answer=DaemonInfo)
     async def daemon_info(self, request: Request) -> tuple[int, Any]:
         request.params()
         return 200, {
@@ -247,15 +259,25 @@ class Api:
             **self.manager.describe(),
         }
 
+    @described(
+        "Ask the daemon to exit; stop_services also stops every server",
+        query={"stop_services": bool},
+        answer=ShutdownAnswer,
+        status=202,
+    )
     async def shutdown(self, request: Request) -> tuple[int, Any]:
-        stop_services = request.params(stop_services=bool).get("stop_services", False)
+        stop_services = request.params().get("stop_services", False)
         self.request_shutdown(stop_services)
         return 202, {"shutting_down": True, "stop_services": stop_services}
 
+    @described("Find services: every filter given must match", query=FIND_PARAMS, answer=ServiceList, errors=(400,))
     async def find(self, request: Request) -> tuple[int, Any]:
-        found = self.views.find(**request.params(**FIND_PARAMS))
+        found = self.views.find(**request.params())
         return 200, self.views.list_json(found)
 
+    @described(
+        "Deploy a service (or replace one in place)", body=DeployRequest, answer=BaseService, errors=(400, 409, 413, 500, 503)
+    )
     async def deploy(self, request: Request) -> tuple[int, Any]:
         request.params()
         body = await request.body()
@@ -265,40 +287,56 @@ class Api:
         svc = await self.manager.deploy(deploy.config, deploy.replace, deploy.timeout, deploy.uuid)
         return 200, service_json(svc)
 
+    @described("One service", answer=BaseService, errors=(404,))
     async def get(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         request.params()
         return 200, self.views.json(self.manager.get(uuid).svc)
 
+    @described(
+        "Start a service and wait until it is healthy", query={"timeout": float}, answer=BaseService, errors=(404, 500, 503)
+    )
     async def start(self, request: Request, uuid: UUID) -> tuple[int, Any]:
-        params = request.params(timeout=float)
+        params = request.params()
         return 200, service_json(await self.manager.start(uuid, params.get("timeout", DEFAULT_TIMEOUT)))
 
+    @described("Start every service that is not running", query={"timeout": float}, answer=StartAllAnswer)
     async def start_all(self, request: Request) -> tuple[int, Any]:
-        params = request.params(timeout=float)
+        params = request.params()
         started, failed = await self.manager.start_all(params.get("timeout", DEFAULT_TIMEOUT))
         return 200, {
             "services": [service_json(svc) for svc in started],
             "failed": {str(uuid): error.to_dict() for uuid, error in failed.items()},
         }
 
+    @described(
+        "Stop a service; force kills it at once", query={"timeout": float, "force": bool}, answer=BaseService, errors=(404, 500)
+    )
     async def stop(self, request: Request, uuid: UUID) -> tuple[int, Any]:
-        params = request.params(timeout=float, force=bool)
+        params = request.params()
         svc = await self.manager.stop(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
         return 200, service_json(svc)
 
+    @described("Scale a service to zero now; its next request wakes it", answer=BaseService, errors=(404,))
     async def unload(self, request: Request, uuid: UUID) -> tuple[int, Any]:
         request.params()
         return 200, service_json(await self.manager.unload(uuid))
 
+    @described("Stop a service and forget it", query={"timeout": float, "force": bool}, answer=Deleted, errors=(404, 500))
     async def delete(self, request: Request, uuid: UUID) -> tuple[int, Any]:
-        params = request.params(timeout=float, force=bool)
+        params = request.params()
         await self.manager.delete(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
         return 200, {"deleted": str(uuid)}
 
+    @described(
+        "The server's log, streamed; tail: its last N lines; follow: what comes next",
+        query={"tail": int, "follow": bool},
+        media="text/plain; charset=utf-8",
+        errors=(404,),
+    )
     async def logs(self, request: Request, uuid: UUID) -> None:
         """The server's log, streamed in bounded memory (see logs.read_log): everything, the
         last ``tail`` lines of the server's, and with ``follow`` what comes next, across rotations."""
-        params = request.params(tail=int, follow=bool)
+        params = request.params()
         svc = self.manager.get(uuid).svc
         send = request.send
         await send(
@@ -327,6 +365,13 @@ class Api:
         finally:
             disconnected.cancel()
             closing.cancel()
+
+    @described("This API as OpenAPI 3.1, made from the route table and the daemon's models")
+    async def openapi(self, request: Request) -> tuple[int, Any]:
+        request.params()
+        if self._openapi is None:  # made once: the routes and models do not change while the daemon runs
+            self._openapi = json.dumps(document(self.routes)).encode()
+        return 200, self._openapi
 
 
 async def _wait_disconnect(receive: Receive) -> None:
