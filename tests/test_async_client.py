@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import signal
 import sys
 import uuid as uuidlib
 from pathlib import Path
@@ -29,10 +31,11 @@ from daemon import (
     ServiceState,
 )
 from daemon.client.async_transport import MAX_IDLE
+from daemon.client.autostart import _answers as answers
 from daemon.client.operations import Session
 from daemon.daemon_process import daemon_pid
 from daemon.paths import Paths
-from daemon.testing import TOKEN_SERVER, server_script, wait_for
+from daemon.testing import TOKEN_SERVER, pid_alive, server_script, wait_for
 
 SETOSA = [[5.1, 3.5, 1.4, 0.2]]
 SLOW_SERVER = server_script("import time\ntime.sleep(float(sys.argv[2]))\nPORT, BODY = int(sys.argv[1]), b''\n")
@@ -207,5 +210,39 @@ def test_a_cancelled_call_leaves_the_client_usable(home: Path, tmp_path: Path) -
             await client.delete(svc.uuid, force=True)
             assert await client.find() == []
             assert (await client.daemon_info())["counts"]["total"] == 0
+
+    asyncio.run(main())
+
+
+def test_after_a_kill_9_the_next_calls_start_a_new_daemon(home: Path) -> None:
+    """Kept-alive connections to a daemon killed with -9 are dropped before a request is written on
+    them, so the next calls, a stop among them, reach the new daemon the client starts, which
+    re-adopts the server (as the blocking client's, tests/test_daemon.py)."""
+
+    async def main() -> None:
+        async with AsyncDaemonClient(home) as client:
+            svc = await client.deploy(iris_config(), timeout=60)
+            first = (await client.daemon_info())["pid"]
+            await asyncio.gather(*(client.get(svc.uuid) for _ in range(3)))  # several connections kept alive
+            assert getattr(client.transport, "_idle")
+            os.kill(first, signal.SIGKILL)
+            # Gone for good: until its last thread exits, a daemon killed with -9 still holds its
+            # connections and accepts new ones into its backlog, which it then resets (a POST sent
+            # then is not sent again by either client: it may have been done).
+            paths = Paths(home)
+            await asyncio.to_thread(wait_for, lambda: not answers(paths), 10, what="the daemon's socket to refuse")
+            idle = list(getattr(client.transport, "_idle"))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not all(conn.reader.at_eof() for conn in idle):  # the event loop has seen them closed
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+
+            stopped = await client.stop(svc.uuid)  # a POST, first: not written on a closed connection
+            assert stopped.status.state == ServiceState.INACTIVE
+            assert stopped.status.restarts == 0 and stopped.version == svc.version  # the same service, re-adopted
+            assert (await client.daemon_info())["pid"] not in (first, None)
+            assert not pid_alive(svc.status.pid)
+            await client.delete(svc.uuid)
 
     asyncio.run(main())
