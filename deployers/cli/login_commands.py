@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ def cmd_daemon_install(args: argparse.Namespace) -> int:
         other = existing.get("MODELD_HOME", "?")
         raise UsageError(
             f"{path} runs the daemon of another home ({other}, socket {existing.get('MODELD_SOCKET', '?')}); "
-            f"remove it first with `modeld daemon uninstall --home {other}`"
+            f"remove it first with `modeld daemon uninstall --home {shlex.quote(other)}`"
         )
     _write(path, text)
     manager = login.user_manager()
@@ -157,7 +158,7 @@ def cmd_daemon_uninstall(args: argparse.Namespace) -> int:
     if not login.serves(existing, paths):
         other = existing.get("MODELD_HOME", "?")
         raise UsageError(
-            f"{path} runs the daemon of another home ({other}); to remove it: `modeld daemon uninstall --home {other}`"
+            f"{path} runs the daemon of another home ({other}); to remove it: `modeld daemon uninstall --home {shlex.quote(other)}`"
         )
     manager = login.user_manager()
     report = _Report(path, manager)
