@@ -329,3 +329,39 @@ def test_client_starts_the_unit_when_a_user_manager_answers(
 
         reap_home(other)
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_client_names_the_daemon_that_holds_the_home(home: Path) -> None:
+    """One home, one daemon: while another holds daemon.lock, a client does not start a second one
+    beside it; it waits for that one's socket and, if it never answers, says which one runs."""
+    import fcntl
+
+    from daemon.client import ensure_daemon
+    from daemon.exceptions import DaemonStartError
+    from daemon.linux import ProcessIdentity
+
+    paths = Paths(home)
+    paths.ensure()
+    lock = os.open(paths.daemon_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a daemon (this test) holds the home, not answering yet
+
+        # Its record not written yet: the client spawns a daemon, which the lock refuses; the client
+        # waits for the holder's socket (it does not fail at the refusal), then names it as it can.
+        started = time.monotonic()
+        # (10 s: the refused daemon has to start and give up first, on a loaded machine too)
+        with pytest.raises(DaemonStartError, match=r"did not answer on .* within 10s \(a modeld daemon is already running"):
+            ensure_daemon(paths, timeout=10)
+        assert time.monotonic() - started >= 10
+        assert "is already running for" in (home / "daemon.log").read_text()  # the spawned one was refused
+
+        # Its record written, as a daemon systemd started writes it: named, with how to stop it.
+        me = ProcessIdentity.of(os.getpid())
+        assert me is not None
+        paths.daemon_pid.write_text(f"{me.pid}\n{me.start_ticks}\n{me.boot_id}\nstarted_by=systemd (modeld.service)\n")
+        with pytest.raises(DaemonStartError) as caught:
+            ensure_daemon(paths, timeout=2)
+        assert f"(pid {os.getpid()}, started by systemd (modeld.service)); stop it with `systemctl --user stop modeld.service`" in str(caught.value)
+    finally:
+        os.close(lock)
+        paths.daemon_pid.unlink(missing_ok=True)  # (names this test: the reaper must not act on it)
