@@ -130,7 +130,8 @@ def already_running(paths: Paths) -> str:
     if found is None:
         return f"a modeld daemon is already running for {paths.home}; stop it with `modeld daemon stop`"
     pid, by = found
-    stop = "`systemctl --user stop modeld.service`" if by.startswith("systemd") else "`modeld daemon stop`"
+    unit = by.partition("(")[2].rstrip(")") if by.startswith("systemd (") else ""
+    stop = f"`systemctl --user stop {unit}`" if unit else "`modeld daemon stop`"
     return f"a modeld daemon is already running for {paths.home} (pid {pid}, started by {by or 'an older modeld'}); stop it with {stop}"
 
 
@@ -222,7 +223,8 @@ def run(paths: Paths | None = None) -> int:
     """
     paths = paths or Paths()
     # Out of the environment before anything is started (no child inherits them), also on a bad setting.
-    notifier, launcher = Notifier.from_environ(), started_by()
+    notifier = Notifier.from_environ()
+    launcher = started_by(notify=notifier.address)
     settings = load_settings(paths)
     logging.basicConfig(
         level=settings.log_level,

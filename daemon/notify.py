@@ -9,8 +9,8 @@ The variable is taken out of the daemon's environment as it is read (as sd_notif
 ``unset_environment`` does), so no model server, log writer or gateway inherits it and no child
 can speak for the daemon. ``INVOCATION_ID`` (set by systemd for each run of a unit, and never by
 modeld's auto-start, which takes it out of the environment it gives a daemon) tells the daemon that
-systemd started it; it records so in ``daemon.pid`` (``started_by=``) so that a second daemon
-refused by the lock can say which one runs.
+systemd started it (:func:`started_by`); it records so in ``daemon.pid`` (``started_by=``) so that a
+second daemon refused by the lock can say which one runs.
 """
 
 from __future__ import annotations
@@ -62,24 +62,33 @@ class Notifier:
         return True
 
 
-def started_by(environ: MutableMapping[str, str] = os.environ) -> str:
-    """Who started this daemon, as ``daemon.pid`` records it; takes MODELD_STARTED_BY out of ``environ``."""
+def started_by(environ: MutableMapping[str, str] = os.environ, notify: str | None = None) -> str:
+    """Who started this daemon, as ``daemon.pid`` records it; takes MODELD_STARTED_BY out of ``environ``.
+
+    systemd when ``INVOCATION_ID`` is set and the innermost unit of the daemon's cgroup is a service
+    (``modeld.service``), or, where no unit shows in the cgroup (no systemd runs the cgroups), when
+    ``NOTIFY_SOCKET`` came with it (``notify``). A terminal's shell that inherited its service's
+    ``INVOCATION_ID`` runs in a scope: a daemon started from it is not taken for systemd's.
+    """
     said = environ.pop(STARTED_BY_ENV, "")
     if environ.get("INVOCATION_ID"):
         unit = _unit_of_self()
-        return f"systemd ({unit})" if unit else "systemd"
+        if unit.endswith(".service"):
+            return f"systemd ({unit})"
+        if not unit and notify:
+            return "systemd"
     return said or BY_HAND
 
 
 def _unit_of_self() -> str:
-    """The systemd unit whose cgroup holds this process (``modeld.service``), or "" if none is seen."""
+    """The innermost systemd unit (``x.service``, ``y.scope``) whose cgroup holds this process, or ""."""
     try:
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
         return ""
-    for line in lines:
+    for line in sorted(lines, key=lambda line: not line.startswith("0::")):  # the unified hierarchy first
         for part in reversed(line.rpartition(":")[2].split("/")):
-            if part.endswith(".service"):
+            if part.endswith((".service", ".scope")):
                 return part
     return ""

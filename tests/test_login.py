@@ -221,8 +221,10 @@ def test_the_daemon_notifies_ready_after_its_rebuild_then_stopping(home: Path, t
                                 env={**env, "INVOCATION_ID": "", "NOTIFY_SOCKET": ""},
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 3
-        assert f"(pid {daemon.pid}, started by systemd" in second.stderr
-        assert "; stop it with `systemctl --user stop modeld.service`" in second.stderr
+        assert f"(pid {daemon.pid}, started by {by}); stop it with " in second.stderr
+        # With its unit in its cgroup (under systemd), stopped with systemctl; here no unit shows.
+        unit = by.partition("(")[2].rstrip(")")
+        assert (f"`systemctl --user stop {unit}`" if unit else "`modeld daemon stop`") in second.stderr
 
         daemon.terminate()  # as `systemctl stop` does
         assert notify.recv(4096) == b"STOPPING=1"
