@@ -99,6 +99,9 @@ def cmd_daemon_install(args: argparse.Namespace) -> int:
         text = login.unit_text(paths)
     except login.UnitError as error:
         raise UsageError(str(error)) from None
+    if args.dry_run and args.json:
+        print_json({"unit": str(path), "text": text, "written": False})
+        return 0
     if args.dry_run:
         print(text, end="")
         print(f"modeld: dry run: nothing written; `modeld daemon install` writes this to {path}", file=sys.stderr)
@@ -110,6 +113,7 @@ def cmd_daemon_install(args: argparse.Namespace) -> int:
             f"{path} runs the daemon of another home ({other}, socket {existing.get('MODELD_SOCKET', '?')}); "
             f"remove it first with `modeld daemon uninstall --home {shlex.quote(other)}`"
         )
+    changed = existing is not None and path.read_text() != text
     _write(path, text)
     manager = login.user_manager()
     report = _Report(path, manager)
@@ -126,6 +130,8 @@ def cmd_daemon_install(args: argparse.Namespace) -> int:
                 f"modeld daemon stop && {login.run_hint('start', login.UNIT_NAME)}",
             )
         elif report.run("enable", "--now", login.UNIT_NAME):
+            if changed:  # the daemon running under the old unit restarts under the new one (its servers keep running)
+                report.run("try-restart", login.UNIT_NAME)
             report.note(f"enabled and started {login.UNIT_NAME}: the daemon of {paths.home} runs under systemd")
         else:
             report.note(
