@@ -177,7 +177,7 @@ def test_a_unit_modeld_did_not_write_is_left_alone(tmp_path: Path, no_manager: d
 # ------------------------------------------------------------------ Type=notify
 
 
-def test_the_daemon_notifies_ready_after_its_rebuild_then_stopping(home: Path, tmp_path: Path) -> None:
+def test_the_daemon_notifies_ready_after_its_rebuild_then_stopping(home: Path, tmp_path: Path, no_manager: dict[str, str]) -> None:
     # A service to rebuild: deployed by a first daemon, which then stops (the server keeps running).
     first = DaemonClient(home=home)
     (tmp_path / "srv.py").write_text(COMMAND_SERVER)
@@ -333,7 +333,7 @@ def test_client_starts_the_unit_when_a_user_manager_answers(
         shutil.rmtree(other, ignore_errors=True)
 
 
-def test_a_client_names_the_daemon_that_holds_the_home(home: Path) -> None:
+def test_a_client_names_the_daemon_that_holds_the_home(home: Path, no_manager: dict[str, str]) -> None:
     """One home, one daemon: while another holds daemon.lock, a client does not start a second one
     beside it; it waits for that one's socket and, if it never answers, says which one runs."""
     import fcntl
