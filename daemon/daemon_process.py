@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import h11
@@ -31,6 +32,7 @@ from ._version import __version__
 from .exceptions import DaemonAlreadyRunning, DaemonStartError, Forbidden, InvalidRequest, ModeldError, StorageError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .manager import Manager
+from .notify import Notifier, started_by
 from .paths import HomeError, Paths
 from .process import keep_server_umask
 from .settings import DaemonSettings, load_settings
@@ -85,32 +87,52 @@ class PeerCheckedProtocol(H11Protocol):
 
 def daemon_pid(paths: Paths) -> int | None:
     """The pid of the live daemon of this home, checked against its start time and boot id."""
+    found = running_daemon(paths)
+    return found[0] if found else None
+
+
+def running_daemon(paths: Paths) -> tuple[int, str] | None:
+    """(pid, who started it) of the live daemon of this home, from ``daemon.pid``: its first three lines
+    name the process (pid, start ticks, boot id), then ``started_by=`` (see notify.py; "" if not recorded)."""
     try:
-        lines = paths.daemon_pid.read_text().split()
-        ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2])
+        lines = paths.daemon_pid.read_text().splitlines()
+        ident = ProcessIdentity(int(lines[0]), int(lines[1]), lines[2].strip())
     except (OSError, ValueError, IndexError):
         return None
-    return ident.pid if ident.is_alive() else None
+    by = next((line.partition("=")[2] for line in lines[3:] if line.startswith("started_by=")), "")
+    return (ident.pid, by) if ident.is_alive() else None
 
 
 def take_lock(paths: Paths) -> int:
     """Hold ``daemon.lock`` for the daemon's life: an exclusive flock, as filelock (used by clients) takes it.
 
     Plain fcntl rather than filelock here: the daemon stays small (filelock adds ~1 MiB to its RSS).
-    The lock goes with the returned fd, also when the daemon is killed.
+    The lock goes with the returned fd, also when the daemon is killed. A daemon refused says which
+    one runs: its pid, and whether systemd or a client started it.
     """
     fd = os.open(paths.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        pid = daemon_pid(paths)
-        raise DaemonAlreadyRunning(
-            f"a modeld daemon is already running for {paths.home}"
-            + (f" (pid {pid})" if pid else "")
-            + "; stop it with `modeld daemon stop`"
-        ) from None
+        raise DaemonAlreadyRunning(already_running(paths)) from None
     return fd
+
+
+def already_running(paths: Paths) -> str:
+    """The sentence for a daemon refused by the lock (or a client refused by its daemon's exit)."""
+    found = running_daemon(paths)
+    for _ in range(100):  # the other one may hold the lock and not have written its record yet
+        if found is not None:
+            break
+        time.sleep(0.01)
+        found = running_daemon(paths)
+    if found is None:
+        return f"a modeld daemon is already running for {paths.home}; stop it with `modeld daemon stop`"
+    pid, by = found
+    unit = by.partition("(")[2].rstrip(")") if by.startswith("systemd (") else ""
+    stop = f"`systemctl --user stop {unit}`" if unit else "`modeld daemon stop`"
+    return f"a modeld daemon is already running for {paths.home} (pid {pid}, started by {by or 'an older modeld'}); stop it with {stop}"
 
 
 def bind_socket(paths: Paths) -> socket.socket:
@@ -149,14 +171,16 @@ class TrimWhenIdle:
 
 
 class Daemon:
-    def __init__(self, paths: Paths, settings: DaemonSettings):
+    def __init__(self, paths: Paths, settings: DaemonSettings, notifier: Notifier | None = None):
         self.paths = paths
         self.manager = Manager(paths, settings)
+        self.notifier = notifier or Notifier(None)
         self.stop_services = False
         self.server: _UvicornWithoutSignals | None = None
 
     def request_shutdown(self, stop_services: bool) -> None:
         self.stop_services = self.stop_services or stop_services
+        self.notifier.send("STOPPING=1")
         if self.server is not None:
             self.server.should_exit = True
 
@@ -165,6 +189,9 @@ class Daemon:
 
         api = Api(self.manager, self.request_shutdown)
         await self.manager.rebuild()
+        # Ready for systemd (Type=notify) once every service is rebuilt: the socket listens already,
+        # and what a client reads now is true. Before anything else the daemon starts.
+        self.notifier.send("READY=1")
         trim_heap()
         config = uvicorn.Config(
             TrimWhenIdle(api),
@@ -183,6 +210,7 @@ class Daemon:
         try:
             await self.server.serve(sockets=[sock])
         finally:
+            self.notifier.send("STOPPING=1")  # (sent once: a shutdown request has sent it already)
             api.closing.set()
             await self.manager.shutdown(self.stop_services)
 
@@ -194,6 +222,9 @@ def run(paths: Paths | None = None) -> int:
     a home or control socket it cannot use (the OSErrors of paths.py and sockets.py, converted here).
     """
     paths = paths or Paths()
+    # Out of the environment before anything is started (no child inherits them), also on a bad setting.
+    notifier = Notifier.from_environ()
+    launcher = started_by(notify=notifier.address)
     settings = load_settings(paths)
     logging.basicConfig(
         level=settings.log_level,
@@ -217,9 +248,10 @@ def run(paths: Paths | None = None) -> int:
     try:
         ident = ProcessIdentity.of(os.getpid())
         assert ident is not None
-        atomic_write(paths.daemon_pid, f"{ident.pid}\n{ident.start_ticks}\n{ident.boot_id}\n".encode())
+        record = f"{ident.pid}\n{ident.start_ticks}\n{ident.boot_id}\nstarted_by={launcher}\n"
+        atomic_write(paths.daemon_pid, record.encode())
         sock = bind_socket(paths)
-        daemon = Daemon(paths, settings)
+        daemon = Daemon(paths, settings, notifier)
         try:
             asyncio.run(daemon.serve(sock))
         finally:

@@ -13,6 +13,7 @@ One concept a module:
   (``DEPLOY_OVERRIDES``), and the config read back from them;
 - ``service_commands``: deploy, ls, info, start, stop, rm, logs;
 - ``daemon_commands``: ``daemon start|stop|status|run``;
+- ``login_commands``: ``daemon install|uninstall`` (a systemd user unit);
 - ``registry_commands``: ``flavor`` and ``deployer``;
 - ``connect``: the client every command makes, a service named by the user;
 - ``progress``: a slow call's progress line on a terminal;

@@ -14,6 +14,7 @@ from daemon.filters import FIND_FILTERS
 from daemon.models import ServiceConfig, ServiceState
 from deployers.cli.daemon_commands import cmd_daemon_run, cmd_daemon_start, cmd_daemon_status, cmd_daemon_stop
 from deployers.cli.errors import EXIT_CODES, one_line
+from deployers.cli.login_commands import cmd_daemon_install, cmd_daemon_uninstall
 from deployers.cli.options import choices_of, deploy_options, flag_of
 from deployers.cli.registry_commands import (
     cmd_deployer_list,
@@ -80,6 +81,9 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     p.add_argument("--timeout", type=seconds, default=60, help="seconds to wait (default 60)")
     add("status", cmd_daemon_status, "is the daemon running; version, pid, counts, problems found on disk", dsub)
     add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
+    p = add("install", cmd_daemon_install, "start the daemon at login: write and enable a systemd user unit", dsub)
+    p.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
+    add("uninstall", cmd_daemon_uninstall, "stop starting the daemon at login: disable and remove the unit", dsub)
 
     p = add(
         "deploy",
