@@ -17,6 +17,9 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     POST   /v1/services/{uuid}/unload       scale it to zero now (it wakes on its next request)
     DELETE /v1/services/{uuid}              ?timeout=s&force=bool
     GET    /v1/services/{uuid}/logs         ?tail=N&follow=bool; text/plain, streamed
+    GET    /v1/events                       ?since=SEQ&daemon_id=ID&follow=bool (default true); NDJSON, one
+                                            event per line, streamed as they happen (see events.py); without
+                                            since only new ones; a {"type": "gap"} line first when some are lost
 
 A service is the JSON of ``BaseService`` (secret env values masked); find
 answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
@@ -53,6 +56,8 @@ from .views import ServiceViews
 log = logging.getLogger("modeld.api")
 
 MAX_BODY = 1024 * 1024
+TRANSPORT = "modeld.transport"  # the key of a request's connection in the ASGI scope's state (see daemon_process.py)
+EVENT_BATCH = 256  # events sent in one write at most
 DEFAULT_TIMEOUT = 300.0
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -83,6 +88,7 @@ class Request:
     receive: Receive
     send: Send
     headers: dict[str, str]
+    transport: asyncio.Transport | None = None  # the connection, where the server says (see daemon_process.TRANSPORT)
 
     async def body(self) -> bytes:
         declared = self.headers.get("content-length", "0")
@@ -167,6 +173,7 @@ class Api:
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/stop"), self.stop),
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/unload"), self.unload),
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
+            ("GET", re.compile(r"/v1/events"), self.events),
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -177,7 +184,8 @@ class Api:
                 k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()
             }
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            request = Request(scope["method"], scope["path"], query, receive, send, headers)
+            transport = scope.get("state", {}).get(TRANSPORT)
+            request = Request(scope["method"], scope["path"], query, receive, send, headers, transport)
             handler, params = self._route(request)
             result = await handler(request, **params)
             if result is not None:
@@ -244,6 +252,7 @@ class Api:
             "started_at": self.manager.started_at,
             "settings": self.manager.settings.public(),
             "settings_sources": self.manager.settings.sources,
+            "events": self.manager.events.position(),
             **self.manager.describe(),
         }
 
@@ -325,6 +334,47 @@ class Api:
                     break
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            disconnected.cancel()
+            closing.cancel()
+
+    async def events(self, request: Request) -> None:
+        """The daemon's events as NDJSON (see events.py): from ``since`` (a replay from the ring, after a
+        ``gap`` line if some are lost), then, with ``follow``, each as it happens, until the client or the
+        daemon goes. A client that falls too far behind is dropped: its connection is cut at once."""
+        params = request.params(since=int, daemon_id=str, follow=bool)
+        if "daemon_id" in params and "since" not in params:
+            raise InvalidRequest("daemon_id goes with since: the last seq you have of that daemon")
+        follow = params.get("follow", True)
+        bus = self.manager.events
+        transport = request.transport
+        sub = bus.subscribe(params.get("since"), params.get("daemon_id"), transport.abort if transport is not None else None)
+        upto = None if follow else bus.seq
+        send = request.send
+        disconnected = asyncio.ensure_future(_wait_disconnect(request.receive))
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson"), (b"x-modeld-version", __version__.encode())],
+                }
+            )
+            if sub.gap is not None:
+                await send({"type": "http.response.body", "body": sub.gap, "more_body": True})
+            while not (sub.dropped or disconnected.done() or closing.done()):
+                lines = bus.take(sub, EVENT_BATCH, upto)
+                if lines:
+                    await send({"type": "http.response.body", "body": b"".join(lines), "more_body": True})
+                elif not follow:
+                    break
+                else:
+                    waiting: set[asyncio.Future[Any]] = {sub.wait(), disconnected, closing}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not (sub.dropped or disconnected.done()):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            bus.unsubscribe(sub)
             disconnected.cancel()
             closing.cancel()
 

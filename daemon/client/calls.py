@@ -2,7 +2,8 @@
 
 Invariants:
 
-* each method is one request (``logs`` one streamed request), built here and
+* each method is one request (``logs`` one streamed request, ``events`` one per
+  reconnect, see eventstream.py), built here and
   carried by the transport; services come back as ``BaseService`` objects
   and errors as the classes of ``daemon.exceptions``;
 * by default the transport is the daemon's Unix socket, and any call that
@@ -15,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +30,7 @@ from ..filters import filters_given
 from ..models import SERVICE_REGISTRY, BaseService, ServiceState
 from ..paths import Paths
 from .autostart import ensure_daemon
+from .eventstream import RETRY, EventCursor
 from .transport import Request, Transport, UnixSocketTransport
 
 DEFAULT_TIMEOUT = 300.0
@@ -132,6 +135,29 @@ class DaemonClient:
         query = {"tail": tail, "follow": "true" if follow else None}
         for chunk in self.transport.stream(Request("GET", f"/v1/services/{_quote(uuid)}/logs", query)):
             yield chunk.decode(errors="replace")
+
+    def events(self, since: int | None = None, follow: bool = True, daemon_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The daemon's events (see daemon/events.py), each a dict: those after ``since`` (the last seq you
+        have; None: only new ones), then, with ``follow``, each as it happens, for as long as you iterate.
+
+        Following goes on across daemon restarts and dropped connections: it reconnects (never starting
+        a daemon itself) with the last seq and daemon_id it has, and yields the ``{"type": "gap"}`` event
+        the daemon sends when some were lost. Without ``follow``, it ends after the events held now.
+        """
+        cursor = EventCursor(since, daemon_id)
+        if since is None:
+            cursor.start_at(self.daemon_info()["events"])
+        while True:
+            try:
+                for chunk in self.transport.stream(cursor.request(follow)):
+                    yield from cursor.feed(chunk)
+            except RETRY:
+                if not cursor.may_retry(follow):
+                    raise
+            cursor.ended()
+            if not follow:
+                return
+            time.sleep(cursor.delay())
 
     def daemon_info(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/daemon"))
