@@ -15,9 +15,10 @@ Where events come from: a state change (``transitions.change_state`` calls ``sta
 event is the new state's, or the step's where the step says more, see ``BY_STEP``), and the facts
 no state says (``emit``: exited, deployed, replaced, deleted, woken, scaled_to_zero).
 
-The bus keeps the last ``RING`` events (a replay for a client that reconnects with ``since``). A
-subscriber is a cursor into the ring, not a copy: its queue is the events after its cursor, and
-it may fall ``QUEUE`` events behind the newest (besides a replay it asked for). One that falls
+The bus keeps the last ``event_ring`` events (a setting, 10,000 by default, about 350 bytes each:
+a replay for a client that reconnects with ``since``). A subscriber is a cursor into the ring, not
+a copy: its queue is the events after its cursor, and it may fall ``event_queue`` events (1,000)
+behind the newest (besides a replay it asked for), beyond what its socket holds. One that falls
 further behind, or whose next event left the ring, is dropped (``on_drop`` closes its connection)
 so that it never holds the daemon or other clients up: when it comes back with its last ``seq`` it
 gets the replay, or a ``gap`` if the ring moved on.
@@ -41,6 +42,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .settings import DaemonSettings
+
 if TYPE_CHECKING:
     from .models import BaseService, ServiceState
     from .process import ProcessHandle
@@ -63,8 +66,8 @@ TYPES = frozenset(
         "error",
     }
 )
-RING = 10_000  # events kept for a replay
-QUEUE = 1_000  # new events a subscriber may be behind before it is dropped
+RING = DaemonSettings.model_fields["event_ring"].default  # events kept for a replay
+QUEUE = DaemonSettings.model_fields["event_queue"].default  # new events a subscriber may be behind before it is dropped
 DETAIL_MAX = 500  # characters of a detail
 
 # A state change's event, by the state it moves to (pending_shutdown says nothing yet: the
@@ -115,9 +118,13 @@ class EventBus:
         self.daemon_id = secrets.token_hex(8)
         self.seq = 0
         self.queue = queue
-        self.ring: deque[tuple[int, bytes]] = deque(maxlen=ring)
+        self.ring: deque[bytes] = deque(maxlen=ring)  # the lines of events oldest() to seq (contiguous)
         self.subscribers: set[Subscriber] = set()
         self.exits_reported: weakref.WeakSet[ProcessHandle] = weakref.WeakSet()
+
+    def oldest(self) -> int:
+        """The seq of the oldest event held (seq + 1 when none is)."""
+        return self.seq - len(self.ring) + 1
 
     def position(self) -> dict[str, Any]:
         """The daemon's id and its newest seq (GET /v1/daemon: where a client that wants only new events starts)."""
@@ -128,8 +135,8 @@ class EventBus:
         assert kind in TYPES, kind
         self.seq += 1
         line = self._line(kind, self.seq, svc, detail, code)
-        self.ring.append((self.seq, line))
-        oldest = self.ring[0][0]
+        self.ring.append(line)
+        oldest = self.oldest()
         for sub in list(self.subscribers):
             if self.seq - max(sub.next_seq - 1, sub.floor) > self.queue or sub.next_seq < oldest:
                 self.drop(sub)
@@ -156,7 +163,7 @@ class EventBus:
     def subscribe(self, since: int | None, daemon_id: str | None = None, on_drop: Callable[[], None] | None = None) -> Subscriber:
         """A subscriber from ``since`` (the last seq the client has; None: only new events), with the
         ``gap`` it is sent first if the ring no longer holds ``since + 1`` or ``daemon_id`` is another daemon's."""
-        oldest = self.ring[0][0] if self.ring else self.seq + 1
+        oldest = self.oldest()
         if since is None:
             return self._add(Subscriber(self.seq + 1, self.seq, on_drop))
         why = ""
@@ -183,7 +190,7 @@ class EventBus:
         """The next ``most`` lines for ``sub`` (up to seq ``upto``), moving its cursor past them."""
         if sub.dropped or not self.ring:
             return []
-        start = sub.next_seq - self.ring[0][0]
+        start = sub.next_seq - self.oldest()
         if start < 0:  # (its next event left the ring: emit drops it; said here too for safety)
             self.drop(sub)
             return []
@@ -191,7 +198,7 @@ class EventBus:
         count = min(most, last - sub.next_seq + 1)
         if count <= 0:
             return []
-        lines = [line for _, line in itertools.islice(self.ring, start, start + count)]
+        lines = list(itertools.islice(self.ring, start, start + count))
         sub.next_seq += len(lines)
         return lines
 
@@ -213,10 +220,10 @@ class EventBus:
 _bus = EventBus()
 
 
-def begin() -> EventBus:
+def begin(ring: int = RING, queue: int = QUEUE) -> EventBus:
     """A new bus for a daemon that starts (a new daemon_id, seq from 0); ``emit`` goes to it from now on."""
     global _bus
-    _bus = EventBus()
+    _bus = EventBus(ring, queue)
     return _bus
 
 

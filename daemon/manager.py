@@ -53,7 +53,7 @@ class Manager:
         self.services: dict[UUID, ServiceRuntime] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
-        self.events = events.begin()  # this daemon's events: a new daemon_id, seq from 0
+        self.events = events.begin(settings.event_ring, settings.event_queue)  # a new daemon_id, seq from 0
         self._create_lock = asyncio.Lock()
         self.containment: Containment = choose_containment(paths.home, paths.run, settings.cgroup, settings.named("cgroup"))
         if self.containment.reason:

@@ -48,7 +48,7 @@ class EventCursor:
         self.since = since
         self.daemon_id = daemon_id
         self.connections = 0  # requests made
-        self.failures = 0  # reconnects in a row that found no daemon
+        self.quiet = 0  # streams in a row that ended (or failed) without an event
         self._partial = b""
 
     def start_at(self, position: dict[str, Any]) -> None:
@@ -65,7 +65,6 @@ class EventCursor:
 
     def feed(self, chunk: bytes) -> list[dict[str, Any]]:
         """The events ended in ``chunk`` (with what came before it), moving the cursor past them."""
-        self.failures = 0
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
         found = []
@@ -81,21 +80,23 @@ class EventCursor:
             # A gap's seq is the last one that will not come: the same place for the cursor.
             self.since, self.daemon_id = event["seq"], event.get("daemon_id", self.daemon_id)
             found.append(event)
+        if found:
+            self.quiet = 0
         return found
 
     def ended(self) -> None:
-        """The stream ended: a line it cut short is dropped (the replay sends it again)."""
+        """The stream ended (or failed): a line it cut short is dropped (the replay sends it again)."""
         self._partial = b""
+        self.quiet += 1
 
     def may_retry(self, follow: bool) -> bool:
         """Whether a stream that failed to open or broke is tried again: only when following, and not
         the first request (a client that finds no daemon at all is told at once)."""
-        self._partial = b""
-        self.failures += 1
         return follow and self.connections > 1
 
     def delay(self) -> float:
-        """Seconds before the next reconnect: at once after a stream that ended, then backing off."""
-        if self.failures == 0:
+        """Seconds before the next reconnect: at once after a stream that brought events, then backing off
+        while none come (a daemon that is stopping ends each new stream at once; one that is gone refuses)."""
+        if self.quiet <= 1:
             return 0.0
-        return min(FIRST_DELAY * 2.0 ** min(self.failures - 1, 16), MAX_DELAY)
+        return min(FIRST_DELAY * 2.0 ** min(self.quiet - 2, 16), MAX_DELAY)
