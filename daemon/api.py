@@ -252,8 +252,8 @@ class Api:
             "started_at": self.manager.started_at,
             "settings": self.manager.settings.public(),
             "settings_sources": self.manager.settings.sources,
-            "events": self.manager.events.position(),
             **self.manager.describe(),
+            "events": self.manager.events.position(),
         }
 
     async def shutdown(self, request: Request) -> tuple[int, Any]:
