@@ -25,7 +25,7 @@ from daemon.exceptions import DeployError, InvalidRequest
 from daemon.models import LocalModelService
 from daemon.testing import REPO, wait_for
 
-from conftest import iris_config
+from conftest import iris_config, modeld
 
 
 def of(events: list[dict[str, Any]], uuid: object, *kinds: str) -> list[dict[str, Any]]:
@@ -136,6 +136,20 @@ def test_a_kill_9_is_exited_with_its_signal_then_restarting_then_healthy(client,
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # in order, none missing
 
 
+def test_a_hung_server_is_unhealthy_then_exited_restarting_and_healthy(client, home, monkeypatch):
+    monkeypatch.setenv("MODELD_HEALTH_INTERVAL", "0.2")  # read by the daemon the client auto-starts
+    svc = client.deploy(iris_config(model_name="frozen", stop_timeout=2, restart={"liveness_failures": 2}), timeout=60)
+    since = client.daemon_info()["events"]["seq"]
+    os.kill(svc.status.pid, signal.SIGSTOP)
+    wait_for(lambda: of(list(client.events(since=since, follow=False)), svc.uuid, "healthy"), 30, interval=0.05,
+             what="the hung server to be restarted")
+    events = of(list(client.events(since=since, follow=False)), svc.uuid)
+    assert [e["type"] for e in events] == ["unhealthy", "exited", "restarting", "starting", "healthy"], events
+    assert "failed 2 health checks" in events[0]["detail"]
+    # (stopped with SIGTERM, which the built-in server takes gracefully once continued: an exit code)
+    assert ("signal" in events[1] or "exit_code" in events[1]) and "stopped as hung" in events[1]["detail"], events[1]
+
+
 def test_deploy_stop_start_unload_replace_and_delete_are_events(client, home):
     first = client.daemon_info()["events"]
     svc = client.deploy(iris_config(idle_timeout=3600), timeout=60)
@@ -184,6 +198,9 @@ def test_since_replays_what_was_missed_and_bad_queries_are_refused(client, home)
     assert position["seq"] == everything[-1]["seq"] and position["daemon_id"] == everything[0]["daemon_id"]
     assert list(client.events(since=1, follow=False, daemon_id=position["daemon_id"])) == everything[1:]
     assert list(client.events(since=position["seq"], follow=False)) == []
+    shown = modeld("events", home=home)  # for people: one line each
+    assert shown.returncode == 0 and [line.split()[5] for line in shown.stdout.splitlines()] == ["deployed", "starting", "healthy"]
+    assert "iris (" in shown.stdout and "pid " in shown.stdout.splitlines()[-1]
     with raw_events(home, "?since=1&follow=false") as stream:  # as curl reads it
         stream.ended.wait(10)
         assert [e for _, e in stream.events] == everything[1:]
