@@ -18,6 +18,9 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     DELETE /v1/services/{uuid}              ?timeout=s&force=bool
     GET    /v1/services/{uuid}/logs         ?tail=N&follow=bool; text/plain, streamed
     GET    /v1/openapi.json                 this API as OpenAPI 3.1, made from the route table (daemon/openapi.py)
+    GET    /v1/events                       ?since=SEQ&daemon_id=ID&follow=bool (default true); NDJSON, one
+                                            event per line, streamed as they happen (see events.py); without
+                                            since only new ones; a {"type": "gap"} line first when some are lost
 
 A service is the JSON of ``BaseService`` (secret env values masked); find
 answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
@@ -38,7 +41,6 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 from uuid import UUID
@@ -47,20 +49,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._version import __version__
 from .config import ServiceConfig
-from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
+from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound
 from .filters import FIND_PARAMS
 from .logs import read_log
 from .manager import Manager
-from .models import BaseService, ServiceState
+from .models import BaseService
 from .openapi import DaemonInfo, Deleted, ServiceList, ShutdownAnswer, StartAllAnswer, described, document, spec_of
+from .request import MAX_BODY as MAX_BODY, Receive, Request, Send, validation_message, wait_disconnect
 from .views import ServiceViews
 
 log = logging.getLogger("modeld.api")
 
-MAX_BODY = 1024 * 1024
+TRANSPORT = "modeld.transport"  # the key of a request's connection in the ASGI scope's state (see daemon_process.py)
+EVENT_BATCH = 256  # events sent in one write at most
 DEFAULT_TIMEOUT = 300.0
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class DeployRequest(BaseModel):
@@ -70,77 +72,6 @@ class DeployRequest(BaseModel):
     replace: bool = False
     timeout: float = Field(DEFAULT_TIMEOUT, gt=0)
     uuid: UUID | None = None
-
-
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    receive: Receive
-    send: Send
-    headers: dict[str, str]
-    accepts: dict[str, type] = field(default_factory=dict)  # the query parameters of its route's spec
-
-    async def body(self) -> bytes:
-        declared = self.headers.get("content-length", "0")
-        if declared.isdigit() and int(declared) > MAX_BODY:  # refuse at once, before reading anything
-            raise PayloadTooLarge(f"request body of {declared} bytes is larger than the cap of {MAX_BODY} bytes")
-        chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidRequest("client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
-
-    def params(self, **types: type) -> dict[str, Any]:
-        """The query parameters, checked against the names and types a route accepts (by default, its spec's)."""
-        types = types or self.accepts
-        unknown = sorted(set(self.query) - set(types))
-        if unknown:
-            allowed = ", ".join(sorted(types)) or "none"
-            raise InvalidRequest(f"unknown query parameter {unknown[0]!r}; allowed: {allowed}")
-        return {name: _convert_param(name, self.query[name], kind) for name, kind in types.items() if name in self.query}
-
-
-def _convert_param(name: str, value: str, kind: type) -> Any:
-    try:
-        if kind is bool:
-            lowered = value.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if kind is UUID:
-            return UUID(value)
-        converted = kind(value)
-        if kind in (int, float) and not 0 <= converted < float("inf"):  # also refuses nan
-            raise ValueError
-        return converted
-    except ValueError:
-        what = {
-            bool: "true or false",
-            UUID: "a uuid",
-            int: "a whole number >= 0",
-            float: "a number >= 0",
-            ServiceState: "one of " + ", ".join(s.value for s in ServiceState),
-        }.get(kind, kind.__name__)
-        raise InvalidRequest(f"query parameter {name!r} must be {what}, not {value!r}") from None
 
 
 def _service_uuid(value: str) -> UUID:
@@ -176,6 +107,7 @@ class Api:
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/unload"), self.unload),
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
             ("GET", re.compile(r"/v1/openapi\.json"), self.openapi),
+            ("GET", re.compile(r"/v1/events"), self.events),
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -186,7 +118,8 @@ class Api:
                 k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()
             }
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            request = Request(scope["method"], scope["path"], query, receive, send, headers)
+            transport = scope.get("state", {}).get(TRANSPORT)
+            request = Request(scope["method"], scope["path"], query, receive, send, headers, transport)
             handler, params = self._route(request)
             if spec := spec_of(handler):
                 request.accepts = dict(spec.query)
@@ -257,6 +190,7 @@ class Api:
             "settings": self.manager.settings.public(),
             "settings_sources": self.manager.settings.sources,
             **self.manager.describe(),
+            "events": self.manager.events.position(),
         }
 
     @described(
@@ -346,7 +280,7 @@ class Api:
                 "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"x-modeld-version", __version__.encode())],
             }
         )
-        disconnected = asyncio.ensure_future(_wait_disconnect(request.receive))
+        disconnected = asyncio.ensure_future(wait_disconnect(request.receive))
         closing = asyncio.ensure_future(self.closing.wait())
 
         async def keep_going(delay: float) -> bool:
@@ -373,8 +307,48 @@ class Api:
             self._openapi = json.dumps(document(self.routes)).encode()
         return 200, self._openapi
 
-
-async def _wait_disconnect(receive: Receive) -> None:
-    """Return once the client has gone; the request's own (empty) body messages come first and are skipped."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    @described(
+        "The daemon's events as NDJSON, replayed from since, then followed",
+        query={"since": int, "daemon_id": str, "follow": bool},
+        media="application/x-ndjson",
+    )
+    async def events(self, request: Request) -> None:
+        """The daemon's events as NDJSON (see events.py): from ``since`` (a replay from the ring, after a
+        ``gap`` line if some are lost), then, with ``follow``, each as it happens, until the client or the
+        daemon goes. A client that falls too far behind is dropped: its connection is cut at once."""
+        params = request.params()
+        if "daemon_id" in params and "since" not in params:
+            raise InvalidRequest("daemon_id goes with since: the last seq you have of that daemon")
+        follow = params.get("follow", True)
+        bus = self.manager.events
+        transport = request.transport
+        sub = bus.subscribe(params.get("since"), params.get("daemon_id"), transport.abort if transport is not None else None)
+        upto = None if follow else bus.seq
+        send = request.send
+        disconnected = asyncio.ensure_future(wait_disconnect(request.receive))
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson"), (b"x-modeld-version", __version__.encode())],
+                }
+            )
+            if sub.gap is not None:
+                await send({"type": "http.response.body", "body": sub.gap, "more_body": True})
+            while not (sub.dropped or disconnected.done() or closing.done()):
+                lines = bus.take(sub, EVENT_BATCH, upto)
+                if lines:
+                    await send({"type": "http.response.body", "body": b"".join(lines), "more_body": True})
+                elif not follow:
+                    break
+                else:
+                    waiting: set[asyncio.Future[Any]] = {sub.wait(), disconnected, closing}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not (sub.dropped or disconnected.done()):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            bus.unsubscribe(sub)
+            disconnected.cancel()
+            closing.cancel()

@@ -29,6 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ._version import __version__
+from .api import TRANSPORT, Api
 from .exceptions import DaemonAlreadyRunning, DaemonStartError, Forbidden, InvalidRequest, ModeldError, StorageError
 from .linux import ProcessIdentity, peer_uid, raise_nofile_limit, trim_heap
 from .manager import Manager
@@ -57,6 +58,9 @@ class PeerCheckedProtocol(H11Protocol):
     # uvicorn types the parameter as BaseTransport; a stream connection always gets a Transport here
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # see above
         super().connection_made(transport)
+        # The connection, for a stream that must be cut (an events client that reads too slowly):
+        # uvicorn copies this state into each request's scope.
+        self.app_state = {**self.app_state, TRANSPORT: transport}
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX and peer_uid(sock) != os.getuid():
             log.warning("refused a connection from uid %d", peer_uid(sock))
@@ -177,17 +181,18 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self.stop_services = False
         self.server: _UvicornWithoutSignals | None = None
+        self.api: Api | None = None
 
     def request_shutdown(self, stop_services: bool) -> None:
         self.stop_services = self.stop_services or stop_services
         self.notifier.send("STOPPING=1")
         if self.server is not None:
             self.server.should_exit = True
+        if self.api is not None:
+            self.api.closing.set()  # streams (logs -f, events) end now, not at uvicorn's graceful timeout
 
     async def serve(self, sock: socket.socket) -> None:
-        from .api import Api
-
-        api = Api(self.manager, self.request_shutdown)
+        api = self.api = Api(self.manager, self.request_shutdown)
         await self.manager.rebuild()
         # Ready for systemd (Type=notify) once every service is rebuilt: the socket listens already,
         # and what a client reads now is true. Before anything else the daemon starts.

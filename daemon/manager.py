@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from . import killpoints
+from . import events, killpoints
 from .admission import Admission, Gate, Loaded, describe as describe_on_demand, loaded_services, loading_of
 from .containment import Containment, choose as choose_containment
 from .exceptions import Conflict, InvalidRequest, ModeldError, ServiceNotFound, StorageError
@@ -53,6 +53,7 @@ class Manager:
         self.services: dict[UUID, ServiceRuntime] = {}
         self.problems: list[Problem] = []
         self.started_at = time.time()
+        self.events = events.begin(settings.event_ring, settings.event_queue)  # a new daemon_id, seq from 0
         self._create_lock = asyncio.Lock()
         self.containment: Containment = choose_containment(paths.home, paths.run, settings.cgroup, settings.named("cgroup"))
         if self.containment.reason:
@@ -191,6 +192,9 @@ class Manager:
                     self.launcher.ensure_port(deployed, config, refused=Conflict)
                     await deployed.lock.acquire()  # free: nobody else knows it yet
                     self.services[svc.uuid] = deployed
+                    events.emit(
+                        "deployed", svc, f"{config.model_type} {config.model_uri or next(iter(config.command), '')}"
+                    )  # event
                     fresh = True
                     break
             # Wait for the service's own lock outside the create lock: an operation on it
@@ -305,6 +309,7 @@ class Manager:
             self.sizes.forget(uuid)
             if trash is not None:
                 self.store.purge(trash)
+            events.emit("deleted", m.svc)  # event
             log.info("deleted %s", uuid)
 
     # ------------------------------------------------------------ daemon life

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from uuid import UUID
 
-from . import killpoints
+from . import events, killpoints
 from .exceptions import AdmissionRefused, ModeldError, StillStarting, StorageError
 from .launch import Launcher
 from .memory import Sizes
@@ -119,6 +119,7 @@ class OnDemand:
                 self.launcher.ensure_port(m, svc.config)
             self.watch(m)
         save(self.store, svc, step="scale-to-zero", strict=True)
+        events.emit("scaled_to_zero", svc)  # event
         log.info("scaled %s to zero", svc.uuid)
 
     # ------------------------------------------------------------ the watch
@@ -188,6 +189,7 @@ class OnDemand:
         start it again."""
         m.unwatch()
         m.failures = 0
+        events.emit("woken", m.svc)  # event
         try:
             async with self.room(m, timeout):
                 await self.startstop.start(m, timeout, failing_state=DesiredState.RUNNING)

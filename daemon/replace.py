@@ -22,7 +22,7 @@ import logging
 from collections.abc import Mapping
 from uuid import UUID
 
-from . import killpoints
+from . import events, killpoints
 from .exceptions import Conflict, DeployError, ModeldError, StillStarting, StorageError
 from .launch import Launcher
 from .models import DesiredState, ServiceConfig, ServiceState
@@ -97,6 +97,7 @@ class Replacer:
         m.previous_config = previous
         try:
             await self.replace_unsupervised(m, config, timeout)
+            events.emit("replaced", svc, f"version {svc.version}")  # event
         except Exception:
             if m.task is None and m.proc is not None and m.proc.alive:
                 if svc.config is not previous and m.proc.info.version == str(svc.version):

@@ -105,6 +105,12 @@ class DaemonSettings(BaseModel):
         description="seconds a request waits for a scaled-to-zero service to wake (then 504); default: the service's "
         "startup_timeout",
     )
+    event_ring: int = Field(
+        10_000, ge=1, description="the events the daemon keeps for a client that reconnects (GET /v1/events?since=)"
+    )
+    event_queue: int = Field(
+        1_000, ge=1, description="new events a client of GET /v1/events may fall behind before its connection is closed"
+    )
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 

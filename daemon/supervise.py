@@ -21,6 +21,7 @@ import os
 import shlex
 import time
 
+from . import events
 from .exceptions import DeployError, ModeldError, StillStarting, with_log_excerpt
 from .health import Prober, probe
 from .launch import Launcher
@@ -108,6 +109,7 @@ class Supervisor:
                     continue
                 code = proc.exited.result() if not proc.exited.cancelled() else None
                 m.svc.status.exit_code = code
+                events.exited(m.svc, proc, code, "before it answered its health check")  # event
                 await self.end_launch(m, proc)
                 lines = await self.last_log_lines(m)
                 raise DeployError(
@@ -194,6 +196,7 @@ class Supervisor:
                 if successor is not None:
                     continue
             code = proc.exited.result() if proc.exited.done() and not proc.exited.cancelled() else None
+            events.exited(svc, proc, code, f"stopped as hung: {unhealthy}" if unhealthy else "")  # event
             await self.end_launch(m, proc)
             self.launcher.forget_process(m, proc)
             svc.status.exit_code = code

@@ -23,6 +23,8 @@ Two ways to save, as each call site needs (its ``step=`` names the write for tes
 ``change_state(..., write=False)`` makes the move and skips the write (and its fsync), for a caller
 that knows service.json says so already (a rebuild re-adopting a server as it was recorded).
 
+Each move that changes the state, and each step named in ``events.BY_STEP``, is an event (events.py).
+
 (The log is "modeld.manager", the name these lines have always had in the daemon's log.)
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 from types import MappingProxyType
 
+from . import events
 from .exceptions import StorageError
 from .models import BaseService, ServiceState, ServiceStatus
 from .store import Store
@@ -110,8 +113,11 @@ def change_state(
     write: bool = True,
 ) -> None:
     """Move the service's status to ``state`` (see ``move``) and write service.json (see ``save``);
-    ``write=False``: the move only, for a record that says so already (no write, no fsync)."""
+    ``write=False``: the move only, for a record that says so already (no write, no fsync).
+    The move's event (events.py) is sent before the write: a client hears of it at once."""
+    before = svc.status.state
     move(svc, state, error)
+    events.state_changed(svc, before, state, error, step)  # event
     if write:
         save(store, svc, step=step, strict=strict)
 
@@ -127,4 +133,5 @@ def restore(
     svc.status = status
     if error is not None:
         status.last_error = error
+        events.emit("error", svc, error)  # event
     save(store, svc, step=step, strict=strict)

@@ -30,6 +30,8 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | stream_first_byte_over_direct_ms | first SSE event (events 500 ms apart) through the gateway minus direct, kept-alive connections |
 | gateway_rss_mb, gateway_idle_cpu_pct | the gateway process, with the live servers, idle (beside the daemon's idle figures) |
 | wake_ms, wake_via_gateway_ms, idle_cycle_*, admission_* | on demand: see scripts/bench_ondemand.py |
+| event_latency_ms          | kill -9 of a live server until a client streaming GET /v1/events reads its exited event; one |
+|                           | client streams events from before the idle figures on (see scripts/bench_events.py) |
 
 The daemons here run with a gateway (``MODELD_GATEWAY=:0``), so the daemon's RSS and idle CPU
 are measured with it running.
@@ -68,6 +70,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import bench_events
 import bench_ondemand
 from daemon import DaemonClient, DesiredState, LocalModelService, ServiceConfig, ServiceState
 from daemon.linux import ProcessIdentity
@@ -124,6 +127,7 @@ TARGETS = {  # figure -> (description, check on the result)
     "gateway_overhead_us": ("<= 300 us", lambda r: r["gateway_overhead_us"] <= 300),
     "gateway_rps_ratio": (">= 0.5", lambda r: r["gateway_rps_ratio"] >= 0.5),
     "stream_first_byte_over_direct_ms": ("<= 1 ms", lambda r: r["stream_first_byte_over_direct_ms"] <= 1),
+    "event_latency_ms": ("p50 <= 20 ms", lambda r: r["event_latency_ms"]["p50"] <= 20),
     "wake_ms": ("p50 <= 0.5 x the cold floor (wake_over_floor)", lambda r: r["wake_over_floor"] <= 0.5),
     "idle_cycle_failed_requests": ("0 failed, >= 20 idle cycles", lambda r: r["idle_cycle_failed_requests"] == 0
                                    and (r["idle_cycles"] >= 20 or r["setup"]["quick"])),
@@ -521,6 +525,7 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
         logd_rss = rss_mb(info["log_writer"])
         result["logd_rss_mb"] = round(logd_rss, 1)
         result["logd_kib_per_live_service"] = round((logd_rss - logd_base) * 1024 / args.live, 1)
+    watch = bench_events.EventWatch(home_b)  # one client streams events from here on (idle, re-adoptions, latency)
     progress(f"idle daemon for {args.idle:g}s")
     gateway_pid = client.daemon_info()["gateway_pid"]
     gateway_cpu0, t0 = cpu_seconds(gateway_pid), time.monotonic()
@@ -542,6 +547,10 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
         "after_deploys": {"rss_mb": round(rss, 1), "cpu_pct": round(cpu, 2)},
         "after_readopt": {"rss_mb": round(rss_after, 1), "cpu_pct": round(cpu_after, 2)},
     }
+    progress("event latency: kill -9 of a server until its exited event is read")
+    samples = bench_events.event_latency(home_b, watch, [str(s.uuid) for s in live], args.runs, reaper.note)
+    result["event_latency_ms"] = summary(samples, 1000)
+    result["event_stream"] = {"events": watch.count, "gaps": watch.gaps, "error": repr(watch.error) if watch.error else None}
     latencies: list[float] = []
     requests = 0
     failures: list[str] = []
@@ -653,7 +662,7 @@ def progress(text: str) -> None:
 def table(result: dict[str, Any]) -> str:
     rows = []
     for key, value in result.items():
-        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle", "gateway_latency_us", "gateway_rps",
+        if key in ("targets", "setup", "replace_failures_sample", "daemon_idle", "gateway_latency_us", "gateway_rps", "event_stream",
                    "wake_via_gateway_ms", "idle_cycle_failures_sample"):
             continue
         shown = f"{value['p50']:>10} {value['p99']:>10}" if isinstance(value, dict) else f"{value:>10}"

@@ -109,6 +109,36 @@ def test_deploy_predict_find_logs_stop_delete_from_asyncio(home: Path) -> None:
     asyncio.run(main())
 
 
+def test_events_from_asyncio_replay_and_follow(home: Path) -> None:
+    """The async twin of DaemonClient.events: a replay with since, then following a kill -9 to the restart."""
+
+    async def main() -> None:
+        async with AsyncDaemonClient(home) as client:
+            svc = await client.deploy(iris_config(model_name="iris-events"))
+            replay = [e async for e in client.events(since=0, follow=False)]
+            mine = [e["type"] for e in replay if e.get("uuid") == str(svc.uuid)]
+            assert mine[:1] == ["deployed"] and "healthy" in mine, replay
+            last = replay[-1]["seq"]
+
+            seen: list[dict[str, object]] = []
+
+            async def follow() -> None:
+                async for event in client.events(since=last):
+                    seen.append(event)
+                    if event.get("uuid") == str(svc.uuid) and event["type"] == "healthy":
+                        return
+
+            follower = asyncio.create_task(follow())
+            os.kill(svc.status.pid, signal.SIGKILL)
+            await asyncio.wait_for(follower, 60)
+            types = [e["type"] for e in seen if e.get("uuid") == str(svc.uuid)]
+            assert types[0] == "exited" and "restarting" in types and types[-1] == "healthy", seen
+            assert seen[0]["seq"] == last + 1  # nothing missed, nothing repeated
+            await client.delete(svc.uuid)
+
+    asyncio.run(main())
+
+
 def test_errors_are_the_same_classes_as_the_blocking_clients(home: Path, tmp_path: Path) -> None:
     script = tmp_path / "token.py"
     script.write_text(TOKEN_SERVER)

@@ -33,6 +33,8 @@ DEFAULTS = {
     "wake_timeout": None,
     "max_active": None,
     "memory_budget": None,
+    "event_ring": 10_000,
+    "event_queue": 1_000,
 }
 
 
@@ -77,6 +79,8 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
         "wake_timeout": "default",
         "max_active": "default",
         "memory_budget": "default",
+        "event_ring": "default",
+        "event_queue": "default",
     }
     assert settings.named("cgroup") == f"{toml}: cgroup"
     assert settings.named("health_interval") == "MODELD_HEALTH_INTERVAL"
@@ -193,7 +197,7 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         home,
         'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n'
         'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\nwake_timeout = 7\n'
-        'max_active = 3\nmemory_budget = "1.5GiB"\n',
+        'max_active = 3\nmemory_budget = "1.5GiB"\nevent_ring = 500\nevent_queue = 50\n',
     )
     info = client.daemon_info()  # auto-started
     assert info["settings"] == {
@@ -209,6 +213,8 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         "wake_timeout": 7.0,
         "max_active": 3,
         "memory_budget": 1610612736,
+        "event_ring": 500,
+        "event_queue": 50,
     }
     assert {key: info["settings_sources"][key] for key in file_keys()} == dict.fromkeys(file_keys(), str(toml))
     # They act, not only show: tags, as the file says, and no INFO line in the log.

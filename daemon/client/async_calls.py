@@ -12,6 +12,7 @@ is left before its end is closed by ``contextlib.aclosing`` (or by the garbage c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from ..paths import Paths
 from . import operations as op
 from .async_transport import AsyncTransport, AsyncUnixSocketTransport
 from .autostart import ensure_daemon
+from .eventstream import RETRY, EventCursor
 from .operations import DEFAULT_TIMEOUT
 
 T = TypeVar("T")
@@ -103,6 +105,27 @@ class AsyncDaemonClient(op.Session):
         async with contextlib.aclosing(self.transport.stream(op.logs(uuid, tail, follow))) as chunks:
             async for chunk in chunks:
                 yield chunk.decode(errors="replace")
+
+    async def events(
+        self, since: int | None = None, follow: bool = True, daemon_id: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The daemon's events, as ``DaemonClient.events`` gives them (the same cursor: eventstream.py)."""
+        cursor = EventCursor(since, daemon_id)
+        if since is None:
+            cursor.start_at((await self.daemon_info())["events"])
+        while True:
+            try:
+                async with contextlib.aclosing(self.transport.stream(cursor.request(follow))) as chunks:
+                    async for chunk in chunks:
+                        for event in cursor.feed(chunk):
+                            yield event
+            except RETRY:
+                if not cursor.may_retry(follow):
+                    raise
+            cursor.ended()
+            if not follow:
+                return
+            await asyncio.sleep(cursor.delay())
 
     async def daemon_info(self) -> dict[str, Any]:
         return await self._run(op.daemon_info())

@@ -2,7 +2,8 @@
 
 Invariants:
 
-* each method is one request (``logs`` one streamed request), built by
+* each method is one request (``logs`` one streamed request, ``events`` one per
+  reconnect, see eventstream.py), built by
   :mod:`~daemon.client.operations` (as ``AsyncDaemonClient``'s are) and
   carried by the transport; services come back as ``BaseService`` objects
   and errors as the classes of ``daemon.exceptions``;
@@ -16,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, TypeVar
 from uuid import UUID
@@ -27,6 +29,7 @@ from ..models import BaseService, ServiceState
 from ..paths import Paths
 from . import operations as op
 from .autostart import ensure_daemon
+from .eventstream import RETRY, EventCursor
 from .operations import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT, VersionMismatchWarning as VersionMismatchWarning
 from .transport import Transport, UnixSocketTransport
 
@@ -101,6 +104,29 @@ class DaemonClient(op.Session):
         """The server's log as text chunks; with ``follow``, keeps yielding until the service goes."""
         for chunk in self.transport.stream(op.logs(uuid, tail, follow)):
             yield chunk.decode(errors="replace")
+
+    def events(self, since: int | None = None, follow: bool = True, daemon_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The daemon's events (see daemon/events.py), each a dict: those after ``since`` (the last seq you
+        have; None: only new ones), then, with ``follow``, each as it happens, for as long as you iterate.
+
+        Following goes on across daemon restarts and dropped connections: it reconnects (never starting
+        a daemon itself) with the last seq and daemon_id it has, and yields the ``{"type": "gap"}`` event
+        the daemon sends when some were lost. Without ``follow``, it ends after the events held now.
+        """
+        cursor = EventCursor(since, daemon_id)
+        if since is None:
+            cursor.start_at(self.daemon_info()["events"])
+        while True:
+            try:
+                for chunk in self.transport.stream(cursor.request(follow)):
+                    yield from cursor.feed(chunk)
+            except RETRY:
+                if not cursor.may_retry(follow):
+                    raise
+            cursor.ended()
+            if not follow:
+                return
+            time.sleep(cursor.delay())
 
     def daemon_info(self) -> dict[str, Any]:
         return self._run(op.daemon_info())

@@ -14,6 +14,7 @@ from daemon.filters import FIND_FILTERS
 from daemon.models import ServiceConfig, ServiceState
 from deployers.cli.daemon_commands import cmd_daemon_run, cmd_daemon_start, cmd_daemon_status, cmd_daemon_stop
 from deployers.cli.errors import EXIT_CODES, one_line
+from deployers.cli.event_commands import add_events_options, cmd_events
 from deployers.cli.login_commands import cmd_daemon_install, cmd_daemon_uninstall
 from deployers.cli.options import choices_of, deploy_options, flag_of
 from deployers.cli.registry_commands import (
@@ -32,6 +33,7 @@ examples:
   modeld deploy --model-name echo --model-type command --health-path / -- python3 -m http.server {port} --bind {host}
   modeld ls --running
   modeld logs 3f2a -n 50 -f
+  modeld events -f
   curl --unix-socket "$MODELD_HOME/modeld.sock" http://modeld/v1/services
 
 state lives in $MODELD_HOME (default $XDG_STATE_HOME/modeld); the daemon starts by itself on first use.
@@ -137,6 +139,9 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
     p.add_argument("-n", "--tail", dest="n", type=count, help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+
+    p = add("events", cmd_events, "print the daemon's events: exits (with code or signal), restarts, health, deploys")
+    add_events_options(p)
 
     flavor = sub.add_parser("flavor", help="register and list model-deployer flavors", description="Model-deployer flavors.")
     fsub = flavor.add_subparsers(dest="flavor_command", metavar="ACTION", required=True)
