@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -151,6 +152,7 @@ class TrimWhenIdle:
 class Daemon:
     def __init__(self, paths: Paths, settings: DaemonSettings):
         self.paths = paths
+        self.settings = settings
         self.manager = Manager(paths, settings)
         self.stop_services = False
         self.server: _UvicornWithoutSignals | None = None
@@ -180,21 +182,55 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, False)
         log.info("modeld %s serving on %s (pid %d)", __version__, self.paths.socket, os.getpid())
+        path = self.settings.apply_path
+        applying = asyncio.create_task(self.apply_at_start(path)) if path is not None else None
         try:
             await self.server.serve(sockets=[sock])
         finally:
             api.closing.set()
+            if applying is not None:
+                applying.cancel()
             await self.manager.shutdown(self.stop_services)
 
+    async def apply_at_start(self, path: Path) -> None:
+        """Apply the ``apply`` setting's file once the API answers (the rebuild is over), as a client of
+        this daemon, in a thread: the daemon serves meanwhile. The outcome is logged; a file that fails
+        to apply leaves the daemon running."""
+        while self.server is not None and not self.server.started:
+            if self.server.should_exit:
+                return
+            await asyncio.sleep(0.01)
+        log.info("applying %s (the apply setting, from %s)", path, self.settings.sources["apply"])
+        try:
+            lines, ok = await asyncio.to_thread(_apply_file, self.paths, path)
+        except ModeldError as exc:
+            log.error("apply %s failed, nothing applied: %s", path, exc.message)
+            return
+        except Exception:  # the daemon keeps running, whatever broke
+            log.exception("apply %s failed", path)
+            return
+        for line in lines:
+            (log.info if ok else log.warning)("apply: %s", line)
 
-def run(paths: Paths | None = None) -> int:
+
+def _apply_file(paths: Paths, path: Path) -> tuple[list[str], bool]:
+    from .client import DaemonClient
+    from .client.apply import describe
+
+    with DaemonClient(home=paths.home, socket_path=paths.socket, auto_start=False) as client:
+        report = client.apply(path)
+    return describe(report), report.ok
+
+
+def run(paths: Paths | None = None, apply: str | None = None) -> int:
     """Run the daemon in the foreground until SIGTERM, SIGINT or a shutdown request.
 
     Raises ``DaemonStartError`` for a bad setting (before anything else is done), StorageError for
     a home or control socket it cannot use (the OSErrors of paths.py and sockets.py, converted here).
+    ``apply``: a file to apply once serving (``--apply``; it wins over the ``apply`` setting).
     """
     paths = paths or Paths()
-    settings = load_settings(paths)
+    settings = load_settings(paths, arguments={"apply": apply} if apply else None)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -241,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon", description="Run the modeld daemon in the foreground.")
     parser.add_argument("--home", help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)")
     parser.add_argument("--socket", help="control socket path (default: $MODELD_HOME/modeld.sock)")
+    parser.add_argument("--apply", help="a file `modeld apply` takes, applied once the daemon serves")
     args = parser.parse_args(argv)
     try:
-        return run(Paths(args.home, args.socket))
+        return run(Paths(args.home, args.socket), apply=os.path.abspath(args.apply) if args.apply else None)
     except DaemonAlreadyRunning as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return 3

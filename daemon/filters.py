@@ -19,7 +19,15 @@ from uuid import UUID
 from .models import ServiceState
 
 # Each a ServiceConfig field matched for equality; the API keeps an index on each.
-FIND_FILTERS = ("pipeline_name", "pipeline_run_id", "pipeline_step_name", "model_name", "model_uri", "model_type")
+FIND_FILTERS = (
+    "pipeline_name",
+    "pipeline_run_id",
+    "pipeline_step_name",
+    "model_name",
+    "model_uri",
+    "model_type",
+    "project",
+)
 
 # What the API's GET /v1/services takes, with the type each query parameter is read as.
 FIND_PARAMS: dict[str, type[Any]] = {

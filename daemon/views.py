@@ -34,7 +34,7 @@ class ServiceViews:
         self._members: list[Any] = []
         self._configs_seen: list[Any] = []
         self._ordered: list[Any] = []  # by created_at, as find answers
-        self._index: dict[str, dict[str, list[Any]]] = {}
+        self._index: dict[str, dict[str, list[Any]]] = {name: {} for name in FIND_FILTERS}  # (none yet: no refresh)
         self._json: dict[UUID, tuple[int, BaseService, tuple[Any, ...], bytes]] = {}
         self._list: tuple[list[bytes], bytes] = ([], b'{"services": []}')
         self._list_stamp = -1

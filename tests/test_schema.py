@@ -104,6 +104,7 @@ def test_the_flags_keep_their_names_and_forms():
         "--unix-socket", "--env", "--secret-env", "--python", "--working-dir", "--restart", "--max-restarts",
         "--backoff", "--backoff-max", "--healthy-reset", "--liveness-failures", "--no-restart-on-unhealthy",
         "--startup-timeout", "--idle-timeout", "--stop-timeout", "--stop-command", "--log-max-bytes", "--log-backups", "--service-type",
+        "--project",
     }
     config = _deploy("--model-name", "c", "--health-path", "/", "--env", "A=1", "--env", "B=x=y", "--secret-env", "A",
                      "--stop-command", "docker stop '{name}'", "--log-max-bytes", "64K", "--restart", "always",

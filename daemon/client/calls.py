@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 from uuid import UUID
 
@@ -29,6 +29,9 @@ from ..models import SERVICE_REGISTRY, BaseService, ServiceState
 from ..paths import Paths
 from .autostart import ensure_daemon
 from .transport import Request, Transport, UnixSocketTransport
+
+if TYPE_CHECKING:
+    from .apply import ApplyReport
 
 DEFAULT_TIMEOUT = 300.0
 _MARGIN = 30.0  # seconds beyond an operation's own timeout before the client gives up on the socket
@@ -88,6 +91,7 @@ class DaemonClient:
         model_name: str | None = None,
         model_uri: str | None = None,
         model_type: str | None = None,
+        project: str | None = None,
         state: ServiceState | str | None = None,
     ) -> list[BaseService]:
         """The services matching every filter given: ``running``, active only; ``state``, in that state."""
@@ -132,6 +136,31 @@ class DaemonClient:
         query = {"tail": tail, "follow": "true" if follow else None}
         for chunk in self.transport.stream(Request("GET", f"/v1/services/{_quote(uuid)}/logs", query)):
             yield chunk.decode(errors="replace")
+
+    def apply(
+        self,
+        path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+        prune: bool = False,
+        dry_run: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        environ: Mapping[str, str] | None = None,
+    ) -> ApplyReport:
+        """Make the services match a file (``modeld apply``'s TOML, or a dict shaped like it): create what
+        is missing, replace in place what changed, leave the rest alone, and with ``prune`` delete the
+        project's services the file lacks. Returns an :class:`~daemon.client.apply.ApplyReport`: the plan
+        with ``dry_run`` (nothing changed), else each step's status ("done" or "failed", with its error).
+        A file that does not validate raises ``ApplyFileError`` (an ``InvalidRequest``) and applies nothing.
+        ``environ``: where ``{from_env = "KEY"}`` values are read (default: this process's environment)."""
+        from .apply import run_apply
+
+        return run_apply(self, path_or_dict, prune=prune, dry_run=dry_run, timeout=timeout, environ=environ)
+
+    def export(self, project: str | None = None) -> str:
+        """The services of ``project`` (default: all, which must then be of one project) as a file
+        ``apply`` takes; applying it changes nothing. Secret env values are written ``{from_env = "KEY"}``."""
+        from .apply import export_services
+
+        return export_services(self, project)
 
     def daemon_info(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/daemon"))

@@ -91,6 +91,7 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
         model_name: Optional[str] = None,
         model_uri: Optional[str] = None,
         model_type: Optional[str] = None,
+        project: Optional[str] = None,
     ) -> List[BaseService]:
         return self.client.find(running=running, service_uuid=service_uuid, **filters_given(locals()))
 

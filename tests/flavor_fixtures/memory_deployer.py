@@ -55,6 +55,7 @@ class InMemoryModelDeployer(BaseModelDeployer):
         model_name: Optional[str] = None,
         model_uri: Optional[str] = None,
         model_type: Optional[str] = None,
+        project: Optional[str] = None,
     ) -> List[BaseService]:
         wanted = filters_given(locals())
         return [
