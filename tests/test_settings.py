@@ -33,6 +33,7 @@ DEFAULTS = {
     "wake_timeout": None,
     "max_active": None,
     "memory_budget": None,
+    "apply": "",
 }
 
 
@@ -77,6 +78,7 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
         "wake_timeout": "default",
         "max_active": "default",
         "memory_budget": "default",
+        "apply": "default",
     }
     assert settings.named("cgroup") == f"{toml}: cgroup"
     assert settings.named("health_interval") == "MODELD_HEALTH_INTERVAL"
