@@ -21,8 +21,8 @@ from daemon import DaemonClient, ServiceConfig
 from daemon.client.apply import ApplyReport, changed_fields, compute_plan
 from daemon.client.applyfile import ApplyFileError, Desired, export_text, read_desired
 from daemon.config import REDACTED
-from daemon.models import LocalModelService
 from daemon.exceptions import DaemonNotRunning
+from daemon.models import LocalModelService
 from daemon.testing import REPO, wait_for
 from tests.conftest import modeld, predict
 
@@ -370,3 +370,12 @@ def test_the_daemon_applies_a_file_at_start_and_survives_a_bad_one(home, tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+def test_the_readme_example_file_validates():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## A set of models as code", 1)[1].split("\n## ", 1)[0]
+    text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    got = read_desired({**tomllib.loads(text)}, environ={"IRIS_TOKEN": "x"})
+    assert got.project == "laptop" and set(got.services) == {"iris", "web"}
+    assert got.services["iris"].restart.max_restarts == 3 and got.services["web"].model_type == "command"

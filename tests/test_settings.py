@@ -195,8 +195,9 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         home,
         'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n'
         'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\nwake_timeout = 7\n'
-        'max_active = 3\nmemory_budget = "1.5GiB"\n',
+        'max_active = 3\nmemory_budget = "1.5GiB"\napply = "empty.toml"\n',
     )
+    (home / "empty.toml").write_text("")  # a file of no services: applying it changes nothing
     info = client.daemon_info()  # auto-started
     assert info["settings"] == {
         "home": str(Paths(home).home),
@@ -211,6 +212,7 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         "wake_timeout": 7.0,
         "max_active": 3,
         "memory_budget": 1610612736,
+        "apply": "empty.toml",
     }
     assert {key: info["settings_sources"][key] for key in file_keys()} == dict.fromkeys(file_keys(), str(toml))
     # They act, not only show: tags, as the file says, and no INFO line in the log.
