@@ -13,7 +13,7 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -39,11 +39,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def svc(name: str = "a", project: str = "p", **fields: object) -> LocalModelService:
-    """A service as find answers it (the daemon filled python and working_dir in)."""
+def svc(name: str = "a", project: str = "p", **fields: object) -> dict[str, Any]:
+    """A service as find answers it, JSON (the daemon filled python and working_dir in)."""
     config = ServiceConfig(name=name, project=project, model_name=name, model_uri="/x/m.py:model",
                            python="/venv/bin/python", working_dir="/somewhere", **fields)  # type: ignore[arg-type]
-    return LocalModelService(config=config)
+    return LocalModelService(config=config).model_dump(mode="json")
 
 
 def desired(project: str = "p", **services: dict[str, object]) -> Desired:
@@ -60,17 +60,17 @@ def test_plan_creates_replaces_leaves_and_prunes_only_its_own_project():
     plan = compute_plan(want, current, prune=True)
     steps = {(s.action, s.name, s.uuid) for s in plan.steps}
     assert steps == {
-        ("unchanged", "a", str(current[0].uuid)),
-        ("replace", "b", str(current[1].uuid)),
+        ("unchanged", "a", current[0]["uuid"]),
+        ("replace", "b", current[1]["uuid"]),
         ("create", "c", None),
-        ("delete", "gone", str(current[2].uuid)),  # not the one of project "other", nor the "a" of no project
+        ("delete", "gone", current[2]["uuid"]),  # not the one of project "other", nor the "a" of no project
     }
     assert plan.of("replace")[0].changed == ["description"]
     assert not compute_plan(want, current, prune=False).of("delete")
 
 
 def test_python_working_dir_search_path_and_port_are_compared_only_when_the_file_sets_them():
-    service = svc("a", port=4321)
+    service = svc("a", port=4321)["config"]
     unset = desired(a={"model_uri": "/x/m.py:model"})
     assert changed_fields(unset.services["a"], unset.given["a"], service) == []
     pinned = desired(a={"model_uri": "/x/m.py:model", "python": "/other/python", "working_dir": "/w", "port": 1234})
@@ -80,7 +80,7 @@ def test_python_working_dir_search_path_and_port_are_compared_only_when_the_file
 
 
 def test_secret_env_values_are_compared_with_the_recorded_ones():
-    masked = svc("a", env={"API_TOKEN": REDACTED, "LEVEL": "1"})
+    masked = svc("a", env={"API_TOKEN": REDACTED, "LEVEL": "1"})["config"]
     want = desired(a={"model_uri": "/x/m.py:model", "env": {"API_TOKEN": "t0ken", "LEVEL": "1"}})
     config, given = want.services["a"], want.given["a"]
     assert changed_fields(config, given, masked, {"API_TOKEN": "t0ken", "LEVEL": "1"}) == []
@@ -90,9 +90,9 @@ def test_secret_env_values_are_compared_with_the_recorded_ones():
 
 def test_two_services_of_one_name_the_newest_is_applied_and_prune_deletes_the_other():
     older, newer = svc("a"), svc("a")
-    newer.created_at = older.created_at + 1
+    newer["created_at"] = older["created_at"] + 1
     plan = compute_plan(desired(a={"model_uri": "/x/m.py:model"}), [older, newer], prune=True)
-    assert [(s.action, s.uuid) for s in plan.steps] == [("unchanged", str(newer.uuid)), ("delete", str(older.uuid))]
+    assert [(s.action, s.uuid) for s in plan.steps] == [("unchanged", newer["uuid"]), ("delete", older["uuid"])]
     assert "2 services have this name" in plan.notes[0]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -68,57 +68,62 @@ class ApplyReport(BaseModel):
 
 def compute_plan(
     desired: Desired,
-    current: list[BaseService],
+    current: Sequence[Mapping[str, Any]],
     prune: bool = False,
     secrets: Mapping[str, Mapping[str, str]] | None = None,
 ) -> ApplyReport:
-    """The steps that make ``current`` (the daemon's services, as find answers them) match ``desired``.
+    """The steps that make ``current`` (the daemon's services as JSON, as find answers them: secret env
+    values masked) match ``desired``.
 
     ``secrets``: the real env values of services, by uuid, where the daemon showed them masked.
+    (JSON rather than ``BaseService`` objects: reading 100 services back as models would cost more
+    than the whole plan; see ``apply_noop_ms`` in scripts/bench_apply.py.)
     """
     report = ApplyReport(source=desired.source, project=desired.project, prune=prune)
-    mine: dict[str, list[BaseService]] = {}
+    mine: dict[str, list[Mapping[str, Any]]] = {}
     for svc in current:
-        if svc.config.project == desired.project:
-            mine.setdefault(service_key(svc.config), []).append(svc)
+        config = svc["config"]
+        if config.get("project", "") == desired.project:
+            mine.setdefault(config.get("name") or config.get("model_name", ""), []).append(svc)
     for name, same in mine.items():
+        same.sort(key=lambda s: float(s.get("created_at", 0)), reverse=True)
         if len(same) > 1 and name in desired.services:
-            same.sort(key=lambda s: s.created_at, reverse=True)
-            others = ", ".join(str(s.uuid)[:8] for s in same[1:])
+            others = ", ".join(str(s["uuid"])[:8] for s in same[1:])
             report.notes.append(f"{name}: {len(same)} services have this name; the newest is applied, not {others}")
     for name, config in desired.services.items():
         found = mine.get(name)
         if not found:
             report.steps.append(Step(action="create", name=name))
             continue
-        svc = found[0]
-        changed = changed_fields(config, desired.given.get(name, set()), svc, (secrets or {}).get(str(svc.uuid)))
-        report.steps.append(Step(action="replace" if changed else "unchanged", name=name, uuid=str(svc.uuid), changed=changed))
+        uuid = str(found[0]["uuid"])
+        changed = changed_fields(config, desired.given.get(name, set()), found[0]["config"], (secrets or {}).get(uuid))
+        report.steps.append(Step(action="replace" if changed else "unchanged", name=name, uuid=uuid, changed=changed))
     if prune:
         for name, same in mine.items():
             left = same if name not in desired.services else same[1:]
-            report.steps += [Step(action="delete", name=name, uuid=str(s.uuid)) for s in left]
+            report.steps += [Step(action="delete", name=name, uuid=str(s["uuid"])) for s in left]
     return report
 
 
 def changed_fields(
-    config: ServiceConfig, given: set[str], svc: BaseService, secrets: Mapping[str, str] | None = None
+    config: ServiceConfig, given: set[str], have: Mapping[str, Any], secrets: Mapping[str, str] | None = None
 ) -> list[str]:
-    """The fields of ``config`` (from a file that set ``given``) that differ from the service's, dotted
-    (``restart.max_restarts``); [] when it is unchanged."""
-    want, have = config.model_dump(), svc.config.model_dump()
+    """The fields of ``config`` (from a file that set ``given``) that differ from ``have`` (a service's
+    config as JSON), dotted (``restart.max_restarts``); [] when it is unchanged."""
+    want = config.model_dump(mode="json")
     out: list[str] = []
-    for key in type(config).model_fields:
+    for key, value in want.items():
         if key in ("name", "project") or (key in CLIENT_DEFAULTS and key not in given):
             continue
-        if key == "port" and want[key] == 0:
+        if key == "port" and value == 0:
             continue
+        current = have.get(key)
         if key == "env":
-            if _env_differs(config, want[key], have.get(key, {}), secrets):
+            if _env_differs(config, value, current if isinstance(current, dict) else {}, secrets):
                 out.append(key)
-        elif isinstance(want[key], dict) and isinstance(have.get(key), dict):
-            out += [f"{key}.{k}" for k in want[key] if want[key][k] != have[key].get(k)]
-        elif want[key] != have.get(key):
+        elif isinstance(value, dict) and isinstance(current, dict):
+            out += [f"{key}.{k}" for k in value if value[k] != current.get(k)]
+        elif value != current:
             out.append(key)
     return out
 
@@ -136,21 +141,22 @@ def _env_differs(config: ServiceConfig, want: dict[str, str], have: dict[str, st
     return False
 
 
-def recorded_secrets(paths: Paths, services: list[BaseService]) -> dict[str, dict[str, str]]:
+def recorded_secrets(paths: Paths, services: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
     """The real env values of the services that show a masked one, read from their records in the
     home (the client runs as the daemon's user: the 0700 home is its own); a record it cannot
     read is left out, so its service counts as changed."""
     out: dict[str, dict[str, str]] = {}
     for svc in services:
-        if REDACTED not in svc.config.env.values():
+        if REDACTED not in (svc["config"].get("env") or {}).values():
             continue
+        uuid = str(svc["uuid"])
         try:
-            with open(paths.service_json(svc.uuid), "rb") as f:
+            with open(paths.service_json(uuid), "rb") as f:
                 env = json.load(f)["config"]["env"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(env, dict):
-            out[str(svc.uuid)] = {str(k): str(v) for k, v in env.items()}
+            out[uuid] = {str(k): str(v) for k, v in env.items()}
     return out
 
 
@@ -171,12 +177,13 @@ def run_apply(
             f"{desired.source}: --prune needs a top-level project: it deletes that project's services the file does not "
             "have, and a file without one would delete every service deployed without a project"
         )
-    current = client.find(project=desired.project)
+    # As JSON (see compute_plan); the same request as client.find(project=...).
+    current = client._call("GET", "/v1/services", query={"project": desired.project})["services"]
     report = compute_plan(desired, current, prune, recorded_secrets(client.paths, current))
     report.dry_run = dry_run
     if dry_run:
         return report
-    by_uuid = {str(s.uuid): s for s in current}
+    by_uuid = {str(s["uuid"]): s["config"] for s in current}
     for step in sorted(report.steps, key=lambda s: s.action != "delete"):  # (a stable sort: the file's order)
         if step.action == "unchanged":
             step.status = "done"
@@ -189,8 +196,8 @@ def run_apply(
                 step.uuid = str(client.deploy(desired.services[step.name], timeout=timeout).uuid)
             else:
                 assert step.uuid is not None
-                old = by_uuid[step.uuid].config
-                keep = {k: getattr(old, k) for k in CLIENT_DEFAULTS if k in type(old).model_fields}
+                old = by_uuid[step.uuid]
+                keep = {k: old[k] for k in CLIENT_DEFAULTS if k in old}
                 config = desired.services[step.name].model_copy(
                     update={k: v for k, v in keep.items() if k not in desired.given.get(step.name, set())}
                 )
