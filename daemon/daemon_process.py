@@ -188,38 +188,54 @@ class Daemon:
             await self.server.serve(sockets=[sock])
         finally:
             api.closing.set()
-            if applying is not None:
+            if applying is not None:  # (its child is killed: it would only meet a closed socket)
                 applying.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await applying
             await self.manager.shutdown(self.stop_services)
 
     async def apply_at_start(self, path: Path) -> None:
-        """Apply the ``apply`` setting's file once the API answers (the rebuild is over), as a client of
-        this daemon, in a thread: the daemon serves meanwhile. The outcome is logged; a file that fails
-        to apply leaves the daemon running."""
+        """Apply the ``apply`` setting's file once the API answers (the rebuild is over), in a child
+        process that is a client of this daemon (``python -m daemon.client.apply_main``: the daemon serves
+        meanwhile, and imports no client). Its report goes to the log; a file that fails to apply
+        leaves the daemon running. The child goes with the daemon if it stops first."""
         while self.server is not None and not self.server.started:
             if self.server.should_exit:
                 return
             await asyncio.sleep(0.01)
         log.info("applying %s (the apply setting, from %s)", path, self.settings.sources["apply"])
+        env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_SOCKET": str(self.paths.socket)}
+        for tag in ("MODELD_SERVICE_UUID", "MODELD_PROCESS", "PYTHONSTARTUP"):
+            env.pop(tag, None)
+        root = str(Path(__file__).resolve().parent.parent)  # the folder that holds daemon/, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        argv = [sys.executable, "-m", "daemon.client.apply_main", "--home", str(self.paths.home)]
         try:
-            lines, ok = await asyncio.to_thread(_apply_file, self.paths, path)
-        except ModeldError as exc:
-            log.error("apply %s failed, nothing applied: %s", path, exc.message)
+            child = await asyncio.create_subprocess_exec(
+                *argv,
+                "--socket",
+                str(self.paths.socket),
+                str(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+            )
+        except OSError as exc:
+            log.error("apply %s: cannot start it: %s", path, exc)
             return
-        except Exception:  # the daemon keeps running, whatever broke
-            log.exception("apply %s failed", path)
-            return
+        try:
+            out, _ = await child.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            raise
+        lines = out.decode(errors="replace").splitlines() or ["(no output)"]
+        level = logging.INFO if child.returncode == 0 else logging.ERROR
+        if child.returncode not in (0, 1):
+            log.error("apply %s failed, nothing applied (exit code %s):", path, child.returncode)
         for line in lines:
-            (log.info if ok else log.warning)("apply: %s", line)
-
-
-def _apply_file(paths: Paths, path: Path) -> tuple[list[str], bool]:
-    from .client import DaemonClient
-    from .client.apply import describe
-
-    with DaemonClient(home=paths.home, socket_path=paths.socket, auto_start=False) as client:
-        report = client.apply(path)
-    return describe(report), report.ok
+            log.log(level, "apply: %s", line)
 
 
 def run(paths: Paths | None = None, apply: str | None = None) -> int:

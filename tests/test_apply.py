@@ -314,6 +314,8 @@ restart = {max_restarts = 2}
     assert "nothing was applied" in done.stderr
     done = modeld("apply", "-f", str(path), home=home)
     assert done.returncode == 0 and "unchanged a" in done.stdout and "2 unchanged" in done.stdout, done.stdout
+    done = modeld("info", "a", home=home)
+    assert done.returncode == 0 and "PROJECT" in done.stdout and "lab" in done.stdout, done.stdout
     done = modeld("ls", "--project", "lab", home=home)
     assert done.stdout.count("\n") == 3 and " a " in done.stdout and " b " in done.stdout
 

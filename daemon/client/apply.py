@@ -32,7 +32,7 @@ from ..paths import Paths
 from .applyfile import CLIENT_DEFAULTS, Desired, read_desired, service_key
 
 if TYPE_CHECKING:
-    from .calls import DaemonClient
+    from .calls import DaemonClient  # (for readers and mypy only: calls imports this module when it applies)
 
 Action = Literal["create", "replace", "delete", "unchanged"]
 
