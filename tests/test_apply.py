@@ -188,7 +188,7 @@ def pids(client: DaemonClient, project: str) -> dict[str, tuple[str, int | None,
     return {s.config.name: (str(s.uuid), s.status.pid, s.endpoint.port) for s in client.find(project=project)}
 
 
-def test_apply_creates_leaves_alone_replaces_in_place_and_prunes(home, client, tmp_path):
+def test_apply_creates_leaves_alone_replaces_in_place_and_prunes(home, client, tmp_path, monkeypatch):
     write_model(tmp_path)
     write_model(tmp_path, "m2.py", mark="two")
     other = client.deploy(ServiceConfig(name="keep", project="other", model_uri=f"{tmp_path}/m.py:model"), timeout=60)
@@ -207,6 +207,7 @@ model_uri = "m.py:model"
     before = pids(client, "lab")
     assert len(before) == 3 and all(pid for _, pid, _ in before.values())
 
+    monkeypatch.chdir(home)  # another folder (a client's default working_dir): still nothing to do
     again = client.apply(first)
     assert [s.action for s in again.steps] == ["unchanged"] * 3
     assert pids(client, "lab") == before  # same uuids, pids and ports: nothing restarted
@@ -325,6 +326,10 @@ def test_prune_needs_a_project(home, client, tmp_path):
     path = write(tmp_path / "set.toml", '[services.a]\nmodel_uri = "m.py:model"\n')
     with pytest.raises(ApplyFileError, match="--prune needs a top-level project"):
         client.apply(path, prune=True)
+    assert client.find() == []
+    # A dict shaped like the file is taken too.
+    plan = client.apply({"project": "x", "services": {"a": {"model_uri": f"{tmp_path}/m.py:model"}}}, dry_run=True)
+    assert (plan.source, [(s.action, s.name) for s in plan.steps]) == ("<dict>", [("create", "a")])
     assert client.find() == []
 
 
