@@ -139,7 +139,6 @@ class BaseModelDeployer(StackComponent, ABC):
         model_name: Optional[str] = None,
         model_uri: Optional[str] = None,
         model_type: Optional[str] = None,
-        project: Optional[str] = None,
     ) -> List[BaseService]:
         """Find the model servers that match all the given criteria
         (``None`` matches anything; ``running`` keeps only active ones)."""
