@@ -29,7 +29,7 @@ from ..config import REDACTED, ServiceConfig
 from ..exceptions import ModeldError
 from ..models import BaseService
 from ..paths import Paths
-from .applyfile import CLIENT_DEFAULTS, Desired, read_desired, service_key
+from .applyfile import CLIENT_DEFAULTS, ApplyFileError, Desired, export_text, read_desired, service_key
 
 if TYPE_CHECKING:
     from .calls import DaemonClient  # (for readers and mypy only: calls imports this module when it applies)
@@ -171,8 +171,6 @@ def run_apply(
     """Validate ``source`` whole, plan, and (unless ``dry_run``) carry the plan out; see the module."""
     desired = read_desired(source, environ)
     if prune and not desired.project:
-        from .applyfile import ApplyFileError
-
         raise ApplyFileError(
             f"{desired.source}: --prune needs a top-level project: it deletes that project's services the file does not "
             "have, and a file without one would delete every service deployed without a project"
@@ -210,10 +208,9 @@ def run_apply(
 
 def describe(report: ApplyReport) -> list[str]:
     """The report as lines for people: one a service, then the notes and a summary."""
-    verbs = {"create": "create", "replace": "replace", "delete": "delete", "unchanged": "unchanged"}
     lines = []
     for step in report.steps:
-        what = f"{verbs[step.action]:<9} {step.name}"
+        what = f"{step.action:<9} {step.name}"
         if step.uuid:
             what += f" ({step.uuid[:8]})"
         if step.changed:
@@ -239,8 +236,6 @@ def describe(report: ApplyReport) -> list[str]:
 def export_services(client: DaemonClient, project: str | None = None) -> str:
     """The TOML of the daemon's services of ``project`` (None: all, which must be of one project);
     a service that cannot be written (no name, or a name another has) is named in a comment."""
-    from .applyfile import ApplyFileError, export_text
-
     services = sorted(client.find(project=project), key=lambda s: s.created_at)
     projects = sorted({s.config.project for s in services})
     if len(projects) > 1:
