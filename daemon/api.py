@@ -8,7 +8,7 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     POST   /v1/daemon/shutdown              ?stop_services=true also stops every server
     GET    /v1/services                     find; filters as query parameters (daemon.filters.FIND_PARAMS):
                                             running, service_uuid, pipeline_name, pipeline_run_id,
-                                            pipeline_step_name, model_name, model_uri, model_type, state
+                                            pipeline_step_name, model_name, model_uri, model_type, project, state
     POST   /v1/services                     deploy: {"config": {...}, "replace": bool, "timeout": s, "uuid": opt}
     GET    /v1/services/{uuid}              one service
     POST   /v1/services/start               start every service: {"services": [...], "failed": {uuid: error}}

@@ -143,6 +143,9 @@ class ServiceConfig(BaseModel):
         10 * 1024 * 1024, ge=4096, le=1 << 40, json_schema_extra=BYTES, description="size at which service.log is rotated"
     )
     log_backups: int = Field(2, ge=0, le=1000, description="rotated files kept: service.log.1 … service.log.N")
+    project: str = Field(
+        "", max_length=200, description="the set it belongs to (`modeld apply`'s file names it; `--prune` deletes within it)"
+    )
 
     @field_validator("health_path", "prediction_path")
     @classmethod
@@ -153,7 +156,7 @@ class ServiceConfig(BaseModel):
             raise ValueError("must not contain white space")
         return value
 
-    @field_validator("name", "model_name")
+    @field_validator("name", "model_name", "project")
     @classmethod
     def _plain_name(cls, value: str) -> str:
         if "/" in value or any(not c.isprintable() for c in value):

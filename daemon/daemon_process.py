@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -177,6 +178,7 @@ class TrimWhenIdle:
 class Daemon:
     def __init__(self, paths: Paths, settings: DaemonSettings, notifier: Notifier | None = None):
         self.paths = paths
+        self.settings = settings
         self.manager = Manager(paths, settings)
         self.notifier = notifier or Notifier(None)
         self.stop_services = False
@@ -212,25 +214,75 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, False)
         log.info("modeld %s serving on %s (pid %d)", __version__, self.paths.socket, os.getpid())
+        path = self.settings.apply_path
+        applying = asyncio.create_task(self.apply_at_start(path)) if path is not None else None
         try:
             await self.server.serve(sockets=[sock])
         finally:
             self.notifier.send("STOPPING=1")  # (sent once: a shutdown request has sent it already)
             api.closing.set()
+            if applying is not None:  # (its child is killed: it would only meet a closed socket)
+                applying.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await applying
             await self.manager.shutdown(self.stop_services)
 
+    async def apply_at_start(self, path: Path) -> None:
+        """Apply the ``apply`` setting's file once the API answers (the rebuild is over), in a child
+        process that is a client of this daemon (``python -m daemon.client.apply_main``: the daemon serves
+        meanwhile, and imports no client). Its report goes to the log; a file that fails to apply
+        leaves the daemon running. The child goes with the daemon if it stops first."""
+        while self.server is not None and not self.server.started:
+            if self.server.should_exit:
+                return
+            await asyncio.sleep(0.01)
+        log.info("applying %s (the apply setting, from %s)", path, self.settings.sources["apply"])
+        env = {**os.environ, "MODELD_HOME": str(self.paths.home), "MODELD_SOCKET": str(self.paths.socket)}
+        for tag in ("MODELD_SERVICE_UUID", "MODELD_PROCESS", "PYTHONSTARTUP"):
+            env.pop(tag, None)
+        root = str(Path(__file__).resolve().parent.parent)  # the folder that holds daemon/, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        argv = [sys.executable, "-m", "daemon.client.apply_main", "--home", str(self.paths.home)]
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv,
+                "--socket",
+                str(self.paths.socket),
+                str(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+            )
+        except OSError as exc:
+            log.error("apply %s: cannot start it: %s", path, exc)
+            return
+        try:
+            out, _ = await child.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            raise
+        lines = out.decode(errors="replace").splitlines() or ["(no output)"]
+        level = logging.INFO if child.returncode == 0 else logging.ERROR
+        if child.returncode not in (0, 1):
+            log.error("apply %s failed, nothing applied (exit code %s):", path, child.returncode)
+        for line in lines:
+            log.log(level, "apply: %s", line)
 
-def run(paths: Paths | None = None) -> int:
+
+def run(paths: Paths | None = None, apply: str | None = None) -> int:
     """Run the daemon in the foreground until SIGTERM, SIGINT or a shutdown request.
 
     Raises ``DaemonStartError`` for a bad setting (before anything else is done), StorageError for
     a home or control socket it cannot use (the OSErrors of paths.py and sockets.py, converted here).
+    ``apply``: a file to apply once serving (``--apply``; it wins over the ``apply`` setting).
     """
     paths = paths or Paths()
     # Out of the environment before anything is started (no child inherits them), also on a bad setting.
     notifier = Notifier.from_environ()
     launcher = started_by(notify=notifier.address)
-    settings = load_settings(paths)
+    settings = load_settings(paths, arguments={"apply": apply} if apply else None)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -278,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon", description="Run the modeld daemon in the foreground.")
     parser.add_argument("--home", help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)")
     parser.add_argument("--socket", help="control socket path (default: $MODELD_HOME/modeld.sock)")
+    parser.add_argument("--apply", help="a file `modeld apply` takes, applied once the daemon serves")
     args = parser.parse_args(argv)
     try:
-        return run(Paths(args.home, args.socket))
+        return run(Paths(args.home, args.socket), apply=os.path.abspath(args.apply) if args.apply else None)
     except DaemonAlreadyRunning as exc:
         print(f"modeld: {exc}", file=sys.stderr)
         return 3

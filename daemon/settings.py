@@ -52,6 +52,7 @@ from .paths import Paths
 FILE_NAME = "daemon.toml"
 ENV_PREFIX = "MODELD_"
 DEFAULT = "default"  # the source of a setting nobody set
+ARGUMENT = "argument"  # the source of a setting given on the daemon's command line
 OFF = "off"  # the gateway setting that turns it off
 
 
@@ -112,6 +113,12 @@ class DaemonSettings(BaseModel):
         1_000, ge=1, description="new events a client of GET /v1/events may fall behind before its connection is closed"
     )
 
+    apply: str = Field(
+        "",
+        description="a file `modeld apply` takes, applied once the daemon serves (after the rebuild); relative to "
+        "the home; empty: none",
+    )
+
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("log_level")
@@ -144,6 +151,13 @@ class DaemonSettings(BaseModel):
         if value.strip().lower() in (OFF, "none"):  # a cap set in daemon.toml, lifted by MODELD_MAX_ACTIVE=off
             return None
         return byte_size(value) if info.field_name == "memory_budget" else value
+
+    @property
+    def apply_path(self) -> Path | None:
+        """The file to apply at start, absolute (a relative one is under the home), or None."""
+        if not self.apply:
+            return None
+        return self.home / Path(self.apply).expanduser()  # (an absolute right side wins)
 
     @property
     def gateway_address(self) -> tuple[str, int] | None:
@@ -222,6 +236,8 @@ def env_name(key: str) -> str:
 
 
 def _named(key: str, source: str) -> str:
+    if source == ARGUMENT:
+        return "--" + key.replace("_", "-")
     return f"{source}: {key}" if source not in (DEFAULT, env_name(key)) else env_name(key)
 
 
@@ -229,8 +245,11 @@ def file_keys() -> list[str]:
     return [key for key in DaemonSettings.model_fields if key not in DaemonSettings.LOCATION]
 
 
-def load_settings(paths: Paths, environ: Mapping[str, str] | None = None) -> DaemonSettings:
-    """The effective settings of the daemon of ``paths``: defaults, then daemon.toml, then ``environ``.
+def load_settings(
+    paths: Paths, environ: Mapping[str, str] | None = None, arguments: Mapping[str, Any] | None = None
+) -> DaemonSettings:
+    """The effective settings of the daemon of ``paths``: defaults, then daemon.toml, then ``environ``,
+    then ``arguments`` (the daemon's command line: ``--apply FILE``; their source is ``argument``).
 
     Raises ``DaemonStartError`` ("cannot start the daemon: <where>: <problem>") for a bad file or value.
     """
@@ -243,6 +262,8 @@ def load_settings(paths: Paths, environ: Mapping[str, str] | None = None) -> Dae
     for key in file_keys():
         if environ.get(env_name(key)):  # an empty variable counts as unset
             values[key], sources[key] = environ[env_name(key)], env_name(key)
+    for key, value in (arguments or {}).items():
+        values[key], sources[key] = value, ARGUMENT
     try:
         settings = DaemonSettings(home=paths.home, socket=paths.socket, **values)
     except ValidationError as exc:

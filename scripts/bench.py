@@ -32,6 +32,7 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | wake_ms, wake_via_gateway_ms, idle_cycle_*, admission_* | on demand: see scripts/bench_ondemand.py |
 | event_latency_ms          | kill -9 of a live server until a client streaming GET /v1/events reads its exited event; one |
 |                           | client streams events from before the idle figures on (see scripts/bench_events.py) |
+| apply_noop_ms             | apply of an unchanged file describing the live servers: see scripts/bench_apply.py (alone: run it) |
 
 The daemons here run with a gateway (``MODELD_GATEWAY=:0``), so the daemon's RSS and idle CPU
 are measured with it running.
@@ -71,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_events
+import bench_apply
 import bench_ondemand
 from daemon import DaemonClient, DesiredState, LocalModelService, ServiceConfig, ServiceState
 from daemon.linux import ProcessIdentity
@@ -123,6 +125,7 @@ TARGETS = {  # figure -> (description, check on the result)
     "daemon_idle_cpu_pct": ("<= 1 % of a core (2 at scale)", lambda r: r["daemon_idle_cpu_pct"] <= (2 if _scale(r) else 1)),
     "replace_failed_requests": ("0 failed", lambda r: r["replace_failed_requests"] == 0),
     "list_live_ms": ("p50 <= 5 ms", lambda r: r["list_live_ms"]["p50"] <= 5),
+    "apply_noop_ms": ("p50 <= 50 ms (100 services)", lambda r: r["apply_noop_ms"]["p50"] <= 50),
     "log_flood_api_p99_ms": ("p99 <= 50 ms", lambda r: r["log_flood_api_p99_ms"] <= 50),
     "gateway_overhead_us": ("<= 300 us", lambda r: r["gateway_overhead_us"] <= 300),
     "gateway_rps_ratio": (">= 0.5", lambda r: r["gateway_rps_ratio"] >= 0.5),
@@ -320,7 +323,7 @@ def deploy_live(home: Path, folder: Path, count: int, reaper: Reaper) -> list[An
 
     def one(i: int) -> Any:
         with DaemonClient(home=home) as c:
-            svc = c.deploy(ServiceConfig(model_name=f"live{i}", model_uri=f"{folder}/m.py:model", pipeline_name="bench"), timeout=120)
+            svc = c.deploy(bench_apply.live_config(folder, i), timeout=120)  # what apply_noop's file describes
         reaper.note(svc.status.pid)
         return svc
 
@@ -519,6 +522,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     assert len(before) == args.live, f"{len(before)} of {args.live} live servers active"
     times, floors = list_runs(str(client.paths.socket), folder, args.runs, reaper)
     result["list_live_ms"], result["list_live_floor_ms"] = summary(times, 1000), summary(floors, 1000)
+    progress(f"apply of an unchanged file of {args.live} services")
+    result.update(bench_apply.apply_noop_runs(client, folder, args.live, args.runs, summary))
     info = client.daemon_info()
     result["fds_per_live_service"] = round((len(os.listdir(f"/proc/{info['pid']}/fd")) - base_fds) / args.live, 2)
     if info.get("log_writer"):

@@ -15,6 +15,7 @@ FIGURES = (
     "readopt_ms", "readopt_restarted", "daemon_rss_mb", "daemon_idle_cpu_pct", "replace_failed_requests",
     "replace_latency_ms", "replace_requests", "deploy_over_floor", "find_over_uds_floor", "targets", "setup",
     "gateway_overhead_us", "gateway_rps_ratio", "stream_first_byte_over_direct_ms", "gateway_rss_mb", "gateway_idle_cpu_pct",
+    "apply_noop_ms", "apply_noop_client_cpu_ms",
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import pytest
 from pydantic import BaseModel, Field
 
-from daemon.filters import FIND_FILTERS, FIND_PARAMS
+from daemon.filters import FIND_FILTERS, FIND_PARAMS, SEED_FILTERS
 from daemon.config import RestartPolicy, ServiceConfig
 from deployers.cli import options as cli_options, parser as cli_parser
 from modeld_zenml import settings
@@ -104,6 +104,7 @@ def test_the_flags_keep_their_names_and_forms():
         "--unix-socket", "--env", "--secret-env", "--python", "--working-dir", "--restart", "--max-restarts",
         "--backoff", "--backoff-max", "--healthy-reset", "--liveness-failures", "--no-restart-on-unhealthy",
         "--startup-timeout", "--idle-timeout", "--stop-timeout", "--stop-command", "--log-max-bytes", "--log-backups", "--service-type",
+        "--project",
     }
     config = _deploy("--model-name", "c", "--health-path", "/", "--env", "A=1", "--env", "B=x=y", "--secret-env", "A",
                      "--stop-command", "docker stop '{name}'", "--log-max-bytes", "64K", "--restart", "always",
@@ -189,7 +190,7 @@ def test_find_filters_are_one_list():
     # (ZenML's find_model_server has no state).
     assert _keywords(DaemonClient.find) == list(FIND_PARAMS)
     for find in (BaseModelDeployer.find_model_server, LocalDaemonModelDeployer.find_model_server):
-        assert _keywords(find) == list(FIND_PARAMS)[:-1], find.__qualname__
+        assert _keywords(find) == ["running", "service_uuid", *SEED_FILTERS], find.__qualname__
     assert all(name in (api.__doc__ or "") for name in FIND_PARAMS)
     from daemon import manager
 
@@ -205,8 +206,9 @@ def test_each_find_filter_reaches_the_daemon(name):
     transport = InMemoryTransport(lambda request: json_response({"services": []}))
     client = DaemonClient(transport=transport)
     assert client.find(**{name: "wanted"}) == []
-    deployer = LocalDaemonModelDeployer(client=client)
-    assert deployer.find_model_server(**{name: "wanted"}) == []
+    if name in SEED_FILTERS:  # (ZenML's find_model_server has no project)
+        deployer = LocalDaemonModelDeployer(client=client)
+        assert deployer.find_model_server(**{name: "wanted"}) == []
     for request in transport.requests:
         assert request.path == "/v1/services"
         assert {k: v for k, v in (request.query or {}).items() if v is not None} == {name: "wanted"}

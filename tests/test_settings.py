@@ -35,6 +35,7 @@ DEFAULTS = {
     "memory_budget": None,
     "event_ring": 10_000,
     "event_queue": 1_000,
+    "apply": "",
 }
 
 
@@ -81,6 +82,7 @@ def test_loader_defaults_then_file_then_environment(tmp_path):
         "memory_budget": "default",
         "event_ring": "default",
         "event_queue": "default",
+        "apply": "default",
     }
     assert settings.named("cgroup") == f"{toml}: cgroup"
     assert settings.named("health_interval") == "MODELD_HEALTH_INTERVAL"
@@ -197,8 +199,9 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         home,
         'log_level = "warning"\ncgroup = "off"\nhealth_interval = 0.5\nwarm_start = false\n'
         'gateway = "off"\ngateway_timeout = 30\ngateway_max_body = 1000\nwake_timeout = 7\n'
-        'max_active = 3\nmemory_budget = "1.5GiB"\nevent_ring = 500\nevent_queue = 50\n',
+        'max_active = 3\nmemory_budget = "1.5GiB"\nevent_ring = 500\nevent_queue = 50\napply = "empty.toml"\n',
     )
+    (home / "empty.toml").write_text("")  # a file of no services: applying it changes nothing
     info = client.daemon_info()  # auto-started
     assert info["settings"] == {
         "home": str(Paths(home).home),
@@ -215,6 +218,7 @@ def test_a_daemon_reads_daemon_toml(home, client, monkeypatch):
         "memory_budget": 1610612736,
         "event_ring": 500,
         "event_queue": 50,
+        "apply": "empty.toml",
     }
     assert {key: info["settings_sources"][key] for key in file_keys()} == dict.fromkeys(file_keys(), str(toml))
     # They act, not only show: tags, as the file says, and no INFO line in the log.

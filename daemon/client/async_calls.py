@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from ..config import ServiceConfig
@@ -31,6 +31,9 @@ from .eventstream import RETRY, EventCursor
 from .operations import DEFAULT_TIMEOUT
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from .apply import ApplyReport
 
 
 class AsyncDaemonClient(op.Session):
@@ -75,6 +78,7 @@ class AsyncDaemonClient(op.Session):
         model_name: str | None = None,
         model_uri: str | None = None,
         model_type: str | None = None,
+        project: str | None = None,
         state: ServiceState | str | None = None,
     ) -> list[BaseService]:
         """The services matching every filter given: ``running``, active only; ``state``, in that state."""
@@ -126,6 +130,34 @@ class AsyncDaemonClient(op.Session):
             if not follow:
                 return
             await asyncio.sleep(cursor.delay())
+
+    async def apply(
+        self,
+        path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+        prune: bool = False,
+        dry_run: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        environ: Mapping[str, str] | None = None,
+    ) -> ApplyReport:
+        """As ``DaemonClient.apply``: the same plan and the same requests (daemon/client/apply.py), awaited."""
+        from . import apply as ap
+
+        desired = ap.desired_of(path_or_dict, prune, environ)
+        current = await self._run(ap.listing(desired))
+        report = ap.compute_plan(desired, current, prune, ap.recorded_secrets(self.paths, current))
+        report.dry_run = dry_run
+        for step, call in [] if dry_run else ap.calls_of(report, desired, current, timeout):
+            try:
+                ap.record(step, await self._run(call))
+            except ModeldError as exc:
+                ap.failed(step, exc)
+        return report
+
+    async def export(self, project: str | None = None) -> str:
+        """As ``DaemonClient.export``."""
+        from .apply import export_of
+
+        return export_of(await self.find(project=project), project)
 
     async def daemon_info(self) -> dict[str, Any]:
         return await self._run(op.daemon_info())

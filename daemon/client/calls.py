@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from ..config import ServiceConfig
@@ -34,6 +34,9 @@ from .operations import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT, VersionMismatchWarni
 from .transport import Transport, UnixSocketTransport
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from .apply import ApplyReport
 
 
 class DaemonClient(op.Session):
@@ -74,6 +77,7 @@ class DaemonClient(op.Session):
         model_name: str | None = None,
         model_uri: str | None = None,
         model_type: str | None = None,
+        project: str | None = None,
         state: ServiceState | str | None = None,
     ) -> list[BaseService]:
         """The services matching every filter given: ``running``, active only; ``state``, in that state."""
@@ -127,6 +131,31 @@ class DaemonClient(op.Session):
             if not follow:
                 return
             time.sleep(cursor.delay())
+
+    def apply(
+        self,
+        path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+        prune: bool = False,
+        dry_run: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        environ: Mapping[str, str] | None = None,
+    ) -> ApplyReport:
+        """Make the services match a file (``modeld apply``'s TOML, or a dict shaped like it): create what
+        is missing, replace in place what changed, leave the rest alone, and with ``prune`` delete the
+        project's services the file lacks. Returns an :class:`~daemon.client.apply.ApplyReport`: the plan
+        with ``dry_run`` (nothing changed), else each step's status ("done" or "failed", with its error).
+        A file that does not validate raises ``ApplyFileError`` (an ``InvalidRequest``) and applies nothing.
+        ``environ``: where ``{from_env = "KEY"}`` values are read (default: this process's environment)."""
+        from .apply import run_apply
+
+        return run_apply(self, path_or_dict, prune=prune, dry_run=dry_run, timeout=timeout, environ=environ)
+
+    def export(self, project: str | None = None) -> str:
+        """The services of ``project`` (default: all, which must then be of one project) as a file
+        ``apply`` takes; applying it changes nothing. Secret env values are written ``{from_env = "KEY"}``."""
+        from .apply import export_services
+
+        return export_services(self, project)
 
     def daemon_info(self) -> dict[str, Any]:
         return self._run(op.daemon_info())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -123,6 +124,6 @@ def cmd_daemon_run(args: argparse.Namespace) -> int:
     from daemon.daemon_process import run
 
     try:
-        return run(Paths(args.home))
+        return run(Paths(args.home), apply=os.path.abspath(args.apply) if args.apply else None)
     except exc.StorageError as error:
         raise exc.DaemonStartError(f"cannot start the daemon: {error.message}") from error

@@ -12,6 +12,7 @@ from daemon import exceptions as exc
 from daemon.client import VersionMismatchWarning
 from daemon.filters import FIND_FILTERS
 from daemon.models import ServiceConfig, ServiceState
+from deployers.cli.apply_commands import cmd_apply, cmd_export
 from deployers.cli.daemon_commands import cmd_daemon_run, cmd_daemon_start, cmd_daemon_status, cmd_daemon_stop
 from deployers.cli.errors import EXIT_CODES, one_line
 from deployers.cli.event_commands import add_events_options, cmd_events
@@ -32,6 +33,7 @@ examples:
   modeld deploy --model-name iris --model-uri examples/iris.py:model --pipeline-name train
   modeld deploy --model-name echo --model-type command --health-path / -- python3 -m http.server {port} --bind {host}
   modeld ls --running
+  modeld apply -f models.toml --dry-run
   modeld logs 3f2a -n 50 -f
   modeld events -f
   curl --unix-socket "$MODELD_HOME/modeld.sock" http://modeld/v1/services
@@ -82,7 +84,8 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     )
     p.add_argument("--timeout", type=seconds, default=60, help="seconds to wait (default 60)")
     add("status", cmd_daemon_status, "is the daemon running; version, pid, counts, problems found on disk", dsub)
-    add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
+    p = add("run", cmd_daemon_run, "run the daemon in the foreground (for systemd, containers, debugging)", dsub)
+    p.add_argument("--apply", metavar="FILE", help="apply this file once the daemon serves (see `modeld apply`)")
     p = add("install", cmd_daemon_install, "start the daemon at login: write and enable a systemd user unit", dsub)
     p.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
     add("uninstall", cmd_daemon_uninstall, "stop starting the daemon at login: disable and remove the unit", dsub)
@@ -134,6 +137,15 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
             help="grace period before SIGKILL, if shorter than the service's stop_timeout (default: that, 10 s)",
         )
         p.add_argument("--force", action="store_true", help="SIGKILL at once")
+
+    p = add("apply", cmd_apply, "make the services match a TOML file: create what is missing, replace in place what changed")
+    p.add_argument("-f", "--file", required=True, help='the file: project = "..." and [services.NAME] tables')
+    p.add_argument("--prune", action="store_true", help="also delete the services of the file's project that it lacks")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (create, replace, delete, unchanged); change nothing")
+    p.add_argument("--timeout", type=seconds, default=300, help="seconds each deploy or replace may take (default 300)")
+    p = add("export", cmd_export, "write the services as a file `modeld apply` takes (secret env values as from_env)")
+    p.add_argument("--project", help="only this project's services (default: all, which must be of one project)")
+    p.add_argument("-o", "--output", help="write it to this file (default: stdout)")
 
     p = add("logs", cmd_logs, "print a service's log (stdout and stderr of its server)")
     p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")

@@ -100,6 +100,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
     given = {
+        "PROJECT": svc.config.project or None,
         "UNIX_SOCKET": svc.endpoint.unix_socket or None,
         "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None,
     }

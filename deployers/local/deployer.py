@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from daemon.config import ServiceConfig
-from daemon.filters import filters_given
+from daemon.filters import SEED_FILTERS, filters_given
 from daemon.models import BaseService
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
 from deployers.local.flavor import LocalDaemonModelDeployerConfig, LocalDaemonModelDeployerFlavor
@@ -92,7 +92,7 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
         model_uri: Optional[str] = None,
         model_type: Optional[str] = None,
     ) -> List[BaseService]:
-        return self.client.find(running=running, service_uuid=service_uuid, **filters_given(locals()))
+        return self.client.find(running=running, service_uuid=service_uuid, **filters_given(locals(), SEED_FILTERS))
 
     def stop_model_server(
         self,

@@ -6,7 +6,7 @@ from typing import ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from daemon.exceptions import ServiceNotFound
-from daemon.filters import filters_given
+from daemon.filters import SEED_FILTERS, filters_given
 from daemon.models import BaseService, ServiceConfig, ServiceState
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
 from tests.flavor_fixtures.memory_flavor import InMemoryModelDeployerConfig, InMemoryModelDeployerFlavor
@@ -56,7 +56,7 @@ class InMemoryModelDeployer(BaseModelDeployer):
         model_uri: Optional[str] = None,
         model_type: Optional[str] = None,
     ) -> List[BaseService]:
-        wanted = filters_given(locals())
+        wanted = filters_given(locals(), SEED_FILTERS)
         return [
             svc
             for svc in self.services.values()

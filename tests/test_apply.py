@@ -1,0 +1,388 @@
+"""``modeld apply -f FILE``, ``modeld export`` and ``DaemonClient.apply``: a set of services as a TOML file.
+
+The plan and the file format are pure (tested without a daemon); the rest runs a real daemon with
+real servers in the test's home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from daemon import DaemonClient, ServiceConfig
+from daemon.client.apply import ApplyReport, changed_fields, compute_plan
+from daemon.client.applyfile import ApplyFileError, Desired, export_text, read_desired
+from daemon.config import REDACTED
+from daemon.exceptions import DaemonNotRunning
+from daemon.models import LocalModelService
+from daemon.testing import REPO, wait_for
+from tests.conftest import modeld, predict
+
+T = TypeVar("T")
+MODEL = "def model(instances):\n    return [MARK for _ in instances]\n"
+
+
+def write_model(folder: Path, name: str = "m.py", mark: str = "one") -> None:
+    (folder / name).write_text(MODEL.replace("MARK", repr(mark)))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def svc(name: str = "a", project: str = "p", **fields: object) -> dict[str, Any]:
+    """A service as find answers it, JSON (the daemon filled python and working_dir in)."""
+    config = ServiceConfig(name=name, project=project, model_name=name, model_uri="/x/m.py:model",
+                           python="/venv/bin/python", working_dir="/somewhere", **fields)  # type: ignore[arg-type]
+    return LocalModelService(config=config).model_dump(mode="json")
+
+
+def desired(project: str = "p", **services: dict[str, object]) -> Desired:
+    return read_desired({"project": project, "services": services})
+
+
+# ------------------------------------------------------------------ the plan (pure)
+
+
+def test_plan_creates_replaces_leaves_and_prunes_only_its_own_project():
+    want = desired(a={"model_uri": "/x/m.py:model"}, b={"model_uri": "/x/m.py:model", "description": "new"},
+                   c={"model_uri": "/x/m.py:model"})
+    current = [svc("a"), svc("b"), svc("gone"), svc("gone", project="other"), svc("a", project="")]
+    plan = compute_plan(want, current, prune=True)
+    steps = {(s.action, s.name, s.uuid) for s in plan.steps}
+    assert steps == {
+        ("unchanged", "a", current[0]["uuid"]),
+        ("replace", "b", current[1]["uuid"]),
+        ("create", "c", None),
+        ("delete", "gone", current[2]["uuid"]),  # not the one of project "other", nor the "a" of no project
+    }
+    assert plan.of("replace")[0].changed == ["description"]
+    assert not compute_plan(want, current, prune=False).of("delete")
+
+
+def test_python_working_dir_search_path_and_port_are_compared_only_when_the_file_sets_them():
+    service = svc("a", port=4321)["config"]
+    unset = desired(a={"model_uri": "/x/m.py:model"})
+    assert changed_fields(unset.services["a"], unset.given["a"], service) == []
+    pinned = desired(a={"model_uri": "/x/m.py:model", "python": "/other/python", "working_dir": "/w", "port": 1234})
+    assert changed_fields(pinned.services["a"], pinned.given["a"], service) == ["port", "python", "working_dir"]
+    nested = desired(a={"model_uri": "/x/m.py:model", "restart": {"max_restarts": 9}})
+    assert changed_fields(nested.services["a"], nested.given["a"], service) == ["restart.max_restarts"]
+
+
+def test_secret_env_values_are_compared_with_the_recorded_ones():
+    masked = svc("a", env={"API_TOKEN": REDACTED, "LEVEL": "1"})["config"]
+    want = desired(a={"model_uri": "/x/m.py:model", "env": {"API_TOKEN": "t0ken", "LEVEL": "1"}})
+    config, given = want.services["a"], want.given["a"]
+    assert changed_fields(config, given, masked, {"API_TOKEN": "t0ken", "LEVEL": "1"}) == []
+    assert changed_fields(config, given, masked, {"API_TOKEN": "other", "LEVEL": "1"}) == ["env"]
+    assert changed_fields(config, given, masked, None) == ["env"]  # not known: counts as changed
+
+
+def test_two_services_of_one_name_the_newest_is_applied_and_prune_deletes_the_other():
+    older, newer = svc("a"), svc("a")
+    newer["created_at"] = older["created_at"] + 1
+    plan = compute_plan(desired(a={"model_uri": "/x/m.py:model"}), [older, newer], prune=True)
+    assert [(s.action, s.uuid) for s in plan.steps] == [("unchanged", newer["uuid"]), ("delete", older["uuid"])]
+    assert "2 services have this name" in plan.notes[0]
+
+
+# ------------------------------------------------------------------ the file
+
+
+def test_relative_paths_resolve_against_the_files_folder_and_model_name_defaults(tmp_path):
+    (tmp_path / "serve.sh").write_text("")
+    path = write(tmp_path / "set.toml", """
+project = "lab"
+[services.iris]
+model_uri = "models/iris.py:model"
+working_dir = "work"
+python = ".venv/bin/python"
+[services.pick]
+model_uri = "m.pkl"
+model_name = "other"
+[services.mod]
+model_uri = "package.module:attr"
+[services.cmd]
+command = ["./serve.sh", "{port}", "./not-there"]
+[services.sys]
+command = ["python3", "-m", "http.server"]
+""")
+    got = read_desired(path).services
+    assert got["iris"].model_uri == f"{tmp_path}/models/iris.py:model"
+    assert (got["iris"].working_dir, got["iris"].python) == (f"{tmp_path}/work", f"{tmp_path}/.venv/bin/python")
+    assert (got["iris"].name, got["iris"].model_name, got["iris"].project) == ("iris", "iris", "lab")
+    assert (got["pick"].model_uri, got["pick"].model_type, got["pick"].model_name) == (f"{tmp_path}/m.pkl", "pickle", "other")
+    assert got["mod"].model_uri == "package.module:attr"  # a module, found by import: not a path
+    assert got["cmd"].command == [f"{tmp_path}/serve.sh", "{port}", "./not-there"]
+    assert got["sys"].command[0] == "python3"
+
+
+def test_a_bad_file_names_the_file_each_service_and_field(tmp_path):
+    path = write(tmp_path / "bad.toml", """
+project = "p"
+extra = 1
+[services.a]
+model_uri = "m.py:model"
+port = "lots"
+env = {K = {from_env = "MODELD_TEST_UNSET_KEY"}, J = 3}
+[services.b]
+name = "other"
+model_uri = "m.py:model"
+[services.b.restart]
+max_restarts = -1
+""")
+    with pytest.raises(ApplyFileError) as caught:
+        read_desired(path, environ={})
+    message = caught.value.message
+    for part in (str(path), "extra: unknown key", "services.a.port:", "services.a.env.J:",
+                 "services.a.env.K: from_env = 'MODELD_TEST_UNSET_KEY', but MODELD_TEST_UNSET_KEY is not set",
+                 "services.b.name: not a key", "services.b.restart.max_restarts:", "nothing was applied"):
+        assert part in message
+    with pytest.raises(ApplyFileError, match="not valid TOML"):
+        read_desired(write(tmp_path / "x.toml", "[services.a\n"))
+    with pytest.raises(ApplyFileError, match="cannot read it"):
+        read_desired(tmp_path / "missing.toml")
+
+
+def test_from_env_reads_the_applying_environment():
+    got = read_desired({"services": {"a": {"model_uri": "/m.py:x", "env": {"TOKEN": {"from_env": "MY_TOKEN"}}}}},
+                       environ={"MY_TOKEN": "s3cret"})
+    assert got.services["a"].env == {"TOKEN": "s3cret"}
+
+
+@pytest.mark.parametrize("text", ["plain", 'q"uote\\back', "tab\tnew\nline\r\x00\x01\x1f\x7f", "ünï 🐍", ""])
+def test_the_toml_writer_round_trips_through_tomllib(text):
+    config = ServiceConfig(
+        name="my svc.1", model_name="weird.name",
+        description=text, command=["prog", text.replace("\x00", ""), "{port}"], env={"A B": text.replace("\x00", ""), "SAFE_KEY_X": "v"},
+        port=8080, bind_unix=False, startup_timeout=1e300, stop_timeout=0.1, log_max_bytes=1 << 40,
+        idle_timeout=2.5, restart={"mode": "always", "backoff_initial": 0.25}, health_path="/h",
+    )
+    back = tomllib.loads(export_text("proj \"x\"", [config]))
+    assert back["project"] == 'proj "x"'
+    (name, table), = back["services"].items()
+    assert name == config.name
+    assert table.get("description", "") == text and table["command"] == config.command  # (a default is left out)
+    assert table["env"] == {"A B": config.env["A B"], "SAFE_KEY_X": {"from_env": "SAFE_KEY_X"}}  # secret: never in clear
+    assert (table["port"], table["startup_timeout"], table["stop_timeout"], table["log_max_bytes"]) == (8080, 1e300, 0.1, 1 << 40)
+    assert table["restart"] == {"mode": "always", "backoff_initial": 0.25}
+    assert "bind_unix" not in table and "python" not in table  # defaults are left out
+    again = read_desired({"project": back["project"], "services": back["services"]}, environ={"SAFE_KEY_X": "v"})
+    assert again.services[name].model_dump() == config.model_copy(update={"project": 'proj "x"'}).model_dump()
+
+
+# ------------------------------------------------------------------ real daemon, real servers
+
+
+def pids(client: DaemonClient, project: str) -> dict[str, tuple[str, int | None, int]]:
+    return {s.config.name: (str(s.uuid), s.status.pid, s.endpoint.port) for s in client.find(project=project)}
+
+
+def test_apply_creates_leaves_alone_replaces_in_place_and_prunes(home, client, tmp_path, monkeypatch):
+    write_model(tmp_path)
+    write_model(tmp_path, "m2.py", mark="two")
+    other = client.deploy(ServiceConfig(name="keep", project="other", model_uri=f"{tmp_path}/m.py:model"), timeout=60)
+    loose = client.deploy(ServiceConfig(model_name="gone", model_uri=f"{tmp_path}/m.py:model"), timeout=60)  # no project
+    first = write(tmp_path / "set.toml", """
+project = "lab"
+[services.a]
+model_uri = "m.py:model"
+[services.b]
+model_uri = "m.py:model"
+[services.gone]
+model_uri = "m.py:model"
+""")
+    report = client.apply(first)
+    assert [(s.action, s.status) for s in report.steps] == [("create", "done")] * 3
+    before = pids(client, "lab")
+    assert len(before) == 3 and all(pid for _, pid, _ in before.values())
+
+    monkeypatch.chdir(home)  # another folder (a client's default working_dir): still nothing to do
+    again = client.apply(first)
+    assert [s.action for s in again.steps] == ["unchanged"] * 3
+    assert pids(client, "lab") == before  # same uuids, pids and ports: nothing restarted
+
+    second = write(tmp_path / "set.toml", """
+project = "lab"
+[services.a]
+model_uri = "m.py:model"
+[services.b]
+model_uri = "m2.py:model"
+""")
+    plan = client.apply(second, prune=True, dry_run=True)
+    assert plan.dry_run and {(s.action, s.name, tuple(s.changed)) for s in plan.steps} == {
+        ("unchanged", "a", ()), ("replace", "b", ("model_uri",)), ("delete", "gone", ())}
+    assert all(s.status == "planned" for s in plan.steps)
+    assert pids(client, "lab") == before  # a dry run changes nothing
+
+    report = client.apply(second, prune=True)
+    assert report.ok and [s.status for s in report.steps] == ["done"] * 3
+    after = pids(client, "lab")
+    assert set(after) == {"a", "b"} and after["a"] == before["a"]
+    uuid, pid, port = after["b"]
+    assert (uuid, port) == (before["b"][0], before["b"][2]) and pid != before["b"][1]  # in place: same uuid and port
+    b = client.get(uuid)
+    assert predict(b.prediction_url, [1]) == (200, {"predictions": ["two"]})
+    # Prune touched only its own project: the other project's and the project-less "gone" remain.
+    assert {str(s.uuid) for s in client.find()} >= {str(other.uuid), str(loose.uuid)}
+
+
+def test_an_invalid_file_applies_nothing_and_a_failing_service_is_reported(home, client, tmp_path):
+    write_model(tmp_path)
+    bad = write(tmp_path / "bad.toml", """
+project = "lab"
+[services.good]
+model_uri = "m.py:model"
+[services.broken]
+model_uri = "m.py:model"
+stop_timeout = -1
+""")
+    with pytest.raises(ApplyFileError, match=r"bad.toml: services.broken.stop_timeout: .*nothing was applied"):
+        client.apply(bad)
+    assert client.find(project="lab") == []
+
+    (tmp_path / "crash.py").write_text("raise SystemExit('this model does not load')\n")
+    mixed = write(tmp_path / "mixed.toml", """
+project = "lab"
+[services.good]
+model_uri = "m.py:model"
+[services.crash]
+model_uri = "crash.py:model"
+startup_timeout = 20
+[services.crash.restart]
+mode = "never"
+[services.late]
+model_uri = "m.py:model"
+""")
+    report = client.apply(mixed, timeout=30)
+    assert not report.ok
+    assert [(s.name, s.status) for s in report.steps] == [("good", "done"), ("crash", "failed"), ("late", "done")]
+    assert "this model does not load" in (report.steps[1].error or "")
+    assert {s.config.name for s in client.find(project="lab", running=True)} == {"good", "late"}
+
+
+@pytest.mark.slow
+def test_secrets_from_env_export_round_trip_and_the_cli(home, client, tmp_path, monkeypatch):
+    write_model(tmp_path)
+    monkeypatch.setenv("LAB_TOKEN", "first-secret-value")
+    path = write(tmp_path / "set.toml", """
+project = "lab"
+[services.a]
+model_uri = "m.py:model"
+env = {API_TOKEN = {from_env = "LAB_TOKEN"}, LEVEL = "debug"}
+[services.b]
+model_uri = "m.py:model"
+description = "with \\"quotes\\" and ünïcode"
+restart = {max_restarts = 2}
+""")
+    assert client.apply(path).ok
+    before = pids(client, "lab")
+
+    exported = client.export(project="lab")
+    assert "first-secret-value" not in exported
+    assert 'API_TOKEN = {from_env = "API_TOKEN"}' in exported
+    out = tmp_path / "export.toml"
+    out.write_text(exported)
+    monkeypatch.setenv("API_TOKEN", "first-secret-value")  # where the export reads it from
+    report = client.apply(out)
+    assert [s.action for s in report.steps] == ["unchanged", "unchanged"]
+    assert pids(client, "lab") == before
+
+    # The CLI: export to a file, a dry run as JSON, then a changed secret replaces its service.
+    done = modeld("export", "--project", "lab", "-o", str(tmp_path / "cli.toml"), home=home)
+    assert done.returncode == 0, done.stderr
+    assert tomllib.loads((tmp_path / "cli.toml").read_text()) == tomllib.loads(exported)
+    env = {"API_TOKEN": "a-new-secret-value"}
+    done = subprocess.run([sys.executable, "-m", "deployers.cli", "apply", "-f", str(out), "--dry-run", "--json"],
+                          cwd=REPO, env={**os.environ, **env, "MODELD_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    plan = ApplyReport.model_validate(json.loads(done.stdout))
+    assert [(s.action, s.changed) for s in plan.steps] == [("replace", ["env"]), ("unchanged", [])]
+    monkeypatch.delenv("API_TOKEN")
+    done = modeld("apply", "-f", str(out), home=home)
+    assert done.returncode == 2 and "services.a.env.API_TOKEN: from_env = 'API_TOKEN'" in done.stderr
+    assert "nothing was applied" in done.stderr
+    done = modeld("apply", "-f", str(path), home=home)
+    assert done.returncode == 0 and "unchanged a" in done.stdout and "2 unchanged" in done.stdout, done.stdout
+    done = modeld("info", "a", home=home)
+    assert done.returncode == 0 and "PROJECT" in done.stdout and "lab" in done.stdout, done.stdout
+    done = modeld("ls", "--project", "lab", home=home)
+    assert done.stdout.count("\n") == 3 and " a " in done.stdout and " b " in done.stdout
+
+
+def test_prune_needs_a_project(home, client, tmp_path):
+    write_model(tmp_path)
+    path = write(tmp_path / "set.toml", '[services.a]\nmodel_uri = "m.py:model"\n')
+    with pytest.raises(ApplyFileError, match="--prune needs a top-level project"):
+        client.apply(path, prune=True)
+    assert client.find() == []
+    # A dict shaped like the file is taken too.
+    plan = client.apply({"project": "x", "services": {"a": {"model_uri": f"{tmp_path}/m.py:model"}}}, dry_run=True)
+    assert (plan.source, [(s.action, s.name) for s in plan.steps]) == ("<dict>", [("create", "a")])
+    assert client.find() == []
+
+
+def answering(call: Callable[[], T]) -> T | None:
+    try:
+        return call()
+    except DaemonNotRunning:
+        return None
+
+
+@pytest.mark.slow
+def test_the_daemon_applies_a_file_at_start_and_survives_a_bad_one(home, tmp_path):
+    write_model(tmp_path)
+    path = write(tmp_path / "set.toml", 'project = "boot"\n[services.a]\nmodel_uri = "m.py:model"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    env.update(MODELD_HOME=str(home), MODELD_GATEWAY="off", PYTHONPATH=str(REPO))
+    with open(tmp_path / "daemon.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deployers.cli", "daemon", "run", "--apply", str(path)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with DaemonClient(home, auto_start=False) as client:
+            found = wait_for(lambda: answering(lambda: client.find(project="boot", running=True)), 60, what="the applied service")
+            assert found[0].config.name == "a"
+            info = client.daemon_info()
+            assert info["settings"]["apply"] == str(path) and info["settings_sources"]["apply"] == "argument"
+            wait_for(lambda: "apply: applied" in (tmp_path / "daemon.out").read_text(), 30, what="the apply logged")
+
+            client.shutdown()
+        proc.wait(30)
+
+        # The setting, in daemon.toml, relative to the home; a file that fails is logged, the daemon serves.
+        write(home / "daemon.toml", 'apply = "missing.toml"\n')
+        with open(tmp_path / "daemon2.out", "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "daemon", "--home", str(home)], cwd=REPO, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with DaemonClient(home, auto_start=False) as client:
+            wait_for(lambda: answering(client.daemon_info), 30, what="the daemon")
+            wait_for(lambda: "nothing applied" in (tmp_path / "daemon2.out").read_text(), 30, what="the failure logged")
+            assert f"{home}/missing.toml: cannot read it" in (tmp_path / "daemon2.out").read_text()
+            assert client.daemon_info()["pid"] == proc.pid  # still serving
+            assert [s.config.name for s in client.find(project="boot")] == ["a"]  # and the first apply's service stays
+            client.shutdown(stop_services=True)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def test_the_readme_example_file_validates():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## A set of models as code", 1)[1].split("\n## ", 1)[0]
+    text = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    got = read_desired({**tomllib.loads(text)}, environ={"IRIS_TOKEN": "x"})
+    assert got.project == "laptop" and set(got.services) == {"iris", "web"}
+    assert got.services["iris"].restart.max_restarts == 3 and got.services["web"].model_type == "command"
