@@ -139,6 +139,29 @@ def test_events_from_asyncio_replay_and_follow(home: Path) -> None:
     asyncio.run(main())
 
 
+def test_apply_and_export_from_asyncio(home: Path) -> None:
+    """The async twin of apply: the same plan and requests, awaited; an export applied again is a no-op."""
+    iris = str(Path(__file__).resolve().parent.parent / "examples" / "iris.py") + ":model"
+
+    async def main() -> None:
+        async with AsyncDaemonClient(home) as client:
+            wanted = {"project": "aio", "services": {"a": {"model_uri": iris}, "b": {"model_uri": iris}}}
+            report = await client.apply(wanted)
+            assert [(s.action, s.status) for s in report.steps] == [("create", "done")] * 2, report
+            pids = {s.config.name: s.status.pid for s in await client.find(project="aio")}
+            again = await client.apply(wanted)
+            assert [s.action for s in again.steps] == ["unchanged"] * 2
+            pruned = await client.apply({"project": "aio", "services": {"a": {"model_uri": iris}}}, prune=True)
+            assert sorted((s.action, s.status) for s in pruned.steps) == [("delete", "done"), ("unchanged", "done")]
+            assert {s.config.name: s.status.pid for s in await client.find(project="aio")} == {"a": pids["a"]}
+            text = await client.export(project="aio")
+            assert text == DaemonClient(home, auto_start=False).export(project="aio")
+            assert "[services.a]" in text and "[services.b]" not in text
+            await client.shutdown(stop_services=True)
+
+    asyncio.run(main())
+
+
 def test_errors_are_the_same_classes_as_the_blocking_clients(home: Path, tmp_path: Path) -> None:
     script = tmp_path / "token.py"
     script.write_text(TOKEN_SERVER)
