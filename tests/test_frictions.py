@@ -79,6 +79,7 @@ def slow_command(seconds: float = 1.5) -> list[str]:
     return ["--health-path", "/", "--", sys.executable, "-c", SLOW_SERVER, "{port}", str(seconds)]
 
 
+@pytest.mark.slow  # servers that take their time, so that there is progress to show
 def test_progress_is_drawn_in_place_on_a_terminal(home: Path, client: DaemonClient) -> None:
     client.daemon_info()  # running already: the line shows the server, not the daemon starting
     code, out = on_terminal("deploy", "--model-name", "slow", *slow_command(), home=home)
@@ -116,6 +117,7 @@ def test_progress_is_drawn_in_place_on_a_terminal(home: Path, client: DaemonClie
     assert after_progress(out)[0].startswith(f"{uuid} active in "), out  # replaced in place
 
 
+@pytest.mark.slow  # servers that take their time, so that there is progress to show
 def test_a_long_log_line_is_cut_to_the_terminal(home: Path, client: DaemonClient) -> None:
     """A server's line longer than the terminal, with colour codes and a \\r of its own, stays one line."""
     client.daemon_info()
@@ -134,6 +136,7 @@ def test_a_long_log_line_is_cut_to_the_terminal(home: Path, client: DaemonClient
         assert "\x1b" not in line and "[32m" not in line
 
 
+@pytest.mark.slow  # servers that take their time, so that there is progress to show
 def test_no_progress_when_piped_or_with_json(home: Path, client: DaemonClient) -> None:
     client.daemon_info()
     result = modeld("deploy", "--model-name", "piped", *slow_command(), home=home)
