@@ -73,8 +73,9 @@ class ServiceConfig(BaseModel):
     """Everything needed to (re)create a model server.
 
     The first eight fields are ZenML's; the rest say how to run it.
-    ``python`` and ``working_dir`` are filled in by the deploying client
-    (its interpreter and its working directory) unless given.
+    ``python``, ``working_dir`` and ``search_path`` are filled in by the
+    deploying client (its interpreter, its working directory and its PATH)
+    unless given.
 
     This is the one definition of a service's settings: ``modeld deploy``'s
     options (deployers/cli/options.py) and the ZenML deployment config
@@ -120,6 +121,11 @@ class ServiceConfig(BaseModel):
         "", max_length=MAX_PATH, description="interpreter for python/pickle models; default: the deploying client's"
     )
     working_dir: str = Field("", max_length=MAX_PATH, description="cwd of the server; default: the deploying client's")
+    search_path: str = Field(
+        "",
+        description="PATH the command and its children resolve programs with; filled from the deploying client's "
+        "PATH; empty: the daemon's PATH (env's PATH, when given, wins)",
+    )
     restart: RestartPolicy = Field(
         default_factory=RestartPolicy, description="when and how fast a crashed or hung server is started again"
     )
@@ -185,6 +191,19 @@ class ServiceConfig(BaseModel):
     def _path_text(cls, value: str) -> str:
         if "\x00" in value:
             raise ValueError(NUL_MESSAGE)
+        return value
+
+    @field_validator("search_path")
+    @classmethod
+    def _search_path_fits(cls, value: str, info: ValidationInfo) -> str:
+        """The server gets it as its environment's ``PATH=...`` entry: what exec takes for one."""
+        if "\x00" in value:
+            raise ValueError(NUL_MESSAGE)
+        if not _read_back(info) and len("PATH=") + _os_size(value, "search_path") + 1 > MAX_ARG_STRLEN:
+            raise ValueError(
+                f"is {_os_size(value, 'search_path')} bytes; as the server's PATH=... it must fit in "
+                f"{MAX_ARG_STRLEN - 1} bytes (MAX_ARG_STRLEN)"
+            )
         return value
 
     @field_validator("host")
@@ -257,12 +276,14 @@ class ServiceConfig(BaseModel):
         return self
 
     def with_client_defaults(self) -> ServiceConfig:
-        """Fill in the interpreter and working directory of the calling process."""
+        """Fill in the interpreter, working directory and PATH of the calling process."""
         update: dict[str, Any] = {}
         if not self.python and self.model_type != "command":
             update["python"] = sys.executable
         if not self.working_dir:
             update["working_dir"] = os.getcwd()
+        if not self.search_path and os.environ.get("PATH"):
+            update["search_path"] = os.environ["PATH"]
         return self.model_copy(update=update) if update else self
 
     def is_secret(self, key: str) -> bool:

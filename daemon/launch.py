@@ -44,7 +44,7 @@ from .logwriter import LogWriterClient
 from .models import ServiceEndpoint
 from .paths import Paths
 from .process import ProcessHandle, SpawnError, exec_limit, exec_size, resolve_executable, spawn
-from .service import ServiceRuntime, fill, is_builtin
+from .service import ServiceRuntime, fill, is_builtin, server_env
 from .sockets import MAX_SOCKET_PATH, SocketError, bind_listener, bind_private_socket, bind_unclaimed
 from .store import LaunchInfo, PidRecord, Store
 
@@ -123,7 +123,7 @@ class Launcher:
         cwd = config.working_dir
         if cwd and not os.path.isdir(cwd):
             raise InvalidRequest(f"working_dir {cwd!r} does not exist")
-        env = {**os.environ, **config.env}
+        env = server_env(config)
         try:
             resolve_executable(config.python or sys.executable if is_builtin(config) else config.command[0], env, cwd)
         except SpawnError as exc:
@@ -168,6 +168,7 @@ class Launcher:
             health_path=config.health_path,
             prediction_path=config.prediction_path,
             model_name=config.model_name or "model",
+            kserve=is_builtin(config),
         )
 
     def probe_target(self, m: ServiceRuntime, proc: ProcessHandle) -> ProbeTarget:
@@ -281,8 +282,7 @@ class Launcher:
         else:
             argv = [fill(arg, self.placeholders(m, config)) for arg in config.command]
         env = {
-            **os.environ,
-            **config.env,
+            **server_env(config),
             "PYTHONUNBUFFERED": "1",
             "MODELD_HOME": str(self.paths.home),
             "MODELD_SERVICE_UUID": str(m.uuid),

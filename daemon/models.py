@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 # ServiceConfig and RestartPolicy live in config.py; they are re-exported here (public: a
 # service holds its config, and flavors and users import both from daemon.models).
@@ -101,6 +101,11 @@ class ServiceEndpoint(_EditCounted):
     prediction_path: str = ""
     model_name: str = ""
     unix_socket: str = Field("", description="the server's Unix socket, when it serves on one instead of a port")
+    kserve: bool = Field(
+        True,
+        description="the server speaks KServe V1 (the built-in one): without a prediction_path, predictions go to "
+        "/v1/models/<model_name>:predict; false (a command server): to its base URL",
+    )
 
     @property
     def base_url(self) -> str:
@@ -114,8 +119,12 @@ class ServiceEndpoint(_EditCounted):
     @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over a property (pydantic docs)
     @property
     def prediction_url(self) -> str:
-        path = self.prediction_path or f"/v1/models/{quote(self.model_name, safe='')}:predict"
-        return f"{self.base_url}{path}"
+        return f"{self.base_url}{self._prediction_path()}"
+
+    def _prediction_path(self) -> str:
+        if self.prediction_path or not self.kserve:
+            return self.prediction_path
+        return f"/v1/models/{quote(self.model_name, safe='')}:predict"
 
     @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over a property (pydantic docs)
     @property
@@ -124,8 +133,10 @@ class ServiceEndpoint(_EditCounted):
 
     def curl_example(self) -> str:
         """How to send one prediction from a shell."""
-        path = self.prediction_path or f"/v1/models/{quote(self.model_name, safe='')}:predict"
-        where = f"--unix-socket {self.unix_socket} http://localhost{path}" if self.unix_socket else f"{self.base_url}{path}"
+        path = self._prediction_path()
+        where = (
+            f"--unix-socket {self.unix_socket} http://localhost{path or '/'}" if self.unix_socket else f"{self.base_url}{path}"
+        )
         return f"curl {where} -H 'content-type: application/json' -d '{{\"instances\": [...]}}'"
 
 
@@ -160,6 +171,13 @@ class BaseService(_EditCounted):
     created_at: float = Field(default_factory=time.time)
     version: int = Field(1, description="bumped on every replace")
     service_path: str = Field("", description="the service's folder in the daemon's store")
+
+    @model_validator(mode="after")
+    def _command_endpoint(self) -> BaseService:
+        """A command server is no KServe server: also in a record written before ``endpoint.kserve`` was."""
+        if self.config.model_type == "command" and self.endpoint.kserve:
+            self.endpoint.kserve = False
+        return self
 
     @property
     def is_running(self) -> bool:

@@ -10,6 +10,7 @@ server (kept across restarts, so the port is never given up), or None.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from uuid import UUID
 
@@ -67,6 +68,14 @@ class ServiceRuntime:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+
+
+def server_env(config: ServiceConfig) -> dict[str, str]:
+    """The environment a service's server, and its stop_command, start with: the daemon's, with the
+    PATH of the client that deployed it (``search_path``), then the config's ``env`` (whose PATH wins).
+    A command's argv[0] is looked up on this PATH, and its children look theirs up on it too."""
+    path = {"PATH": config.search_path} if config.search_path else {}
+    return {**os.environ, **path, **config.env}
 
 
 def fill(arg: str, values: dict[str, str]) -> str:

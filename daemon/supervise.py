@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import shlex
 import time
 
@@ -30,7 +29,7 @@ from .logwriter import LogWriterClient
 from .models import DesiredState, RestartPolicy, ServiceConfig, ServiceState
 from .paths import Paths
 from .process import ProcessHandle, SpawnError, spawn
-from .service import ServiceRuntime, describe_exit, fill, is_builtin, serving_member
+from .service import ServiceRuntime, describe_exit, fill, is_builtin, server_env, serving_member
 from .store import Store
 from .transitions import change_state, move
 
@@ -351,7 +350,7 @@ class Supervisor:
         ``timeout`` seconds at most; True if it exited 0. Its output goes to the service's log. It is
         not part of the server's group (stopping the server must not stop it)."""
         argv = [fill(arg, self.launcher.placeholders(m, config)) for arg in config.stop_command]
-        env = {**os.environ, **config.env, "PYTHONUNBUFFERED": "1"}
+        env = {**server_env(config), "PYTHONUNBUFFERED": "1"}
         for key in ("MODELD_SERVICE_UUID", "MODELD_PROCESS"):
             env.pop(key, None)
         path = self.paths.service_log(m.uuid)

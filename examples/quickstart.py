@@ -8,6 +8,9 @@ Running it again replaces the service in place: same uuid, same URL.
 import http.client
 import json
 import os
+import shutil
+import sys
+import sysconfig
 from urllib.parse import urlsplit
 
 from daemon import ServiceConfig
@@ -42,7 +45,24 @@ def main() -> None:
     answer = post_json(info["PREDICTION_URL"], {"instances": instances})
     print(f"request   {json.dumps({'instances': instances})}")
     print(f"response  {json.dumps(answer)}")
-    print("\nnext: modeld ls | modeld logs", str(service.uuid)[:8], "| modeld rm", str(service.uuid)[:8])
+    print("\nThe modeld daemon and this model server keep running (run this again: the same service, replaced in place).")
+    print("  modeld ls                     list the services")
+    print(f"  modeld rm {config.model_name:<19} remove this one (its server stops)")
+    print("  modeld daemon stop --all      stop the daemon, its gateway and every server")
+    print(where_modeld_is())
+
+
+def where_modeld_is() -> str:
+    """Where the ``modeld`` command was installed, and how to get it on PATH."""
+    scripts = sysconfig.get_path("scripts")
+    command = os.path.join(scripts, "modeld")
+    found = shutil.which("modeld")
+    on_path = found is not None and os.path.exists(command) and os.path.samefile(found, command)
+    if on_path:
+        return f"modeld ({command}) is on your PATH."
+    if sys.prefix != sys.base_prefix:  # a virtualenv: its activate script puts its bin first on PATH
+        return f"modeld is {command}: `source {os.path.join(scripts, 'activate')}` puts it on your PATH."
+    return f"modeld is {command}: add {scripts} to your PATH."
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ class ModeldModelDeployer(BaseModelDeployer):
     # ---------------------------------------------------------------- helpers
 
     def _completed(self, config: ModeldDeploymentConfig) -> ModeldDeploymentConfig:
-        """Record which daemon, interpreter and folder serve it, so ZenML's record alone can restart it."""
+        """Record which daemon, interpreter, folder and PATH serve it, so ZenML's record alone can restart it."""
         from daemon.paths import Paths
 
         update: dict[str, str] = {}
@@ -156,6 +156,8 @@ class ModeldModelDeployer(BaseModelDeployer):
             update["working_dir"] = filled.working_dir
         if config.python is None and filled.model_type != "command":
             update["python"] = sys.executable
+        if config.search_path is None and filled.search_path:
+            update["search_path"] = filled.search_path
         return config.model_copy(update=update) if update else config
 
     def _claim_retiring(self, config: ModeldDeploymentConfig) -> ModeldDeploymentService | None:

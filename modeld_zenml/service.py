@@ -90,7 +90,8 @@ class ModeldDeploymentServiceStatus(ServiceStatus):
 
 
 class ModeldDeploymentEndpointConfig(ServiceEndpointConfig):
-    """The path predictions go to (modeld's KServe route unless the config says otherwise)."""
+    """The path predictions go to (modeld's KServe route for a built-in server unless the config says
+    otherwise; none, the base URL, for a command server without a prediction_path)."""
 
     prediction_path: str = ""
 
@@ -116,7 +117,8 @@ class ModeldDeploymentEndpoint(BaseServiceEndpoint):
     @property
     def prediction_url(self) -> str | None:
         uri = self.status.uri
-        return f"{uri}{self.config.prediction_path}" if uri and self.config.prediction_path else None
+        # (an empty path: a command server without a prediction_path, whose URL is its base URL)
+        return f"{uri}{self.config.prediction_path}" if uri else None
 
 
 class ModeldDeploymentService(BaseDeploymentService):

@@ -268,7 +268,7 @@ class Generator:
     CONFIG_TYPES: dict[str, type] = {
         "name": str, "description": str, "pipeline_name": str, "pipeline_run_id": str, "pipeline_step_name": str,
         "model_name": str, "model_uri": str, "host": str, "health_path": str, "prediction_path": str,
-        "python": str, "working_dir": str, "service_type": str,
+        "python": str, "working_dir": str, "search_path": str, "service_type": str,
         "port": int, "startup_timeout": float, "stop_timeout": float, "env": dict, "secret_env": list, "command": list,
     }
 
@@ -694,6 +694,12 @@ class ConfigGenerator:
         add(Mutation("working_dir", ""))  # the daemon's own (a client fills in its own; curl does not)
         for value in ("/nonexistent-dir", "w" * 5000, "/" + "w" * 4095, "/tmp\x00", 5):
             add(Mutation("working_dir", value, "any", ("working_dir", "NUL")))
+        # search_path: the PATH servers resolve programs with (a client fills in its own; curl does not)
+        add(Mutation("search_path", os.environ.get("PATH", os.defpath)))
+        add(Mutation("search_path", "/nonexistent-dir"))
+        add(Mutation("search_path", ""))
+        for value in ("p" * 200_000, "/usr/bin\x00", 5):
+            add(Mutation("search_path", value, "any", ("search_path", "NUL")))
         # numbers: the restart policy, the timeouts, and the deploy request's own
         for name in ("restart.backoff_initial", "restart.backoff_max", "restart.healthy_reset", "stop_timeout"):
             for value in (0, 1e-300, 1e308, 10**30, 3):

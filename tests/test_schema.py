@@ -101,7 +101,7 @@ def test_the_flags_keep_their_names_and_forms():
     assert flags == {
         "--name", "--description", "--pipeline-name", "--pipeline-run-id", "--pipeline-step-name", "--model-name",
         "--model-uri", "--model-type", "command", "--health-path", "--prediction-path", "--host", "--port",
-        "--unix-socket", "--env", "--secret-env", "--python", "--working-dir", "--restart", "--max-restarts",
+        "--unix-socket", "--env", "--secret-env", "--python", "--working-dir", "--search-path", "--restart", "--max-restarts",
         "--backoff", "--backoff-max", "--healthy-reset", "--liveness-failures", "--no-restart-on-unhealthy",
         "--startup-timeout", "--idle-timeout", "--stop-timeout", "--stop-command", "--log-max-bytes", "--log-backups", "--service-type",
         "--project",

@@ -124,6 +124,24 @@ def test_active_is_the_daemons_word_too(zenml_service, port):
     assert no_connection(port)
 
 
+def test_a_command_services_prediction_url_is_its_base_url(port, monkeypatch):
+    """As the daemon reports it: a command server without a prediction_path serves no KServe route."""
+    from daemon.config import ServiceConfig
+    from modeld_zenml import ModeldDeploymentConfig, ModeldDeploymentService
+
+    daemon = Daemon(port.getsockname()[1], idle_timeout=None)
+    daemon.svc.config = ServiceConfig(model_name="web", command=["server", "{port}"])
+    daemon.svc.endpoint.kserve = False
+    daemon.svc.status.state = ServiceState.ACTIVE
+    monkeypatch.setattr(
+        ModeldDeploymentService, "client", lambda self: DaemonClient(transport=InMemoryTransport(daemon.handle), auto_start=False)
+    )
+    service = ModeldDeploymentService(uuid=daemon.svc.uuid, config=ModeldDeploymentConfig(model_name="web", command=["server", "{port}"]))
+    service.update_status()
+    assert service.prediction_url == f"http://127.0.0.1:{port.getsockname()[1]}" == daemon.svc.endpoint.prediction_url
+    assert no_connection(port)
+
+
 def test_idle_timeout_is_a_setting_of_the_zenml_config():
     from modeld_zenml import ModeldDeploymentConfig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from uuid import uuid4
 
 from daemon.client import DaemonClient
 from daemon.filters import FIND_FILTERS
@@ -25,7 +26,7 @@ def summary(svc: BaseService) -> list[str]:
         c.model_type,
         str(svc.status.state),
         str(svc.status.pid or "-"),
-        svc.endpoint.base_url if svc.endpoint.port else "-",
+        svc.endpoint.unix_socket or (svc.endpoint.base_url if svc.endpoint.port else "-"),
         c.pipeline_name or "-",
         c.pipeline_step_name or "-",
     ]
@@ -38,19 +39,22 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise UsageError(_validation_line(error)) from error
     client = connect.client(args)
     started = time.monotonic()
+    # The progress line follows the service by uuid: a new service's is chosen here (the API takes
+    # one); a replace's is the daemon's pick, which ``find`` makes as it does.
+    uuid = args.uuid or (None if args.replace else uuid4())
 
     def find(watcher: DaemonClient) -> BaseService | None:
-        if args.uuid:
-            return watcher.get(args.uuid)
+        if uuid is not None:
+            return watcher.get(uuid)
         same = watcher.find(
             pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name, model_name=config.model_name
         )
-        return max(same, key=lambda s: s.status.updated_at) if same else None
+        return max(same, key=lambda s: s.created_at) if same else None  # the newest, as the daemon replaces
 
     svc = progress(
         args,
-        f"deploying {config.model_name or config.model_uri or config.command[0]}",
-        lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=args.uuid),
+        f"{'replacing' if args.replace else 'deploying'} {config.model_name or config.model_uri or config.command[0]}",
+        lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=uuid),
         find,
     )
     if args.json:
@@ -59,7 +63,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"{svc.uuid} {svc.status.state} in {time.monotonic() - started:.2f}s")
         print(
             f"prediction url: {svc.endpoint.prediction_url}"
-            if config.model_type != "command"
+            if config.model_type != "command" or config.prediction_path
             else f"url: {svc.endpoint.base_url}"
         )
     return 0
@@ -102,7 +106,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     given = {
         "PROJECT": svc.config.project or None,
         "UNIX_SOCKET": svc.endpoint.unix_socket or None,
-        "CURL": svc.endpoint.curl_example() if info.get("PREDICTION_URL") else None,
+        # (a command server without a prediction_path: its base URL, no KServe body to show)
+        "CURL": svc.endpoint.curl_example()
+        if info.get("PREDICTION_URL") and (svc.endpoint.kserve or svc.endpoint.prediction_path)
+        else None,
     }
     extra: dict[str, str | int | None] = {k: v for k, v in given.items() if v is not None}
     extra.update({"RESTARTS": str(svc.status.restarts), "EXIT_CODE": svc.status.exit_code, "VERSION": str(svc.version)})
