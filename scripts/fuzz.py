@@ -61,38 +61,27 @@ from typing import Any
 from urllib.parse import quote
 
 from daemon.testing import COMMAND_SERVER, IRIS, REPO, UnixHTTP, free_port, wait_for
+from daemon.models import ServiceState
 
 # ---------------------------------------------------------------- the routes
 
 
 def route_table() -> list[tuple[str, str, dict[str, type]]]:
-    """(method, path template with {uuid}, accepted query parameters) for every route of the API."""
+    """(method, path template with {uuid}, accepted query parameters) for every route of the API, from
+    the route table and each route's spec (the one the API checks a query against)."""
     from daemon.api import Api
+    from daemon.openapi import openapi_path, spec_of
 
     api = Api(manager=None, request_shutdown=lambda stop: None)  # type: ignore[arg-type]
     routes = []
     for method, pattern, handler in api.routes:
-        template = pattern.pattern.replace("(?P<uuid>[^/]+)", "{uuid}")
-        assert re.fullmatch(r"[/a-z0-9{}]+", template), f"a route the fuzzer cannot fill in: {pattern.pattern}"
-        routes.append((method, template, QUERY_PARAMS[handler.__name__]))
+        template = openapi_path(pattern)
+        assert re.fullmatch(r"[/a-z0-9{}.]+", template), f"a route the fuzzer cannot fill in: {pattern.pattern}"
+        spec = spec_of(handler)
+        assert spec is not None, f"a route without a spec: {pattern.pattern}"
+        routes.append((method, template, dict(spec.query)))
     return routes
 
-
-# The query parameters each handler accepts (checked against the API's answers: an unknown one is a 400).
-QUERY_PARAMS: dict[str, dict[str, type]] = {
-    "daemon_info": {},
-    "shutdown": {"stop_services": bool},
-    "find": {"running": bool, "service_uuid": uuidlib.UUID, "pipeline_name": str, "pipeline_run_id": str,
-             "pipeline_step_name": str, "model_name": str, "model_uri": str, "model_type": str, "state": str},
-    "deploy": {},
-    "get": {},
-    "delete": {"timeout": float, "force": bool},
-    "start": {"timeout": float},
-    "start_all": {"timeout": float},
-    "stop": {"timeout": float, "force": bool},
-    "unload": {},
-    "logs": {"tail": int, "follow": bool},
-}
 
 # ------------------------------------------------------------- the generator
 
@@ -121,6 +110,7 @@ def bad_value(rng: random.Random, kind: type) -> str:
         int: ["-3", "1.5", "ten", "", "1e3", "-0.0", "0x1f", "inf", "nan", "½"],
         uuidlib.UUID: ["nope", "../etc", "1234", "", "%2e%2e", "g" * 32],
         str: [],
+        ServiceState: ["nope", "", "ACTIVE", "active ", "scaled-to-zero"],
     }[kind]
     if fixed and rng.random() < 0.6:
         return rng.choice(fixed)
@@ -187,7 +177,10 @@ class Generator:
         mentions: list[str] = []
         good_names = list(params)
         rng.shuffle(good_names)
-        for name in good_names[: rng.randint(0, len(good_names))]:
+        chosen = good_names[: rng.randint(0, len(good_names))]
+        if "follow" in params and "follow" not in chosen:
+            chosen.append("follow")  # (always false: a stream that follows never ends; events follow by default)
+        for name in chosen:
             kind = params[name]
             if kind is bool and name == "follow":
                 parts.append((name, "false"))
@@ -199,6 +192,8 @@ class Generator:
                 parts.append((name, rng.choice(["0", "3", "10"])))
             elif kind is uuidlib.UUID:
                 parts.append((name, str(uuidlib.UUID(int=rng.getrandbits(128)))))
+            elif kind is ServiceState:
+                parts.append((name, rng.choice(list(ServiceState)).value))
             else:
                 parts.append((name, rand_text(rng)))
         if needs_bad or rng.random() < 0.5:
@@ -268,7 +263,7 @@ class Generator:
     CONFIG_TYPES: dict[str, type] = {
         "name": str, "description": str, "pipeline_name": str, "pipeline_run_id": str, "pipeline_step_name": str,
         "model_name": str, "model_uri": str, "host": str, "health_path": str, "prediction_path": str,
-        "python": str, "working_dir": str, "search_path": str, "service_type": str,
+        "python": str, "working_dir": str, "search_path": str, "service_type": str, "project": str,
         "port": int, "startup_timeout": float, "stop_timeout": float, "env": dict, "secret_env": list, "command": list,
     }
 
@@ -585,7 +580,7 @@ class ConfigGenerator:
     """Mutations of a good config, one field at a time, each a plausible thing to send."""
 
     STRING_CAPS = {"name": 200, "description": 10_000, "pipeline_name": 1000, "pipeline_run_id": 1000,
-                   "pipeline_step_name": 1000, "model_name": 200}
+                   "pipeline_step_name": 1000, "model_name": 200, "project": 200}
     WRONG = [5, 1.5, True, None, [], {}, ["x"], {"a": 1}]
 
     def __init__(self, seed: int, workdir: Path):
@@ -761,9 +756,13 @@ class ConfigGenerator:
 
     def case(self) -> tuple[Mutation, str, bytes]:
         """(the mutation, the base it was applied to, the request body)."""
-        if not self.order:  # every mutation once, in a seeded order, then again
-            self.order = list(self.table)
-            self.rng.shuffle(self.order)
+        if not self.order:  # every mutation once, in a seeded order (one of each field first), then again
+            shuffled = list(self.table)
+            self.rng.shuffle(shuffled)
+            seen: set[str] = set()
+            firsts = [m for m in shuffled if not (m.field in seen or seen.add(m.field))]
+            rest = [m for m in shuffled if all(m is not f for f in firsts)]
+            self.order = rest + firsts[::-1]  # (popped from the end)
         mutation = self.order.pop()
         kind = mutation.base if mutation.base != "any" else self.rng.choice(["builtin", "command"])
         config = self.base(kind)

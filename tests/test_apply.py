@@ -208,6 +208,7 @@ model_uri = "m.py:model"
     assert len(before) == 3 and all(pid for _, pid, _ in before.values())
 
     monkeypatch.chdir(home)  # another folder (a client's default working_dir): still nothing to do
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")  # and another PATH (search_path)
     again = client.apply(first)
     assert [s.action for s in again.steps] == ["unchanged"] * 3
     assert pids(client, "lab") == before  # same uuids, pids and ports: nothing restarted
