@@ -1,6 +1,6 @@
 """The control API: HTTP/1.1 + JSON on the daemon's Unix socket (raw ASGI, served by uvicorn).
 
-Routes (all under ``/v1``; every response carries ``x-modeld-version``):
+Routes (all under ``/v1`` but ``/metrics``; every response carries ``x-modeld-version``):
 
     GET    /v1/daemon                       version, pid, home, counts, problems, containment,
                                             settings (effective) and settings_sources (where each came from),
@@ -17,6 +17,7 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     POST   /v1/services/{uuid}/unload       scale it to zero now (it wakes on its next request)
     DELETE /v1/services/{uuid}              ?timeout=s&force=bool
     GET    /v1/services/{uuid}/logs         ?tail=N&follow=bool; text/plain, streamed
+    GET    /metrics                         Prometheus text format 0.0.4 (see metrics.py)
 
 A service is the JSON of ``BaseService`` (secret env values masked); find
 answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
@@ -41,6 +42,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import metrics
 from ._version import __version__
 from .config import ServiceConfig
 from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
@@ -167,6 +169,7 @@ class Api:
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/stop"), self.stop),
             ("POST", re.compile(r"/v1/services/(?P<uuid>[^/]+)/unload"), self.unload),
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
+            ("GET", re.compile(r"/metrics"), self.metrics),
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -294,6 +297,17 @@ class Api:
         params = request.params(timeout=float, force=bool)
         await self.manager.delete(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
         return 200, {"deleted": str(uuid)}
+
+    async def metrics(self, request: Request) -> None:
+        request.params()
+        body = await metrics.scrape(self.manager)
+        headers = [
+            (b"content-type", metrics.CONTENT_TYPE),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-modeld-version", __version__.encode()),
+        ]
+        await request.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await request.send({"type": "http.response.body", "body": body})
 
     async def logs(self, request: Request, uuid: UUID) -> None:
         """The server's log, streamed in bounded memory (see logs.read_log): everything, the

@@ -136,6 +136,14 @@ class DaemonClient:
     def daemon_info(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/daemon"))
 
+    def metrics(self) -> str:
+        """``GET /metrics``: the daemon's metrics in Prometheus' text format (see the README's Metrics)."""
+        response = self.transport.handle(Request("GET", "/metrics", None, None, self.timeout or 60.0, True))
+        self._check_version(response.headers.get("x-modeld-version"))
+        if response.status >= 400:
+            raise error_from_dict(response.status, response.json())
+        return response.body.decode()
+
     def shutdown(self, stop_services: bool = False) -> None:
         """Ask the daemon to exit; model servers keep running unless ``stop_services``."""
         self._call("POST", "/v1/daemon/shutdown", query={"stop_services": "true" if stop_services else None}, start=False)
