@@ -50,6 +50,7 @@ class _Counts:
 
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
     wakes: int = 0
+    last_exit: int | None = None  # the code of the last exit seen here (the record's is None once a server runs again)
     probe_buckets: list[int] = field(default_factory=lambda: [0] * (len(PROBE_BOUNDS) + 1))
     probe_sum: float = 0.0
 
@@ -70,7 +71,9 @@ def _of(uuid: UUID) -> _Counts:
 def exited(uuid: UUID, code: int | None, unhealthy: str | None) -> None:
     """A supervised server exited (or was stopped for failing its liveness checks: ``unhealthy``)."""
     reason = "liveness" if unhealthy else ("signal" if code is not None and code < 0 else "exit")
-    _of(uuid).exits[reason] += 1
+    counts = _of(uuid)
+    counts.exits[reason] += 1
+    counts.last_exit = code if code is not None else counts.last_exit
 
 
 def idle_stopped(uuid: UUID) -> None:
@@ -167,11 +170,11 @@ def _snapshot(manager: Manager) -> list[_Service]:
                 uuid=m.uuid,
                 state=svc.status.state,
                 restarts=svc.status.restarts,
-                exit_code=svc.status.exit_code,
+                exit_code=svc.status.exit_code if svc.status.exit_code is not None else counts.last_exit,
                 started_at=svc.status.started_at if alive else None,
                 pid=proc.pid if alive and proc is not None else None,
                 cgroup=str(group.path) if alive and isinstance(group, CgroupGroup) else None,
-                counts=_Counts(dict(counts.exits), counts.wakes, list(counts.probe_buckets), counts.probe_sum),
+                counts=_Counts(dict(counts.exits), counts.wakes, counts.last_exit, list(counts.probe_buckets), counts.probe_sum),
             )
         )
     return found
