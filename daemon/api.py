@@ -47,6 +47,7 @@ from ._version import __version__
 from .config import ServiceConfig
 from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound, PayloadTooLarge
 from .filters import FIND_PARAMS
+from .linux import trim_heap
 from .logs import read_log
 from .manager import Manager
 from .models import BaseService, ServiceState
@@ -308,6 +309,8 @@ class Api:
         ]
         await request.send({"type": "http.response.start", "status": 200, "headers": headers})
         await request.send({"type": "http.response.body", "body": body})
+        del body
+        trim_heap()  # a scrape's text (0.5 MiB with 100 services, made three times over) is not kept in RSS
 
     async def logs(self, request: Request, uuid: UUID) -> None:
         """The server's log, streamed in bounded memory (see logs.read_log): everything, the

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .manager import Manager
     from .paths import Paths
 
-PROBE_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+PROBE_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0)
 EXIT_REASONS = ("exit", "signal", "liveness", "idle")
 VIAS = ("direct", "gateway")
 LAG_TICK = 0.5
@@ -141,7 +141,7 @@ _lag = _Lag()
 @dataclass
 class _Service:
     labels: str  # uuid="…",model_name="…"
-    uuid: UUID
+    uuid: str
     state: ServiceState
     restarts: int
     exit_code: int | None
@@ -166,8 +166,8 @@ def _snapshot(manager: Manager) -> list[_Service]:
         counts = _of(m.uuid)
         found.append(
             _Service(
-                labels=f'uuid="{m.uuid}",model_name="{label(svc.config.model_name or "")}"',
-                uuid=m.uuid,
+                labels=f'uuid="{m.uuid}",model_name="{label(svc.config.model_name or "")}"',  # (a uuid needs no escaping)
+                uuid=str(m.uuid),
                 state=svc.status.state,
                 restarts=svc.status.restarts,
                 exit_code=svc.status.exit_code if svc.status.exit_code is not None else counts.last_exit,
@@ -226,7 +226,8 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
     family("modeld_service_cpu_seconds_total", "counter", "CPU time of the service's running server and its children.")
     out.extend(f"modeld_service_cpu_seconds_total{{{s.labels}}} {u[1]!r}\n" for s, u in zip(services, usage, strict=True) if u)
 
-    requests = [(s, via, counters.read(str(paths.requests_file(s.uuid, via)))) for s in services for via in VIAS]
+    folder = str(paths.requests_file("x", "direct").parent)
+    requests = [(s, via, counters.read(f"{folder}/{s.uuid}.{via}")) for s in services for via in VIAS]
     family(
         "modeld_service_requests_total",
         "counter",
@@ -239,7 +240,7 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
             )
     family("modeld_service_request_duration_seconds", "histogram", "Time to the end of each response (via: who measured it).")
     for s, via, c in requests:
-        if c is not None:
+        if c is not None and c.codes:  # (from the first request on: a histogram of none says nothing)
             _histogram(
                 out, "modeld_service_request_duration_seconds", f'{s.labels},via="{via}"', counters.BOUNDS, c.buckets, c.sum
             )
@@ -260,13 +261,19 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
     out.append(f"process_start_time_seconds {own.start_time!r}\n")
     family("modeld_event_loop_lag_seconds", "gauge", "The daemon's worst event loop delay since the last scrape.")
     out.append(f"modeld_event_loop_lag_seconds {lag!r}\n")
-    return "".join(out).encode()
+    text = "".join(out)
+    out.clear()  # (before the copy below: a scrape's peak memory is what stays in the daemon's RSS)
+    return text.encode()
 
 
-def _histogram(out: list[str], name: str, labels: str, bounds: Iterable[float], buckets: list[int], total: float) -> None:
-    running = 0
-    for bound, n in zip((*bounds, float("inf")), buckets, strict=True):
-        running += n
-        le = "+Inf" if bound == float("inf") else repr(bound)
-        out.append(f'{name}_bucket{{{labels},le="{le}"}} {running}\n')
-    out.append(f"{name}_sum{{{labels}}} {total!r}\n{name}_count{{{labels}}} {running}\n")
+def _les(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*(repr(b) for b in bounds), "+Inf")
+
+
+_LES = {PROBE_BOUNDS: _les(PROBE_BOUNDS), counters.BOUNDS: _les(counters.BOUNDS)}
+
+
+def _histogram(out: list[str], name: str, labels: str, bounds: tuple[float, ...], buckets: list[int], total: float) -> None:
+    prefix = f'{name}_bucket{{{labels},le="'
+    out.extend(f'{prefix}{le}"}} {n}\n' for le, n in zip(_LES[bounds], itertools.accumulate(buckets), strict=True))
+    out.append(f"{name}_sum{{{labels}}} {total!r}\n{name}_count{{{labels}}} {sum(buckets)}\n")

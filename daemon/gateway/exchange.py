@@ -339,4 +339,5 @@ class Exchange:
             self.done = True
             if self.activity is not None:
                 self.activity.end()
-            self.gw.counted.observe(self.entry.uuid, self.status, asyncio.get_running_loop().time() - self.began)
+            if self.entry.uuid in self.gw.table.by_uuid:  # (not a file again for a service deleted meanwhile)
+                self.gw.counted.observe(self.entry.uuid, self.status, asyncio.get_running_loop().time() - self.began)

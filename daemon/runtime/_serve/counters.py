@@ -6,7 +6,9 @@ File: ``$MODELD_HOME/run/requests/<uuid>.<via>``, ``SIZE`` bytes, native-endian 
 
     word 0                   MAGIC (the layout's version)
     word 1                   the sum of the request durations, in seconds (a float64)
-    words 2 .. 2+len(BOUNDS) the duration histogram: requests that took <= BOUNDS[i], not cumulative;
+    word 2                   which blocks of 8 status words below have been counted in (bit i: words
+                             CODES + 8i ..), so that a reader looks at those only
+    words 3 .. 3+len(BOUNDS) the duration histogram: requests that took <= BOUNDS[i], not cumulative;
                              the last word counts those over BOUNDS[-1] (le="+Inf")
     then 501 words           requests by status: word CODES + (status - 100) for 100..599, the last
                              one for a status outside that range
@@ -46,13 +48,14 @@ if TYPE_CHECKING:
 
     Asgi = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
-MAGIC = 0x3130_5152_444D  # "MDRQ01", little-endian
+MAGIC = 0x3230_5152_444D  # "MDRQ02", little-endian
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-BUCKETS = 2  # first word of the histogram
+SEEN = 2  # the word of the blocks of status words in use
+BUCKETS = 3  # first word of the histogram
 CODES = BUCKETS + len(BOUNDS) + 1  # first word of the counts by status
 OTHER = 500  # the slot of a status outside 100..599
 WORDS = CODES + OTHER + 1
-SIZE = 8192  # (WORDS * 8 = 4264 bytes, rounded up to two pages: room to grow)
+SIZE = 8192  # (WORDS * 8 = 4272 bytes, rounded up to two pages: room to grow)
 PROBE_HEADER = b"x-modeld-probe"  # the daemon's probes (not counted)
 VIA_GATEWAY = b"1.1 modeld"  # the gateway's via header on what it forwards (counted by the gateway)
 
@@ -78,12 +81,14 @@ class RequestCounters:
             self._words[0] = MAGIC
 
     def observe(self, status: int, seconds: float) -> None:
-        """One request ended with ``status`` after ``seconds``: three words written in the map."""
+        """One request ended with ``status`` after ``seconds``: four words written in the map."""
         words = self._words
         words[BUCKETS + bisect.bisect_left(BOUNDS, seconds)] += 1
         self._sum[0] += seconds
         index = status - 100
-        words[CODES + (index if 0 <= index < OTHER else OTHER)] += 1
+        index = index if 0 <= index < OTHER else OTHER
+        words[CODES + index] += 1
+        words[SEEN] |= 1 << (index >> 3)
 
     def close(self) -> None:
         self._words.release()
@@ -115,8 +120,14 @@ def read(path: str) -> Counts | None:
     buckets = words[BUCKETS:CODES].tolist()
     if not any(buckets):
         return Counts({}, buckets, 0.0)
-    by_code = words[CODES:WORDS].tolist()
-    codes = {(str(i + 100) if i < OTHER else "other"): n for i, n in enumerate(by_code) if n}
+    codes: dict[str, int] = {}
+    seen = words[SEEN]
+    while seen:  # (a few blocks of 8 words, of the 63)
+        block = (seen & -seen).bit_length() - 1
+        seen &= seen - 1
+        for index in range(block * 8, min(block * 8 + 8, OTHER + 1)):
+            if n := words[CODES + index]:
+                codes[str(index + 100) if index < OTHER else "other"] = n
     return Counts(codes, buckets, memoryview(data)[8:16].cast("d")[0])
 
 
