@@ -1,6 +1,6 @@
 """The control API: HTTP/1.1 + JSON on the daemon's Unix socket (raw ASGI, served by uvicorn).
 
-Routes (all under ``/v1``; every response carries ``x-modeld-version``):
+Routes (all under ``/v1`` but ``/metrics``; every response carries ``x-modeld-version``):
 
     GET    /v1/daemon                       version, pid, home, counts, problems, containment,
                                             settings (effective) and settings_sources (where each came from),
@@ -21,6 +21,7 @@ Routes (all under ``/v1``; every response carries ``x-modeld-version``):
     GET    /v1/events                       ?since=SEQ&daemon_id=ID&follow=bool (default true); NDJSON, one
                                             event per line, streamed as they happen (see events.py); without
                                             since only new ones; a {"type": "gap"} line first when some are lost
+    GET    /metrics                         Prometheus text format 0.0.4 (see metrics.py)
 
 A service is the JSON of ``BaseService`` (secret env values masked); find
 answers ``{"services": [...]}``. Errors are ``{"error": {"type", "message"}}``
@@ -47,10 +48,12 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import metrics
 from ._version import __version__
 from .config import ServiceConfig
 from .exceptions import DaemonError, InternalError, InvalidRequest, MethodNotAllowed, ModeldError, NotFound
 from .filters import FIND_PARAMS
+from .linux import trim_heap
 from .logs import read_log
 from .manager import Manager
 from .models import BaseService
@@ -108,6 +111,7 @@ class Api:
             ("GET", re.compile(r"/v1/services/(?P<uuid>[^/]+)/logs"), self.logs),
             ("GET", re.compile(r"/v1/openapi\.json"), self.openapi),
             ("GET", re.compile(r"/v1/events"), self.events),
+            ("GET", re.compile(r"/metrics"), self.metrics),
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -260,6 +264,20 @@ class Api:
         params = request.params()
         await self.manager.delete(uuid, params.get("timeout", DEFAULT_TIMEOUT), params.get("force", False))
         return 200, {"deleted": str(uuid)}
+
+    @described("The daemon's and its services' metrics, in Prometheus text format 0.0.4", media="text/plain; version=0.0.4")
+    async def metrics(self, request: Request) -> None:
+        request.params()
+        body = await metrics.scrape(self.manager)
+        headers = [
+            (b"content-type", metrics.CONTENT_TYPE),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-modeld-version", __version__.encode()),
+        ]
+        await request.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await request.send({"type": "http.response.body", "body": body})
+        del body
+        trim_heap()  # a scrape's text (0.5 MiB with 100 services, made three times over) is not kept in RSS
 
     @described(
         "The server's log, streamed; tail: its last N lines; follow: what comes next",

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .addresses import ip_literal
 
 log = logging.getLogger("modeld.health")
@@ -172,8 +173,10 @@ class Prober:
         while self._watched:
             await asyncio.sleep(self.interval - time.monotonic() % self.interval)  # multiples of it: one burst
             batch = dict(self._watched)
-            results = await asyncio.to_thread(probe_all, {key: target for key, (target, _) in batch.items()}, self.timeout)
+            took: dict[Any, float] = {}
+            results = await asyncio.to_thread(probe_all, {key: target for key, (target, _) in batch.items()}, self.timeout, took)
             for key, result in results.items():
+                metrics.probed(key, took.get(key, 0.0))  # metrics
                 entry = self._watched.get(key)
                 if entry is not None and entry[0] is batch[key][0]:  # still watched, the same target
                     try:
@@ -182,8 +185,12 @@ class Prober:
                         log.exception("probe result of %s", key)
 
 
-def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tuple[bool | None, str]]:
-    """Probe every target at once (in a thread): ``GET path`` on each, first line of each answer."""
+def probe_all(
+    targets: dict[Any, ProbeTarget], timeout: float, took: dict[Any, float] | None = None
+) -> dict[Any, tuple[bool | None, str]]:
+    """Probe every target at once (in a thread): ``GET path`` on each, first line of each answer;
+    each one's time in seconds in ``took``, if given."""
+    began = time.monotonic()
     poller = select.poll()
     pending: dict[int, _ProbeExchange] = {}
     results: dict[Any, tuple[bool | None, str]] = {}
@@ -208,6 +215,8 @@ def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tupl
                     poller.modify(fd, select.POLLIN)
                     continue
                 results[exchange.key] = result
+                if took is not None:
+                    took[exchange.key] = time.monotonic() - began
                 poller.unregister(fd)
                 exchange.sock.close()
                 del pending[fd]
@@ -215,6 +224,8 @@ def probe_all(targets: dict[Any, ProbeTarget], timeout: float) -> dict[Any, tupl
         for exchange in pending.values():
             results[exchange.key] = (False, f"{exchange.target}: TimeoutError")
             exchange.sock.close()
+            if took is not None:
+                took[exchange.key] = time.monotonic() - began
     return results
 
 

@@ -278,6 +278,7 @@ class Launcher:
             ]
             if config.idle_timeout is not None:  # an on-demand server counts its requests (see idle.py)
                 argv += ["--activity", str(self.paths.activity_file(m.uuid))]
+            argv += ["--counters", str(self.paths.requests_file(m.uuid, "direct"))]  # metrics (runtime/_serve/counters.py)
             pass_fds = (m.listener.fileno(),)
         else:
             argv = [fill(arg, self.placeholders(m, config)) for arg in config.command]

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from uuid import UUID
 
-from . import events, killpoints
+from . import events, killpoints, metrics
 from .exceptions import AdmissionRefused, ModeldError, StillStarting, StorageError
 from .launch import Launcher
 from .memory import Sizes
@@ -190,6 +190,7 @@ class OnDemand:
         m.unwatch()
         m.failures = 0
         events.emit("woken", m.svc)  # event
+        metrics.woken(m.uuid)  # metrics
         try:
             async with self.room(m, timeout):
                 await self.startstop.start(m, timeout, failing_state=DesiredState.RUNNING)
@@ -226,9 +227,10 @@ class OnDemand:
         change_state(self.store, svc, ServiceState.SCALED_TO_ZERO, step="restore.scaled", strict=False, write=write)
 
     def forget(self, uuid: UUID) -> None:
-        """A deleted service's activity file goes with it."""
+        """A deleted service's activity file goes with it (and its request counters)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.activity_file(uuid))
+        metrics.forget(self.paths, uuid)  # metrics
 
     async def idle_stop(self, m: ServiceRuntime, still_idle: Callable[[ServiceRuntime], bool]) -> None:
         """The idle checker's stop: under the lock, if the service is still active and idle."""
@@ -238,5 +240,6 @@ class OnDemand:
             log.info("%s: no request for %g s; scaling it to zero", m.uuid, m.svc.config.idle_timeout)
             try:
                 await self.scale_to_zero(m)
+                metrics.idle_stopped(m.uuid)  # metrics
             except StorageError as exc:
                 log.error("%s: %s", m.uuid, exc)

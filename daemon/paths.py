@@ -6,6 +6,7 @@ $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/stat
   modeld.sock                     unless $MODELD_SOCKET says otherwise
   run/                            private per-process sockets of built-in servers
   run/activity/<uuid>             an on-demand service's requests (see runtime/_serve/activity.py)
+  run/requests/<uuid>.<via>       a service's request counters, for /metrics (see runtime/_serve/counters.py)
   services/<uuid>/service.json    the whole BaseService
   services/<uuid>/service.pid     pid, start time (clock ticks), boot id, then key=value lines
   services/<uuid>/service.log     the server's stdout and stderr (rotated to service.log.1)
@@ -117,6 +118,10 @@ class Paths:
     def activity_file(self, uuid: UUID | str) -> Path:
         """An on-demand service's activity file (see runtime/_serve/activity.py)."""
         return self.run / "activity" / str(uuid)
+
+    def requests_file(self, uuid: UUID | str, via: str) -> Path:
+        """A service's request counters as ``via`` (direct, gateway) counts them (see runtime/_serve/counters.py)."""
+        return self.run / "requests" / f"{uuid}.{via}"
 
     def process_socket(self, uuid: UUID | str, launch: str, kind: str) -> Path:
         """Private socket of one launch's server: ``kind`` is ``h`` (HTTP) or ``f`` (fd hand-over)."""

@@ -20,7 +20,7 @@ import logging
 import shlex
 import time
 
-from . import events
+from . import events, metrics
 from .exceptions import DeployError, ModeldError, StillStarting, with_log_excerpt
 from .health import Prober, probe
 from .launch import Launcher
@@ -200,6 +200,7 @@ class Supervisor:
             self.launcher.forget_process(m, proc)
             svc.status.exit_code = code
             svc.status.pid = None
+            metrics.exited(m.uuid, code, unhealthy)  # metrics
             if unhealthy is None and svc.config.stop_command:
                 await self.run_stop_command(m, svc.config, svc.config.stop_timeout)  # a dead `docker run` leaves its container
             if not await self.restart_after_exit(m, code, unhealthy):

@@ -16,7 +16,8 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | stop_ms                   | graceful stop of a built-in server until the call returns and the port is closed |
 | crash_recover_ms          | kill -9 of a server until its port answers again, from a new pid         |
 | readopt_ms                | restart the daemon with the live servers until all are reported active again (each after a fresh probe) |
-| daemon_rss_mb / daemon_idle_cpu_pct | the daemon with the live servers, idle                        |
+| daemon_rss_mb / daemon_idle_cpu_pct | the daemon with the live servers, idle but for a client scraping /metrics every second |
+| metrics_scrape_ms         | GET /metrics over the daemon's socket with the live servers, until the whole body is read (keep-alive) |
 | replace_*                 | replace of a built-in server while a client sends requests as fast as it can, one connection each, |
 |                           | from 0.3 s before to 0.3 s after; failures count them all, latency those overlapping the replace call |
 | list_live_ms              | GET /v1/services with the live servers, until the whole body is read     |
@@ -126,6 +127,7 @@ TARGETS = {  # figure -> (description, check on the result)
     "replace_failed_requests": ("0 failed", lambda r: r["replace_failed_requests"] == 0),
     "list_live_ms": ("p50 <= 5 ms", lambda r: r["list_live_ms"]["p50"] <= 5),
     "apply_noop_ms": ("p50 <= 50 ms (100 services)", lambda r: r["apply_noop_ms"]["p50"] <= 50),
+    "metrics_scrape_ms": ("p50 <= 20 ms", lambda r: r["metrics_scrape_ms"]["p50"] <= 20),
     "log_flood_api_p99_ms": ("p99 <= 50 ms", lambda r: r["log_flood_api_p99_ms"] <= 50),
     "gateway_overhead_us": ("<= 300 us", lambda r: r["gateway_overhead_us"] <= 300),
     "gateway_rps_ratio": (">= 0.5", lambda r: r["gateway_rps_ratio"] >= 0.5),
@@ -332,13 +334,45 @@ def deploy_live(home: Path, folder: Path, count: int, reaper: Reaper) -> list[An
 
 
 def idle_daemon(client: DaemonClient, seconds: float) -> tuple[float, float]:
-    """RSS (MiB) and CPU (% of a core) of the daemon over ``seconds`` of idling."""
+    """RSS (MiB) and CPU (% of a core) of the daemon over ``seconds`` of idling, but for a client
+    scraping ``/metrics`` every second, as Prometheus would (issue 14: the targets hold with it)."""
     pid = client.daemon_info()["pid"]
     client.close()
+    stop = threading.Event()
+    scraper = threading.Thread(target=scrape_every_second, args=(str(client.paths.socket), stop), daemon=True)
+    scraper.start()
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)  # the measurement itself: the daemon must be left alone
+    time.sleep(seconds)  # the measurement itself: the daemon must be left alone but for the scrapes
     cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    stop.set()
+    scraper.join(10)
     return rss_mb(pid), 100 * (cpu1 - cpu0) / (t1 - t0)
+
+
+def scrape_every_second(socket_path: str, stop: threading.Event) -> None:
+    conn = UnixHTTP(socket_path)
+    try:
+        while not stop.is_set():
+            conn.get("/metrics")
+            stop.wait(1.0)
+    finally:
+        conn.close()
+
+
+def metrics_runs(socket_path: str, runs: int) -> list[float]:
+    """GET /metrics on a kept-alive connection until the whole body is read (a Prometheus scrape)."""
+    conn = UnixHTTP(socket_path)
+    try:
+        for _ in range(3):
+            conn.get("/metrics")
+        times: list[float] = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            conn.get("/metrics")
+            times.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    return times
 
 
 def readopt(home: Path, before: dict[str, tuple[int, int]], reaper: Reaper) -> tuple[float, int]:
@@ -524,6 +558,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     result["list_live_ms"], result["list_live_floor_ms"] = summary(times, 1000), summary(floors, 1000)
     progress(f"apply of an unchanged file of {args.live} services")
     result.update(bench_apply.apply_noop_runs(client, folder, args.live, args.runs, summary))
+    progress(f"GET /metrics with {args.live} live servers")
+    result["metrics_scrape_ms"] = summary(metrics_runs(str(client.paths.socket), max(20, args.runs * 3)), 1000)
     info = client.daemon_info()
     result["fds_per_live_service"] = round((len(os.listdir(f"/proc/{info['pid']}/fd")) - base_fds) / args.live, 2)
     if info.get("log_writer"):

@@ -162,6 +162,10 @@ class AsyncDaemonClient(op.Session):
     async def daemon_info(self) -> dict[str, Any]:
         return await self._run(op.daemon_info())
 
+    async def metrics(self) -> str:
+        """As ``DaemonClient.metrics``."""
+        return await self._run(op.metrics())
+
     async def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 description of the daemon's control API (``GET /v1/openapi.json``)."""
         return await self._run(op.openapi())

@@ -164,6 +164,10 @@ class DaemonClient(op.Session):
         """The OpenAPI 3.1 description of the daemon's control API (``GET /v1/openapi.json``)."""
         return self._run(op.openapi())
 
+    def metrics(self) -> str:
+        """``GET /metrics``: the daemon's metrics in Prometheus' text format (see the README's Metrics)."""
+        return self._run(op.metrics())
+
     def shutdown(self, stop_services: bool = False) -> None:
         """Ask the daemon to exit; model servers keep running unless ``stop_services``."""
         self._run(op.shutdown(stop_services))

@@ -48,6 +48,7 @@ class Call(Generic[T]):
     request: Request
     decode: Callable[[Any], T]
     wait: float | None = None  # the operation's own timeout (deploy, start, stop...); None: a quick call
+    text: bool = False  # a good answer is text (decoded as UTF-8 and given to ``decode``), not JSON
 
 
 # ------------------------------------------------------------------ decoders
@@ -156,6 +157,10 @@ def openapi() -> Call[dict[str, Any]]:
     return Call(Request("GET", "/v1/openapi.json"), as_dict)
 
 
+def metrics() -> Call[str]:
+    return Call(Request("GET", "/metrics"), str, text=True)
+
+
 def raw(
     method: str,
     path: str,
@@ -192,6 +197,8 @@ class Session:
     def answer(self, call: Call[T], response: Response) -> T:
         """The call's result from the daemon's answer; an error answer is raised as its class."""
         self._check_version(response.headers.get("x-modeld-version"))
+        if call.text and response.status < 400:
+            return call.decode(response.body.decode())
         data = response.json()
         if response.status >= 400:
             raise error_from_dict(response.status, data)

@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         wake_timeout=args.wake_timeout,
         daemon_socket=args.daemon_socket,
         activity_folder=args.home / "run" / "activity" if args.home is not None else None,
+        requests_folder=args.home / "run" / "requests" if args.home is not None else None,
     )
 
     async def serve() -> None:
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()  # no new connection here (the next gateway accepts on the same port)
         await gw.drain(min(args.timeout, DRAIN))
         gw.activities.close()
+        gw.counted.close()
         if control is not None:
             control.close()
         log("stopped")

@@ -12,7 +12,8 @@ again, if the request's first ``REPLAY_MAX`` bytes were kept, in two cases (``_u
 
 A request to a service that must wake first waits in ``wake.py`` before it connects. Requests to a
 ``command`` service with an ``idle_timeout`` are counted in its activity file (``activity.py``) from
-the Exchange's start to its end, however it ends (``_end``).
+the Exchange's start to its end, however it ends (``_end``), and every request forwarded is counted
+for ``/metrics`` as it ends, with its status (``metrics.py``).
 
 Standard library only (it runs as its own process; the daemon never carries these bytes).
 """
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import http1
 from .http1 import VIA
+from .metrics import CLIENT_GONE
 from .pool import Upstream
 from .routes import Answer, Entry, error
 from .wake import GRACE
@@ -65,6 +67,8 @@ class Exchange:
         self.connecting: asyncio.Task[None] | None = None
         self.last_sent = 0.0  # when the last request byte went out: the timeout counts from there
         self.timer = asyncio.get_running_loop().call_later(self.gw.timeout, self._timed_out)
+        self.began = asyncio.get_running_loop().time()  # (for /metrics)
+        self.status = CLIENT_GONE  # the response's status once its head is sent (metrics.py)
         self.activity = self.gw.activities.of(entry.uuid) if entry.counted else None
         if self.activity is not None:
             self.activity.begin()
@@ -237,6 +241,7 @@ class Exchange:
 
     def _response_head(self, head: http1.Head, rest: bytes) -> None:
         self.in_head = False
+        self.status = head.status
         self.backend_close = head.close
         extra = b""
         if self.method == b"HEAD" or head.status in NO_BODY_STATUS:
@@ -293,6 +298,8 @@ class Exchange:
             self.up.exchange = None
             self.up.transport.close()
             self.up = None
+        if self.in_head:
+            self.status = 502
         self._end()
         if self.in_head:
             self.down.answer_and_close(error(502, "BadGateway", "the server sent a response the gateway cannot read"))
@@ -303,6 +310,7 @@ class Exchange:
         """An error answered to the client in place of the backend's response."""
         if self.done:
             return
+        self.status = answer.status
         self._let_go_of_backend()
         if self.down.state == self.down.BODY:
             self.down.answer_and_close(answer)  # the rest of the request body is never read
@@ -331,3 +339,5 @@ class Exchange:
             self.done = True
             if self.activity is not None:
                 self.activity.end()
+            if self.entry.uuid in self.gw.table.by_uuid:  # (not a file again for a service deleted meanwhile)
+                self.gw.counted.observe(self.entry.uuid, self.status, asyncio.get_running_loop().time() - self.began)

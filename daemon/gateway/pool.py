@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .activity import Activities
+from .metrics import Counted
 from .routes import Entry, Table
 from .wake import Waker
 
@@ -33,6 +34,7 @@ class Gateway:
         wake_timeout: float = 0.0,
         daemon_socket: Path | None = None,
         activity_folder: Path | None = None,
+        requests_folder: Path | None = None,
     ):
         self.table = table
         self.timeout = timeout  # seconds to the backend's response head (504 after)
@@ -49,11 +51,13 @@ class Gateway:
         self.refresh: Callable[[], bool] = lambda: False
         self.waker = Waker(self, daemon_socket, wake_timeout)  # requests waiting for a service to wake
         self.activities = Activities(activity_folder)  # the activity files of counted command services
+        self.counted = Counted(requests_folder)  # the request counters of /metrics (metrics.py)
 
     def set_table(self, table: Table) -> None:
         """A new routing table (home.HomeTable): waiting requests and activity files follow it."""
         self.table = table
         self.activities.keep({uuid for uuid, e in table.by_uuid.items() if e.counted})
+        self.counted.keep(set(table.by_uuid))
         self.waker.table_changed()
 
     async def drain(self, seconds: float) -> None:

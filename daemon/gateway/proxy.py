@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from . import http1
+from . import http1, metrics
 from .exchange import Exchange
 from .http1 import VIA
 from .pool import Gateway
@@ -35,6 +35,7 @@ from .routes import BY_BODY, Answer, Entry, Forward, error
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 RECHECK = frozenset({404, 409, 503})  # answers that a record written a moment ago could change
+METRICS = b"/metrics"  # the daemon's, fetched for each scrape (metrics.py)
 
 
 class Downstream(asyncio.Protocol):
@@ -54,6 +55,7 @@ class Downstream(asyncio.Protocol):
         self.held_head: http1.Head | None = None
         self.method = b""  # the request's in flight (a HEAD is answered without a body)
         self.forwarded = VIA  # the fields the gateway adds to each request (with the client's address)
+        self.scraping: asyncio.Future[tuple[int, bytes, bytes]] | None = None  # a GET /metrics under way
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,6 +123,9 @@ class Downstream(asyncio.Protocol):
             self.answer_and_close(
                 error(413, "ContentTooLarge", f"the body is {head.length} bytes; the gateway's cap is {self.gw.max_body}")
             )
+            return
+        if head.target.partition(b"?")[0] == METRICS:
+            self._metrics(head, has_body, rest)
             return
         route = self.gw.table.resolve(head.method, head.target)
         if isinstance(route, Answer) and route.status in RECHECK and self.gw.refresh():
@@ -240,6 +245,24 @@ class Downstream(asyncio.Protocol):
         if rest:
             self.buf += rest
         self._forward(head, found, head.target, False, b"", body, length)
+
+    def _metrics(self, head: http1.Head, has_body: bool, rest: bytes) -> None:
+        """``GET /metrics``: the daemon's text, fetched over its control socket; the connection waits."""
+        if has_body or head.method not in (b"GET", b"HEAD"):
+            self.answer_and_close(error(405, "MethodNotAllowed", "GET /metrics"))
+            return
+        self.state = self.WAIT
+        self.buf += rest
+        self.scraping = asyncio.ensure_future(metrics.fetch(self.gw.waker.daemon_socket))
+        self.scraping.add_done_callback(lambda done: self._scraped(done, head.method == b"HEAD"))
+
+    def _scraped(self, done: asyncio.Future[tuple[int, bytes, bytes]], head_only: bool) -> None:
+        self.scraping = None
+        if self.state == self.CLOSED or done.cancelled():
+            return
+        status, kind, body = done.result()
+        self.transport.write(metrics.response(status, kind, body, close=self.close_after, head=head_only))
+        self.response_done(False)
 
     # ------------------------------------------------------------ answering
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from .activity import ActivityWriter, CountRequests
+from .activity import ActivityWriter
 from .app import App
+from .counters import MeasureRequests, RequestCounters
 from .identity import EXIT_LOAD, EXIT_USAGE, SERVER_NAME, log, set_title
 from .loading import load_model
 from .server import FdHandoff, Server, bind_unix, listening_socket, unlink_if_ours
@@ -37,6 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unix", help="also serve on a private Unix socket at this path")
     p.add_argument("--fd-socket", help="Unix socket path handing the TCP listening fd to same-uid peers")
     p.add_argument("--activity", help="count requests in this activity file (an on-demand service's, see activity.py)")
+    p.add_argument("--counters", help="count requests by status and duration in this file (see counters.py)")
     p.add_argument(
         "--drain",
         type=float,
@@ -91,13 +93,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     app = App(args.model_name, predict)
-    asgi: App | CountRequests = app
-    if args.activity:
+    asgi: App | MeasureRequests = app
+    if args.activity or args.counters:
         try:
-            asgi = CountRequests(app, ActivityWriter(args.activity))
+            activity = ActivityWriter(args.activity) if args.activity else None
         except OSError as exc:
             log(f"cannot open the activity file {args.activity}: {exc}")
             return EXIT_USAGE
+        try:
+            counters = RequestCounters(args.counters) if args.counters else None
+        except (OSError, ValueError) as exc:  # (the metrics lose this server's counts; it serves all the same)
+            log(f"cannot open the request counters {args.counters}: {exc}")
+            counters = None
+        asgi = MeasureRequests(app, counters, activity)
     config = uvicorn.Config(
         asgi,
         http="h11",

@@ -1,0 +1,279 @@
+"""``GET /metrics``: what the daemon knows, in Prometheus' text format (0.0.4), written by hand.
+
+The counts only the daemon sees are kept here, in memory, by hook calls at the facts (each marked
+``# metrics`` where it is made): ``exited`` (supervise.py: a server's exit, with its reason),
+``idle_stopped`` and ``woken`` (ondemand.py), ``probed`` (health.py: each liveness probe's time) and
+``forget`` (a delete). They start from 0 when the daemon starts, as counters do after a restart;
+``modeld_service_restarts_total`` is the record's ``restarts``, which persists.
+
+What the servers and the gateway count is read at scrape time: the request counters in
+``run/requests/<uuid>.<via>`` (runtime/_serve/counters.py, one ``pread`` each), each server's memory
+and CPU (procstat.py). A scrape takes a snapshot of the services on the event loop, then does its
+reading and formatting in a thread, so the loop is held for the snapshot only.
+
+``modeld_event_loop_lag_seconds`` is the longest delay seen, since the last scrape, between when
+the loop should have woken a timer and when it did (sampled every ``LAG_TICK`` s, only while someone
+scrapes: with no scrape for ``LAG_IDLE`` s the sampler stops, so an unwatched daemon pays no
+wake-up), and at least the time one turn of the loop takes at the scrape itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from . import procstat
+from .groups import CgroupGroup
+from .models import ServiceState
+from .runtime._serve import counters
+
+if TYPE_CHECKING:
+    from .manager import Manager
+    from .paths import Paths
+
+PROBE_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0)
+EXIT_REASONS = ("exit", "signal", "liveness", "idle")
+VIAS = ("direct", "gateway")
+LAG_TICK = 0.5
+LAG_IDLE = 60.0
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class _Counts:
+    """What the daemon counted of one service since it started."""
+
+    exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
+    wakes: int = 0
+    last_exit: int | None = None  # the code of the last exit seen here (the record's is None once a server runs again)
+    probe_buckets: list[int] = field(default_factory=lambda: [0] * (len(PROBE_BOUNDS) + 1))
+    probe_sum: float = 0.0
+
+
+_counts: dict[UUID, _Counts] = {}
+
+
+def _of(uuid: UUID) -> _Counts:
+    found = _counts.get(uuid)
+    if found is None:
+        found = _counts[uuid] = _Counts()
+    return found
+
+
+# ------------------------------------------------------------------ hooks (called at the facts)
+
+
+def exited(uuid: UUID, code: int | None, unhealthy: str | None) -> None:
+    """A supervised server exited (or was stopped for failing its liveness checks: ``unhealthy``)."""
+    reason = "liveness" if unhealthy else ("signal" if code is not None and code < 0 else "exit")
+    counts = _of(uuid)
+    counts.exits[reason] += 1
+    counts.last_exit = code if code is not None else counts.last_exit
+
+
+def idle_stopped(uuid: UUID) -> None:
+    _of(uuid).exits["idle"] += 1
+
+
+def woken(uuid: UUID) -> None:
+    """A load from zero began (a wake: a request on its socket, the gateway's start, a start)."""
+    _of(uuid).wakes += 1
+
+
+def probed(key: object, seconds: float) -> None:
+    """One liveness probe took ``seconds`` (``key``: the prober's, ``(uuid, pid)``)."""
+    uuid = key[0] if isinstance(key, tuple) else key
+    if isinstance(uuid, UUID):
+        counts = _of(uuid)
+        counts.probe_buckets[bisect.bisect_left(PROBE_BOUNDS, seconds)] += 1
+        counts.probe_sum += seconds
+
+
+def forget(paths: Paths, uuid: UUID) -> None:
+    """A deleted service: its counts and its request counter files go."""
+    _counts.pop(uuid, None)
+    for via in VIAS:
+        try:
+            os.unlink(paths.requests_file(uuid, via))
+        except FileNotFoundError:
+            pass
+
+
+# ------------------------------------------------------------------ event loop lag
+
+
+class _Lag:
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.last_scrape = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    async def take(self) -> float:
+        """The worst lag since the last scrape (this one's turn of the loop included); the sampler runs on."""
+        loop = asyncio.get_running_loop()
+        self.last_scrape = loop.time()
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._sample(), name="metrics-loop-lag")
+        began = loop.time()
+        await asyncio.sleep(0)
+        worst, self.worst = max(self.worst, loop.time() - began), 0.0
+        return worst
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() - self.last_scrape < LAG_IDLE:
+            due = loop.time() + LAG_TICK
+            await asyncio.sleep(LAG_TICK)
+            self.worst = max(self.worst, loop.time() - due)
+
+
+_lag = _Lag()
+
+
+# ------------------------------------------------------------------ the scrape
+
+
+@dataclass
+class _Service:
+    labels: str  # uuid="…",model_name="…"
+    uuid: str
+    state: ServiceState
+    restarts: int
+    exit_code: int | None
+    started_at: float | None
+    pid: int | None
+    cgroup: str | None  # the launch's leaf cgroup, when contained
+    counts: _Counts
+
+
+def label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _snapshot(manager: Manager) -> list[_Service]:
+    for uuid in [u for u in _counts if u not in manager.services]:
+        del _counts[uuid]
+    found = []
+    for m in manager.services.values():
+        svc, proc = m.svc, m.proc
+        alive = proc is not None and not proc.exited.done()
+        group = proc.group if proc is not None else None
+        counts = _of(m.uuid)
+        found.append(
+            _Service(
+                labels=f'uuid="{m.uuid}",model_name="{label(svc.config.model_name or "")}"',  # (a uuid needs no escaping)
+                uuid=str(m.uuid),
+                state=svc.status.state,
+                restarts=svc.status.restarts,
+                exit_code=svc.status.exit_code if svc.status.exit_code is not None else counts.last_exit,
+                started_at=svc.status.started_at if alive else None,
+                pid=proc.pid if alive and proc is not None else None,
+                cgroup=str(group.path) if alive and isinstance(group, CgroupGroup) else None,
+                counts=_Counts(dict(counts.exits), counts.wakes, counts.last_exit, list(counts.probe_buckets), counts.probe_sum),
+            )
+        )
+    return found
+
+
+async def scrape(manager: Manager) -> bytes:
+    """The text of ``GET /metrics``."""
+    services = _snapshot(manager)
+    lag = await _lag.take()
+    return await asyncio.to_thread(render, services, manager.paths, lag)
+
+
+def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
+    out: list[str] = []
+
+    def family(name: str, kind: str, text: str) -> None:
+        out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+
+    family("modeld_services", "gauge", "Services by state.")
+    by_state = dict.fromkeys(ServiceState, 0)
+    for s in services:
+        by_state[s.state] += 1
+    out.extend(f'modeld_services{{state="{state.value}"}} {n}\n' for state, n in by_state.items())
+
+    family("modeld_service_up", "gauge", "1 when the service is active (its server answers its health checks).")
+    out.extend(f"modeld_service_up{{{s.labels}}} {int(s.state == ServiceState.ACTIVE)}\n" for s in services)
+    family("modeld_service_restarts_total", "counter", "Restarts of the service's server by supervision.")
+    out.extend(f"modeld_service_restarts_total{{{s.labels}}} {s.restarts}\n" for s in services)
+    family("modeld_service_exits_total", "counter", "Exits of the service's server not asked for, and idle stops, by reason.")
+    for s in services:
+        out.extend(f'modeld_service_exits_total{{{s.labels},reason="{r}"}} {n}\n' for r, n in s.counts.exits.items())
+    family("modeld_service_last_exit_code", "gauge", "The last exit code of the service's server (-N: killed by signal N).")
+    out.extend(f"modeld_service_last_exit_code{{{s.labels}}} {s.exit_code}\n" for s in services if s.exit_code is not None)
+    family("modeld_service_start_time_seconds", "gauge", "When the service's running server started, in seconds since the epoch.")
+    out.extend(f"modeld_service_start_time_seconds{{{s.labels}}} {s.started_at!r}\n" for s in services if s.started_at)
+    family("modeld_service_probe_duration_seconds", "histogram", "Time of the daemon's liveness probes of the service.")
+    for s in services:
+        _histogram(
+            out, "modeld_service_probe_duration_seconds", s.labels, PROBE_BOUNDS, s.counts.probe_buckets, s.counts.probe_sum
+        )
+
+    usage = procstat.usage([(s.pid, s.cgroup) for s in services])
+    family(
+        "modeld_service_memory_bytes",
+        "gauge",
+        "Memory of the service's server and its children (cgroup memory.current, else the sum of RSS).",
+    )
+    out.extend(f"modeld_service_memory_bytes{{{s.labels}}} {u[0]}\n" for s, u in zip(services, usage, strict=True) if u)
+    family("modeld_service_cpu_seconds_total", "counter", "CPU time of the service's running server and its children.")
+    out.extend(f"modeld_service_cpu_seconds_total{{{s.labels}}} {u[1]!r}\n" for s, u in zip(services, usage, strict=True) if u)
+
+    folder = str(paths.requests_file("x", "direct").parent)
+    requests = [(s, via, counters.read(f"{folder}/{s.uuid}.{via}")) for s in services for via in VIAS]
+    family(
+        "modeld_service_requests_total",
+        "counter",
+        "Requests to the service by status, as the gateway or a built-in server counted them (via).",
+    )
+    for s, via, c in requests:
+        if c is not None:
+            out.extend(
+                f'modeld_service_requests_total{{{s.labels},via="{via}",code="{code}"}} {n}\n' for code, n in c.codes.items()
+            )
+    family("modeld_service_request_duration_seconds", "histogram", "Time to the end of each response (via: who measured it).")
+    for s, via, c in requests:
+        if c is not None and c.codes:  # (from the first request on: a histogram of none says nothing)
+            _histogram(
+                out, "modeld_service_request_duration_seconds", f'{s.labels},via="{via}"', counters.BOUNDS, c.buckets, c.sum
+            )
+
+    family("modeld_service_wakes_total", "counter", "Loads of the service from zero (on demand).")
+    out.extend(f"modeld_service_wakes_total{{{s.labels}}} {s.counts.wakes}\n" for s in services)
+
+    own = procstat.own()
+    family("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.")
+    out.append(f"process_resident_memory_bytes {own.rss}\n")
+    family("process_open_fds", "gauge", "Open file descriptors of the daemon.")
+    out.append(f"process_open_fds {own.fds}\n")
+    family("process_max_fds", "gauge", "The daemon's limit of open file descriptors.")
+    out.append(f"process_max_fds {own.max_fds}\n")
+    family("process_cpu_seconds_total", "counter", "CPU time of the daemon (user and system).")
+    out.append(f"process_cpu_seconds_total {own.cpu!r}\n")
+    family("process_start_time_seconds", "gauge", "When the daemon started, in seconds since the epoch.")
+    out.append(f"process_start_time_seconds {own.start_time!r}\n")
+    family("modeld_event_loop_lag_seconds", "gauge", "The daemon's worst event loop delay since the last scrape.")
+    out.append(f"modeld_event_loop_lag_seconds {lag!r}\n")
+    text = "".join(out)
+    out.clear()  # (before the copy below: a scrape's peak memory is what stays in the daemon's RSS)
+    return text.encode()
+
+
+def _les(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return (*(repr(b) for b in bounds), "+Inf")
+
+
+_LES = {PROBE_BOUNDS: _les(PROBE_BOUNDS), counters.BOUNDS: _les(counters.BOUNDS)}
+
+
+def _histogram(out: list[str], name: str, labels: str, bounds: tuple[float, ...], buckets: list[int], total: float) -> None:
+    prefix = f'{name}_bucket{{{labels},le="'
+    out.extend(f'{prefix}{le}"}} {n}\n' for le, n in zip(_LES[bounds], itertools.accumulate(buckets), strict=True))
+    out.append(f"{name}_sum{{{labels}}} {total!r}\n{name}_count{{{labels}}} {sum(buckets)}\n")
