@@ -20,6 +20,7 @@ FIGURES = (
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quick_bench_emits_every_figure() -> None:
     # Small counts keep it to seconds; --quick with its defaults is what the README documents.
     proc = subprocess.run(

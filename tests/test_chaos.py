@@ -28,6 +28,7 @@ SEED = int(os.environ.get("MODELD_CHAOS_SEED", 20261123))  # replay another run 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_short_chaos_run_loses_nothing_and_signals_no_stranger(home):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "chaos.py"), "--ops", "40", "--seed", str(SEED),
                            "--home", str(home), "--keep"], capture_output=True, text=True, timeout=900)

@@ -43,6 +43,7 @@ SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_fuzz_every_route(client, home, capsys):
     svc = client.deploy(iris_config(model_name="fz"), timeout=60)
     report = run_fuzz(home, "--count", str(COUNT), "--seed", "20261123")  # aims at the service it finds: svc
@@ -82,6 +83,8 @@ def test_the_fuzzer_catches_a_mistake(client, home):
 CONFIGS = 200  # most of the generator's table: ~15 s on this project's 2-core machine
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_fuzz_configs_accepted_ones_run_and_survive_a_restart(client, home, capsys):
     """Plausible configs (one field of a good one changed): no 5xx; a refusal names the field and
     leaves nothing; an accepted config serves, and is listed the same after a daemon restart."""
