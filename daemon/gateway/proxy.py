@@ -132,7 +132,7 @@ class Downstream(asyncio.Protocol):
                 self.transport.write(route.encode(close=self.close_after, head=head.method == b"HEAD"))
                 self.response_done(False, keep_buf=rest)
             return
-        if (head.get(b"expect") or b"").lower() == b"100-continue":
+        if head.expect is not None and head.expect.lower() == b"100-continue":
             self.transport.write(CONTINUE)
         if route is BY_BODY:
             self.state, self.held, self.held_head, self.remaining = self.BUFFER, bytearray(), head, head.length or 0
