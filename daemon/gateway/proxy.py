@@ -55,6 +55,8 @@ class Downstream(asyncio.Protocol):
         self.method = b""  # the request's in flight (a HEAD is answered without a body)
         self.forwarded = VIA  # the fields the gateway adds to each request (with the client's address)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None  # the response timeout of the exchange in flight (watch)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -70,9 +72,30 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.clients.discard(self)
         self.state = self.CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.exchange is not None:
             self.exchange.abort()
             self.exchange = None
+
+    def watch(self) -> None:
+        """The exchange in flight's request is on its way: its response head is due within the gateway's
+        timeout of its last request byte (a 504 after). One timer serves the connection's requests one
+        after another (re-armed when it fires early), not a timer made and cancelled per request."""
+        if self.timer is None and self.exchange is not None:
+            self.timer = self.loop.call_at(self.exchange.last_sent + self.gw.timeout, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        ex = self.exchange
+        if ex is None or ex.done or ex.answered or ex.waking:
+            return  # (the next request, or the wake's end, arms it again)
+        left = ex.last_sent + self.gw.timeout - self.loop.time()
+        if left > 0:  # a later request, or an upload still coming: the server's time starts at its end
+            self.timer = self.loop.call_later(left, self._check_timeout)
+            return
+        ex.timed_out()
 
     def pause_writing(self) -> None:
         if self.exchange is not None and self.exchange.up is not None:
