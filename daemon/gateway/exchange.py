@@ -218,7 +218,18 @@ class Exchange:
             held, self.response_head = self.response_head, b""
             self._response_body(data, held)
             return
-        self.rbuf += data
+        if not self.rbuf and (end := data.find(b"\r\n\r\n")) >= 0:
+            try:  # a whole head in one read (the usual case): parsed from it, no copy through rbuf
+                head = http1.parse_response(data[:end])
+            except http1.BadMessage:
+                self._broken_backend()
+                return
+            if head.status >= 200:
+                self._response_head(head, data[end + 4 :])
+                return
+            self.rbuf += data  # an interim response: the loop below reads past it
+        else:
+            self.rbuf += data
         while self.in_head:
             end = self.rbuf.find(b"\r\n\r\n")
             if end < 0:

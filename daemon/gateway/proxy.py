@@ -113,6 +113,11 @@ class Downstream(asyncio.Protocol):
         elif self.state == self.BUFFER:
             self._hold(data)
         elif self.state == self.HEAD:
+            if not self.buf and (end := data.find(b"\r\n\r\n")) >= 0:
+                self._head(data[:end], data[end + 4 :])  # a whole head in one read: no copy through buf
+                if self.state == self.HEAD and self.buf:
+                    self._heads()
+                return
             self.buf += data
             self._heads()
         elif self.state == self.WAIT:
@@ -127,14 +132,17 @@ class Downstream(asyncio.Protocol):
                 if len(self.buf) > http1.MAX_HEAD:
                     self.answer_and_close(error(400, "InvalidRequest", "request head too large"))
                 return
-            try:
-                head = http1.parse_request(bytes(self.buf[:end]))
-            except http1.BadMessage as exc:
-                self.answer_and_close(error(400, "InvalidRequest", str(exc)))
-                return
-            rest = bytes(self.buf[end + 4 :])
+            data, rest = bytes(self.buf[:end]), bytes(self.buf[end + 4 :])
             self.buf.clear()
-            self._request(head, rest)
+            self._head(data, rest)
+
+    def _head(self, data: bytes, rest: bytes) -> None:
+        try:
+            head = http1.parse_request(data)
+        except http1.BadMessage as exc:
+            self.answer_and_close(error(400, "InvalidRequest", str(exc)))
+            return
+        self._request(head, rest)
 
     def _request(self, head: http1.Head, rest: bytes) -> None:
         self.close_after = head.close or self.gw.draining
