@@ -81,30 +81,48 @@ class Head:
 _NOTED = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"connection"}  # fields parsing looks at
 
 
+# Field names as written -> (lower-cased, its forwarded line's start), each checked once: a
+# connection's next message (and other clients') use the same few names. Bounded: long or many
+# odd names are checked every time.
+_NAMES: dict[bytes, tuple[bytes, bytes]] = {}
+NAMES_KEPT = 512
+NAME_KEPT_MAX = 64
+
+
+def _name(name: bytes, line: bytes) -> tuple[bytes, bytes]:
+    if not name or name != name.strip() or b" " in name:
+        raise BadMessage(f"bad header line {line[:80]!r}")
+    key = name.lower()
+    known = (key, key + b": ")
+    if len(name) <= NAME_KEPT_MAX and len(_NAMES) < NAMES_KEPT:
+        _NAMES[name] = known
+    return known
+
+
 def _parse_fields(head: Head, lines: list[bytes]) -> None:
     connection_tokens: set[bytes] = set()
     headers, kept = head.headers, head.kept
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
+        if not sep:
             raise BadMessage(f"bad header line {line[:80]!r}")
-        key = name.lower()
+        key, start = _NAMES.get(name) or _name(name, line)
         value = value.strip()
         headers.append((key, value))
         if key not in _NOTED:
-            kept.append(b"%s: %s\r\n" % (key, value))
+            kept.append(start + value + b"\r\n")  # (forward_fields's form)
             continue
         if key == b"content-length":
             if not value.isdigit() or (head.length is not None and head.length != int(value)):
                 raise BadMessage("bad or conflicting content-length")
             head.length = int(value)
-            kept.append(b"%s: %s\r\n" % (key, value))
+            kept.append(start + value + b"\r\n")
         elif key == b"transfer-encoding":
             codings = [c.strip().lower() for c in value.split(b",")]
             if codings[-1] != b"chunked":
                 raise BadMessage("a transfer-encoding other than chunked last")  # RFC 9112 §6.3
             head.chunked = True
-            kept.append(b"%s: %s\r\n" % (key, value))
+            kept.append(start + value + b"\r\n")
         elif key == b"connection":
             connection_tokens.update(t.strip().lower() for t in value.split(b","))
         elif key == b"expect" and head.expect is None:
