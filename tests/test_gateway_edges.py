@@ -197,6 +197,38 @@ def test_a_fresh_backend_connection_that_closes_unanswered_is_a_502_not_a_retry(
         backend.close()
 
 
+def test_the_timeout_counts_from_each_request_on_a_kept_alive_connection(gateway):
+    """One timer serves a connection's requests (proxy.Downstream.watch): a request sent after an
+    earlier one was answered still gets the whole timeout, then its 504."""
+
+    def serve(conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := read_head(conn, buf)) is not None:
+            if b" /slow " in head:
+                conn.recv(1)  # never answered: until the gateway lets go of this connection
+                return
+            time.sleep(0.6)  # answered within the timeout, but past half of it
+            conn.sendall(OK)
+
+    backend = Backend(serve)
+    try:
+        port = gateway({"m": backend.port}, "--no-spare", "--timeout", "1")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            buf = bytearray()
+            conn.sendall(b"GET /v1/services/m/fast HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = read_head(conn, buf)
+            assert head is not None and head.startswith(b"HTTP/1.1 200 "), head
+            read_exactly(conn, buf, 2)
+            sent = time.monotonic()  # ~0.6 s after the first request: its deadline is ~0.4 s away
+            conn.sendall(b"GET /v1/services/m/slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = read_head(conn, buf)
+            took = time.monotonic() - sent
+            assert head is not None and head.startswith(b"HTTP/1.1 504 "), head
+            assert 0.9 < took < 5, took
+    finally:
+        backend.close()
+
+
 def test_a_chunked_openai_request_is_routed_by_its_body_and_sent_on_with_a_length(gateway):
     got: list[tuple[dict[str, str], bytes]] = []
 

@@ -61,6 +61,18 @@ def test_framing_is_checked() -> None:
     assert not http1.parse_request(b"GET / HTTP/1.0\r\nConnection: keep-alive").close
 
 
+def test_field_names_checked_once_are_still_checked_in_every_other_spelling() -> None:
+    for _ in range(2):  # the second time from the names already seen (http1._NAMES)
+        head = http1.parse_request(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nX-A:  b ")
+        assert head.length == 3 and http1.forward_fields(head) == b"content-length: 3\r\nx-a: b\r\n\r\n"
+        for bad in (b"Content-Length : 3", b" Content-Length: 3", b"Content-Length", b"X A: b", b": b"):
+            with pytest.raises(http1.BadMessage):
+                http1.parse_request(b"POST / HTTP/1.1\r\n" + bad)
+    for i in range(2 * http1.NAMES_KEPT):  # many names: each still parsed, the memory of them bounded
+        assert http1.parse_request(b"GET / HTTP/1.1\r\nX-%d: v" % i).headers == [(b"x-%d" % i, b"v")]
+    assert len(http1._NAMES) <= http1.NAMES_KEPT
+
+
 def _table() -> Table:
     return Table(
         [

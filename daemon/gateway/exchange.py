@@ -65,9 +65,13 @@ class Exchange:
         self.backend_close = False
         self.response_head = b""  # a fixed-length response's head, sent with its first body bytes
         self.connecting: asyncio.Task[None] | None = None
-        self.last_sent = 0.0  # when the last request byte went out: the timeout counts from there
-        self.timer = asyncio.get_running_loop().call_later(self.gw.timeout, self._timed_out)
-        self.began = asyncio.get_running_loop().time()  # (for /metrics)
+        self.loop = down.loop
+        # When the last request byte went out: the timeout counts from there. The response's timer is
+        # the client connection's (Downstream.watch, armed once for many requests); ``timer`` is a wake's.
+        self.last_sent = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.waking = False
+        self.began = self.last_sent  # (for /metrics)
         self.status = CLIENT_GONE  # the response's status once its head is sent (metrics.py)
         self.activity = self.gw.activities.of(entry.uuid) if entry.counted else None
         if self.activity is not None:
@@ -79,11 +83,12 @@ class Exchange:
         if self.entry.state != "active" and not self.entry.forwarded_asleep:
             self._await_wake()
             return
+        self.down.watch()
         up = self.gw.take(self.key)
         if up is not None:
             self._attach(up)
         else:
-            self.connecting = asyncio.get_running_loop().create_task(self._connect())
+            self.connecting = self.loop.create_task(self._connect())
         if self.gw.spare and up is not None:
             # Only for a backend that keeps connections alive (one came from its pool): a server that
             # closes after each response (HTTP/1.0, http.server) and serves one connection at a time
@@ -118,7 +123,7 @@ class Exchange:
                 self.replay.append(data)
             else:
                 self.replay = None
-        self.last_sent = asyncio.get_running_loop().time()
+        self.last_sent = self.loop.time()
         if self.up is not None:
             self.up.transport.write(data)
         elif self.pending is not None:
@@ -158,7 +163,7 @@ class Exchange:
                 # was answered, so send it again once on a fresh connection.
                 self.retried = True
                 self.pending, self.pending_size = list(self.replay), self.replay_size
-                self.connecting = asyncio.get_running_loop().create_task(self._connect())
+                self.connecting = self.loop.create_task(self._connect())
                 return
         self._fail(error(502, "BadGateway", why + self.gw.unanswered()))
 
@@ -166,8 +171,10 @@ class Exchange:
 
     def _await_wake(self) -> None:
         """Wait in the Waker (no backend yet); body bytes queue in ``pending`` up to PENDING_HIGH."""
-        self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.gw.waker.timeout(self.entry) + GRACE, self._wake_timed_out)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.waking = True
+        self.timer = self.loop.call_later(self.gw.waker.timeout(self.entry) + GRACE, self._wake_timed_out)
         self.gw.waker.wait(self)
 
     def woken(self, entry: Entry) -> None:
@@ -176,11 +183,13 @@ class Exchange:
             return
         self.entry = entry
         self.key = (entry.host, entry.port)
-        self.timer.cancel()
-        loop = asyncio.get_running_loop()
-        self.last_sent = loop.time()  # (the response's timeout counts from the wake)
-        self.timer = loop.call_later(self.gw.timeout, self._timed_out)
-        self.connecting = loop.create_task(self._connect())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.waking = False
+        self.last_sent = self.loop.time()  # (the response's timeout counts from the wake)
+        self.down.watch()
+        self.connecting = self.loop.create_task(self._connect())
 
     def wake_failed(self, answer: Answer) -> None:
         self._fail(answer)
@@ -193,11 +202,8 @@ class Exchange:
                 error(504, "GatewayTimeout", f"service {e.uuid} ({e.name}) did not wake within {timeout:g} s", state=e.state)
             )
 
-    def _timed_out(self) -> None:
-        left = self.last_sent + self.gw.timeout - asyncio.get_running_loop().time()
-        if left > 0 and not self.done:  # an upload still coming: the server's time starts at its end
-            self.timer = asyncio.get_running_loop().call_later(left, self._timed_out)
-            return
+    def timed_out(self) -> None:
+        """No response head within the timeout since the last request byte (Downstream.watch's timer)."""
         if not self.answered and not self.done:
             self._fail(
                 error(
@@ -211,13 +217,23 @@ class Exchange:
 
     def response_data(self, data: bytes) -> None:
         if not self.answered:
-            self.answered = True
-            self.timer.cancel()
+            self.answered = True  # (the timeout is over: Downstream.watch's timer lets it be)
         if not self.in_head:
             held, self.response_head = self.response_head, b""
             self._response_body(data, held)
             return
-        self.rbuf += data
+        if not self.rbuf and (end := data.find(b"\r\n\r\n")) >= 0:
+            try:  # a whole head in one read (the usual case): parsed from it, no copy through rbuf
+                head = http1.parse_response(data[:end])
+            except http1.BadMessage:
+                self._broken_backend()
+                return
+            if head.status >= 200:
+                self._response_head(head, data[end + 4 :])
+                return
+            self.rbuf += data  # an interim response: the loop below reads past it
+        else:
+            self.rbuf += data
         while self.in_head:
             end = self.rbuf.find(b"\r\n\r\n")
             if end < 0:
@@ -333,11 +349,12 @@ class Exchange:
             self.up = None
 
     def _end(self) -> None:
-        """Done, however it ended: its timer cancelled and, once, its activity count given back."""
-        self.timer.cancel()
+        """Done, however it ended: its wake timer cancelled and, once, its activity count given back."""
+        if self.timer is not None:
+            self.timer.cancel()
         if not self.done:
             self.done = True
             if self.activity is not None:
                 self.activity.end()
             if self.entry.uuid in self.gw.table.by_uuid:  # (not a file again for a service deleted meanwhile)
-                self.gw.counted.observe(self.entry.uuid, self.status, asyncio.get_running_loop().time() - self.began)
+                self.gw.counted.observe(self.entry.uuid, self.status, self.loop.time() - self.began)

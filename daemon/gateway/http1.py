@@ -42,7 +42,20 @@ class BadMessage(Exception):
 class Head:
     """One parsed head. ``headers`` keeps the original lines for forwarding; names lower-cased."""
 
-    __slots__ = ("first", "method", "target", "version", "status", "headers", "length", "chunked", "close", "drop")
+    __slots__ = (
+        "first",
+        "method",
+        "target",
+        "version",
+        "status",
+        "headers",
+        "length",
+        "chunked",
+        "close",
+        "drop",
+        "kept",
+        "expect",
+    )
 
     def __init__(self) -> None:
         self.first = b""
@@ -55,6 +68,8 @@ class Head:
         self.chunked = False
         self.close = False  # the peer asked to close after this message (or speaks HTTP/1.0)
         self.drop: frozenset[bytes] = HOP_BY_HOP
+        self.kept: list[bytes] = []  # forward_fields's lines while ``drop`` is HOP_BY_HOP, made as parsed
+        self.expect: bytes | None = None  # the first Expect field's value (hop-by-hop: the gateway answers it)
 
     def get(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -63,26 +78,55 @@ class Head:
         return None
 
 
+_NOTED = HOP_BY_HOP | {b"content-length", b"transfer-encoding", b"connection"}  # fields parsing looks at
+
+
+# Field names as written -> (lower-cased, its forwarded line's start), each checked once: a
+# connection's next message (and other clients') use the same few names. Bounded: long or many
+# odd names are checked every time.
+_NAMES: dict[bytes, tuple[bytes, bytes]] = {}
+NAMES_KEPT = 512
+NAME_KEPT_MAX = 64
+
+
+def _name(name: bytes, line: bytes) -> tuple[bytes, bytes]:
+    if not name or name != name.strip() or b" " in name:
+        raise BadMessage(f"bad header line {line[:80]!r}")
+    key = name.lower()
+    known = (key, key + b": ")
+    if len(name) <= NAME_KEPT_MAX and len(_NAMES) < NAMES_KEPT:
+        _NAMES[name] = known
+    return known
+
+
 def _parse_fields(head: Head, lines: list[bytes]) -> None:
     connection_tokens: set[bytes] = set()
+    headers, kept = head.headers, head.kept
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
+        if not sep:
             raise BadMessage(f"bad header line {line[:80]!r}")
-        key = name.lower()
+        key, start = _NAMES.get(name) or _name(name, line)
         value = value.strip()
-        head.headers.append((key, value))
+        headers.append((key, value))
+        if key not in _NOTED:
+            kept.append(start + value + b"\r\n")  # (forward_fields's form)
+            continue
         if key == b"content-length":
             if not value.isdigit() or (head.length is not None and head.length != int(value)):
                 raise BadMessage("bad or conflicting content-length")
             head.length = int(value)
+            kept.append(start + value + b"\r\n")
         elif key == b"transfer-encoding":
             codings = [c.strip().lower() for c in value.split(b",")]
             if codings[-1] != b"chunked":
                 raise BadMessage("a transfer-encoding other than chunked last")  # RFC 9112 §6.3
             head.chunked = True
+            kept.append(start + value + b"\r\n")
         elif key == b"connection":
             connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        elif key == b"expect" and head.expect is None:
+            head.expect = value
     if head.chunked:
         # RFC 9112 §6.3: chunked wins over content-length, and an intermediary must drop the
         # content-length before forwarding (a next hop that framed by it would be smuggled to).
@@ -125,6 +169,8 @@ def parse_response(data: bytes) -> Head:
 def forward_fields(head: Head, extra: bytes = b"") -> bytes:
     """The head's fields without the hop-by-hop ones, each line ending in CRLF, then ``extra``."""
     drop = head.drop
+    if drop is HOP_BY_HOP:  # nothing beyond the fixed list dropped: the lines parsing kept
+        return b"".join(head.kept) + extra + b"\r\n"
     out = [b"%s: %s\r\n" % (k, v) for k, v in head.headers if k not in drop]
     out.append(extra)
     out.append(b"\r\n")

@@ -57,6 +57,8 @@ class Downstream(asyncio.Protocol):
         self.forwarded = VIA  # the fields the gateway adds to each request (with the client's address)
         self.scraping: asyncio.Future[tuple[int, bytes, bytes]] | None = None  # a GET /metrics under way
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None  # the response timeout of the exchange in flight (watch)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -72,9 +74,30 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.clients.discard(self)
         self.state = self.CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.exchange is not None:
             self.exchange.abort()
             self.exchange = None
+
+    def watch(self) -> None:
+        """The exchange in flight's request is on its way: its response head is due within the gateway's
+        timeout of its last request byte (a 504 after). One timer serves the connection's requests one
+        after another (re-armed when it fires early), not a timer made and cancelled per request."""
+        if self.timer is None and self.exchange is not None:
+            self.timer = self.loop.call_at(self.exchange.last_sent + self.gw.timeout, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        ex = self.exchange
+        if ex is None or ex.done or ex.answered or ex.waking:
+            return  # (the next request, or the wake's end, arms it again)
+        left = ex.last_sent + self.gw.timeout - self.loop.time()
+        if left > 0:  # a later request, or an upload still coming: the server's time starts at its end
+            self.timer = self.loop.call_later(left, self._check_timeout)
+            return
+        ex.timed_out()
 
     def pause_writing(self) -> None:
         if self.exchange is not None and self.exchange.up is not None:
@@ -92,6 +115,11 @@ class Downstream(asyncio.Protocol):
         elif self.state == self.BUFFER:
             self._hold(data)
         elif self.state == self.HEAD:
+            if not self.buf and (end := data.find(b"\r\n\r\n")) >= 0:
+                self._head(data[:end], data[end + 4 :])  # a whole head in one read: no copy through buf
+                if self.state == self.HEAD and self.buf:
+                    self._heads()
+                return
             self.buf += data
             self._heads()
         elif self.state == self.WAIT:
@@ -106,14 +134,17 @@ class Downstream(asyncio.Protocol):
                 if len(self.buf) > http1.MAX_HEAD:
                     self.answer_and_close(error(400, "InvalidRequest", "request head too large"))
                 return
-            try:
-                head = http1.parse_request(bytes(self.buf[:end]))
-            except http1.BadMessage as exc:
-                self.answer_and_close(error(400, "InvalidRequest", str(exc)))
-                return
-            rest = bytes(self.buf[end + 4 :])
+            data, rest = bytes(self.buf[:end]), bytes(self.buf[end + 4 :])
             self.buf.clear()
-            self._request(head, rest)
+            self._head(data, rest)
+
+    def _head(self, data: bytes, rest: bytes) -> None:
+        try:
+            head = http1.parse_request(data)
+        except http1.BadMessage as exc:
+            self.answer_and_close(error(400, "InvalidRequest", str(exc)))
+            return
+        self._request(head, rest)
 
     def _request(self, head: http1.Head, rest: bytes) -> None:
         self.close_after = head.close or self.gw.draining
@@ -137,7 +168,7 @@ class Downstream(asyncio.Protocol):
                 self.transport.write(route.encode(close=self.close_after, head=head.method == b"HEAD"))
                 self.response_done(False, keep_buf=rest)
             return
-        if (head.get(b"expect") or b"").lower() == b"100-continue":
+        if head.expect is not None and head.expect.lower() == b"100-continue":
             self.transport.write(CONTINUE)
         if route is BY_BODY:
             self.state, self.held, self.held_head, self.remaining = self.BUFFER, bytearray(), head, head.length or 0

@@ -120,12 +120,19 @@ def error(status: int, type_: str, message: str, **extra: object) -> Answer:
     return Answer(status, {"error": {"type": type_, "message": message, **extra}})
 
 
+ROUTES_KEPT = 1024  # request lines whose route a Table remembers (see resolve)
+ROUTE_KEPT_MAX = 512  # bytes of the longest request target remembered
+
+
 class Table:
     def __init__(self, entries: list[Entry]):
         self.by_uuid = {e.uuid: e for e in entries}
         self.by_name: dict[str, list[Entry]] = {}
         for e in entries:
             self.by_name.setdefault(e.name, []).append(e)
+        # A table never changes (a change is a new Table), so a request line's route is the same each
+        # time: a client's next request to the same URL skips the parsing and lookups (forwards only).
+        self.routes: dict[tuple[bytes, bytes], Forward | object] = {}
 
     # ------------------------------------------------------------------ lookups
 
@@ -160,6 +167,17 @@ class Table:
     # ------------------------------------------------------------------ routing
 
     def resolve(self, method: bytes, target: bytes) -> Forward | Answer | object:
+        found = self.routes.get((method, target))
+        if found is not None:
+            return found
+        found = self._resolve(method, target)
+        if not isinstance(found, Answer) and len(target) <= ROUTE_KEPT_MAX:
+            if len(self.routes) >= ROUTES_KEPT:
+                self.routes.clear()
+            self.routes[(method, target)] = found
+        return found
+
+    def _resolve(self, method: bytes, target: bytes) -> Forward | Answer | object:
         path, _, query = target.partition(b"?")
         if path.startswith(_SERVICES):
             uuid, _, rest = path[len(_SERVICES) :].partition(b"/")
