@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 from deployers.cli import connect
 from deployers.cli.event_commands import event_line
 from deployers.cli.output import print_json
-from deployers.cli.top_data import EventFeed, Row, Sampler
 from deployers.cli.values import seconds
 
 if TYPE_CHECKING:
     import curses
+
+    from deployers.cli.top_data import EventFeed, Row, Sampler
 
 HEADERS = ("ID", "NAME", "STATE", "UPTIME", "RESTARTS", "MEM", "CPU", "REQ/S", "LAST EVENT")
 
@@ -94,6 +95,8 @@ def headline(sampler: Sampler, now: float) -> str:
 
 def snapshot(args: argparse.Namespace) -> int:
     """One view as text: scrape, wait ``--interval`` (for the rates of CPU and requests), scrape again."""
+    from deployers.cli.top_data import EventFeed, Sampler  # here, not at import: other commands need none of it
+
     client = connect.client(args, timeout=30)
     feed = EventFeed(client)
     sampler = Sampler(client)
@@ -209,6 +212,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     if not sys.stdout.isatty() or args.json:
         return snapshot(args)
     import curses
+
+    from deployers.cli.top_data import EventFeed, Sampler
 
     client = connect.client(args)
     client.daemon_info()  # starts the daemon, as every command does; after that, top never starts one
