@@ -202,9 +202,10 @@ class Screen:
             self.put(y, "no services (deploy one: modeld deploy ...)")
             y += 1
         self.put(y + 1, "latest events" + (f"  ({self.feed.error})" if self.feed.error else ""), curses.A_BOLD)
-        events = self.feed.tail(height - y - 2)
-        for i, event in enumerate(events):
-            self.put(y + 2 + i, event_line(event))
+        today = time.strftime("%Y-%m-%d ", time.localtime(now))
+        for i, event in enumerate(self.feed.tail(height - y - 2)):
+            line = event_line(event)
+            self.put(y + 2 + i, line.removeprefix(today))  # today's events: the time of day is enough
         self.win.refresh()
 
 

@@ -142,6 +142,9 @@ class Sampler:
         try:
             text = self.client.metrics()
             services = self.client.find()
+        except exc.DaemonNotRunning:
+            self.error, self.last = "the daemon is not running (waiting for one)", None
+            return []
         except (exc.ModeldError, OSError) as error:
             self.error = f"no answer from the daemon: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
             self.last = None
