@@ -16,6 +16,8 @@ One concept a module:
 - ``login_commands``: ``daemon install|uninstall`` (a systemd user unit);
 - ``registry_commands``: ``flavor`` and ``deployer``;
 - ``connect``: the client every command makes, a service named by the user;
+- ``top``, ``top_data``: ``modeld top``, its screen (curses) and its numbers
+  (``/metrics`` read back, rates, the events followed in a thread);
 - ``progress``: a slow call's progress line on a terminal;
 - ``errors``, ``output``, ``values``: exit codes and one-line errors, JSON
   and tables, argparse's types for seconds, sizes and counts.

@@ -26,6 +26,7 @@ from deployers.cli.registry_commands import (
     cmd_flavor_register,
 )
 from deployers.cli.service_commands import cmd_deploy, cmd_info, cmd_logs, cmd_ls, cmd_rm, cmd_start, cmd_stop, cmd_unload
+from deployers.cli.top import add_top_options, cmd_top
 from deployers.cli.values import count, seconds
 
 EPILOG = """\
@@ -36,6 +37,7 @@ examples:
   modeld apply -f models.toml --dry-run
   modeld logs 3f2a -n 50 -f
   modeld events -f
+  modeld top
   curl --unix-socket "$MODELD_HOME/modeld.sock" http://modeld/v1/services
 
 state lives in $MODELD_HOME (default $XDG_STATE_HOME/modeld); the daemon starts by itself on first use.
@@ -154,6 +156,8 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
 
     p = add("events", cmd_events, "print the daemon's events: exits (with code or signal), restarts, health, deploys")
     add_events_options(p)
+    p = add("top", cmd_top, "a live view of the services (state, uptime, restarts, memory, CPU, requests/s) and events")
+    add_top_options(p)
 
     flavor = sub.add_parser("flavor", help="register and list model-deployer flavors", description="Model-deployer flavors.")
     fsub = flavor.add_subparsers(dest="flavor_command", metavar="ACTION", required=True)

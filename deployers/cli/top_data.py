@@ -1,0 +1,205 @@
+"""What ``modeld top`` shows, apart from how: the daemon's ``/metrics`` text read back into numbers
+(:func:`parse_metrics`), two scrapes turned into per-service rows with CPU and request rates
+(:class:`Sampler`), and the events followed in a thread (:class:`EventFeed`)."""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from daemon import exceptions as exc
+from daemon.client import DaemonClient
+from daemon.models import BaseService
+
+# One sample line of Prometheus' text format: name, {labels} (optional), value (a timestamp may follow).
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def parse_metrics(text: str, names: frozenset[str] | None = None) -> Samples:
+    """The samples of a scrape by metric name, each (labels, value); only those of ``names`` if given.
+
+    Enough of the exposition format (0.0.4) for what the daemon writes: comments are skipped, label
+    values unescaped, a line that is not a sample is ignored rather than refused.
+    """
+    out: Samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m is None or (names is not None and m.group(1) not in names):
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        labels = {k: re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], v) for k, v in _LABEL.findall(m.group(2) or "")}
+        out.setdefault(m.group(1), []).append((labels, value))
+    return out
+
+
+_PER_SERVICE = {
+    "restarts": "modeld_service_restarts_total",
+    "memory": "modeld_service_memory_bytes",
+    "cpu": "modeld_service_cpu_seconds_total",
+    "requests": "modeld_service_requests_total",
+    "start_time": "modeld_service_start_time_seconds",
+}
+_NAMES = frozenset([*_PER_SERVICE.values(), "process_resident_memory_bytes", "process_cpu_seconds_total"])
+
+
+@dataclass
+class Scrape:
+    """One scrape's numbers: per service uuid (requests summed over ``via`` and ``code``), and the daemon's."""
+
+    at: float
+    services: dict[str, dict[str, float]]
+    daemon_rss: float | None
+    daemon_cpu: float | None
+
+
+def scrape_of(text: str, at: float) -> Scrape:
+    samples = parse_metrics(text, _NAMES)
+    services: dict[str, dict[str, float]] = {}
+    for key, name in _PER_SERVICE.items():
+        for labels, value in samples.get(name, []):
+            if uuid := labels.get("uuid"):
+                numbers = services.setdefault(uuid, {})
+                numbers[key] = numbers.get(key, 0.0) + value
+    rss = samples.get("process_resident_memory_bytes", [])
+    cpu = samples.get("process_cpu_seconds_total", [])
+    return Scrape(at, services, rss[0][1] if rss else None, cpu[0][1] if cpu else None)
+
+
+def rate(new: float | None, old: float | None, seconds: float) -> float | None:
+    """A counter's rate between two scrapes; a counter that went down was reset (a restart): its new
+    value is what it counted since, as Prometheus' ``rate`` takes it."""
+    if new is None or old is None or seconds <= 0:
+        return None
+    return (new - old if new >= old else new) / seconds
+
+
+@dataclass
+class Row:
+    uuid: str
+    name: str
+    state: str
+    uptime: float | None
+    restarts: int
+    memory: float | None
+    cpu: float | None  # % of one core over the last interval
+    rps: float | None
+    last_event: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def rows_of(services: list[BaseService], new: Scrape, old: Scrape | None, last_events: dict[str, dict[str, Any]]) -> list[Row]:
+    """One row per service, in the order of their names; rates from ``old`` to ``new`` (None without ``old``)."""
+    rows = []
+    for svc in sorted(services, key=lambda s: (s.config.name or s.config.model_name or "", str(s.uuid))):
+        uuid = str(svc.uuid)
+        numbers = new.services.get(uuid, {})
+        before = old.services.get(uuid, {}) if old is not None else {}
+        span = new.at - old.at if old is not None else 0.0
+        cpu = rate(numbers.get("cpu"), before.get("cpu"), span)
+        started = numbers.get("start_time") or (svc.status.started_at if svc.status.pid else None)
+        rows.append(
+            Row(
+                uuid=uuid,
+                name=svc.config.name or svc.config.model_name or "-",
+                state=str(svc.status.state),
+                uptime=max(0.0, new.at - started) if started else None,
+                restarts=int(numbers.get("restarts", svc.status.restarts)),
+                memory=numbers.get("memory"),
+                cpu=None if cpu is None else 100 * cpu,
+                rps=rate(numbers.get("requests", 0.0), before.get("requests", 0.0), span) if old is not None else None,
+                last_event=last_events.get(uuid),
+            )
+        )
+    return rows
+
+
+class Sampler:
+    """Scrapes and lists the services at each :meth:`take`, keeping the previous scrape for the rates."""
+
+    def __init__(self, client: DaemonClient):
+        self.client = client
+        self.last: Scrape | None = None
+        self.services: list[BaseService] = []
+        self.daemon_cpu: float | None = None  # % of a core, the daemon's own
+        self.error = ""  # why the last take failed ("" when it did not)
+
+    def take(self, feed: EventFeed) -> list[Row]:
+        try:
+            text = self.client.metrics()
+            services = self.client.find()
+        except exc.DaemonNotRunning:
+            self.error, self.last = "the daemon is not running (waiting for one)", None
+            return []
+        except (exc.ModeldError, OSError) as error:
+            self.error = f"no answer from the daemon: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            self.last = None
+            return []
+        self.error = ""
+        new = scrape_of(text, time.time())
+        old, self.last, self.services = self.last, new, services
+        span = new.at - old.at if old is not None else 0.0
+        daemon_cpu = rate(new.daemon_cpu, old.daemon_cpu if old else None, span)
+        self.daemon_cpu = None if daemon_cpu is None else 100 * daemon_cpu
+        return rows_of(services, new, old, feed.last_by_service())
+
+
+class EventFeed:
+    """The daemon's events, followed in a daemon thread (with a client of its own: a client is not
+    shared between threads): the latest ``keep``, and the last of each service."""
+
+    def __init__(self, client: DaemonClient, keep: int = 500):
+        self.client = client
+        self.latest: collections.deque[dict[str, Any]] = collections.deque(maxlen=keep)
+        self.last: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.count = 0  # events received so far: the screen redraws when it changes
+        self.error = ""
+
+    def add(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            self.latest.append(event)
+            if event.get("uuid"):
+                self.last[str(event["uuid"])] = event
+            self.count += 1
+
+    def read_held(self) -> None:
+        """The events the daemon holds now, then return (for a snapshot)."""
+        for event in self.client.events(since=0, follow=False):
+            self.add(event)
+
+    def follow(self) -> threading.Thread:
+        """Follow in a daemon thread, from the first event the daemon holds; it ends with the process."""
+
+        def run() -> None:
+            try:
+                for event in self.client.events(since=0, follow=True):
+                    self.add(event)
+            except (exc.ModeldError, OSError, ValueError) as error:  # shown on the screen; the rows go on
+                self.error = f"events: {error}"
+
+        thread = threading.Thread(target=run, name="modeld-top-events", daemon=True)
+        thread.start()
+        return thread
+
+    def last_by_service(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return dict(self.last)
+
+    def tail(self, n: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.latest)[-n:] if n > 0 else []

@@ -1,0 +1,169 @@
+"""``modeld top`` (deployers/cli/top.py): run in a real terminal, tmux's, and read off its screen with
+``capture-pane``; piped, its one snapshot; its reading of /metrics checked against prometheus_client's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon import DaemonClient
+from daemon.testing import REPO, wait_for
+from deployers.cli.top import HEADERS
+from deployers.cli.top_data import parse_metrics
+
+from conftest import in_ci, iris_config, modeld, predict
+
+PROMPT = "top-test$ "
+
+
+class Tmux:
+    """A tmux server of its own (``-L``, a unique socket name; no user config) with one shell, 150x40."""
+
+    def __init__(self) -> None:
+        self.name = f"modeld-top-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        env = {k: v for k, v in os.environ.items() if k != "TMUX"}  # inside a tmux already, ours would refuse to start
+        self.tmux("new-session", "-d", "-s", "t", "-x", "150", "-y", "40", "sh", env=env)
+        self.type(f"PS1='{PROMPT}'; clear", "Enter")
+
+    def tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(
+            ["tmux", "-L", self.name, "-f", "/dev/null", *args], env=env, capture_output=True, text=True, timeout=10
+        )
+        assert done.returncode == 0, f"tmux {' '.join(args)}: {done.stderr}"
+        return done.stdout
+
+    def type(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "t", *keys)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "t")
+
+    def showing(self, pattern: str) -> str | None:
+        """The screen, if it shows the regex ``pattern``."""
+        screen = self.screen()
+        return screen if re.search(pattern, screen) else None
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.name, "kill-server"], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        if in_ci():
+            pytest.fail("tmux is not installed, and CI is set: `modeld top` must be tested in a real terminal")
+        pytest.skip("tmux is not installed: `modeld top` is tested in tmux's terminal (apt-get install tmux)")
+    t = Tmux()
+    try:
+        yield t
+    finally:
+        t.kill()  # the pane's shell and a `modeld top` still in it get SIGHUP; the home's reaper does the rest
+
+
+def row_of(screen: str, uuid: object) -> dict[str, str] | None:
+    """The service's row on the screen, by column title (columns are two spaces or more apart)."""
+    for line in screen.splitlines():
+        if line.startswith(str(uuid)[:8]):
+            return dict(zip(HEADERS, re.split(r"\s{2,}", line.strip()), strict=False))
+    return None
+
+
+def run_top(tmux: Tmux, home: Path) -> None:
+    tmux.type(f"cd {REPO} && MODELD_HOME={home} {sys.executable} -m deployers.cli top; echo top-exited-$?", "Enter")
+
+
+@pytest.mark.slow
+def test_top_in_a_terminal_shows_a_kill_and_the_restart_then_quits(home: Path, client: DaemonClient, tmux: Tmux) -> None:
+    svc = client.deploy(iris_config(), timeout=60)
+    run_top(tmux, home)
+    row = wait_for(lambda: row_of(tmux.screen(), svc.uuid), timeout=30, what="the service's row on top's screen")
+    assert row["NAME"] == "iris" and row["STATE"] == "active" and row["RESTARTS"] == "0", row
+    assert row["LAST EVENT"].startswith("healthy"), row
+
+    # Requests per second and CPU: from two scrapes' counters, so they show once requests come.
+    def busy() -> dict[str, str] | None:
+        predict(svc.endpoint.prediction_url, [[5.1, 3.5, 1.4, 0.2]])
+        r = row_of(tmux.screen(), svc.uuid)
+        return r if r and r["REQ/S"] not in ("-", "0.0") and r["CPU"] not in ("-", "0.0%") else None
+
+    row = wait_for(busy, timeout=30, interval=0.005, what="REQ/S and CPU above 0 while requests come")
+    assert float(row["REQ/S"]) > 0 and float(row["CPU"].rstrip("%")) > 0, row
+
+    pid = client.get(svc.uuid).status.pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> str | None:
+        screen = tmux.screen()
+        r = row_of(screen, svc.uuid)
+        return screen if r and r["RESTARTS"] == "1" and r["STATE"] == "active" else None
+
+    screen = wait_for(restarted, timeout=30, what="RESTARTS 1 and the service active again on top's screen")
+    strip = screen[screen.index("latest events") :]
+    short = str(svc.uuid)[:8]
+    assert re.search(rf"\({short}\) exited \[signal 9\]", strip), strip
+    assert re.search(rf"\({short}\) restarting", strip), strip
+    assert strip.index(" exited [signal 9]") < strip.index(f"({short}) restarting"), strip
+
+    # q quits with 0, and the terminal is as it was: the shell's screen back (no trace of top's), its prompt.
+    tmux.type("q")
+    screen = wait_for(lambda: tmux.showing(r"top-exited-\d"), timeout=10, what="top to exit on q")
+    assert "top-exited-0" in screen, screen
+    assert "RESTARTS" not in screen and "latest events" not in screen, screen
+    assert screen.rstrip().splitlines()[-1].startswith(PROMPT.rstrip()), screen
+
+    # Ctrl-C quits as q does.
+    tmux.type("clear", "Enter")
+    run_top(tmux, home)
+    wait_for(lambda: row_of(tmux.screen(), svc.uuid), timeout=30, what="top's screen again")
+    tmux.type("C-c")
+    screen = wait_for(lambda: tmux.showing(r"top-exited-\d"), timeout=10, what="top to exit on Ctrl-C")
+    assert "top-exited-0" in screen and "RESTARTS" not in screen, screen
+
+
+def test_top_piped_prints_one_snapshot(home: Path, client: DaemonClient) -> None:
+    svc = client.deploy(iris_config(), timeout=60)
+    done = modeld("top", home=home, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout  # plain text: no terminal control sequences
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("modeld top") and "1 service: 1 active" in lines[0], done.stdout
+    assert re.split(r"\s{2,}", lines[1]) == list(HEADERS), done.stdout
+    row = row_of(done.stdout, svc.uuid)
+    assert row is not None and row["NAME"] == "iris" and row["STATE"] == "active", done.stdout
+    assert row["CPU"].endswith("%") and row["MEM"].endswith("M"), row
+    events = lines[lines.index("latest events:") + 1 :]
+    short = str(svc.uuid)[:8]
+    assert [m.group(1) for e in events if (m := re.search(rf"\({short}\) (\w+)", e))] == ["deployed", "starting", "healthy"]
+
+    data = json.loads(modeld("top", "--json", "--interval", "0", home=home, timeout=60).stdout)
+    (service,) = data["services"]
+    assert service["uuid"] == str(svc.uuid) and service["state"] == "active" and service["restarts"] == 0
+    assert service["last_event"]["type"] == "healthy"
+    assert [e["type"] for e in data["events"]] == ["deployed", "starting", "healthy"]
+
+
+def test_top_reads_metrics_as_prometheus_client_does(home: Path, client: DaemonClient) -> None:
+    client.deploy(iris_config(), timeout=60)
+    client.deploy(iris_config(model_name='odd "name"\\ x'), timeout=60)
+    # and a line with every escape (a model's name cannot hold a newline)
+    text = client.metrics() + 'x_total{a="1\\n2",b="q\\"\\\\"} 3 1795939697000\n'
+    ours = parse_metrics(text)
+    theirs: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            theirs.setdefault(s.name, []).append((s.labels, s.value))
+    assert ours == theirs
+    assert {labels["model_name"] for labels, _ in ours["modeld_service_up"]} == {"iris", 'odd "name"\\ x'}
+    assert ours["x_total"] == [({"a": "1\n2", "b": 'q"\\'}, 3.0)]
