@@ -590,3 +590,26 @@ def test_a_gateway_replaced_for_new_settings_finishes_the_responses_in_flight(cl
     assert rest.count(b"data: ") == 12 and rest.rstrip().endswith(b"data: [DONE]"), rest
     assert request(port, "POST", "/v1/models/steady:predict", {"instances": [1]}) == (200, {"predictions": ["steady"]})
     wait_for(lambda: not pid_alive(info["gateway_pid"]), 10, what="the old gateway to exit once drained")
+
+
+@pytest.mark.parametrize("loop", ["default", "asyncio"])
+def test_the_gateway_runs_on_uvloop_where_installed_and_on_asyncio_when_asked(home, monkeypatch, loop):
+    """uvloop is a dependency on Linux (pyproject.toml): the gateway runs on it; MODELD_GATEWAY_LOOP=asyncio
+    in the daemon's environment puts it on asyncio's loop. Either way it routes a request."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (it is a dependency on Linux)")
+    if loop == "asyncio":
+        monkeypatch.setenv("MODELD_GATEWAY_LOOP", "asyncio")
+    client = DaemonClient(home)
+    try:
+        deploy_llm(client, home, "alpha")
+        host, port, info = gateway(client)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/v1/models")
+        resp = conn.getresponse()
+        assert resp.status == 200 and "alpha" in resp.read().decode()
+        conn.close()
+        with open(f"/proc/{info['gateway_pid']}/maps") as f:  # (after it answered: it has started its loop)
+            mapped = f.read()
+        assert (os.path.dirname(uvloop.__file__) in mapped) == (loop == "default"), loop
+    finally:
+        client.close()
