@@ -276,12 +276,15 @@ class ServiceConfig(BaseModel):
         return self
 
     def with_client_defaults(self) -> ServiceConfig:
-        """Fill in the interpreter, working directory and PATH of the calling process."""
+        """Fill in the interpreter, working directory and PATH of the calling process; a relative
+        ``working_dir`` is made absolute against the caller's (the daemon's own is not the caller's)."""
         update: dict[str, Any] = {}
         if not self.python and self.model_type != "command":
             update["python"] = sys.executable
         if not self.working_dir:
             update["working_dir"] = os.getcwd()
+        elif not os.path.isabs(self.working_dir):
+            update["working_dir"] = os.path.abspath(self.working_dir)
         if not self.search_path and os.environ.get("PATH"):
             update["search_path"] = os.environ["PATH"]
         return self.model_copy(update=update) if update else self

@@ -37,6 +37,12 @@ from .transitions import change_state, restore
 log = logging.getLogger("modeld.manager")
 
 
+def replace_key(config: ServiceConfig) -> tuple[str, str, str, str, str]:
+    """What a deploy with replace and no uuid matches: the same pipeline, step and model names (ZenML's
+    rule), and the same project and name (two services of different names are never each other's)."""
+    return (config.project, config.name, config.pipeline_name, config.pipeline_step_name, config.model_name)
+
+
 class Replacer:
     """Replaces the services of one home in place (see the module docstring); the caller holds the service's lock."""
 
@@ -56,27 +62,16 @@ class Replacer:
 
     def service_to_replace(self, config: ServiceConfig, replace: bool, uuid: UUID | None) -> ServiceRuntime | None:
         """The service a deploy updates in place: the one with ``uuid`` (Conflict without ``replace``),
-        else with ``replace`` the newest with the same pipeline, step and model names; None: a new service."""
+        else with ``replace`` the newest of the same :func:`replace_key`; None: a new service."""
         if uuid is not None and uuid in self.services:
             if not replace:
                 raise Conflict(f"a service with uuid {uuid} exists already; deploy with replace to update it")
             return self.services[uuid]
         if not replace or uuid is not None:
             return None
-        same = [
-            m
-            for m in self.services.values()
-            if (m.svc.config.pipeline_name, m.svc.config.pipeline_step_name, m.svc.config.model_name)
-            == (config.pipeline_name, config.pipeline_step_name, config.model_name)
-        ]
+        same = [m for m in self.services.values() if replace_key(m.svc.config) == replace_key(config)]
         if len(same) > 1:
-            log.warning(
-                "%d services match %s/%s/%s; replacing the newest",
-                len(same),
-                config.pipeline_name,
-                config.pipeline_step_name,
-                config.model_name,
-            )
+            log.warning("%d services match %s; replacing the newest", len(same), "/".join(replace_key(config)))
         return max(same, key=lambda m: m.svc.created_at) if same else None
 
     async def replace(self, m: ServiceRuntime, config: ServiceConfig, timeout: float) -> None:

@@ -234,3 +234,21 @@ def test_ls_shows_a_unix_socket_services_socket(home: Path) -> None:
     row = next(line for line in listing.splitlines() if " private " in line)
     assert socket_path in row.split(), listing
     assert wait_for(lambda: Path(socket_path).exists(), timeout=5, what="the socket")
+
+
+def test_a_relative_working_dir_is_the_deploying_clients(home: Path, client: DaemonClient, tmp_path: Path) -> None:
+    """`--working-dir data` from a shell in /x means /x/data, as every other relative path of a deploy:
+    not the daemon's working directory, and still the same folder after the daemon restarts elsewhere."""
+    client.daemon_info()  # the daemon's working directory is the test's, not tmp_path
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "marker.txt").write_text("here\n")
+    env = {**os.environ, "MODELD_HOME": str(home)}
+    result = subprocess.run(
+        [sys.executable, "-m", "deployers.cli", "deploy", "--model-name", "reldir", "--health-path", "/marker.txt",
+         "--working-dir", "data", "--json", "--", sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stderr
+    svc = BaseService.model_validate(json.loads(result.stdout))
+    assert svc.config.working_dir == str(tmp_path / "data")
+    assert http_get(svc.endpoint.port, "/marker.txt") == 200  # served from tmp_path/data

@@ -198,6 +198,14 @@ def test_replace_in_place_and_replace_false(client, tmp_path):
     assert predict(url, [1]) == (200, {"predictions": ["v2"]})
     assert uuids(client.find()) == {first.uuid, other.uuid}
 
+    # A replace never takes a service of another name or project for its own, even where the pipeline,
+    # step and model names (all empty here, as a plain `modeld deploy --name` has them) are the same.
+    named = [client.deploy(v1.model_copy(update={"model_name": "", "name": n, "project": p}), replace=True, timeout=60)
+             for n, p in (("alpha", ""), ("beta", ""), ("alpha", "lab"))]
+    assert len({s.uuid for s in named}) == 3 and {s.config.name for s in named} == {"alpha", "beta"}
+    again = client.deploy(v2.model_copy(update={"model_name": "", "name": "beta"}), replace=True, timeout=60)
+    assert again.uuid == named[1].uuid and again.version == 2
+
 
 def test_failed_replace_keeps_old_version_serving(client, tmp_path):
     good = model_config(constant_model(tmp_path, "good", "good"))
