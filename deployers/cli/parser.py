@@ -101,7 +101,9 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     )
     for option in deploy_options(config):
         p.add_argument(*option.flags, **option.kwargs)
-    p.add_argument("--replace", action="store_true", help="update in place the service of the same name, pipeline, step and model")
+    p.add_argument(
+        "--replace", action="store_true", help="update in place the service of the same name, pipeline, step and model"
+    )
     p.add_argument("--timeout", type=seconds, default=300, help="seconds to wait for the server to be healthy (default 300)")
     p.add_argument("--uuid", help="the uuid to give the service")
 
