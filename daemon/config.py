@@ -340,3 +340,9 @@ def _os_size(text: str, what: str) -> int:
         return len(os.fsencode(text))
     except UnicodeError:
         raise ValueError(f"{what} is not valid Unicode text (a lone surrogate)") from None
+
+
+def replace_key(config: ServiceConfig) -> tuple[str, str, str, str, str]:
+    """What a deploy with replace and no uuid matches: the same pipeline, step and model names (ZenML's
+    rule), and the same project and name (two services of different names are never each other's)."""
+    return (config.project, config.name, config.pipeline_name, config.pipeline_step_name, config.model_name)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from uuid import UUID
 
 from . import events, killpoints
+from .config import replace_key
 from .exceptions import Conflict, DeployError, ModeldError, StillStarting, StorageError
 from .launch import Launcher
 from .models import DesiredState, ServiceConfig, ServiceState
@@ -35,12 +36,6 @@ from .supervise import Supervisor
 from .transitions import change_state, restore
 
 log = logging.getLogger("modeld.manager")
-
-
-def replace_key(config: ServiceConfig) -> tuple[str, str, str, str, str]:
-    """What a deploy with replace and no uuid matches: the same pipeline, step and model names (ZenML's
-    rule), and the same project and name (two services of different names are never each other's)."""
-    return (config.project, config.name, config.pipeline_name, config.pipeline_step_name, config.model_name)
 
 
 class Replacer:

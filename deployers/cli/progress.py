@@ -100,7 +100,7 @@ def width(stream: TextIO) -> int:
     """Columns the line may take: the terminal's, less one (a character in the last column would
     leave the cursor waiting to wrap, and some terminals wrap at once)."""
     try:
-        columns = os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns or 80  # (0: a pty nobody sized)
     except (OSError, ValueError):
         columns = 80
     return max(columns - 1, 10)

@@ -8,6 +8,7 @@ import time
 from uuid import uuid4
 
 from daemon.client import DaemonClient
+from daemon.config import replace_key
 from daemon.filters import FIND_FILTERS
 from daemon.models import BaseService
 from deployers.cli import connect
@@ -15,7 +16,7 @@ from deployers.cli.connect import resolve
 from deployers.cli.errors import UsageError, one_line
 from deployers.cli.options import deploy_config
 from deployers.cli.output import print_json, table
-from deployers.cli.progress import progress
+from deployers.cli.progress import progress, shown
 
 
 def summary(svc: BaseService) -> list[str]:
@@ -46,14 +47,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     def find(watcher: DaemonClient) -> BaseService | None:
         if uuid is not None:
             return watcher.get(uuid)
-        same = watcher.find(
-            pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name, model_name=config.model_name
-        )
+        same = [
+            s
+            for s in watcher.find(
+                pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name, model_name=config.model_name
+            )
+            if replace_key(s.config) == replace_key(config)
+        ]
         return max(same, key=lambda s: s.created_at) if same else None  # the newest, as the daemon replaces
 
+    what = config.name or config.model_name or config.model_uri or config.command[0]
     svc = progress(
         args,
-        f"{'replacing' if args.replace else 'deploying'} {config.model_name or config.model_uri or config.command[0]}",
+        f"{'replacing' if args.replace and (uuid or shown(args) and find(client)) else 'deploying'} {what}",
         lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=uuid),
         find,
     )
