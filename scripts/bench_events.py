@@ -131,6 +131,7 @@ def main() -> int:
         "event_latency_ms": bench.summary(samples, 1000),
         "exit_to_emit_ms": bench.summary([a for a, _ in parts], 1000),
         "emit_to_read_ms": bench.summary([b for _, b in parts], 1000),
+        "samples_ms": [round(x * 1000, 2) for x in samples],
         "live": args.live,
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
