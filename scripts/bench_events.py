@@ -44,6 +44,7 @@ class EventWatch:
         self.gaps = 0
         self.exits: dict[str, list[float]] = {}  # uuid -> perf_counter() when each exited event was read
         self.stamps: dict[str, list[tuple[float, float]]] = {}  # uuid -> (the event's time, time.time() when read)
+        self.signals: list[int | None] = []  # the signal each exited event carries (None: none, the code unknown)
         self.error: BaseException | None = None
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._follow, name="events", daemon=True)
@@ -59,6 +60,7 @@ class EventWatch:
                     if event["type"] == "exited":
                         self.exits.setdefault(event["uuid"], []).append(read)
                         self.stamps.setdefault(event["uuid"], []).append((event["time"], time.time()))
+                        self.signals.append(event.get("signal"))
                     self._changed.notify_all()
         except Exception as exc:  # (the bench's end: its home is gone) said in the result
             self.error = exc
@@ -106,6 +108,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="event_latency_ms alone (see the module docstring)")
     parser.add_argument("--live", type=int, default=100, help="live built-in servers (default 100)")
     parser.add_argument("--runs", type=int, default=30, help="kills (default 30)")
+    parser.add_argument("--readopt", action="store_true", help="restart the daemon first: the servers killed are adopted ones, "
+                        "as in scripts/bench.py (which measures after its re-adoptions)")
     args = parser.parse_args()
     reaper = bench.Reaper()
     load_before = os.getloadavg()
@@ -119,6 +123,11 @@ def main() -> int:
                 reaper.note(client.daemon_info()["pid"])
                 bench.progress(f"deploying {args.live} live servers")
                 live = bench.deploy_live(home, folder, args.live, reaper)
+                if args.readopt:
+                    client.shutdown()  # the servers stay; the next call starts a daemon that adopts them
+                    wait_for(lambda: not (home / "modeld.sock").exists(), 20, 0.01, "the daemon to exit")
+                    reaper.note(client.daemon_info()["pid"])
+                    wait_for(lambda: len(client.find(running=True)) == args.live, 30, 0.05, "all re-adopted")
                 watch = EventWatch(home)
                 bench.progress(f"{args.runs} kills")
                 parts: list[tuple[float, float]] = []
@@ -132,7 +141,9 @@ def main() -> int:
         "exit_to_emit_ms": bench.summary([a for a, _ in parts], 1000),
         "emit_to_read_ms": bench.summary([b for _, b in parts], 1000),
         "samples_ms": [round(x * 1000, 2) for x in samples],
+        "exited_with_signal_9": f"{watch.signals.count(9)} of {len(watch.signals)}",
         "live": args.live,
+        "readopt": args.readopt,
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "pythonpath": os.environ.get("PYTHONPATH", ""),
