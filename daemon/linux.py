@@ -103,7 +103,7 @@ def pidfd_open(pid: int) -> int:
 def reap(pidfd: int) -> int | None:
     """Reap our exited child behind ``pidfd``; its exit code, -N for signal N.
 
-    None when it is not our child (an adopted process): its status is lost.
+    None when it is not our child (an adopted process, a warm server): see ``exit_code_of``.
     """
     try:
         result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
@@ -124,9 +124,10 @@ _PIDFD_INFO_EXIT = 1 << 3
 
 
 def exit_code_of(pidfd: int, ident: ProcessIdentity) -> int | None:
-    """The exit code (-N for signal N) of the exited process behind ``pidfd``, whoever its parent:
-    from the zombie's ``/proc/<pid>/stat`` until its parent reaps it, then from the pidfd (Linux
-    6.15+). None if neither tells (an older kernel, once reaped): its parent alone knows then."""
+    """The exit code (-N for signal N) of the exited process behind ``pidfd``, whoever its parent: from
+    the zombie's ``/proc/<pid>/stat`` until its parent reaps it, then from the pidfd (Linux 6.15+).
+    None if neither tells (an older kernel, once reaped): its parent alone knows then. (A main thread
+    that ended before the others shows its own code in stat, not the process's: never a built-in server.)"""
     fields = _stat_fields(ident.pid)  # (a pid reused since the reaping is another process: other ticks)
     if fields is not None and fields[0] == b"Z" and int(fields[19]) == ident.start_ticks and len(fields) > 49:
         status: int | None = int(fields[49])
