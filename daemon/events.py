@@ -8,7 +8,8 @@ An event is one JSON object, sent as one line (NDJSON)::
 - ``seq`` increases by one per event within one daemon's life; ``daemon_id`` is drawn at random
   when the daemon starts (``begin``), so a client that sees another one knows the count started over;
 - ``type`` is one of ``TYPES``; ``exited`` carries ``exit_code`` (it exited) or ``signal`` (it was
-  killed), neither when the code is unknown (a server adopted from an earlier daemon is not its child);
+  killed), neither when the code is unknown (a server that is not the daemon's child, adopted from
+  an earlier daemon, reaped by its new parent before the daemon read it, on a kernel before 6.15);
 - ``detail`` is one line for people (the state's reason, the first line of an error).
 
 Where events come from: a state change (``transitions.change_state`` calls ``state_changed``: the
@@ -250,7 +251,7 @@ def exited(svc: BaseService, proc: ProcessHandle, code: int | None, why: str = "
         return
     _bus.exits_reported.add(proc)
     if code is None:
-        what = "exited (its exit code is unknown: it was adopted from an earlier daemon)"
+        what = "exited (its exit code is unknown: it is not the daemon's child)"
     else:
         what = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     _bus.emit("exited", svc, f"pid {proc.pid} {what}" + (f": {why}" if why else ""), code)

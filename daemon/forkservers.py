@@ -4,8 +4,8 @@ One fork server (``serve.py --fork-server``) per interpreter has imported uvicor
 runtime; a built-in server forked from it skips that (``runtime/_serve/forkserver.py`` is the
 other end and defines the wire format). Until one is ready, ``ForkServers.spawn`` returns None
 and the caller starts the server cold (``process.spawn``). A warm server is not the daemon's
-child: it is watched through a pidfd like any other, and its exit code comes from the fork
-server's report.
+child: it is watched through a pidfd like any other, its exit code read from the kernel then
+(``linux.exit_code_of``), or else taken from the fork server's report.
 
 Errors: ``spawn_warm`` raises ``SpawnError`` (an OSError) as ``process.spawn`` does, for the
 Launcher to convert. ``ForkServerError`` (a ModeldError that is also an OSError) never leaves
@@ -43,9 +43,9 @@ class ForkServer:
     Built-in servers forked from it skip the interpreter start and the imports
     (``runtime/_serve/forkserver.py`` defines the wire format, for both ends). It is started without
     waiting; until it says it is ready, ``spawn`` raises ForkServerError and the
-    caller spawns cold. A server it forked is not our child, so its exit code
-    comes from the fork server's report rather than from ``waitid``; if the
-    fork server is gone by then, the code is unknown, as for an adopted server.
+    caller spawns cold. A server it forked is not our child: its exit code is read from the
+    kernel when its pidfd says it exited (see ``process.py``), and the fork server's report is the
+    fallback; if the fork server is gone by then too, the code is unknown.
     """
 
     REPLY_TIMEOUT = 10.0  # a fork that takes longer means something is badly wrong: that fork server is stopped

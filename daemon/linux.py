@@ -4,7 +4,8 @@
   unlike psutil's ``create_time`` does not move with the wall clock) and the
   boot id, so a reused pid or one from before a reboot is never trusted;
 - ``pidfd_open`` to learn of an exit at once, for adopted processes too, and
-  ``waitid(P_PIDFD)`` to reap our own children;
+  ``waitid(P_PIDFD)`` to reap our own children; the exit code of a process that is not our child
+  (a warm server, an adopted one) from its zombie's ``/proc/<pid>/stat`` or, once reaped, its pidfd;
 - ``SO_PEERCRED`` to know who is on the other end of a Unix socket;
 - the cgroup2 mount and this process's cgroup (``/proc/self/mountinfo``,
   ``/proc/self/cgroup``), for containment (see ``containment.py``);
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import signal
@@ -101,7 +103,7 @@ def pidfd_open(pid: int) -> int:
 def reap(pidfd: int) -> int | None:
     """Reap our exited child behind ``pidfd``; its exit code, -N for signal N.
 
-    None when it is not our child (an adopted process): its status is lost.
+    None when it is not our child (an adopted process, a warm server): see ``exit_code_of``.
     """
     try:
         result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
@@ -112,6 +114,40 @@ def reap(pidfd: int) -> int | None:
     if result.si_code == os.CLD_EXITED:
         return result.si_status
     return -result.si_status
+
+
+# PIDFD_GET_INFO (Linux 6.13+): _IOWR(0xFF, 11, struct pidfd_info) at the struct's first size, 64
+# bytes; with PIDFD_INFO_EXIT (6.15+) in its mask it gives the exit status (as wait reports it, at
+# offset 60) of a process that has been reaped, by whichever parent. Older kernels refuse it.
+_PIDFD_GET_INFO = 0xC040FF0B
+_PIDFD_INFO_EXIT = 1 << 3
+
+
+def exit_code_of(pidfd: int, ident: ProcessIdentity) -> int | None:
+    """The exit code (-N for signal N) of the exited process behind ``pidfd``, whoever its parent: from
+    the zombie's ``/proc/<pid>/stat`` until its parent reaps it, then from the pidfd (Linux 6.15+).
+    None if neither tells (an older kernel, once reaped): its parent alone knows then. (A main thread
+    that ended before the others shows its own code in stat, not the process's: never a built-in server.)"""
+    fields = _stat_fields(ident.pid)  # (a pid reused since the reaping is another process: other ticks)
+    if fields is not None and fields[0] == b"Z" and int(fields[19]) == ident.start_ticks and len(fields) > 49:
+        status: int | None = int(fields[49])
+    else:
+        status = _pidfd_exit_status(pidfd)
+    try:
+        return None if status is None else os.waitstatus_to_exitcode(status)
+    except ValueError:
+        return None
+
+
+def _pidfd_exit_status(pidfd: int) -> int | None:
+    info = bytearray(64)
+    struct.pack_into("Q", info, 0, _PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, info)
+    except OSError:  # ENOTTY or EINVAL before 6.13, ESRCH when it is gone and 6.15's exit info is not there
+        return None
+    mask, status = struct.unpack_from("Q", info)[0], struct.unpack_from("i", info, 60)[0]
+    return int(status) if mask & _PIDFD_INFO_EXIT else None
 
 
 def send_group_signal(ident: ProcessIdentity, sig: int) -> bool:

@@ -6,7 +6,10 @@ whole group. Processes are started by subprocess's C ``fork_exec`` with
 ``close_fds`` (no ``preexec_fn``), so a server inherits only stdio and, for
 built-in servers, the listening socket. Exit is noticed through a pidfd registered with the
 event loop, for adopted processes as well as our own children; the only
-reaping is ``waitid(P_PIDFD)`` here, so no other reaper can steal a status.
+reaping is ``waitid(P_PIDFD)`` here, so no other reaper can steal a status. The exit code of a
+process that is not our child (a warm server, an adopted one) is read when its pidfd says it
+exited (``linux.exit_code_of``), without waiting for its parent; a fork server's report is the
+fallback (``MODELD_EXIT_CODES=reports`` in the daemon's environment takes only that: for tests).
 
 Errors: a server that cannot be started raises ``SpawnError``, an ``OSError`` whose text is the
 sentence a client reads; the Launcher (or the Supervisor, for a stop command) converts it once.
@@ -27,11 +30,13 @@ from typing import Protocol
 
 from .containment import Containment
 from .groups import Group
-from .linux import ProcessIdentity, pidfd_open, reap, send_group_signal
+from .linux import ProcessIdentity, exit_code_of, pidfd_open, reap, send_group_signal
 from .logs import marker
 from .store import LaunchInfo
 
 log = logging.getLogger("modeld.process")
+
+READ_EXIT_CODES = os.environ.get("MODELD_EXIT_CODES", "") != "reports"  # (see the module docstring)
 
 
 class ExitCodeSource(Protocol):
@@ -87,11 +92,15 @@ class ProcessHandle:
         # decides whether one of them serves on (see Supervisor.successor) or all are stopped.
         self._loop.remove_reader(self.pidfd)
         code = reap(self.pidfd)
+        if code is None and READ_EXIT_CODES:  # not our child: read where the kernel keeps it
+            code = exit_code_of(self.pidfd, self.ident)
         os.close(self.pidfd)
         self.pidfd = -1
-        if code is None and self.code_source is not None:  # forked: the fork server reports it
-            self.code_source.exit_code(self.pid).add_done_callback(lambda fut: self.set_exit_code(fut.result()))
-            return
+        if self.code_source is not None:  # forked: the fork server reports it too (and so forgets it)
+            report = self.code_source.exit_code(self.pid)
+            if code is None:
+                report.add_done_callback(lambda fut: self.set_exit_code(fut.result()))
+                return
         self.set_exit_code(code)
 
     def set_exit_code(self, code: int | None) -> None:

@@ -25,7 +25,7 @@ BUILTIN_TYPES = ("python", "pickle")  # model types run by the built-in server (
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return "exited (its exit code is unknown: it was adopted from an earlier daemon)"
+        return "exited (its exit code is unknown: it is not the daemon's child)"
     if code < 0:
         return f"was killed by signal {-code}"
     return f"exited with code {code}"

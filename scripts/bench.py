@@ -591,7 +591,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     progress("event latency: kill -9 of a server until its exited event is read")
     samples = bench_events.event_latency(home_b, watch, [str(s.uuid) for s in live], args.runs, reaper.note)
     result["event_latency_ms"] = summary(samples, 1000)
-    result["event_stream"] = {"events": watch.count, "gaps": watch.gaps, "error": repr(watch.error) if watch.error else None}
+    result["event_stream"] = {"events": watch.count, "gaps": watch.gaps, "error": repr(watch.error) if watch.error else None,
+                              "exited_with_signal_9": f"{watch.signals.count(9)} of {len(watch.signals)}"}
     latencies: list[float] = []
     requests = 0
     failures: list[str] = []

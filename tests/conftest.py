@@ -125,6 +125,23 @@ def iris_config(**overrides: object) -> ServiceConfig:
     return ServiceConfig(**fields)  # type: ignore[arg-type]
 
 
+def pidfd_keeps_exit_codes() -> bool:
+    """Whether this kernel gives a reaped process's exit status through its pidfd (PIDFD_INFO_EXIT,
+    Linux 6.15+), so the daemon knows the exit code of a server that is not its child whoever reaps it."""
+    import select
+
+    from daemon.linux import _pidfd_exit_status
+
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    fd = os.pidfd_open(proc.pid)
+    try:
+        select.select([fd], [], [], 30)
+        proc.wait()
+        return _pidfd_exit_status(fd) is not None
+    finally:
+        os.close(fd)
+
+
 def modeld(*args: str, home: Path, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the ``modeld`` command as a user would (through this interpreter)."""
     env = {**os.environ, "MODELD_HOME": str(home)}

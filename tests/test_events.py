@@ -25,7 +25,7 @@ from daemon.exceptions import DeployError, InvalidRequest
 from daemon.models import LocalModelService
 from daemon.testing import REPO, wait_for
 
-from conftest import iris_config, modeld
+from conftest import iris_config, modeld, pidfd_keeps_exit_codes
 
 
 def of(events: list[dict[str, Any]], uuid: object, *kinds: str) -> list[dict[str, Any]]:
@@ -134,6 +134,20 @@ def test_a_kill_9_is_exited_with_its_signal_then_restarting_then_healthy(client,
         assert read_at - killed < 2.0
         seqs = [e["seq"] for _, e in stream.events]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # in order, none missing
+
+
+def test_an_adopted_servers_exit_is_exited_with_its_signal(client, home):
+    if not pidfd_keeps_exit_codes():  # (then it is known only if the daemon reads the zombie before init reaps it)
+        pytest.skip(f"this kernel ({os.uname().release}) keeps no exit status in a pidfd (6.15+)")
+    svc = client.deploy(iris_config(), timeout=60)
+    client.shutdown()  # the server stays, reparented: the next call starts a daemon that adopts it
+    wait_for(lambda: not (home / "modeld.sock").exists(), 10, what="the daemon to exit")
+    assert client.get(svc.uuid).status.pid == svc.status.pid
+    with raw_events(home, f"?since={client.daemon_info()['events']['seq']}") as stream:
+        os.kill(svc.status.pid, signal.SIGKILL)
+        wait_for(lambda: "healthy" in stream.types(svc.uuid), 30, what="healthy again after the kill")
+        exited = [e for _, e in stream.events if e["type"] == "exited"]
+        assert len(exited) == 1 and exited[0]["signal"] == 9 and "exit_code" not in exited[0], exited
 
 
 def test_a_hung_server_is_unhealthy_then_exited_restarting_and_healthy(client, home, monkeypatch):

@@ -3,19 +3,24 @@
 The first built-in deploy of a daemon spawns cold and starts the fork server; later ones
 are forked from it once it is ready. These tests check, on real processes, that a warm
 server has its own session and process group, the service's env, cwd and log, that its
-exit code reaches the daemon, and that it is re-adopted after a daemon restart.
+exit code reaches the daemon (read from the kernel, or from the fork server's report), and that
+it is re-adopted after a daemon restart.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
+import time
 from pathlib import Path
 
-from conftest import port_open, predict
+import pytest
+from conftest import pidfd_keeps_exit_codes, port_open, predict
 
 from daemon import DaemonClient, DeployError, ServiceConfig, ServiceState
-from daemon.linux import holds_socket, listening_inodes
+from daemon.linux import ProcessIdentity, _pidfd_exit_status, exit_code_of, holds_socket, listening_inodes
+from daemon.runtime._serve import FORK_SERVER_NAME
 from daemon.testing import pid_alive, wait_for
 
 MODEL = """
@@ -96,3 +101,93 @@ def test_warm_servers_are_readopted_after_a_daemon_restart(client, home, tmp_pat
     inodes = listening_inodes(svc.endpoint.port)
     daemon = client.daemon_info()["pid"]
     wait_for(lambda: holds_socket(daemon, inodes), 10, what="the daemon to hold the re-adopted server's listening socket")
+
+
+# ---------------------------------------------- exit codes of processes that are not our children
+
+
+def exited_child(code: int | None) -> tuple[int, ProcessIdentity, int]:
+    """A child that exits with ``code`` (None: is killed by SIGKILL), left a zombie: (pid, identity, pidfd)."""
+    pid = os.fork()
+    if pid == 0:
+        if code is not None:
+            os._exit(code)
+        time.sleep(60)
+        os._exit(0)
+    ident = ProcessIdentity.of(pid)
+    assert ident is not None
+    fd = os.pidfd_open(pid)
+    if code is None:
+        os.kill(pid, signal.SIGKILL)
+    assert select.select([fd], [], [], 10)[0], "the child did not exit"
+    return pid, ident, fd
+
+
+@pytest.mark.parametrize("code, expected", [(None, -signal.SIGKILL), (3, 3), (0, 0)])
+def test_an_exit_code_is_read_from_the_zombie_then_from_the_pidfd_once_reaped(code, expected):
+    pid, ident, fd = exited_child(code)
+    try:
+        assert exit_code_of(fd, ident) == expected  # a zombie: its /proc/<pid>/stat says it
+        if _pidfd_exit_status(fd) is None:  # (the kernel keeps it in the pidfd only once reaped)
+            wrong = ProcessIdentity(pid, ident.start_ticks + 1, ident.boot_id)
+            assert exit_code_of(fd, wrong) is None  # another process's stat (the pid reused) is not read
+        os.waitpid(pid, 0)  # reaped by its parent: the zombie is gone
+        if not pidfd_keeps_exit_codes():
+            assert exit_code_of(fd, ident) is None  # the parent's report is the fallback then
+            pytest.skip(f"this kernel ({os.uname().release}) keeps no exit status in a pidfd (6.15+)")
+        assert exit_code_of(fd, ident) == expected
+    finally:
+        os.close(fd)
+
+
+def fork_server_of(daemon_pid: int) -> int:
+    """The daemon's (one) fork server: its child named FORK_SERVER_NAME."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index(b"(") + 1 : stat.rindex(b")")], stat[stat.rindex(b")") + 2 :].split()
+        if name == FORK_SERVER_NAME.encode() and int(fields[1]) == daemon_pid:
+            found.append(int(entry))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_warm_servers_exit_code_does_not_wait_for_the_fork_server(client, home, tmp_path):
+    work = write_models(tmp_path)
+    warm_ready(client, work)
+    svc = client.deploy(ServiceConfig(model_name="quick", model_uri=f"{work}/env_model.py:model", restart={"mode": "never"}),
+                        timeout=60)
+    assert "starting a warm server" in (Path(svc.service_path) / "service.log").read_text()
+    fork_server = fork_server_of(client.daemon_info()["pid"])
+    os.kill(fork_server, signal.SIGSTOP)  # it cannot reap nor report until continued
+    try:
+        os.kill(svc.status.pid, signal.SIGKILL)
+        gone = wait_for(lambda: (s := client.get(svc.uuid)).status.state == ServiceState.ERROR and s, 10,
+                        what="the exit to be known while the fork server is stopped")
+        assert gone.status.exit_code == -signal.SIGKILL
+    finally:
+        os.kill(fork_server, signal.SIGCONT)
+
+
+def test_with_the_fork_servers_reports_alone_a_warm_servers_exit_code_still_comes(client, home, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELD_EXIT_CODES", "reports")  # read by the daemon the client auto-starts: as on a kernel
+    work = write_models(tmp_path)  # whose zombie was reaped before it was read, and keeps no exit status in a pidfd
+    warm_ready(client, work)
+    svc = client.deploy(ServiceConfig(model_name="reported", model_uri=f"{work}/env_model.py:model",
+                                      restart={"mode": "never"}), timeout=60)
+    assert "starting a warm server" in (Path(svc.service_path) / "service.log").read_text()
+    fork_server = fork_server_of(client.daemon_info()["pid"])
+    os.kill(fork_server, signal.SIGSTOP)
+    try:
+        os.kill(svc.status.pid, signal.SIGKILL)
+        time.sleep(0.3)  # (the claim: nothing is known in this time, while the fork server cannot report)
+        assert client.get(svc.uuid).status.state == ServiceState.ACTIVE
+    finally:
+        os.kill(fork_server, signal.SIGCONT)
+    gone = wait_for(lambda: (s := client.get(svc.uuid)).status.state == ServiceState.ERROR and s, 10,
+                    what="the fork server's report")
+    assert gone.status.exit_code == -signal.SIGKILL

@@ -193,24 +193,23 @@ def fork_server(control_fd: int) -> int:
     from .cli import main  # noqa: F401  (the whole runtime and uvicorn, imported once here for every child)
 
     ctl = socket.socket(fileno=control_fd)
-    children: set[int] = set()
     records: dict[int, str | None] = {}  # pid -> its record file
 
     def reap(*_: object) -> None:
-        for pid in list(children):
+        # Every child of ours is a server we forked: those that exited, whatever their number (one
+        # SIGCHLD may stand for several), each at the cost of one call however many live on.
+        while True:
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                children.discard(pid)
-                continue
-            if done:
-                children.discard(pid)
-                remove_record(records.pop(pid, None))
-                code = os.waitstatus_to_exitcode(status)
-                try:
-                    ctl.send(encode_exit(pid, code))
-                except OSError:
-                    pass
+                return
+            if pid == 0:
+                return
+            remove_record(records.pop(pid, None))
+            try:
+                ctl.send(encode_exit(pid, os.waitstatus_to_exitcode(status)))
+            except (OSError, ValueError):
+                pass
 
     signal.signal(signal.SIGCHLD, reap)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -248,7 +247,6 @@ def fork_server(control_fd: int) -> int:
                         sys.stderr.flush()
                     finally:
                         os._exit(code)
-            children.add(pid)
             for fd in fds:
                 os.close(fd)
             ticks = _start_ticks(pid)
