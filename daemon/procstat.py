@@ -136,6 +136,17 @@ Usage = tuple[int, float]  # (memory bytes, CPU seconds)
 _readings: dict[Server, tuple[float, Usage | None]] = {}  # (monotonic time of the reading, the reading)
 
 
+def due(servers: list[Server], max_age: float = MAX_AGE) -> bool:
+    """Whether ``usage`` would read any of ``servers`` anew."""
+    now = time.monotonic()
+    for server in servers:
+        if server[0] is not None:
+            reading = _readings.get(server)
+            if reading is None or now - reading[0] >= max_age:
+                return True
+    return False
+
+
 def usage(servers: list[Server], max_age: float = MAX_AGE) -> list[Usage | None]:
     """(memory bytes, CPU seconds) of each ``(pid, leaf cgroup)``; None where no server runs (or it
     is gone). A reading younger than ``max_age`` seconds is answered again instead of read anew: a
