@@ -57,6 +57,7 @@ class _Counts:
     name: str | None = None  # the model name ``labels`` were made of (a replace may change it)
     labels: str = ""  # uuid="…",model_name="…"
     uuid: str = ""
+    texts: dict[str, tuple[object, tuple[str, ...]]] = field(default_factory=dict)  # see _texts
 
 
 _counts: dict[UUID, _Counts] = {}
@@ -199,11 +200,106 @@ async def scrape(manager: Manager) -> bytes:
     return render(services, manager.paths, lag)
 
 
+_FAMILIES = (  # the per-service families, in the order of _texts' parts
+    ("modeld_service_up", "gauge", "1 when the service is active (its server answers its health checks)."),
+    ("modeld_service_restarts_total", "counter", "Restarts of the service's server by supervision."),
+    ("modeld_service_exits_total", "counter", "Exits of the service's server not asked for, and idle stops, by reason."),
+    ("modeld_service_last_exit_code", "gauge", "The last exit code of the service's server (-N: killed by signal N)."),
+    ("modeld_service_start_time_seconds", "gauge", "When the service's running server started, in seconds since the epoch."),
+    ("modeld_service_probe_duration_seconds", "histogram", "Time of the daemon's liveness probes of the service."),
+    (
+        "modeld_service_memory_bytes",
+        "gauge",
+        "Memory of the service's server and its children (cgroup memory.current, else the sum of RSS).",
+    ),
+    ("modeld_service_cpu_seconds_total", "counter", "CPU time of the service's running server and its children."),
+    (
+        "modeld_service_requests_total",
+        "counter",
+        "Requests to the service by status, as the gateway or a built-in server counted them (via).",
+    ),
+    ("modeld_service_request_duration_seconds", "histogram", "Time to the end of each response (via: who measured it)."),
+    ("modeld_service_wakes_total", "counter", "Loads of the service from zero (on demand)."),
+)
+
+
+def _family(name: str, kind: str, text: str) -> str:
+    return f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
+
+
+_HEADS = tuple(_family(*f) for f in _FAMILIES)
+
+
+def _cached(s: _Service, part: str, key: object) -> tuple[str, ...] | None:
+    got = s.counts.texts.get(part)
+    return got[1] if got is not None and got[0] == key else None
+
+
+def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, counters.Counts | None]]) -> list[str]:
+    """The service's text in each of ``_FAMILIES``. Each part is kept with what it was made of and
+    made again only when that changed: with a scrape every second most are the same as the last."""
+    counts, labels = s.counts, s.labels
+    key: object = (labels, s.state, s.restarts, s.exit_code, s.started_at, tuple(counts.exits.values()), counts.wakes)
+    state = _cached(s, "state", key)
+    if state is None:
+        state = (
+            f"modeld_service_up{{{labels}}} {int(s.state == ServiceState.ACTIVE)}\n",
+            f"modeld_service_restarts_total{{{labels}}} {s.restarts}\n",
+            "".join(f'modeld_service_exits_total{{{labels},reason="{r}"}} {n}\n' for r, n in counts.exits.items()),
+            f"modeld_service_last_exit_code{{{labels}}} {s.exit_code}\n" if s.exit_code is not None else "",
+            f"modeld_service_start_time_seconds{{{labels}}} {s.started_at!r}\n" if s.started_at else "",
+            f"modeld_service_wakes_total{{{labels}}} {counts.wakes}\n",
+        )
+        counts.texts["state"] = (key, state)
+    key = (labels, counts.probe_sum, sum(counts.probe_buckets))
+    probes = _cached(s, "probes", key)
+    if probes is None:
+        out: list[str] = []
+        _histogram(out, "modeld_service_probe_duration_seconds", labels, PROBE_BOUNDS, counts.probe_buckets, counts.probe_sum)
+        probes = ("".join(out),)
+        counts.texts["probes"] = (key, probes)
+    key = (labels, usage)
+    used = _cached(s, "usage", key)
+    if used is None:
+        used = (
+            (
+                f"modeld_service_memory_bytes{{{labels}}} {usage[0]}\n",
+                f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r}\n",
+            )
+            if usage
+            else ("", "")
+        )
+        counts.texts["usage"] = (key, used)
+    key = (labels, tuple((c.sum, sum(c.buckets)) if c is not None else None for _, c in requests))
+    served = _cached(s, "requests", key)
+    if served is None:
+        totals: list[str] = []
+        durations: list[str] = []
+        for via, c in requests:
+            if c is None:
+                continue
+            totals.extend(
+                f'modeld_service_requests_total{{{labels},via="{via}",code="{code}"}} {n}\n' for code, n in c.codes.items()
+            )
+            if c.codes:  # (from the first request on: a histogram of none says nothing)
+                _histogram(
+                    durations,
+                    "modeld_service_request_duration_seconds",
+                    f'{labels},via="{via}"',
+                    counters.BOUNDS,
+                    c.buckets,
+                    c.sum,
+                )
+        served = ("".join(totals), "".join(durations))
+        counts.texts["requests"] = (key, served)
+    return [*state[:5], probes[0], *used, *served, state[5]]
+
+
 def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
     out: list[str] = []
 
     def family(name: str, kind: str, text: str) -> None:
-        out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+        out.append(_family(name, kind, text))
 
     family("modeld_services", "gauge", "Services by state.")
     by_state = dict.fromkeys(ServiceState, 0)
@@ -211,54 +307,16 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
         by_state[s.state] += 1
     out.extend(f'modeld_services{{state="{state.value}"}} {n}\n' for state, n in by_state.items())
 
-    family("modeld_service_up", "gauge", "1 when the service is active (its server answers its health checks).")
-    out.extend(f"modeld_service_up{{{s.labels}}} {int(s.state == ServiceState.ACTIVE)}\n" for s in services)
-    family("modeld_service_restarts_total", "counter", "Restarts of the service's server by supervision.")
-    out.extend(f"modeld_service_restarts_total{{{s.labels}}} {s.restarts}\n" for s in services)
-    family("modeld_service_exits_total", "counter", "Exits of the service's server not asked for, and idle stops, by reason.")
-    for s in services:
-        out.extend(f'modeld_service_exits_total{{{s.labels},reason="{r}"}} {n}\n' for r, n in s.counts.exits.items())
-    family("modeld_service_last_exit_code", "gauge", "The last exit code of the service's server (-N: killed by signal N).")
-    out.extend(f"modeld_service_last_exit_code{{{s.labels}}} {s.exit_code}\n" for s in services if s.exit_code is not None)
-    family("modeld_service_start_time_seconds", "gauge", "When the service's running server started, in seconds since the epoch.")
-    out.extend(f"modeld_service_start_time_seconds{{{s.labels}}} {s.started_at!r}\n" for s in services if s.started_at)
-    family("modeld_service_probe_duration_seconds", "histogram", "Time of the daemon's liveness probes of the service.")
-    for s in services:
-        _histogram(
-            out, "modeld_service_probe_duration_seconds", s.labels, PROBE_BOUNDS, s.counts.probe_buckets, s.counts.probe_sum
-        )
-
     usage = procstat.usage([(s.pid, s.cgroup) for s in services])
-    family(
-        "modeld_service_memory_bytes",
-        "gauge",
-        "Memory of the service's server and its children (cgroup memory.current, else the sum of RSS).",
-    )
-    out.extend(f"modeld_service_memory_bytes{{{s.labels}}} {u[0]}\n" for s, u in zip(services, usage, strict=True) if u)
-    family("modeld_service_cpu_seconds_total", "counter", "CPU time of the service's running server and its children.")
-    out.extend(f"modeld_service_cpu_seconds_total{{{s.labels}}} {u[1]!r}\n" for s, u in zip(services, usage, strict=True) if u)
-
     folder = str(paths.requests_file("x", "direct").parent)
-    requests = [(s, via, counters.read(f"{folder}/{s.uuid}.{via}")) for s in services for via in VIAS]
-    family(
-        "modeld_service_requests_total",
-        "counter",
-        "Requests to the service by status, as the gateway or a built-in server counted them (via).",
-    )
-    for s, via, c in requests:
-        if c is not None:
-            out.extend(
-                f'modeld_service_requests_total{{{s.labels},via="{via}",code="{code}"}} {n}\n' for code, n in c.codes.items()
-            )
-    family("modeld_service_request_duration_seconds", "histogram", "Time to the end of each response (via: who measured it).")
-    for s, via, c in requests:
-        if c is not None and c.codes:  # (from the first request on: a histogram of none says nothing)
-            _histogram(
-                out, "modeld_service_request_duration_seconds", f'{s.labels},via="{via}"', counters.BOUNDS, c.buckets, c.sum
-            )
-
-    family("modeld_service_wakes_total", "counter", "Loads of the service from zero (on demand).")
-    out.extend(f"modeld_service_wakes_total{{{s.labels}}} {s.counts.wakes}\n" for s in services)
+    texts = [
+        _texts(s, u, [(via, counters.read(f"{folder}/{s.uuid}.{via}")) for via in VIAS])
+        for s, u in zip(services, usage, strict=True)
+    ]
+    for i, head in enumerate(_HEADS):
+        out.append(head)
+        out.extend(t[i] for t in texts)
+    del texts
 
     own = procstat.own()
     family("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.")
