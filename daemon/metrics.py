@@ -309,14 +309,23 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
 
     usage = procstat.usage([(s.pid, s.cgroup) for s in services])
     folder = str(paths.requests_file("x", "direct").parent)
+    try:
+        files = set(os.listdir(folder))  # (one listing, not a failed open of each file not there)
+    except FileNotFoundError:
+        files = set()
     texts = [
-        _texts(s, u, [(via, counters.read(f"{folder}/{s.uuid}.{via}")) for via in VIAS])
+        _texts(
+            s,
+            u,
+            [(via, counters.read(f"{folder}/{name}") if (name := f"{s.uuid}.{via}") in files else None) for via in VIAS],
+        )
         for s, u in zip(services, usage, strict=True)
     ]
-    for i, head in enumerate(_HEADS):
+    columns: list[tuple[str, ...]] = list(zip(*texts, strict=True)) if texts else [()] * len(_HEADS)
+    for head, column in zip(_HEADS, columns, strict=True):
         out.append(head)
-        out.extend(t[i] for t in texts)
-    del texts
+        out.extend(column)
+    del texts, columns, files
 
     own = procstat.own()
     family("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.")
