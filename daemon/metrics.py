@@ -57,7 +57,7 @@ class _Counts:
     name: str | None = None  # the model name ``labels`` were made of (a replace may change it)
     labels: str = ""  # uuid="…",model_name="…"
     uuid: str = ""
-    texts: dict[str, tuple[object, tuple[str, ...]]] = field(default_factory=dict)  # see _texts
+    texts: tuple[tuple[object, ...], list[str]] | None = None  # see _texts
 
 
 _counts: dict[UUID, _Counts] = {}
@@ -230,38 +230,37 @@ def _family(name: str, kind: str, text: str) -> str:
 _HEADS = tuple(_family(*f) for f in _FAMILIES)
 
 
-def _cached(s: _Service, part: str, key: object) -> tuple[str, ...] | None:
-    got = s.counts.texts.get(part)
-    return got[1] if got is not None and got[0] == key else None
-
-
 def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, counters.Counts | None]]) -> list[str]:
-    """The service's text in each of ``_FAMILIES``. Each part is kept with what it was made of and
-    made again only when that changed: with a scrape every second most are the same as the last."""
+    """The service's text in each of ``_FAMILIES``, kept with what it was made of (exactly: every
+    value its text shows) and made again only where that changed; with a scrape every second most
+    services are as they were at the last one."""
     counts, labels = s.counts, s.labels
-    key: object = (labels, s.state, s.restarts, s.exit_code, s.started_at, tuple(counts.exits.values()), counts.wakes)
-    state = _cached(s, "state", key)
-    if state is None:
-        state = (
+    keys = (
+        (labels, s.state, s.restarts, s.exit_code, s.started_at, tuple(counts.exits.values()), counts.wakes),
+        (labels, counts.probe_sum, tuple(counts.probe_buckets)),
+        (labels, usage),
+        (labels, tuple(c for _, c in requests)),  # (Counts compare by value: codes, buckets, sum)
+    )
+    kept = counts.texts
+    if kept is not None and kept[0] == keys:
+        return kept[1]
+    was, parts = kept if kept is not None else ((None, None, None, None), [""] * len(_FAMILIES))
+    parts = list(parts)
+    if was[0] != keys[0]:
+        parts[0:5] = (
             f"modeld_service_up{{{labels}}} {int(s.state == ServiceState.ACTIVE)}\n",
             f"modeld_service_restarts_total{{{labels}}} {s.restarts}\n",
             "".join(f'modeld_service_exits_total{{{labels},reason="{r}"}} {n}\n' for r, n in counts.exits.items()),
             f"modeld_service_last_exit_code{{{labels}}} {s.exit_code}\n" if s.exit_code is not None else "",
             f"modeld_service_start_time_seconds{{{labels}}} {s.started_at!r}\n" if s.started_at else "",
-            f"modeld_service_wakes_total{{{labels}}} {counts.wakes}\n",
         )
-        counts.texts["state"] = (key, state)
-    key = (labels, counts.probe_sum, sum(counts.probe_buckets))
-    probes = _cached(s, "probes", key)
-    if probes is None:
+        parts[10] = f"modeld_service_wakes_total{{{labels}}} {counts.wakes}\n"
+    if was[1] != keys[1]:
         out: list[str] = []
         _histogram(out, "modeld_service_probe_duration_seconds", labels, PROBE_BOUNDS, counts.probe_buckets, counts.probe_sum)
-        probes = ("".join(out),)
-        counts.texts["probes"] = (key, probes)
-    key = (labels, usage)
-    used = _cached(s, "usage", key)
-    if used is None:
-        used = (
+        parts[5] = "".join(out)
+    if was[2] != keys[2]:
+        parts[6:8] = (
             (
                 f"modeld_service_memory_bytes{{{labels}}} {usage[0]}\n",
                 f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r}\n",
@@ -269,10 +268,7 @@ def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, 
             if usage
             else ("", "")
         )
-        counts.texts["usage"] = (key, used)
-    key = (labels, tuple((c.sum, sum(c.buckets)) if c is not None else None for _, c in requests))
-    served = _cached(s, "requests", key)
-    if served is None:
+    if was[3] != keys[3]:
         totals: list[str] = []
         durations: list[str] = []
         for via, c in requests:
@@ -290,9 +286,9 @@ def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, 
                     c.buckets,
                     c.sum,
                 )
-        served = ("".join(totals), "".join(durations))
-        counts.texts["requests"] = (key, served)
-    return [*state[:5], probes[0], *used, *served, state[5]]
+        parts[8:10] = ("".join(totals), "".join(durations))
+    counts.texts = (keys, parts)
+    return parts
 
 
 def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
