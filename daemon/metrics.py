@@ -196,8 +196,10 @@ async def scrape(manager: Manager) -> bytes:
     lag = await _lag.take()
     servers = [(s.pid, s.cgroup) for s in services]
     if procstat.due(servers):
-        await asyncio.to_thread(procstat.usage, servers)
-    return render(services, manager.paths, lag)
+        usage = await asyncio.to_thread(procstat.usage, servers)
+    else:
+        usage = procstat.usage(servers)  # (every reading kept: nothing read on the loop)
+    return render(services, usage, manager.paths, lag)
 
 
 _FAMILIES = (  # the per-service families, in the order of _texts' parts
@@ -291,7 +293,7 @@ def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, 
     return parts
 
 
-def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
+def render(services: list[_Service], usage: list[procstat.Usage | None], paths: Paths, lag: float) -> bytes:
     out: list[str] = []
 
     def family(name: str, kind: str, text: str) -> None:
@@ -303,7 +305,6 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
         by_state[s.state] += 1
     out.extend(f'modeld_services{{state="{state.value}"}} {n}\n' for state, n in by_state.items())
 
-    usage = procstat.usage([(s.pid, s.cgroup) for s in services])
     folder = str(paths.requests_file("x", "direct").parent)
     try:
         files = set(os.listdir(folder))  # (one listing, not a failed open of each file not there)
