@@ -8,8 +8,9 @@ The counts only the daemon sees are kept here, in memory, by hook calls at the f
 
 What the servers and the gateway count is read at scrape time: the request counters in
 ``run/requests/<uuid>.<via>`` (runtime/_serve/counters.py, one ``pread`` each), each server's memory
-and CPU (procstat.py). A scrape takes a snapshot of the services on the event loop, then does its
-reading and formatting in a thread, so the loop is held for the snapshot only.
+and CPU (procstat.py, a reading serving ``procstat.MAX_AGE`` s). A scrape is made on the event loop
+(about 3 ms of it with 100 services), but for the memory and CPU readings when they are due, made
+in a thread first: no thread formats the text, so no thread's malloc arena holds its pages.
 
 ``modeld_event_loop_lag_seconds`` is the longest delay seen, since the last scrape, between when
 the loop should have woken a timer and when it did (sampled every ``LAG_TICK`` s, only while someone
@@ -53,6 +54,10 @@ class _Counts:
     last_exit: int | None = None  # the code of the last exit seen here (the record's is None once a server runs again)
     probe_buckets: list[int] = field(default_factory=lambda: [0] * (len(PROBE_BOUNDS) + 1))
     probe_sum: float = 0.0
+    name: str | None = None  # the model name ``labels`` were made of (a replace may change it)
+    labels: str = ""  # uuid="…",model_name="…"
+    uuid: str = ""
+    texts: tuple[tuple[object, ...], list[str]] | None = None  # see _texts
 
 
 _counts: dict[UUID, _Counts] = {}
@@ -159,39 +164,140 @@ def _snapshot(manager: Manager) -> list[_Service]:
     for uuid in [u for u in _counts if u not in manager.services]:
         del _counts[uuid]
     found = []
-    for m in manager.services.values():
+    for uuid, m in manager.services.items():
         svc, proc = m.svc, m.proc
         alive = proc is not None and not proc.exited.done()
         group = proc.group if proc is not None else None
-        counts = _of(m.uuid)
+        counts = _of(uuid)
+        name = svc.config.model_name or ""
+        if counts.name != name:  # (made once per service: a uuid's text costs more than the rest here)
+            counts.name, counts.uuid = name, str(uuid)
+            counts.labels = f'uuid="{counts.uuid}",model_name="{label(name)}"'  # (a uuid needs no escaping)
         found.append(
             _Service(
-                labels=f'uuid="{m.uuid}",model_name="{label(svc.config.model_name or "")}"',  # (a uuid needs no escaping)
-                uuid=str(m.uuid),
+                labels=counts.labels,
+                uuid=counts.uuid,
                 state=svc.status.state,
                 restarts=svc.status.restarts,
                 exit_code=svc.status.exit_code if svc.status.exit_code is not None else counts.last_exit,
                 started_at=svc.status.started_at if alive else None,
                 pid=proc.pid if alive and proc is not None else None,
                 cgroup=str(group.path) if alive and isinstance(group, CgroupGroup) else None,
-                counts=_Counts(dict(counts.exits), counts.wakes, counts.last_exit, list(counts.probe_buckets), counts.probe_sum),
+                counts=counts,
             )
         )
     return found
 
 
 async def scrape(manager: Manager) -> bytes:
-    """The text of ``GET /metrics``."""
+    """The text of ``GET /metrics``: made on the event loop, but for the reading of the servers'
+    memory and CPU when a reading is due (procstat.MAX_AGE), done in a thread first."""
     services = _snapshot(manager)
     lag = await _lag.take()
-    return await asyncio.to_thread(render, services, manager.paths, lag)
+    servers = [(s.pid, s.cgroup) for s in services]
+    if procstat.due(servers):
+        usage = await asyncio.to_thread(procstat.usage, servers)
+    else:
+        usage = procstat.usage(servers)  # (every reading kept: nothing read on the loop)
+    return render(services, usage, manager.paths, lag)
 
 
-def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
+_FAMILIES = (  # the per-service families, in the order of _texts' parts
+    ("modeld_service_up", "gauge", "1 when the service is active (its server answers its health checks)."),
+    ("modeld_service_restarts_total", "counter", "Restarts of the service's server by supervision."),
+    ("modeld_service_exits_total", "counter", "Exits of the service's server not asked for, and idle stops, by reason."),
+    ("modeld_service_last_exit_code", "gauge", "The last exit code of the service's server (-N: killed by signal N)."),
+    ("modeld_service_start_time_seconds", "gauge", "When the service's running server started, in seconds since the epoch."),
+    ("modeld_service_probe_duration_seconds", "histogram", "Time of the daemon's liveness probes of the service."),
+    (
+        "modeld_service_memory_bytes",
+        "gauge",
+        "Memory of the service's server and its children (cgroup memory.current, else the sum of RSS).",
+    ),
+    ("modeld_service_cpu_seconds_total", "counter", "CPU time of the service's running server and its children."),
+    (
+        "modeld_service_requests_total",
+        "counter",
+        "Requests to the service by status, as the gateway or a built-in server counted them (via).",
+    ),
+    ("modeld_service_request_duration_seconds", "histogram", "Time to the end of each response (via: who measured it)."),
+    ("modeld_service_wakes_total", "counter", "Loads of the service from zero (on demand)."),
+)
+
+
+def _family(name: str, kind: str, text: str) -> str:
+    return f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
+
+
+_HEADS = tuple(_family(*f) for f in _FAMILIES)
+
+
+def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, counters.Counts | None]]) -> list[str]:
+    """The service's text in each of ``_FAMILIES``, kept with what it was made of (exactly: every
+    value its text shows) and made again only where that changed; with a scrape every second most
+    services are as they were at the last one."""
+    counts, labels = s.counts, s.labels
+    keys = (
+        (labels, s.state, s.restarts, s.exit_code, s.started_at, tuple(counts.exits.values()), counts.wakes),
+        (labels, counts.probe_sum, tuple(counts.probe_buckets)),
+        (labels, usage),
+        (labels, tuple(c for _, c in requests)),  # (Counts compare by value: codes, buckets, sum)
+    )
+    kept = counts.texts
+    if kept is not None and kept[0] == keys:
+        return kept[1]
+    was, parts = kept if kept is not None else ((None, None, None, None), [""] * len(_FAMILIES))
+    parts = list(parts)
+    if was[0] != keys[0]:
+        parts[0:5] = (
+            f"modeld_service_up{{{labels}}} {int(s.state == ServiceState.ACTIVE)}\n",
+            f"modeld_service_restarts_total{{{labels}}} {s.restarts}\n",
+            "".join(f'modeld_service_exits_total{{{labels},reason="{r}"}} {n}\n' for r, n in counts.exits.items()),
+            f"modeld_service_last_exit_code{{{labels}}} {s.exit_code}\n" if s.exit_code is not None else "",
+            f"modeld_service_start_time_seconds{{{labels}}} {s.started_at!r}\n" if s.started_at else "",
+        )
+        parts[10] = f"modeld_service_wakes_total{{{labels}}} {counts.wakes}\n"
+    if was[1] != keys[1]:
+        out: list[str] = []
+        _histogram(out, "modeld_service_probe_duration_seconds", labels, PROBE_BOUNDS, counts.probe_buckets, counts.probe_sum)
+        parts[5] = "".join(out)
+    if was[2] != keys[2]:
+        parts[6:8] = (
+            (
+                f"modeld_service_memory_bytes{{{labels}}} {usage[0]}\n",
+                f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r}\n",
+            )
+            if usage
+            else ("", "")
+        )
+    if was[3] != keys[3]:
+        totals: list[str] = []
+        durations: list[str] = []
+        for via, c in requests:
+            if c is None:
+                continue
+            totals.extend(
+                f'modeld_service_requests_total{{{labels},via="{via}",code="{code}"}} {n}\n' for code, n in c.codes.items()
+            )
+            if c.codes:  # (from the first request on: a histogram of none says nothing)
+                _histogram(
+                    durations,
+                    "modeld_service_request_duration_seconds",
+                    f'{labels},via="{via}"',
+                    counters.BOUNDS,
+                    c.buckets,
+                    c.sum,
+                )
+        parts[8:10] = ("".join(totals), "".join(durations))
+    counts.texts = (keys, parts)
+    return parts
+
+
+def render(services: list[_Service], usage: list[procstat.Usage | None], paths: Paths, lag: float) -> bytes:
     out: list[str] = []
 
     def family(name: str, kind: str, text: str) -> None:
-        out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+        out.append(_family(name, kind, text))
 
     family("modeld_services", "gauge", "Services by state.")
     by_state = dict.fromkeys(ServiceState, 0)
@@ -199,54 +305,24 @@ def render(services: list[_Service], paths: Paths, lag: float) -> bytes:
         by_state[s.state] += 1
     out.extend(f'modeld_services{{state="{state.value}"}} {n}\n' for state, n in by_state.items())
 
-    family("modeld_service_up", "gauge", "1 when the service is active (its server answers its health checks).")
-    out.extend(f"modeld_service_up{{{s.labels}}} {int(s.state == ServiceState.ACTIVE)}\n" for s in services)
-    family("modeld_service_restarts_total", "counter", "Restarts of the service's server by supervision.")
-    out.extend(f"modeld_service_restarts_total{{{s.labels}}} {s.restarts}\n" for s in services)
-    family("modeld_service_exits_total", "counter", "Exits of the service's server not asked for, and idle stops, by reason.")
-    for s in services:
-        out.extend(f'modeld_service_exits_total{{{s.labels},reason="{r}"}} {n}\n' for r, n in s.counts.exits.items())
-    family("modeld_service_last_exit_code", "gauge", "The last exit code of the service's server (-N: killed by signal N).")
-    out.extend(f"modeld_service_last_exit_code{{{s.labels}}} {s.exit_code}\n" for s in services if s.exit_code is not None)
-    family("modeld_service_start_time_seconds", "gauge", "When the service's running server started, in seconds since the epoch.")
-    out.extend(f"modeld_service_start_time_seconds{{{s.labels}}} {s.started_at!r}\n" for s in services if s.started_at)
-    family("modeld_service_probe_duration_seconds", "histogram", "Time of the daemon's liveness probes of the service.")
-    for s in services:
-        _histogram(
-            out, "modeld_service_probe_duration_seconds", s.labels, PROBE_BOUNDS, s.counts.probe_buckets, s.counts.probe_sum
-        )
-
-    usage = procstat.usage([(s.pid, s.cgroup) for s in services])
-    family(
-        "modeld_service_memory_bytes",
-        "gauge",
-        "Memory of the service's server and its children (cgroup memory.current, else the sum of RSS).",
-    )
-    out.extend(f"modeld_service_memory_bytes{{{s.labels}}} {u[0]}\n" for s, u in zip(services, usage, strict=True) if u)
-    family("modeld_service_cpu_seconds_total", "counter", "CPU time of the service's running server and its children.")
-    out.extend(f"modeld_service_cpu_seconds_total{{{s.labels}}} {u[1]!r}\n" for s, u in zip(services, usage, strict=True) if u)
-
     folder = str(paths.requests_file("x", "direct").parent)
-    requests = [(s, via, counters.read(f"{folder}/{s.uuid}.{via}")) for s in services for via in VIAS]
-    family(
-        "modeld_service_requests_total",
-        "counter",
-        "Requests to the service by status, as the gateway or a built-in server counted them (via).",
-    )
-    for s, via, c in requests:
-        if c is not None:
-            out.extend(
-                f'modeld_service_requests_total{{{s.labels},via="{via}",code="{code}"}} {n}\n' for code, n in c.codes.items()
-            )
-    family("modeld_service_request_duration_seconds", "histogram", "Time to the end of each response (via: who measured it).")
-    for s, via, c in requests:
-        if c is not None and c.codes:  # (from the first request on: a histogram of none says nothing)
-            _histogram(
-                out, "modeld_service_request_duration_seconds", f'{s.labels},via="{via}"', counters.BOUNDS, c.buckets, c.sum
-            )
-
-    family("modeld_service_wakes_total", "counter", "Loads of the service from zero (on demand).")
-    out.extend(f"modeld_service_wakes_total{{{s.labels}}} {s.counts.wakes}\n" for s in services)
+    try:
+        files = set(os.listdir(folder))  # (one listing, not a failed open of each file not there)
+    except FileNotFoundError:
+        files = set()
+    texts = [
+        _texts(
+            s,
+            u,
+            [(via, counters.read(f"{folder}/{name}") if (name := f"{s.uuid}.{via}") in files else None) for via in VIAS],
+        )
+        for s, u in zip(services, usage, strict=True)
+    ]
+    columns: list[tuple[str, ...]] = list(zip(*texts, strict=True)) if texts else [()] * len(_HEADS)
+    for head, column in zip(_HEADS, columns, strict=True):
+        out.append(head)
+        out.extend(column)
+    del texts, columns, files
 
     own = procstat.own()
     family("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.")

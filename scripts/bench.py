@@ -18,6 +18,8 @@ same run as its floor, alternating, and the ratios are taken against that floor.
 | readopt_ms                | restart the daemon with the live servers until all are reported active again (each after a fresh probe) |
 | daemon_rss_mb / daemon_idle_cpu_pct | the daemon with the live servers, idle but for a client scraping /metrics every second |
 | metrics_scrape_ms         | GET /metrics over the daemon's socket with the live servers, until the whole body is read (keep-alive) |
+|                           | back to back: most are answered with memory/CPU readings younger than 5 s (procstat.MAX_AGE) |
+| metrics_scrape_1hz_ms     | the same, of the scrapes every second of the idle windows (every fifth or so reads them anew) |
 | replace_*                 | replace of a built-in server while a client sends requests as fast as it can, one connection each, |
 |                           | from 0.3 s before to 0.3 s after; failures count them all, latency those overlapping the replace call |
 | list_live_ms              | GET /v1/services with the live servers, until the whole body is read     |
@@ -333,13 +335,13 @@ def deploy_live(home: Path, folder: Path, count: int, reaper: Reaper) -> list[An
         return list(pool.map(one, range(count)))
 
 
-def idle_daemon(client: DaemonClient, seconds: float) -> tuple[float, float]:
+def idle_daemon(client: DaemonClient, seconds: float, scrapes: list[float] | None = None) -> tuple[float, float]:
     """RSS (MiB) and CPU (% of a core) of the daemon over ``seconds`` of idling, but for a client
     scraping ``/metrics`` every second, as Prometheus would (issue 14: the targets hold with it)."""
     pid = client.daemon_info()["pid"]
     client.close()
     stop = threading.Event()
-    scraper = threading.Thread(target=scrape_every_second, args=(str(client.paths.socket), stop), daemon=True)
+    scraper = threading.Thread(target=scrape_every_second, args=(str(client.paths.socket), stop, scrapes), daemon=True)
     scraper.start()
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)  # the measurement itself: the daemon must be left alone but for the scrapes
@@ -349,11 +351,15 @@ def idle_daemon(client: DaemonClient, seconds: float) -> tuple[float, float]:
     return rss_mb(pid), 100 * (cpu1 - cpu0) / (t1 - t0)
 
 
-def scrape_every_second(socket_path: str, stop: threading.Event) -> None:
+def scrape_every_second(socket_path: str, stop: threading.Event, times: list[float] | None = None) -> None:
+    """GET /metrics every second until ``stop``; the time of each into ``times``."""
     conn = UnixHTTP(socket_path)
     try:
         while not stop.is_set():
+            start = time.perf_counter()
             conn.get("/metrics")
+            if times is not None:
+                times.append(time.perf_counter() - start)
             stop.wait(1.0)
     finally:
         conn.close()
@@ -570,7 +576,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
     progress(f"idle daemon for {args.idle:g}s")
     gateway_pid = client.daemon_info()["gateway_pid"]
     gateway_cpu0, t0 = cpu_seconds(gateway_pid), time.monotonic()
-    rss, cpu = idle_daemon(client, args.idle)
+    scrapes: list[float] = []
+    rss, cpu = idle_daemon(client, args.idle, scrapes)
     result["gateway_idle_cpu_pct"] = round(100 * (cpu_seconds(gateway_pid) - gateway_cpu0) / (time.monotonic() - t0), 2)
     result["gateway_rss_mb"] = round(rss_mb(gateway_pid), 1)
     times, restarted = [], 0
@@ -579,7 +586,8 @@ def run(args: argparse.Namespace, reaper: Reaper, folder: Path) -> dict[str, Any
         elapsed, n = readopt(home_b, before, reaper)
         times.append(elapsed)
         restarted += n
-    rss_after, cpu_after = idle_daemon(client, args.idle)
+    rss_after, cpu_after = idle_daemon(client, args.idle, scrapes)
+    result["metrics_scrape_1hz_ms"] = summary(scrapes, 1000)
     result["readopt_ms"] = {**summary(times, 1000), "max": round(max(times) * 1000, 1)}
     result["readopt_restarted"] = restarted
     result["daemon_rss_mb"] = round(max(rss, rss_after), 1)

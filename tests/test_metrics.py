@@ -257,3 +257,30 @@ def test_a_server_counts_requests_in_its_file_without_a_system_call_per_request(
     assert counters.read(path) is None
     counters.RequestCounters(path).close()
     assert counters.read(path) == counters.Counts({}, [0] * (len(counters.BOUNDS) + 1), 0.0)
+
+
+def test_a_servers_memory_and_cpu_reading_serves_for_max_age_and_a_new_server_is_read_at_once():
+    """procstat.usage on real processes: a reading is answered again while it is younger than
+    MAX_AGE (what keeps a scrape every second cheap); max_age=0, or a server not read yet, is read anew."""
+    import subprocess
+
+    from daemon import procstat
+
+    spin = "import time\nend = time.process_time() + 30\nwhile time.process_time() < end: pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    other = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        kept = procstat.usage([(busy.pid, None)], max_age=0)[0]
+        assert kept is not None and kept[0] > 1024 * 1024
+        figures = procstat._figures  # (the process's own ticks, not through usage and its readings)
+        wait_for(lambda: (f := figures(busy.pid)) is not None and (f[1] + f[2]) / procstat.TICK > kept[1] + 0.05, 10)
+        assert procstat.usage([(busy.pid, None)])[0] == kept  # still the reading of a moment ago
+        assert not procstat.due([(busy.pid, None)]) and procstat.due([(busy.pid, None), (other.pid, None)])
+        both = procstat.usage([(busy.pid, None), (other.pid, None)])
+        assert both[0] == kept and both[1] is not None  # the server not read yet is read at once
+        fresh = procstat.usage([(busy.pid, None)], max_age=0)[0]
+        assert fresh is not None and fresh[1] > kept[1]
+    finally:
+        for p in (busy, other):
+            p.kill()
+            p.wait()
