@@ -8,6 +8,7 @@ import collections
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ _PER_SERVICE = {
     "requests": "modeld_service_requests_total",
     "start_time": "modeld_service_start_time_seconds",
 }
+CPU_WINDOW = 6.0  # seconds a CPU % is averaged over (see Sampler._cpu_over_a_window)
 _NAMES = frozenset([*_PER_SERVICE.values(), "process_resident_memory_bytes", "process_cpu_seconds_total"])
 
 
@@ -137,6 +139,7 @@ class Sampler:
         self.services: list[BaseService] = []
         self.daemon_cpu: float | None = None  # % of a core, the daemon's own
         self.error = ""  # why the last take failed ("" when it did not)
+        self.cpu_seen: dict[str, deque[tuple[float, float]]] = {}  # uuid -> (when, CPU seconds) of recent scrapes
 
     def take(self, feed: EventFeed) -> list[Row]:
         try:
@@ -155,7 +158,26 @@ class Sampler:
         span = new.at - old.at if old is not None else 0.0
         daemon_cpu = rate(new.daemon_cpu, old.daemon_cpu if old else None, span)
         self.daemon_cpu = None if daemon_cpu is None else 100 * daemon_cpu
-        return rows_of(services, new, old, feed.last_by_service())
+        rows = rows_of(services, new, old, feed.last_by_service())
+        self._cpu_over_a_window(rows, new)
+        return rows
+
+    def _cpu_over_a_window(self, rows: list[Row], new: Scrape) -> None:
+        """A server's CPU % over the last CPU_WINDOW seconds, not since the previous scrape: the daemon
+        reads a server's CPU at most every 5 s (metrics.py), so from one second to the next it would
+        read 0 %, then a jump."""
+        for row in rows:
+            value = new.services.get(row.uuid, {}).get("cpu")
+            seen = self.cpu_seen.setdefault(row.uuid, deque())
+            if value is None or (seen and value < seen[-1][1]):  # none running, or restarted (from 0 again)
+                seen.clear()
+            if value is None:
+                continue
+            seen.append((new.at, value))
+            while len(seen) > 2 and new.at - seen[1][0] >= CPU_WINDOW:
+                seen.popleft()
+            at, before = seen[0]
+            row.cpu = 100 * (value - before) / (new.at - at) if new.at > at else None
 
 
 class EventFeed:
