@@ -6,6 +6,8 @@ real servers in the test's home.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import os
 import subprocess
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from daemon import DaemonClient, ServiceConfig
+from daemon import AsyncDaemonClient, DaemonClient, ServiceConfig
 from daemon.client.apply import ApplyReport, changed_fields, compute_plan
 from daemon.client.applyfile import ApplyFileError, Desired, export_text, read_desired
 from daemon.config import REDACTED
@@ -387,3 +389,86 @@ def test_the_readme_example_file_validates():
     got = read_desired({**tomllib.loads(text)}, environ={"IRIS_TOKEN": "x"})
     assert got.project == "laptop" and set(got.services) == {"iris", "web"}
     assert got.services["iris"].restart.max_restarts == 3 and got.services["web"].model_type == "command"
+
+
+# ------------------------------------------------------------------ hostile cases
+
+
+def cli_apply(path: Path, home: Path, *args: str) -> subprocess.Popen[str]:
+    """``modeld apply -f PATH`` in a process of its own (its own group: the test kills it by that)."""
+    return subprocess.Popen([sys.executable, "-m", "deployers.cli", "apply", "-f", str(path), *args],
+                            cwd=REPO, env={**os.environ, "MODELD_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finished(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    return proc.returncode, out
+
+
+@pytest.mark.slow
+def test_two_applies_at_once_take_turns_the_last_one_wins(home, client, tmp_path):
+    """A replaces s1..s6 while B (prune, only s1) starts: B waits for A, then plans against what A left,
+    so its deletes stand; without the lock A's replace brought B's deleted services back."""
+    write_model(tmp_path)
+    names = [f"s{i}" for i in range(1, 7)]
+    six = "".join(f'[services.{n}]\nmodel_uri = "m.py:model"\ndescription = "DESC"\n' for n in names)
+    write(tmp_path / "v1.toml", 'project = "race"\n' + six.replace("DESC", "one"))
+    assert client.apply(tmp_path / "v1.toml").ok
+    before = pids(client, "race")
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(0.8)  # each of A's replaces takes a while\n" + MODEL)
+    a_file = write(tmp_path / "v2.toml", 'project = "race"\n' + six.replace("DESC", "two").replace("m.py", "slow.py"))
+    b_file = write(tmp_path / "b.toml", 'project = "race"\n[services.s1]\nmodel_uri = "slow.py:model"\ndescription = "two"\n')
+    a = cli_apply(a_file, home, "--json")
+    try:
+        # A is under way: its first replace is done (s1 runs a new server), s2..s6 are still to come.
+        wait_for(lambda: pids(client, "race")["s1"][1] != before["s1"][1], 60, what="A's first replace")
+        b = cli_apply(b_file, home, "--prune", "--json")
+        b_code, b_out = finished(b)
+    finally:
+        a_code, a_out = finished(a)
+    assert (a_code, b_code) == (0, 0), (a_out, b_out)
+    a_report, b_report = ApplyReport.model_validate_json(a_out), ApplyReport.model_validate_json(b_out)
+    assert [(s.action, s.status) for s in a_report.steps] == [("replace", "done")] * 6
+    assert sorted((s.action, s.status) for s in b_report.steps) == [("delete", "done")] * 5 + [("unchanged", "done")]
+    after = client.find(project="race")
+    assert [s.config.name for s in after] == ["s1"]  # B's state: no resurrected service
+    assert str(after[0].uuid) == before["s1"][0] and after[0].config.description == "two"
+    assert not any((home / "services" / before[n][0]).exists() for n in names[1:])
+    assert any("waited" in n for n in b_report.notes), b_report.notes
+
+
+def test_an_asyncio_apply_waits_for_the_lock_without_blocking_its_loop(home, tmp_path):
+    """The async apply takes the same lock: while another holds it (here this test, as filelock or a
+    `modeld apply` would), the apply waits and the event loop keeps running; then it applies."""
+    write_model(tmp_path)
+    wanted = {"project": "aio", "services": {"a": {"model_uri": f"{tmp_path}/m.py:model"}}}
+
+    async def main() -> None:
+        async with AsyncDaemonClient(home) as client:
+            await client.daemon_info()  # (the daemon up, so the wait below is the lock's)
+            fd = os.open(home / "apply.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                applying = asyncio.create_task(client.apply(wanted))
+                ticks = 0
+                for _ in range(20):  # 1 s of a loop that still runs
+                    await asyncio.sleep(0.05)
+                    ticks += 1
+                assert ticks == 20 and not applying.done()
+                assert await client.find(project="aio") == []  # it has not even planned
+                plan = await client.apply(wanted, dry_run=True)  # a dry run takes no lock
+                assert [s.action for s in plan.steps] == ["create"]
+            finally:
+                os.close(fd)
+            report = await asyncio.wait_for(applying, 60)
+            assert report.ok and [s.action for s in report.steps] == ["create"]
+            assert any("waited" in n for n in report.notes), report.notes
+            await client.shutdown(stop_services=True)
+
+    asyncio.run(main())

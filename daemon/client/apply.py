@@ -7,6 +7,8 @@ port, through the deploy's replace), leave ``unchanged`` what did not (same pids
 and with ``prune`` ``delete`` the services of the same project that the file no longer has.
 :func:`run_apply` carries the plan out service by service: deletes first (they free ports and
 room), then the file's services in its order; one that fails is reported and the others go on.
+One apply of a home at a time: the plan and its steps hold ``apply.lock`` (see
+:mod:`~daemon.client.applylock`), so a second apply plans against the state the first left.
 
 What is compared: every field the file sets, and the defaults of those it leaves out, except
 ``python``, ``working_dir`` and ``search_path`` when the file leaves them unset (the applying
@@ -31,6 +33,7 @@ from ..models import BaseService
 from ..paths import Paths
 from . import operations as op
 from .applyfile import CLIENT_DEFAULTS, ApplyFileError, Desired, export_text, read_desired, service_key
+from .applylock import ApplyLock
 from .transport import Request
 
 if TYPE_CHECKING:
@@ -223,16 +226,33 @@ def run_apply(
     environ: Mapping[str, str] | None = None,
 ) -> ApplyReport:
     """Validate ``source`` whole, plan, and (unless ``dry_run``) carry the plan out; see the module.
-    (``AsyncDaemonClient.apply`` is the same steps, awaited.)"""
+    The plan and its steps hold the home's apply lock (daemon/client/applylock.py): another apply
+    waits. (``AsyncDaemonClient.apply`` is the same steps, awaited.)"""
     desired = desired_of(source, prune, environ)
-    current = client._run(listing(desired))
-    report = compute_plan(desired, current, prune, recorded_secrets(client.paths, current))
+    lock = ApplyLock(client.paths)
+    if not dry_run:
+        lock.acquire()
+    try:
+        current = client._run(listing(desired))
+        report = planned(desired, current, prune, dry_run, client.paths, lock)
+        for step, call in [] if dry_run else calls_of(report, desired, current, timeout):
+            try:
+                record(step, client._run(call))
+            except ModeldError as exc:
+                failed(step, exc)
+    finally:
+        lock.release()
+    return report
+
+
+def planned(
+    desired: Desired, current: Sequence[Mapping[str, Any]], prune: bool, dry_run: bool, paths: Paths, lock: ApplyLock
+) -> ApplyReport:
+    """compute_plan, with the secrets of the records in ``paths`` and a note when the apply waited for another."""
+    report = compute_plan(desired, current, prune, recorded_secrets(paths, current))
     report.dry_run = dry_run
-    for step, call in [] if dry_run else calls_of(report, desired, current, timeout):
-        try:
-            record(step, client._run(call))
-        except ModeldError as exc:
-            failed(step, exc)
+    if note := lock.note():
+        report.notes.append(note)
     return report
 
 
