@@ -472,3 +472,31 @@ def test_an_asyncio_apply_waits_for_the_lock_without_blocking_its_loop(home, tmp
             await client.shutdown(stop_services=True)
 
     asyncio.run(main())
+
+
+def test_an_export_of_a_service_deployed_with_a_relative_model_uri_applies_unchanged(home, client, tmp_path):
+    """`modeld deploy --model-uri m.py:model` in a folder stores the uri as given and the folder as
+    working_dir: export writes the path absolute, and the plan reads the record's relative uri against
+    its working_dir, so applying the export from another folder changes nothing."""
+    work, elsewhere = tmp_path / "w", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    write_model(work)
+    (work / "m.pkl").write_bytes(b"")  # (a pickle is not loaded by this test: only its path is compared)
+    env = {**os.environ, "MODELD_HOME": str(home), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "deployers.cli", "deploy", "--name", "dup", "--project", "dp",
+                           "--model-uri", "m.py:model"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    svc = client.find(project="dp")[0]
+    assert (svc.config.model_uri, svc.config.working_dir) == ("m.py:model", str(work))
+    before = pids(client, "dp")
+    done = modeld("export", "--project", "dp", "-o", str(elsewhere / "dp.toml"), home=home)
+    assert done.returncode == 0, done.stderr
+    assert tomllib.loads((elsewhere / "dp.toml").read_text())["services"]["dup"]["model_uri"] == f"{work}/m.py:model"
+    report = client.apply(elsewhere / "dp.toml")
+    assert [(s.action, s.changed) for s in report.steps] == [("unchanged", [])]
+    assert pids(client, "dp") == before
+    # The same for a pickle's path, in the plan (a record read against its working_dir).
+    have = svc.config.model_copy(update={"model_uri": "m.pkl", "model_type": "pickle"}).model_dump(mode="json")
+    want = desired("dp", dup={"model_uri": f"{work}/m.pkl", "model_name": ""})
+    assert changed_fields(want.services["dup"], want.given["dup"], have) == []
+    assert changed_fields(want.services["dup"], want.given["dup"], {**have, "working_dir": str(elsewhere)}) == ["model_uri"]

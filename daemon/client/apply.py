@@ -32,7 +32,15 @@ from ..exceptions import ModeldError
 from ..models import BaseService
 from ..paths import Paths
 from . import operations as op
-from .applyfile import CLIENT_DEFAULTS, ApplyFileError, Desired, export_text, read_desired, service_key
+from .applyfile import (
+    CLIENT_DEFAULTS,
+    ApplyFileError,
+    Desired,
+    anchored,
+    export_text,
+    read_desired,
+    service_key,
+)
 from .applylock import ApplyLock
 from .transport import Request
 
@@ -123,6 +131,8 @@ def changed_fields(
         if key == "port" and value == 0:
             continue
         current = have.get(key)
+        if key == "model_uri" and isinstance(current, str) and have.get("working_dir"):
+            current = anchored(current, str(have.get("model_type", "")), str(have["working_dir"]))  # (as its server reads it)
         if key == "env":
             if _env_differs(config, value, current if isinstance(current, dict) else {}, secrets):
                 out.append(key)
@@ -306,5 +316,15 @@ def export_of(found: Sequence[BaseService], project: str | None) -> str:
         if name in chosen:
             left.append(f"{chosen[name].uuid}: {svc.uuid} of the same name is newer")
         chosen[name] = svc
-    text = export_text(projects[0] if projects else (project or ""), [s.config for s in chosen.values()])
+    configs = [absolute_model(s.config) for s in chosen.values()]
+    text = export_text(projects[0] if projects else (project or ""), configs)
     return text + "".join(f"\n# not exported: {why}" for why in left) + ("\n" if left else "")
+
+
+def absolute_model(config: ServiceConfig) -> ServiceConfig:
+    """``config`` with the file its model_uri names absolute (a relative one is read in its working_dir,
+    as its server reads it), so that the export means the same file from wherever it is applied."""
+    if not config.model_uri or not config.working_dir:
+        return config
+    uri = anchored(config.model_uri, config.model_type, config.working_dir)
+    return config if uri == config.model_uri else config.model_copy(update={"model_uri": uri})

@@ -169,18 +169,42 @@ def _resolved(fields: dict[str, Any], base: Path) -> dict[str, Any]:
     kind = out.get("model_type") or (
         "command" if command else "pickle" if isinstance(uri, str) and uri.endswith(PICKLE_SUFFIXES) else "python"
     )
-    if isinstance(uri, str) and uri:
-        if kind == "pickle":
-            out["model_uri"] = under(uri)
-        elif kind == "python":
-            module, colon, attr = uri.rpartition(":")
-            if colon and (module.endswith(".py") or "/" in module):
-                out["model_uri"] = f"{under(module)}:{attr}"
+    if isinstance(uri, str) and uri and isinstance(kind, str):
+        out["model_uri"] = anchored(uri, kind, base)
     if isinstance(command, list) and command and isinstance(command[0], str):
         program = command[0]
         if "/" in program and not os.path.isabs(program) and (base / program).exists():
             out["command"] = [str(base / program), *command[1:]]
     return out
+
+
+def model_file(uri: str, model_type: str) -> tuple[str, str, str] | None:
+    """The file a python or pickle ``model_uri`` names, as ``(before, path, after)`` with ``uri ==
+    before + path + after`` (``file://`` before a pickle's path, ``:attr`` after a python file's);
+    None when it names none: a ``package.module:attr`` (imported by name), a command, no uri."""
+    if model_type == "pickle":
+        before = "file://" if uri.startswith("file://") else ""
+        path, after = uri[len(before) :], ""
+    elif model_type == "python":
+        target, sep, attr = uri.rpartition(":")
+        path, after = (target, sep + attr) if sep else (uri, "")
+        before = ""
+        if not (path.endswith(".py") or "/" in path):
+            return None
+    else:
+        return None
+    return (before, path, after) if path else None
+
+
+def anchored(uri: str, model_type: str, base: str | os.PathLike[str]) -> str:
+    """``uri`` with the (``~``-expanded) file it names made absolute against ``base`` (as the model
+    server, started in ``base``, reads it); a uri naming no file, as it is."""
+    parts = model_file(uri, model_type)
+    if parts is None:
+        return uri
+    before, path, after = parts
+    path = os.path.expanduser(path)
+    return before + (path if os.path.isabs(path) else os.path.join(base, path)) + after
 
 
 # ------------------------------------------------------------------ writing
@@ -198,8 +222,8 @@ def export_text(project: str, configs: list[ServiceConfig]) -> str:
         table: dict[str, Any] = {}
         for key in type(config).model_fields:
             value = getattr(config, key)
-            if key in _IDENTITY or (key == "model_name" and value == name) or value == getattr(defaults, key, None):
-                continue
+            if key in _IDENTITY or (value == name if key == "model_name" else value == getattr(defaults, key, None)):
+                continue  # (a model_name other than the name is written, "" too: the file's default is the name)
             if key == "env":
                 value = {k: ({FROM_ENV: k} if config.is_secret(k) else v) for k, v in value.items()}
             table[key] = value.model_dump() if isinstance(value, BaseModel) else value
