@@ -500,3 +500,28 @@ def test_an_export_of_a_service_deployed_with_a_relative_model_uri_applies_uncha
     want = desired("dp", dup={"model_uri": f"{work}/m.pkl", "model_name": ""})
     assert changed_fields(want.services["dup"], want.given["dup"], have) == []
     assert changed_fields(want.services["dup"], want.given["dup"], {**have, "working_dir": str(elsewhere)}) == ["model_uri"]
+
+
+def test_apply_reads_only_a_regular_file_of_at_most_the_cap(home, tmp_path):
+    """/dev/zero grew without bound and a FIFO hung forever: each is now an error naming it, at once,
+    from the CLI and from the daemon's start-up apply (the same reader)."""
+    fifo, big, folder = tmp_path / "fifo", tmp_path / "big.toml", tmp_path / "dir.toml"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(16 * 1024 * 1024 + 1)  # (sparse: one byte over the cap)
+    cases = {"/dev/zero": "a character device", str(fifo): "a FIFO", str(folder): "a directory",
+             str(big): "larger than 16 MiB"}
+    for path, what in cases.items():
+        done = modeld("apply", "-f", path, home=home, timeout=30)
+        assert done.returncode == 2 and f"{path}: " in done.stderr and what in done.stderr, (path, done.stderr)
+        assert "nothing was applied" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "daemon.client.apply_main", "--home", str(home), str(fifo)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and f"{fifo}: " in done.stderr and "a FIFO" in done.stderr, done.stderr
+    assert not (home / "daemon.pid").exists()  # refused before any request (no daemon was started)
+    # Exactly the cap is read (and is not TOML here).
+    with open(big, "r+b") as f:
+        f.truncate(16 * 1024 * 1024)
+    with pytest.raises(ApplyFileError, match="not valid TOML"):
+        read_desired(big)

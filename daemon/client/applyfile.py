@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ FROM_ENV = "from_env"
 # Filled in by the client when unset (its interpreter, its folder, its PATH): when a file leaves
 # them unset they are not compared, so applying it from another shell or venv changes nothing.
 CLIENT_DEFAULTS = ("python", "working_dir", "search_path")
+MAX_FILE_BYTES = 16 << 20  # the largest file apply reads (a file of 1,000 services is ~100 KiB)
 _IDENTITY = ("name", "project")  # from the table's name and the top-level key, never from a table
 
 
@@ -74,13 +76,40 @@ def read_desired(source: str | os.PathLike[str] | Mapping[str, Any], environ: Ma
         return _validate(dict(source), "<dict>", Path.cwd(), environ)
     path = Path(source).expanduser().absolute()
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read(path).decode())
     except tomllib.TOMLDecodeError as exc:
         raise ApplyFileError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ApplyFileError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
     return _validate(data, str(path), path.parent, environ)
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``, of at most MAX_FILE_BYTES: a device (/dev/zero) would
+    be read without end and a FIFO would block for a writer, so neither is read (opened without
+    blocking, then checked); ApplyFileError naming the file and the cap."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ApplyFileError(f"{path}: {what}, not a regular file: apply reads a TOML file; nothing was applied")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)  # (a file that grows meanwhile stops at the cap too)
+    if len(data) > MAX_FILE_BYTES:
+        raise ApplyFileError(
+            f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB, the most apply reads (a set of services is far "
+            "smaller); nothing was applied"
+        )
+    return data
 
 
 def _validate(data: dict[str, Any], source: str, base: Path, environ: Mapping[str, str]) -> Desired:
