@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from daemon import AsyncDaemonClient, DaemonClient, ServiceConfig
-from daemon.client.apply import ApplyReport, changed_fields, compute_plan
+from daemon.client.apply import ApplyReport, Step, changed_fields, compute_plan, describe
 from daemon.client.applyfile import ApplyFileError, Desired, export_text, read_desired
 from daemon.config import REDACTED
 from daemon.exceptions import DaemonNotRunning
@@ -272,6 +272,8 @@ model_uri = "m.py:model"
     assert [(s.name, s.status) for s in report.steps] == [("good", "done"), ("crash", "failed"), ("late", "done")]
     assert "this model does not load" in (report.steps[1].error or "")
     assert {s.config.name for s in client.find(project="lab", running=True)} == {"good", "late"}
+    assert describe(report)[-2].endswith("(project 'lab'): 2 created, 1 create failed")
+    assert describe(report)[-1] == "failed: crash; applied: good, late"
 
 
 @pytest.mark.slow
@@ -525,3 +527,14 @@ def test_apply_reads_only_a_regular_file_of_at_most_the_cap(home, tmp_path):
         f.truncate(16 * 1024 * 1024)
     with pytest.raises(ApplyFileError, match="not valid TOML"):
         read_desired(big)
+
+
+def test_the_summary_counts_what_was_done_and_what_failed_per_action():
+    steps = [Step(action="create", name=f"c{i}", status="failed" if i == 2 else "done") for i in range(4)]
+    steps += [Step(action="replace", name="r", status="failed", error="no"), Step(action="delete", name="d", status="done"),
+              Step(action="unchanged", name="u", status="done")]
+    lines = describe(ApplyReport(source="odd.toml", project="odd", steps=steps))
+    assert "applied odd.toml (project 'odd'): 3 created, 1 create failed, 1 replace failed, 1 deleted, 1 unchanged" in lines
+    assert "failed: c2, r; applied: c0, c1, c3, d" in lines
+    plan = describe(ApplyReport(source="odd.toml", project="odd", dry_run=True, steps=[Step(action="create", name="a")]))
+    assert plan[-1] == "plan for odd.toml (project 'odd'): 1 create; nothing changed (--dry-run)"

@@ -279,18 +279,33 @@ def describe(report: ApplyReport) -> list[str]:
             what += f"  FAILED: {step.error}"
         lines.append(what)
     lines += [f"note: {n}" for n in report.notes]
-    counts = {a: len(report.of(a)) for a in ("create", "replace", "delete", "unchanged")}
-    summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n) or "no services"
     where = f"project {report.project!r}" if report.project else "no project"
     if report.dry_run:
+        counts = {a: len(report.of(a)) for a in ACTIONS}
+        summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n) or "no services"
         lines.append(f"plan for {report.source} ({where}): {summary}; nothing changed (--dry-run)")
     else:
         failed = [s.name for s in report.steps if s.status == "failed"]
         done = [s.name for s in report.steps if s.status == "done" and s.action != "unchanged"]
-        lines.append(f"applied {report.source} ({where}): {summary}")
+        lines.append(f"applied {report.source} ({where}): {outcome(report)}")
         if failed:
             lines.append(f"failed: {', '.join(failed)}; applied: {', '.join(done) or 'none'}")
     return lines
+
+
+ACTIONS: tuple[Action, ...] = ("create", "replace", "delete", "unchanged")
+_DONE = {"create": "created", "replace": "replaced", "delete": "deleted", "unchanged": "unchanged"}
+
+
+def outcome(report: ApplyReport) -> str:
+    """What was done and what failed, per action (``3 created, 1 create failed, 2 unchanged``)."""
+    parts = []
+    for action in ACTIONS:
+        steps = report.of(action)
+        done, failed = sum(s.status == "done" for s in steps), sum(s.status == "failed" for s in steps)
+        parts += [f"{done} {_DONE[action]}"] if done else []
+        parts += [f"{failed} {action} failed"] if failed else []
+    return ", ".join(parts) or "no services"
 
 
 def export_services(client: DaemonClient, project: str | None = None) -> str:
