@@ -23,7 +23,7 @@ from daemon import AsyncDaemonClient, DaemonClient, ServiceConfig
 from daemon.client.apply import ApplyReport, Step, changed_fields, compute_plan, describe
 from daemon.client.applyfile import ApplyFileError, Desired, export_text, read_desired
 from daemon.config import REDACTED
-from daemon.exceptions import DaemonNotRunning
+from daemon.exceptions import DaemonNotRunning, ServiceNotFound
 from daemon.models import LocalModelService
 from daemon.testing import REPO, wait_for
 from tests.conftest import modeld, predict
@@ -471,6 +471,8 @@ def test_an_asyncio_apply_waits_for_the_lock_without_blocking_its_loop(home, tmp
             report = await asyncio.wait_for(applying, 60)
             assert report.ok and [s.action for s in report.steps] == ["create"]
             assert any("waited" in n for n in report.notes), report.notes
+            with pytest.raises(ServiceNotFound, match="no service of project 'typo'.*'aio'"):
+                await client.export(project="typo")
             await client.shutdown(stop_services=True)
 
     asyncio.run(main())
@@ -538,3 +540,15 @@ def test_the_summary_counts_what_was_done_and_what_failed_per_action():
     assert "failed: c2, r; applied: c0, c1, c3, d" in lines
     plan = describe(ApplyReport(source="odd.toml", project="odd", dry_run=True, steps=[Step(action="create", name="a")]))
     assert plan[-1] == "plan for odd.toml (project 'odd'): 1 create; nothing changed (--dry-run)"
+
+
+def test_export_of_a_project_without_services_is_an_error_naming_it(home, client, tmp_path):
+    write_model(tmp_path)
+    assert client.apply({"project": "real", "services": {"a": {"model_uri": f"{tmp_path}/m.py:model"}}}).ok
+    done = modeld("export", "--project", "typo", "-o", str(tmp_path / "out.toml"), home=home)
+    assert done.returncode == 4 and "no service of project 'typo'" in done.stderr, (done.returncode, done.stderr)
+    assert "'real'" in done.stderr  # the projects there are
+    assert not (tmp_path / "out.toml").exists()
+    with pytest.raises(ServiceNotFound, match="typo"):
+        client.export(project="typo")
+    assert "[services.a]" in client.export(project="real")

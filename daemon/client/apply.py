@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from ..config import REDACTED, ServiceConfig
-from ..exceptions import ModeldError
+from ..exceptions import ModeldError, ServiceNotFound
 from ..models import BaseService
 from ..paths import Paths
 from . import operations as op
@@ -309,8 +309,19 @@ def outcome(report: ApplyReport) -> str:
 
 
 def export_services(client: DaemonClient, project: str | None = None) -> str:
-    """The TOML of the daemon's services of ``project`` (None: all, which must be of one project)."""
-    return export_of(client.find(project=project), project)
+    """The TOML of the daemon's services of ``project`` (None: all, which must be of one project);
+    ServiceNotFound when ``project`` has none."""
+    found = client.find(project=project)
+    if project is not None and not found:
+        raise no_such_project(project, client.find())
+    return export_of(found, project)
+
+
+def no_such_project(project: str, everything: Sequence[BaseService]) -> ServiceNotFound:
+    """The error of an export of a project without services (a typo, most likely), naming those there are."""
+    there = sorted({s.config.project for s in everything})
+    shown = ", ".join(repr(p) for p in there) if there else "none: the daemon has no services"
+    return ServiceNotFound(f"no service of project {project!r}: nothing to export (the projects there are: {shown})")
 
 
 def export_of(found: Sequence[BaseService], project: str | None) -> str:

@@ -161,9 +161,12 @@ class AsyncDaemonClient(op.Session):
 
     async def export(self, project: str | None = None) -> str:
         """As ``DaemonClient.export``."""
-        from .apply import export_of
+        from .apply import export_of, no_such_project
 
-        return export_of(await self.find(project=project), project)
+        found = await self.find(project=project)
+        if project is not None and not found:
+            raise no_such_project(project, await self.find())
+        return export_of(found, project)
 
     async def daemon_info(self) -> dict[str, Any]:
         return await self._run(op.daemon_info())
