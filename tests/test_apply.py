@@ -29,6 +29,7 @@ from daemon.testing import REPO, wait_for
 from tests.conftest import modeld, predict
 
 T = TypeVar("T")
+X_MODEL = f"{REPO}/examples/iris.py:model"  # (a file that exists: apply checks a model's file is there)
 MODEL = "def model(instances):\n    return [MARK for _ in instances]\n"
 
 
@@ -43,7 +44,7 @@ def write(path: Path, text: str) -> Path:
 
 def svc(name: str = "a", project: str = "p", **fields: object) -> dict[str, Any]:
     """A service as find answers it, JSON (the daemon filled python and working_dir in)."""
-    config = ServiceConfig(name=name, project=project, model_name=name, model_uri="/x/m.py:model",
+    config = ServiceConfig(name=name, project=project, model_name=name, model_uri=X_MODEL,
                            python="/venv/bin/python", working_dir="/somewhere", **fields)  # type: ignore[arg-type]
     return LocalModelService(config=config).model_dump(mode="json")
 
@@ -56,8 +57,8 @@ def desired(project: str = "p", **services: dict[str, object]) -> Desired:
 
 
 def test_plan_creates_replaces_leaves_and_prunes_only_its_own_project():
-    want = desired(a={"model_uri": "/x/m.py:model"}, b={"model_uri": "/x/m.py:model", "description": "new"},
-                   c={"model_uri": "/x/m.py:model"})
+    want = desired(a={"model_uri": X_MODEL}, b={"model_uri": X_MODEL, "description": "new"},
+                   c={"model_uri": X_MODEL})
     current = [svc("a"), svc("b"), svc("gone"), svc("gone", project="other"), svc("a", project="")]
     plan = compute_plan(want, current, prune=True)
     steps = {(s.action, s.name, s.uuid) for s in plan.steps}
@@ -73,17 +74,17 @@ def test_plan_creates_replaces_leaves_and_prunes_only_its_own_project():
 
 def test_python_working_dir_search_path_and_port_are_compared_only_when_the_file_sets_them():
     service = svc("a", port=4321)["config"]
-    unset = desired(a={"model_uri": "/x/m.py:model"})
+    unset = desired(a={"model_uri": X_MODEL})
     assert changed_fields(unset.services["a"], unset.given["a"], service) == []
-    pinned = desired(a={"model_uri": "/x/m.py:model", "python": "/other/python", "working_dir": "/w", "port": 1234})
+    pinned = desired(a={"model_uri": X_MODEL, "python": "/other/python", "working_dir": "/w", "port": 1234})
     assert changed_fields(pinned.services["a"], pinned.given["a"], service) == ["port", "python", "working_dir"]
-    nested = desired(a={"model_uri": "/x/m.py:model", "restart": {"max_restarts": 9}})
+    nested = desired(a={"model_uri": X_MODEL, "restart": {"max_restarts": 9}})
     assert changed_fields(nested.services["a"], nested.given["a"], service) == ["restart.max_restarts"]
 
 
 def test_secret_env_values_are_compared_with_the_recorded_ones():
     masked = svc("a", env={"API_TOKEN": REDACTED, "LEVEL": "1"})["config"]
-    want = desired(a={"model_uri": "/x/m.py:model", "env": {"API_TOKEN": "t0ken", "LEVEL": "1"}})
+    want = desired(a={"model_uri": X_MODEL, "env": {"API_TOKEN": "t0ken", "LEVEL": "1"}})
     config, given = want.services["a"], want.given["a"]
     assert changed_fields(config, given, masked, {"API_TOKEN": "t0ken", "LEVEL": "1"}) == []
     assert changed_fields(config, given, masked, {"API_TOKEN": "other", "LEVEL": "1"}) == ["env"]
@@ -93,7 +94,7 @@ def test_secret_env_values_are_compared_with_the_recorded_ones():
 def test_two_services_of_one_name_the_newest_is_applied_and_prune_deletes_the_other():
     older, newer = svc("a"), svc("a")
     newer["created_at"] = older["created_at"] + 1
-    plan = compute_plan(desired(a={"model_uri": "/x/m.py:model"}), [older, newer], prune=True)
+    plan = compute_plan(desired(a={"model_uri": X_MODEL}), [older, newer], prune=True)
     assert [(s.action, s.uuid) for s in plan.steps] == [("unchanged", newer["uuid"]), ("delete", older["uuid"])]
     assert "2 services have this name" in plan.notes[0]
 
@@ -103,6 +104,9 @@ def test_two_services_of_one_name_the_newest_is_applied_and_prune_deletes_the_ot
 
 def test_relative_paths_resolve_against_the_files_folder_and_model_name_defaults(tmp_path):
     (tmp_path / "serve.sh").write_text("")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "iris.py").write_text("")
+    (tmp_path / "m.pkl").write_bytes(b"")
     path = write(tmp_path / "set.toml", """
 project = "lab"
 [services.iris]
@@ -157,7 +161,7 @@ max_restarts = -1
 
 
 def test_from_env_reads_the_applying_environment():
-    got = read_desired({"services": {"a": {"model_uri": "/m.py:x", "env": {"TOKEN": {"from_env": "MY_TOKEN"}}}}},
+    got = read_desired({"services": {"a": {"model_uri": X_MODEL, "env": {"TOKEN": {"from_env": "MY_TOKEN"}}}}},
                        environ={"MY_TOKEN": "s3cret"})
     assert got.services["a"].env == {"TOKEN": "s3cret"}
 
@@ -384,7 +388,8 @@ def test_the_daemon_applies_a_file_at_start_and_survives_a_bad_one(home, tmp_pat
             proc.wait()
 
 
-def test_the_readme_example_file_validates():
+def test_the_readme_example_file_validates(monkeypatch):
+    monkeypatch.chdir(REPO)  # (its model's file, examples/iris.py, must be there)
     readme = (REPO / "README.md").read_text()
     section = readme.split("## A set of models as code", 1)[1].split("\n## ", 1)[0]
     text = section.split("```toml\n", 1)[1].split("```", 1)[0]
@@ -552,3 +557,34 @@ def test_export_of_a_project_without_services_is_an_error_naming_it(home, client
     with pytest.raises(ServiceNotFound, match="typo"):
         client.export(project="typo")
     assert "[services.a]" in client.export(project="real")
+
+
+def test_a_model_file_that_does_not_exist_fails_validation_and_nothing_is_applied(home, client, tmp_path):
+    """The dry run planned `create` for a model whose file is not there, and the apply failed it after
+    applying the others: now the file does not validate, naming the file, the service and model_uri."""
+    write_model(tmp_path)
+    path = write(tmp_path / "set.toml", """
+project = "lab"
+[services.good]
+model_uri = "m.py:model"
+[services.typo]
+model_uri = "mm.py:model"
+[services.pick]
+model_uri = "models/gone.pkl"
+[services.bare]
+model_uri = "nothere.py"
+[services.mod]
+model_uri = "json:loads"
+""")
+    for dry_run in (True, False):
+        with pytest.raises(ApplyFileError) as caught:
+            client.apply(path, dry_run=dry_run)
+        message = caught.value.message
+        assert message.startswith(f"{path}: ") and message.endswith("nothing was applied"), message
+        assert f"services.typo.model_uri: {tmp_path}/mm.py: no such file" in message
+        assert f"services.pick.model_uri: {tmp_path}/models/gone.pkl: no such file" in message
+        assert f"services.bare.model_uri: {tmp_path}/nothere.py: no such file" in message
+        assert "services.good" not in message and "services.mod" not in message  # (a module is imported by name)
+    assert client.find(project="lab") == []
+    done = modeld("apply", "-f", str(path), "--dry-run", home=home)
+    assert done.returncode == 2 and "services.typo.model_uri" in done.stderr, done.stderr

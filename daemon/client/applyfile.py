@@ -153,9 +153,22 @@ def _validate(data: dict[str, Any], source: str, base: Path, environ: Mapping[st
             problems.extend(_located(where, exc))
             continue
         given[name] = set(fields)
+        missing = _missing_model(services[name])
+        if missing:
+            problems.append(f"{where}.model_uri: {missing}")
     if problems:
         raise ApplyFileError(f"{source}: " + "; ".join(problems) + "; nothing was applied")
     return Desired(source, project, services, given)
+
+
+def _missing_model(config: ServiceConfig) -> str | None:
+    """What is wrong with the file a python or pickle model_uri names (already made absolute against
+    the file's folder), checked here so that a typo fails the file rather than its service mid-apply."""
+    parts = model_file(config.model_uri, config.model_type)
+    if parts is None or os.path.isfile(parts[1]):
+        return None
+    path = parts[1]
+    return f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file"
 
 
 def _env_value(value: Any, where: str, environ: Mapping[str, str], problems: list[str]) -> Any:
