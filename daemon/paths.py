@@ -3,6 +3,7 @@
 $MODELD_HOME/                     default: $XDG_STATE_HOME/modeld (~/.local/state/modeld)
   daemon.toml                     the daemon's settings (optional; see settings.py)
   daemon.lock daemon.pid daemon.log autostart.lock flavors.json deployers.json
+  apply.lock                      held by a `modeld apply` while it plans and carries its plan out
   modeld.sock                     unless $MODELD_SOCKET says otherwise
   run/                            private per-process sockets of built-in servers
   run/activity/<uuid>             an on-demand service's requests (see runtime/_serve/activity.py)
@@ -82,6 +83,11 @@ class Paths:
     @property
     def autostart_lock(self) -> Path:
         return self.home / "autostart.lock"
+
+    @property
+    def apply_lock(self) -> Path:
+        """Held by one apply of this home at a time (see daemon/client/applylock.py)."""
+        return self.home / "apply.lock"
 
     @property
     def flavors(self) -> Path:

@@ -7,6 +7,8 @@ port, through the deploy's replace), leave ``unchanged`` what did not (same pids
 and with ``prune`` ``delete`` the services of the same project that the file no longer has.
 :func:`run_apply` carries the plan out service by service: deletes first (they free ports and
 room), then the file's services in its order; one that fails is reported and the others go on.
+One apply of a home at a time: the plan and its steps hold ``apply.lock`` (see
+:mod:`~daemon.client.applylock`), so a second apply plans against the state the first left.
 
 What is compared: every field the file sets, and the defaults of those it leaves out, except
 ``python``, ``working_dir`` and ``search_path`` when the file leaves them unset (the applying
@@ -26,11 +28,20 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from ..config import REDACTED, ServiceConfig
-from ..exceptions import ModeldError
+from ..exceptions import ModeldError, ServiceNotFound
 from ..models import BaseService
 from ..paths import Paths
 from . import operations as op
-from .applyfile import CLIENT_DEFAULTS, ApplyFileError, Desired, export_text, read_desired, service_key
+from .applyfile import (
+    CLIENT_DEFAULTS,
+    ApplyFileError,
+    Desired,
+    anchored,
+    export_text,
+    read_desired,
+    service_key,
+)
+from .applylock import ApplyLock
 from .transport import Request
 
 if TYPE_CHECKING:
@@ -120,6 +131,8 @@ def changed_fields(
         if key == "port" and value == 0:
             continue
         current = have.get(key)
+        if key == "model_uri" and isinstance(current, str) and have.get("working_dir"):
+            current = anchored(current, str(have.get("model_type", "")), str(have["working_dir"]))  # (as its server reads it)
         if key == "env":
             if _env_differs(config, value, current if isinstance(current, dict) else {}, secrets):
                 out.append(key)
@@ -223,16 +236,33 @@ def run_apply(
     environ: Mapping[str, str] | None = None,
 ) -> ApplyReport:
     """Validate ``source`` whole, plan, and (unless ``dry_run``) carry the plan out; see the module.
-    (``AsyncDaemonClient.apply`` is the same steps, awaited.)"""
+    The plan and its steps hold the home's apply lock (daemon/client/applylock.py): another apply
+    waits. (``AsyncDaemonClient.apply`` is the same steps, awaited.)"""
     desired = desired_of(source, prune, environ)
-    current = client._run(listing(desired))
-    report = compute_plan(desired, current, prune, recorded_secrets(client.paths, current))
+    lock = ApplyLock(client.paths)
+    if not dry_run:
+        lock.acquire()
+    try:
+        current = client._run(listing(desired))
+        report = planned(desired, current, prune, dry_run, client.paths, lock)
+        for step, call in [] if dry_run else calls_of(report, desired, current, timeout):
+            try:
+                record(step, client._run(call))
+            except ModeldError as exc:
+                failed(step, exc)
+    finally:
+        lock.release()
+    return report
+
+
+def planned(
+    desired: Desired, current: Sequence[Mapping[str, Any]], prune: bool, dry_run: bool, paths: Paths, lock: ApplyLock
+) -> ApplyReport:
+    """compute_plan, with the secrets of the records in ``paths`` and a note when the apply waited for another."""
+    report = compute_plan(desired, current, prune, recorded_secrets(paths, current))
     report.dry_run = dry_run
-    for step, call in [] if dry_run else calls_of(report, desired, current, timeout):
-        try:
-            record(step, client._run(call))
-        except ModeldError as exc:
-            failed(step, exc)
+    if note := lock.note():
+        report.notes.append(note)
     return report
 
 
@@ -249,23 +279,49 @@ def describe(report: ApplyReport) -> list[str]:
             what += f"  FAILED: {step.error}"
         lines.append(what)
     lines += [f"note: {n}" for n in report.notes]
-    counts = {a: len(report.of(a)) for a in ("create", "replace", "delete", "unchanged")}
-    summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n) or "no services"
     where = f"project {report.project!r}" if report.project else "no project"
     if report.dry_run:
+        counts = {a: len(report.of(a)) for a in ACTIONS}
+        summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n) or "no services"
         lines.append(f"plan for {report.source} ({where}): {summary}; nothing changed (--dry-run)")
     else:
         failed = [s.name for s in report.steps if s.status == "failed"]
         done = [s.name for s in report.steps if s.status == "done" and s.action != "unchanged"]
-        lines.append(f"applied {report.source} ({where}): {summary}")
+        lines.append(f"applied {report.source} ({where}): {outcome(report)}")
         if failed:
             lines.append(f"failed: {', '.join(failed)}; applied: {', '.join(done) or 'none'}")
     return lines
 
 
+ACTIONS: tuple[Action, ...] = ("create", "replace", "delete", "unchanged")
+_DONE = {"create": "created", "replace": "replaced", "delete": "deleted", "unchanged": "unchanged"}
+
+
+def outcome(report: ApplyReport) -> str:
+    """What was done and what failed, per action (``3 created, 1 create failed, 2 unchanged``)."""
+    parts = []
+    for action in ACTIONS:
+        steps = report.of(action)
+        done, failed = sum(s.status == "done" for s in steps), sum(s.status == "failed" for s in steps)
+        parts += [f"{done} {_DONE[action]}"] if done else []
+        parts += [f"{failed} {action} failed"] if failed else []
+    return ", ".join(parts) or "no services"
+
+
 def export_services(client: DaemonClient, project: str | None = None) -> str:
-    """The TOML of the daemon's services of ``project`` (None: all, which must be of one project)."""
-    return export_of(client.find(project=project), project)
+    """The TOML of the daemon's services of ``project`` (None: all, which must be of one project);
+    ServiceNotFound when ``project`` has none."""
+    found = client.find(project=project)
+    if project is not None and not found:
+        raise no_such_project(project, client.find())
+    return export_of(found, project)
+
+
+def no_such_project(project: str, everything: Sequence[BaseService]) -> ServiceNotFound:
+    """The error of an export of a project without services (a typo, most likely), naming those there are."""
+    there = sorted({s.config.project for s in everything})
+    shown = ", ".join(repr(p) for p in there) if there else "none: the daemon has no services"
+    return ServiceNotFound(f"no service of project {project!r}: nothing to export (the projects there are: {shown})")
 
 
 def export_of(found: Sequence[BaseService], project: str | None) -> str:
@@ -286,5 +342,15 @@ def export_of(found: Sequence[BaseService], project: str | None) -> str:
         if name in chosen:
             left.append(f"{chosen[name].uuid}: {svc.uuid} of the same name is newer")
         chosen[name] = svc
-    text = export_text(projects[0] if projects else (project or ""), [s.config for s in chosen.values()])
+    configs = [absolute_model(s.config) for s in chosen.values()]
+    text = export_text(projects[0] if projects else (project or ""), configs)
     return text + "".join(f"\n# not exported: {why}" for why in left) + ("\n" if left else "")
+
+
+def absolute_model(config: ServiceConfig) -> ServiceConfig:
+    """``config`` with the file its model_uri names absolute (a relative one is read in its working_dir,
+    as its server reads it), so that the export means the same file from wherever it is applied."""
+    if not config.model_uri or not config.working_dir:
+        return config
+    uri = anchored(config.model_uri, config.model_type, config.working_dir)
+    return config if uri == config.model_uri else config.model_copy(update={"model_uri": uri})

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ FROM_ENV = "from_env"
 # Filled in by the client when unset (its interpreter, its folder, its PATH): when a file leaves
 # them unset they are not compared, so applying it from another shell or venv changes nothing.
 CLIENT_DEFAULTS = ("python", "working_dir", "search_path")
+MAX_FILE_BYTES = 16 << 20  # the largest file apply reads (a file of 1,000 services is ~100 KiB)
 _IDENTITY = ("name", "project")  # from the table's name and the top-level key, never from a table
 
 
@@ -74,13 +76,40 @@ def read_desired(source: str | os.PathLike[str] | Mapping[str, Any], environ: Ma
         return _validate(dict(source), "<dict>", Path.cwd(), environ)
     path = Path(source).expanduser().absolute()
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(_read(path).decode())
     except tomllib.TOMLDecodeError as exc:
         raise ApplyFileError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ApplyFileError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
     return _validate(data, str(path), path.parent, environ)
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``, of at most MAX_FILE_BYTES: a device (/dev/zero) would
+    be read without end and a FIFO would block for a writer, so neither is read (opened without
+    blocking, then checked); ApplyFileError naming the file and the cap."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ApplyFileError(f"{path}: {what}, not a regular file: apply reads a TOML file; nothing was applied")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)  # (a file that grows meanwhile stops at the cap too)
+    if len(data) > MAX_FILE_BYTES:
+        raise ApplyFileError(
+            f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB, the most apply reads (a set of services is far "
+            "smaller); nothing was applied"
+        )
+    return data
 
 
 def _validate(data: dict[str, Any], source: str, base: Path, environ: Mapping[str, str]) -> Desired:
@@ -124,9 +153,22 @@ def _validate(data: dict[str, Any], source: str, base: Path, environ: Mapping[st
             problems.extend(_located(where, exc))
             continue
         given[name] = set(fields)
+        missing = _missing_model(services[name])
+        if missing:
+            problems.append(f"{where}.model_uri: {missing}")
     if problems:
         raise ApplyFileError(f"{source}: " + "; ".join(problems) + "; nothing was applied")
     return Desired(source, project, services, given)
+
+
+def _missing_model(config: ServiceConfig) -> str | None:
+    """What is wrong with the file a python or pickle model_uri names (already made absolute against
+    the file's folder), checked here so that a typo fails the file rather than its service mid-apply."""
+    parts = model_file(config.model_uri, config.model_type)
+    if parts is None or os.path.isfile(parts[1]):
+        return None
+    path = parts[1]
+    return f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file"
 
 
 def _env_value(value: Any, where: str, environ: Mapping[str, str], problems: list[str]) -> Any:
@@ -169,18 +211,42 @@ def _resolved(fields: dict[str, Any], base: Path) -> dict[str, Any]:
     kind = out.get("model_type") or (
         "command" if command else "pickle" if isinstance(uri, str) and uri.endswith(PICKLE_SUFFIXES) else "python"
     )
-    if isinstance(uri, str) and uri:
-        if kind == "pickle":
-            out["model_uri"] = under(uri)
-        elif kind == "python":
-            module, colon, attr = uri.rpartition(":")
-            if colon and (module.endswith(".py") or "/" in module):
-                out["model_uri"] = f"{under(module)}:{attr}"
+    if isinstance(uri, str) and uri and isinstance(kind, str):
+        out["model_uri"] = anchored(uri, kind, base)
     if isinstance(command, list) and command and isinstance(command[0], str):
         program = command[0]
         if "/" in program and not os.path.isabs(program) and (base / program).exists():
             out["command"] = [str(base / program), *command[1:]]
     return out
+
+
+def model_file(uri: str, model_type: str) -> tuple[str, str, str] | None:
+    """The file a python or pickle ``model_uri`` names, as ``(before, path, after)`` with ``uri ==
+    before + path + after`` (``file://`` before a pickle's path, ``:attr`` after a python file's);
+    None when it names none: a ``package.module:attr`` (imported by name), a command, no uri."""
+    if model_type == "pickle":
+        before = "file://" if uri.startswith("file://") else ""
+        path, after = uri[len(before) :], ""
+    elif model_type == "python":
+        target, sep, attr = uri.rpartition(":")
+        path, after = (target, sep + attr) if sep else (uri, "")
+        before = ""
+        if not (path.endswith(".py") or "/" in path):
+            return None
+    else:
+        return None
+    return (before, path, after) if path else None
+
+
+def anchored(uri: str, model_type: str, base: str | os.PathLike[str]) -> str:
+    """``uri`` with the (``~``-expanded) file it names made absolute against ``base`` (as the model
+    server, started in ``base``, reads it); a uri naming no file, as it is."""
+    parts = model_file(uri, model_type)
+    if parts is None:
+        return uri
+    before, path, after = parts
+    path = os.path.expanduser(path)
+    return before + (path if os.path.isabs(path) else os.path.join(base, path)) + after
 
 
 # ------------------------------------------------------------------ writing
@@ -198,8 +264,8 @@ def export_text(project: str, configs: list[ServiceConfig]) -> str:
         table: dict[str, Any] = {}
         for key in type(config).model_fields:
             value = getattr(config, key)
-            if key in _IDENTITY or (key == "model_name" and value == name) or value == getattr(defaults, key, None):
-                continue
+            if key in _IDENTITY or (value == name if key == "model_name" else value == getattr(defaults, key, None)):
+                continue  # (a model_name other than the name is written, "" too: the file's default is the name)
             if key == "env":
                 value = {k: ({FROM_ENV: k} if config.is_secret(k) else v) for k, v in value.items()}
             table[key] = value.model_dump() if isinstance(value, BaseModel) else value

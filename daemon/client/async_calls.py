@@ -141,23 +141,32 @@ class AsyncDaemonClient(op.Session):
     ) -> ApplyReport:
         """As ``DaemonClient.apply``: the same plan and the same requests (daemon/client/apply.py), awaited."""
         from . import apply as ap
+        from .applylock import ApplyLock
 
         desired = ap.desired_of(path_or_dict, prune, environ)
-        current = await self._run(ap.listing(desired))
-        report = ap.compute_plan(desired, current, prune, ap.recorded_secrets(self.paths, current))
-        report.dry_run = dry_run
-        for step, call in [] if dry_run else ap.calls_of(report, desired, current, timeout):
-            try:
-                ap.record(step, await self._run(call))
-            except ModeldError as exc:
-                ap.failed(step, exc)
+        lock = ApplyLock(self.paths)
+        if not dry_run:
+            await lock.acquire_async()  # (another apply of the home holds it: waits, the loop runs on)
+        try:
+            current = await self._run(ap.listing(desired))
+            report = ap.planned(desired, current, prune, dry_run, self.paths, lock)
+            for step, call in [] if dry_run else ap.calls_of(report, desired, current, timeout):
+                try:
+                    ap.record(step, await self._run(call))
+                except ModeldError as exc:
+                    ap.failed(step, exc)
+        finally:
+            lock.release()
         return report
 
     async def export(self, project: str | None = None) -> str:
         """As ``DaemonClient.export``."""
-        from .apply import export_of
+        from .apply import export_of, no_such_project
 
-        return export_of(await self.find(project=project), project)
+        found = await self.find(project=project)
+        if project is not None and not found:
+            raise no_such_project(project, await self.find())
+        return export_of(found, project)
 
     async def daemon_info(self) -> dict[str, Any]:
         return await self._run(op.daemon_info())
