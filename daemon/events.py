@@ -16,7 +16,7 @@ Where events come from: a state change (``transitions.change_state`` calls ``sta
 event is the new state's, or the step's where the step says more, see ``BY_STEP``), and the facts
 no state says (``emit``: exited, deployed, replaced, deleted, woken, scaled_to_zero).
 
-The bus keeps the last ``event_ring`` events (a setting, 10,000 by default, about 350 bytes each:
+The bus keeps the last ``event_ring`` events (a setting, 2,000 by default, about 350 bytes each, 0.7 MB when full:
 a replay for a client that reconnects with ``since``). A subscriber is a cursor into the ring, not
 a copy: its queue is the events after its cursor, and it may fall ``event_queue`` events (1,000)
 behind the newest (besides a replay it asked for), beyond what its socket holds. One that falls

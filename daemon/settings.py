@@ -107,7 +107,7 @@ class DaemonSettings(BaseModel):
         "startup_timeout",
     )
     event_ring: int = Field(
-        10_000, ge=1, description="the events the daemon keeps for a client that reconnects (GET /v1/events?since=)"
+        2_000, ge=1, description="the events the daemon keeps for a client that reconnects (GET /v1/events?since=)"
     )
     event_queue: int = Field(
         1_000, ge=1, description="new events a client of GET /v1/events may fall behind before its connection is closed"

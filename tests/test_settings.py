@@ -33,7 +33,7 @@ DEFAULTS = {
     "wake_timeout": None,
     "max_active": None,
     "memory_budget": None,
-    "event_ring": 10_000,
+    "event_ring": 2_000,
     "event_queue": 1_000,
     "apply": "",
 }
