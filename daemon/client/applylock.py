@@ -13,7 +13,6 @@ filelock itself: importing that costs ~90 ms, more than an apply of an unchanged
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import time
@@ -67,6 +66,8 @@ class ApplyLock:
     async def acquire_async(self) -> None:
         """As ``acquire``, without blocking the event loop: a non-blocking try every POLL s (a
         cancelled apply leaves no lock held, nor a thread blocked in flock)."""
+        import asyncio  # (here: the blocking clients and every `modeld` command must not import it)
+
         fd = self._open()
         try:
             start = time.monotonic()
