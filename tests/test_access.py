@@ -195,6 +195,8 @@ SECRETS = {"API_KEY": "sk-live-4f8a9c2e", "HF_TOKEN": "hf_Zq81mXkPq", "DB_PASSWO
            "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "GCP_CREDENTIALS": "gcp-cred-77a1", "CUSTOM": "custom-hidden-99"}
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_secret_env_values_are_never_shown(client, home, tmp_path):
     env = {**SECRETS, "PLAIN": "plain-visible-1"}
     model = tmp_path / "secretive.py"

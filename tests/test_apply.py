@@ -419,6 +419,7 @@ def finished(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, st
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_applies_at_once_take_turns_the_last_one_wins(home, client, tmp_path):
     """A replaces s1..s6 while B (prune, only s1) starts: B waits for A, then plans against what A left,
     so its deletes stand; without the lock A's replace brought B's deleted services back."""

@@ -96,6 +96,7 @@ def test_daemon_start_status_stop(home):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_service_lifecycle(home):
     out = ok(modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--pipeline-name", "p",
                     home=home))
@@ -186,6 +187,7 @@ def test_env_key_alone_takes_the_value_from_the_callers_environment(home, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_errors_are_one_line_with_exit_codes(home, tmp_path):
     # Usage errors are caught before any daemon is needed.
     result = modeld("deploy", "--model-name", "iris", "--model-uri", "examples/iris.py:model", "--port", "notanumber",
@@ -231,6 +233,7 @@ def test_help(home):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_flavors_and_deployers(home):
     out = ok(modeld("flavor", "list", home=home))
     rows = [line.split() for line in out.splitlines()[1:]]

@@ -39,6 +39,7 @@ def config(folder: Path, name: str, tag: str, kind: str = "command", **extra: ob
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_fifty_concurrent_clients(home, tmp_path):
     (tmp_path / "tiny.py").write_text(harness.TINY_SERVER)
     for tag in ("a", "b"):

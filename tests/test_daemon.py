@@ -200,6 +200,8 @@ def test_daemon_start_failure_reported_at_once(home, monkeypatch):
     assert daemon_processes(home) == []
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_daemon_stop_keeps_servers_and_stop_all_stops_them(client, home):
     svc = client.deploy(iris_config(), timeout=60)
     pid, port, url = svc.status.pid, svc.endpoint.port, svc.endpoint.prediction_url

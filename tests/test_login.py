@@ -333,6 +333,8 @@ def test_client_starts_the_unit_when_a_user_manager_answers(
         shutil.rmtree(other, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_a_client_names_the_daemon_that_holds_the_home(home: Path, no_manager: dict[str, str]) -> None:
     """One home, one daemon: while another holds daemon.lock, a client does not start a second one
     beside it; it waits for that one's socket and, if it never answers, says which one runs."""

@@ -82,6 +82,8 @@ def test_bind_unix_service_wakes_on_its_socket(client):
     assert client.get(svc.uuid).is_running
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_requests_racing_idle_stops_never_fail(client, tmp_path):
     """New connections sent at gaps just past the idle timeout, across many idle stops: some land
     between the daemon's idle decision and its stop signal (a few ms of each stop), are accepted by
