@@ -19,13 +19,18 @@ def event_line(event: dict[str, Any]) -> str:
         return f"{stamp} --- gap: {event.get('detail', '')} ---"
     uuid = str(event.get("uuid") or "")[:8]
     who = f"{event.get('model_name') or '-'} ({uuid})" if uuid else "-"
-    status = ""
-    if event.get("signal") is not None:
-        status = f" [signal {event['signal']}]"
-    elif event.get("exit_code") is not None:
-        status = f" [exit code {event['exit_code']}]"
+    status = f" [{how_it_ended(event)}]" if how_it_ended(event) else ""
     detail = f"  {event['detail']}" if event.get("detail") else ""
     return f"{stamp} #{event.get('seq')} {who} {event.get('type')}{status}{detail}"
+
+
+def how_it_ended(event: dict[str, Any]) -> str:
+    """``signal N`` or ``exit code N`` of an ``exited`` event, else ""."""
+    if event.get("signal") is not None:
+        return f"signal {event['signal']}"
+    if event.get("exit_code") is not None:
+        return f"exit code {event['exit_code']}"
+    return ""
 
 
 def cmd_events(args: argparse.Namespace) -> int:

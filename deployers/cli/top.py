@@ -11,7 +11,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from deployers.cli import connect
-from deployers.cli.event_commands import event_line
+from deployers.cli.event_commands import event_line, how_it_ended
 from deployers.cli.output import print_json
 from deployers.cli.values import seconds
 
@@ -53,11 +53,7 @@ def what_happened(event: dict[str, Any] | None, now: float) -> str:
     """A service's last event in a few words: its type, exit code or signal, and how long ago."""
     if event is None:
         return "-"
-    status = ""
-    if event.get("signal") is not None:
-        status = f" (signal {event['signal']})"
-    elif event.get("exit_code") is not None:
-        status = f" (exit code {event['exit_code']})"
+    status = f" ({how_it_ended(event)})" if how_it_ended(event) else ""
     age = f" {duration(max(0.0, now - event['time']))} ago" if event.get("time") else ""
     return f"{event.get('type')}{status}{age}"
 
