@@ -10,6 +10,8 @@ import signal
 import threading
 from pathlib import Path
 
+import pytest
+
 from conftest import iris_config
 from test_ondemand import ask, write_model
 
@@ -135,6 +137,8 @@ def test_a_replace_that_gives_a_service_an_idle_timeout_makes_room_for_it(client
     assert sorted(alive(client, [a, b])) == ["a", "b"]
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_a_crashed_server_being_restarted_holds_its_room(client, monkeypatch):
     """A crashed on-demand server that supervision restarts after a backoff keeps its room meanwhile:
     a wake of another waits (and, past wake_timeout, gets the 503 naming it) instead of taking the

@@ -64,6 +64,7 @@ def usage_error(result: subprocess.CompletedProcess[str], *mentions: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_daemon_start_status_stop(home):
     result = modeld("daemon", "status", home=home)
     assert result.returncode == 3
@@ -168,6 +169,8 @@ def test_command_server_after_double_dash(home):
     wait_for(lambda: not port_open(port), 10, what="the command server's port to close")
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_env_key_alone_takes_the_value_from_the_callers_environment(home, monkeypatch):
     # A secret given as --env KEY never sits in the CLI's command line (readable by every local user in /proc).
     monkeypatch.setenv("API_KEY", "sk-from-env-7731")

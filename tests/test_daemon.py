@@ -135,6 +135,7 @@ def test_second_daemon_on_same_home_refuses(client, home):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_many_clients_auto_start_one_daemon(home, tmp_path):
     """10 processes call at the same moment with no daemon running: all succeed, through one
     daemon, and the services they deploy all live in it (none with a second, orphaned daemon)."""

@@ -65,6 +65,8 @@ def test_a_frozen_builtin_server_is_restarted(client, home):
     assert "is hung" in (home / "daemon.log").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_a_frozen_server_that_ignores_sigterm_is_killed_at_the_stop_timeout(client, tmp_path):
     svc = client.deploy(sickly(tmp_path, "stubborn", restart={"liveness_failures": 2}), timeout=60)
     os.kill(svc.status.pid, signal.SIGSTOP)

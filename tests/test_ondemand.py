@@ -243,6 +243,8 @@ def test_a_request_to_a_deleted_service_is_refused(client):
     assert not (Path(client.daemon_info()["home"]) / "run" / "activity" / str(svc.uuid)).exists()
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_unload_start_stop_and_the_state_filter_from_the_cli(client, home):
     svc = client.deploy(iris_config(name="od", idle_timeout=3600), timeout=60)
     out = modeld("unload", "od", home=home)

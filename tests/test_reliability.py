@@ -232,6 +232,7 @@ def timed(call, timeout: float):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bad_configs_fail_clearly_within_their_timeout(client, home, tmp_path):
     keep = client.deploy(iris_config(model_name="keep"), timeout=60)
     timeout = 2.0

@@ -241,6 +241,8 @@ def test_the_environment_beats_the_file(home, client, monkeypatch):
 
 
 @pytest.mark.parametrize(("text", "environ", "said"), [BAD[0], BAD[1], BAD[4], BAD[6]], ids=[BAD_IDS[i] for i in (0, 1, 4, 6)])
+@pytest.mark.slow
+@pytest.mark.long
 def test_a_bad_setting_stops_the_daemon_and_the_client_says_why(home, monkeypatch, text, environ, said):
     toml = write_settings(home, text)
     for key, value in environ.items():

@@ -84,6 +84,7 @@ def run_top(tmux: Tmux, home: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_top_in_a_terminal_shows_a_kill_and_the_restart_then_quits(home: Path, client: DaemonClient, tmux: Tmux) -> None:
     svc = client.deploy(iris_config(), timeout=60)
     run_top(tmux, home)
