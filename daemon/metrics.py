@@ -325,18 +325,16 @@ def render(services: list[_Service], usage: list[procstat.Usage | None], paths: 
     del texts, columns, files
 
     own = procstat.own()
-    family("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.")
-    out.append(f"process_resident_memory_bytes {own.rss}\n")
-    family("process_open_fds", "gauge", "Open file descriptors of the daemon.")
-    out.append(f"process_open_fds {own.fds}\n")
-    family("process_max_fds", "gauge", "The daemon's limit of open file descriptors.")
-    out.append(f"process_max_fds {own.max_fds}\n")
-    family("process_cpu_seconds_total", "counter", "CPU time of the daemon (user and system).")
-    out.append(f"process_cpu_seconds_total {own.cpu!r}\n")
-    family("process_start_time_seconds", "gauge", "When the daemon started, in seconds since the epoch.")
-    out.append(f"process_start_time_seconds {own.start_time!r}\n")
-    family("modeld_event_loop_lag_seconds", "gauge", "The daemon's worst event loop delay since the last scrape.")
-    out.append(f"modeld_event_loop_lag_seconds {lag!r}\n")
+    for name, kind, about, value in (
+        ("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.", own.rss),
+        ("process_open_fds", "gauge", "Open file descriptors of the daemon.", own.fds),
+        ("process_max_fds", "gauge", "The daemon's limit of open file descriptors.", own.max_fds),
+        ("process_cpu_seconds_total", "counter", "CPU time of the daemon (user and system).", own.cpu),
+        ("process_start_time_seconds", "gauge", "When the daemon started, in seconds since the epoch.", own.start_time),
+        ("modeld_event_loop_lag_seconds", "gauge", "The daemon's worst event loop delay since the last scrape.", lag),
+    ):
+        family(name, kind, about)
+        out.append(f"{name} {value!r}\n")
     text = "".join(out)
     out.clear()  # (before the copy below: a scrape's peak memory is what stays in the daemon's RSS)
     return text.encode()
