@@ -203,6 +203,7 @@ class Daemon:
         config = uvicorn.Config(
             TrimWhenIdle(api),
             http=PeerCheckedProtocol,
+            ws="none",  # (the control API has no WebSocket route; "auto" would import websockets, and OpenSSL with it)
             lifespan="off",
             log_level="warning",
             access_log=False,

@@ -36,7 +36,7 @@ import asyncio
 import itertools
 import json
 import logging
-import secrets
+import os
 import time
 import weakref
 from collections import deque
@@ -116,7 +116,7 @@ class EventBus:
     """The events of one daemon's life: the ring, the sequence, the subscribers."""
 
     def __init__(self, ring: int = RING, queue: int = QUEUE):
-        self.daemon_id = secrets.token_hex(8)
+        self.daemon_id = os.urandom(8).hex()  # (not secrets.token_hex: secrets imports hashlib, and OpenSSL's ~3.6 MiB with it)
         self.seq = 0
         self.queue = queue
         self.ring: deque[bytes] = deque(maxlen=ring)  # the lines of events oldest() to seq (contiguous)

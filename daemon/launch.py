@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -250,7 +249,7 @@ class Launcher:
         ``op`` names the operation, for its kill points.
         """
         self.ensure_port(m, config)
-        launch = secrets.token_hex(4)
+        launch = os.urandom(4).hex()  # (not secrets: it imports hashlib, and OpenSSL with it, in the daemon)
         info = LaunchInfo(version=str(version if version is not None else m.svc.version), launch=launch)
         pass_fds: tuple[int, ...] = ()
         if is_builtin(config):

@@ -7,7 +7,7 @@ The counts only the daemon sees are kept here, in memory, by hook calls at the f
 ``modeld_service_restarts_total`` is the record's ``restarts``, which persists.
 
 What the servers and the gateway count is read at scrape time: the request counters in
-``run/requests/<uuid>.<via>`` (runtime/_serve/counters.py, one ``pread`` each), each server's memory
+``run/requests/<uuid>.<via>`` (runtime/_serve/counters.py, each mapped once and read in place), each server's memory
 and CPU (procstat.py, a reading serving ``procstat.MAX_AGE`` s). A scrape is made on the event loop
 (about 3 ms of it with 100 services), but for the memory and CPU readings when they are due, made
 in a thread first: no thread formats the text, so no thread's malloc arena holds its pages.
@@ -61,6 +61,7 @@ class _Counts:
 
 
 _counts: dict[UUID, _Counts] = {}
+_counters = counters.Mapped()  # the request counter files, mapped once each
 
 
 def _of(uuid: UUID) -> _Counts:
@@ -306,16 +307,10 @@ def render(services: list[_Service], usage: list[procstat.Usage | None], paths: 
     out.extend(f'modeld_services{{state="{state.value}"}} {n}\n' for state, n in by_state.items())
 
     folder = str(paths.requests_file("x", "direct").parent)
-    try:
-        files = set(os.listdir(folder))  # (one listing, not a failed open of each file not there)
-    except FileNotFoundError:
-        files = set()
+    files = _counters.scan(folder)  # (one listing, not a failed open of each file not there)
+    read = _counters.read
     texts = [
-        _texts(
-            s,
-            u,
-            [(via, counters.read(f"{folder}/{name}") if (name := f"{s.uuid}.{via}") in files else None) for via in VIAS],
-        )
+        _texts(s, u, [(via, read(folder, name) if (name := f"{s.uuid}.{via}") in files else None) for via in VIAS])
         for s, u in zip(services, usage, strict=True)
     ]
     columns: list[tuple[str, ...]] = list(zip(*texts, strict=True)) if texts else [()] * len(_HEADS)

@@ -25,7 +25,7 @@ A request to a ``command`` server that does not pass through the gateway is not 
 
 The writer creates the file (0600) and maps it; a request costs a few memory writes in the map
 (``RequestCounters.observe``): no system call, no lock, nothing the request waits for. The daemon
-reads it with one ``pread`` at scrape time (``read``). A writer that starts keeps the counts it
+maps it read-only and reads it in place at scrape time (``Mapped``). A writer that starts keeps the counts it
 finds (a restarted server's counter goes on), so they only ever grow while the service exists; the
 daemon removes the files when the service is deleted. Two writers of one file at once (the old and
 the new server during a replace, two gateways during a gateway restart) may each lose an increment
@@ -114,7 +114,12 @@ def read(path: str) -> Counts | None:
         os.close(fd)
     if len(data) < WORDS * 8:
         return None
-    words = memoryview(data).cast("Q")
+    view = memoryview(data)
+    return _parse(view.cast("Q"), view[8:16].cast("d"))
+
+
+def _parse(words: memoryview[int], total: memoryview[float]) -> Counts | None:
+    """The counts in ``words`` (the file's words; ``total``: word 1 as a double)."""
     if words[0] != MAGIC:
         return None
     buckets = words[BUCKETS:CODES].tolist()
@@ -128,7 +133,57 @@ def read(path: str) -> Counts | None:
         for index in range(block * 8, min(block * 8 + 8, OTHER + 1)):
             if n := words[CODES + index]:
                 codes[str(index + 100) if index < OTHER else "other"] = n
-    return Counts(codes, buckets, memoryview(data)[8:16].cast("d")[0])
+    return Counts(codes, buckets, total[0])
+
+
+class Mapped:
+    """The daemon's end for ``GET /metrics``, which reads every file again at each scrape: each file
+    mapped once, read-only, and read in place, so a scrape makes no system call per file (an open, a
+    pread and a close each were a third of a scrape's time with 100 services). A reading touches the
+    file's first page only (unless a status of 593 or more was counted): the writer's own page cache,
+    4 KiB of the daemon's RSS per file. A file replaced (another inode) is mapped again; one gone is
+    unmapped at the next ``scan``."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[int, mmap.mmap, memoryview[int], memoryview[float]]] = {}
+
+    def scan(self, folder: str) -> dict[str, int]:
+        """The folder's files now, name to inode (one listing: the inodes come with the names); the
+        maps of files gone or replaced are dropped."""
+        try:
+            with os.scandir(folder) as entries:
+                found = {e.name: e.inode() for e in entries}
+        except FileNotFoundError:
+            found = {}
+        for name in [n for n, m in self._maps.items() if found.get(n) != m[0]]:
+            self._drop(name)
+        return found
+
+    def read(self, folder: str, name: str) -> Counts | None:
+        """The counts in ``folder/name`` (a name ``scan`` returned); None if it is not one of these files."""
+        kept = self._maps.get(name)
+        if kept is None:
+            try:
+                fd = os.open(f"{folder}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            try:
+                stat = os.fstat(fd)
+                if stat.st_size < SIZE:  # (being made: read at the next scrape; a map past EOF would fault)
+                    return None
+                m = mmap.mmap(fd, WORDS * 8, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            view = memoryview(m)
+            kept = self._maps[name] = (stat.st_ino, m, view.cast("Q"), view[8:16].cast("d"))
+            view.release()
+        return _parse(kept[2], kept[3])
+
+    def _drop(self, name: str) -> None:
+        _inode, m, words, total = self._maps.pop(name)
+        words.release()
+        total.release()
+        m.close()
 
 
 class MeasureRequests:
