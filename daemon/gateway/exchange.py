@@ -73,6 +73,7 @@ class Exchange:
         self.waking = False
         self.began = self.last_sent  # (for /metrics)
         self.status = CLIENT_GONE  # the response's status once its head is sent (metrics.py)
+        self.spare_due = False  # open a spare backend connection when the response begins (see start)
         self.activity = self.gw.activities.of(entry.uuid) if entry.counted else None
         if self.activity is not None:
             self.activity.begin()
@@ -89,12 +90,13 @@ class Exchange:
             self._attach(up)
         else:
             self.connecting = self.loop.create_task(self._connect())
-        if self.gw.spare and up is not None:
-            # Only for a backend that keeps connections alive (one came from its pool): a server that
-            # closes after each response (HTTP/1.0, http.server) and serves one connection at a time
-            # would accept the idle spare and block on it, its own port and the daemon's health
-            # probes held up behind it until the daemon killed it as hung.
-            self.gw.keep_spare(self.key)
+        # A spare connection is opened once the response has begun (``_response_head``), so that its
+        # connect and the server's accept never delay this request. Only for a backend that keeps
+        # connections alive (one came from its pool): a server that closes after each response
+        # (HTTP/1.0, http.server) and serves one connection at a time would accept the idle spare
+        # and block on it, its own port and the daemon's health probes held up behind it until the
+        # daemon killed it as hung.
+        self.spare_due = self.gw.spare and up is not None
 
     async def _connect(self) -> None:
         try:
@@ -257,6 +259,9 @@ class Exchange:
 
     def _response_head(self, head: http1.Head, rest: bytes) -> None:
         self.in_head = False
+        if self.spare_due:
+            self.spare_due = False
+            self.loop.call_soon(self.gw.keep_spare, self.key)  # (after this turn's writes to the client)
         self.status = head.status
         self.backend_close = head.close
         extra = b""
