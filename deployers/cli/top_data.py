@@ -131,12 +131,20 @@ def rows_of(services: list[BaseService], new: Scrape, old: Scrape | None, last_e
 
 
 class Sampler:
-    """Scrapes and lists the services at each :meth:`take`, keeping the previous scrape for the rates."""
+    """Scrapes and lists the services at each :meth:`take`, keeping the previous scrape for the rates.
+
+    The live view takes them in a thread of its own (:meth:`follow`), never on the screen's: a daemon
+    that does not answer (stopped with SIGSTOP, swapping, hung) holds up that thread only, while the
+    screen goes on answering its keys and says how long the daemon has been silent (:meth:`silent`).
+    """
 
     def __init__(self, client: DaemonClient):
         self.client = client
         self.last: Scrape | None = None
         self.services: list[BaseService] = []
+        self.rows: list[Row] = []  # the latest take's (what the screen shows)
+        self.count = 0  # takes done so far: the screen redraws when it changes
+        self.asking_since: float | None = None  # time.monotonic() when the take under way began
         self.daemon_cpu: float | None = None  # % of a core, the daemon's own
         self.error = ""  # why the last take failed ("" when it did not)
         self.cpu_seen: dict[str, deque[tuple[float, float]]] = {}  # uuid -> (when, CPU seconds) of recent scrapes
@@ -161,6 +169,26 @@ class Sampler:
         rows = rows_of(services, new, old, feed.last_by_service())
         self._cpu_over_a_window(rows, new)
         return rows
+
+    def follow(self, feed: EventFeed, interval: float) -> threading.Thread:
+        """Take every ``interval`` seconds in a daemon thread (it ends with the process)."""
+
+        def run() -> None:
+            while True:
+                began = self.asking_since = time.monotonic()
+                rows = self.take(feed)
+                self.rows, self.asking_since = rows, None
+                self.count += 1
+                time.sleep(max(0.0, began + interval - time.monotonic()))
+
+        thread = threading.Thread(target=run, name="modeld-top-sampler", daemon=True)
+        thread.start()
+        return thread
+
+    def silent(self, now: float | None = None) -> float:
+        """Seconds the take under way has waited for the daemon (0 when none is under way)."""
+        since = self.asking_since
+        return 0.0 if since is None else max(0.0, (time.monotonic() if now is None else now) - since)
 
     def _cpu_over_a_window(self, rows: list[Row], new: Scrape) -> None:
         """A server's CPU % over the last CPU_WINDOW seconds, not since the previous scrape: the daemon
