@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import iris_config
 from daemon import DaemonClient, ServiceConfig, ServiceState
+from daemon.exceptions import DeployError
 from daemon.testing import UnixHTTP, server_script, wait_for
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
@@ -104,6 +105,54 @@ def test_a_kill_9_counts_one_restart_and_one_exit_by_signal(client, home):
     assert value(after, "modeld_service_cpu_seconds_total", **ids(svc)) > 0
     assert value(after, "process_resident_memory_bytes") > 0 and value(after, "process_open_fds") > 0
     assert value(after, "modeld_event_loop_lag_seconds") >= 0
+
+
+CRASH_LOOP = 'if [ -e "$1" ]; then exit 3; fi; : > "$1"; exec "$2" -m http.server "$3" --bind 127.0.0.1'
+
+
+def test_every_exit_is_counted_once_whatever_the_state_even_before_the_first_health_answer(client, home, tmp_path):
+    # A server that exits before it ever answers: the deploy fails, its exit is counted all the same.
+    (tmp_path / "dies.py").write_text("import sys; sys.exit(4)\n")
+    dies = ServiceConfig(model_name="dies", model_type="command", command=[sys.executable, str(tmp_path / "dies.py")], health_path="/")
+    with pytest.raises(DeployError, match="exited with code 4"):
+        client.deploy(dies, timeout=30)
+    (svc,) = client.find(model_name="dies")
+    samples = scrape(client)
+    assert value(samples, "modeld_service_exits_total", **ids(svc), reason="exit") == 1
+    assert value(samples, "modeld_service_last_exit_code", **ids(svc)) == 4
+
+    # Healthy once, then killed; each restart exits (code 3) before its first health answer, until
+    # supervision gives up: one exit counted per server, as many as the exited events.
+    loop = client.deploy(ServiceConfig(
+        model_name="loop", model_type="command", health_path="/",
+        command=["/bin/sh", "-c", CRASH_LOOP, "sh", str(tmp_path / "ran"), sys.executable, "{port}"],
+        restart={"max_restarts": 2, "backoff_initial": 0, "backoff_max": 0},
+    ), timeout=60)
+    since = client.daemon_info()["events"]["seq"]
+    assert loop.status.pid
+    os.kill(loop.status.pid, signal.SIGKILL)
+    wait_for(lambda: client.get(loop.uuid).status.state == ServiceState.ERROR, 30, what="supervision to give up")
+    exited = [e for e in client.events(since=since, follow=False) if e["type"] == "exited"]
+    samples = scrape(client)
+    assert value(samples, "modeld_service_exits_total", **ids(loop), reason="signal") == 1
+    assert value(samples, "modeld_service_exits_total", **ids(loop), reason="exit") == 2 == len(exited) - 1
+    assert value(samples, "modeld_service_last_exit_code", **ids(loop)) == 3
+
+
+def test_the_last_exit_code_of_a_restarted_server_is_kept_across_a_daemon_restart(client, home):
+    svc = client.deploy(iris_config(), replace=False, timeout=60)
+    pid = svc.status.pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (s := client.get(svc.uuid)).status.pid not in (None, pid) and s.is_running, 30, what="the restart")
+    assert value(scrape(client), "modeld_service_last_exit_code", **ids(svc)) == -signal.SIGKILL
+    daemon_id = client.daemon_info()["events"]["daemon_id"]
+    client.shutdown()  # the server stays; the next call starts a daemon that adopts it
+    wait_for(lambda: not (home / "modeld.sock").exists(), 10, what="the daemon to exit")
+    assert client.daemon_info()["events"]["daemon_id"] != daemon_id
+    samples = scrape(client)
+    assert value(samples, "modeld_service_up", **ids(svc)) == 1
+    assert value(samples, "modeld_service_last_exit_code", **ids(svc)) == -signal.SIGKILL
 
 
 def test_an_idle_stop_and_a_wake_are_counted(client, home):
