@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,78 @@ def test_requests_through_the_gateway_and_direct_are_each_counted_once(client, h
     assert not list((home / "run" / "requests").glob(f"{command.uuid}.*"))
     assert value(scrape(client), "modeld_service_up", **ids(command)) == 0
     assert ("modeld_service_up", frozenset(ids(command).items())) not in scrape(client)
+
+
+SLOW = """import os, time
+def model(instances):
+    seconds, marker = instances
+    open(marker, "w").close()  # (the request is under way: the test may leave)
+    time.sleep(seconds)
+    return [seconds]
+"""
+
+
+def leave_before_the_answer(port: int, path: str, marker: Path, seconds: float = 0.5) -> None:
+    """A predict that takes ``seconds``, whose client goes away once the model is working on it."""
+    body = json.dumps({"instances": [seconds, str(marker)]}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (path.encode(), len(body), body))
+        wait_for(marker.exists, 20, what="the model to be working on the request")
+    marker.unlink()
+
+
+def raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(65536)
+
+
+@pytest.mark.usefixtures("gateway_on")
+def test_a_client_gone_is_499_and_the_gateways_own_answers_are_counted(client, home, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELD_GATEWAY_TIMEOUT", "1")
+    monkeypatch.setenv("MODELD_GATEWAY_MAX_BODY", "1000")
+    (tmp_path / "slow.py").write_text(SLOW)
+    svc = client.deploy(iris_config(model_name="slow", model_uri=f"{tmp_path / 'slow.py'}:model"), replace=False, timeout=60)
+    port, marker = gateway_port(client), tmp_path / "working"
+    predict = b"/v1/models/slow:predict"
+
+    def count(via: str, code: str) -> float:
+        return value(scrape(client), "modeld_service_requests_total", **ids(svc), via=via, code=code)
+
+    # The client leaves while the model works: 499, not the 200 the server then answers to no one.
+    leave_before_the_answer(svc.endpoint.port, predict.decode(), marker)
+    wait_for(lambda: count("direct", "499") == 1, 20, what="a 499 counted by the server")
+    leave_before_the_answer(port, predict.decode(), marker)
+    wait_for(lambda: count("gateway", "499") == 1, 20, what="a 499 counted by the gateway")
+    assert count("direct", "200") == 0 and count("gateway", "200") == 0
+
+    # The gateway's own answers for the service: 504 (no answer within its timeout), 413 (by
+    # content-length, and a chunked body past the cap), 503 (stopped).
+    body = json.dumps({"instances": [2, str(marker)]}).encode()
+    assert raw(port, b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%s" % (predict, len(body), body)).startswith(
+        b"HTTP/1.1 504")
+    assert raw(port, b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-length: 5000\r\n\r\n" % predict).startswith(b"HTTP/1.1 413")
+    chunk = b"x" * 1500
+    assert raw(port, b"POST %s HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (
+        predict, len(chunk), chunk)).startswith(b"HTTP/1.1 413")
+    client.stop(svc.uuid, timeout=30)
+    status, _, _ = get(port, f"/v1/services/{svc.uuid}/v1/models/slow")
+    assert status == 503
+    wait_for(lambda: count("gateway", "503") == 1, 10, what="the 503 counted")
+    samples = scrape(client)
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="gateway", code="504") == 1
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="gateway", code="413") == 2
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="gateway", code="499") == 1
+
+
+@pytest.mark.usefixtures("gateway_on")
+def test_metrics_refuses_an_unknown_query_parameter_on_the_gateway_as_on_the_socket(client, home):
+    port = gateway_port(client)
+    status, kind, body = get(port, "/metrics?x=1")
+    assert status == 400 and kind == "application/json", (status, kind, body)
+    assert "unknown query parameter 'x'" in json.loads(body)["error"]["message"]
+    assert get(port, "/metrics")[0] == 200  # and the connection's next scrape is served as before
 
 
 # ------------------------------------------------------------------ states
