@@ -104,7 +104,11 @@ def headline(sampler: Sampler, now: float) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(now))
     silent = sampler.silent()
     if silent >= SILENT:
-        shown = f": the rows are from {time.strftime('%H:%M:%S', time.localtime(sampler.last.at))}" if sampler.last else ""
+        shown = (
+            f": the rows are from {time.strftime('%H:%M:%S', time.localtime(sampler.rows_at))}"
+            if sampler.rows_at and sampler.rows
+            else ""
+        )
         return f"modeld top  {when}  the daemon does not answer (for {int(silent)}s; stopped or hung?){shown}"
     if sampler.error:
         return f"modeld top  {when}  {sampler.error}"

@@ -142,9 +142,11 @@ class Sampler:
         self.client = client
         self.last: Scrape | None = None
         self.services: list[BaseService] = []
-        self.rows: list[Row] = []  # the latest take's (what the screen shows)
+        self.rows: list[Row] = []  # the latest answered take's (what the screen shows)
+        self.rows_at: float | None = None  # when they were taken (time.time())
         self.count = 0  # takes done so far: the screen redraws when it changes
-        self.asking_since: float | None = None  # time.monotonic() when the take under way began
+        self.answered = True  # whether the last take had an answer (the daemon's, or "not running")
+        self.silent_since: float | None = None  # time.monotonic() since when no take had an answer
         self.daemon_cpu: float | None = None  # % of a core, the daemon's own
         self.error = ""  # why the last take failed ("" when it did not)
         self.cpu_seen: dict[str, deque[tuple[float, float]]] = {}  # uuid -> (when, CPU seconds) of recent scrapes
@@ -154,13 +156,14 @@ class Sampler:
             text = self.client.metrics()
             services = self.client.find()
         except exc.DaemonNotRunning:
-            self.error, self.last = "the daemon is not running (waiting for one)", None
+            self.error, self.last, self.answered = "the daemon is not running (waiting for one)", None, True
             return []
-        except (exc.ModeldError, OSError) as error:
+        except (exc.ModeldError, OSError) as error:  # no answer within the client's timeout, a broken connection
+            self.answered = False
             self.error = f"no answer from the daemon: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
             self.last = None
             return []
-        self.error = ""
+        self.error, self.answered = "", True
         new = scrape_of(text, time.time())
         old, self.last, self.services = self.last, new, services
         span = new.at - old.at if old is not None else 0.0
@@ -175,9 +178,12 @@ class Sampler:
 
         def run() -> None:
             while True:
-                began = self.asking_since = time.monotonic()
+                began = time.monotonic()
+                if self.silent_since is None:
+                    self.silent_since = began
                 rows = self.take(feed)
-                self.rows, self.asking_since = rows, None
+                if self.answered:  # (else the last rows stay, with the time they are from)
+                    self.rows, self.rows_at, self.silent_since = rows, time.time(), None
                 self.count += 1
                 time.sleep(max(0.0, began + interval - time.monotonic()))
 
@@ -186,8 +192,8 @@ class Sampler:
         return thread
 
     def silent(self, now: float | None = None) -> float:
-        """Seconds the take under way has waited for the daemon (0 when none is under way)."""
-        since = self.asking_since
+        """Seconds since the daemon last answered a take (0 when the last one had its answer)."""
+        since = self.silent_since
         return 0.0 if since is None else max(0.0, (time.monotonic() if now is None else now) - since)
 
     def _cpu_over_a_window(self, rows: list[Row], new: Scrape) -> None:
