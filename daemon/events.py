@@ -171,7 +171,14 @@ class EventBus:
         if daemon_id is not None and daemon_id != self.daemon_id:
             why = f"the daemon restarted (daemon_id {daemon_id} is gone; this one is {self.daemon_id})"
         elif since > self.seq:
-            why = f"seq {since} is past this daemon's newest ({self.seq}): the daemon restarted"
+            # No such event yet. Said as it is: the daemon cannot tell a seq of an earlier daemon (without
+            # its daemon_id) from one not reached yet; either way what it holds is sent (a client that
+            # reconnects after a restart misses nothing).
+            held = f"the {len(self.ring)} it holds follow" if self.ring else "none is held yet"
+            why = (
+                f"no event {since} yet: this daemon's newest is {self.seq} (daemon_id {self.daemon_id}; "
+                f"a seq from an earlier daemon? seq starts over when the daemon restarts); {held}"
+            )
         elif since + 1 < oldest:
             why = f"events {since + 1} to {oldest - 1} are no longer held (the last {self.ring.maxlen} are)"
         sub = Subscriber(oldest if why else since + 1, self.seq, on_drop)

@@ -336,6 +336,8 @@ class Launcher:
         self.store.write_pid(m.uuid, record, step=f"{op}.pid")
         killpoints.reached(f"{op}.after-pid")
         m.svc.status.pid = proc.pid
+        if m.svc.status.exit_code is not None:  # the previous server's, kept in the record for /metrics
+            m.svc.status.last_exit_code = m.svc.status.exit_code
         m.svc.status.exit_code = None
         m.svc.status.started_at = time.time()
         log.info("started %s pid %d: %s", m.uuid, proc.pid, " ".join(argv[:2]))

@@ -24,6 +24,7 @@ import asyncio
 import bisect
 import itertools
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -51,7 +52,7 @@ class _Counts:
 
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
     wakes: int = 0
-    last_exit: int | None = None  # the code of the last exit seen here (the record's is None once a server runs again)
+    last_exit: int | None = None  # the code of the last exit seen here (else the record's last_exit_code, kept)
     probe_buckets: list[int] = field(default_factory=lambda: [0] * (len(PROBE_BOUNDS) + 1))
     probe_sum: float = 0.0
     name: str | None = None  # the model name ``labels`` were made of (a replace may change it)
@@ -62,6 +63,7 @@ class _Counts:
 
 _counts: dict[UUID, _Counts] = {}
 _counters = counters.Mapped()  # the request counter files, mapped once each
+_exits_seen: weakref.WeakSet[object] = weakref.WeakSet()  # the processes whose exit was counted
 
 
 def _of(uuid: UUID) -> _Counts:
@@ -74,8 +76,13 @@ def _of(uuid: UUID) -> _Counts:
 # ------------------------------------------------------------------ hooks (called at the facts)
 
 
-def exited(uuid: UUID, code: int | None, unhealthy: str | None) -> None:
-    """A supervised server exited (or was stopped for failing its liveness checks: ``unhealthy``)."""
+def exited(uuid: UUID, proc: object, code: int | None, unhealthy: str | None) -> None:
+    """The server's process ``proc`` exited (or was stopped for failing its liveness checks:
+    ``unhealthy``), in whatever state: before its first health answer (a start's or a replace's
+    health wait) as after. Counted once per process, however many places learn of the exit."""
+    if proc in _exits_seen:
+        return
+    _exits_seen.add(proc)
     reason = "liveness" if unhealthy else ("signal" if code is not None and code < 0 else "exit")
     counts = _of(uuid)
     counts.exits[reason] += 1
@@ -180,7 +187,7 @@ def _snapshot(manager: Manager) -> list[_Service]:
                 uuid=counts.uuid,
                 state=svc.status.state,
                 restarts=svc.status.restarts,
-                exit_code=svc.status.exit_code if svc.status.exit_code is not None else counts.last_exit,
+                exit_code=_last_exit(svc.status.exit_code, counts.last_exit, svc.status.last_exit_code),
                 started_at=svc.status.started_at if alive else None,
                 pid=proc.pid if alive and proc is not None else None,
                 cgroup=str(group.path) if alive and isinstance(group, CgroupGroup) else None,
@@ -188,6 +195,12 @@ def _snapshot(manager: Manager) -> list[_Service]:
             )
         )
     return found
+
+
+def _last_exit(now: int | None, seen: int | None, kept: int | None) -> int | None:
+    """The record's exit code of a server that is not running, else the last this daemon saw, else the
+    record's of an earlier server (kept across daemon restarts)."""
+    return now if now is not None else seen if seen is not None else kept
 
 
 async def scrape(manager: Manager) -> bytes:

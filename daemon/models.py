@@ -76,6 +76,7 @@ class ServiceStatus(_EditCounted):
     last_error: str = ""
     pid: int | None = None
     exit_code: int | None = None
+    last_exit_code: int | None = None  # the code of the last server that exited, kept when another starts (/metrics)
     restarts: int = 0
     started_at: float | None = None
     updated_at: float = Field(default_factory=time.time)

@@ -109,6 +109,7 @@ class Supervisor:
                 code = proc.exited.result() if not proc.exited.cancelled() else None
                 m.svc.status.exit_code = code
                 events.exited(m.svc, proc, code, "before it answered its health check")  # event
+                metrics.exited(m.uuid, proc, code, None)  # metrics
                 await self.end_launch(m, proc)
                 lines = await self.last_log_lines(m)
                 raise DeployError(
@@ -200,7 +201,7 @@ class Supervisor:
             self.launcher.forget_process(m, proc)
             svc.status.exit_code = code
             svc.status.pid = None
-            metrics.exited(m.uuid, code, unhealthy)  # metrics
+            metrics.exited(m.uuid, proc, code, unhealthy)  # metrics
             if unhealthy is None and svc.config.stop_command:
                 await self.run_stop_command(m, svc.config, svc.config.stop_timeout)  # a dead `docker run` leaves its container
             if not await self.restart_after_exit(m, code, unhealthy):

@@ -243,6 +243,21 @@ def test_a_gap_is_sent_after_a_daemon_restart_and_a_follower_goes_on(client, hom
     assert [e["seq"] for e in replay[1:]] == list(range(1, len(replay)))
 
 
+def test_since_past_the_newest_event_says_there_is_no_such_event_yet(client, home):
+    client.deploy(iris_config(), timeout=60)
+    newest = client.daemon_info()["events"]["seq"]
+    shown = modeld("events", "--since", "99", home=home)
+    assert shown.returncode == 0, shown.stderr
+    first = shown.stdout.splitlines()[0]
+    assert f"gap: no event 99 yet: this daemon's newest is {newest} " in first, first
+    assert "the daemon restarted" not in first, first  # (it cannot know that: it says what it knows)
+    lines = [json.loads(line) for line in modeld("events", "--since", "99", "--json", home=home).stdout.splitlines()]
+    gap, held = lines[0], lines[1:]
+    assert gap["type"] == "gap" and gap["seq"] == 0 and f"newest is {newest}" in gap["detail"], gap
+    assert f"the {newest} it holds follow" in gap["detail"], gap
+    assert [e["seq"] for e in held] == list(range(1, newest + 1))
+
+
 def _restarted(client: DaemonClient, old: str) -> dict[str, Any] | None:
     position = client.daemon_info()["events"]
     return position if position["daemon_id"] != old else None

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import iris_config
 from daemon import DaemonClient, ServiceConfig, ServiceState
+from daemon.exceptions import DeployError
 from daemon.testing import UnixHTTP, server_script, wait_for
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
@@ -104,6 +106,54 @@ def test_a_kill_9_counts_one_restart_and_one_exit_by_signal(client, home):
     assert value(after, "modeld_service_cpu_seconds_total", **ids(svc)) > 0
     assert value(after, "process_resident_memory_bytes") > 0 and value(after, "process_open_fds") > 0
     assert value(after, "modeld_event_loop_lag_seconds") >= 0
+
+
+CRASH_LOOP = 'if [ -e "$1" ]; then exit 3; fi; : > "$1"; exec "$2" -m http.server "$3" --bind 127.0.0.1'
+
+
+def test_every_exit_is_counted_once_whatever_the_state_even_before_the_first_health_answer(client, home, tmp_path):
+    # A server that exits before it ever answers: the deploy fails, its exit is counted all the same.
+    (tmp_path / "dies.py").write_text("import sys; sys.exit(4)\n")
+    dies = ServiceConfig(model_name="dies", model_type="command", command=[sys.executable, str(tmp_path / "dies.py")], health_path="/")
+    with pytest.raises(DeployError, match="exited with code 4"):
+        client.deploy(dies, timeout=30)
+    (svc,) = client.find(model_name="dies")
+    samples = scrape(client)
+    assert value(samples, "modeld_service_exits_total", **ids(svc), reason="exit") == 1
+    assert value(samples, "modeld_service_last_exit_code", **ids(svc)) == 4
+
+    # Healthy once, then killed; each restart exits (code 3) before its first health answer, until
+    # supervision gives up: one exit counted per server, as many as the exited events.
+    loop = client.deploy(ServiceConfig(
+        model_name="loop", model_type="command", health_path="/",
+        command=["/bin/sh", "-c", CRASH_LOOP, "sh", str(tmp_path / "ran"), sys.executable, "{port}"],
+        restart={"max_restarts": 2, "backoff_initial": 0, "backoff_max": 0},
+    ), timeout=60)
+    since = client.daemon_info()["events"]["seq"]
+    assert loop.status.pid
+    os.kill(loop.status.pid, signal.SIGKILL)
+    wait_for(lambda: client.get(loop.uuid).status.state == ServiceState.ERROR, 30, what="supervision to give up")
+    exited = [e for e in client.events(since=since, follow=False) if e["type"] == "exited"]
+    samples = scrape(client)
+    assert value(samples, "modeld_service_exits_total", **ids(loop), reason="signal") == 1
+    assert value(samples, "modeld_service_exits_total", **ids(loop), reason="exit") == 2 == len(exited) - 1
+    assert value(samples, "modeld_service_last_exit_code", **ids(loop)) == 3
+
+
+def test_the_last_exit_code_of_a_restarted_server_is_kept_across_a_daemon_restart(client, home):
+    svc = client.deploy(iris_config(), replace=False, timeout=60)
+    pid = svc.status.pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (s := client.get(svc.uuid)).status.pid not in (None, pid) and s.is_running, 30, what="the restart")
+    assert value(scrape(client), "modeld_service_last_exit_code", **ids(svc)) == -signal.SIGKILL
+    daemon_id = client.daemon_info()["events"]["daemon_id"]
+    client.shutdown()  # the server stays; the next call starts a daemon that adopts it
+    wait_for(lambda: not (home / "modeld.sock").exists(), 10, what="the daemon to exit")
+    assert client.daemon_info()["events"]["daemon_id"] != daemon_id
+    samples = scrape(client)
+    assert value(samples, "modeld_service_up", **ids(svc)) == 1
+    assert value(samples, "modeld_service_last_exit_code", **ids(svc)) == -signal.SIGKILL
 
 
 def test_an_idle_stop_and_a_wake_are_counted(client, home):
@@ -190,6 +240,78 @@ def test_requests_through_the_gateway_and_direct_are_each_counted_once(client, h
     assert not list((home / "run" / "requests").glob(f"{command.uuid}.*"))
     assert value(scrape(client), "modeld_service_up", **ids(command)) == 0
     assert ("modeld_service_up", frozenset(ids(command).items())) not in scrape(client)
+
+
+SLOW = """import os, time
+def model(instances):
+    seconds, marker = instances
+    open(marker, "w").close()  # (the request is under way: the test may leave)
+    time.sleep(seconds)
+    return [seconds]
+"""
+
+
+def leave_before_the_answer(port: int, path: str, marker: Path, seconds: float = 0.5) -> None:
+    """A predict that takes ``seconds``, whose client goes away once the model is working on it."""
+    body = json.dumps({"instances": [seconds, str(marker)]}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (path.encode(), len(body), body))
+        wait_for(marker.exists, 20, what="the model to be working on the request")
+    marker.unlink()
+
+
+def raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(65536)
+
+
+@pytest.mark.usefixtures("gateway_on")
+def test_a_client_gone_is_499_and_the_gateways_own_answers_are_counted(client, home, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELD_GATEWAY_TIMEOUT", "1")
+    monkeypatch.setenv("MODELD_GATEWAY_MAX_BODY", "1000")
+    (tmp_path / "slow.py").write_text(SLOW)
+    svc = client.deploy(iris_config(model_name="slow", model_uri=f"{tmp_path / 'slow.py'}:model"), replace=False, timeout=60)
+    port, marker = gateway_port(client), tmp_path / "working"
+    predict = b"/v1/models/slow:predict"
+
+    def count(via: str, code: str) -> float:
+        return value(scrape(client), "modeld_service_requests_total", **ids(svc), via=via, code=code)
+
+    # The client leaves while the model works: 499, not the 200 the server then answers to no one.
+    leave_before_the_answer(svc.endpoint.port, predict.decode(), marker)
+    wait_for(lambda: count("direct", "499") == 1, 20, what="a 499 counted by the server")
+    leave_before_the_answer(port, predict.decode(), marker)
+    wait_for(lambda: count("gateway", "499") == 1, 20, what="a 499 counted by the gateway")
+    assert count("direct", "200") == 0 and count("gateway", "200") == 0
+
+    # The gateway's own answers for the service: 504 (no answer within its timeout), 413 (by
+    # content-length, and a chunked body past the cap), 503 (stopped).
+    body = json.dumps({"instances": [2, str(marker)]}).encode()
+    assert raw(port, b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%s" % (predict, len(body), body)).startswith(
+        b"HTTP/1.1 504")
+    assert raw(port, b"POST %s HTTP/1.1\r\nhost: t\r\ncontent-length: 5000\r\n\r\n" % predict).startswith(b"HTTP/1.1 413")
+    chunk = b"x" * 1500
+    assert raw(port, b"POST %s HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (
+        predict, len(chunk), chunk)).startswith(b"HTTP/1.1 413")
+    client.stop(svc.uuid, timeout=30)
+    status, _, _ = get(port, f"/v1/services/{svc.uuid}/v1/models/slow")
+    assert status == 503
+    wait_for(lambda: count("gateway", "503") == 1, 10, what="the 503 counted")
+    samples = scrape(client)
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="gateway", code="504") == 1
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="gateway", code="413") == 2
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="gateway", code="499") == 1
+
+
+@pytest.mark.usefixtures("gateway_on")
+def test_metrics_refuses_an_unknown_query_parameter_on_the_gateway_as_on_the_socket(client, home):
+    port = gateway_port(client)
+    status, kind, body = get(port, "/metrics?x=1")
+    assert status == 400 and kind == "application/json", (status, kind, body)
+    assert "unknown query parameter 'x'" in json.loads(body)["error"]["message"]
+    assert get(port, "/metrics")[0] == 200  # and the connection's next scrape is served as before
 
 
 # ------------------------------------------------------------------ states

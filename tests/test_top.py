@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import DaemonClient
 from daemon.testing import REPO, wait_for
-from deployers.cli.top import HEADERS
+from deployers.cli.top import HEADERS, NAME_MAX, cells
 from deployers.cli.top_data import parse_metrics
 
 from conftest import in_ci, iris_config, modeld, predict
@@ -168,3 +168,55 @@ def test_top_reads_metrics_as_prometheus_client_does(home: Path, client: DaemonC
     assert ours == theirs
     assert {labels["model_name"] for labels, _ in ours["modeld_service_up"]} == {"iris", 'odd "name"\\ x'}
     assert ours["x_total"] == [({"a": "1\n2", "b": 'q"\\'}, 3.0)]
+
+
+def test_top_answers_q_and_ctrl_c_at_once_while_the_daemon_does_not_answer(home: Path, client: DaemonClient, tmux: Tmux) -> None:
+    """A daemon stopped with SIGSTOP accepts connections and never answers: top asks it in a thread
+    of its own, so its screen says so within a few seconds and q or Ctrl-C quit within about 1 s."""
+    daemon_pid = client.daemon_info()["pid"]
+    run_top(tmux, home)
+    wait_for(lambda: tmux.showing(r"modeld top .* 0 services"), timeout=30, what="top's screen")
+    os.kill(daemon_pid, signal.SIGSTOP)
+    try:
+        screen = wait_for(lambda: tmux.showing(r"the daemon does not answer \(for \d+s"), timeout=5, what="top to say the daemon does not answer")
+        assert "RESTARTS" in screen, screen  # the view is still drawn
+        # Past the client's timeout of a call (5 s), the silence goes on being counted, not reset.
+        wait_for(lambda: tmux.showing(r"does not answer \(for ([6-9]|\d\d)s"), timeout=10, what="6 s of silence counted")
+        tmux.type("q")
+        screen = wait_for(lambda: tmux.showing(r"top-exited-\d"), timeout=1.5, what="top to quit on q within ~1 s")
+        assert "top-exited-0" in screen, screen
+
+        tmux.type("clear", "Enter")
+        run_top(tmux, home)  # started while the daemon is stopped: its first answer never comes
+        wait_for(lambda: tmux.showing(r"the daemon does not answer"), timeout=15, what="top's screen, the daemon silent")
+        tmux.type("C-c")
+        screen = wait_for(lambda: tmux.showing(r"top-exited-\d"), timeout=1.5, what="top to quit on Ctrl-C within ~1 s")
+        assert "top-exited-0" in screen and "RESTARTS" not in screen, screen
+    finally:
+        os.kill(daemon_pid, signal.SIGCONT)
+    assert client.daemon_info()["pid"] == daemon_pid  # it goes on as it was
+
+
+def test_top_columns_stay_aligned_with_long_and_wide_names(home: Path, client: DaemonClient) -> None:
+    """Widths are terminal cells: a CJK or emoji name takes two a character, and a long name is cut."""
+    names = ["iris", "鸢尾花分类模型", "🌸🌼 flowers", "a-very-long-model-name-" * 4]
+    uuids = [client.deploy(iris_config(model_name=name), replace=False, timeout=60).uuid for name in names]
+    done = modeld("top", "--interval", "0", home=home, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = lines[1]
+
+    def at(line: str, index: int) -> int:  # the cell where the character at ``index`` starts
+        return cells(line[:index])
+
+    rows = [next(line for line in lines if line.startswith(str(u)[:8])) for u in uuids]
+    for title in ("STATE", "UPTIME", "RESTARTS", "LAST EVENT"):
+        column = header.index(title)
+        for line in rows:
+            starts = [m.start() for m in re.finditer(r"(?<=  )\S", line)]
+            assert column in [at(line, i) for i in starts], (title, header, line)
+    for line in rows:
+        assert at(line, line.index("active")) == header.index("STATE"), (header, line)
+    long_row = rows[-1]
+    name = re.split(r"\s{2,}", long_row)[1]
+    assert name.endswith("…") and cells(name) == NAME_MAX, long_row

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from ..runtime._serve.counters import RequestCounters
+from ..runtime._serve.counters import CLIENT_GONE, RequestCounters
 from .routes import Answer, error
 
-CLIENT_GONE = 499  # nginx's "client closed request": no response head was sent
+__all__ = ["CLIENT_GONE", "Counted", "fetch", "response"]
 SCRAPE_TIMEOUT = 10.0
 
 
@@ -58,11 +58,12 @@ class Counted:
         self.open.clear()
 
 
-async def fetch(daemon_socket: Path | None) -> tuple[int, bytes, bytes]:
-    """The daemon's ``GET /metrics``: (status, content type, body); an error answer's if it cannot be had."""
+async def fetch(daemon_socket: Path | None, target: bytes = b"/metrics") -> tuple[int, bytes, bytes]:
+    """The daemon's ``GET <target>`` (``/metrics``, with the client's query if it gave one: the daemon
+    answers it as on its socket): (status, content type, body); an error answer's if it cannot be had."""
     if daemon_socket is None:
         return _error(error(503, "ServiceUnavailable", "the gateway has no daemon to ask for metrics"))
-    request = b"GET /metrics HTTP/1.1\r\nhost: modeld\r\nconnection: close\r\n\r\n"
+    request = b"GET %s HTTP/1.1\r\nhost: modeld\r\nconnection: close\r\n\r\n" % target
     try:
         async with asyncio.timeout(SCRAPE_TIMEOUT):
             reader, writer = await asyncio.open_unix_connection(str(daemon_socket))
@@ -95,7 +96,9 @@ def _error(answer: Answer) -> tuple[int, bytes, bytes]:
 
 
 def response(status: int, kind: bytes, body: bytes, close: bool, head: bool) -> bytes:
-    reason = {200: b"OK", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}.get(status, b"")
+    reason = {200: b"OK", 400: b"Bad Request", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}.get(
+        status, b""
+    )
     return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
         status,
         reason,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 
 from . import http1, metrics
 from .exchange import Exchange
@@ -59,6 +60,7 @@ class Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = None  # the response timeout of the exchange in flight (watch)
+        self.began = self.loop.time()  # when the request in flight's head was read (for /metrics)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -149,10 +151,15 @@ class Downstream(asyncio.Protocol):
     def _request(self, head: http1.Head, rest: bytes) -> None:
         self.close_after = head.close or self.gw.draining
         self.method = head.method
+        self.began = self.loop.time()
         has_body = head.chunked or bool(head.length)
         if head.length is not None and head.length > self.gw.max_body:
+            route = self.gw.table.resolve(head.method, head.target)  # (the service it was for, counted)
             self.answer_and_close(
-                error(413, "ContentTooLarge", f"the body is {head.length} bytes; the gateway's cap is {self.gw.max_body}")
+                replace(
+                    error(413, "ContentTooLarge", f"the body is {head.length} bytes; the gateway's cap is {self.gw.max_body}"),
+                    uuid=route.entry.uuid if isinstance(route, Forward) else "",
+                )
             )
             return
         if head.target.partition(b"?")[0] == METRICS:
@@ -165,6 +172,7 @@ class Downstream(asyncio.Protocol):
             if has_body:
                 self.answer_and_close(route)
             else:
+                self.counted(route)
                 self.transport.write(route.encode(close=self.close_after, head=head.method == b"HEAD"))
                 self.response_done(False, keep_buf=rest)
             return
@@ -219,6 +227,8 @@ class Downstream(asyncio.Protocol):
         """A chunked body that cannot be framed: the backend's request is cut, the client told if it can be."""
         assert self.exchange is not None
         exchange, self.exchange = self.exchange, None
+        if not exchange.answered:
+            exchange.status = 400  # (counted as the answer the client gets)
         exchange.abort()
         if exchange.answered:
             self.transport.abort()
@@ -229,6 +239,8 @@ class Downstream(asyncio.Protocol):
         """A chunked body over the cap: cut it (the backend sees an aborted request)."""
         self.remaining += n
         if self.remaining > self.gw.max_body and self.exchange is not None:
+            if not self.exchange.answered:
+                self.exchange.status = 413  # (counted as the answer the client gets)
             self.exchange.abort()
             self.exchange = None
             self.answer_and_close(
@@ -270,6 +282,7 @@ class Downstream(asyncio.Protocol):
         if isinstance(found, Answer) and found.status in RECHECK and self.gw.refresh():
             found = self.gw.table.resolve_body(body)
         if isinstance(found, Answer):
+            self.counted(found)
             self.transport.write(found.encode(close=self.close_after))
             self.response_done(False, keep_buf=rest)
             return
@@ -284,7 +297,9 @@ class Downstream(asyncio.Protocol):
             return
         self.state = self.WAIT
         self.buf += rest
-        self.scraping = asyncio.ensure_future(metrics.fetch(self.gw.waker.daemon_socket))
+        # The target as it came, query and all: the daemon refuses what it does not know (400, naming
+        # it), so /metrics answers the same on the gateway's port as on the control socket.
+        self.scraping = asyncio.ensure_future(metrics.fetch(self.gw.waker.daemon_socket, head.target))
         self.scraping.add_done_callback(lambda done: self._scraped(done, head.method == b"HEAD"))
 
     def _scraped(self, done: asyncio.Future[tuple[int, bytes, bytes]], head_only: bool) -> None:
@@ -311,9 +326,15 @@ class Downstream(asyncio.Protocol):
         if self.buf:
             self._heads()
 
+    def counted(self, answer: Answer) -> None:
+        """The gateway's own answer for a service, in its requests for /metrics (metrics.py)."""
+        if answer.uuid and answer.uuid in self.gw.table.by_uuid:
+            self.gw.counted.observe(answer.uuid, answer.status, self.loop.time() - self.began)
+
     def answer_and_close(self, answer: Answer) -> None:
         if self.state == self.CLOSED:
             return
+        self.counted(answer)
         self.state = self.CLOSED
         self.transport.write(answer.encode(close=True, head=self.method == b"HEAD"))
         self.transport.close()

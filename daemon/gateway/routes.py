@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote_to_bytes
 
 OPENAI_BY_BODY = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
@@ -81,10 +81,12 @@ class Forward:
 
 @dataclass(frozen=True)
 class Answer:
-    """Answer locally: status and a JSON body."""
+    """Answer locally: status and a JSON body; ``uuid``: the service it answers for, if one (counted in
+    that service's requests for /metrics: a 503 for a stopped service, a 413 on its way to it, ...)."""
 
     status: int
     body: dict[str, object]
+    uuid: str = ""
 
     def encode(self, close: bool = False, head: bool = False) -> bytes:
         """The response; only its head (with the body's length) for a HEAD request (RFC 9110 §9.3.2)."""
@@ -148,19 +150,25 @@ class Table:
     @staticmethod
     def usable(entry: Entry) -> Entry | Answer:
         if entry.private:
-            return error(
-                403,
-                "Forbidden",
-                f"service {entry.uuid} ({entry.name}) serves on a Unix socket only (bind_unix), "
-                "which the gateway's port, open to every local user, must not reach",
+            return replace(
+                error(
+                    403,
+                    "Forbidden",
+                    f"service {entry.uuid} ({entry.name}) serves on a Unix socket only (bind_unix), "
+                    "which the gateway's port, open to every local user, must not reach",
+                ),
+                uuid=entry.uuid,
             )
         if entry.state != "active" and not entry.waits:
-            return error(
-                503,
-                "ServiceUnavailable",
-                f"service {entry.uuid} ({entry.name}) is {entry.state}",
-                state=entry.state,
-                last_error=entry.last_error,
+            return replace(
+                error(
+                    503,
+                    "ServiceUnavailable",
+                    f"service {entry.uuid} ({entry.name}) is {entry.state}",
+                    state=entry.state,
+                    last_error=entry.last_error,
+                ),
+                uuid=entry.uuid,
             )
         return entry
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import unicodedata
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from daemon import exceptions as exc
 from deployers.cli import connect
 from deployers.cli.event_commands import event_line, how_it_ended
 from deployers.cli.output import print_json
+from deployers.cli.progress import fit, printable
 from deployers.cli.values import seconds
 
 if TYPE_CHECKING:
@@ -21,6 +24,24 @@ if TYPE_CHECKING:
     from deployers.cli.top_data import EventFeed, Row, Sampler
 
 HEADERS = ("ID", "NAME", "STATE", "UPTIME", "RESTARTS", "MEM", "CPU", "REQ/S", "LAST EVENT")
+NAME_MAX = 24  # cells of the NAME column: a longer name is cut, ending in "…"
+START_WAIT = 5.0  # seconds the first call (which may start the daemon) waits for an answer before the screen shows
+SILENT = 1.0  # seconds without the daemon's answer before the first line says so
+
+
+def cells(text: str) -> int:
+    """Cells ``text`` takes on a terminal, counted as progress.fit counts them (wide characters two)."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def cut(text: str, most: int) -> str:
+    """``text`` on one line in at most ``most`` cells, ending in "…" when it was cut."""
+    text = printable(text)
+    return text if cells(text) <= most else fit(text, most - 1) + "…"
+
+
+def pad(text: str, width: int) -> str:
+    return text + " " * (width - cells(text))
 
 
 def duration(s: float | None) -> str:
@@ -59,11 +80,12 @@ def what_happened(event: dict[str, Any] | None, now: float) -> str:
 
 
 def table(rows: list[Row], last: dict[str, dict[str, Any]], now: float) -> list[str]:
-    """The rows as lines of aligned columns, the headers first; two spaces or more between columns."""
-    cells = [
+    """The rows as lines of aligned columns, the headers first; two spaces or more between columns.
+    Widths are in terminal cells (a CJK or emoji name takes two a character), so columns stay aligned."""
+    lines = [
         [
             r.uuid[:8],
-            r.name,
+            cut(r.name, NAME_MAX),
             r.state,
             duration(r.uptime),
             str(r.restarts),
@@ -74,12 +96,20 @@ def table(rows: list[Row], last: dict[str, dict[str, Any]], now: float) -> list[
         ]
         for r in rows
     ]
-    widths = [max(len(c) for c in col) for col in zip(HEADERS, *cells, strict=False)]
-    return ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip() for line in (HEADERS, *cells)]
+    widths = [max(map(cells, col)) for col in zip(HEADERS, *lines, strict=False)]
+    return ["  ".join(pad(c, w) for c, w in zip(line, widths, strict=False)).rstrip() for line in (HEADERS, *lines)]
 
 
 def headline(sampler: Sampler, now: float) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(now))
+    silent = sampler.silent()
+    if silent >= SILENT:
+        shown = (
+            f": the rows are from {time.strftime('%H:%M:%S', time.localtime(sampler.rows_at))}"
+            if sampler.rows_at and sampler.rows
+            else ""
+        )
+        return f"modeld top  {when}  the daemon does not answer (for {int(silent)}s; stopped or hung?){shown}"
     if sampler.error:
         return f"modeld top  {when}  {sampler.error}"
     states = Counter(str(s.status.state) for s in sampler.services)
@@ -145,16 +175,17 @@ class Screen:
             curses.curs_set(0)
         except curses.error:
             pass  # a terminal that cannot hide its cursor
-        self.win.timeout(100)  # getch waits at most 0.1 s: events show within that
-        next_at, seen = 0.0, -1
+        self.win.timeout(100)  # getch waits at most 0.1 s: events and keys are seen within that
+        self.sampler.follow(self.feed, self.interval)  # the daemon is asked in a thread: never here
+        taken, seen, silent = -1, -1, 0
         while True:
-            now = time.monotonic()
             dirty = False
-            if now >= next_at:
-                self.rows = self.sampler.take(self.feed)
-                next_at, dirty = now + self.interval, True
+            if self.sampler.count != taken:
+                taken, self.rows, dirty = self.sampler.count, self.sampler.rows, True
             if self.feed.count != seen:
                 seen, dirty = self.feed.count, True
+            if int(self.sampler.silent()) != silent:  # the first line counts the seconds of silence
+                silent, dirty = int(self.sampler.silent()), True
             if dirty:
                 self.draw()
             key = self.win.getch()
@@ -167,7 +198,7 @@ class Screen:
         height, width = self.win.getmaxyx()
         if 0 <= y < height:
             try:
-                self.win.addnstr(y, 0, text, width - 1, attr)
+                self.win.addstr(y, 0, fit(printable(text), width - 1), attr)  # cut in cells: a wide character takes two
             except self.curses.error:
                 pass  # the bottom right corner: curses writes it, then fails to move the cursor on
 
@@ -212,9 +243,15 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     from deployers.cli.top_data import EventFeed, Sampler
 
-    client = connect.client(args)
-    client.daemon_info()  # starts the daemon, as every command does; after that, top never starts one
-    sampler = Sampler(connect.client(args, auto_start=False, timeout=10))
+    # Starts the daemon, as every command does (after that, top never starts one); one that does not
+    # answer within START_WAIT is left to the screen, which says so (and q quits it).
+    try:
+        connect.client(args, timeout=START_WAIT).daemon_info()
+    except exc.ProtocolError:
+        pass
+    except KeyboardInterrupt:
+        return 0
+    sampler = Sampler(connect.client(args, auto_start=False, timeout=5))
     feed = EventFeed(connect.client(args, auto_start=False))
     feed.follow()
     try:

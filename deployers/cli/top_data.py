@@ -131,12 +131,22 @@ def rows_of(services: list[BaseService], new: Scrape, old: Scrape | None, last_e
 
 
 class Sampler:
-    """Scrapes and lists the services at each :meth:`take`, keeping the previous scrape for the rates."""
+    """Scrapes and lists the services at each :meth:`take`, keeping the previous scrape for the rates.
+
+    The live view takes them in a thread of its own (:meth:`follow`), never on the screen's: a daemon
+    that does not answer (stopped with SIGSTOP, swapping, hung) holds up that thread only, while the
+    screen goes on answering its keys and says how long the daemon has been silent (:meth:`silent`).
+    """
 
     def __init__(self, client: DaemonClient):
         self.client = client
         self.last: Scrape | None = None
         self.services: list[BaseService] = []
+        self.rows: list[Row] = []  # the latest answered take's (what the screen shows)
+        self.rows_at: float | None = None  # when they were taken (time.time())
+        self.count = 0  # takes done so far: the screen redraws when it changes
+        self.answered = True  # whether the last take had an answer (the daemon's, or "not running")
+        self.silent_since: float | None = None  # time.monotonic() since when no take had an answer
         self.daemon_cpu: float | None = None  # % of a core, the daemon's own
         self.error = ""  # why the last take failed ("" when it did not)
         self.cpu_seen: dict[str, deque[tuple[float, float]]] = {}  # uuid -> (when, CPU seconds) of recent scrapes
@@ -146,13 +156,14 @@ class Sampler:
             text = self.client.metrics()
             services = self.client.find()
         except exc.DaemonNotRunning:
-            self.error, self.last = "the daemon is not running (waiting for one)", None
+            self.error, self.last, self.answered = "the daemon is not running (waiting for one)", None, True
             return []
-        except (exc.ModeldError, OSError) as error:
+        except (exc.ModeldError, OSError) as error:  # no answer within the client's timeout, a broken connection
+            self.answered = False
             self.error = f"no answer from the daemon: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
             self.last = None
             return []
-        self.error = ""
+        self.error, self.answered = "", True
         new = scrape_of(text, time.time())
         old, self.last, self.services = self.last, new, services
         span = new.at - old.at if old is not None else 0.0
@@ -161,6 +172,29 @@ class Sampler:
         rows = rows_of(services, new, old, feed.last_by_service())
         self._cpu_over_a_window(rows, new)
         return rows
+
+    def follow(self, feed: EventFeed, interval: float) -> threading.Thread:
+        """Take every ``interval`` seconds in a daemon thread (it ends with the process)."""
+
+        def run() -> None:
+            while True:
+                began = time.monotonic()
+                if self.silent_since is None:
+                    self.silent_since = began
+                rows = self.take(feed)
+                if self.answered:  # (else the last rows stay, with the time they are from)
+                    self.rows, self.rows_at, self.silent_since = rows, time.time(), None
+                self.count += 1
+                time.sleep(max(0.0, began + interval - time.monotonic()))
+
+        thread = threading.Thread(target=run, name="modeld-top-sampler", daemon=True)
+        thread.start()
+        return thread
+
+    def silent(self, now: float | None = None) -> float:
+        """Seconds since the daemon last answered a take (0 when the last one had its answer)."""
+        since = self.silent_since
+        return 0.0 if since is None else max(0.0, (time.monotonic() if now is None else now) - since)
 
     def _cpu_over_a_window(self, rows: list[Row], new: Scrape) -> None:
         """A server's CPU % over the last CPU_WINDOW seconds, not since the previous scrape: the daemon

@@ -56,6 +56,7 @@ CODES = BUCKETS + len(BOUNDS) + 1  # first word of the counts by status
 OTHER = 500  # the slot of a status outside 100..599
 WORDS = CODES + OTHER + 1
 SIZE = 8192  # (WORDS * 8 = 4272 bytes, rounded up to two pages: room to grow)
+CLIENT_GONE = 499  # nginx's "client closed request": the client left before the response's head
 PROBE_HEADER = b"x-modeld-probe"  # the daemon's probes (not counted)
 VIA_GATEWAY = b"1.1 modeld"  # the gateway's via header on what it forwards (counted by the gateway)
 
@@ -189,7 +190,9 @@ class Mapped:
 class MeasureRequests:
     """ASGI middleware of the built-in server: each HTTP request counted in ``counters`` (unless it
     came through the gateway) and in the on-demand ``activity`` file (see activity.py), except the
-    daemon's probes. The status is read from the response's start message as it passes."""
+    daemon's probes. The status is read from the response's start message as it passes; 499 if the
+    client had gone by then (uvicorn drops a response to a closed connection without a word: its
+    request cycle's ``disconnected``, or an ``http.disconnect`` the app received, says so)."""
 
     def __init__(self, app: Asgi, counters: RequestCounters | None, activity: ActivityWriter | None) -> None:
         self.app = app
@@ -217,18 +220,31 @@ class MeasureRequests:
                 if activity is not None:
                     activity.end()
             return
-        status = 500  # (an app that raised before its response: uvicorn answers 500)
+        status = 0  # (none yet)
+        told_gone = False
+        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle (h11 and httptools alike)
+
+        def gone() -> bool:
+            return told_gone or bool(getattr(cycle, "disconnected", False))
+
+        async def receive_noted() -> dict[str, Any]:
+            nonlocal told_gone
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.disconnect" and not status:
+                told_gone = True
+            return message
 
         async def send_status(message: dict[str, Any]) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            if message["type"] == "http.response.start" and not status:
+                status = CLIENT_GONE if gone() else message["status"]
             await send(message)
 
         started = perf_counter()
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_noted, send_status)
         finally:
-            counters.observe(status, perf_counter() - started)
+            # An app that raised before its response: uvicorn answers 500, unless no one is there.
+            counters.observe(status or (CLIENT_GONE if gone() else 500), perf_counter() - started)
             if activity is not None:
                 activity.end()
