@@ -58,7 +58,7 @@ class _Counts:
     name: str | None = None  # the model name ``labels`` were made of (a replace may change it)
     labels: str = ""  # uuid="…",model_name="…"
     uuid: str = ""
-    texts: tuple[tuple[object, ...], list[str]] | None = None  # see _texts
+    texts: tuple[tuple[object, ...], list[bytes]] | None = None  # see _texts
 
 
 _counts: dict[UUID, _Counts] = {}
@@ -239,17 +239,17 @@ _FAMILIES = (  # the per-service families, in the order of _texts' parts
 )
 
 
-def _family(name: str, kind: str, text: str) -> str:
-    return f"# HELP {name} {text}\n# TYPE {name} {kind}\n"
+def _family(name: str, kind: str, text: str) -> bytes:
+    return f"# HELP {name} {text}\n# TYPE {name} {kind}\n".encode()
 
 
 _HEADS = tuple(_family(*f) for f in _FAMILIES)
 
 
-def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, counters.Counts | None]]) -> list[str]:
+def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, counters.Counts | None]]) -> list[bytes]:
     """The service's text in each of ``_FAMILIES``, kept with what it was made of (exactly: every
     value its text shows) and made again only where that changed; with a scrape every second most
-    services are as they were at the last one."""
+    services are as they were at the last one. Kept encoded: a scrape is one join of bytes."""
     counts, labels = s.counts, s.labels
     keys = (
         (labels, s.state, s.restarts, s.exit_code, s.started_at, tuple(counts.exits.values()), counts.wakes),
@@ -260,29 +260,32 @@ def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, 
     kept = counts.texts
     if kept is not None and kept[0] == keys:
         return kept[1]
-    was, parts = kept if kept is not None else ((None, None, None, None), [""] * len(_FAMILIES))
-    parts = list(parts)
+    was: tuple[object, ...] = kept[0] if kept is not None else (None, None, None, None)
+    parts: list[bytes] = list(kept[1]) if kept is not None else [b""] * len(_FAMILIES)
     if was[0] != keys[0]:
         parts[0:5] = (
-            f"modeld_service_up{{{labels}}} {int(s.state == ServiceState.ACTIVE)}\n",
-            f"modeld_service_restarts_total{{{labels}}} {s.restarts}\n",
-            "".join(f'modeld_service_exits_total{{{labels},reason="{r}"}} {n}\n' for r, n in counts.exits.items()),
-            f"modeld_service_last_exit_code{{{labels}}} {s.exit_code}\n" if s.exit_code is not None else "",
-            f"modeld_service_start_time_seconds{{{labels}}} {s.started_at!r}\n" if s.started_at else "",
+            text.encode()
+            for text in (
+                f"modeld_service_up{{{labels}}} {int(s.state == ServiceState.ACTIVE)}\n",
+                f"modeld_service_restarts_total{{{labels}}} {s.restarts}\n",
+                "".join(f'modeld_service_exits_total{{{labels},reason="{r}"}} {n}\n' for r, n in counts.exits.items()),
+                f"modeld_service_last_exit_code{{{labels}}} {s.exit_code}\n" if s.exit_code is not None else "",
+                f"modeld_service_start_time_seconds{{{labels}}} {s.started_at!r}\n" if s.started_at else "",
+            )
         )
-        parts[10] = f"modeld_service_wakes_total{{{labels}}} {counts.wakes}\n"
+        parts[10] = f"modeld_service_wakes_total{{{labels}}} {counts.wakes}\n".encode()
     if was[1] != keys[1]:
         out: list[str] = []
         _histogram(out, "modeld_service_probe_duration_seconds", labels, PROBE_BOUNDS, counts.probe_buckets, counts.probe_sum)
-        parts[5] = "".join(out)
+        parts[5] = "".join(out).encode()
     if was[2] != keys[2]:
         parts[6:8] = (
             (
-                f"modeld_service_memory_bytes{{{labels}}} {usage[0]}\n",
-                f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r}\n",
+                f"modeld_service_memory_bytes{{{labels}}} {usage[0]}\n".encode(),
+                f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r}\n".encode(),
             )
             if usage
-            else ("", "")
+            else (b"", b"")
         )
     if was[3] != keys[3]:
         totals: list[str] = []
@@ -302,13 +305,13 @@ def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, 
                     c.buckets,
                     c.sum,
                 )
-        parts[8:10] = ("".join(totals), "".join(durations))
+        parts[8:10] = ("".join(totals).encode(), "".join(durations).encode())
     counts.texts = (keys, parts)
     return parts
 
 
 def render(services: list[_Service], usage: list[procstat.Usage | None], paths: Paths, lag: float) -> bytes:
-    out: list[str] = []
+    out: list[bytes] = []
 
     def family(name: str, kind: str, text: str) -> None:
         out.append(_family(name, kind, text))
@@ -317,7 +320,7 @@ def render(services: list[_Service], usage: list[procstat.Usage | None], paths: 
     by_state = dict.fromkeys(ServiceState, 0)
     for s in services:
         by_state[s.state] += 1
-    out.extend(f'modeld_services{{state="{state.value}"}} {n}\n' for state, n in by_state.items())
+    out.extend(f'modeld_services{{state="{state.value}"}} {n}\n'.encode() for state, n in by_state.items())
 
     folder = str(paths.requests_file("x", "direct").parent)
     files = _counters.scan(folder)  # (one listing, not a failed open of each file not there)
@@ -326,7 +329,7 @@ def render(services: list[_Service], usage: list[procstat.Usage | None], paths: 
         _texts(s, u, [(via, read(folder, name) if (name := f"{s.uuid}.{via}") in files else None) for via in VIAS])
         for s, u in zip(services, usage, strict=True)
     ]
-    columns: list[tuple[str, ...]] = list(zip(*texts, strict=True)) if texts else [()] * len(_HEADS)
+    columns: list[tuple[bytes, ...]] = list(zip(*texts, strict=True)) if texts else [()] * len(_HEADS)
     for head, column in zip(_HEADS, columns, strict=True):
         out.append(head)
         out.extend(column)
@@ -342,10 +345,10 @@ def render(services: list[_Service], usage: list[procstat.Usage | None], paths: 
         ("modeld_event_loop_lag_seconds", "gauge", "The daemon's worst event loop delay since the last scrape.", lag),
     ):
         family(name, kind, about)
-        out.append(f"{name} {value!r}\n")
-    text = "".join(out)
-    out.clear()  # (before the copy below: a scrape's peak memory is what stays in the daemon's RSS)
-    return text.encode()
+        out.append(f"{name} {value!r}\n".encode())
+    text = b"".join(out)
+    out.clear()  # (a scrape's peak memory is what stays in the daemon's RSS)
+    return text
 
 
 def _les(bounds: tuple[float, ...]) -> tuple[str, ...]:

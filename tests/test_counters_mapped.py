@@ -18,6 +18,9 @@ def test_a_mapped_reader_follows_the_writer_and_a_replaced_or_removed_file(tmp_p
     found = reader.read(folder, "a.direct")  # the same map, read again: the writer's counts as they are now
     assert found is not None and found.codes == {"200": 3, "599": 1} and abs(found.sum - 0.203) < 1e-9
     assert found == counters.read(f"{folder}/a.direct")  # what one pread of the file says
+    assert reader.read(folder, "a.direct") is found  # unchanged since: the last reading, not parsed again
+    writer.observe(200, 0.001)
+    assert reader.read(folder, "a.direct").codes == {"200": 4, "599": 1}  # type: ignore[union-attr]
     writer.close()
 
     os.unlink(f"{folder}/a.direct")  # a delete, then a new server's file at the same name: another inode
