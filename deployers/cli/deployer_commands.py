@@ -141,11 +141,12 @@ def logs(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
 def redeploy(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
     if not args.all:
         raise UsageError("redeploy which services? give --all (every service whose desired state is running)")
+    none = "nothing to redeploy: every service whose desired state is running serves"
     try:
         started = deployer.redeploy_all(timeout=whole(args.timeout))
     except RedeployError as error:
-        return print_started(args, error.started, error.failed)
-    return print_started(args, started, {})
+        return print_started(args, error.started, error.failed, none)
+    return print_started(args, started, {}, none)
 
 
 def cmd_redeploy(args: argparse.Namespace) -> int:

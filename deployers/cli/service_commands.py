@@ -156,8 +156,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_started(args: argparse.Namespace, started: list[BaseService], failed: Mapping[str, Exception]) -> int:
-    """``start --all``'s output (and ``redeploy --all``'s): its exit code, 5 when some failed."""
+def print_started(
+    args: argparse.Namespace,
+    started: list[BaseService],
+    failed: Mapping[str, Exception],
+    none: str = "every service runs already",
+) -> int:
+    """``start --all``'s output (and ``redeploy --all``'s; ``none``: the line when there was nothing
+    to start): its exit code, 5 when some failed."""
     if args.json:
         print_json(
             {
@@ -173,7 +179,7 @@ def print_started(args: argparse.Namespace, started: list[BaseService], failed: 
                 f"modeld: {failed_uuid}: {one_line(error if isinstance(error, exc.ModeldError) else str(error))}", file=sys.stderr
             )
         if not started and not failed:
-            print("every service runs already", file=sys.stderr)
+            print(none, file=sys.stderr)
     return 5 if failed else 0
 
 
