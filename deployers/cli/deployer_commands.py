@@ -129,12 +129,20 @@ def rm(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
 
 def logs(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
     uuid = named(deployer, args.uuid)
+    # Lines come with their newline (so they are written as they are), but a flavor may give them
+    # without, as ZenML's services do: a line without one gets it when another line follows, and at
+    # the end when an earlier one lacked it too (a last line alone without one: the log ends mid-line).
+    unended = stripping = False
     try:
         for line in deployer.get_logs(uuid, follow=args.follow, tail=args.n):
-            sys.stdout.write(line)
+            stripping |= unended
+            sys.stdout.write(("\n" if unended else "") + line)
             sys.stdout.flush()
+            unended = not line.endswith("\n")
     except KeyboardInterrupt:
         pass
+    if unended and stripping:
+        print()
     return 0
 
 
