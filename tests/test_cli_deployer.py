@@ -34,6 +34,8 @@ from daemon.testing import IRIS, reap_home, wait_for
 from deployers import get_deployer
 from deployers.base import BaseModelDeployer, NotSupported
 from deployers.cli import main
+from deployers.local.deployer import LocalDaemonModelDeployer
+from deployers.local.flavor import LocalDaemonModelDeployerFlavor
 
 SETOSA = [[5.0, 3.4, 1.5, 0.2]]
 MEMORY_FLAVOR = "tests.flavor_fixtures.memory_flavor.InMemoryModelDeployerFlavor"
@@ -279,3 +281,34 @@ def test_get_logs_gives_the_lines_of_modeld_logs_and_follows(home: Path, other: 
     deployer.delete_model_server(uuid)
     reader.join(10)
     assert not reader.is_alive()  # following ends when the service goes
+
+
+class StrippingDeployer(LocalDaemonModelDeployer):
+    """A local deployer whose get_logs gives its lines without their newline, as ZenML's services do."""
+
+    def get_logs(self, uuid: UUID, follow: bool = False, tail: int | None = None) -> Iterator[str]:
+        for line in super().get_logs(uuid, follow, tail):
+            yield line.removesuffix("\n")
+
+
+class StrippingFlavor(LocalDaemonModelDeployerFlavor):
+    @property
+    def name(self) -> str:
+        return "stripping"
+
+    @property
+    def implementation_class(self) -> type[StrippingDeployer]:
+        return StrippingDeployer
+
+
+@pytest.mark.slow
+def test_logs_prints_one_line_a_line_from_a_flavor_that_strips_newlines(home: Path, other: Path, cli: Cli) -> None:
+    ok(cli("flavor", "register", f"{__name__}.StrippingFlavor"))
+    ok(cli("deployer", "register", "strip", "--flavor", "stripping", f"home={other}"))
+    ok(cli("--deployer", "strip", "deploy", "--model-name", "web", "--model-type", "command", "--health-path", "/",
+           "--", sys.executable, "-m", "http.server", "{port}", "--bind", "{host}"))
+    http_get(int(json.loads(ok(cli("--deployer", "strip", "info", "web", "--json")))["endpoint"]["port"]), "/nope")
+    wait_for(lambda: "/nope" in ok(cli("--deployer", "other", "logs", "web")), 10, what="the request logged")
+    printed = ok(cli("--deployer", "strip", "logs", "web", "-n", "3"))  # a 4th line may come between the two
+    plain = ok(cli("--deployer", "other", "logs", "web", "-n", "4")).splitlines(keepends=True)
+    assert len(printed.splitlines()) == 3 and printed in ("".join(plain[:3]), "".join(plain[1:]))
