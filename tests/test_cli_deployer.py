@@ -58,6 +58,12 @@ def error_line(result: subprocess.CompletedProcess[str], code: int, *mentions: s
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def no_deployer_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain commands here mean the local daemon, whatever the shell running the tests exports."""
+    monkeypatch.delenv("MODELD_DEPLOYER", raising=False)
+
+
 @pytest.fixture
 def other(home: Path) -> Iterator[Path]:
     """A second home, whose daemon the deployer ``other`` (registered in ``home``) talks to."""
