@@ -318,3 +318,33 @@ def test_logs_prints_one_line_a_line_from_a_flavor_that_strips_newlines(home: Pa
     printed = ok(cli("--deployer", "strip", "logs", "web", "-n", "3"))  # a 4th line may come between the two
     plain = ok(cli("--deployer", "other", "logs", "web", "-n", "4")).splitlines(keepends=True)
     assert len(printed.splitlines()) == 3 and printed in ("".join(plain[:3]), "".join(plain[1:]))
+
+
+@pytest.mark.slow  # a server that takes its time, so that there is progress to show
+def test_the_progress_line_is_drawn_through_a_deployer_too(home: Path, other: Path, cli: Cli) -> None:
+    from tests.test_frictions import PROGRESS, after_progress, on_terminal, slow_command
+
+    ok(cli("--home", str(other), "daemon", "start"))  # running already: the line shows the server
+    code, out = on_terminal("--deployer", "other", "deploy", "--model-name", "slow", *slow_command(), home=home)
+    assert code == 0, out
+    drawn = [line for line in PROGRESS.findall(out) if line]
+    assert drawn and all(line.startswith("deploying slow: ") for line in drawn), out
+    assert any("pending_startup" in line and "loading weights (step 1 of 1)" in line for line in drawn), drawn
+    result = after_progress(out)
+    assert re.fullmatch(r"[0-9a-f-]{36} active in [\d.]+s", result[0]), result
+    uuid = result[0].split()[0]
+    assert [s["uuid"] for s in listed(cli, other)] == [uuid]
+
+    ok(cli("--deployer", "other", "stop", uuid))
+    code, out = on_terminal("--deployer", "other", "start", uuid[:8], home=home)
+    assert code == 0, out
+    drawn = [line for line in PROGRESS.findall(out) if line]
+    assert drawn and all(line.startswith(f"starting {uuid[:8]}: ") for line in drawn), out
+    assert any("loading weights" in line for line in drawn), drawn
+    assert after_progress(out)[0].startswith(f"{uuid} active http://127.0.0.1:"), out
+
+    code, out = on_terminal("--deployer", "other", "deploy", "--model-name", "slow", "--replace", *slow_command(), home=home)
+    assert code == 0, out
+    drawn = [line for line in PROGRESS.findall(out) if line]
+    assert drawn and all(line.startswith("replacing slow: ") for line in drawn), out
+    assert after_progress(out)[0].startswith(f"{uuid} active in "), out  # replaced in place

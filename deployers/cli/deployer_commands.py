@@ -3,10 +3,11 @@
 Each is its ``service_commands`` twin made of :class:`~deployers.base.BaseModelDeployer`'s methods
 only (deploy_model, find_model_server, get_model_server_info, start/stop/delete_model_server,
 get_logs, redeploy_all), so it works on any flavor, and prints what its twin prints with the
-same exit codes: the printing is the twin's own functions. What the interface lacks is done here:
+same exit codes: the printing is the twin's own functions, and on a terminal the same progress line
+is drawn, from another instance of the deployer. What the interface lacks is done here:
 ``ls --project`` and ``--state`` match the services ``find_model_server`` gives (its signature is
-ZenML's, without them); ``start --all`` starts each that is not running, one at a time. No progress
-line is drawn (it watches the daemon), and ``deploy --uuid`` is refused (deploy_model takes none).
+ZenML's, without them); ``start --all`` starts each that is not running, one at a time.
+``deploy --uuid`` is refused (deploy_model takes none).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
 from daemon import exceptions as exc
+from daemon.config import replace_key
 from daemon.filters import FIND_FILTERS, SEED_FILTERS
 from daemon.models import BaseService, DesiredState, ServiceState
 from deployers.base import BaseModelDeployer, RedeployError
@@ -27,6 +30,7 @@ from deployers.cli.connect import resolve_among
 from deployers.cli.errors import UsageError
 from deployers.cli.options import deploy_config
 from deployers.cli.output import print_json
+from deployers.cli.progress import draw, printable, shown
 from deployers.cli.service_commands import _validation_line, print_deployed, print_found, print_info, print_started
 
 
@@ -47,6 +51,39 @@ def named(deployer: BaseModelDeployer, ref: str) -> UUID:
     return resolve_among(deployer.find_model_server, ref)
 
 
+Find = Callable[[BaseModelDeployer], BaseService | None]
+
+
+def watched(
+    args: argparse.Namespace, deployer: BaseModelDeployer, label: str, call: Callable[[], BaseService], find: Find
+) -> BaseService:
+    """``call``, with the progress line of the plain commands on a terminal (see ``progress``): the
+    state and last log line of the service ``find`` gives, asked of a deployer of its own (another
+    instance of the same flavor and config: a deployer's client is not shared across threads)."""
+    if not shown(args):
+        return call()
+    try:
+        watcher = type(deployer)(config=deployer.config, name=deployer.name)
+    except Exception:  # noqa: BLE001  (a flavor made otherwise: no progress line, the call all the same)
+        return call()
+
+    def peek() -> tuple[str, str]:
+        try:
+            svc = find(watcher)
+            if svc is None:
+                return "waiting", ""
+            try:
+                last = "".join(watcher.get_logs(svc.uuid, tail=1)).strip()
+            except exc.ModeldError:  # (a flavor without logs)
+                last = ""
+            return str(svc.status.state), printable(last)
+        except exc.ModeldError:
+            return "waiting", ""
+
+    where = f"modeld --deployer {deployer.name} ls"
+    return draw(label, call, peek, f"interrupted; deployer {deployer.name!r} goes on with it (see `{where}`)")
+
+
 def deploy(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
     try:
         config = deploy_config(args)
@@ -54,8 +91,28 @@ def deploy(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
         raise UsageError(_validation_line(error)) from error
     if args.uuid:
         raise UsageError("--uuid: with --deployer the deployer picks the uuid (deploy_model takes none); leave it out")
-    started = time.monotonic()
-    svc = deployer.deploy_model(config, replace=args.replace, timeout=whole(args.timeout))
+    started, since = time.monotonic(), time.time()
+
+    def find(watcher: BaseModelDeployer, new: bool = True) -> BaseService | None:
+        # The deployer picks the uuid: the newest service of the same key (the one replaced, or made now).
+        same = [
+            s
+            for s in watcher.find_model_server(
+                pipeline_name=config.pipeline_name, pipeline_step_name=config.pipeline_step_name, model_name=config.model_name
+            )
+            if replace_key(s.config) == replace_key(config) and (args.replace or not new or s.created_at >= since - 1)
+        ]
+        return max(same, key=lambda s: s.created_at) if same else None
+
+    what = config.name or config.model_name or config.model_uri or config.command[0]
+    replacing = args.replace and shown(args) and find(deployer, new=False) is not None
+    svc = watched(
+        args,
+        deployer,
+        f"{'replacing' if replacing else 'deploying'} {what}",
+        lambda: deployer.deploy_model(config, replace=args.replace, timeout=whole(args.timeout)),
+        find,
+    )
     print_deployed(args, svc, config, time.monotonic() - started)
     return 0
 
@@ -106,16 +163,24 @@ def start(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
     if not args.uuid:
         raise UsageError("start which service? give its uuid, prefix or name, or --all")
     uuid = named(deployer, args.uuid)
-    deployer.start_model_server(uuid, timeout=whole(args.timeout))
-    svc = one(deployer, uuid)
+
+    def call() -> BaseService:
+        deployer.start_model_server(uuid, timeout=whole(args.timeout))
+        return one(deployer, uuid)
+
+    svc = watched(args, deployer, f"starting {str(uuid)[:8]}", call, lambda w: one(w, uuid))
     print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
     return 0
 
 
 def stop(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
     uuid = named(deployer, args.uuid)
-    deployer.stop_model_server(uuid, timeout=whole(args.timeout), force=args.force)
-    svc = one(deployer, uuid)
+
+    def call() -> BaseService:
+        deployer.stop_model_server(uuid, timeout=whole(args.timeout), force=args.force)
+        return one(deployer, uuid)
+
+    svc = watched(args, deployer, f"stopping {str(uuid)[:8]}", call, lambda w: one(w, uuid))
     print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state}")
     return 0
 
