@@ -216,6 +216,13 @@ def test_a_local_flavor_deployer_takes_the_daemon_commands_to_its_home(home: Pat
     assert not (other / "modeld.sock").exists()
 
 
+def test_the_cli_and_the_registry_agree_on_the_built_in_deployers_name() -> None:
+    from deployers import registry
+    from deployers.cli import target
+
+    assert target.BUILTIN_DEPLOYER == registry.BUILTIN_DEPLOYER
+
+
 def test_the_default_get_logs_and_redeploy_all_say_what_the_flavor_lacks() -> None:
     from tests.flavor_fixtures.memory_deployer import InMemoryModelDeployer
     from tests.flavor_fixtures.memory_flavor import InMemoryModelDeployerConfig
@@ -320,7 +327,8 @@ def test_logs_prints_one_line_a_line_from_a_flavor_that_strips_newlines(home: Pa
     assert len(printed.splitlines()) == 3 and printed in ("".join(plain[:3]), "".join(plain[1:]))
 
 
-@pytest.mark.slow  # a server that takes its time, so that there is progress to show
+@pytest.mark.long  # about 10 s on 2 cores: a server that takes its time, three times, so that there is progress to show
+@pytest.mark.slow
 def test_the_progress_line_is_drawn_through_a_deployer_too(home: Path, other: Path, cli: Cli) -> None:
     from tests.test_frictions import PROGRESS, after_progress, on_terminal, slow_command
 

@@ -121,7 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def print_info(svc: BaseService, info: dict[str, str | None]) -> None:
     """``info``'s lines: the deployer's ``get_model_server_info``, then what every service has."""
-    width = max(len(k) for k in info)
+    width = max((len(k) for k in info), default=0)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
     given = {

@@ -31,6 +31,7 @@ from deployers.cli.registry_commands import (
 )
 
 ENV = "MODELD_DEPLOYER"
+BUILTIN_DEPLOYER = "local"  # deployers.registry's: the local daemon itself (a test holds them equal)
 Command = Callable[[argparse.Namespace], int]
 
 VIA_DEPLOYER: dict[Command, Callable[[argparse.Namespace, BaseModelDeployer], int]] = {
@@ -49,9 +50,6 @@ REGISTRY: set[Command] = {cmd_flavor_register, cmd_flavor_list, cmd_deployer_reg
 
 def command(args: argparse.Namespace) -> Command:
     """What runs ``args``' command: its own function, or its twin over the deployer named."""
-    from deployers.local.deployer import LocalDaemonModelDeployer
-    from deployers.registry import BUILTIN_DEPLOYER, FlavorRegistry
-
     func: Command = args.func
     given = getattr(args, "deployer", None)
     name = given if given is not None else os.environ.get(ENV, "")
@@ -61,6 +59,10 @@ def command(args: argparse.Namespace) -> Command:
         return func
     if not name or name == BUILTIN_DEPLOYER:
         return func
+    # Only with a deployer named: the plain commands import nothing more than they did.
+    from deployers.local.deployer import LocalDaemonModelDeployer
+    from deployers.registry import FlavorRegistry
+
     registry = FlavorRegistry(args.home)
     try:
         deployer = registry.get_deployer(name)
