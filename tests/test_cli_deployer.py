@@ -32,7 +32,7 @@ import pytest
 from conftest import http_get, modeld, predict
 from daemon.testing import IRIS, reap_home, wait_for
 from deployers import get_deployer
-from deployers.base import BaseModelDeployer, NotSupported
+from deployers.base import BaseModelDeployer, NotSupported, RedeployError
 from deployers.cli import main
 from deployers.local.deployer import LocalDaemonModelDeployer
 from deployers.local.flavor import LocalDaemonModelDeployerFlavor
@@ -356,3 +356,40 @@ def test_the_progress_line_is_drawn_through_a_deployer_too(home: Path, other: Pa
     drawn = [line for line in PROGRESS.findall(out) if line]
     assert drawn and all(line.startswith("replacing slow: ") for line in drawn), out
     assert after_progress(out)[0].startswith(f"{uuid} active in "), out  # replaced in place
+
+
+@pytest.mark.slow
+def test_redeploy_all_starts_the_others_when_one_fails(home: Path, other: Path, cli: Cli, tmp_path: Path) -> None:
+    model = tmp_path / "model.py"
+    source = Path(IRIS.partition(":")[0]).read_text()
+    model.write_text(source)
+    deploy = ["--deployer", "other", "deploy", "--model-type", "python", "--restart", "never"]
+    good = ok(cli(*deploy, "--model-name", "iris", "--model-uri", IRIS, "--name", "good")).split()[0]
+    bad = ok(cli(*deploy, "--model-name", "iris2", "--model-uri", f"{model}:model", "--name", "bad")).split()[0]
+    deployer = get_deployer("other", home=home)
+
+    def crash_both_and_break_one() -> None:
+        for uuid in (good, bad):
+            (svc,) = deployer.find_model_server(service_uuid=UUID(uuid))
+            assert svc.status.pid
+            os.kill(svc.status.pid, signal.SIGKILL)  # not restarted (restart never); desired still running
+        wait_for(lambda: not any(s.is_running for s in deployer.find_model_server()), 30, what="both down")
+        model.write_text("raise RuntimeError('broken on purpose')\n")
+
+    crash_both_and_break_one()
+    with pytest.raises(RedeployError) as raised:  # the Python API: both lists, on the error
+        deployer.redeploy_all(timeout=60)
+    assert [str(s.uuid) for s in raised.value.started] == [good] and list(raised.value.failed) == [bad]
+    assert f"1 of 2 services did not start: {bad}: " in str(raised.value)
+    # (the daemon stops wanting a service whose start failed: a second redeploy leaves it)
+    assert deployer.redeploy_all(timeout=60) == []
+
+    model.write_text(source)
+    ok(cli("--deployer", "other", "start", "bad"))
+    crash_both_and_break_one()
+    result = cli("--deployer", "other", "redeploy", "--all", "--timeout", "60")
+    assert result.returncode == 5, result
+    assert re.fullmatch(rf"{good} active http://127\.0\.0\.1:\d+\n", result.stdout), result.stdout
+    assert result.stderr.startswith(f"modeld: {bad}: ") and len(result.stderr.splitlines()) == 1, result.stderr
+    states = {s["uuid"]: s["status"]["state"] for s in listed(cli, other)}
+    assert states[good] == "active" and states[bad] != "active"
