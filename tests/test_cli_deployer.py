@@ -216,6 +216,12 @@ def test_a_local_flavor_deployer_takes_the_daemon_commands_to_its_home(home: Pat
     assert not (other / "modeld.sock").exists()
 
 
+def test_a_local_deployer_with_a_socket_of_its_own_says_the_daemon_commands_need_a_home(home: Path, cli: Cli) -> None:
+    ok(cli("deployer", "register", "sock", "--flavor", "local", "socket=/tmp/md-nowhere.sock"))
+    error_line(cli("--deployer", "sock", "daemon", "status"), 2, "`modeld daemon status`", "socket=/tmp/md-nowhere.sock", "--home")
+    assert not (home / "modeld.sock").exists()
+
+
 def test_the_cli_and_the_registry_agree_on_the_built_in_deployers_name() -> None:
     from deployers import registry
     from deployers.cli import target
