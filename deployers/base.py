@@ -22,15 +22,29 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import ClassVar, Dict, List, Optional, Type
+from typing import ClassVar, Dict, Iterator, List, Optional, Type
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
 from daemon.config import ServiceConfig
+from daemon.exceptions import DeployError, FlavorError
 from daemon.models import BaseService
 
 DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT = 300
+
+
+class NotSupported(FlavorError):
+    """A deployer was asked for something its flavor does not implement (exit code 2 on the command line)."""
+
+
+class RedeployError(DeployError):
+    """``redeploy_all`` started some services and failed others: ``started`` and ``failed`` (uuid -> error) say which."""
+
+    def __init__(self, message: str, started: List[BaseService], failed: Dict[str, Exception]) -> None:
+        super().__init__(message)
+        self.started = started
+        self.failed = failed
 
 
 class StackComponentType(str, enum.Enum):
@@ -168,6 +182,42 @@ class BaseModelDeployer(StackComponent, ABC):
         force: bool = False,
     ) -> None:
         """Stop a model server and forget it."""
+
+    # Not in ZenML's guide, and not abstract, so that a flavor written for it keeps working: a
+    # flavor that lacks them says so (NotSupported) when they are called.
+
+    def get_logs(
+        self,
+        uuid: UUID,
+        follow: bool = False,
+        tail: Optional[int] = None,
+    ) -> Iterator[str]:
+        """A model server's log, line by line, each with its newline (the last one without, if the log
+        ends mid-line), so that writing them out as they come gives the log as it is. ``tail``: only the
+        last lines; ``follow``: keep yielding new lines as they are written, until the server is gone
+        or the caller stops iterating."""
+        raise self._lacks("get_logs", "logs")
+
+    def redeploy_all(
+        self,
+        timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
+    ) -> List[BaseService]:
+        """Start again every model server whose desired state is running but that is not serving
+        (after a reboot, or a cluster that lost its state); return them, now running. ``timeout`` bounds
+        the whole call. When some fail, the others are still started, and :class:`RedeployError`
+        names the failed ones and carries both lists."""
+        raise self._lacks("redeploy_all", "redeploy")
+
+    def _lacks(self, method: str, what: str) -> NotSupported:
+        flavor_class = getattr(type(self), "FLAVOR", None)
+        try:
+            flavor = repr(flavor_class().name) if flavor_class is not None else "unknown"
+        except Exception:  # noqa: BLE001  (a flavor class that cannot be made: name the class instead)
+            flavor = getattr(flavor_class, "__name__", "unknown")
+        return NotSupported(
+            f"deployer {self.name!r} (flavor {flavor}, {type(self).__name__}) has no {what}: "
+            f"its flavor does not implement BaseModelDeployer.{method}"
+        )
 
 
 class BaseModelDeployerFlavor(Flavor):

@@ -12,6 +12,9 @@ One concept a module:
 - ``options``: ``deploy``'s options, made from ``ServiceConfig``'s fields
   (``DEPLOY_OVERRIDES``), and the config read back from them;
 - ``service_commands``: deploy, ls, info, start, stop, rm, logs;
+- ``target``: ``--deployer NAME`` / ``$MODELD_DEPLOYER``, which deployer a command goes through;
+- ``deployer_commands``: those commands through any registered deployer's BaseModelDeployer
+  methods, with the same output; ``redeploy``;
 - ``daemon_commands``: ``daemon start|stop|status|run``;
 - ``login_commands``: ``daemon install|uninstall`` (a systemd user unit);
 - ``registry_commands``: ``flavor`` and ``deployer``;

@@ -5,10 +5,12 @@ user named resolved to its uuid."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from uuid import UUID
 
 from daemon import exceptions as exc
 from daemon.client import DaemonClient
+from daemon.models import BaseService
 from deployers.cli.errors import UsageError
 
 
@@ -19,11 +21,16 @@ def client(args: argparse.Namespace, auto_start: bool = True, timeout: float | N
 
 def resolve(client: DaemonClient, ref: str) -> UUID:
     """A full uuid, a unique name, or a unique prefix of a uuid (as docker accepts short ids)."""
+    return resolve_among(client.find, ref)
+
+
+def resolve_among(find: Callable[[], list[BaseService]], ref: str) -> UUID:
+    """:func:`resolve` among the services ``find()`` gives (a deployer's ``find_model_server``)."""
     try:
         return UUID(ref)
     except ValueError:
         pass
-    services = client.find()
+    services = find()
     # As docker does: an exact name first, then a uuid prefix.
     matches = [s.uuid for s in services if ref in (s.config.name, s.config.model_name)]
     if not matches:

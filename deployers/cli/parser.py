@@ -12,8 +12,10 @@ from daemon import exceptions as exc
 from daemon.client import VersionMismatchWarning
 from daemon.filters import FIND_FILTERS
 from daemon.models import ServiceConfig, ServiceState
+from deployers.cli import target
 from deployers.cli.apply_commands import cmd_apply, cmd_export
 from deployers.cli.daemon_commands import cmd_daemon_run, cmd_daemon_start, cmd_daemon_status, cmd_daemon_stop
+from deployers.cli.deployer_commands import cmd_redeploy
 from deployers.cli.errors import EXIT_CODES, one_line
 from deployers.cli.event_commands import add_events_options, cmd_events
 from deployers.cli.login_commands import cmd_daemon_install, cmd_daemon_uninstall
@@ -39,6 +41,15 @@ examples:
   modeld events -f
   modeld top
   curl --unix-socket "$MODELD_HOME/modeld.sock" http://modeld/v1/services
+  modeld deployer register other --flavor local home=/srv/modeld
+  modeld --deployer other ls            (or MODELD_DEPLOYER=other modeld ls)
+  modeld --deployer other redeploy --all
+
+one CLI for every deployer: with --deployer NAME (or $MODELD_DEPLOYER), deploy, ls, info, start, stop,
+rm, logs and redeploy go through that registered deployer (see `modeld deployer list`), whatever its
+flavor, with the same output and exit codes; without it they use the local daemon. The commands only a
+local daemon has (daemon, top, events, apply, export, unload) go to a local-flavor deployer's daemon,
+and are refused for any other flavor. NAME `local` is the local daemon itself.
 
 state lives in $MODELD_HOME (default $XDG_STATE_HOME/modeld); the daemon starts by itself on first use.
 """
@@ -51,6 +62,13 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
         "--home", default=argparse.SUPPRESS, help="state folder (default: $MODELD_HOME or $XDG_STATE_HOME/modeld)"
     )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print data as JSON")
+    common.add_argument(
+        "--deployer",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="go through this registered deployer, of any flavor (default: $MODELD_DEPLOYER, else the local daemon); "
+        "see the end of `modeld --help`",
+    )
 
     parser = argparse.ArgumentParser(
         prog="modeld",
@@ -151,6 +169,16 @@ def build_parser(config: type[ServiceConfig] = ServiceConfig) -> argparse.Argume
     p.add_argument("--project", help="only this project's services (default: all, which must be of one project)")
     p.add_argument("-o", "--output", help="write it to this file (default: stdout)")
 
+    p = add(
+        "redeploy",
+        cmd_redeploy,
+        "start again every service whose desired state is running but that is not serving (redeploy_all)",
+        epilog="After a reboot or a cluster that lost its services: with --deployer NAME, that deployer's. "
+        "Scaled-to-zero services serve on demand and are left as they are.",
+    )
+    p.add_argument("--all", action="store_true", help="every such service (required: the only form for now)")
+    p.add_argument("--timeout", type=seconds, default=300, help="seconds the whole redeploy may take (default 300)")
+
     p = add("logs", cmd_logs, "print a service's log (stdout and stderr of its server)")
     p.add_argument("uuid", help="service uuid (or a unique prefix, or a unique name)")
     p.add_argument("-n", "--tail", dest="n", type=count, help="only the last N lines")
@@ -209,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", VersionMismatchWarning)
         try:
-            code = int(args.func(args))
+            code = int(target.command(args)(args))
         except KeyboardInterrupt:
             print("modeld: interrupted", file=sys.stderr)
             code = 130

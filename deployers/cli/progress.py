@@ -46,6 +46,17 @@ def progress(
     """
     if not shown(args):
         return call()
+    # No auto-start: the call itself starts the daemon if it must; until it answers, say so.
+    watcher = connect.client(args, auto_start=False, timeout=5)
+    try:
+        return draw(label, call, lambda: look(watcher, find), "interrupted; the daemon goes on with it (see `modeld ls`)")
+    finally:
+        watcher.close()
+
+
+def draw(label: str, call: Callable[[], BaseService], peek: Callable[[], tuple[str, str]], interrupted: str) -> BaseService:
+    """Run ``call`` in a thread; meanwhile draw ``label``, the time and what ``peek()`` says (the
+    service's state, its last log line) on stderr. ``interrupted``: the error on Ctrl-C."""
     out = sys.stderr
     value: list[BaseService] = []
     error: list[BaseException] = []
@@ -59,22 +70,18 @@ def progress(
     worker = threading.Thread(target=work, daemon=True)
     started = time.monotonic()
     worker.start()
-    # No auto-start: the call itself starts the daemon if it must; until it answers, say so.
-    watcher = connect.client(args, auto_start=False, timeout=5)
     try:
         while worker.is_alive():
             worker.join(INTERVAL)
             if not worker.is_alive():
                 break
-            state, last = look(watcher, find)
+            state, last = peek()
             line = f"{label}: {time.monotonic() - started:5.1f}s {state}" + (f"  | {last}" if last else "")
             out.write("\r" + fit(line, width(out)) + CLEAR)
             out.flush()
     except KeyboardInterrupt:
         out.write("\r" + CLEAR)
-        raise exc.ModeldError("interrupted; the daemon goes on with it (see `modeld ls`)") from None
-    finally:
-        watcher.close()
+        raise exc.ModeldError(interrupted) from None
     out.write("\r" + CLEAR)
     out.flush()
     if error:

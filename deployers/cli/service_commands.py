@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 from uuid import uuid4
 
+from daemon import exceptions as exc
 from daemon.client import DaemonClient
-from daemon.config import replace_key
+from daemon.config import ServiceConfig, replace_key
 from daemon.filters import FIND_FILTERS
 from daemon.models import BaseService
 from deployers.cli import connect
@@ -63,16 +65,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         lambda: client.deploy(config, replace=args.replace, timeout=args.timeout, uuid=uuid),
         find,
     )
+    print_deployed(args, svc, config, time.monotonic() - started)
+    return 0
+
+
+def print_deployed(args: argparse.Namespace, svc: BaseService, config: ServiceConfig, took: float) -> None:
     if args.json:
         print_json(svc.model_dump(mode="json"))
     else:
-        print(f"{svc.uuid} {svc.status.state} in {time.monotonic() - started:.2f}s")
+        print(f"{svc.uuid} {svc.status.state} in {took:.2f}s")
         print(
             f"prediction url: {svc.endpoint.prediction_url}"
             if config.model_type != "command" or config.prediction_path
             else f"url: {svc.endpoint.base_url}"
         )
-    return 0
 
 
 def _validation_line(error: Exception) -> str:
@@ -87,14 +93,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     filters = {name: getattr(args, name) for name in FIND_FILTERS}
     service_uuid = resolve(client, args.uuid) if args.uuid else None
     found = client.find(running=args.running, service_uuid=service_uuid, **filters, state=args.state)
+    print_found(args, found, bool(any(filters.values()) or args.running or service_uuid or args.state))
+    return 0
+
+
+def print_found(args: argparse.Namespace, found: list[BaseService], given: bool) -> None:
+    """``ls``'s output: the table (or JSON) of ``found``; ``given``: whether any filter was."""
     if args.json:
         print_json([s.model_dump(mode="json") for s in found])
     elif found:
         table([summary(s) for s in found], ["UUID", "NAME", "TYPE", "STATE", "PID", "URL", "PIPELINE", "STEP"])
     else:
-        given = any(filters.values()) or args.running or service_uuid or args.state
         print("no services" + (" match" if given else ""), file=sys.stderr)
-    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -105,8 +115,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(svc.model_dump(mode="json"))
         return 0
-    info = LocalDaemonModelDeployer.get_model_server_info(svc)
-    width = max(len(k) for k in info)
+    print_info(svc, LocalDaemonModelDeployer.get_model_server_info(svc))
+    return 0
+
+
+def print_info(svc: BaseService, info: dict[str, str | None]) -> None:
+    """``info``'s lines: the deployer's ``get_model_server_info``, then what every service has."""
+    width = max((len(k) for k in info), default=0)
     for key, value in info.items():
         print(f"{key.ljust(width)}  {value if value is not None else '-'}")
     given = {
@@ -124,7 +139,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         extra["LAST_ERROR"] = one_line(svc.status.last_error)
     for key, item in extra.items():
         print(f"{key.ljust(width)}  {item if item is not None else '-'}")
-    return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -133,27 +147,40 @@ def cmd_start(args: argparse.Namespace) -> int:
         if args.uuid:
             raise UsageError("give a service or --all, not both")
         started, failed = client.start_all(timeout=args.timeout)
-        if args.json:
-            print_json(
-                {
-                    "started": [s.model_dump(mode="json") for s in started],
-                    "failed": {uuid: error.message for uuid, error in failed.items()},
-                }
-            )
-        else:
-            for svc in started:
-                print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
-            for failed_uuid, error in failed.items():
-                print(f"modeld: {failed_uuid}: {one_line(error)}", file=sys.stderr)
-            if not started and not failed:
-                print("every service runs already", file=sys.stderr)
-        return 5 if failed else 0
+        return print_started(args, started, failed)
     if not args.uuid:
         raise UsageError("start which service? give its uuid, prefix or name, or --all")
     uuid = resolve(client, args.uuid)
     svc = progress(args, f"starting {str(uuid)[:8]}", lambda: client.start(uuid, timeout=args.timeout), lambda w: w.get(uuid))
     print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
     return 0
+
+
+def print_started(
+    args: argparse.Namespace,
+    started: list[BaseService],
+    failed: Mapping[str, Exception],
+    none: str = "every service runs already",
+) -> int:
+    """``start --all``'s output (and ``redeploy --all``'s; ``none``: the line when there was nothing
+    to start): its exit code, 5 when some failed."""
+    if args.json:
+        print_json(
+            {
+                "started": [s.model_dump(mode="json") for s in started],
+                "failed": {uuid: getattr(error, "message", str(error)) for uuid, error in failed.items()},
+            }
+        )
+    else:
+        for svc in started:
+            print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+        for failed_uuid, error in failed.items():
+            print(
+                f"modeld: {failed_uuid}: {one_line(error if isinstance(error, exc.ModeldError) else str(error))}", file=sys.stderr
+            )
+        if not started and not failed:
+            print(none, file=sys.stderr)
+    return 5 if failed else 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -9,13 +9,15 @@ so building a deployer (e.g. to show its config) never touches the socket.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+import time
+from typing import TYPE_CHECKING, ClassVar, Dict, Iterator, List, Optional, Type
 from uuid import UUID
 
 from daemon.config import ServiceConfig
+from daemon.exceptions import ModeldError, ServiceNotFound, StillStarting
 from daemon.filters import SEED_FILTERS, filters_given
-from daemon.models import BaseService
-from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
+from daemon.models import BaseService, DesiredState, ServiceState
+from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer, RedeployError
 from deployers.local.flavor import LocalDaemonModelDeployerConfig, LocalDaemonModelDeployerFlavor
 
 if TYPE_CHECKING:
@@ -116,3 +118,55 @@ class LocalDaemonModelDeployer(BaseModelDeployer):
         force: bool = False,
     ) -> None:
         self.client.delete(uuid, timeout=timeout, force=force)
+
+    def get_logs(
+        self,
+        uuid: UUID,
+        follow: bool = False,
+        tail: Optional[int] = None,
+    ) -> Iterator[str]:
+        # The daemon streams its log file in chunks; cut them at newlines (a line split across two
+        # chunks waits for its end), so the lines joined are the very text `modeld logs` prints.
+        pending = ""
+        for chunk in self.client.logs(uuid, tail=tail, follow=follow):
+            pending += chunk
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                yield line + "\n"
+        if pending:
+            yield pending
+
+    def redeploy_all(
+        self,
+        timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT,
+    ) -> List[BaseService]:
+        # Desired running, not serving: neither active nor scaled to zero (which serves on demand).
+        # One at a time, each given what is left of ``timeout``.
+        deadline = time.monotonic() + timeout
+        wanted = [
+            s
+            for s in self.client.find()
+            if s.desired_state == DesiredState.RUNNING
+            and s.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO)
+        ]
+        started: List[BaseService] = []
+        failed: Dict[str, Exception] = {}
+        for svc in wanted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failed[str(svc.uuid)] = StillStarting(f"not started: the redeploy's timeout of {timeout}s ran out first")
+                continue
+            try:
+                started.append(self.client.start(svc.uuid, timeout=left))
+            except ServiceNotFound:
+                continue  # deleted meanwhile
+            except ModeldError as error:
+                failed[str(svc.uuid)] = error
+        if failed:
+            raise RedeployError(
+                f"{len(failed)} of {len(wanted)} services did not start: "
+                + "; ".join(f"{uuid}: {getattr(error, 'headline', error)}" for uuid, error in failed.items()),
+                started,
+                failed,
+            )
+        return started
