@@ -81,6 +81,7 @@ def home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Ite
     path = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))
     monkeypatch.setenv("MODELD_HOME", str(path))
     monkeypatch.delenv("MODELD_SOCKET", raising=False)
+    monkeypatch.delenv("MODELD_DEPLOYER", raising=False)  # (a user's own, from the shell, would redirect the CLI)
     # No gateway unless a test asks for one (tests/test_gateway.py sets ":0"): the default port,
     # 127.0.0.1:9277, is one per machine, and the daemons of parallel tests would race for it.
     monkeypatch.setenv("MODELD_GATEWAY", "off")
