@@ -8,10 +8,14 @@ def _without_tls() -> None:
     """Keep OpenSSL out of the daemon: it speaks HTTP on a Unix socket only, never TLS.
 
     ``ssl`` costs ~5 MiB of the daemon's ~40 MiB RSS (libcrypto and libssl mapped, the
-    module's objects). asyncio and http.client run without it (they catch the ImportError).
-    uvicorn's config module reads two constants at import; it is given them by a stand-in
+    module's objects), and hashlib's OpenSSL backend alone ~3.6 MiB. asyncio and http.client
+    run without it (they catch the ImportError). uvicorn's config module reads two constants at import; it is given them by a stand-in
     module seen by that import alone (the daemon's uvicorn is never configured for TLS).
     """
+    if "_hashlib" not in sys.modules:
+        # hashlib without OpenSSL: its own built-in SHA-2 and the rest (what hashlib falls back to);
+        # hmac too. pydantic 2.14 imports ``secrets`` (so hmac, hashlib and OpenSSL) at import.
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]
     if "ssl" in sys.modules:  # imported already (embedded use): nothing to save
         return
     sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError

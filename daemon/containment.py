@@ -22,7 +22,7 @@ environment tag every process it starts inherits (``TagGroup``).
 from __future__ import annotations
 
 import contextlib
-import importlib
+import hashlib
 import logging
 import os
 import time
@@ -76,18 +76,6 @@ class Containment:
         """Remove the cgroups that are empty (they are made again when needed)."""
 
 
-def sha256_hex(data: bytes) -> str:
-    """SHA-256 of ``data``, by CPython's built-in code where it has it (hashlib's own fallback): hashlib
-    prefers OpenSSL, which would map ~3.6 MiB into the daemon for this one digest at start."""
-    for name in ("_sha2", "_sha256", "hashlib"):  # 3.12+, 3.11, any
-        try:
-            digest: str = importlib.import_module(name).sha256(data).hexdigest()
-        except (ImportError, AttributeError):
-            continue
-        return digest
-    raise RuntimeError("no SHA-256 in this Python")
-
-
 class Cgroups(Containment):
     """Each service a cgroup v2 under ``parent``, each launch a leaf below it."""
 
@@ -96,7 +84,7 @@ class Cgroups(Containment):
     def __init__(self, home: Path, run: Path, mount: str, base: str):
         super().__init__(home, run)
         self.mount = Path(mount)
-        digest = sha256_hex(os.fsencode(str(home)))[:16]
+        digest = hashlib.sha256(os.fsencode(str(home))).hexdigest()[:16]
         self.parent_relative = f"{base.rstrip('/')}/modeld-{digest}"
         self.parent = self.mount / self.parent_relative.lstrip("/")
         self.parent.mkdir(mode=0o755, exist_ok=True)
