@@ -31,7 +31,7 @@ from uuid import UUID
 
 from . import procstat
 from .groups import CgroupGroup
-from .models import ServiceState
+from .models import ServiceState, changes
 from .runtime._serve import counters
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class _Counts:
 _counts: dict[UUID, _Counts] = {}
 _counters = counters.Mapped()  # the request counter files, mapped once each
 _exits_seen: weakref.WeakSet[object] = weakref.WeakSet()  # the processes whose exit was counted
+_counted = [0]  # moved by every hook below but ``probed``: what a snapshot shows of the counts
 
 
 def _of(uuid: UUID) -> _Counts:
@@ -87,15 +88,18 @@ def exited(uuid: UUID, proc: object, code: int | None, unhealthy: str | None) ->
     counts = _of(uuid)
     counts.exits[reason] += 1
     counts.last_exit = code if code is not None else counts.last_exit
+    _counted[0] += 1
 
 
 def idle_stopped(uuid: UUID) -> None:
     _of(uuid).exits["idle"] += 1
+    _counted[0] += 1
 
 
 def woken(uuid: UUID) -> None:
     """A load from zero began (a wake: a request on its socket, the gateway's start, a start)."""
     _of(uuid).wakes += 1
+    _counted[0] += 1
 
 
 def probed(key: object, seconds: float) -> None:
@@ -168,6 +172,34 @@ def label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class _Snapshots:
+    """The last snapshot, made again only when something it shows may have changed: a service, its
+    status or its endpoint edited (``models.changes``), a service or a process object replaced, or
+    a count moved by a hook (``_counted``). With a scrape a second, most find nothing changed."""
+
+    def __init__(self) -> None:
+        self.made: tuple[int, int, list[tuple[object, object]]] | None = None
+        self.found: list[_Service] = []
+
+    def take(self, manager: Manager) -> list[_Service]:
+        objects: list[tuple[object, object]] = [(m.svc, m.proc) for m in manager.services.values()]
+        made = self.made
+        if (
+            made is not None
+            and made[0] == changes()
+            and made[1] == _counted[0]
+            and len(made[2]) == len(objects)
+            and all(a is c and b is d for (a, b), (c, d) in zip(made[2], objects, strict=True))
+        ):
+            return self.found
+        self.found = _snapshot(manager)
+        self.made = (changes(), _counted[0], objects)
+        return self.found
+
+
+_snapshots = _Snapshots()
+
+
 def _snapshot(manager: Manager) -> list[_Service]:
     for uuid in [u for u in _counts if u not in manager.services]:
         del _counts[uuid]
@@ -206,7 +238,7 @@ def _last_exit(now: int | None, seen: int | None, kept: int | None) -> int | Non
 async def scrape(manager: Manager) -> bytes:
     """The text of ``GET /metrics``: made on the event loop, but for the reading of the servers'
     memory and CPU when a reading is due (procstat.MAX_AGE), done in a thread first."""
-    services = _snapshot(manager)
+    services = _snapshots.take(manager)
     lag = await _lag.take()
     servers = [(s.pid, s.cgroup) for s in services]
     if procstat.due(servers):
