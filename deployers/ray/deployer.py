@@ -18,7 +18,7 @@ from typing import ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from daemon.config import ServiceConfig, replace_key
-from daemon.exceptions import DeployError, ModeldError, StopError
+from daemon.exceptions import DeployError, ModeldError, StopError, with_log_excerpt
 from daemon.models import BaseService, DesiredState, ServiceState
 from daemon.paths import default_home
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
@@ -159,8 +159,10 @@ class RayServeModelDeployer(BaseModelDeployer):
         if done.status.state == ServiceState.ERROR:
             if first:  # Serve would go on retrying a model that cannot load
                 self._forget_app(done, Deadline(min(10.0, deadline.timeout)))
+            error = done.status.last_error
+            cause = next((line.strip() for line in reversed(error.splitlines()) if line.strip()), "no message")
             raise DeployError(
-                f"{service.uuid} ({service.config.model_name}) failed to deploy on Ray Serve: {done.status.last_error}"
+                with_log_excerpt(f"{service.uuid} ({service.config.model_name}) failed to deploy on Ray Serve: {cause}", error)
             )
         if done.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
             raise DeployError(f"{service.uuid} ({service.config.model_name}): {done.status.last_error}")
