@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -77,42 +76,37 @@ class Head:
         except psutil.Error:
             pass
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the group (ray start --block stops its children), then SIGKILL what is left of the pids seen."""
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM the head and every descendant seen (Serve's actors run in sessions of their own, so the
+        process group alone is not enough), by pid checked with its start time; SIGKILL what is left after ``grace``."""
         if self.proc is None:
             return
         self._remember()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 5
+        procs = []
         for pid, created in self.seen.items():
             try:
                 p = psutil.Process(pid)
-                if p.create_time() != created:
-                    continue
-                if time.monotonic() > deadline:
-                    p.kill()
-                else:
-                    p.terminate()
-                    try:
-                        p.wait(max(0.1, deadline - time.monotonic()))
-                    except psutil.TimeoutExpired:
-                        p.kill()
+                if p.create_time() == created:
+                    procs.append(p)
             except psutil.Error:
                 continue
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything of its group not seen yet
         except (ProcessLookupError, PermissionError):
             pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        self.proc.wait(5)
         self.proc = None
         self.seen.clear()
 

@@ -133,6 +133,7 @@ def connect(address: str, namespace: str, deadline: Deadline) -> None:
             if driver.address == address and ray.is_initialized():
                 return
             preflight(resolve(address), deadline)
+            _forget_serve_client()
             done = threading.Event()
             driver.address, driver.connecting, driver.error, driver.serve = address, done, None, None
 
@@ -198,8 +199,17 @@ def disconnect(timeout: float = 30.0) -> None:
 
     with _DRIVER.lock:
         _DRIVER.address, _DRIVER.connecting, _DRIVER.serve = None, None, None
+        _forget_serve_client()
         if ray.is_initialized():
             bounded(ray.shutdown, timeout, "disconnecting from the Ray cluster")
+
+
+def _forget_serve_client() -> None:
+    """Drop Serve's cached controller handle: Serve keeps it across ``ray.shutdown`` and tells sessions apart
+    by job id, which a new head numbers from 1 again, so it would take a dead controller for the new one's."""
+    from ray.serve import context
+
+    context._set_global_client(None)
 
 
 def session_dir() -> str | None:
