@@ -1,4 +1,4 @@
-"""The ray flavor on a real local Ray head: one head for the module (``ray start --head`` in a
+"""The ray flavor on a real local Ray head: one head for the session (``ray start --head`` in a
 short temp dir, free ports, dashboard off, 2 CPUs), stopped by the pids it started.
 
 Skipped, saying why, when the ray extra is not installed. The test that stops the head and
@@ -35,7 +35,7 @@ IRIS_V2 = str(Path(IRIS.rsplit(":", 1)[0]).with_name("iris_v2.py")) + ":model"
 SETOSA = [[5.1, 3.5, 1.4, 0.2]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def head() -> Iterator[Head]:
     started = Head().start()
     try:

@@ -34,6 +34,15 @@ POLL = 0.05  # seconds between two looks at serve.status()
 REFRESH_TIMEOUT = 10.0  # seconds a find with a uuid waits for Ray before answering from the record
 
 
+class RedeployFailed(DeployError):
+    """``redeploy_all`` deployed some services and failed others: ``started`` and ``failed`` (uuid -> error) say which."""
+
+    def __init__(self, message: str, started: List[BaseService], failed: Dict[str, Exception]) -> None:
+        super().__init__(message)
+        self.started = started
+        self.failed = failed
+
+
 class RayServeModelDeployer(BaseModelDeployer):
     """Deploys model servers as Ray Serve applications on a Ray cluster."""
 
@@ -104,10 +113,13 @@ class RayServeModelDeployer(BaseModelDeployer):
                 return seen
             time.sleep(min(POLL, deadline.left()))
 
-    def _observe(self, uuid: UUID, state: ServiceState, error: str, desired: DesiredState | None = None) -> RayModelService:
+    def _observe(self, uuid: UUID, state: ServiceState, error: str, asked_at: float | None = None) -> RayModelService:
+        """Record what Serve said; ``asked_at``: when it was asked, so that an answer older than the record's
+        last observation (a refresh racing a deploy, in another thread or process) never overwrites it."""
+
         def change(service: RayModelService) -> None:
-            if desired is not None:
-                service.desired_state = desired
+            if asked_at is not None and service.observed_at is not None and service.observed_at > asked_at:
+                return
             observed(service, state, error)
 
         return self.records.update(uuid, change)
@@ -237,6 +249,7 @@ class RayServeModelDeployer(BaseModelDeployer):
         """Ask Serve for the state of each service and record it (with ``observed_at``)."""
         deadline = Deadline(timeout)
         cluster.connect(self.config.address, self.config.namespace, deadline)
+        asked_at = time.time()
         apps = cluster.applications(self.config.address, deadline)
         fresh = []
         for service in services:
@@ -244,7 +257,7 @@ class RayServeModelDeployer(BaseModelDeployer):
             if state == ServiceState.INACTIVE and service.desired_state == DesiredState.RUNNING:
                 error = "not on the cluster (a new head?): start_model_server or redeploy_all deploys it from its record"
             try:
-                fresh.append(self._observe(service.uuid, state, error))
+                fresh.append(self._observe(service.uuid, state, error, asked_at))
             except ModeldError:
                 continue  # deleted meanwhile
         return fresh
@@ -311,18 +324,43 @@ class RayServeModelDeployer(BaseModelDeployer):
         self.records.remove(uuid)
 
     def redeploy_all(self, timeout: int = DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT) -> List[BaseService]:
-        """Deploy again every service whose desired state is running (after a new head), all at once
-        within ``timeout``; each comes back in the state Serve reached (``error`` with Serve's message)."""
+        """Deploy again every service whose desired state is running (after a new head: nothing of Serve
+        survives it), all handed to Serve at once and waited for together within ``timeout``; one already
+        serving is left as it is (Serve sees the same application). Returns them, running; when some fail,
+        the others are still deployed and :class:`RedeployFailed` names the failed ones."""
         deadline = Deadline(timeout)
-        services = []
-        for service in self.records.all():
-            if service.desired_state != DesiredState.RUNNING:
-                continue
-            self.check(service.config)
-            services.append(self.records.update(service.uuid, lambda s: observed(s, ServiceState.PENDING_STARTUP, "")))
-        if not services:
+        wanted = [s for s in self.records.all() if s.desired_state == DesiredState.RUNNING]
+        if not wanted:
             return []
-        return list(self._deploy(services, deadline))
+        self._connect(deadline)
+        failed: dict[str, Exception] = {}
+        submitted = []
+        for service in wanted:
+            try:
+                self.check(service.config)
+                service = self.records.update(service.uuid, lambda s: observed(s, ServiceState.PENDING_STARTUP, ""))
+                self._submit(service, deadline)
+                submitted.append(service)
+            except (ModeldError, OSError) as exc:
+                failed[str(service.uuid)] = exc
+                self._observe(service.uuid, ServiceState.ERROR, str(exc))
+        seen = self._wait([s.uuid for s in submitted], deadline) if submitted else {}
+        started: list[BaseService] = []
+        for service in submitted:
+            state, error = seen.get(service.uuid, (ServiceState.PENDING_STARTUP, ""))
+            if state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO, ServiceState.ERROR):
+                error = f"not running after {deadline.timeout:g}s (Serve says {state}); it may still come up"
+            done = self._observe(service.uuid, state, error)
+            if state in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
+                started.append(done)
+            else:
+                failed[str(service.uuid)] = DeployError(f"{service.uuid} ({service.config.model_name}): {error}")
+        if failed:
+            names = "; ".join(
+                f"{uuid}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}" for uuid, exc in failed.items()
+            )
+            raise RedeployFailed(f"{len(failed)} of {len(wanted)} services not redeployed: {names}", started, failed)
+        return started
 
     def get_logs(self, uuid: UUID, follow: bool = False, tail: Optional[int] = None) -> Iterator[str]:
         """The replica log files of the service, where the head (this driver's node) is local."""
