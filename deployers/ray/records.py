@@ -2,13 +2,17 @@
 
     <home>/services/<uuid>/service.json   the whole service (the daemon's form, type ``ray-model-server``)
     <home>/records.lock                   held while a record is read, changed and written back
+    <home>/generation                     a new token after every write or removal
 
 No daemon runs for Ray, so the records are what ``find`` answers from: each service's
 desired state and its last observed state with ``observed_at``. Writes are atomic
 (temp file, fsync, rename: :func:`daemon.store.atomic_write`), so a reader sees the old
 record or the new one. Reads are cached per file by (inode, mtime, size): every write
-makes a new inode, so a list of 1,000 records costs 1,000 ``stat`` calls, not 1,000
-parses. The services handed out are shared with the cache: read them, do not edit them.
+makes a new inode, so a list after a change costs 1,000 ``stat`` calls, not 1,000 parses.
+Every write through this module then puts a new token in ``generation``, so a list with
+nothing changed since the last one reads that one small file (a record edited by hand is
+seen after the next write). The services handed out are shared with the cache: read
+them, do not edit them.
 Nothing here imports ray.
 """
 
@@ -20,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from pydantic import Field
 
@@ -49,6 +53,7 @@ class Records:
         self.home = Path(home)
         self.services = self.home / "services"
         self._cache: dict[str, tuple[tuple[int, int, int], RayModelService]] = {}
+        self._listed: tuple[bytes, list[RayModelService]] | None = None  # (generation, all()) of the last list
 
     def path(self, uuid: UUID | str) -> Path:
         return self.services / str(uuid) / "service.json"
@@ -80,8 +85,31 @@ class Records:
         self._cache[name] = (key, service)
         return service
 
+    def _generation(self) -> bytes:
+        try:
+            with open(self.home / "generation", "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.home / 'generation'}: {exc.strerror or exc}") from exc
+
+    def _bump(self) -> None:
+        """Written after the record, so a reader that saw the new token sees the new record."""
+        from daemon.store import atomic_write
+
+        atomic_write(self.home / "generation", uuid4().hex.encode())
+
     def all(self) -> list[RayModelService]:
         """Every record, oldest first."""
+        generation = self._generation()  # before the scan: what it finds is at least this new
+        if generation and self._listed is not None and self._listed[0] == generation:
+            return list(self._listed[1])
+        found = self._scan()
+        self._listed = (generation, found) if generation else None
+        return list(found)
+
+    def _scan(self) -> list[RayModelService]:
         try:
             names = os.listdir(self.services)
         except FileNotFoundError:
@@ -94,6 +122,9 @@ class Records:
                 del self._cache[gone]
         found.sort(key=lambda s: (s.created_at, str(s.uuid)))
         return found
+
+    def find(self, uuid: UUID | str) -> RayModelService | None:
+        return self._load(str(uuid))
 
     def get(self, uuid: UUID | str) -> RayModelService:
         service = self._load(str(uuid))
@@ -133,6 +164,7 @@ class Records:
             raise StorageError(f"cannot create {folder}: {exc.strerror or exc}") from exc
         service.service_path = str(folder)
         atomic_write(folder / "service.json", service.model_dump_json(indent=2).encode() + b"\n")
+        self._bump()
         return service
 
     def update(self, uuid: UUID | str, change: Callable[[RayModelService], None]) -> RayModelService:
@@ -153,6 +185,7 @@ class Records:
                 pass
             except OSError as exc:
                 raise StorageError(f"cannot remove {folder}: {exc.strerror or exc}") from exc
+            self._bump()
         self._cache.pop(str(uuid), None)
 
 
