@@ -230,6 +230,46 @@ def test_an_unreachable_cluster_fails_within_the_timeout_naming_it():
     assert float(out.split()[0]) < 3, out
 
 
+def _cli_has_deployer_option() -> bool:
+    from conftest import modeld
+
+    return "--deployer" in modeld("--help", home=Path("/nonexistent")).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_local_and_ray_side_by_side_through_the_same_cli(request: pytest.FixtureRequest, home: Path):
+    """`modeld --deployer cluster ...` on the ray deployer, plain `modeld ...` on the local daemon, one home."""
+    from conftest import modeld
+
+    if not _cli_has_deployer_option():
+        pytest.skip("this CLI has no --deployer option yet (it comes with the one-CLI-for-both change)")
+    head: Head = request.getfixturevalue("head")
+
+    def ok(*args: str) -> str:
+        result = modeld(*args, home=home, timeout=180)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (args, result.stdout, result.stderr)
+        return result.stdout
+
+    ok("deployer", "register", "cluster", "--flavor", "ray", f"address={head.address}", f"proxy_port={head.proxy_port}")
+    ok("--deployer", "cluster", "deploy", "--model-name", "iris", "--model-uri", IRIS, "--pipeline-name", "cli")
+    ok("deploy", "--model-name", "iris", "--model-uri", IRIS, "--pipeline-name", "cli")
+    from deployers.registry import get_deployer
+
+    cluster = get_deployer("cluster", home=home)
+    assert isinstance(cluster, RayServeModelDeployer) and cluster.records.home == home / "ray" / "cluster"
+    (remote,) = cluster.find_model_server(pipeline_name="cli")
+    (local,) = DaemonClient(home=home).find(pipeline_name="cli")
+    assert str(remote.uuid) in ok("--deployer", "cluster", "ls") and str(remote.uuid) not in ok("ls")
+    assert str(local.uuid) in ok("ls") and str(local.uuid) not in ok("--deployer", "cluster", "ls")
+    assert post(remote.prediction_url, {"instances": SETOSA}) == post(local.prediction_url, {"instances": SETOSA})
+    assert remote.prediction_url in ok("--deployer", "cluster", "info", str(remote.uuid))
+    assert "modeld: model 'iris' loaded" in ok("--deployer", "cluster", "logs", str(remote.uuid), "-n", "50")
+    ok("--deployer", "cluster", "rm", str(remote.uuid))
+    assert cluster.find_model_server(pipeline_name="cli") == []
+    assert post(local.prediction_url, {"instances": SETOSA})[0] == 200
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_a_new_head_then_redeploy_from_the_records(dep: RayServeModelDeployer, head: Head):
