@@ -186,6 +186,22 @@ def test_a_model_that_fails_to_load_says_why(dep: RayServeModelDeployer, tmp_pat
     dep.delete_model_server(record.uuid, timeout=60)
 
 
+@pytest.mark.slow
+@pytest.mark.long
+def test_idle_timeout_scales_to_zero_and_a_request_wakes_it(dep: RayServeModelDeployer):
+    svc = dep.deploy_model(config(model_name="idle", pipeline_name="idle", idle_timeout=1), timeout=120)
+    assert svc.status.state == ServiceState.ACTIVE  # one replica to start with (initial_replicas)
+
+    def state() -> ServiceState:
+        return dep.find_model_server(service_uuid=svc.uuid, refresh=True)[0].status.state
+
+    wait_for(lambda: state() == ServiceState.SCALED_TO_ZERO, 90, interval=0.5, what="Serve to scale it to zero")
+    assert svc.uuid not in {s.uuid for s in dep.find_model_server(running=True)}
+    assert post(svc.prediction_url, {"instances": SETOSA}, timeout=90) == (200, {"predictions": ["setosa"]})
+    assert state() == ServiceState.ACTIVE
+    dep.delete_model_server(svc.uuid, timeout=60)
+
+
 def _unreachable(address: str, timeout: float) -> subprocess.CompletedProcess[str]:
     """A deploy from a fresh process (a process's driver is tied to one cluster)."""
     code = (
