@@ -102,14 +102,26 @@ def test_every_filter(dep: RayServeModelDeployer, tmp_path: Path):
 
     model = tmp_path / "count.pkl"
     model.write_bytes(pickle.dumps(len))  # a pickled callable: predictions = len(instances)
+    assert dep.find_model_server(pipeline_name="etl") == []
     other = dep.deploy_model(
         config(model_name="count", model_uri=str(model), pipeline_name="etl", pipeline_step_name="serve", pipeline_run_id="r2"),
         timeout=120,
     )
     assert other.config.model_type == "pickle"
+    followed: list[str] = []
+
+    def follow() -> None:  # new lines only (tail=0), until the request's access line comes
+        for line in dep.get_logs(other.uuid, follow=True, tail=0):
+            followed.append(line)
+            if "POST" in line:
+                return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
     assert post(other.prediction_url, {"instances": [1, 2, 3]}) == (200, {"predictions": 3})
-    iris = dep.find_model_server(model_name="iris")
-    assert len(iris) == 1
+    follower.join(30)
+    assert not follower.is_alive() and f"POST /{other.uuid}" in followed[-1], followed
+    others = {s.uuid for s in dep.find_model_server(running=True)} - {other.uuid}  # the other tests' services
     for key, value in [
         ("pipeline_name", "etl"),
         ("pipeline_run_id", "r2"),
@@ -120,7 +132,7 @@ def test_every_filter(dep: RayServeModelDeployer, tmp_path: Path):
         ("service_uuid", other.uuid),
     ]:
         assert [s.uuid for s in dep.find_model_server(**{key: value})] == [other.uuid], key
-    assert {s.uuid for s in dep.find_model_server(running=True)} == {other.uuid, iris[0].uuid}
+    assert {s.uuid for s in dep.find_model_server(running=True)} == others | {other.uuid}
     assert dep.find_model_server(pipeline_name="etl", model_name="iris") == []
     dep.delete_model_server(other.uuid, timeout=60)
 
