@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'modeld[ray]'); .ci/run installs it")
 
 from daemon import DaemonClient, ServiceConfig
-from daemon.exceptions import DeployError, ServiceNotFound
+from daemon.exceptions import DeployError, FlavorError, ServiceNotFound
 from daemon.models import DesiredState, ServiceState
 from daemon.testing import IRIS, REPO
 from daemon.testing.wait import wait_for
@@ -212,6 +212,18 @@ def test_idle_timeout_scales_to_zero_and_a_request_wakes_it(dep: RayServeModelDe
     assert post(svc.prediction_url, {"instances": SETOSA}, timeout=90) == (200, {"predictions": ["setosa"]})
     assert state() == ServiceState.ACTIVE
     dep.delete_model_server(svc.uuid, timeout=60)
+
+
+def test_a_proxy_other_than_the_clusters_is_refused_naming_both(dep: RayServeModelDeployer, head: Head, tmp_path: Path):
+    from deployers.ray.cluster import Deadline
+
+    dep._connect(Deadline(60))  # Serve runs there, with the session deployer's proxy
+    elsewhere = RayServeModelDeployer(
+        RayServeModelDeployerConfig(address=head.address, home=str(tmp_path), proxy_port=head.proxy_port + 1), name="x"
+    )
+    with pytest.raises(FlavorError, match=f"HTTP proxy on 127.0.0.1:{head.proxy_port}.*proxy_port={head.proxy_port + 1}"):
+        elsewhere.deploy_model(config(model_name="elsewhere"), timeout=60)
+    assert elsewhere.find_model_server() == []  # refused before any record
 
 
 def _unreachable(address: str, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -148,6 +148,7 @@ class RayServeModelDeployer(BaseModelDeployer):
     ) -> BaseService:
         deadline = Deadline(timeout)
         config = self.check(config)
+        self._connect(deadline)  # first: an unreachable cluster, or one whose proxy differs, leaves no record
         with self.records.locked():
             key = replace_key(config)
             match = next((s for s in self.records.all() if replace_key(s.config) == key), None) if replace else None
