@@ -226,7 +226,7 @@ def test_a_proxy_other_than_the_clusters_is_refused_naming_both(dep: RayServeMod
     assert elsewhere.find_model_server() == []  # refused before any record
 
 
-def _unreachable(address: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def _unreachable(address: str, timeout: float, home: Path) -> subprocess.CompletedProcess[str]:
     """A deploy from a fresh process (a process's driver is tied to one cluster)."""
     code = (
         "import sys, time\n"
@@ -240,11 +240,10 @@ def _unreachable(address: str, timeout: float) -> subprocess.CompletedProcess[st
         "except Exception as e:\n"
         "    print(f'{time.monotonic() - t:.2f} {type(e).__name__}: {e}')\n"
     )
-    home = Path(REPO / ".pytest_cache")  # only read if a deploy got that far
     return subprocess.run([sys.executable, "-c", code, str(home)], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
-def test_an_unreachable_cluster_fails_within_the_timeout_naming_it():
+def test_an_unreachable_cluster_fails_within_the_timeout_naming_it(tmp_path: Path):
     """A listener that accepts and never answers (Ray alone hangs on it), and a closed port."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -253,11 +252,12 @@ def test_an_unreachable_cluster_fails_within_the_timeout_naming_it():
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: [accepted.append(listener.accept()[0]) for _ in range(16)], daemon=True).start()
     try:
-        out = _unreachable(f"127.0.0.1:{port}", 3).stdout.strip()
+        out = _unreachable(f"127.0.0.1:{port}", 3, tmp_path).stdout.strip()
         seconds, _, message = out.partition(" ")
         assert message.startswith(f"ClusterUnreachable: the Ray cluster at 127.0.0.1:{port} accepted a connection but did not answer"), out
         assert 2.5 < float(seconds) < 5, out
         assert accepted, "the listener was never reached"
+        assert not list(tmp_path.iterdir()), "a record was written for a deploy that never reached a cluster"
     finally:
         listener.close()
         for s in accepted:
@@ -265,7 +265,7 @@ def test_an_unreachable_cluster_fails_within_the_timeout_naming_it():
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    out = _unreachable(f"ray://127.0.0.1:{port}", 3).stdout.strip()
+    out = _unreachable(f"ray://127.0.0.1:{port}", 3, tmp_path).stdout.strip()
     assert f"ClusterUnreachable: cannot reach the Ray cluster at ray://127.0.0.1:{port}: Connection refused" in out, out
     assert float(out.split()[0]) < 3, out
 
