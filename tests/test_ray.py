@@ -137,6 +137,20 @@ def test_every_filter(dep: RayServeModelDeployer, tmp_path: Path):
     dep.delete_model_server(other.uuid, timeout=60)
 
 
+def test_a_shipped_model_file_and_env_reach_the_replica(dep: RayServeModelDeployer, tmp_path: Path):
+    """ship_model (the default for ray://): the file travels in the runtime_env, loaded from Ray's copy."""
+    model = tmp_path / "where.py"
+    model.write_text("import os\ndef model(instances):\n    return [__file__, os.environ['GREETING']]\n")
+    shipping = RayServeModelDeployer(dep.config.model_copy(update={"ship_model": True, "home": str(tmp_path / "h")}), name="ship")
+    svc = shipping.deploy_model(config(model_name="where", model_uri=f"{model}:model", env={"GREETING": "hi"}), timeout=120)
+    status, body = post(svc.prediction_url, {"instances": [1]})
+    assert status == 200, body
+    loaded_from, greeting = body["predictions"]  # type: ignore[index]
+    assert greeting == "hi" and loaded_from.endswith("/where.py") and loaded_from != str(model), loaded_from
+    assert (tmp_path / "h" / "services" / str(svc.uuid) / "ship" / "where.py").read_text() == model.read_text()
+    shipping.delete_model_server(svc.uuid, timeout=60)
+
+
 def test_stop_start_delete(dep: RayServeModelDeployer):
     svc = dep.deploy_model(config(model_name="lifecycle", pipeline_name="life"), timeout=120)
     url = svc.prediction_url

@@ -87,9 +87,12 @@ class RayServeModelDeployer(BaseModelDeployer):
         """Hand the application to Serve (``serve.run``'s non-blocking form, within the deadline)."""
         from ray import serve
 
-        app = serving.application(service, self.config, str(self.records.path(service.uuid).parent / "ship"))
+        def run() -> None:  # building it may upload the model file (ship_model): within the deadline too
+            app = serving.application(service, self.config, str(self.records.path(service.uuid).parent / "ship"))
+            serve._run(app, _blocking=False, name=serving.app_name(service), route_prefix=serving.route_prefix(service))
+
         cluster.bounded(
-            lambda: serve._run(app, _blocking=False, name=serving.app_name(service), route_prefix=serving.route_prefix(service)),
+            run,
             deadline.left(),
             f"handing {service.uuid} to Ray Serve on {self.config.address}",
             DeployError,

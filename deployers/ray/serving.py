@@ -82,7 +82,12 @@ def application(service: RayModelService, config: RayServeModelDeployerConfig, s
         shutil.rmtree(stage, ignore_errors=True)
         os.makedirs(stage, mode=0o700)
         shutil.copy2(file, os.path.join(stage, os.path.basename(file)))
+        # Serve takes only URIs there (its config is checked against a schema): upload the folder to the
+        # GCS as Ray's job submission does, and name it by its gcs:// URI (content-addressed).
+        from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
         runtime_env["working_dir"] = stage
+        runtime_env = upload_working_dir_if_needed(runtime_env, include_gitignore=False)
         uri, working_dir = os.path.basename(file) + suffix, ""
     actor: dict[str, Any] = {"num_cpus": config.num_cpus}
     if config.num_gpus:
