@@ -12,6 +12,7 @@ naming the address. A process's driver is connected to one cluster at a time (Ra
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from daemon.exceptions import FlavorError, ModeldError
 from deployers.ray.flavor import ClusterUnreachable
 
 T = TypeVar("T")
+RECONNECT_FOREVER = 10**9  # seconds (Ray's setting is unsigned 32-bit)
 
 
 class Deadline:
@@ -52,6 +54,7 @@ def bounded(fn: Callable[[], T], seconds: float, what: str, error: type[ModeldEr
 
     threading.Thread(target=run, name=f"modeld-ray {what}"[:60], daemon=True).start()
     if not done.wait(max(seconds, 0.0)):
+        _DRIVER.suspect = True
         raise error(f"{what}: no answer within {seconds:.3g}s")
     if "error" in box:
         raise box["error"]
@@ -109,6 +112,7 @@ class _Driver:
     connecting: threading.Event | None = None  # set when the ray.init in flight ends
     error: BaseException | None = None  # what that ray.init raised
     serve: tuple[str, int] | None = None  # the proxy Serve was checked to have
+    suspect: bool = False  # a call went unanswered: check the cluster, and connect again, before the next
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -130,10 +134,16 @@ def connect(address: str, namespace: str, deadline: Deadline) -> None:
                 f"time (Ray's driver), so {address} needs another process"
             )
         if driver.connecting is None:
-            if driver.address == address and ray.is_initialized():
+            if driver.address == address and ray.is_initialized() and not driver.suspect:
                 return
             preflight(resolve(address), deadline)
+            if ray.is_initialized():  # suspect, and answering again (a new head?): a new driver
+                bounded(ray.shutdown, deadline.left(), f"disconnecting from the Ray cluster at {address}")
+            driver.suspect = False
             _forget_serve_client()
+            # Ray ends a process whose driver has not reached its GCS for 60 s ("The program will
+            # terminate"); a deployer's caller must outlive its cluster: its calls fail, bounded, instead.
+            os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(RECONNECT_FOREVER))
             done = threading.Event()
             driver.address, driver.connecting, driver.error, driver.serve = address, done, None, None
 
