@@ -29,6 +29,7 @@ class Head:
     def __init__(self, gcs_port: int | None = None, proxy_port: int | None = None) -> None:
         self.gcs_port = gcs_port or free_port()
         self.proxy_port = proxy_port or free_port()
+        self.client_port = free_port()  # the Ray client server (ray://)
         self.temp_dir = tempfile.mkdtemp(prefix="r-", dir="/tmp")
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen: dict[int, float] = {}  # pid -> create time, of the head and its descendants
@@ -41,7 +42,7 @@ class Head:
         argv = [
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=false",
             "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--ray-client-server-port", str(self.client_port), "--dashboard-agent-listen-port", str(free_port()),
             "--temp-dir", self.temp_dir,
         ]  # fmt: skip
         log = open(os.path.join(self.temp_dir, "head.out"), "wb")  # noqa: SIM115  (the child holds it)

@@ -138,7 +138,7 @@ def test_every_filter(dep: RayServeModelDeployer, tmp_path: Path):
 
 
 def test_a_shipped_model_file_and_env_reach_the_replica(dep: RayServeModelDeployer, tmp_path: Path):
-    """ship_model (the default for ray://): the file travels in the runtime_env, loaded from Ray's copy."""
+    """ship_model: the file travels as a gcs:// package in the runtime_env, and the replica loads Ray's copy."""
     model = tmp_path / "where.py"
     model.write_text("import os\ndef model(instances):\n    return [__file__, os.environ['GREETING']]\n")
     shipping = RayServeModelDeployer(dep.config.model_copy(update={"ship_model": True, "home": str(tmp_path / "h")}), name="ship")

@@ -133,3 +133,18 @@ def test_records_list_1000_fast_and_survive_a_new_reader(tmp_path: Path):
         records.get(first.uuid)
     data = (tmp_path / "services" / str(listed[1].uuid) / "service.json").read_text()
     assert '"name": "ray-model-server"' in data and '"observed_at"' in data
+
+
+def test_shipping_over_ray_client_is_refused_naming_the_way_out(tmp_path: Path):
+    """Ray's package upload does not return through a ray:// connection: refused before any upload."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'modeld[ray]')")
+    from deployers.ray import serving
+    from deployers.ray.flavor import RayServeModelDeployerConfig
+
+    model = tmp_path / "m.py"
+    model.write_text("def model(x):\n    return x\n")
+    service = RayModelService(config=ServiceConfig(model_name="m", model_uri=f"{model}:model"))
+    config = RayServeModelDeployerConfig(address="ray://10.0.0.5:10001", ship_model=True)
+    with pytest.raises(RefusedOnRay, match="ship_model over a ray:// address is not supported: .*ship_model=false"):
+        serving.application(service, config, str(tmp_path / "ship"))
+    assert not (tmp_path / "ship").exists()

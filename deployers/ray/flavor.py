@@ -58,10 +58,10 @@ class RayServeModelDeployerConfig(BaseModelDeployerConfig):
     num_cpus: float = Field(0.1, ge=0, description="CPUs each replica reserves (Ray's default, 1, fits 2 models on 2 cores)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves")
     memory: int | None = Field(None, gt=0, description="bytes of memory each replica reserves (Ray's scheduling, not a limit)")
-    ship_model: bool | None = Field(
-        None,
-        description="ship the model file to the replicas in the runtime_env (Ray's upload cap applies); "
-        "default: only for a ray:// address, whose driver is off the cluster",
+    ship_model: bool = Field(
+        False,
+        description="upload the model file as a gcs:// package the replicas load (Ray's 512 MiB cap; not over ray:// yet); "
+        "false: the replicas load it by its path, which every node that runs one must have",
     )
 
     @field_validator("address")

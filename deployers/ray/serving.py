@@ -68,11 +68,17 @@ def application(service: RayModelService, config: RayServeModelDeployerConfig, s
     runtime_env: dict[str, Any] = {}
     if sc.env:
         runtime_env["env_vars"] = dict(sc.env)
-    ship = config.ship_model if config.ship_model is not None else config.address.startswith("ray://")
+    ship = config.ship_model
     uri, working_dir = sc.model_uri, sc.working_dir
     if file is not None:
         uri = file + suffix
     if ship and file is not None:
+        if config.address.startswith("ray://"):
+            # Ray's upload of a package to the GCS does not return through a Ray client connection (seen with 2.60).
+            raise RefusedOnRay(
+                f"ship_model over a ray:// address is not supported: put {file} where every node can read it at that "
+                "path and set ship_model=false, or deploy from a node of the cluster (address host:port)"
+            )
         size = os.path.getsize(file)
         if size > SHIP_CAP:
             raise RefusedOnRay(
