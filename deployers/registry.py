@@ -3,9 +3,10 @@
     $MODELD_HOME/flavors.json     {"<flavor>": {"source", "config_source", "registered_at"}}
     $MODELD_HOME/deployers.json   {"<deployer>": {"flavor", "config", "registered_at"}}
 
-The built-in ``local`` flavor and a ``local`` deployer of it (default
-settings) always exist and are not stored; neither can be overridden or
-deleted. ``config`` holds only the values the user set, validated and in
+The built-in flavors, ``local`` and ``ray``, and a ``local`` deployer
+(default settings) always exist and are not stored; none can be overridden
+or deleted. ``ray`` needs the ``ray`` extra only when a deployer of it is
+used: its config is validated without importing ray. ``config`` holds only the values the user set, validated and in
 JSON form, so a flavor's later defaults apply when the deployer is loaded.
 
 What gets imported when, as ZenML's guide lays out: registering a flavor
@@ -36,6 +37,7 @@ from daemon.exceptions import FlavorError, StorageError
 from daemon.paths import Paths, default_home
 from deployers.base import BaseModelDeployer, BaseModelDeployerConfig, BaseModelDeployerFlavor
 from deployers.local.flavor import LOCAL_FLAVOR, LocalDaemonModelDeployerConfig, LocalDaemonModelDeployerFlavor
+from deployers.ray.flavor import RAY_FLAVOR, RayServeModelDeployerConfig, RayServeModelDeployerFlavor
 from deployers.sources import implementation_of, load_flavor, source_of
 
 __all__ = [
@@ -51,6 +53,11 @@ __all__ = [
 BUILTIN_DEPLOYER = "local"
 LOCK_TIMEOUT = 30.0  # seconds; only another modeld command editing the same file holds it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The flavors that ship with modeld, by name: known without registration, never overridden.
+BUILTIN_FLAVORS: dict[str, type[BaseModelDeployerFlavor]] = {
+    LOCAL_FLAVOR: LocalDaemonModelDeployerFlavor,
+    RAY_FLAVOR: RayServeModelDeployerFlavor,
+}
 
 
 class FlavorInfo(TypedDict):
@@ -161,7 +168,7 @@ class FlavorRegistry:
         """Import and check the flavor class at ``source`` and remember it under its name."""
         flavor = load_flavor(source)
         name = flavor.name
-        if name == LOCAL_FLAVOR:
+        if name in BUILTIN_FLAVORS:
             raise FlavorError(f"flavor {source!r} is named {name!r}, which is built in and cannot be overridden")
         entry = {
             "source": source.strip(),
@@ -173,7 +180,7 @@ class FlavorRegistry:
         return self._flavor_info(name, entry)
 
     def delete_flavor(self, name: str) -> None:
-        if name == LOCAL_FLAVOR:
+        if name in BUILTIN_FLAVORS:
             raise FlavorError(f"flavor {name!r} is built in and cannot be deleted")
         users = sorted(n for n, d in self._read(self.paths.deployers).items() if d.get("flavor") == name)
         if users:
@@ -184,24 +191,24 @@ class FlavorRegistry:
             del flavors[name]
 
     def list_flavors(self) -> list[FlavorInfo]:
-        builtin = LocalDaemonModelDeployerFlavor()
         infos = [
             FlavorInfo(
-                name=LOCAL_FLAVOR,
-                source=source_of(LocalDaemonModelDeployerFlavor),
-                config_source=source_of(builtin.config_class),
+                name=name,
+                source=source_of(cls),
+                config_source=source_of(cls().config_class),
                 builtin=True,
                 registered_at=None,
             )
+            for name, cls in BUILTIN_FLAVORS.items()
         ]
         stored = self._read(self.paths.flavors)
-        infos += [self._flavor_info(name, stored[name]) for name in sorted(stored) if name != LOCAL_FLAVOR]
+        infos += [self._flavor_info(name, stored[name]) for name in sorted(stored) if name not in BUILTIN_FLAVORS]
         return infos
 
     def get_flavor(self, name: str) -> BaseModelDeployerFlavor:
         """The flavor registered as ``name``, imported and checked again."""
-        if name == LOCAL_FLAVOR:
-            return LocalDaemonModelDeployerFlavor()
+        if name in BUILTIN_FLAVORS:
+            return BUILTIN_FLAVORS[name]()
         stored = self._read(self.paths.flavors)
         if name not in stored:
             raise self._unknown_flavor(name, stored)
@@ -223,7 +230,7 @@ class FlavorRegistry:
 
     @staticmethod
     def _unknown_flavor(name: str, stored: Mapping[str, Any]) -> FlavorError:
-        known = ", ".join([LOCAL_FLAVOR, *sorted(n for n in stored if n != LOCAL_FLAVOR)])
+        known = ", ".join([*BUILTIN_FLAVORS, *sorted(n for n in stored if n not in BUILTIN_FLAVORS)])
         return FlavorError(
             f"unknown flavor {name!r}; known flavors: {known} "
             "(register one with `modeld flavor register <package.module.FlavorClass>`)"
@@ -279,6 +286,9 @@ class FlavorRegistry:
         config = _validate_config(flavor, values, f"deployer {name!r} (flavor {flavor.name!r}, as stored)")
         if isinstance(config, LocalDaemonModelDeployerConfig) and config.home is None and self._explicit_home:
             config = config.model_copy(update={"home": str(self.home)})
+        if isinstance(config, RayServeModelDeployerConfig) and config.home is None:
+            # Its records: $MODELD_HOME/ray/<deployer name>, in this registry's home.
+            config = config.model_copy(update={"home": str(self.home / "ray" / name)})
         implementation = implementation_of(flavor, f"deployer {name!r} (flavor {flavor.name!r})")
         try:
             return implementation(config=config, name=name)

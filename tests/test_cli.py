@@ -240,19 +240,19 @@ def test_help(home):
 def test_flavors_and_deployers(home):
     out = ok(modeld("flavor", "list", home=home))
     rows = [line.split() for line in out.splitlines()[1:]]
-    assert [r[0] for r in rows] == ["local"] and rows[0][-1] == "yes"
+    assert [r[0] for r in rows] == ["local", "ray"] and rows[0][-1] == rows[1][-1] == "yes"
 
     source = "tests.flavor_fixtures.memory_flavor.InMemoryModelDeployerFlavor"
     out = ok(modeld("flavor", "register", source, home=home))
     assert "'memory'" in out
     flavors = json.loads(ok(modeld("flavor", "list", "--json", home=home)))
-    assert {f["name"]: f["source"] for f in flavors} == {"local": flavors[0]["source"], "memory": source}
+    assert {f["name"]: f["source"] for f in flavors} == {"local": flavors[0]["source"], "ray": flavors[1]["source"], "memory": source}
     assert "memory" in ok(modeld("flavor", "list", home=home))
 
     for bad in ("tests.flavor_fixtures.bad_flavors.NotAFlavor", "no_such_package_xyz.Flavor", "not a source",
                 "tests.flavor_fixtures.bad_flavors.LocalImpostorFlavor"):
         one_line_error(modeld("flavor", "register", bad, home=home), 2)
-    assert [f["name"] for f in json.loads(ok(modeld("flavor", "list", "--json", home=home)))] == ["local", "memory"]
+    assert [f["name"] for f in json.loads(ok(modeld("flavor", "list", "--json", home=home)))] == ["local", "ray", "memory"]
 
     out = ok(modeld("deployer", "register", "mine", "--flavor", "local", "home=/tmp/x", home=home))
     assert "'mine'" in out

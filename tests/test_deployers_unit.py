@@ -329,8 +329,8 @@ def registry(tmp_path: Path) -> FlavorRegistry:
 
 
 def test_flavor_round_trip(registry: FlavorRegistry) -> None:
-    assert [f["name"] for f in registry.list_flavors()] == ["local"]
-    assert registry.list_flavors()[0]["builtin"] is True
+    assert [f["name"] for f in registry.list_flavors()] == ["local", "ray"]
+    assert all(f["builtin"] for f in registry.list_flavors())
 
     info = registry.register_flavor(MEMORY)
     assert info["name"] == "memory" and info["source"] == MEMORY and not info["builtin"]
@@ -340,7 +340,7 @@ def test_flavor_round_trip(registry: FlavorRegistry) -> None:
     assert stored["memory"]["source"] == MEMORY
     assert isinstance(stored["memory"]["registered_at"], float)
 
-    assert [(f["name"], f["builtin"]) for f in registry.list_flavors()] == [("local", True), ("memory", False)]
+    assert [(f["name"], f["builtin"]) for f in registry.list_flavors()] == [("local", True), ("ray", True), ("memory", False)]
     flavor = registry.get_flavor("memory")
     assert flavor.name == "memory" and flavor.config_class.__name__ == "InMemoryModelDeployerConfig"
     assert isinstance(registry.get_flavor("local"), LocalDaemonModelDeployerFlavor)
@@ -348,10 +348,10 @@ def test_flavor_round_trip(registry: FlavorRegistry) -> None:
     # A second registry on the same home sees it; re-registering overwrites.
     again = FlavorRegistry(registry.home).register_flavor(MEMORY)
     assert again["registered_at"] >= info["registered_at"]  # type: ignore[operator]
-    assert [f["name"] for f in registry.list_flavors()] == ["local", "memory"]
+    assert [f["name"] for f in registry.list_flavors()] == ["local", "ray", "memory"]
 
     registry.delete_flavor("memory")
-    assert [f["name"] for f in registry.list_flavors()] == ["local"]
+    assert [f["name"] for f in registry.list_flavors()] == ["local", "ray"]
     assert not list(registry.home.glob("*.tmp"))
 
 
@@ -414,7 +414,7 @@ def test_register_flavor_errors(registry: FlavorRegistry, source: str, pattern: 
 
 def test_unknown_flavor_names_the_known_ones(registry: FlavorRegistry) -> None:
     registry.register_flavor(MEMORY)
-    with pytest.raises(FlavorError, match="unknown flavor 'nope'; known flavors: local, memory"):
+    with pytest.raises(FlavorError, match="unknown flavor 'nope'; known flavors: local, ray, memory"):
         registry.get_flavor("nope")
     with pytest.raises(FlavorError, match="unknown flavor 'nope'"):
         registry.delete_flavor("nope")
@@ -519,7 +519,7 @@ def test_several_bad_fields_are_named_in_one_message(registry: FlavorRegistry) -
 
 
 def test_register_deployer_errors(registry: FlavorRegistry) -> None:
-    with pytest.raises(FlavorError, match="unknown flavor 'nope'; known flavors: local"):
+    with pytest.raises(FlavorError, match="unknown flavor 'nope'; known flavors: local, ray"):
         registry.register_deployer("d", "nope", {})
     with pytest.raises(FlavorError, match="deployer 'local' is built in"):
         registry.register_deployer("local", "local", {})
