@@ -21,7 +21,7 @@ from daemon.config import ServiceConfig, replace_key
 from daemon.exceptions import DeployError, ModeldError, StopError, with_log_excerpt
 from daemon.models import BaseService, DesiredState, ServiceState
 from daemon.paths import default_home
-from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer
+from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer, RedeployError
 from deployers.ray import cluster, serving
 from deployers.ray.cluster import Deadline
 from deployers.ray.flavor import ClusterUnreachable, RayServeModelDeployerConfig, RayServeModelDeployerFlavor, RefusedOnRay
@@ -32,15 +32,6 @@ from deployers.ray.records import RayModelService, Records, observed
 LOCAL_ONLY = ("python", "port", "bind_unix", "restart", "host")
 POLL = 0.05  # seconds between two looks at serve.status()
 REFRESH_TIMEOUT = 10.0  # seconds a find with a uuid waits for Ray before answering from the record
-
-
-class RedeployFailed(DeployError):
-    """``redeploy_all`` deployed some services and failed others: ``started`` and ``failed`` (uuid -> error) say which."""
-
-    def __init__(self, message: str, started: List[BaseService], failed: Dict[str, Exception]) -> None:
-        super().__init__(message)
-        self.started = started
-        self.failed = failed
 
 
 class RayServeModelDeployer(BaseModelDeployer):
@@ -329,7 +320,7 @@ class RayServeModelDeployer(BaseModelDeployer):
         """Deploy again every service whose desired state is running (after a new head: nothing of Serve
         survives it), all handed to Serve at once and waited for together within ``timeout``; one already
         serving is left as it is (Serve sees the same application). Returns them, running; when some fail,
-        the others are still deployed and :class:`RedeployFailed` names the failed ones."""
+        the others are still deployed and :class:`~deployers.base.RedeployError` names the failed ones."""
         deadline = Deadline(timeout)
         wanted = [s for s in self.records.all() if s.desired_state == DesiredState.RUNNING]
         if not wanted:
@@ -361,7 +352,7 @@ class RayServeModelDeployer(BaseModelDeployer):
             names = "; ".join(
                 f"{uuid}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}" for uuid, exc in failed.items()
             )
-            raise RedeployFailed(f"{len(failed)} of {len(wanted)} services not redeployed: {names}", started, failed)
+            raise RedeployError(f"{len(failed)} of {len(wanted)} services not redeployed: {names}", started, failed)
         return started
 
     def get_logs(self, uuid: UUID, follow: bool = False, tail: Optional[int] = None) -> Iterator[str]:
