@@ -148,6 +148,7 @@ def test_model_servers_bind_loopback_unless_told_otherwise(client):
         assert listening == {("127.0.0.1", s.endpoint.port)}, listening
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_model_server_on_a_private_unix_socket(client, home):
     out = modeld("deploy", "--model-name", "iris", "--model-uri", iris_config().model_uri, "--unix-socket", "--json", home=home)
     assert out.returncode == 0, out.stderr

@@ -55,6 +55,7 @@ def test_a_service_without_idle_timeout_is_never_unloaded_nor_counted(client, mo
     assert client.get(a.uuid).status.state == S0 and client.get(b.uuid).status.state == ServiceState.ACTIVE
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_with_nothing_to_unload_a_wake_waits_wake_timeout_then_gets_a_503_naming_the_cap(client, monkeypatch, tmp_path: Path):
     monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
     monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
@@ -107,6 +108,7 @@ def test_a_restarted_daemon_starts_on_demand_services_whose_server_is_gone_only_
     assert alive(client, [a, b, c]) == ["a"] and client.get(c.uuid).status.state == S0
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_restarted_daemon_scales_to_zero_the_adopted_servers_beyond_the_cap(client, monkeypatch):
     a, b, c = (client.deploy(iris_config(model_name=n, pipeline_step_name=n, idle_timeout=3600), timeout=60) for n in "abc")
     assert ask(c)[0] == 200  # c is the most recently used

@@ -512,6 +512,7 @@ def test_an_export_of_a_service_deployed_with_a_relative_model_uri_applies_uncha
     assert changed_fields(want.services["dup"], want.given["dup"], {**have, "working_dir": str(elsewhere)}) == ["model_uri"]
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_apply_reads_only_a_regular_file_of_at_most_the_cap(home, tmp_path):
     """/dev/zero grew without bound and a FIFO hung forever: each is now an error naming it, at once,
     from the CLI and from the daemon's start-up apply (the same reader)."""

@@ -216,6 +216,7 @@ def _sync_absent(home: Path) -> Exception:
     return info.value
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_calls_made_at_once_run_at_once(home: Path, tmp_path: Path) -> None:
     """A find is answered while a deploy is still waiting for its server; many calls gathered at
     once from a client with no daemon yet auto-start exactly one, and all are answered."""

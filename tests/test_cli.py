@@ -152,6 +152,7 @@ def test_service_lifecycle(home):
     assert not (home / "services" / uuid).exists()
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_command_server_after_double_dash(home):
     out = ok(modeld("deploy", "--model-name", "echo", "--health-path", "/", "--",
                     "python3", "-m", "http.server", "{port}", "--bind", "{host}", home=home))

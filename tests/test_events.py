@@ -150,6 +150,7 @@ def test_an_adopted_servers_exit_is_exited_with_its_signal(client, home):
         assert len(exited) == 1 and exited[0]["signal"] == 9 and "exit_code" not in exited[0], exited
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_hung_server_is_unhealthy_then_exited_restarting_and_healthy(client, home, monkeypatch):
     monkeypatch.setenv("MODELD_HEALTH_INTERVAL", "0.2")  # read by the daemon the client auto-starts
     svc = client.deploy(iris_config(model_name="frozen", stop_timeout=2, restart={"liveness_failures": 2}), timeout=60)

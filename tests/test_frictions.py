@@ -224,6 +224,7 @@ def test_a_command_service_reports_its_base_url_as_prediction_url(home: Path, cl
     assert BaseService.model_validate(record).endpoint.prediction_url == base
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_ls_shows_a_unix_socket_services_socket(home: Path) -> None:
     result = modeld("deploy", "--model-name", "private", "--model-uri", "examples/iris.py:model", "--unix-socket", "--json",
                     home=home)

@@ -64,6 +64,7 @@ def test_fuzz_every_route(client, home, capsys):
     assert predict(after.endpoint.prediction_url, SETOSA) == (200, {"predictions": ["setosa"]})
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_the_fuzzer_catches_a_mistake(client, home):
     """The checks can fail: a request that succeeds, and one that changes the home, are reported."""
     client.daemon_info()

@@ -165,6 +165,7 @@ def curl(*args: str) -> tuple[int, Any]:
 # ------------------------------------------------------------------ routing
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_routes_by_model_name_and_uuid_with_curl_and_the_openai_client(client, home):
     alpha = deploy_llm(client, home, "alpha")
     beta = deploy_llm(client, home, "beta")
@@ -203,6 +204,7 @@ def test_routes_by_model_name_and_uuid_with_curl_and_the_openai_client(client, h
     assert alpha.uuid != beta.uuid
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_every_error_is_json(client, home):
     alpha = deploy_llm(client, home, "alpha")
     twin1 = deploy_llm(client, home, "twin")
@@ -372,6 +374,7 @@ def test_a_kill_9_of_the_gateway_restarts_it_on_the_same_port(client, home):
     assert len(failed) <= 4, failed  # only connections the killed process had accepted are reset
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_stop_leaves_the_gateway_serving_and_stop_all_stops_it_and_the_port_is_kept(client, home):
     deploy_llm(client, home, "alpha")
     _host, port, info = gateway(client)
@@ -479,6 +482,7 @@ def test_a_scaled_to_zero_command_service_is_woken_through_the_gateway_with_no_f
     assert activity(home, svc.uuid)[0] > time.time() - 60
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_requests_racing_idle_stops_through_the_gateway_never_fail(client, home):
     """A client sending requests at random gaps around the idle timeout, a new connection each
     (curl's way): some arrive as the server is being stopped, some after; none fails."""
@@ -528,6 +532,7 @@ def test_an_unloaded_service_without_idle_timeout_is_woken_by_the_gateway_with_n
     assert answers == [(200, {"predictions": ["plain"]})] * 4
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_daemon_killed_during_a_command_wake_leaves_no_request_hanging(client, home):
     """The gateway's start call dies with the daemon; the server goes on loading with nobody to
     record it healthy, so the waiting requests try it themselves and are answered once it loads."""
@@ -548,6 +553,7 @@ def test_a_daemon_killed_during_a_command_wake_leaves_no_request_hanging(client,
     assert request(port, "POST", "/v1/models/slowwake:predict", {"instances": [1]}) == (200, {"predictions": ["slowwake"]})
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_command_wake_refused_by_admission_is_a_503_naming_the_cap(client, home, monkeypatch, tmp_path):
     monkeypatch.setenv("MODELD_MAX_ACTIVE", "1")
     monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
@@ -573,6 +579,7 @@ def test_a_command_wake_refused_by_admission_is_a_503_naming_the_cap(client, hom
     assert held and held[0][0] == 200
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_gateway_replaced_for_new_settings_finishes_the_responses_in_flight(client, home, monkeypatch):
     deploy_llm(client, home, "steady")
     _host, port, info = gateway(client)

@@ -122,6 +122,7 @@ def service_json_config(home: Path, uuid: object) -> dict[str, Any]:
 # ------------------------------------------------------- what the API accepts
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_the_seen_infinities_are_refused_naming_the_field_and_ls_keeps_working(client, home):
     client.daemon_info()
     # The issue's examples, exactly.
@@ -182,6 +183,7 @@ def test_huge_finite_numbers_are_kept_and_nothing_overflows(client, home, tmp_pa
     assert client.get(uuid).config.model_dump(mode="json") == data["config"] == service_json_config(home, uuid)
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_env_names_and_sizes_argv_sizes(client, home, tmp_path):
     client.daemon_info()
     base = command(tmp_path)
@@ -237,6 +239,7 @@ def test_bad_hosts_are_refused_naming_the_field(client, home):
     nothing_created(client, home)
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_every_host_spelling_that_works_is_kept_as_written(client, home, tmp_path):
     """The stored host is what the user wrote; the bind, the probe, the claim and {host} use the address it resolves to."""
     client.daemon_info()
@@ -391,6 +394,7 @@ def test_a_replace_onto_a_conflicting_address_is_refused(client, home, tmp_path)
 # ------------------------------------------------------------------- homes
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_one_home_however_spelled(home, tmp_path, monkeypatch):
     link = Path(str(home) + "-link")
     link.symlink_to(home)

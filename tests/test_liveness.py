@@ -55,6 +55,7 @@ def restarted(client: DaemonClient, uuid: object, old_pid: int, timeout: float =
                     timeout, interval=0.05, what="the hung server to be restarted")
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_frozen_builtin_server_is_restarted(client, home):
     svc = client.deploy(iris_config(model_name="frozen", stop_timeout=2, restart={"liveness_failures": 2}), timeout=60)
     os.kill(svc.status.pid, signal.SIGSTOP)

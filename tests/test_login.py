@@ -115,6 +115,7 @@ def test_an_interpreter_systemd_cannot_run_as_spelled_is_refused(tmp_path: Path)
 # ------------------------------------------------------------------ install / uninstall
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_install_and_uninstall_without_a_user_manager(tmp_path: Path, no_manager: dict[str, str]) -> None:
     home = tmp_path / "h"
     unit = tmp_path / "config" / "systemd" / "user" / login.UNIT_NAME

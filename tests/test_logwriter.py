@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import modeld
 from daemon import DaemonClient, ServiceConfig, ServiceState
@@ -122,6 +123,7 @@ def test_a_daemon_killed_under_a_writing_server_loses_no_line_and_never_blocks_i
     assert max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_tail_counts_only_the_servers_lines_and_follow_goes_on_across_rotations(client, home, tmp_path):
     svc = client.deploy(counter(tmp_path, 0.0005, log_max_bytes=16384, log_backups=3), timeout=60)
     got: list[str] = []

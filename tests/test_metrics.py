@@ -179,6 +179,7 @@ def gateway_on(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("gateway_on")
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_requests_through_the_gateway_and_direct_are_each_counted_once(client, home):
     iris = client.deploy(iris_config(), replace=False, timeout=60)
     (home / "s.py").write_text(SERVES)
@@ -268,6 +269,7 @@ def raw(port: int, request: bytes) -> bytes:
 
 
 @pytest.mark.usefixtures("gateway_on")
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_client_gone_is_499_and_the_gateways_own_answers_are_counted(client, home, tmp_path, monkeypatch):
     monkeypatch.setenv("MODELD_GATEWAY_TIMEOUT", "1")
     monkeypatch.setenv("MODELD_GATEWAY_MAX_BODY", "1000")

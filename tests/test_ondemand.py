@@ -120,6 +120,7 @@ def test_an_idle_keep_alive_connection_and_the_probes_do_not_keep_it_loaded(clie
         assert idle.recv(1) == b""  # the server closed it as it stopped
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_served_request_keeps_it_loaded(client):
     """The counterpart: requests more often than the idle timeout keep the same server."""
     svc = client.deploy(iris_config(idle_timeout=1.5), timeout=60)
@@ -131,6 +132,7 @@ def test_a_served_request_keeps_it_loaded(client):
     assert client.get(svc.uuid).status.pid == pid
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_kill_9_of_the_daemon_while_scaled_to_zero(client, home):
     svc = client.deploy(iris_config(idle_timeout=0.5), timeout=60)
     scaled(client, svc)
@@ -145,6 +147,7 @@ def test_kill_9_of_the_daemon_while_scaled_to_zero(client, home):
     scaled(client, svc)  # and idles out again
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_kill_9_of_the_daemon_while_waking(client, home, monkeypatch):
     """The daemon dies once the woken server is spawned: the next daemon adopts it (or wakes it again)."""
     svc = client.deploy(iris_config(idle_timeout=0.5), timeout=60)
@@ -214,6 +217,7 @@ def test_a_server_killed_while_it_wakes_leaves_the_service_in_error_still_wanted
     assert ask(svc) == (200, {"predictions": ["ok"]})
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_a_wake_past_wake_timeout_answers_504(client, tmp_path, monkeypatch):
     monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
     slow = tmp_path / "slow"

@@ -164,6 +164,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_corrupt_service_json_is_set_aside_reported_and_its_server_stopped(client, home):
     good = client.deploy(iris_config(model_name="good"), timeout=60)
     victims = {kind: client.deploy(iris_config(model_name=f"v{i}"), timeout=60) for i, kind in enumerate(CORRUPTIONS)}

@@ -159,6 +159,7 @@ def test_every_field_reaches_zenml():
         assert info.description == ServiceConfig.model_fields[name].description
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_the_zenml_config_is_made_from_the_fields():
     pytest.importorskip("zenml", reason="ZenML is not installed (MODELD_EXTRAS=test,zenml ./scripts/test installs it)")
     from modeld_zenml import ModeldDeploymentConfig

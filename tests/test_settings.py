@@ -278,6 +278,7 @@ def test_a_bad_setting_stops_the_daemon_and_the_client_says_why(home, monkeypatc
         assert client.daemon_info()["settings"]["health_interval"] == 5.0
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_daemon_status_prints_the_settings(home, monkeypatch):
     toml = write_settings(home, "health_interval = 0.5\n")
     monkeypatch.setenv("MODELD_WARM_START", "0")

@@ -170,6 +170,7 @@ def test_top_reads_metrics_as_prometheus_client_does(home: Path, client: DaemonC
     assert ours["x_total"] == [({"a": "1\n2", "b": 'q"\\'}, 3.0)]
 
 
+@pytest.mark.slow  # (5 s or more on 2 cores: out of the fast subset)
 def test_top_answers_q_and_ctrl_c_at_once_while_the_daemon_does_not_answer(home: Path, client: DaemonClient, tmux: Tmux) -> None:
     """A daemon stopped with SIGSTOP accepts connections and never answers: top asks it in a thread
     of its own, so its screen says so within a few seconds and q or Ctrl-C quit within about 1 s."""
