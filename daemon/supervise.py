@@ -274,6 +274,8 @@ class Supervisor:
             or policy.mode == "never"
             or (policy.mode == "on-failure" and code == 0 and not unhealthy)
         ):
+            if code == 0 and not unhealthy:  # it finished: a stop, which a daemon restart (a reboot) keeps
+                svc.desired_state = DesiredState.STOPPED
             change_state(
                 self.store,
                 svc,

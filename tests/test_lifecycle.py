@@ -433,6 +433,27 @@ def test_crash_loop_ends_in_error(client, tmp_path):
     assert again.status.restarts == 2 and not port_open(port)
 
 
+@pytest.mark.parametrize("mode", ["on-failure", "never"])
+def test_a_server_that_finishes_with_exit_0_stays_stopped_across_a_daemon_restart(client, tmp_path, mode):
+    """Not restarted by its policy, an exit 0 is a stop (the README: "an exit 0 that is not restarted"):
+    the desired state follows, so a daemon restart (or a reboot) does not run it again; start does."""
+    script = tmp_path / "finisher.py"
+    script.write_text(CRASHING_SERVER.replace("os._exit(7)", "os._exit(0)").replace("exit 7", "done, exit 0"))
+    svc = client.deploy(
+        ServiceConfig(model_name="finisher", model_type="command", command=[sys.executable, str(script), "{port}"],
+                      restart=RestartPolicy(mode=mode)),
+        timeout=60,
+    )
+    pid = svc.status.pid
+    done = wait_for(lambda: (s := client.get(svc.uuid)).status.state == ServiceState.INACTIVE and s, 30, what="the exit 0")
+    assert done.desired_state == "stopped" and done.status.exit_code == 0 and not pid_alive(pid)
+    client.shutdown()
+    again = client.get(svc.uuid)  # auto-starts a new daemon, which rebuilds from disk
+    assert again.status.state == ServiceState.INACTIVE and again.status.pid is None and again.status.restarts == 0
+    started = client.start(svc.uuid, timeout=60)  # a start runs it again, as it does any stopped service
+    assert started.status.state == ServiceState.ACTIVE and started.desired_state == "running"
+
+
 def test_start_refuses_a_port_held_by_a_stranger(client, tmp_path):
     """A command server binds its own port: if another program took it meanwhile, start fails
     clearly instead of reporting the stranger's answers as the service's health."""
