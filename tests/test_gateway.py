@@ -620,3 +620,21 @@ def test_the_gateway_runs_on_uvloop_where_installed_and_on_asyncio_when_asked(ho
         assert (os.path.dirname(os.path.realpath(uvloop.__file__)) in mapped) == (loop == "default"), loop
     finally:
         client.close()
+
+
+def test_a_built_in_service_with_no_model_name_is_reached_by_the_name_it_serves_and_created_stays(client, home):
+    """Deployed without a model name, a built-in server serves "model" (its prediction URL says so):
+    the gateway routes that name to it. OpenAI's ``created`` is the service's, across a gateway restart."""
+    from conftest import iris_config
+
+    svc = client.deploy(iris_config(model_name=""), replace=False, timeout=60)
+    assert svc.prediction_url.endswith("/v1/models/model:predict")
+    _host, port, info = gateway(client)
+    status, body = request(port, "POST", "/v1/models/model:predict", {"instances": [[5.0, 3.4, 1.5, 0.2]]})
+    assert (status, body) == (200, {"predictions": ["setosa"]})
+    status, listed = request(port, "GET", "/v1/models")
+    assert status == 200 and [(m["id"], m["created"]) for m in listed["data"]] == [("model", int(svc.created_at))]
+    os.kill(info["gateway_pid"], signal.SIGKILL)
+    wait_for(lambda: client.daemon_info()["gateway_pid"] not in (None, info["gateway_pid"]), 10, what="a new gateway")
+    status, again = wait_for(lambda: (r := request(port, "GET", "/v1/models/model"))[0] == 200 and r, 10, what="the route back")
+    assert again["created"] == int(svc.created_at) and again["ready"] is True

@@ -61,13 +61,15 @@ def entry_of(record: dict[str, Any], created: int = 0) -> Entry:
     idle, startup = config.get("idle_timeout"), config.get("startup_timeout", 300.0)
     return Entry(
         uuid=str(record["uuid"]),
-        name=str(config.get("model_name") or ""),
+        # A built-in server serves the name its endpoint records (the model name, else "model"), as its
+        # prediction URL says; a command service is known by its model name alone.
+        name=str((endpoint.get("model_name") if endpoint.get("kserve") else None) or config.get("model_name") or ""),
         host=host,
         port=port,
         state=state,
         last_error=_scrub(str(status.get("last_error") or ""), config),
         private=private,
-        created=created or int(time.time()),
+        created=created or int(record.get("created_at") or time.time()),  # (OpenAI's: when the model was made)
         model_type=str(config.get("model_type") or ("command" if config.get("command") else "python")),
         idle_timeout=None if idle is None else float(idle),
         startup_timeout=float("inf") if startup is None else float(startup),  # (null: an old record's infinity)
