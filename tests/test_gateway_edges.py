@@ -285,6 +285,20 @@ def test_a_chunked_body_forwarded_as_it_comes_loses_a_smuggled_content_length(ga
         sent = fields(raw.partition(b"\r\n\r\n")[0])
         assert sent["transfer-encoding"] == "chunked" and "content-length" not in sent
         assert raw.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+        # RFC 9112 §6.1: after a request with both, the connection closes once answered, so a request
+        # a front proxy framing by content-length took for part of the body is never served.
+        smuggled = b"GET /v1/models/m:predict HTTP/1.1\r\nhost: x\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(request + smuggled)
+            buf = bytearray()
+            head = read_head(conn, buf)
+            assert head is not None and head.startswith(b"HTTP/1.1 200 ") and fields(head)["connection"] == "close"
+            read_exactly(conn, buf, int(fields(head)["content-length"]))
+            while chunk := conn.recv(65536):  # then the end of the connection, and nothing more
+                buf += chunk
+            assert buf == b""
+        assert len(got) == 2 and not any(b"GET " in raw for raw in got)
     finally:
         backend.close()
 
@@ -706,3 +720,53 @@ def test_the_gateway_writes_a_command_services_activity_and_gives_back_every_cou
     finally:
         release.set()
         backend.close()
+
+
+def test_a_chunked_body_over_the_cap_after_an_early_answer_cuts_the_client_and_logs_no_error(tmp_path):
+    """A backend that answers before it has read the body (its head, then its body a moment later), and a
+    chunked body that goes over the gateway's cap after that: the client's response is cut (no 413 after
+    a 200 has begun), the backend's late bytes go nowhere, and the gateway logs no error for it."""
+
+    def serve(conn: socket.socket, n: int) -> None:
+        if read_head(conn, bytearray()) is None:
+            return  # (a spare connection, closed unused)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nok")
+        cut.wait(10)
+        with contextlib.suppress(OSError):
+            conn.sendall(b"ok")
+        late.set()
+
+    cut, late = threading.Event(), threading.Event()
+    backend = Backend(serve)
+    sock = socket.create_server(("127.0.0.1", 0))
+    log = tmp_path / "gateway.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.gateway", "--fd", str(sock.fileno()), f"--route=name=m,addr=127.0.0.1:{backend.port}",
+             "--max-body", "1000", "--no-spare"],
+            cwd=REPO, pass_fds=[sock.fileno()], stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )
+    port = sock.getsockname()[1]
+    sock.close()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+            buf = bytearray()
+            head = read_head(conn, buf)
+            assert head is not None and head.startswith(b"HTTP/1.1 200 ")
+            with contextlib.suppress(OSError):
+                for _ in range(10):
+                    conn.sendall(b"200\r\n" + b"x" * 512 + b"\r\n")  # 5 KiB: over the cap of 1000 bytes
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(65536):
+                    buf += chunk
+            assert b"413" not in bytes(buf) and len(buf) < 4  # cut: not the whole 4-byte body, and no 413 after it
+        cut.set()
+        assert late.wait(10)  # the backend's late bytes are sent after the cut; then one more request goes through
+        [(head, _)] = exchange(port, [b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"])
+        assert head.startswith(b"HTTP/1.1 200 ") and proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        backend.close()
+    assert "Traceback" not in log.read_text() and "Fatal error" not in log.read_text(), log.read_text()

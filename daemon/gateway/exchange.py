@@ -218,6 +218,8 @@ class Exchange:
     # ------------------------------------------------------------ response
 
     def response_data(self, data: bytes) -> None:
+        if self.done:
+            return  # (ended meanwhile: the client was answered otherwise, or is gone; nothing goes to it)
         if not self.answered:
             self.answered = True  # (the timeout is over: Downstream.watch's timer lets it be)
         if not self.in_head:

@@ -127,6 +127,7 @@ def _parse_fields(head: Head, lines: list[bytes]) -> None:
             connection_tokens.update(t.strip().lower() for t in value.split(b","))
         elif key == b"expect" and head.expect is None:
             head.expect = value
+    both = head.chunked and head.length is not None
     if head.chunked:
         # RFC 9112 §6.3: chunked wins over content-length, and an intermediary must drop the
         # content-length before forwarding (a next hop that framed by it would be smuggled to).
@@ -136,6 +137,11 @@ def _parse_fields(head: Head, lines: list[bytes]) -> None:
         head.close = b"keep-alive" not in connection_tokens
     else:
         head.close = b"close" in connection_tokens
+    if both:
+        # RFC 9112 §6.1: a message with both may be an attempt at smuggling (a hop before this one
+        # that framed it by its content-length saw other messages after it): nothing more is read
+        # from that connection once it is answered.
+        head.close = True
     if connection_tokens - {b"close", b"keep-alive"}:
         head.drop = head.drop | connection_tokens
 

@@ -239,10 +239,14 @@ class Downstream(asyncio.Protocol):
         """A chunked body over the cap: cut it (the backend sees an aborted request)."""
         self.remaining += n
         if self.remaining > self.gw.max_body and self.exchange is not None:
-            if not self.exchange.answered:
-                self.exchange.status = 413  # (counted as the answer the client gets)
-            self.exchange.abort()
-            self.exchange = None
+            exchange, self.exchange = self.exchange, None
+            if not exchange.answered:
+                exchange.status = 413  # (counted as the answer the client gets)
+            exchange.abort()
+            if exchange.answered:  # the backend's response has begun: no 413 after it, the client sees it cut
+                self.state = self.CLOSED
+                self.transport.abort()
+                return
             self.answer_and_close(
                 error(413, "ContentTooLarge", f"the body is over the gateway's cap of {self.gw.max_body} bytes")
             )
