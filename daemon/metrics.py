@@ -313,8 +313,10 @@ def _texts(s: _Service, usage: procstat.Usage | None, requests: list[tuple[str, 
     if was[2] != keys[2]:
         parts[6:8] = (
             (
-                f"modeld_service_memory_bytes{{{labels}}} {usage[0]}\n".encode(),
-                f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r}\n".encode(),
+                # (with the time of the reading, in ms: a reading serves procstat.MAX_AGE s of scrapes,
+                # and a rate is right only over the times the values were read)
+                f"modeld_service_memory_bytes{{{labels}}} {usage[0]} {int(usage[2] * 1000)}\n".encode(),
+                f"modeld_service_cpu_seconds_total{{{labels}}} {usage[1]!r} {int(usage[2] * 1000)}\n".encode(),
             )
             if usage
             else (b"", b"")

@@ -137,7 +137,7 @@ def _figures(pid: int | str) -> tuple[int, int, int] | None:
 
 
 Server = tuple[int | None, str | None]  # (pid, its launch's leaf cgroup); (None, …): none runs
-Usage = tuple[int, float]  # (memory bytes, CPU seconds)
+Usage = tuple[int, float, float]  # (memory bytes, CPU seconds, when read: seconds since the epoch)
 
 _readings: dict[Server, tuple[float, Usage | None]] = {}  # (monotonic time of the reading, the reading)
 
@@ -170,16 +170,18 @@ def usage(servers: list[Server], max_age: float = MAX_AGE) -> list[Usage | None]
             kept[server] = reading
         else:
             stale.append(i)
+    read_at = time.time()
     for i, got in zip(stale, _read_usage([servers[i] for i in stale]), strict=True):
-        found[i] = got
-        kept[servers[i]] = (now, got)
+        made: Usage | None = None if got is None else (got[0], got[1], read_at)
+        found[i] = made
+        kept[servers[i]] = (now, made)
     _readings.clear()
     _readings.update(kept)
     return found
 
 
-def _read_usage(servers: list[Server]) -> list[Usage | None]:
-    found: list[Usage | None] = [None] * len(servers)
+def _read_usage(servers: list[Server]) -> list[tuple[int, float] | None]:
+    found: list[tuple[int, float] | None] = [None] * len(servers)
     tree: list[int] = []
     has_memory = True  # (one hierarchy: a leaf without memory.current means none has it)
     for i, (pid, cgroup) in enumerate(servers):

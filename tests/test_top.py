@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import DaemonClient
+from daemon import DaemonClient, ServiceConfig
 from daemon.testing import REPO, wait_for
 from deployers.cli.top import HEADERS, NAME_MAX, cells
 from deployers.cli.top_data import parse_metrics
@@ -153,6 +153,32 @@ def test_top_piped_prints_one_snapshot(home: Path, client: DaemonClient) -> None
     assert service["uuid"] == str(svc.uuid) and service["state"] == "active" and service["restarts"] == 0
     assert service["last_event"]["type"] == "healthy"
     assert [e["type"] for e in data["events"]] == ["deployed", "starting", "healthy"]
+
+
+BUSY = (
+    "import threading\nPORT, BODY = int(sys.argv[1]), b''\n"
+    "def spin():\n    while True:\n        sum(range(10000))\n"
+    "threading.Thread(target=spin, daemon=True).start()\n"
+)
+
+
+def test_top_piped_gives_a_busy_servers_cpu_at_the_default_interval(home: Path, client: DaemonClient) -> None:
+    """The daemon reads a server's CPU at most every 5 s: a snapshot 1 s apart would see one reading
+    twice (0 %). Each sample carries the time it was read, and the snapshot scrapes until it has two."""
+    from daemon.testing import server_script
+
+    script = home / "busy.py"
+    script.write_text(server_script(BUSY))
+    busy = client.deploy(ServiceConfig(model_name="busy", model_type="command", command=[sys.executable, str(script), "{port}"]),
+                         timeout=60)
+    idle = client.deploy(iris_config(), timeout=60)
+    assert re.search(r'modeld_service_cpu_seconds_total\{[^}]*\} \S+ \d{13}$', client.metrics(), re.M)  # its read time, in ms
+    done = modeld("top", "--events", "0", home=home, timeout=60)
+    assert done.returncode == 0, done.stderr
+    row, other = row_of(done.stdout, busy.uuid), row_of(done.stdout, idle.uuid)
+    assert row is not None and other is not None, done.stdout
+    assert float(row["CPU"].rstrip("%")) > 20, done.stdout  # a thread spinning: most of a core
+    assert float(other["CPU"].rstrip("%")) < 20, done.stdout
 
 
 def test_top_reads_metrics_as_prometheus_client_does(home: Path, client: DaemonClient) -> None:

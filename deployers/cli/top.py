@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 HEADERS = ("ID", "NAME", "STATE", "UPTIME", "RESTARTS", "MEM", "CPU", "REQ/S", "LAST EVENT")
 NAME_MAX = 24  # cells of the NAME column: a longer name is cut, ending in "…"
 START_WAIT = 5.0  # seconds the first call (which may start the daemon) waits for an answer before the screen shows
+CPU_WAIT = 7.0  # seconds a snapshot scrapes again for a CPU rate of every running server (readings last 5 s)
 SILENT = 1.0  # seconds without the daemon's answer before the first line says so
 
 
@@ -131,6 +132,12 @@ def snapshot(args: argparse.Namespace) -> int:
         if not sampler.error:
             time.sleep(args.interval)
     rows = sampler.take(feed)
+    # A CPU % is a rate between two of the daemon's readings, which serve it up to 5 s: scrape again
+    # (every interval, at most a second apart) until each running server has one, for up to 7 s.
+    until = time.monotonic() + CPU_WAIT
+    while args.interval > 0 and not sampler.error and not sampler.cpu_known(rows) and time.monotonic() < until:
+        time.sleep(min(args.interval, 1.0))
+        rows = sampler.take(feed)
     if sampler.error:
         print(f"modeld: {sampler.error}", file=sys.stderr)
         return 3

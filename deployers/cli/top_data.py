@@ -17,18 +17,20 @@ from daemon.client import DaemonClient
 from daemon.models import BaseService
 
 # One sample line of Prometheus' text format: name, {labels} (optional), value (a timestamp may follow).
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+(-?\d+))?")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def parse_metrics(text: str, names: frozenset[str] | None = None) -> Samples:
+def parse_metrics(text: str, names: frozenset[str] | None = None, times: dict[tuple[str, str], float] | None = None) -> Samples:
     """The samples of a scrape by metric name, each (labels, value); only those of ``names`` if given.
 
     Enough of the exposition format (0.0.4) for what the daemon writes: comments are skipped, label
-    values unescaped, a line that is not a sample is ignored rather than refused.
+    values unescaped, a line that is not a sample is ignored rather than refused. A sample's own
+    time (the daemon gives one with a server's memory and CPU: when it read them) goes into
+    ``times``, if given, by (name, uuid), in seconds.
     """
     out: Samples = {}
     for line in text.splitlines():
@@ -43,6 +45,8 @@ def parse_metrics(text: str, names: frozenset[str] | None = None) -> Samples:
             continue
         labels = {k: re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], v) for k, v in _LABEL.findall(m.group(2) or "")}
         out.setdefault(m.group(1), []).append((labels, value))
+        if times is not None and m.group(4) is not None:
+            times[(m.group(1), labels.get("uuid", ""))] = int(m.group(4)) / 1000
     return out
 
 
@@ -68,13 +72,16 @@ class Scrape:
 
 
 def scrape_of(text: str, at: float) -> Scrape:
-    samples = parse_metrics(text, _NAMES)
+    times: dict[tuple[str, str], float] = {}
+    samples = parse_metrics(text, _NAMES, times)
     services: dict[str, dict[str, float]] = {}
     for key, name in _PER_SERVICE.items():
         for labels, value in samples.get(name, []):
             if uuid := labels.get("uuid"):
                 numbers = services.setdefault(uuid, {})
                 numbers[key] = numbers.get(key, 0.0) + value
+                if (read := times.get((name, uuid))) is not None:
+                    numbers[key + "_at"] = read  # (cpu_at: when the daemon read it)
     rss = samples.get("process_resident_memory_bytes", [])
     cpu = samples.get("process_cpu_seconds_total", [])
     return Scrape(at, services, rss[0][1] if rss else None, cpu[0][1] if cpu else None)
@@ -112,7 +119,9 @@ def rows_of(services: list[BaseService], new: Scrape, old: Scrape | None, last_e
         numbers = new.services.get(uuid, {})
         before = old.services.get(uuid, {}) if old is not None else {}
         span = new.at - old.at if old is not None else 0.0
-        cpu = rate(numbers.get("cpu"), before.get("cpu"), span)
+        # CPU over the times the two values were read (a reading serves several scrapes): none if the same
+        cpu_span = numbers.get("cpu_at", new.at) - before.get("cpu_at", old.at) if old is not None else 0.0
+        cpu = rate(numbers.get("cpu"), before.get("cpu"), cpu_span)
         started = numbers.get("start_time") or (svc.status.started_at if svc.status.pid else None)
         rows.append(
             Row(
@@ -197,21 +206,27 @@ class Sampler:
         return 0.0 if since is None else max(0.0, (time.monotonic() if now is None else now) - since)
 
     def _cpu_over_a_window(self, rows: list[Row], new: Scrape) -> None:
-        """A server's CPU % over the last CPU_WINDOW seconds, not since the previous scrape: the daemon
-        reads a server's CPU at most every 5 s (metrics.py), so from one second to the next it would
-        read 0 %, then a jump."""
+        """A server's CPU % over its readings of the last CPU_WINDOW seconds, not since the previous
+        scrape: the daemon reads a server's CPU at most every 5 s (metrics.py) and says when (the
+        sample's time), so the rate is taken between the times of two readings; None until two."""
         for row in rows:
-            value = new.services.get(row.uuid, {}).get("cpu")
+            numbers = new.services.get(row.uuid, {})
+            value, read = numbers.get("cpu"), numbers.get("cpu_at", new.at)
             seen = self.cpu_seen.setdefault(row.uuid, deque())
             if value is None or (seen and value < seen[-1][1]):  # none running, or restarted (from 0 again)
                 seen.clear()
             if value is None:
                 continue
-            seen.append((new.at, value))
-            while len(seen) > 2 and new.at - seen[1][0] >= CPU_WINDOW:
+            if not seen or read > seen[-1][0]:
+                seen.append((read, value))
+            while len(seen) > 2 and read - seen[1][0] >= CPU_WINDOW:
                 seen.popleft()
             at, before = seen[0]
-            row.cpu = 100 * (value - before) / (new.at - at) if new.at > at else None
+            row.cpu = 100 * (value - before) / (read - at) if read > at else None
+
+    def cpu_known(self, rows: list[Row]) -> bool:
+        """Whether every running server's CPU is a rate yet (two of its readings seen)."""
+        return all(row.cpu is not None for row in rows if row.memory is not None)
 
 
 class EventFeed:
