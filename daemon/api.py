@@ -340,7 +340,10 @@ class Api:
         follow = params.get("follow", True)
         bus = self.manager.events
         transport = request.transport
-        sub = bus.subscribe(params.get("since"), params.get("daemon_id"), transport.abort if transport is not None else None)
+        since = params.get("since")
+        if since is None and not follow:
+            since = bus.oldest() - 1  # (follow=false alone: the events held now, then the end)
+        sub = bus.subscribe(since, params.get("daemon_id"), transport.abort if transport is not None else None)
         upto = None if follow else bus.seq
         send = request.send
         disconnected = asyncio.ensure_future(wait_disconnect(request.receive))

@@ -175,10 +175,12 @@ class EventBus:
             # its daemon_id) from one not reached yet; either way what it holds is sent (a client that
             # reconnects after a restart misses nothing).
             held = f"the {len(self.ring)} it holds follow" if self.ring else "none is held yet"
-            why = (
-                f"no event {since} yet: this daemon's newest is {self.seq} (daemon_id {self.daemon_id}; "
-                f"a seq from an earlier daemon? seq starts over when the daemon restarts); {held}"
+            earlier = (
+                ""
+                if daemon_id == self.daemon_id
+                else f" (daemon_id {self.daemon_id}; a seq from an earlier daemon? seq starts over when the daemon restarts)"
             )
+            why = f"no event {since} yet: this daemon's newest is {self.seq}{earlier}; {held}"
         elif since + 1 < oldest:
             why = f"events {since + 1} to {oldest - 1} are no longer held (the last {self.ring.maxlen} are)"
         sub = Subscriber(oldest if why else since + 1, self.seq, on_drop)

@@ -90,7 +90,7 @@ class ModeldError(Exception):
 
 def with_log_excerpt(message: str, lines: str) -> str:
     """``message`` followed by a server's last log lines, as every error message has carried them."""
-    return f"{message}{LOG_EXCERPT_MARKER}{lines}" if lines else message
+    return f"{message}{LOG_EXCERPT_MARKER}{lines}" if lines.strip() else message
 
 
 class DaemonError(ModeldError):

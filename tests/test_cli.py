@@ -381,3 +381,14 @@ def test_a_servers_log_excerpt_is_printed_from_its_own_field(monkeypatch, capsys
 
     code, _, err, _ = run_in_memory(monkeypatch, capsys, old_daemon, "start", "11110000-0000-4000-8000-000000000002")
     assert code == 5 and err.endswith("(last log line: RuntimeError: kaboom: the weights are missing)\n")
+
+
+def test_a_deploy_error_quoting_the_servers_log_prints_no_escapes(home, tmp_path):
+    """A server's last log line, quoted in a failed deploy's error, is shown without its terminal escapes
+    and control characters (a model could colour or reverse the user's terminal)."""
+    model = tmp_path / "evil.py"
+    model.write_text('raise RuntimeError("\\x1b[41mPWNED\\u202e then reversed\\x07")\n')
+    done = modeld("deploy", "--model-name", "evil", "--model-uri", f"{model}:model", "--timeout", "60", home=home, timeout=120)
+    assert done.returncode == 5, (done.stdout, done.stderr)
+    assert "PWNED" in done.stderr and "then reversed" in done.stderr, done.stderr
+    assert not any(c in done.stderr for c in ("\x1b", "\u202e", "\x07")), repr(done.stderr)

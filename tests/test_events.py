@@ -219,6 +219,9 @@ def test_since_replays_what_was_missed_and_bad_queries_are_refused(client, home)
     with raw_events(home, "?since=1&follow=false") as stream:  # as curl reads it
         stream.ended.wait(10)
         assert [e for _, e in stream.events] == everything[1:]
+    with raw_events(home, "?follow=false") as stream:  # without since: the events held now, then the end
+        stream.ended.wait(10)
+        assert [e for _, e in stream.events] == everything
     for query, says in (("?since=-1", "since"), ("?since=x", "since"), ("?daemon_id=abc", "daemon_id"), ("?tail=3", "tail")):
         with pytest.raises(InvalidRequest, match=says):
             client._call("GET", "/v1/events" + query)
@@ -257,6 +260,9 @@ def test_since_past_the_newest_event_says_there_is_no_such_event_yet(client, hom
     assert gap["type"] == "gap" and gap["seq"] == 0 and f"newest is {newest}" in gap["detail"], gap
     assert f"the {newest} it holds follow" in gap["detail"], gap
     assert [e["seq"] for e in held] == list(range(1, newest + 1))
+    daemon_id = client.daemon_info()["events"]["daemon_id"]
+    (same,) = [e for e in client.events(since=99, daemon_id=daemon_id, follow=False) if e["type"] == "gap"]
+    assert "earlier daemon" not in same["detail"] and f"newest is {newest};" in same["detail"], same  # its own id: no guess
 
 
 def _restarted(client: DaemonClient, old: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from daemon import exceptions as exc
+from deployers.cli.progress import printable
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (exc.ServiceNotFound, 4),
@@ -31,4 +32,5 @@ def one_line(error: exc.ModeldError | str) -> str:
         error = exc.ModeldError(error)
     lines = [line.strip() for line in (error.log_excerpt or "").splitlines() if line.strip()]
     head = error.headline
-    return f"{head} (last log line: {lines[-1]})" if lines else " ".join(head.split())
+    # (a server's log, quoted in an error, may hold escapes and control characters: not for a terminal)
+    return printable(f"{head} (last log line: {lines[-1]})" if lines else " ".join(head.split()))
