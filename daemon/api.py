@@ -118,12 +118,12 @@ class Api:
         if scope["type"] != "http":
             return
         try:
-            query = {
-                k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).items()
-            }
+            parsed = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            query = {k: v[-1] for k, v in parsed.items()}
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             transport = scope.get("state", {}).get(TRANSPORT)
             request = Request(scope["method"], scope["path"], query, receive, send, headers, transport)
+            request.repeated = tuple(k for k, v in parsed.items() if len(v) > 1)
             handler, params = self._route(request)
             if spec := spec_of(handler):
                 request.accepts = dict(spec.query)

@@ -40,6 +40,7 @@ class Request:
     headers: dict[str, str]
     transport: asyncio.Transport | None = None  # the connection, where the server says (see daemon_process.TRANSPORT)
     accepts: dict[str, type] = field(default_factory=dict)  # the query parameters of its route's spec
+    repeated: tuple[str, ...] = ()  # query parameters given more than once
 
     async def body(self) -> bytes:
         declared = self.headers.get("content-length", "0")
@@ -65,6 +66,8 @@ class Request:
         if unknown:
             allowed = ", ".join(sorted(types)) or "none"
             raise InvalidRequest(f"unknown query parameter {unknown[0]!r}; allowed: {allowed}")
+        if self.repeated:
+            raise InvalidRequest(f"query parameter {self.repeated[0]!r} given more than once: which one is meant?")
         return {name: _convert_param(name, self.query[name], kind) for name, kind in types.items() if name in self.query}
 
 

@@ -222,7 +222,8 @@ def test_since_replays_what_was_missed_and_bad_queries_are_refused(client, home)
     with raw_events(home, "?follow=false") as stream:  # without since: the events held now, then the end
         stream.ended.wait(10)
         assert [e for _, e in stream.events] == everything
-    for query, says in (("?since=-1", "since"), ("?since=x", "since"), ("?daemon_id=abc", "daemon_id"), ("?tail=3", "tail")):
+    for query, says in (("?since=-1", "since"), ("?since=x", "since"), ("?daemon_id=abc", "daemon_id"), ("?tail=3", "tail"),
+                        ("?since=0&since=5", "'since' given more than once")):
         with pytest.raises(InvalidRequest, match=says):
             client._call("GET", "/v1/events" + query)
 

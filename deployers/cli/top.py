@@ -16,7 +16,7 @@ from deployers.cli import connect
 from deployers.cli.event_commands import event_line, how_it_ended
 from deployers.cli.output import print_json
 from deployers.cli.progress import fit, printable
-from deployers.cli.values import seconds
+from deployers.cli.values import count, seconds
 
 if TYPE_CHECKING:
     import curses
@@ -27,6 +27,7 @@ HEADERS = ("ID", "NAME", "STATE", "UPTIME", "RESTARTS", "MEM", "CPU", "REQ/S", "
 NAME_MAX = 24  # cells of the NAME column: a longer name is cut, ending in "…"
 START_WAIT = 5.0  # seconds the first call (which may start the daemon) waits for an answer before the screen shows
 CPU_WAIT = 7.0  # seconds a snapshot scrapes again for a CPU rate of every running server (readings last 5 s)
+MAX_INTERVAL = 3600.0  # seconds: the longest --interval
 SILENT = 1.0  # seconds without the daemon's answer before the first line says so
 
 
@@ -275,10 +276,18 @@ def add_top_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-n",
         "--interval",
-        type=seconds,
+        type=refresh,
         default=1.0,
-        help="seconds between refreshes, and over which CPU and REQ/S are taken (default 1)",
+        help=f"seconds between refreshes, and over which REQ/S is taken (default 1, at most {MAX_INTERVAL:g})",
     )
     p.add_argument(
-        "--events", type=int, default=10, help="when not on a terminal: how many of the latest events to print (default 10)"
+        "--events", type=count, default=10, help="when not on a terminal: how many of the latest events to print (default 10)"
     )
+
+
+def refresh(text: str) -> float:
+    """An ``--interval``: seconds, up to MAX_INTERVAL (a longer one would only look hung)."""
+    value = seconds(text)
+    if value > MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at most {MAX_INTERVAL:g} seconds")
+    return value
