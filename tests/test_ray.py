@@ -164,6 +164,28 @@ def test_stop_start_delete(dep: RayServeModelDeployer):
     assert post(url, {"instances": SETOSA}) == (200, {"predictions": ["setosa"]})
     (started,) = dep.find_model_server(service_uuid=svc.uuid, refresh=True)
     assert (started.status.state, started.desired_state) == (ServiceState.ACTIVE, DesiredState.RUNNING)
+    # Serving already: a start and a redeploy_all leave it as it is (no new replica), as the local daemon does.
+    replica = replica_of(dep, svc.uuid)
+    dep.start_model_server(svc.uuid, timeout=60)
+    assert svc.uuid not in {s.uuid for s in dep.redeploy_all(timeout=60)}
+    assert replica_of(dep, svc.uuid) == replica
+
+    # A stop that cannot reach the cluster changes nothing: the record still wants it running. (Another
+    # process: a process drives one cluster at a time.)
+    dead = {"address": "127.0.0.1:9", "home": str(dep.records.home)}
+    code = f"""
+import sys; from uuid import UUID
+from deployers.ray.deployer import RayServeModelDeployer; from deployers.ray.flavor import RayServeModelDeployerConfig
+dep = RayServeModelDeployer(RayServeModelDeployerConfig(**{dead!r}), name="dead")
+try:
+    dep.stop_model_server(UUID("{svc.uuid}"), timeout=5)
+except Exception as exc:
+    sys.exit(type(exc).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "ClusterUnreachable" in done.stderr, (done.returncode, done.stderr[-2000:])
+    (kept,) = dep.find_model_server(service_uuid=svc.uuid, refresh=False)
+    assert kept.desired_state == DesiredState.RUNNING
     dep.delete_model_server(svc.uuid, timeout=60)
     assert post(url, {"instances": SETOSA})[0] == 404
     assert dep.find_model_server(service_uuid=svc.uuid) == []
@@ -196,6 +218,31 @@ def test_replace_under_load_fails_no_request(dep: RayServeModelDeployer):
     assert (new.uuid, new.prediction_url, new.version) == (svc.uuid, svc.prediction_url, svc.version + 1)
     failed = [r for r in results if r[0] != 200]
     assert not failed and len(results) > 40, (len(results), failed[:3])
+    dep.delete_model_server(svc.uuid, timeout=60)
+
+
+def replica_of(dep: RayServeModelDeployer, uuid: object) -> list[str]:
+    """The service's replicas so far, by their log files (Serve writes one per replica, named by its id)."""
+    from deployers.ray import cluster, logs
+
+    session = cluster.session_dir()
+    assert session is not None  # (the test head is on this machine)
+    return sorted(logs._files(session, str(uuid)))
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_replace_that_fails_to_load_brings_the_previous_version_back(dep: RayServeModelDeployer, tmp_path: Path):
+    """With one replica Serve stops the old one to start the new; when the new cannot load, the previous
+    version's record and application come back, as the local daemon keeps its previous version serving."""
+    svc = dep.deploy_model(config(model_name="steady", pipeline_name="steady"), timeout=120)
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('cannot load: weights missing')\n")
+    with pytest.raises(DeployError, match="the new version failed and the previous version .* serves again"):
+        dep.deploy_model(config(model_name="steady", pipeline_name="steady", model_uri=f"{bad}:model"), replace=True, timeout=60)
+    (back,) = dep.find_model_server(service_uuid=svc.uuid, refresh=True)
+    assert (back.config.model_uri, back.version, back.status.state) == (svc.config.model_uri, svc.version, ServiceState.ACTIVE)
+    assert post(svc.prediction_url, {"instances": SETOSA}) == (200, {"predictions": ["setosa"]})
     dep.delete_model_server(svc.uuid, timeout=60)
 
 
@@ -269,7 +316,9 @@ def test_an_unreachable_cluster_fails_within_the_timeout_naming_it(tmp_path: Pat
     try:
         out = _unreachable(f"127.0.0.1:{port}", 3, tmp_path).stdout.strip()
         seconds, _, message = out.partition(" ")
-        assert message.startswith(f"ClusterUnreachable: the Ray cluster at 127.0.0.1:{port} accepted a connection but did not answer"), out
+        assert message.startswith(
+            f"ClusterUnreachable: the Ray cluster at 127.0.0.1:{port} accepted a connection but did not answer"
+        ), out
         assert 2.5 < float(seconds) < 5, out
         assert accepted, "the listener was never reached"
         assert not list(tmp_path.iterdir()), "a record was written for a deploy that never reached a cluster"

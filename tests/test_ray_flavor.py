@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from daemon import ServiceConfig
-from daemon.exceptions import FlavorError, ServiceNotFound
+from daemon.exceptions import DeployError, FlavorError, ServiceNotFound
 from daemon.models import DesiredState, ServiceState
 from daemon.testing import REPO
-from deployers.ray.flavor import RefusedOnRay
+from deployers.ray.flavor import RayServeModelDeployerConfig, RefusedOnRay
 from deployers.ray.records import RayModelService, Records, observed
 from deployers.registry import FlavorRegistry
 
@@ -104,6 +104,21 @@ def test_command_models_are_refused_naming_the_local_flavor():
 
     with pytest.raises(RefusedOnRay, match="runs on the local flavor"):
         RayServeModelDeployer.check(ServiceConfig(model_name="web", command=["python3", "-m", "http.server", "{port}"]))
+
+
+def test_a_deploy_refused_before_the_cluster_leaves_no_record_and_is_a_400(tmp_path: Path):
+    """A model file that is not there is refused before anything is asked of the cluster or recorded (the
+    local daemon keeps nothing of a refused deploy either); a refusal is a 400, exit code 2 on the CLI."""
+    from daemon.exceptions import InvalidRequest
+    from deployers.cli.errors import EXIT_CODES
+    from deployers.ray.deployer import RayServeModelDeployer
+
+    dep = RayServeModelDeployer(RayServeModelDeployerConfig(address="127.0.0.1:9", home=str(tmp_path / "h")), name="x")
+    with pytest.raises(RefusedOnRay, match="model file '/nonexistent/m.py' does not exist") as refused:
+        dep.deploy_model(ServiceConfig(model_name="m", model_uri="/nonexistent/m.py:model"), timeout=5)
+    assert isinstance(refused.value, InvalidRequest) and isinstance(refused.value, DeployError)
+    assert next(code for cls, code in EXIT_CODES if isinstance(refused.value, cls)) == 2
+    assert dep.find_model_server() == []
 
 
 def test_records_list_1000_fast_and_survive_a_new_reader(tmp_path: Path):

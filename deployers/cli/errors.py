@@ -8,6 +8,7 @@ from deployers.cli.progress import printable
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (exc.ServiceNotFound, 4),
+    (exc.InvalidRequest, 2),  # (first: a refusal that is also a DeployError, as a flavor's may be, is a 400)
     (exc.DeployError, 5),
     (exc.StopError, 5),
     (exc.DaemonNotRunning, 3),

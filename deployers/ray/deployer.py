@@ -10,8 +10,6 @@ cluster is bounded by its timeout, connecting included (:mod:`deployers.ray.clus
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Iterator
 from typing import ClassVar, Dict, List, Optional, Type
@@ -24,13 +22,11 @@ from daemon.paths import default_home
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer, RedeployError
 from deployers.ray import cluster, serving
 from deployers.ray.cluster import Deadline
-from deployers.ray.flavor import ClusterUnreachable, RayServeModelDeployerConfig, RayServeModelDeployerFlavor, RefusedOnRay
+from deployers.ray.flavor import ClusterUnreachable, RayServeModelDeployerConfig, RayServeModelDeployerFlavor
 from deployers.ray.records import RayModelService, Records, observed
 
-# ServiceConfig fields a cluster gives no meaning to: Serve runs the replicas (its interpreter, its restarts)
-# behind its one proxy (its host and port).
-LOCAL_ONLY = ("python", "port", "bind_unix", "restart", "host")
 POLL = 0.05  # seconds between two looks at serve.status()
+RESTORE_TIMEOUT = 120.0  # seconds a failed replace has to bring the previous version back
 REFRESH_TIMEOUT = 10.0  # seconds a find with a uuid waits for Ray before answering from the record
 
 
@@ -47,28 +43,7 @@ class RayServeModelDeployer(BaseModelDeployer):
 
     # -- checks and helpers -------------------------------------------------
 
-    @staticmethod
-    def check(config: ServiceConfig) -> ServiceConfig:
-        """Refuse what a cluster cannot do; fill in the working directory (relative paths resolve against it)."""
-        if config.model_type == "command":
-            raise RefusedOnRay(
-                "model_type 'command' (any argv) runs on the local flavor, whose daemon runs the program; "
-                "the ray flavor serves python and pickle models"
-            )
-        fields = ServiceConfig.model_fields
-        given = []
-        for field in LOCAL_ONLY:
-            value = getattr(config, field)
-            if field == "python" and value in ("", sys.executable):
-                continue
-            if value != fields[field].get_default(call_default_factory=True):
-                given.append(f"{field}={value!r}" if field != "restart" else field)
-        if given:
-            raise RefusedOnRay(
-                f"{', '.join(given)}: {'this field means' if len(given) == 1 else 'these fields mean'} nothing on a Ray "
-                "cluster (Serve runs the replicas behind its own proxy); leave them at their defaults"
-            )
-        return config.model_copy(update={"working_dir": os.path.abspath(config.working_dir or os.getcwd())})
+    check = staticmethod(serving.checked)  # refuse what a cluster cannot do (serving.checked)
 
     def _connect(self, deadline: Deadline) -> None:
         cluster.connect(self.config.address, self.config.namespace, deadline)
@@ -94,7 +69,12 @@ class RayServeModelDeployer(BaseModelDeployer):
         pending = set(uuids)
         seen: dict[UUID, tuple[ServiceState, str]] = {}
         while True:
-            apps = cluster.applications(self.config.address, deadline)
+            try:
+                apps = cluster.applications(self.config.address, deadline)
+            except ModeldError:
+                if not seen or deadline.left() > 1.0:
+                    raise
+                return seen  # (the deadline ran out during a look: what was seen last says how far it got)
             for uuid in list(pending):
                 app = apps.get(str(uuid))
                 seen[uuid] = serving.state_of(app)
@@ -155,7 +135,33 @@ class RayServeModelDeployer(BaseModelDeployer):
             service.endpoint = serving.endpoint(service, self.config)
             observed(service, ServiceState.PENDING_STARTUP, "")
             self.records.write(service)
-        return self._started(service, deadline, first=match is None)
+        try:
+            return self._started(service, deadline, first=match is None)
+        except ModeldError as exc:
+            if match is None:
+                raise
+            self._restore(match, exc)
+            raise  # (not reached: _restore raises)
+
+    def _restore(self, previous: RayModelService, failure: ModeldError) -> None:
+        """A replace whose new version failed: the previous version's record and application back (with one
+        replica Serve stops the old one to start the new), as the local daemon keeps the previous one serving."""
+        self.records.write(previous)
+        try:
+            (back,) = self._deploy([previous], Deadline(RESTORE_TIMEOUT))
+        except ModeldError as again:
+            raise DeployError(
+                f"{failure.message}\nand the previous version (version {previous.version}) could not be deployed "
+                f"again: {again.message}"
+            ) from failure
+        if back.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
+            raise DeployError(
+                f"{failure.message}\nand the previous version (version {previous.version}) is {back.status.state}: "
+                f"{back.status.last_error}"
+            ) from failure
+        raise DeployError(
+            f"the new version failed and the previous version (version {previous.version}) serves again: {failure.message}"
+        ) from failure
 
     def _started(self, service: RayModelService, deadline: Deadline, first: bool) -> RayModelService:
         try:
@@ -174,6 +180,19 @@ class RayServeModelDeployer(BaseModelDeployer):
         if done.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
             raise DeployError(f"{service.uuid} ({service.config.model_name}): {done.status.last_error}")
         return done
+
+    def _not_serving(self, services: list[RayModelService], deadline: Deadline) -> list[RayModelService]:
+        """Those of ``services`` Serve does not run now; the others' records get what Serve says of them."""
+        asked_at = time.time()
+        apps = cluster.applications(self.config.address, deadline)
+        rest = []
+        for service in services:
+            state, error = serving.state_of(apps.get(str(service.uuid)))
+            if state in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
+                self._observe(service.uuid, state, error, asked_at)
+            else:
+                rest.append(service)
+        return rest
 
     def _forget_app(self, service: RayModelService, deadline: Deadline) -> None:
         from ray import serve
@@ -264,7 +283,7 @@ class RayServeModelDeployer(BaseModelDeployer):
         """Delete the Serve application and keep the record, desired state stopped (Serve has no stop).
         ``force`` does not wait for Serve to finish removing it."""
         deadline = Deadline(timeout)
-        service = self.records.update(uuid, lambda s: setattr(s, "desired_state", DesiredState.STOPPED))
+        service = self.records.get(uuid)
         from ray import serve
 
         self._connect(deadline)
@@ -274,6 +293,8 @@ class RayServeModelDeployer(BaseModelDeployer):
             f"deleting {uuid} from Ray Serve on {self.config.address}",
             StopError,
         )
+        # (only now: a stop that could not reach the cluster changes nothing, and redeploy_all still deploys it)
+        service = self.records.update(uuid, lambda s: setattr(s, "desired_state", DesiredState.STOPPED))
         if force:
             self._observe(service.uuid, ServiceState.PENDING_SHUTDOWN, "")
             return
@@ -291,7 +312,11 @@ class RayServeModelDeployer(BaseModelDeployer):
     ) -> None:
         """Deploy the service again from its record (after a stop, or on a new head)."""
         deadline = Deadline(timeout)
-        self.check(self.records.get(uuid).config)
+        record = self.records.get(uuid)
+        self.check(record.config)
+        self._connect(deadline)
+        if record.desired_state == DesiredState.RUNNING and not self._not_serving([record], deadline):
+            return  # Serve runs it already: a start is nothing to do (as the local daemon's)
 
         def running(service: RayModelService) -> None:
             service.desired_state, service.desired_reason = DesiredState.RUNNING, ""
@@ -326,6 +351,9 @@ class RayServeModelDeployer(BaseModelDeployer):
         if not wanted:
             return []
         self._connect(deadline)
+        wanted = self._not_serving(wanted, deadline)
+        if not wanted:
+            return []
         failed: dict[str, Exception] = {}
         submitted = []
         for service in wanted:

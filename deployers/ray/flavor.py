@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
-from daemon.exceptions import DeployError, FlavorError, ServiceError
+from daemon.exceptions import DeployError, FlavorError, InvalidRequest, ServiceError
 from deployers.base import BaseModelDeployerConfig, BaseModelDeployerFlavor
 
 if TYPE_CHECKING:
@@ -25,8 +25,9 @@ EXTRA_HINT = "pip install 'modeld[ray]'"
 _HOST_PORT = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
-class RefusedOnRay(DeployError):
-    """A deploy asks for something a Ray cluster cannot do (a command model, a local-only field)."""
+class RefusedOnRay(DeployError, InvalidRequest):
+    """A deploy asks for something a Ray cluster cannot do (a command model, a local-only field, a model
+    file that is not there): a DeployError, and a 400 like the local daemon's refusals (exit code 2)."""
 
     status_code = 400
 

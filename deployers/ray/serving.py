@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -141,3 +142,35 @@ def failure(app: Any) -> str:
     parts = [str(app.message)] if app.message else []
     parts += [str(d.message) for d in app.deployments.values() if d.message and str(d.message) not in parts]
     return "\n".join(parts)
+
+
+# ServiceConfig fields a cluster gives no meaning to: Serve runs the replicas (its interpreter, its restarts)
+# behind its one proxy (its host and port).
+LOCAL_ONLY = ("python", "port", "bind_unix", "restart", "host")
+
+
+def checked(config: ServiceConfig) -> ServiceConfig:
+    """Refuse what a cluster cannot do; fill in the working directory (relative paths resolve against it)."""
+    if config.model_type == "command":
+        raise RefusedOnRay(
+            "model_type 'command' (any argv) runs on the local flavor, whose daemon runs the program; "
+            "the ray flavor serves python and pickle models"
+        )
+    fields = ServiceConfig.model_fields
+    given = []
+    for field in LOCAL_ONLY:
+        value = getattr(config, field)
+        if field == "python" and value in ("", sys.executable):
+            continue
+        if value != fields[field].get_default(call_default_factory=True):
+            given.append(f"{field}={value!r}" if field != "restart" else field)
+    if given:
+        raise RefusedOnRay(
+            f"{', '.join(given)}: {'this field means' if len(given) == 1 else 'these fields mean'} nothing on a Ray "
+            "cluster (Serve runs the replicas behind its own proxy); leave them at their defaults"
+        )
+    config = config.model_copy(update={"working_dir": os.path.abspath(config.working_dir or os.getcwd())})
+    file, _ = model_file(config)
+    if file is not None and not os.path.isfile(file):  # (before any record is written: as the local daemon refuses it)
+        raise RefusedOnRay(f"model file {file!r} does not exist")
+    return config
