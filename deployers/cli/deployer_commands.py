@@ -29,8 +29,8 @@ from deployers.cli import connect
 from deployers.cli.connect import resolve_among
 from deployers.cli.errors import UsageError
 from deployers.cli.options import deploy_config
-from deployers.cli.output import print_json
-from deployers.cli.progress import draw, printable, shown
+from deployers.cli.output import print_json, printable
+from deployers.cli.progress import draw, shown
 from deployers.cli.service_commands import _validation_line, print_deployed, print_found, print_info, print_started
 
 

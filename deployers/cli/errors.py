@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from daemon import exceptions as exc
-from deployers.cli.progress import printable
+from deployers.cli.output import printable
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (exc.ServiceNotFound, 4),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import threading
 import time
@@ -24,10 +23,10 @@ from daemon import exceptions as exc
 from daemon.client import DaemonClient
 from daemon.models import BaseService
 from deployers.cli import connect
+from deployers.cli.output import printable
 
 INTERVAL = 0.25  # seconds between two looks at the service
 CLEAR = "\x1b[K"  # erase from the cursor to the end of the line
-ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")  # CSI, OSC, and two-byte ones
 
 
 def shown(args: argparse.Namespace, stream: TextIO | None = None) -> bool:
@@ -111,12 +110,6 @@ def width(stream: TextIO) -> int:
     except (OSError, ValueError):
         columns = 80
     return max(columns - 1, 10)
-
-
-def printable(text: str) -> str:
-    """A server's log text fit for one line of a terminal: no control characters or escapes
-    (a \\r or a colour code from a server would move the cursor or repaint the line)."""
-    return "".join(c if c.isprintable() else " " for c in ESCAPES.sub("", text).replace("\t", " "))
 
 
 def fit(text: str, columns: int) -> str:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from daemon import exceptions as exc
 from deployers.cli import connect
 from deployers.cli.event_commands import event_line, how_it_ended
-from deployers.cli.output import print_json
-from deployers.cli.progress import fit, printable
+from deployers.cli.output import print_json, printable
+from deployers.cli.progress import fit
 from deployers.cli.values import count, seconds
 
 if TYPE_CHECKING:
