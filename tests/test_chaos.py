@@ -39,7 +39,11 @@ def test_short_chaos_run_loses_nothing_and_signals_no_stranger(home):
     assert result["operations"] == 40
     assert result["daemon_kills"] > 0, result
     assert result["failed_calls"] == 0, result
-    assert set(result["by_kind"]) == {"python", "command", "helper", "envless", "flood"}, result  # the first deploys go through every kind
+    # The first deploys go through every kind in turn (how many deploys a run makes depends on the states
+    # it meets: a CI run made 4 of its 40 operations deploys, and so met 4 of the 5 kinds).
+    kinds = {"python", "command", "helper", "envless", "flood"}
+    assert set(result["by_kind"]) <= kinds, result
+    assert len(result["by_kind"]) >= min(len(kinds), result["by_operation"].get("deploy", 0)), result
     assert result["helpers_started"] > 0 and result["daemon_kills_with_helpers"] > 0, result
 
 
