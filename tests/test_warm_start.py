@@ -108,15 +108,21 @@ def test_warm_servers_are_readopted_after_a_daemon_restart(client, home, tmp_pat
 
 def exited_child(code: int | None) -> tuple[int, ProcessIdentity, int]:
     """A child that exits with ``code`` (None: is killed by SIGKILL), left a zombie: (pid, identity, pidfd)."""
+    go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # waits until the parent has its identity: a zombie has none to read
+        os.close(go_w)
+        os.read(go_r, 1)
         if code is not None:
             os._exit(code)
         time.sleep(60)
         os._exit(0)
+    os.close(go_r)
     ident = ProcessIdentity.of(pid)
-    assert ident is not None
     fd = os.pidfd_open(pid)
+    os.write(go_w, b"x")
+    os.close(go_w)
+    assert ident is not None
     if code is None:
         os.kill(pid, signal.SIGKILL)
     assert select.select([fd], [], [], 10)[0], "the child did not exit"
