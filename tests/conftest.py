@@ -6,7 +6,7 @@ finds the daemon and the model servers by the pids the home records, by the
 ``MODELD_HOME`` tag in their environment and by the home's cgroups, and kills
 them by pid checked with start time or by process group: never by name.
 
-Markers (registered in pyproject.toml): ``slow`` for the tests of several seconds each that
+Markers (registered in pyproject.toml): ``slow`` for the tests of about 2 s or more each that
 ``-m "not slow"`` leaves out (the fast subset CI runs on each extra Python), and
 ``needs_root("<reason>")`` for a test that only root can run (see ``needs_root`` below).
 """

@@ -111,6 +111,7 @@ def not_private(home: Path) -> list[str]:
 # -------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_socket_and_state_are_private(client, home):
     svc = client.deploy(iris_config(), timeout=60)
     client.deploy(iris_config(model_name="private", bind_unix=True), timeout=60)

@@ -343,6 +343,7 @@ async def test_no_cap_no_wait_no_reservation():
 # ------------------------------------------------------------------ a real daemon: GET /v1/daemon and `modeld daemon status`
 
 
+@pytest.mark.slow
 def test_the_daemon_shows_the_caps_and_what_is_loaded(home, client, monkeypatch):
     import re
 

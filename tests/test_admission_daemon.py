@@ -88,6 +88,7 @@ def _kill_daemon(client) -> None:
     wait_for(lambda: not pid_alive(daemon_pid), 10, what="daemon gone")
 
 
+@pytest.mark.slow
 def test_a_restarted_daemon_starts_on_demand_services_whose_server_is_gone_only_within_the_cap(client, monkeypatch):
     """Chaos's seeds 101 and 202: a daemon's rebuild started every service that should run but whose
     server was gone, past max_active. Now an on-demand one is started only if it fits beside what is
@@ -122,6 +123,7 @@ def test_a_restarted_daemon_scales_to_zero_the_adopted_servers_beyond_the_cap(cl
     assert alive(client, [a, b, c]) == ["b"]
 
 
+@pytest.mark.slow
 def test_a_replace_that_gives_a_service_an_idle_timeout_makes_room_for_it(client, monkeypatch):
     """Chaos's seed 202: a replace's room was asked for the service's old config; a service replaced
     from no idle_timeout to one skipped the cap (and one replaced the other way unloaded another for nothing)."""

@@ -451,6 +451,7 @@ def test_two_applies_at_once_take_turns_the_last_one_wins(home, client, tmp_path
     assert any("waited" in n for n in b_report.notes), b_report.notes
 
 
+@pytest.mark.slow
 def test_an_asyncio_apply_waits_for_the_lock_without_blocking_its_loop(home, tmp_path):
     """The async apply takes the same lock: while another holds it (here this test, as filelock or a
     `modeld apply` would), the apply waits and the event loop keeps running; then it applies."""
@@ -484,6 +485,7 @@ def test_an_asyncio_apply_waits_for_the_lock_without_blocking_its_loop(home, tmp
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_an_export_of_a_service_deployed_with_a_relative_model_uri_applies_unchanged(home, client, tmp_path):
     """`modeld deploy --model-uri m.py:model` in a folder stores the uri as given and the folder as
     working_dir: export writes the path absolute, and the plan reads the record's relative uri against
@@ -549,6 +551,7 @@ def test_the_summary_counts_what_was_done_and_what_failed_per_action():
     assert plan[-1] == "plan for odd.toml (project 'odd'): 1 create; nothing changed (--dry-run)"
 
 
+@pytest.mark.slow
 def test_export_of_a_project_without_services_is_an_error_naming_it(home, client, tmp_path):
     write_model(tmp_path)
     assert client.apply({"project": "real", "services": {"a": {"model_uri": f"{tmp_path}/m.py:model"}}}).ok

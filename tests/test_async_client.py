@@ -247,6 +247,7 @@ def test_calls_made_at_once_run_at_once(home: Path, tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_a_cancelled_call_leaves_the_client_usable(home: Path, tmp_path: Path) -> None:
     """A call cancelled in the middle (asyncio.wait_for) closes its connection; the next calls are answered."""
     script = tmp_path / "slow.py"

@@ -218,6 +218,7 @@ def test_errors_are_one_line_with_exit_codes(home, tmp_path):
     assert [s["status"]["state"] for s in listed] == ["error"]
 
 
+@pytest.mark.slow
 def test_help(home):
     out = ok(modeld("--help", home=home))
     assert "examples:" in out and "modeld deploy" in out and "curl --unix-socket" in out
@@ -383,6 +384,7 @@ def test_a_servers_log_excerpt_is_printed_from_its_own_field(monkeypatch, capsys
     assert code == 5 and err.endswith("(last log line: RuntimeError: kaboom: the weights are missing)\n")
 
 
+@pytest.mark.slow
 def test_a_deploy_error_quoting_the_servers_log_prints_no_escapes(home, tmp_path):
     """A server's last log line, quoted in a failed deploy's error, is shown without its terminal escapes
     and control characters (a model could colour or reverse the user's terminal)."""

@@ -87,6 +87,7 @@ def command_config(tmp_path: Path, script: str, name: str, **extra: object) -> S
                          command=[sys.executable, f"{name}.py", "{port}", str(tmp_path / f"{name}.pids")], **extra)
 
 
+@pytest.mark.slow
 def test_a_helper_in_a_session_of_its_own_goes_with_every_stop(client, home, tmp_path, mode):
     assert client.daemon_info()["containment"] == expected_kind(mode)
     svc = client.deploy(command_config(tmp_path, HELPER_SERVER, "helper", stop_timeout=2), timeout=60)
@@ -130,6 +131,7 @@ def test_a_helper_in_a_session_of_its_own_goes_with_every_stop(client, home, tmp
         again.close()
 
 
+@pytest.mark.slow
 def test_a_daemonizing_server_is_followed_not_lost(client, home, tmp_path, mode):
     svc = client.deploy(command_config(tmp_path, DAEMONIZING_SERVER, "daemonize", stop_timeout=2), timeout=60)
     pids = tmp_path / "daemonize.pids"
@@ -167,6 +169,7 @@ NEVER_SERVES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_when_no_descendant_serves_the_rest_is_killed_and_it_is_a_crash(client, home, tmp_path, mode):
     config = command_config(tmp_path, NEVER_SERVES, "quitter", startup_timeout=3, restart={"mode": "never"})
     with pytest.raises(Exception, match="before it answered"):
@@ -175,6 +178,7 @@ def test_when_no_descendant_serves_the_rest_is_killed_and_it_is_a_crash(client, 
     wait_for(lambda: not pid_alive(helper), 10, what="the helper of a server that never served to be killed")
 
 
+@pytest.mark.slow
 def test_a_stray_helper_left_while_no_daemon_ran_is_stopped_not_adopted(client, home, tmp_path, mode):
     """The seen case: the server dies while no daemon runs, its helper (same tags, its own session,
     leading its own group) lives on. The next daemon must not take the helper for the server."""

@@ -79,6 +79,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 # -------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_kill9_daemon_servers_keep_serving_and_are_readopted(client, home):
     svc = client.deploy(iris_config(), timeout=60)
     assert svc.is_running
@@ -246,6 +247,7 @@ def test_daemon_stop_keeps_servers_and_stop_all_stops_them(client, home):
     assert predict(url, SETOSA) == (200, {"predictions": ["setosa"]})
 
 
+@pytest.mark.slow
 def test_stale_pid_is_never_signalled(client, home):
     other_boot = client.deploy(iris_config(model_name="a"), timeout=60)
     reused_pid = client.deploy(iris_config(model_name="b"), timeout=60)

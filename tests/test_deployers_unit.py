@@ -570,6 +570,7 @@ def test_default_home_registry_leaves_local_home_to_the_client(tmp_path: Path, m
     assert (tmp_path / "envhome" / "flavors.json").exists()
 
 
+@pytest.mark.slow
 def test_concurrent_registrations_are_all_kept(tmp_path: Path) -> None:
     home = tmp_path / "home"
     code = textwrap.dedent(

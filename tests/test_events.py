@@ -136,6 +136,7 @@ def test_a_kill_9_is_exited_with_its_signal_then_restarting_then_healthy(client,
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # in order, none missing
 
 
+@pytest.mark.slow
 def test_an_adopted_servers_exit_is_exited_with_its_signal(client, home):
     if not pidfd_keeps_exit_codes():  # (then it is known only if the daemon reads the zombie before init reaps it)
         pytest.skip(f"this kernel ({os.uname().release}) keeps no exit status in a pidfd (6.15+)")
@@ -228,6 +229,7 @@ def test_since_replays_what_was_missed_and_bad_queries_are_refused(client, home)
             client._call("GET", "/v1/events" + query)
 
 
+@pytest.mark.slow
 def test_a_gap_is_sent_after_a_daemon_restart_and_a_follower_goes_on(client, home):
     svc = client.deploy(iris_config(), timeout=60)
     before = client.daemon_info()["events"]
@@ -248,6 +250,7 @@ def test_a_gap_is_sent_after_a_daemon_restart_and_a_follower_goes_on(client, hom
     assert [e["seq"] for e in replay[1:]] == list(range(1, len(replay)))
 
 
+@pytest.mark.slow
 def test_since_past_the_newest_event_says_there_is_no_such_event_yet(client, home):
     client.deploy(iris_config(), timeout=60)
     newest = client.daemon_info()["events"]["seq"]

@@ -184,6 +184,7 @@ def test_a_failed_pid_write_or_record_stops_what_it_started_and_keeps_what_serve
         assert not servers(long_home, web.uuid) and not pid_alive(web.status.pid)
 
 
+@pytest.mark.slow
 def test_strangers_bad_sockets_stale_temp_files_and_old_secrets(long_home, tmp_path):
     with daemon(long_home) as client:
         # bind_unix where the socket path cannot fit: a 400 naming the problem, nothing left on disk.

@@ -155,6 +155,7 @@ def test_no_progress_when_piped_or_with_json(home: Path, client: DaemonClient) -
 # ------------------------------------------------------------- the deploying client's PATH
 
 
+@pytest.mark.slow
 def test_a_command_finds_programs_on_the_deploying_clients_path(home: Path, client: DaemonClient, tmp_path: Path) -> None:
     """The daemon runs with a PATH without ``tools``; the client that deploys has it: the server's
     argv[0] and the program its shell starts are both found there."""
@@ -205,6 +206,7 @@ def test_search_path_is_filled_from_the_client_and_checked() -> None:
 # ------------------------------------------------------------- what ls and info show
 
 
+@pytest.mark.slow
 def test_a_command_service_reports_its_base_url_as_prediction_url(home: Path, client: DaemonClient) -> None:
     svc = client.deploy(ServiceConfig(model_name="plain", health_path="/",
                                       command=[sys.executable, "-m", "http.server", "{port}", "--bind", "{host}"]))

@@ -250,6 +250,7 @@ def test_every_error_is_json(client, home):
     assert status == 503 and body["error"]["state"] == "error" and "no weights here" in body["error"]["last_error"], body
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_mid_stream_is_seen_by_the_server(client, home):
     deploy_llm(client, home, "alpha")
     _host, port, _info = gateway(client)
@@ -433,6 +434,7 @@ def activity(home: Path, uuid: Any) -> tuple[float, int, int]:
     return struct.unpack("<dII", data)
 
 
+@pytest.mark.slow
 def test_a_scaled_to_zero_command_service_is_woken_through_the_gateway_with_no_failed_request(client, home):
     svc = deploy_llm(client, home, "sleepy", idle_timeout=1.0)
     first_pid = svc.status.pid

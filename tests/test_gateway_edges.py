@@ -560,6 +560,7 @@ def test_a_scaled_to_zero_built_in_service_is_forwarded_and_the_model_lists_do_n
         daemon.close()
 
 
+@pytest.mark.slow
 def test_a_starting_service_is_waited_for_only_if_it_is_on_demand(gateway, tmp_path):
     backend = Backend(answering([]))
     try:

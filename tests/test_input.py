@@ -165,6 +165,7 @@ def test_query_timeouts_must_be_finite(client, home, tmp_path):
     assert client.start(svc.uuid, timeout=1e12).status.state == ServiceState.ACTIVE
 
 
+@pytest.mark.slow
 def test_huge_finite_numbers_are_kept_and_nothing_overflows(client, home, tmp_path):
     client.daemon_info()
     config = command(tmp_path, startup_timeout=1e308, stop_timeout=1e308,
@@ -268,6 +269,7 @@ def test_every_host_spelling_that_works_is_kept_as_written(client, home, tmp_pat
     assert client.get(web.uuid).status.state == ServiceState.ACTIVE
 
 
+@pytest.mark.slow
 def test_records_from_before_the_checks_still_load(client, home, tmp_path):
     """A record an earlier version accepted (a host of "", an env name with '=', an infinity stored
     as null) is not set aside, and its live server is not stopped: the checks are for input. The
@@ -346,6 +348,7 @@ def test_port_conflicts_are_the_kernels():
     assert Address("nowhere").conflicts(Address("nowhere"))
 
 
+@pytest.mark.slow
 def test_a_port_kept_for_life_conflicts_by_address_not_spelling(client, home, tmp_path):
     """The seen case: a stopped service keeps 127.0.0.1:P; a new one on 0.0.0.0:P must not get it."""
     with socket.socket() as probe:

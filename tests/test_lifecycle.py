@@ -401,6 +401,7 @@ os._exit(7)
 """
 
 
+@pytest.mark.slow
 def test_crash_loop_ends_in_error(client, tmp_path):
     script = tmp_path / "crasher.py"
     script.write_text(CRASHING_SERVER)
@@ -433,6 +434,7 @@ def test_crash_loop_ends_in_error(client, tmp_path):
     assert again.status.restarts == 2 and not port_open(port)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["on-failure", "never"])
 def test_a_server_that_finishes_with_exit_0_stays_stopped_across_a_daemon_restart(client, tmp_path, mode):
     """Not restarted by its policy, an exit 0 is a stop (the README: "an exit 0 that is not restarted"):
@@ -640,6 +642,7 @@ def test_deploy_with_given_uuid_and_conflict(client, tmp_path):
 # ------------------------------------------- replace after a daemon restart
 
 
+@pytest.mark.slow
 def test_replace_after_daemon_kill_keeps_port_and_fails_no_request(client, home, tmp_path):
     """A restarted daemon takes the listening socket back from the live server, so a replace still hands over."""
     import signal as _signal
@@ -688,6 +691,7 @@ def test_stop_kills_after_the_services_stop_timeout(client, tmp_path):
     assert not pid_alive(svc.status.pid) and not port_open(svc.endpoint.port)
 
 
+@pytest.mark.slow
 def test_short_deploy_timeout_leaves_a_loading_server_starting(client, tmp_path):
     (tmp_path / "slow.py").write_text(SLOW)
     config = ServiceConfig(model_name="slow", health_path="/", startup_timeout=60,
@@ -722,6 +726,7 @@ def slow_replace(client, home, tmp_path, tag: str, load_seconds: float):
     return old, thread, read_pid(record)[0].pid, daemon_pid
 
 
+@pytest.mark.slow
 def test_daemon_killed_during_a_replace_leaves_exactly_one_server(client, home, tmp_path):
     """kill -9 of the daemon while the new version loads: the next daemon keeps the version
     service.json names (the old one, since the replace never committed) and stops the other."""
@@ -767,6 +772,7 @@ def test_refused_replace_keeps_the_service_supervised(client, tmp_path):
     assert predict(svc.prediction_url, ["x"]) == (200, {"predictions": ["v1"]})
 
 
+@pytest.mark.slow
 def test_stop_all_during_a_replace_leaves_no_server(client, home, tmp_path):
     old, thread, new_pid, daemon_pid = slow_replace(client, home, tmp_path, "sa", 5)
     DaemonClient(home=home, auto_start=False).shutdown(stop_services=True)

@@ -88,6 +88,7 @@ def test_a_server_answering_500_is_restarted_and_counts_toward_max_restarts(clie
     assert back.status.restarts == 1 and http_get(back.endpoint.port, "/health") == 200
 
 
+@pytest.mark.slow
 def test_when_not_restarted_on_unhealthy_it_is_in_error_until_started(client, tmp_path):
     for restart in ({"liveness_failures": 2, "on_unhealthy": False}, {"liveness_failures": 2, "mode": "never"}):
         svc = client.deploy(sickly(tmp_path, restart=restart), timeout=60)
@@ -104,6 +105,7 @@ def test_when_not_restarted_on_unhealthy_it_is_in_error_until_started(client, tm
         client.delete(svc.uuid, timeout=10)
 
 
+@pytest.mark.slow
 def test_liveness_flags_of_the_cli(client, home, tmp_path):
     (tmp_path / "sickly.py").write_text(SICKLY)
     out = modeld("deploy", "--model-name", "s", "--working-dir", str(tmp_path), "--liveness-failures", "7",

@@ -178,6 +178,7 @@ def test_a_unit_modeld_did_not_write_is_left_alone(tmp_path: Path, no_manager: d
 # ------------------------------------------------------------------ Type=notify
 
 
+@pytest.mark.slow
 def test_the_daemon_notifies_ready_after_its_rebuild_then_stopping(home: Path, tmp_path: Path, no_manager: dict[str, str]) -> None:
     # A service to rebuild: deployed by a first daemon, which then stops (the server keeps running).
     first = DaemonClient(home=home)
@@ -244,6 +245,7 @@ def test_the_daemon_notifies_ready_after_its_rebuild_then_stopping(home: Path, t
 # ------------------------------------------------------------------ the client's auto-start
 
 
+@pytest.mark.slow
 def test_autostart_forks_when_the_unit_is_installed_but_no_user_manager_answers(
     home: Path, tmp_path: Path, no_manager: dict[str, str]
 ) -> None:
@@ -296,6 +298,7 @@ STAND_IN = textwrap.dedent('''\
 ''')
 
 
+@pytest.mark.slow
 def test_client_starts_the_unit_when_a_user_manager_answers(
     home: Path, tmp_path: Path, no_manager: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

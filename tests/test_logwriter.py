@@ -73,6 +73,7 @@ def assert_contiguous(found: list[int]) -> None:
     assert not gaps, f"lines lost or repeated at {gaps[:5]} (of {len(found)} lines)"
 
 
+@pytest.mark.slow
 def test_a_log_flood_stays_within_its_files_and_loses_no_line(client, home, tmp_path):
     cap, backups = 256 * 1024, 2
     svc = client.deploy(counter(tmp_path, 0, log_max_bytes=cap, log_backups=backups), timeout=60)
@@ -178,6 +179,7 @@ def test_logs_of_a_big_file_stream_in_bounded_memory(client, home, tmp_path):
     assert time.perf_counter() - started < 2.0
 
 
+@pytest.mark.slow
 def test_the_log_writer_outlives_the_daemon_and_stops_after_the_servers(client, home, tmp_path):
     svc = client.deploy(counter(tmp_path, 0.01), timeout=60)
     writer = int((home / "run" / "logd.pid").read_text().split()[0])
@@ -198,6 +200,7 @@ def test_the_log_writer_outlives_the_daemon_and_stops_after_the_servers(client, 
     assert last and last[-1].startswith(b"line ")
 
 
+@pytest.mark.slow
 def test_log_limits_are_config_fields_and_cli_flags(client, home, tmp_path):
     (tmp_path / "counter.py").write_text(COUNTER)
     out = modeld("deploy", "--model-name", "c", "--health-path", "/", "--working-dir", str(tmp_path),

@@ -140,6 +140,7 @@ def test_every_exit_is_counted_once_whatever_the_state_even_before_the_first_hea
     assert value(samples, "modeld_service_last_exit_code", **ids(loop)) == 3
 
 
+@pytest.mark.slow
 def test_the_last_exit_code_of_a_restarted_server_is_kept_across_a_daemon_restart(client, home):
     svc = client.deploy(iris_config(), replace=False, timeout=60)
     pid = svc.status.pid

@@ -60,6 +60,7 @@ def write_model(folder: Path, body: str) -> str:
     return f"{path}:model"
 
 
+@pytest.mark.slow
 def test_idle_stop_then_wake_on_its_own_url(client, home):
     svc = client.deploy(iris_config(idle_timeout=0.5), timeout=60)
     for _ in range(2):
@@ -108,6 +109,7 @@ def test_requests_racing_idle_stops_never_fail(client, tmp_path):
     assert [o for o in outcomes if o != 200] == []
 
 
+@pytest.mark.slow
 def test_an_idle_keep_alive_connection_and_the_probes_do_not_keep_it_loaded(client, monkeypatch):
     monkeypatch.setenv("MODELD_HEALTH_INTERVAL", "0.1")  # probes ten times a second
     svc = client.deploy(iris_config(idle_timeout=1), timeout=60)
@@ -186,6 +188,7 @@ def test_a_wake_of_a_model_that_no_longer_loads_answers_503_then_error(client, t
     assert client.get(svc.uuid).status.state == ServiceState.ERROR
 
 
+@pytest.mark.slow
 def test_a_server_killed_while_it_wakes_leaves_the_service_in_error_still_wanted_running(client, tmp_path):
     """Chaos's seeds 101 and 202: a wake (here on the service's URL; the gateway's start call of a
     command service is the same load) whose server is killed before it answers: the waiting request

@@ -107,6 +107,7 @@ def write_model(tmp_path: Path, name: str, body: str) -> str:
 # ----------------------------------------------------------- 3. pid reuse
 
 
+@pytest.mark.slow
 def test_reused_pid_is_never_signalled_and_a_fresh_server_starts(client, home):
     runs = client.deploy(iris_config(model_name="runs"), timeout=60)
     stopped = client.deploy(iris_config(model_name="stopped"), timeout=60)

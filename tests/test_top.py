@@ -133,6 +133,7 @@ def test_top_in_a_terminal_shows_a_kill_and_the_restart_then_quits(home: Path, c
     assert "top-exited-0" in screen and "RESTARTS" not in screen, screen
 
 
+@pytest.mark.slow
 def test_top_piped_prints_one_snapshot(home: Path, client: DaemonClient) -> None:
     svc = client.deploy(iris_config(), timeout=60)
     done = modeld("top", home=home, timeout=60)
@@ -162,6 +163,7 @@ BUSY = (
 )
 
 
+@pytest.mark.slow
 def test_top_piped_gives_a_busy_servers_cpu_at_the_default_interval(home: Path, client: DaemonClient) -> None:
     """The daemon reads a server's CPU at most every 5 s: a snapshot 1 s apart would see one reading
     twice (0 %). Each sample carries the time it was read, and the snapshot scrapes until it has two."""
@@ -224,6 +226,7 @@ def test_top_answers_q_and_ctrl_c_at_once_while_the_daemon_does_not_answer(home:
     assert client.daemon_info()["pid"] == daemon_pid  # it goes on as it was
 
 
+@pytest.mark.slow
 def test_top_columns_stay_aligned_with_long_and_wide_names(home: Path, client: DaemonClient) -> None:
     """Widths are terminal cells: a CJK or emoji name takes two a character, and a long name is cut."""
     names = ["iris", "鸢尾花分类模型", "🌸🌼 flowers", "a-very-long-model-name-" * 4]

@@ -84,6 +84,7 @@ def test_a_warm_server_is_a_server_of_its_own(client, home, tmp_path):
     assert stopped.status.exit_code == 0 and not port_open(svc.endpoint.port)
 
 
+@pytest.mark.slow
 def test_warm_servers_are_readopted_after_a_daemon_restart(client, home, tmp_path):
     work = write_models(tmp_path)
     warm_ready(client, work)
@@ -179,6 +180,7 @@ def test_a_warm_servers_exit_code_does_not_wait_for_the_fork_server(client, home
         os.kill(fork_server, signal.SIGCONT)
 
 
+@pytest.mark.slow
 def test_with_the_fork_servers_reports_alone_a_warm_servers_exit_code_still_comes(client, home, tmp_path, monkeypatch):
     monkeypatch.setenv("MODELD_EXIT_CODES", "reports")  # read by the daemon the client auto-starts: as on a kernel
     work = write_models(tmp_path)  # whose zombie was reaped before it was read, and keeps no exit status in a pidfd
