@@ -37,6 +37,7 @@ from .manager import Manager
 from .notify import Notifier, started_by
 from .paths import HomeError, Paths
 from .process import keep_server_umask
+from .runtime._serve.server import SecondTicks
 from .settings import DaemonSettings, load_settings
 from .sockets import SocketError, bind_private_socket
 from .store import atomic_write
@@ -149,38 +150,12 @@ def bind_socket(paths: Paths) -> socket.socket:
         raise StorageError(str(exc)) from exc
 
 
-class _UvicornWithoutSignals(uvicorn.Server):
-    """uvicorn's server without its own signal handling: the daemon's loop handles signals."""
-
-    _wake: asyncio.Future[None] | None = None
+class _UvicornWithoutSignals(SecondTicks):
+    """uvicorn's server without its own signal handling (the daemon's loop handles signals), ticking once a second."""
 
     # uvicorn's is a generator-based contextmanager; a nullcontext is the same to its one caller
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]  # see above
         return contextlib.nullcontext()
-
-    async def main_loop(self) -> None:
-        """uvicorn's wakes every 0.1 s to see whether it should exit (and every tenth time to date
-        its responses): with 100 servers, a sixth of an idle daemon's CPU. This one wakes once a
-        second, to date them (``on_tick`` with a count of 0 does), and at once on ``exit_now``."""
-        loop = asyncio.get_running_loop()
-        while not await self.on_tick(0):
-            self._wake = wake = loop.create_future()
-            timer = loop.call_later(1.0, _settle, wake)
-            try:
-                await wake
-            finally:
-                timer.cancel()
-
-    def exit_now(self) -> None:
-        """Stop serving (uvicorn's ``should_exit``), now rather than at the next second's wake."""
-        self.should_exit = True
-        if self._wake is not None:
-            _settle(self._wake)
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class TrimWhenIdle:
