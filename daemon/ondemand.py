@@ -37,6 +37,7 @@ from .launch import Launcher
 from .memory import Sizes
 from .models import DesiredState, ServiceState
 from .paths import Paths
+from .runtime._serve.counters import RequestCounters
 from .service import ServiceRuntime, is_builtin
 from .sockets import fetch_listener
 from .startstop import StartStop
@@ -156,6 +157,7 @@ class OnDemand:
         timeout = self.timeout_of(m)
         held = m.listener.dup()  # a failed start closes the service's socket: its waiting requests still get their answer
         started = time.monotonic()
+        counters: RequestCounters | None = None
         log.info("%s: a request is waiting; waking it", m.uuid)
         try:
             try:
@@ -169,12 +171,21 @@ class OnDemand:
                 else:
                     status, kind = 503, "ServiceUnavailable"
                     message = f"service {m.uuid} could not wake: {exc}"
-                count = await answer_waiting(held, status, kind, message)
+
+                def observe() -> None:  # each answer, as the built-in server counts what it answers (metrics)
+                    nonlocal counters
+                    if counters is None:
+                        counters = RequestCounters(str(self.paths.requests_file(m.uuid, "direct")))
+                    counters.observe(status, time.monotonic() - started)
+
+                count = await answer_waiting(held, status, kind, message, observe)
                 log.warning("%s: answered %d waiting requests %d: %s", m.uuid, count, status, exc)
                 if m.svc.status.state == ServiceState.SCALED_TO_ZERO:
                     self.watch(m)  # (refused room: nothing started) the next request tries again
         finally:
             held.close()
+            if counters is not None:
+                counters.close()
 
     # ------------------------------------------------------------ loading
 

@@ -10,6 +10,10 @@ connections in the socket's backlog are accepted here, one by one, and each gets
 
     {"error": {"type": "ServiceUnavailable" | "GatewayTimeout", "message": "..."}}
 
+Each request answered is counted as the built-in server would count it (``observe``: in the
+service's ``direct`` request counters), unless it came through the gateway (which counts its own
+answers) or is one of the daemon's probes.
+
 A socket closed with unread data sends a reset, not the answer: the request head is read first
 (``HEAD_TIMEOUT`` at most), and after the answer the write side is shut and what the client still
 sends (a body) is read and dropped until it closes (``LINGER`` at most). Bounded: at most
@@ -23,6 +27,9 @@ import contextlib
 import json
 import logging
 import socket
+from collections.abc import Callable
+
+from .runtime._serve.counters import PROBE_HEADER, VIA_GATEWAY
 
 log = logging.getLogger("modeld.manager")
 
@@ -42,9 +49,11 @@ def response(status: int, error_type: str, message: str) -> bytes:
     return head.encode() + body
 
 
-async def answer_waiting(listener: socket.socket, status: int, error_type: str, message: str) -> int:
+async def answer_waiting(
+    listener: socket.socket, status: int, error_type: str, message: str, observe: Callable[[], None] | None = None
+) -> int:
     """Accept every connection waiting on ``listener`` now and answer each ``status`` (see the module
-    docstring); the number answered."""
+    docstring), calling ``observe`` after each answer counted directly; the number answered."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
     data = response(status, error_type, message)
@@ -63,7 +72,7 @@ async def answer_waiting(listener: socket.socket, status: int, error_type: str, 
             log.warning("cannot accept a waiting connection: %s", exc)
             break
         answered += 1
-        task = loop.create_task(_answer_one(loop, conn, data))
+        task = loop.create_task(_answer_one(loop, conn, data, observe))
         task.add_done_callback(lambda _t: slots.release())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -72,7 +81,19 @@ async def answer_waiting(listener: socket.socket, status: int, error_type: str, 
     return answered
 
 
-async def _answer_one(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes) -> None:
+def counted_directly(head: bytes) -> bool:
+    """Whether a request with this head is counted here: not if the gateway sent it, nor a probe."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == PROBE_HEADER or (name == b"via" and VIA_GATEWAY in value):
+            return False
+    return True
+
+
+async def _answer_one(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, observe: Callable[[], None] | None
+) -> None:
     with conn, contextlib.suppress(OSError, TimeoutError):
         conn.setblocking(False)
         head = b""
@@ -83,6 +104,8 @@ async def _answer_one(loop: asyncio.AbstractEventLoop, conn: socket.socket, data
                     return  # the client gave up: nothing to answer
                 head += chunk
         await loop.sock_sendall(conn, data)
+        if observe is not None and counted_directly(head):
+            observe()
         conn.shutdown(socket.SHUT_WR)
         async with asyncio.timeout(LINGER):  # read what is left until the client closes: no reset
             while await loop.sock_recv(conn, 65536):

@@ -171,6 +171,20 @@ def test_an_idle_stop_and_a_wake_are_counted(client, home):
     assert value(woken, "modeld_service_requests_total", **ids(svc), via="direct", code="200") == 1
 
 
+def test_the_daemons_own_answer_to_a_direct_request_whose_wake_failed_is_counted(client, home, tmp_path):
+    """A scaled-to-zero built-in service's socket is the daemon's while it wakes the server; when the
+    wake fails, the daemon answers the waiting requests (503), and counts them as the server would."""
+    model = tmp_path / "breaks.py"
+    model.write_text("def model(instances):\n    return ['ok' for _ in instances]\n")
+    svc = client.deploy(iris_config(model_name="breaks", model_uri=f"{model}:model", idle_timeout=0.5), timeout=60)
+    wait_for(lambda: client.get(svc.uuid).status.state == ServiceState.SCALED_TO_ZERO, 20, what="the idle stop")
+    model.write_text("raise RuntimeError('the weights are gone')\n")
+    assert post(svc.endpoint.port, "/v1/models/breaks:predict", {"instances": [[1]]}) == 503
+    samples = scrape(client)
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="direct", code="503") == 1
+    assert value(samples, "modeld_service_request_duration_seconds_count", **ids(svc), via="direct") == 1
+
+
 # ------------------------------------------------------------------ requests
 
 

@@ -19,7 +19,9 @@ File: ``$MODELD_HOME/run/requests/<uuid>.<via>``, ``SIZE`` bytes, native-endian 
   ``command`` server alike), with its own answers to them (502, 504, a wake that failed); a request
   whose client went away before any response head counts as 499 (nginx's "client closed request");
 * ``direct``: a built-in server, for every request that did not come through the gateway (those
-  carry the gateway's ``via: 1.1 modeld``) and is not one of the daemon's probes.
+  carry the gateway's ``via: 1.1 modeld``) and is not one of the daemon's probes; and the daemon, for
+  the requests it answers itself on the socket of a scaled-to-zero service whose wake failed
+  (``waiting.answer_waiting``: 503, 504).
 
 A request to a ``command`` server that does not pass through the gateway is not seen by modeld.
 
