@@ -77,6 +77,32 @@ def test_ray_is_a_builtin_flavor_validated_without_ray(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("proxy_host", "http://10.0.0.5"),  # a URL
+        ("proxy_host", "127.0.0.1:8000"),  # with a port
+        ("proxy_host", "[::1]"),  # in brackets
+        ("proxy_host", "my host"),
+        ("namespace", "team a"),
+        ("namespace", "x\ny"),
+        ("home", "/tmp/a\0b"),
+        ("home", "  "),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_at_registration_naming_them(tmp_path: Path, setting: str, value: str):
+    registry = FlavorRegistry(tmp_path)
+    with pytest.raises(FlavorError, match=f"{setting}: .*(expected|got)"):
+        registry.register_deployer("odd", "ray", {setting: value})
+    assert "odd" not in {d["name"] for d in registry.list_deployers()}
+
+
+def test_a_relative_home_is_made_absolute_from_where_it_is_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    info = FlavorRegistry(tmp_path / "h").register_deployer("rel", "ray", {"home": "records", "proxy_host": "::1"})
+    assert info["config"] == {"home": str(tmp_path / "records"), "proxy_host": "::1"}
+
+
+@pytest.mark.parametrize(
     ("fields", "named"),
     [
         ({"port": 8080}, "port=8080"),

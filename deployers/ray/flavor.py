@@ -9,6 +9,8 @@ ray is missing.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 RAY_FLAVOR = "ray"
 EXTRA_HINT = "pip install 'modeld[ray]'"
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 _HOST_PORT = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
@@ -75,6 +78,34 @@ class RayServeModelDeployerConfig(BaseModelDeployerConfig):
         if not match or not 0 < int(match.group(3)) <= 65535:
             raise ValueError("expected 'auto', host:port (the GCS) or ray://host:port (the Ray client server)")
         return value
+
+    @field_validator("proxy_host")
+    @classmethod
+    def _host_syntax(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+        if not _HOSTNAME.match(value):
+            raise ValueError(f"expected a host name or an IP address (no scheme, port or brackets), got {value!r}")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_syntax(cls, value: str) -> str:
+        if len(value) > 256 or not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError(f"expected up to 256 printable characters with no spaces, got {value!r}")
+        return value
+
+    @field_validator("home")
+    @classmethod
+    def _home_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip() or "\0" in value:
+            raise ValueError(f"expected a folder's path, got {value!r}")
+        return os.path.abspath(os.path.expanduser(value))  # a relative one: from where it is registered
 
     @model_validator(mode="after")
     def _replicas(self) -> RayServeModelDeployerConfig:
