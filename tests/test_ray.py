@@ -8,6 +8,7 @@ starts a new one runs last and leaves the new one to the fixture's cleanup.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -368,7 +369,11 @@ def test_local_and_ray_side_by_side_through_the_same_cli(request: pytest.Fixture
     assert str(remote.uuid)[:8] in on_ray and str(remote.uuid)[:8] not in on_local, (on_ray, on_local)
     assert str(local.uuid)[:8] in on_local and str(local.uuid)[:8] not in on_ray, (on_ray, on_local)
     assert post(remote.prediction_url, {"instances": SETOSA}) == post(local.prediction_url, {"instances": SETOSA})
-    assert remote.prediction_url in ok("--deployer", "cluster", "info", str(remote.uuid))
+    shown = ok("--deployer", "cluster", "info", str(remote.uuid))
+    assert remote.prediction_url in shown, shown
+    # The state is the one asked of Ray just now, and says when (a cluster that did not answer: an old time).
+    assert re.search(r"^OBSERVED +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\ds ago\)$", shown, re.M), shown
+    assert "OBSERVED" not in ok("info", str(local.uuid))
     assert "modeld: model 'iris' loaded" in ok("--deployer", "cluster", "logs", str(remote.uuid), "-n", "50")
     ok("--deployer", "cluster", "rm", str(remote.uuid))
     assert cluster.find_model_server(pipeline_name="cli") == []

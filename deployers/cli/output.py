@@ -25,3 +25,17 @@ def printable(text: str) -> str:
     """A server's log text fit for one line of a terminal: no control characters or escapes
     (a \\r or a colour code from a server would move the cursor or repaint the line)."""
     return "".join(c if c.isprintable() else " " for c in ESCAPES.sub("", text).replace("\t", " "))
+
+
+def duration(s: float | None) -> str:
+    """A span of seconds, short: 42s, 3m07s, 2h05m, 1d03h; - for none."""
+    if s is None:
+        return "-"
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

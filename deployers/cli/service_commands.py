@@ -17,7 +17,7 @@ from deployers.cli import connect
 from deployers.cli.connect import resolve
 from deployers.cli.errors import UsageError, one_line
 from deployers.cli.options import deploy_config
-from deployers.cli.output import print_json, table
+from deployers.cli.output import duration, print_json, table
 from deployers.cli.progress import progress, shown
 
 
@@ -137,6 +137,11 @@ def print_info(svc: BaseService, info: dict[str, str | None]) -> None:
     extra["DESIRED"] = str(svc.desired_state) + (f" ({svc.desired_reason})" if svc.desired_reason else "")
     if svc.status.last_error:
         extra["LAST_ERROR"] = one_line(svc.status.last_error)
+    observed = getattr(svc, "observed_at", None)  # a deployer whose records keep the state last asked (ray)
+    if observed is not None:
+        extra["OBSERVED"] = (
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(observed))} ({duration(max(0.0, time.time() - observed))} ago)"
+        )
     for key, item in extra.items():
         print(f"{key.ljust(width)}  {item if item is not None else '-'}")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from daemon import exceptions as exc
 from deployers.cli import connect
 from deployers.cli.event_commands import event_line, how_it_ended
-from deployers.cli.output import print_json, printable
+from deployers.cli.output import duration, print_json, printable
 from deployers.cli.progress import fit
 from deployers.cli.values import count, seconds
 
@@ -44,19 +44,6 @@ def cut(text: str, most: int) -> str:
 
 def pad(text: str, width: int) -> str:
     return text + " " * (width - cells(text))
-
-
-def duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def size(n: float | None) -> str:
