@@ -33,9 +33,57 @@ def test_a_whole_chunked_body_is_decoded() -> None:
     assert http1.dechunk(b"0\r\n\r\n") == b""
 
 
-def test_bad_chunk_size_is_refused() -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"zz\r\n",
+        # sizes int(x, 16) would take, which a next hop may read otherwise (request smuggling)
+        b"-5\r\nhello\r\n0\r\n\r\n",
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"5_0\r\n" + b"x" * 80 + b"\r\n0\r\n\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"\r\n",  # no size at all
+        b"5\nhello\r\n0\r\n\r\n",  # a size line ended by a bare LF
+        b"5\r\nhelloXY0\r\n\r\n",  # chunk data not followed by CRLF
+        b"5\r\nhello\r\n0\r\nx-a: 1\rx-b: 2\r\n\r\n",  # a bare CR in a trailer
+        b"1234567890abcdef0\r\n",  # a size past 2^64
+    ],
+)
+def test_bad_chunk_framing_is_refused(bad: bytes) -> None:
     with pytest.raises(http1.BadMessage):
-        http1.ChunkedScanner().feed(b"zz\r\n")
+        for cut in (len(bad), 1):  # in one read, then split after the first byte
+            scanner = http1.ChunkedScanner()
+            scanner.feed(bad[:cut])
+            scanner.feed(bad[cut:])
+
+
+def test_chunk_sizes_as_the_rfc_writes_them_are_read() -> None:
+    for size_line in (b"5", b"05", b"5;name=value", b"5 ;name", b"5\t;name=\"quoted\""):
+        body = size_line + b"\r\nhello\r\n0\r\n\r\n"
+        assert http1.ChunkedScanner().feed(body) == len(body) and http1.dechunk(body) == b"hello", size_line
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\rInjected: yes", "bare CR"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\nInjected: yes", "bare CR or LF"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\0b", "NUL"),
+        (b"GET / HTTP/1.1", "needs one Host"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b", "more than one Host"),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: a", "more than one Host"),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked", "Transfer-Encoding in an HTTP/1.0"),
+        (b"GET / HTTP/1.2\r\nHost: h", "bad request line"),
+    ],
+)
+def test_request_heads_the_rfc_says_to_refuse_are_refused(head: bytes, why: str) -> None:
+    with pytest.raises(http1.BadMessage, match=why):
+        http1.parse_request(head)
+
+
+def test_an_http_1_0_request_needs_no_host() -> None:
+    assert http1.parse_request(b"GET / HTTP/1.0").get(b"host") is None
 
 
 def test_hop_by_hop_fields_and_those_named_in_connection_are_dropped() -> None:
@@ -55,7 +103,7 @@ def test_framing_is_checked() -> None:
         http1.parse_request(b"POST / HTTP/1.1\r\nContent-Length : 3")  # whitespace before the colon (smuggling)
     with pytest.raises(http1.BadMessage):
         http1.parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip")
-    head = http1.parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3")
+    head = http1.parse_request(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3")
     assert head.chunked and head.length is None
     assert http1.parse_request(b"GET / HTTP/1.0").close
     assert not http1.parse_request(b"GET / HTTP/1.0\r\nConnection: keep-alive").close
@@ -63,13 +111,13 @@ def test_framing_is_checked() -> None:
 
 def test_field_names_checked_once_are_still_checked_in_every_other_spelling() -> None:
     for _ in range(2):  # the second time from the names already seen (http1._NAMES)
-        head = http1.parse_request(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nX-A:  b ")
-        assert head.length == 3 and http1.forward_fields(head) == b"content-length: 3\r\nx-a: b\r\n\r\n"
+        head = http1.parse_request(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nX-A:  b ")
+        assert head.length == 3 and http1.forward_fields(head) == b"host: h\r\ncontent-length: 3\r\nx-a: b\r\n\r\n"
         for bad in (b"Content-Length : 3", b" Content-Length: 3", b"Content-Length", b"X A: b", b": b"):
             with pytest.raises(http1.BadMessage):
                 http1.parse_request(b"POST / HTTP/1.1\r\n" + bad)
     for i in range(2 * http1.NAMES_KEPT):  # many names: each still parsed, the memory of them bounded
-        assert http1.parse_request(b"GET / HTTP/1.1\r\nX-%d: v" % i).headers == [(b"x-%d" % i, b"v")]
+        assert http1.parse_request(b"GET / HTTP/1.1\r\nHost: h\r\nX-%d: v" % i).headers == [(b"host", b"h"), (b"x-%d" % i, b"v")]
     assert len(http1._NAMES) <= http1.NAMES_KEPT
 
 

@@ -278,6 +278,8 @@ class Exchange:
             extra = b"connection: close\r\n"
         if self.down.close_after and not extra:
             extra = b"connection: close\r\n"
+        elif self.down.http10 and not extra:  # an HTTP/1.0 client that asked to keep it: it stays only if said
+            extra = b"connection: keep-alive\r\n"
         out = head.first + b"\r\n" + http1.forward_fields(head, extra + VIA)
         if self.scanner is None and not self.until_close and self.remaining == 0:
             self.down.transport.write(out)

@@ -15,6 +15,8 @@ Standard library only: this runs in the gateway's own process.
 
 from __future__ import annotations
 
+import re
+
 # RFC 9110 §7.6.1 names Proxy-Connection, Keep-Alive, TE, Transfer-Encoding, Upgrade; Trailer
 # and Proxy-Authenticate/-Authorization are the rest of RFC 2616's list that proxies still drop.
 HOP_BY_HOP = frozenset(
@@ -147,15 +149,28 @@ def _parse_fields(head: Head, lines: list[bytes]) -> None:
 
 
 def parse_request(data: bytes) -> Head:
-    """The request head in ``data`` (which ends with the blank line, excluded)."""
+    """The request head in ``data`` (which ends with the blank line, excluded).
+
+    Refused (``BadMessage``), as RFC 9112 says a server must: a CR, LF or NUL anywhere but in the
+    CRLFs that end the lines (§2.2, RFC 9110 §5.5: a next hop that read a bare CR or LF as a line's
+    end would see other fields); an HTTP/1.1 request with no Host, and any with more than one (§3.2);
+    an HTTP/1.0 request with a Transfer-Encoding (§6.1: its framing is faulty).
+    """
     lines = data.split(b"\r\n")
+    if b"\0" in data or data.count(b"\r") != len(lines) - 1 or data.count(b"\n") != len(lines) - 1:
+        raise BadMessage("a bare CR or LF, or a NUL, in the request head")
     head = Head()
     head.first = lines[0]
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise BadMessage(f"bad request line {lines[0][:80]!r}")
     head.method, head.target, head.version = parts
     _parse_fields(head, lines[1:])
+    hosts = sum(1 for key, _ in head.headers if key == b"host")
+    if hosts > 1 or (hosts == 0 and head.version == b"HTTP/1.1"):
+        raise BadMessage("an HTTP/1.1 request needs one Host field" if hosts == 0 else "more than one Host field")
+    if head.version == b"HTTP/1.0" and head.get(b"transfer-encoding") is not None:
+        raise BadMessage("Transfer-Encoding in an HTTP/1.0 request")
     return head
 
 
@@ -183,14 +198,31 @@ def forward_fields(head: Head, extra: bytes = b"") -> bytes:
     return b"".join(out)
 
 
+# RFC 9112 §7.1: chunk-size is 1*HEXDIG, then chunk extensions (";" ...), the line ending in CRLF.
+# Stricter than int(x, 16), which also takes "+5", " 5", "0x5" and "5_0": a next hop that read such
+# a size otherwise than the gateway would frame the body otherwise too (request smuggling).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n\x00]*)?")
+
+
+def chunk_size(line: bytes) -> int:
+    """The size on a chunk's size line (its CRLF excluded); ``BadMessage`` unless it is well formed."""
+    match = _CHUNK_SIZE.fullmatch(line)
+    if match is None:
+        raise BadMessage(f"bad chunk size {line[:40]!r}")
+    return int(match.group(1), 16)
+
+
 class ChunkedScanner:
-    """Finds where a chunked body ends, across any split of its bytes, without copying them."""
+    """Finds where a chunked body ends, across any split of its bytes, without copying them; refuses
+    (``BadMessage``) a size line that is not 1*HEXDIG [extensions], and lines or chunk data not ended
+    by CRLF."""
 
     SIZE, DATA, TRAILER = 0, 1, 2
 
     def __init__(self) -> None:
         self.state = self.SIZE
-        self.remaining = 0  # bytes of chunk data + its CRLF still to come
+        self.remaining = 0  # bytes of chunk data still to come
+        self.crlf = b""  # the CRLF after a chunk's data: what has come of it
         self.line = b""  # a size or trailer line split across reads
 
     def feed(self, data: bytes | memoryview, start: int = 0) -> int:
@@ -198,11 +230,18 @@ class ChunkedScanner:
         i, n = start, len(data)
         while i < n:
             if self.state == self.DATA:
-                take = min(self.remaining, n - i)
+                if self.remaining:
+                    take = min(self.remaining, n - i)
+                    i += take
+                    self.remaining -= take
+                    continue
+                take = min(2 - len(self.crlf), n - i)  # the CRLF that ends the chunk's data
+                self.crlf += bytes(data[i : i + take])
                 i += take
-                self.remaining -= take
-                if self.remaining == 0:
-                    self.state = self.SIZE
+                if not b"\r\n".startswith(self.crlf):
+                    raise BadMessage("chunk data not followed by CRLF")
+                if len(self.crlf) == 2:
+                    self.state, self.crlf = self.SIZE, b""
                 continue
             j = bytes(data[i : i + MAX_CHUNK_LINE + 2]).find(b"\n")
             if j < 0:
@@ -210,20 +249,22 @@ class ChunkedScanner:
                 if len(self.line) > MAX_CHUNK_LINE:
                     raise BadMessage("chunk size line too long")
                 return -1
-            line = (self.line + bytes(data[i : i + j])).rstrip(b"\r")
+            line = self.line + bytes(data[i : i + j])
             self.line = b""
             i += j + 1
+            if not line.endswith(b"\r"):
+                raise BadMessage("a chunk line not ended by CRLF")
+            line = line[:-1]
             if self.state == self.SIZE:
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise BadMessage(f"bad chunk size {line[:40]!r}") from None
+                size = chunk_size(line)
                 if size == 0:
                     self.state = self.TRAILER
                 else:
-                    self.state, self.remaining = self.DATA, size + 2
+                    self.state, self.remaining = self.DATA, size
             elif not line:
                 return i
+            elif b"\r" in line or b"\0" in line:
+                raise BadMessage("a bare CR or a NUL in a trailer field")
         return -1
 
 
@@ -232,9 +273,9 @@ def dechunk(raw: bytes) -> bytes:
     out: list[bytes] = []
     i = 0
     while True:
-        j = raw.index(b"\n", i)
-        size = int(raw[i:j].rstrip(b"\r").split(b";", 1)[0].strip(), 16)
+        j = raw.index(b"\r\n", i)
+        size = chunk_size(raw[i:j])
         if size == 0:
             return b"".join(out)
-        out.append(raw[j + 1 : j + 1 + size])
-        i = j + 1 + size + 2
+        out.append(raw[j + 2 : j + 2 + size])
+        i = j + 2 + size + 2

@@ -37,6 +37,7 @@ from .routes import BY_BODY, Answer, Entry, Forward, error
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 RECHECK = frozenset({404, 409, 503})  # answers that a record written a moment ago could change
 METRICS = b"/metrics"  # the daemon's, fetched for each scrape (metrics.py)
+LINGER = 2.0  # seconds a connection closed after an early answer is still read (and dropped): see answer_and_close
 
 
 class Downstream(asyncio.Protocol):
@@ -50,6 +51,7 @@ class Downstream(asyncio.Protocol):
         self.buf = bytearray()
         self.exchange: Exchange | None = None
         self.close_after = False
+        self.http10 = False  # the request in flight is HTTP/1.0 (kept alive only if the response says so)
         self.remaining = 0
         self.scanner: http1.ChunkedScanner | None = None
         self.held: bytearray | None = None  # an OpenAI body being read to route it
@@ -134,13 +136,19 @@ class Downstream(asyncio.Protocol):
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > http1.MAX_HEAD:
-                    self.answer_and_close(error(400, "InvalidRequest", "request head too large"))
+                    self._head_too_large()
                 return
             data, rest = bytes(self.buf[:end]), bytes(self.buf[end + 4 :])
             self.buf.clear()
             self._head(data, rest)
 
+    def _head_too_large(self) -> None:
+        self.answer_and_close(error(431, "RequestHeaderFieldsTooLarge", f"the request head is over {http1.MAX_HEAD} bytes"))
+
     def _head(self, data: bytes, rest: bytes) -> None:
+        if len(data) > http1.MAX_HEAD:  # (a whole head in one read is not looked at in _heads)
+            self._head_too_large()
+            return
         try:
             head = http1.parse_request(data)
         except http1.BadMessage as exc:
@@ -150,6 +158,7 @@ class Downstream(asyncio.Protocol):
 
     def _request(self, head: http1.Head, rest: bytes) -> None:
         self.close_after = head.close or self.gw.draining
+        self.http10 = head.version == b"HTTP/1.0"
         self.method = head.method
         self.began = self.loop.time()
         has_body = head.chunked or bool(head.length)
@@ -189,7 +198,16 @@ class Downstream(asyncio.Protocol):
     def _forward(
         self, head: http1.Head, entry: Entry, target: bytes, has_body: bool, rest: bytes, held: bytes = b"", length: bytes = b""
     ) -> None:
-        out = b"%s %s HTTP/1.1\r\n%s%s" % (head.method, target, http1.forward_fields(head, self.forwarded + length), held)
+        extra = self.forwarded + length
+        version = b"HTTP/1.1"
+        if head.version == b"HTTP/1.0":
+            # Sent on as HTTP/1.0 (as nginx does), so the server frames its answer for an HTTP/1.0
+            # client (never chunked, RFC 9112 §6.1) and closes after it; with a Host if it had none.
+            version = b"HTTP/1.0"
+            if head.get(b"host") is None:
+                host = entry.host if ":" not in entry.host else f"[{entry.host}]"
+                extra += b"host: %s:%d\r\n" % (host.encode(), entry.port)
+        out = b"%s %s %s\r\n%s%s" % (head.method, target, version, http1.forward_fields(head, extra), held)
         self.exchange = exchange = Exchange(self, entry, out, head.method)
         if has_body:
             self.state = self.BODY
@@ -336,9 +354,20 @@ class Downstream(asyncio.Protocol):
             self.gw.counted.observe(answer.uuid, answer.status, self.loop.time() - self.began)
 
     def answer_and_close(self, answer: Answer) -> None:
+        """Answer, then close so that the answer arrives (RFC 9112 §9.6): the write side is shut, and
+        what the client still sends (a body past the cap, say) is read and dropped for up to ``LINGER``
+        seconds, since a close with unread bytes would send a reset that can destroy the answer."""
         if self.state == self.CLOSED:
             return
         self.counted(answer)
-        self.state = self.CLOSED
+        self.state = self.CLOSED  # (data_received drops what comes now)
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            ex.abort()  # (idempotent: an exchange that failed has let go of its backend already)
         self.transport.write(answer.encode(close=True, head=self.method == b"HEAD"))
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER, self.transport.close)

@@ -112,6 +112,7 @@ _REASONS = {
     409: b"Conflict",
     411: b"Length Required",
     413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
