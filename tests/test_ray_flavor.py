@@ -176,6 +176,23 @@ def test_records_list_1000_fast_and_survive_a_new_reader(tmp_path: Path):
     assert '"name": "ray-model-server"' in data and '"observed_at"' in data
 
 
+def test_an_unreadable_record_is_left_out_of_the_lists_saying_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """One bad file (a crash of the disk, a hand edit) must not stop every command of the deployer."""
+    records = Records(tmp_path)
+    good = records.write(RayModelService(config=ServiceConfig(model_name="good", model_uri="x.py:model")))
+    for name, text in (("deadbeef-0000-0000-0000-000000000000", "{garbage"), ("empty", "")):
+        (tmp_path / "services" / name).mkdir()
+        (tmp_path / "services" / name / "service.json").write_text(text)
+    with caplog.at_level("WARNING", logger="modeld.ray"):
+        assert [s.uuid for s in records.all()] == [good.uuid]
+        assert [s.uuid for s in Records(tmp_path).all()] == [good.uuid]  # (another reader, not from a cache)
+        records.remove(good.uuid)  # the others still work
+        assert records.all() == []
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("deadbeef" in m for m in said) == 2 and sum("/empty" in m for m in said) == 2, said  # once per reader
+    assert all("fix or remove the file" in m for m in said), said
+
+
 def test_shipping_over_ray_client_is_refused_naming_the_way_out(tmp_path: Path):
     """Ray's package upload does not return through a ray:// connection: refused before any upload."""
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'modeld[ray]')")

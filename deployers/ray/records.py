@@ -18,6 +18,7 @@ Nothing here imports ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from daemon.models import SERVICE_REGISTRY, BaseService, ServiceState, ServiceTy
 
 RAY_SERVICE_TYPE = ServiceType(flavor="ray", name="ray-model-server")
 LOCK_TIMEOUT = 30.0
+log = logging.getLogger("modeld.ray")
 
 
 @SERVICE_REGISTRY.register
@@ -54,6 +56,7 @@ class Records:
         self.services = self.home / "services"
         self._cache: dict[str, tuple[tuple[int, int, int], RayModelService]] = {}
         self._listed: tuple[bytes, list[RayModelService]] | None = None  # (generation, all()) of the last list
+        self._skipped: set[tuple[str, str]] = set()  # unreadable records already reported
 
     def path(self, uuid: UUID | str) -> Path:
         return self.services / str(uuid) / "service.json"
@@ -81,7 +84,7 @@ class Records:
         except (OSError, ValueError) as exc:
             raise StorageError(f"cannot read {path}: {exc}; fix or remove the file") from exc
         if not isinstance(service, RayModelService):
-            raise StorageError(f"{path} is a {service.type.name!r} record, not a ray-model-server one")
+            raise StorageError(f"{path} is a {service.type.name!r} record, not a ray-model-server one; fix or remove the file")
         self._cache[name] = (key, service)
         return service
 
@@ -116,12 +119,27 @@ class Records:
             return []
         except OSError as exc:
             raise StorageError(f"cannot list {self.services}: {exc.strerror or exc}") from exc
-        found = [s for s in map(self._load, names) if s is not None]
+        found = []
+        for name in names:
+            try:
+                service = self._load(name)
+            except StorageError as exc:  # one bad record must not hide (or block the removal of) the others
+                self._skip(name, exc)
+                continue
+            if service is not None:
+                found.append(service)
         if len(self._cache) > len(names):  # forget the deleted ones
             for gone in set(self._cache) - set(names):
                 del self._cache[gone]
         found.sort(key=lambda s: (s.created_at, str(s.uuid)))
         return found
+
+    def _skip(self, name: str, exc: StorageError) -> None:
+        """Say once (per process and problem) that a record is left out of the lists, and why."""
+        said = (name, str(exc))
+        if said not in self._skipped:
+            self._skipped.add(said)
+            log.warning("modeld: left out of the list: %s", exc)
 
     def find(self, uuid: UUID | str) -> RayModelService | None:
         return self._load(str(uuid))
