@@ -60,10 +60,11 @@ class StackComponentConfig(BaseModel):
     """Settings of a stack component, validated when the component is registered.
 
     Unknown keys are refused so that a typo in ``key=value`` settings fails
-    at registration instead of being silently ignored.
+    at registration instead of being silently ignored; so are infinite and
+    NaN numbers, which validate as floats but cannot be stored as JSON.
     """
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class StackComponent:

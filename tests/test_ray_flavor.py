@@ -87,6 +87,9 @@ def test_ray_is_a_builtin_flavor_validated_without_ray(tmp_path: Path):
         ("namespace", "x\ny"),
         ("home", "/tmp/a\0b"),
         ("home", "  "),
+        ("num_cpus", "inf"),  # validates as a float, but is not JSON (deployers.json) and overflows Ray
+        ("num_gpus", "-inf"),
+        ("num_cpus", "nan"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_at_registration_naming_them(tmp_path: Path, setting: str, value: str):
