@@ -104,6 +104,20 @@ def preflight(address: str, deadline: Deadline) -> None:
         channel.close()
 
 
+def _not_the_thread_note(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def quiet_ray() -> None:
+    """Ray's driver-side notes that say nothing to a user of modeld, kept off stderr: the warning that
+    ``ray.init`` in a thread (see ``connect``) sets no SIGTERM handler, and Serve's INFO lines
+    ("Connecting to existing Serve app ...", on every ``serve.run``). Ray's warnings and errors stay."""
+    worker = logging.getLogger("ray._private.worker")
+    if _not_the_thread_note not in worker.filters:
+        worker.addFilter(_not_the_thread_note)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 @dataclass
 class _Driver:
     """This process's connection (one per process, as Ray's driver is)."""
@@ -144,6 +158,7 @@ def connect(address: str, namespace: str, deadline: Deadline) -> None:
             # Ray ends a process whose driver has not reached its GCS for 60 s ("The program will
             # terminate"); a deployer's caller must outlive its cluster: its calls fail, bounded, instead.
             os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(RECONNECT_FOREVER))
+            quiet_ray()
             done = threading.Event()
             driver.address, driver.connecting, driver.error, driver.serve = address, done, None, None
 
@@ -184,8 +199,6 @@ def ensure_serve(address: str, proxy_host: str, proxy_port: int, deadline: Deadl
         return str(config.host), int(config.port)
 
     actual = bounded(start, deadline.left(), f"starting Ray Serve on the cluster at {address}")
-    # Serve's driver-side INFO lines ("Connecting to existing Serve app ...", on every serve.run) are noise here.
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if actual != (proxy_host, proxy_port):
         raise FlavorError(
             f"Ray Serve on the cluster at {address} has its HTTP proxy on {actual[0]}:{actual[1]}, fixed by whoever "

@@ -16,7 +16,7 @@ from typing import ClassVar, Dict, List, Optional, Type
 from uuid import UUID
 
 from daemon.config import ServiceConfig, replace_key
-from daemon.exceptions import DeployError, ModeldError, StopError, with_log_excerpt
+from daemon.exceptions import DeployError, ModeldError, StopError
 from daemon.models import BaseService, DesiredState, ServiceState
 from daemon.paths import default_home
 from deployers.base import DEFAULT_DEPLOYMENT_START_STOP_TIMEOUT, BaseModelDeployer, RedeployError
@@ -26,7 +26,8 @@ from deployers.ray.flavor import ClusterUnreachable, RayServeModelDeployerConfig
 from deployers.ray.records import RayModelService, Records, observed
 
 POLL = 0.05  # seconds between two looks at serve.status()
-RESTORE_TIMEOUT = 120.0  # seconds a failed replace has to bring the previous version back
+GIVEN_UP = "its deploy failed"  # the desired reason of a service _given_up
+RESTORE_SUBMIT = 5.0  # seconds past the deadline a failed replace may take to hand the previous version back
 REFRESH_TIMEOUT = 10.0  # seconds a find with a uuid waits for Ray before answering from the record
 
 
@@ -87,7 +88,7 @@ class RayServeModelDeployer(BaseModelDeployer):
                 return seen
             time.sleep(min(POLL, deadline.left()))
 
-    def _observe(self, uuid: UUID, state: ServiceState, error: str, asked_at: float | None = None) -> RayModelService:
+    def _observe(self, uuid: UUID, state: ServiceState, error: str | None, asked_at: float | None = None) -> RayModelService:
         """Record what Serve said; ``asked_at``: when it was asked, so that an answer older than the record's
         last observation (a refresh racing a deploy, in another thread or process) never overwrites it."""
 
@@ -136,19 +137,21 @@ class RayServeModelDeployer(BaseModelDeployer):
             observed(service, ServiceState.PENDING_STARTUP, "")
             self.records.write(service)
         try:
-            return self._started(service, deadline, first=match is None)
+            return self._started(service, deadline, restorable=match is not None)
         except ModeldError as exc:
             if match is None:
                 raise
-            self._restore(match, exc)
+            self._restore(match, exc, deadline)
             raise  # (not reached: _restore raises)
 
-    def _restore(self, previous: RayModelService, failure: ModeldError) -> None:
+    def _restore(self, previous: RayModelService, failure: ModeldError, deadline: Deadline) -> None:
         """A replace whose new version failed: the previous version's record and application back (with one
-        replica Serve stops the old one to start the new), as the local daemon keeps the previous one serving."""
+        replica Serve stops the old one to start the new), as the local daemon keeps the previous one serving.
+        Within the call's deadline, but for handing the previous version to Serve (``RESTORE_SUBMIT`` s at
+        most past it): a service is never left on the version that failed because the time ran out."""
         self.records.write(previous)
         try:
-            (back,) = self._deploy([previous], Deadline(RESTORE_TIMEOUT))
+            (back,) = self._deploy([previous], Deadline(max(deadline.left(), RESTORE_SUBMIT)))
         except ModeldError as again:
             raise DeployError(
                 f"{failure.message}\nand the previous version (version {previous.version}) could not be deployed "
@@ -156,27 +159,25 @@ class RayServeModelDeployer(BaseModelDeployer):
             ) from failure
         if back.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
             raise DeployError(
-                f"{failure.message}\nand the previous version (version {previous.version}) is {back.status.state}: "
-                f"{back.status.last_error}"
+                f"{failure.message}\nand the previous version (version {previous.version}), handed back to Ray Serve, "
+                f"is {back.status.state}: {back.status.last_error}"
             ) from failure
         raise DeployError(
             f"the new version failed and the previous version (version {previous.version}) serves again: {failure.message}"
         ) from failure
 
-    def _started(self, service: RayModelService, deadline: Deadline, first: bool) -> RayModelService:
+    def _started(self, service: RayModelService, deadline: Deadline, restorable: bool = False) -> RayModelService:
+        """Deploy ``service`` (its record written) and wait for it; ``restorable``: a replace, whose caller
+        brings the previous version back if this one fails."""
         try:
             (done,) = self._deploy([service], deadline)
         except ModeldError as exc:
             self._observe(service.uuid, ServiceState.ERROR, exc.message)
             raise
         if done.status.state == ServiceState.ERROR:
-            if first:  # Serve would go on retrying a model that cannot load
-                self._forget_app(done, Deadline(min(10.0, deadline.timeout)))
-            error = done.status.last_error
-            cause = next((line.strip() for line in reversed(error.splitlines()) if line.strip()), "no message")
-            raise DeployError(
-                with_log_excerpt(f"{service.uuid} ({service.config.model_name}) failed to deploy on Ray Serve: {cause}", error)
-            )
+            if not restorable:
+                raise self._given_up(done, deadline)
+            raise DeployError(serving.failed_message(done))
         if done.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
             raise DeployError(f"{service.uuid} ({service.config.model_name}): {done.status.last_error}")
         return done
@@ -193,6 +194,18 @@ class RayServeModelDeployer(BaseModelDeployer):
             else:
                 rest.append(service)
         return rest
+
+    def _given_up(self, service: RayModelService, deadline: Deadline) -> DeployError:
+        """A deploy or start whose model Serve could not run: its application deleted (Serve would go on
+        retrying a model that cannot load) and its desired state stopped, as the local daemon's after a
+        failed deploy or start (so ``redeploy_all`` does not try it again, nor a refresh call it missing)."""
+        self._forget_app(service, Deadline(min(10.0, max(deadline.left(), 1.0))))
+
+        def stopped(s: RayModelService) -> None:
+            s.desired_state, s.desired_reason = DesiredState.STOPPED, GIVEN_UP
+
+        self.records.update(service.uuid, stopped)
+        return DeployError(serving.failed_message(service))
 
     def _forget_app(self, service: RayModelService, deadline: Deadline) -> None:
         from ray import serve
@@ -266,10 +279,13 @@ class RayServeModelDeployer(BaseModelDeployer):
         fresh = []
         for service in services:
             state, error = serving.state_of(apps.get(str(service.uuid)))
+            error_now: str | None = error
             if state == ServiceState.INACTIVE and service.desired_state == DesiredState.RUNNING:
-                error = "not on the cluster (a new head?): start_model_server or redeploy_all deploys it from its record"
+                error_now = "not on the cluster (a new head?): start_model_server or redeploy_all deploys it from its record"
+            elif service.desired_reason == GIVEN_UP and state in (ServiceState.INACTIVE, ServiceState.PENDING_SHUTDOWN):
+                state, error_now = ServiceState.ERROR, None  # a deploy given up (_given_up): its error stays
             try:
-                fresh.append(self._observe(service.uuid, state, error, asked_at))
+                fresh.append(self._observe(service.uuid, state, error_now, asked_at))
             except ModeldError:
                 continue  # deleted meanwhile
         return fresh
@@ -323,7 +339,7 @@ class RayServeModelDeployer(BaseModelDeployer):
             service.endpoint = serving.endpoint(service, self.config)
             observed(service, ServiceState.PENDING_STARTUP, "")
 
-        self._started(self.records.update(uuid, running), deadline, first=False)
+        self._started(self.records.update(uuid, running), deadline)
 
     def delete_model_server(
         self,
@@ -374,6 +390,8 @@ class RayServeModelDeployer(BaseModelDeployer):
             done = self._observe(service.uuid, state, error)
             if state in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
                 started.append(done)
+            elif state == ServiceState.ERROR:
+                failed[str(service.uuid)] = self._given_up(done, deadline)
             else:
                 failed[str(service.uuid)] = DeployError(f"{service.uuid} ({service.config.model_name}): {error}")
         if failed:
@@ -389,7 +407,8 @@ class RayServeModelDeployer(BaseModelDeployer):
 
         self.records.get(uuid)
         cluster.connect(self.config.address, self.config.namespace, Deadline(REFRESH_TIMEOUT))
-        return replica_logs(str(uuid), cluster.session_dir(), self.config.address, follow=follow, tail=tail)
+        gone = lambda: self.records.find(uuid) is None  # noqa: E731  (a follow ends when the service is deleted)
+        return replica_logs(str(uuid), cluster.session_dir(), self.config.address, follow=follow, tail=tail, gone=gone)
 
     def disconnect(self, timeout: float = 30.0) -> None:
         """End this process's connection to the cluster (``ray.shutdown``); the next call connects again."""

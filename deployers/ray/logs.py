@@ -13,7 +13,7 @@ import glob
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from daemon.exceptions import ServiceError
 
@@ -25,8 +25,16 @@ def _files(session: str, app: str) -> list[str]:
     return sorted(paths, key=lambda p: (os.path.getmtime(p), p))
 
 
-def replica_logs(app: str, session: str | None, address: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
-    """Lines (each ending in a newline) of the replica logs of ``app``, oldest file first; ``tail``: the last N."""
+def replica_logs(
+    app: str,
+    session: str | None,
+    address: str,
+    follow: bool = False,
+    tail: int | None = None,
+    gone: Callable[[], bool] = lambda: False,
+) -> Iterator[str]:
+    """Lines (each ending in a newline) of the replica logs of ``app``, oldest file first; ``tail``: the last N.
+    ``follow`` ends once ``gone()`` (the service deleted), after the lines written until then."""
     if session is None or not os.path.isdir(session):
         raise ServiceError(
             f"the logs of {app} are on the nodes of the Ray cluster at {address} (logs/serve/replica_{app}_*.log in each "
@@ -35,10 +43,10 @@ def replica_logs(app: str, session: str | None, address: str, follow: bool = Fal
         )
     if tail is not None and tail < 0:
         raise ValueError(f"tail must be 0 or more, got {tail}")
-    return _read(session, app, follow, tail)
+    return _read(session, app, follow, tail, gone)
 
 
-def _read(session: str, app: str, follow: bool, tail: int | None) -> Iterator[str]:
+def _read(session: str, app: str, follow: bool, tail: int | None, gone: Callable[[], bool]) -> Iterator[str]:
     offsets: dict[str, int] = {}
     lines: deque[str] | list[str] = deque(maxlen=tail) if tail is not None else []
     for path in _files(session, app):
@@ -49,6 +57,7 @@ def _read(session: str, app: str, follow: bool, tail: int | None) -> Iterator[st
     yield from lines
     while follow:
         time.sleep(FOLLOW_POLL)
+        follow = not gone()  # (the lines written until it went are read once more)
         for path in _files(session, app):  # a replace starts new replicas, with new files
             with open(path, "rb") as f:
                 f.seek(offsets.get(path, 0))

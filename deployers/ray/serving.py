@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 from daemon.config import PICKLE_SUFFIXES, ServiceConfig
+from daemon.exceptions import with_log_excerpt
 from daemon.models import ServiceEndpoint, ServiceState
 from deployers.ray.flavor import RayServeModelDeployerConfig, RefusedOnRay
 from deployers.ray.records import RayModelService
@@ -66,9 +67,10 @@ def application(service: RayModelService, config: RayServeModelDeployerConfig, s
     file, suffix = model_file(sc)
     if file is not None and not os.path.isfile(file):
         raise RefusedOnRay(f"model file not found: {file}")
-    runtime_env: dict[str, Any] = {}
-    if sc.env:
-        runtime_env["env_vars"] = dict(sc.env)
+    # Serve writes a replica's print, stdout and stderr (the model's own output, its tracebacks) into
+    # the replica's log file, the one get_logs reads, only with this off; by default they go to the
+    # worker's .out/.err files, which name no application.
+    runtime_env: dict[str, Any] = {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **sc.env}}
     ship = config.ship_model
     uri, working_dir = sc.model_uri, sc.working_dir
     if file is not None:
@@ -174,3 +176,10 @@ def checked(config: ServiceConfig) -> ServiceConfig:
     if file is not None and not os.path.isfile(file):  # (before any record is written: as the local daemon refuses it)
         raise RefusedOnRay(f"model file {file!r} does not exist")
     return config
+
+
+def failed_message(service: RayModelService) -> str:
+    """Why Serve could not run it: one line (the last of Serve's text), Serve's whole text as the excerpt."""
+    error = service.status.last_error
+    cause = next((line.strip() for line in reversed(error.splitlines()) if line.strip()), "no message")
+    return with_log_excerpt(f"{service.uuid} ({service.config.model_name}) failed to deploy on Ray Serve: {cause}", error)
