@@ -357,3 +357,55 @@ def test_a_subscriber_too_far_behind_is_dropped_and_its_connection_closed():
         assert not slow.dropped or i == 3
     assert slow.dropped and closed == [True] and not fast.dropped
     assert bus.take(slow, 10) == []
+
+
+def test_a_stream_that_ends_by_itself_is_bounded_while_the_daemon_does_not_answer(home: Path, client: DaemonClient):
+    """`modeld events` and `logs` without follow end by themselves: against a daemon that accepts and never
+    answers (SIGSTOPped), they fail after the client's timeout as every other call does (by default
+    90 s, the CLI's), instead of waiting for ever; sync and async alike."""
+    import asyncio
+
+    from daemon import AsyncDaemonClient
+    from daemon.exceptions import ProtocolError
+
+    svc = client.deploy(iris_config(model_name="quiet"), timeout=60)
+    daemon_pid = client.daemon_info()["pid"]
+    quick, aquick = DaemonClient(home=home, timeout=2), AsyncDaemonClient(home=home, timeout=2)
+
+    async def async_events() -> list[dict[str, Any]]:
+        return [e async for e in aquick.events(since=0, follow=False)]
+
+    async def async_logs() -> list[str]:
+        return [c async for c in aquick.logs(svc.uuid)]
+
+    calls = [
+        lambda: list(quick.events(since=0, follow=False)),
+        lambda: list(quick.logs(svc.uuid)),
+        lambda: asyncio.run(async_events()),
+        lambda: asyncio.run(async_logs()),
+    ]
+    def outcome(call: Any) -> BaseException | None:  # in a thread, so that a call that hangs fails the test
+        box: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call()
+                box.append(None)
+            except BaseException as exc:  # noqa: BLE001  (looked at below)
+                box.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(15)
+        assert box, "still waiting 15 s on a daemon that does not answer, with a timeout of 2 s"
+        return box[0]
+
+    os.kill(daemon_pid, signal.SIGSTOP)
+    try:
+        for call in calls:
+            error = outcome(call)
+            assert isinstance(error, ProtocolError) and "no answer from the daemon" in str(error), repr(error)
+            assert "within 2s" in str(error), str(error)
+    finally:
+        os.kill(daemon_pid, signal.SIGCONT)
+    assert [e["type"] for e in quick.events(since=0, follow=False)][:1] == ["deployed"]  # it goes on as it was

@@ -106,7 +106,7 @@ class AsyncDaemonClient(op.Session):
 
     async def logs(self, uuid: UUID | str, tail: int | None = None, follow: bool = False) -> AsyncIterator[str]:
         """The server's log as text chunks; with ``follow``, keeps yielding until the service goes."""
-        async with contextlib.aclosing(self.transport.stream(op.logs(uuid, tail, follow))) as chunks:
+        async with contextlib.aclosing(self.transport.stream(self.streamed(op.logs(uuid, tail, follow)))) as chunks:
             async for chunk in chunks:
                 yield chunk.decode(errors="replace")
 
@@ -119,7 +119,7 @@ class AsyncDaemonClient(op.Session):
             cursor.start_at((await self.daemon_info())["events"])
         while True:
             try:
-                async with contextlib.aclosing(self.transport.stream(cursor.request(follow))) as chunks:
+                async with contextlib.aclosing(self.transport.stream(self.streamed(cursor.request(follow)))) as chunks:
                     async for chunk in chunks:
                         for event in cursor.feed(chunk):
                             yield event

@@ -188,14 +188,22 @@ class AsyncUnixSocketTransport(AsyncTransport):
     async def stream(self, request: Request) -> AsyncGenerator[bytes, None]:
         conn = await self._open(request.start)  # its own connection, for as long as the stream lasts
         try:
-            await conn.send(request)
-            response = await conn.head()
-            if response.status != 200:
-                raise_for_status(response.status, b"".join([chunk async for chunk in conn.chunks()]))
-            async for chunk in conn.chunks():
-                yield chunk
+            async with asyncio.timeout(request.timeout):  # the head; then each read, below
+                await conn.send(request)
+                response = await conn.head()
+                if response.status != 200:
+                    raise_for_status(response.status, b"".join([chunk async for chunk in conn.chunks()]))
+            async with contextlib.aclosing(conn.chunks()) as chunks:
+                while True:
+                    async with asyncio.timeout(request.timeout):
+                        chunk = await anext(chunks, None)
+                    if chunk is None:
+                        return
+                    yield chunk
         except (Disconnected, ConnectionError):
             return  # the daemon went away (stopped or restarted): the stream simply ends
+        except TimeoutError as exc:
+            raise timed_out(request) from exc
         finally:
             conn.close()
 

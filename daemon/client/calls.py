@@ -106,7 +106,7 @@ class DaemonClient(op.Session):
 
     def logs(self, uuid: UUID | str, tail: int | None = None, follow: bool = False) -> Iterator[str]:
         """The server's log as text chunks; with ``follow``, keeps yielding until the service goes."""
-        for chunk in self.transport.stream(op.logs(uuid, tail, follow)):
+        for chunk in self.transport.stream(self.streamed(op.logs(uuid, tail, follow))):
             yield chunk.decode(errors="replace")
 
     def events(self, since: int | None = None, follow: bool = True, daemon_id: str | None = None) -> Iterator[dict[str, Any]]:
@@ -122,7 +122,7 @@ class DaemonClient(op.Session):
             cursor.start_at(self.daemon_info()["events"])
         while True:
             try:
-                for chunk in self.transport.stream(cursor.request(follow)):
+                for chunk in self.transport.stream(self.streamed(cursor.request(follow))):
                     yield from cursor.feed(chunk)
             except RETRY:
                 if not cursor.may_retry(follow):

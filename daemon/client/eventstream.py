@@ -31,7 +31,7 @@ import json
 from typing import Any
 
 from ..exceptions import DaemonError, ProtocolError
-from .transport import Request
+from .transport import UNFOLLOWED_STREAM_TIMEOUT, Request
 
 # What ends a stream without ending the following: no daemon answers (DaemonNotRunning), the
 # connection broke (ProtocolError and the other DaemonErrors, OSError). An error the daemon
@@ -61,7 +61,8 @@ class EventCursor:
         query: dict[str, Any] = {"since": self.since, "daemon_id": self.daemon_id if self.since is not None else None}
         query["follow"] = "true" if follow else "false"
         self.connections += 1
-        return Request("GET", "/v1/events", query, start=self.connections == 1)
+        timeout = None if follow else UNFOLLOWED_STREAM_TIMEOUT
+        return Request("GET", "/v1/events", query, timeout=timeout, start=self.connections == 1)
 
     def feed(self, chunk: bytes) -> list[dict[str, Any]]:
         """The events ended in ``chunk`` (with what came before it), moving the cursor past them."""

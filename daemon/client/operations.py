@@ -27,7 +27,7 @@ from ..config import ServiceConfig
 from ..exceptions import ModeldError, error_from_dict
 from ..models import SERVICE_REGISTRY, BaseService, ServiceState
 from ..paths import Paths
-from .transport import Request, Response
+from .transport import UNFOLLOWED_STREAM_TIMEOUT, Request, Response
 
 T = TypeVar("T")
 
@@ -141,7 +141,12 @@ def delete(uuid: UUID | str, timeout: float, force: bool) -> Call[None]:
 
 def logs(uuid: UUID | str, tail: int | None, follow: bool) -> Request:
     """Streamed: the transport's ``stream`` carries it, on a connection of its own."""
-    return Request("GET", f"/v1/services/{_quote(uuid)}/logs", {"tail": tail, "follow": _flag(follow)})
+    return Request(
+        "GET",
+        f"/v1/services/{_quote(uuid)}/logs",
+        {"tail": tail, "follow": _flag(follow)},
+        timeout=None if follow else UNFOLLOWED_STREAM_TIMEOUT,
+    )
 
 
 def daemon_info(start: bool = True) -> Call[dict[str, Any]]:
@@ -193,6 +198,12 @@ class Session:
         if seconds is not None and not seconds < LONGEST_WAIT:
             seconds = None  # also inf and nan, which a socket cannot hold either: wait as long as it takes
         return dataclasses.replace(call.request, timeout=seconds)
+
+    def streamed(self, request: Request) -> Request:
+        """A stream's request: one that ends by itself (not followed) waits the client's ``timeout`` if set."""
+        if request.timeout is None or self.timeout is None:
+            return request
+        return dataclasses.replace(request, timeout=self.timeout)
 
     def answer(self, call: Call[T], response: Response) -> T:
         """The call's result from the daemon's answer; an error answer is raised as its class."""

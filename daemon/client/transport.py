@@ -48,6 +48,12 @@ from ..paths import HomeError, Paths
 READ_RETRY_SECONDS = 5.0  # how long a read is retried while a killed daemon resets connections in its backlog
 
 
+# Seconds a stream that ends by itself (logs or events without follow) waits for the answer and for each
+# read: a daemon that stopped answering (SIGSTOP, hung) is then an error, as for any other call (60 s of
+# QUICK and 30 of MARGIN in operations.py), never a wait for ever. A followed stream waits as long as it lasts.
+UNFOLLOWED_STREAM_TIMEOUT = 90.0
+
+
 @dataclass
 class Request:
     """One call to the daemon's API."""
@@ -238,7 +244,8 @@ class UnixSocketTransport(Transport):
         raise AssertionError("unreachable")  # (the loop returns or raises)
 
     def stream(self, request: Request) -> Iterator[bytes]:
-        conn = self._open(None, request.start)  # its own connection, for as long as the stream lasts
+        # its own connection, for as long as the stream lasts; ``timeout`` bounds each wait on it
+        conn = self._open(request.timeout, request.start)
         try:
             conn.request(request.method, request.target)
             response = conn.getresponse()
@@ -248,6 +255,8 @@ class UnixSocketTransport(Transport):
                 yield chunk
         except (http.client.IncompleteRead, ConnectionError):
             return  # the daemon went away (stopped or restarted): the stream simply ends
+        except TimeoutError as exc:
+            raise timed_out(request) from exc
         finally:
             conn.close()
 
