@@ -172,11 +172,11 @@ class OnDemand:
                     status, kind = 503, "ServiceUnavailable"
                     message = f"service {m.uuid} could not wake: {exc}"
 
-                def observe() -> None:  # each answer, as the built-in server counts what it answers (metrics)
+                def observe(answered: int) -> None:  # each answer, as the built-in server counts its own (metrics)
                     nonlocal counters
                     if counters is None:
                         counters = RequestCounters(str(self.paths.requests_file(m.uuid, "direct")))
-                    counters.observe(status, time.monotonic() - started)
+                    counters.observe(answered, time.monotonic() - started)
 
                 count = await answer_waiting(held, status, kind, message, observe)
                 log.warning("%s: answered %d waiting requests %d: %s", m.uuid, count, status, exc)

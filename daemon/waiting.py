@@ -29,7 +29,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from .runtime._serve.counters import PROBE_HEADER, VIA_GATEWAY
+from .runtime._serve.counters import CLIENT_GONE, PROBE_HEADER, VIA_GATEWAY
 
 log = logging.getLogger("modeld.manager")
 
@@ -50,10 +50,11 @@ def response(status: int, error_type: str, message: str) -> bytes:
 
 
 async def answer_waiting(
-    listener: socket.socket, status: int, error_type: str, message: str, observe: Callable[[], None] | None = None
+    listener: socket.socket, status: int, error_type: str, message: str, observe: Callable[[int], None] | None = None
 ) -> int:
     """Accept every connection waiting on ``listener`` now and answer each ``status`` (see the module
-    docstring), calling ``observe`` after each answer counted directly; the number answered."""
+    docstring), calling ``observe`` with the status of each request counted directly (499 for a
+    client that left before its answer: it is sent none); the number answered."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
     data = response(status, error_type, message)
@@ -72,13 +73,26 @@ async def answer_waiting(
             log.warning("cannot accept a waiting connection: %s", exc)
             break
         answered += 1
-        task = loop.create_task(_answer_one(loop, conn, data, observe))
+        task = loop.create_task(_answer_one(loop, conn, data, status, observe))
         task.add_done_callback(lambda _t: slots.release())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.wait(tasks)
     return answered
+
+
+def _gone(conn: socket.socket) -> bool:
+    """Whether the client has closed its side: reads what it has sent until the end (gone) or until
+    nothing more is there (still waiting for its answer)."""
+    try:
+        while conn.recv(65536, socket.MSG_DONTWAIT):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def counted_directly(head: bytes) -> bool:
@@ -92,7 +106,11 @@ def counted_directly(head: bytes) -> bool:
 
 
 async def _answer_one(
-    loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, observe: Callable[[], None] | None
+    loop: asyncio.AbstractEventLoop,
+    conn: socket.socket,
+    data: bytes,
+    status: int,
+    observe: Callable[[int], None] | None,
 ) -> None:
     with conn, contextlib.suppress(OSError, TimeoutError):
         conn.setblocking(False)
@@ -103,9 +121,11 @@ async def _answer_one(
                 if not chunk:
                     return  # the client gave up: nothing to answer
                 head += chunk
-        await loop.sock_sendall(conn, data)
         if observe is not None and counted_directly(head):
-            observe()
+            # 499 for a client that closed its side while it waited (as the built-in server counts it); it is
+            # still answered, in case it closed only its sending side and reads on
+            observe(CLIENT_GONE if _gone(conn) else status)
+        await loop.sock_sendall(conn, data)
         conn.shutdown(socket.SHUT_WR)
         async with asyncio.timeout(LINGER):  # read what is left until the client closes: no reset
             while await loop.sock_recv(conn, 65536):

@@ -185,6 +185,32 @@ def test_the_daemons_own_answer_to_a_direct_request_whose_wake_failed_is_counted
     assert value(samples, "modeld_service_request_duration_seconds_count", **ids(svc), via="direct") == 1
 
 
+@pytest.mark.slow
+def test_a_client_that_left_during_a_wake_that_timed_out_is_counted_499(client, home, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELD_WAKE_TIMEOUT", "1")
+    slow, model = tmp_path / "slow", tmp_path / "slowload.py"
+    model.write_text(
+        f"import os, time\nif os.path.exists({str(slow)!r}):\n    time.sleep(4)\n"
+        "def model(instances):\n    return ['ok' for _ in instances]\n"
+    )
+    svc = client.deploy(iris_config(model_name="slowload", model_uri=f"{model}:model", idle_timeout=0.5), timeout=60)
+    wait_for(lambda: client.get(svc.uuid).status.state == ServiceState.SCALED_TO_ZERO, 20, what="the idle stop")
+    slow.touch()
+    body = b'{"instances": [[1]]}'
+    request = b"POST /v1/models/slowload:predict HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    leaving = socket.create_connection(("127.0.0.1", svc.endpoint.port), timeout=10)
+    leaving.sendall(request)
+    staying = socket.create_connection(("127.0.0.1", svc.endpoint.port), timeout=10)
+    staying.sendall(request)
+    leaving.close()  # gone before the wake's end
+    answer = staying.recv(65536)
+    staying.close()
+    assert answer.startswith(b"HTTP/1.1 504 "), answer
+    samples = scrape(client)
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="direct", code="504") == 1
+    assert value(samples, "modeld_service_requests_total", **ids(svc), via="direct", code="499") == 1
+
+
 # ------------------------------------------------------------------ requests
 
 
