@@ -16,7 +16,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import http_get, modeld, port_open, predict
+from conftest import REPO, http_get, modeld, port_open, predict
 from daemon.client import DaemonClient, InMemoryTransport, Request, Response, json_response
 from daemon.exceptions import (
     Conflict, DaemonAlreadyRunning, DaemonStartError, DeployError, Forbidden, InternalError, InvalidRequest,
@@ -394,3 +394,20 @@ def test_a_deploy_error_quoting_the_servers_log_prints_no_escapes(home, tmp_path
     assert done.returncode == 5, (done.stdout, done.stderr)
     assert "PWNED" in done.stderr and "then reversed" in done.stderr, done.stderr
     assert not any(c in done.stderr for c in ("\x1b", "\u202e", "\x07")), repr(done.stderr)
+
+
+def test_ls_keeps_its_columns_aligned_with_wide_names(home, client):
+    """Names with emoji and east Asian characters take two cells a character on a terminal: the columns
+    after them stay where the others' are (top does the same, see test_top)."""
+    import unicodedata
+
+    def cells(text: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 0 if unicodedata.combining(c) else 1 for c in text)
+
+    for name in ("ünï😀", "模型服务", "plain"):
+        client.deploy(ServiceConfig(model_name=name, model_uri="examples/iris.py:model", working_dir=str(REPO)), timeout=60)
+    result = modeld("ls", home=home)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    starts = {cells(line[: line.index(" python ")]) for line in lines[1:]}
+    assert len(lines) == 4 and len(starts) == 1 and starts == {cells(lines[0][: lines[0].index("TYPE") - 1])}, result.stdout

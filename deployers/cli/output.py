@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,10 +13,21 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def width(c: str) -> int:
+    """Cells one character takes on a terminal: east Asian wide ones (and emoji) two, combining marks none."""
+    return 0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def cells(text: str) -> int:
+    """Cells ``text`` takes on a terminal."""
+    return sum(map(width, text))
+
+
 def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    """Columns aligned in terminal cells, so wide names keep the columns after them in place."""
+    widths = [max(cells(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
     for row in (headers, *rows):
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
+        print("  ".join(str(cell) + " " * (w - cells(str(cell))) for cell, w in zip(row, widths, strict=False)).rstrip())
 
 
 ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")  # CSI, OSC, and two-byte ones

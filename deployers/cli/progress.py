@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
 from typing import TextIO
 
@@ -23,7 +22,7 @@ from daemon import exceptions as exc
 from daemon.client import DaemonClient
 from daemon.models import BaseService
 from deployers.cli import connect
-from deployers.cli.output import printable
+from deployers.cli.output import cells, printable
 
 INTERVAL = 0.25  # seconds between two looks at the service
 CLEAR = "\x1b[K"  # erase from the cursor to the end of the line
@@ -116,8 +115,7 @@ def fit(text: str, columns: int) -> str:
     """``text`` cut to ``columns`` cells of a terminal (east Asian wide characters take two, combining marks none)."""
     used = 0
     for i, c in enumerate(text):
-        cells = 0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
-        if used + cells > columns:
+        used += cells(c)
+        if used > columns:
             return text[:i]
-        used += cells
     return text

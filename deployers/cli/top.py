@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import unicodedata
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from daemon import exceptions as exc
 from deployers.cli import connect
 from deployers.cli.event_commands import event_line, how_it_ended
-from deployers.cli.output import duration, print_json, printable
+from deployers.cli.output import cells, duration, print_json, printable
 from deployers.cli.progress import fit
 from deployers.cli.values import count, seconds
 
@@ -29,11 +28,6 @@ START_WAIT = 5.0  # seconds the first call (which may start the daemon) waits fo
 CPU_WAIT = 7.0  # seconds a snapshot scrapes again for a CPU rate of every running server (readings last 5 s)
 MAX_INTERVAL = 3600.0  # seconds: the longest --interval
 SILENT = 1.0  # seconds without the daemon's answer before the first line says so
-
-
-def cells(text: str) -> int:
-    """Cells ``text`` takes on a terminal, counted as progress.fit counts them (wide characters two)."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
 
 
 def cut(text: str, most: int) -> str:
