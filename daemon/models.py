@@ -107,6 +107,11 @@ class ServiceEndpoint(_EditCounted):
         description="the server speaks KServe V1 (the built-in one): without a prediction_path, predictions go to "
         "/v1/models/<model_name>:predict; false (a command server): to its base URL",
     )
+    root_path: str = Field(
+        "",
+        description="the path the service is served under on a host and port it shares (Ray Serve's route prefix, "
+        "/<uuid>); health_path and prediction_path include it",
+    )
 
     @property
     def base_url(self) -> str:
@@ -116,6 +121,11 @@ class ServiceEndpoint(_EditCounted):
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         host = f"[{host}]" if ":" in host else host
         return f"{self.protocol}://{host}:{self.port}"
+
+    @property
+    def service_url(self) -> str:
+        """The service's own URL: its base URL, and its root path on a shared one (what ``ls`` shows)."""
+        return self.base_url + self.root_path
 
     @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over a property (pydantic docs)
     @property

@@ -405,6 +405,7 @@ def test_local_and_ray_side_by_side_through_the_same_cli(request: pytest.Fixture
     (local,) = DaemonClient(home=home).find(pipeline_name="cli")
     on_ray, on_local = ok("--deployer", "cluster", "ls"), ok("ls")  # short uuids (8 characters)
     assert str(remote.uuid)[:8] in on_ray and str(remote.uuid)[:8] not in on_local, (on_ray, on_local)
+    assert f":{head.proxy_port}/{remote.uuid}" in on_ray, on_ray  # its own URL, not the proxy's shared root
     assert str(local.uuid)[:8] in on_local and str(local.uuid)[:8] not in on_ray, (on_ray, on_local)
     assert post(remote.prediction_url, {"instances": SETOSA}) == post(local.prediction_url, {"instances": SETOSA})
     shown = ok("--deployer", "cluster", "info", str(remote.uuid))

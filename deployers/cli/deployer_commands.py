@@ -169,7 +169,7 @@ def start(args: argparse.Namespace, deployer: BaseModelDeployer) -> int:
         return one(deployer, uuid)
 
     svc = watched(args, deployer, f"starting {str(uuid)[:8]}", call, lambda w: one(w, uuid))
-    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.service_url}")
     return 0
 
 

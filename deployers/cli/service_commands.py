@@ -29,7 +29,7 @@ def summary(svc: BaseService) -> list[str]:
         c.model_type,
         str(svc.status.state),
         str(svc.status.pid or "-"),
-        svc.endpoint.unix_socket or (svc.endpoint.base_url if svc.endpoint.port else "-"),
+        svc.endpoint.unix_socket or (svc.endpoint.service_url if svc.endpoint.port else "-"),
         c.pipeline_name or "-",
         c.pipeline_step_name or "-",
     ]
@@ -77,7 +77,7 @@ def print_deployed(args: argparse.Namespace, svc: BaseService, config: ServiceCo
         print(
             f"prediction url: {svc.endpoint.prediction_url}"
             if config.model_type != "command" or config.prediction_path
-            else f"url: {svc.endpoint.base_url}"
+            else f"url: {svc.endpoint.service_url}"
         )
 
 
@@ -157,7 +157,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise UsageError("start which service? give its uuid, prefix or name, or --all")
     uuid = resolve(client, args.uuid)
     svc = progress(args, f"starting {str(uuid)[:8]}", lambda: client.start(uuid, timeout=args.timeout), lambda w: w.get(uuid))
-    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+    print_json(svc.model_dump(mode="json")) if args.json else print(f"{svc.uuid} {svc.status.state} {svc.endpoint.service_url}")
     return 0
 
 
@@ -178,7 +178,7 @@ def print_started(
         )
     else:
         for svc in started:
-            print(f"{svc.uuid} {svc.status.state} {svc.endpoint.base_url}")
+            print(f"{svc.uuid} {svc.status.state} {svc.endpoint.service_url}")
         for failed_uuid, error in failed.items():
             print(
                 f"modeld: {failed_uuid}: {one_line(error if isinstance(error, exc.ModeldError) else str(error))}", file=sys.stderr

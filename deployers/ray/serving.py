@@ -37,6 +37,7 @@ def endpoint(service: RayModelService, config: RayServeModelDeployerConfig) -> S
         health_path=f"{prefix}/health",
         prediction_path=f"{prefix}/v1/models/{quote(name, safe='')}:predict",
         model_name=name,
+        root_path=prefix,
     )
 
 
