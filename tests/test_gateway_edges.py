@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -483,6 +484,9 @@ def test_a_wake_that_takes_longer_than_the_wake_timeout_is_a_504(gateway, tmp_pa
         waited = time.monotonic() - started
         assert status_of(head) == 504 and json.loads(body)["error"]["type"] == "GatewayTimeout", (head, body)
         assert 0.5 <= waited < 3, waited
+        message = json.loads(body)["error"]["message"]  # the wait the client saw, not only the setting
+        found = re.search(r"within 0\.5 s \(wake_timeout; answered after (\d+\.\d) s\)", message)
+        assert found and 0.5 <= float(found.group(1)) <= waited + 0.1, (message, waited)
         assert daemon.calls == ["/v1/services/m/start?timeout=0.5"] and backend.connections == 0
     finally:
         backend.close()

@@ -200,9 +200,12 @@ class Exchange:
         if not self.done:
             e = self.entry
             timeout = self.gw.waker.timeout(e)
-            self._fail(
-                error(504, "GatewayTimeout", f"service {e.uuid} ({e.name}) did not wake within {timeout:g} s", state=e.state)
+            waited = self.loop.time() - self.began
+            now = self.gw.table.by_uuid.get(e.uuid, e)  # (its record since: starting, say)
+            message = (
+                f"service {e.uuid} ({e.name}) did not wake within {timeout:g} s (wake_timeout; answered after {waited:.1f} s)"
             )
+            self._fail(error(504, "GatewayTimeout", message, state=now.state))
 
     def timed_out(self) -> None:
         """No response head within the timeout since the last request byte (Downstream.watch's timer)."""
