@@ -205,6 +205,10 @@ class OnDemand:
         try:
             async with self.room(m, timeout):
                 await self.startstop.start(m, timeout, failing_state=DesiredState.RUNNING)
+        except AdmissionRefused as exc:  # nothing started: it stays scaled to zero, and the events say why
+            events.emit("scaled_to_zero", m.svc, f"its wake was refused: {exc}")  # event
+            log.warning("%s: the load from zero was refused: %s", m.uuid, exc)
+            raise
         except ModeldError as exc:
             # (said here too: a wake by the gateway's start call leaves no other trace in daemon.log)
             log.warning(

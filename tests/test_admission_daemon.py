@@ -75,6 +75,10 @@ def test_with_nothing_to_unload_a_wake_waits_wake_timeout_then_gets_a_503_naming
         message = body["error"]["message"]  # type: ignore[index]
         assert "max_active=1" in message and "busy" in message, message
         assert client.get(other.uuid).status.state == S0  # nothing started; it wakes on a later request
+        # The events say so: woken, then back to scaled_to_zero with why (not a bare woken, then nothing).
+        mine = [e for e in client.events(since=0, follow=False) if e["uuid"] == str(other.uuid)]
+        assert [e["type"] for e in mine[-2:]] == ["woken", "scaled_to_zero"], mine
+        assert "its wake was refused" in mine[-1]["detail"] and "max_active=1" in mine[-1]["detail"], mine[-1]
     finally:
         in_flight.join(30)
     assert answers and answers[0][0] == 200  # the request in flight was never cut
