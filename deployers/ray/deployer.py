@@ -154,16 +154,19 @@ class RayServeModelDeployer(BaseModelDeployer):
             (back,) = self._deploy([previous], Deadline(max(deadline.left(), RESTORE_SUBMIT)))
         except ModeldError as again:
             raise DeployError(
-                f"{failure.message}\nand the previous version (version {previous.version}) could not be deployed "
-                f"again: {again.message}"
+                f"{failure.headline}; and the previous version (version {previous.version}) could not be deployed "
+                f"again: {again.headline}",
+                log_excerpt=failure.log_excerpt,
             ) from failure
         if back.status.state not in (ServiceState.ACTIVE, ServiceState.SCALED_TO_ZERO):
             raise DeployError(
-                f"{failure.message}\nand the previous version (version {previous.version}), handed back to Ray Serve, "
-                f"is {back.status.state}: {back.status.last_error}"
+                f"{failure.headline}; and the previous version (version {previous.version}), handed back to Ray Serve, "
+                f"is {back.status.state}: {back.status.last_error.splitlines()[-1] if back.status.last_error else 'no message'}",
+                log_excerpt=failure.log_excerpt,
             ) from failure
         raise DeployError(
-            f"the new version failed and the previous version (version {previous.version}) serves again: {failure.message}"
+            f"the new version failed and the previous version (version {previous.version}) serves again: {failure.headline}",
+            log_excerpt=failure.log_excerpt,
         ) from failure
 
     def _started(self, service: RayModelService, deadline: Deadline, restorable: bool = False) -> RayModelService:
