@@ -37,7 +37,7 @@ from .manager import Manager
 from .notify import Notifier, started_by
 from .paths import HomeError, Paths
 from .process import keep_server_umask
-from .runtime._serve.server import SecondTicks
+from .runtime._serve.ticks import SecondTicks
 from .settings import DaemonSettings, load_settings
 from .sockets import SocketError, bind_private_socket
 from .store import atomic_write

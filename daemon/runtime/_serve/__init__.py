@@ -12,6 +12,7 @@ One module per concept:
     identity    the process's name in ps, its stderr lines, its exit codes
     loading     model URI and type -> the predict callable
     app         the KServe V1 HTTP app (raw ASGI)
+    ticks       uvicorn's server ticking once a second (the daemon's API server uses it too)
     server      the draining uvicorn server, and the hand-over of its listening fd
     forkserver  warm starts: the fork server, its wire and record formats (the daemon's end uses them too)
     cli         the command line and the entry (main)
