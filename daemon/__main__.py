@@ -26,9 +26,31 @@ def _without_tls() -> None:
     stand_in.CERT_NONE = 0  # type: ignore[attr-defined]  # a plain module given ssl's attribute
     sys.modules["ssl"] = stand_in
     try:
+        _uvicorn_without_its_command_line()
         import uvicorn.config  # noqa: F401
     finally:
         sys.modules["ssl"] = None  # type: ignore[assignment]  # None in sys.modules: import raises
+
+
+def _uvicorn_without_its_command_line() -> None:
+    """uvicorn's package ``__init__`` imports ``uvicorn.main``, its command line, and with it click: 3.5 MiB
+    of the daemon's RSS for code it never runs. The package is made here without running its ``__init__``
+    and given the two names the daemon (and uvicorn's own lifespan modules) take from it: Config, Server."""
+    if "uvicorn" in sys.modules:
+        return
+    import importlib.util
+
+    spec = importlib.util.find_spec("uvicorn")
+    if spec is None or spec.submodule_search_locations is None:
+        return  # (not installed as a package: the import below says so)
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["uvicorn"] = package
+    from uvicorn.config import Config
+
+    package.Config = Config  # type: ignore[attr-defined]  # (before uvicorn.lifespan, which imports it from there)
+    from uvicorn.server import Server
+
+    package.Server = Server  # type: ignore[attr-defined]
 
 
 _without_tls()
