@@ -68,10 +68,9 @@ def application(service: RayModelService, config: RayServeModelDeployerConfig, s
     file, suffix = model_file(sc)
     if file is not None and not os.path.isfile(file):
         raise RefusedOnRay(f"model file not found: {file}")
-    # Serve writes a replica's print, stdout and stderr (the model's own output, its tracebacks) into
-    # the replica's log file, the one get_logs reads, only with this off; by default they go to the
-    # worker's .out/.err files, which name no application.
-    runtime_env: dict[str, Any] = {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0", **sc.env}}
+    runtime_env: dict[str, Any] = {}
+    if sc.env:
+        runtime_env["env_vars"] = dict(sc.env)
     ship = config.ship_model
     uri, working_dir = sc.model_uri, sc.working_dir
     if file is not None:
