@@ -54,7 +54,7 @@ async def answer_waiting(
 ) -> int:
     """Accept every connection waiting on ``listener`` now and answer each ``status`` (see the module
     docstring), calling ``observe`` with the status of each request counted directly (499 for a
-    client that left before its answer: it is sent none); the number answered."""
+    client that closed its side before its answer, which is still sent); the number answered."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
     data = response(status, error_type, message)
